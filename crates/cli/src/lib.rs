@@ -1,0 +1,56 @@
+//! What every `qat-*` binary shares: error printing and exit codes.
+//!
+//! Exit 0: success. Exit 1: a check failed (the tool's own verdict). Exit 2: an error (bad
+//! input, I/O, ...), printed once on stderr as `qat-<tool>: <error>: <cause>: ...`.
+
+use std::process::ExitCode;
+
+/// Outcome of a tool that ran to the end.
+pub enum Outcome {
+    Ok,
+    CheckFailed,
+}
+
+/// Runs `body`, prints an error chain once prefixed by `tool`, and maps the result to an exit code.
+pub fn main_with(tool: &str, body: impl FnOnce() -> anyhow::Result<Outcome>) -> ExitCode {
+    match body() {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::CheckFailed) => ExitCode::from(1),
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+            eprintln!("{tool}: {}", dedup_chain(&chain).join(": "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// Drops chain entries already contained in the previous one (thiserror `transparent` and
+/// `{source}` formatting repeat their cause).
+fn dedup_chain(chain: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for msg in chain {
+        if out.last().is_some_and(|prev| prev.contains(msg.as_str())) {
+            continue;
+        }
+        out.push(msg.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn repeated_causes_are_printed_once() {
+        let chain = vec!["a: b: c".to_string(), "b: c".to_string(), "c".to_string()];
+        assert_eq!(super::dedup_chain(&chain), vec!["a: b: c".to_string()]);
+        let chain = vec!["loading x".to_string(), "bad y".to_string()];
+        assert_eq!(super::dedup_chain(&chain).len(), 2);
+    }
+}

@@ -1,0 +1,9 @@
+//! Evaluation of teacher, fake-quantized and packed models: corpora and perplexity.
+
+pub mod corpus;
+pub mod error;
+pub mod perplexity;
+
+pub use corpus::Corpus;
+pub use error::{EvalError, Result};
+pub use perplexity::{nll, tokenize, NllTotals, PplMode};

@@ -1,0 +1,115 @@
+//! Perplexity: mean next-token NLL of a model over token sequences, batched and left-padded.
+
+use crate::corpus::Corpus;
+use crate::error::{EvalError, Result};
+use candle_core::{IndexOp, Tensor, D};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use qat_model::Llama;
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+/// How a corpus becomes sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PplMode {
+    /// Each document (split at a delimiter) is BOS + text, truncated to seq_len; every token
+    /// after BOS is predicted.
+    Docs,
+    /// The whole file tokenized once (BOS first), cut into non-overlapping seq_len windows;
+    /// every token of a window but its first is predicted (the WikiText-2 convention).
+    Stream,
+}
+
+/// Sum and count of the NLL over predicted tokens.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct NllTotals {
+    pub nll_sum: f64,
+    pub tokens: u64,
+    pub sequences: u64,
+}
+
+impl NllTotals {
+    pub fn mean(&self) -> f64 {
+        self.nll_sum / self.tokens.max(1) as f64
+    }
+}
+
+/// Turns the corpus into token sequences under `mode`.
+pub fn tokenize(corpus: &Corpus, tokenizer: &Tokenizer, bos: Option<u32>, mode: PplMode, seq_len: usize, delimiter: &str, limit: Option<usize>) -> Result<Vec<Vec<u32>>> {
+    if seq_len < 2 {
+        return Err(EvalError::Config(format!("--seq-len must be >= 2, got {seq_len}")));
+    }
+    let encode = |text: &str| -> Result<Vec<u32>> {
+        let enc = tokenizer
+            .encode(text, false)
+            .map_err(|e| EvalError::Corpus { path: corpus.path.clone(), what: format!("cannot tokenize: {e}") })?;
+        let mut ids: Vec<u32> = bos.into_iter().collect();
+        ids.extend(enc.get_ids());
+        Ok(ids)
+    };
+    let mut seqs = match mode {
+        PplMode::Docs => {
+            let docs = corpus.documents(delimiter);
+            let docs = &docs[..limit.unwrap_or(docs.len()).min(docs.len())];
+            docs.iter()
+                .map(|d| encode(d).map(|mut ids| {
+                    ids.truncate(seq_len);
+                    ids
+                }))
+                .collect::<Result<Vec<_>>>()?
+        }
+        PplMode::Stream => {
+            let ids = encode(&corpus.text)?;
+            let mut windows: Vec<Vec<u32>> = ids.chunks(seq_len).map(|c| c.to_vec()).collect();
+            if let Some(n) = limit {
+                windows.truncate(n);
+            }
+            windows
+        }
+    };
+    seqs.retain(|s| s.len() >= 2);
+    if seqs.is_empty() {
+        return Err(EvalError::Corpus { path: corpus.path.clone(), what: "no sequence of 2 or more tokens to evaluate".into() });
+    }
+    Ok(seqs)
+}
+
+/// Mean NLL of `model` over `seqs`, `batch_size` sequences per forward pass.
+pub fn nll(model: &Llama, seqs: &[Vec<u32>], batch_size: usize, progress: bool) -> Result<NllTotals> {
+    if batch_size == 0 {
+        return Err(EvalError::Config("--batch-size must be >= 1".into()));
+    }
+    let dev = model.device().clone();
+    // Longest first: similar lengths share a batch, which keeps padding small.
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+    let bar = if progress { ProgressBar::new(seqs.len() as u64) } else { ProgressBar::with_draw_target(Some(seqs.len() as u64), ProgressDrawTarget::hidden()) };
+    bar.set_style(ProgressStyle::with_template("qat-eval {bar:30} {pos}/{len} sequences  eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let mut totals = NllTotals::default();
+    for batch in order.chunks(batch_size) {
+        // Inputs are all tokens but the last; targets all but the first.
+        let width = batch.iter().map(|&i| seqs[i].len() - 1).max().unwrap_or(0);
+        let pads: Vec<usize> = batch.iter().map(|&i| width - (seqs[i].len() - 1)).collect();
+        let mut input = Vec::with_capacity(batch.len() * width);
+        for (&i, &pad) in batch.iter().zip(&pads) {
+            let s = &seqs[i];
+            input.extend(std::iter::repeat(s[0]).take(pad));
+            input.extend(&s[..s.len() - 1]);
+        }
+        let mut cache = model.new_cache(pads.clone());
+        let hidden = model.forward_hidden(&Tensor::from_vec(input, (batch.len(), width), &dev)?, &mut cache)?;
+        for (row, (&i, &pad)) in batch.iter().zip(&pads).enumerate() {
+            let s = &seqs[i];
+            let logits = model.logits(&hidden.i((row, pad..width))?)?; // [len-1, vocab]
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let targets = Tensor::from_vec(s[1..].to_vec(), (s.len() - 1, 1), &dev)?;
+            let picked: Vec<f32> = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
+            totals.nll_sum -= picked.iter().map(|&x| x as f64).sum::<f64>();
+            totals.tokens += picked.len() as u64;
+        }
+        totals.sequences += batch.len() as u64;
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(totals)
+}

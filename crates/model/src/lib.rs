@@ -1,0 +1,25 @@
+//! A Llama language model on candle whose linear layers and KV cache are quantization hooks.
+//!
+//! Loads any Hugging Face Llama directory ([`ModelDir`]), runs batched forward passes with an
+//! incremental, left-padded KV cache ([`KvCache`]), and exposes every linear layer through
+//! [`QuantHooks`] so that fake quantization and packed weights plug in without model changes.
+
+pub mod cache;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod hooks;
+pub mod linear;
+pub mod llama;
+pub mod model_dir;
+pub mod rope;
+
+pub use cache::KvCache;
+pub use config::{LlamaConfig, LlamaConfigFile};
+pub use device::parse_device;
+pub use error::{ModelError, Result};
+pub use hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
+pub use linear::QLinear;
+pub use llama::Llama;
+pub use model_dir::{sha256_files, special_token_ids, ModelDir};
+pub use rope::RotaryEmbedding;

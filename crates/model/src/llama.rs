@@ -1,0 +1,261 @@
+//! The Llama decoder (RMSNorm, SwiGLU MLP, GQA attention with RoPE) over quantization hooks.
+
+use crate::cache::KvCache;
+use crate::config::LlamaConfig;
+use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
+use crate::linear::QLinear;
+use crate::rope::RotaryEmbedding;
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+/// RMSNorm; `fused` selects candle's kernel (no gradient) over the differentiable composition.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    if fused {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32);
+    }
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.broadcast_mul(weight)
+}
+
+fn softmax_last(x: &Tensor, fused: bool) -> Result<Tensor> {
+    if fused {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    o_proj: QLinear,
+    layer: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, layer: usize) -> Result<Self> {
+        let (h, q, kv) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let id = |kind| LinearId { layer, kind };
+        Ok(Self {
+            q_proj: QLinear::load(vb.pp("q_proj"), h, q, id(LinearKind::Q))?,
+            k_proj: QLinear::load(vb.pp("k_proj"), h, kv, id(LinearKind::K))?,
+            v_proj: QLinear::load(vb.pp("v_proj"), h, kv, id(LinearKind::V))?,
+            o_proj: QLinear::load(vb.pp("o_proj"), q, h, id(LinearKind::O))?,
+            layer,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// `x: [b, t, hidden]` → `[b, t, hidden]`; appends this chunk's keys/values to `cache`.
+    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: &mut KvCache, hooks: &dyn QuantHooks) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x, hooks)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [b, nh, t, hd]
+        let k = self.k_proj.forward(x, hooks)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [b, nkv, t, hd]
+        let v = self.v_proj.forward(x, hooks)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let k = hooks.kv(self.layer, KvKind::Key, &k.contiguous()?)?;
+        let v = hooks.kv(self.layer, KvKind::Value, &v.contiguous()?)?;
+        let q = RotaryEmbedding::apply(&q.contiguous()?, &ctx.cos, &ctx.sin, ctx.fused)?;
+        let k = RotaryEmbedding::apply(&k, &ctx.cos, &ctx.sin, ctx.fused)?;
+        let (k, v) = cache.append(self.layer, &k.contiguous()?, &v.contiguous()?)?; // [b, nkv, s, hd]
+        let s = k.dim(2)?;
+        let rep = nh / nkv;
+        // Grouped-query attention without copying keys: query heads of one KV head are stacked.
+        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nkv, rep*t, s]
+        let scores = match &ctx.mask {
+            Some(mask) => scores.reshape((b, nkv, rep, t, s))?.broadcast_add(mask)?.reshape((b, nkv, rep * t, s))?,
+            None => scores,
+        };
+        let probs = softmax_last(&scores, ctx.fused)?;
+        let out = probs.matmul(&v)?; // [b, nkv, rep*t, hd]
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out, hooks)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: QLinear,
+    up_proj: QLinear,
+    down_proj: QLinear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, layer: usize) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let id = |kind| LinearId { layer, kind };
+        Ok(Self {
+            gate_proj: QLinear::load(vb.pp("gate_proj"), h, i, id(LinearKind::Gate))?,
+            up_proj: QLinear::load(vb.pp("up_proj"), h, i, id(LinearKind::Up))?,
+            down_proj: QLinear::load(vb.pp("down_proj"), i, h, id(LinearKind::Down))?,
+        })
+    }
+
+    /// `x: [b, t, hidden]` → `[b, t, hidden]`.
+    fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, hooks)?.silu()?;
+        let up = self.up_proj.forward(x, hooks)?;
+        self.down_proj.forward(&(gate * up)?, hooks)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Per-forward values shared by all layers.
+struct StepContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    fused: bool,
+}
+
+/// A Llama causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: RotaryEmbedding,
+    cfg: LlamaConfig,
+    hooks: Arc<dyn QuantHooks>,
+    fused: bool,
+}
+
+impl Llama {
+    /// Loads all weights from `vb` (checkpoint keys `model.*`, `lm_head.weight` unless tied).
+    pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_tokens = vb.pp("model.embed_tokens").get((v, h), "weight")?;
+        let blocks = (0..cfg.num_layers)
+            .map(|l| {
+                let vb = vb.pp(format!("model.layers.{l}"));
+                Ok(Block {
+                    input_layernorm: vb.pp("input_layernorm").get(h, "weight")?,
+                    self_attn: Attention::load(vb.pp("self_attn"), cfg, l)?,
+                    post_attention_layernorm: vb.pp("post_attention_layernorm").get(h, "weight")?,
+                    mlp: Mlp::load(vb.pp("mlp"), cfg, l)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = vb.pp("model.norm").get(h, "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head").get((v, h), "weight")?
+        };
+        let rope = RotaryEmbedding::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, vb.dtype(), vb.device())?;
+        Ok(Self { embed_tokens, blocks, norm, lm_head, rope, cfg: cfg.clone(), hooks: Arc::new(NoQuant), fused: true })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// Replaces the quantization hooks (default: full precision).
+    pub fn set_hooks(&mut self, hooks: Arc<dyn QuantHooks>) {
+        self.hooks = hooks;
+    }
+
+    pub fn hooks(&self) -> &Arc<dyn QuantHooks> {
+        &self.hooks
+    }
+
+    /// Fused kernels (default) are faster but carry no gradient; training turns them off.
+    pub fn set_fused_kernels(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// Every quantizable linear layer, in block order (q, k, v, o, gate, up, down).
+    pub fn linears(&self) -> Vec<&QLinear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                let (a, m) = (&b.self_attn, &b.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+            })
+            .collect()
+    }
+
+    /// A fresh cache for `batch` rows with the given left paddings.
+    pub fn new_cache(&self, pads: Vec<usize>) -> KvCache {
+        KvCache::new(self.cfg.num_layers, pads)
+    }
+
+    /// Runs `tokens: [b, t]` (u32) after what `cache` holds; returns logits `[b, t, vocab]`
+    /// (f32) and appends the chunk to the cache.
+    pub fn forward(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(tokens, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// Full-sequence forward without padding: `tokens: [b, t]` → logits `[b, t, vocab]`.
+    pub fn forward_full(&self, tokens: &Tensor) -> Result<Tensor> {
+        let mut cache = KvCache::unpadded(self.cfg.num_layers, tokens.dim(0)?);
+        self.forward(tokens, &mut cache)
+    }
+
+    /// The final normalized hidden states `[b, t, hidden]` (before the LM head).
+    pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if b != cache.batch_size() {
+            candle_core::bail!("batch of {b} rows but the KV cache has {} rows", cache.batch_size());
+        }
+        let end = cache.columns() + t;
+        let max_pos = self.rope.max_positions();
+        let longest = end - cache.pads().iter().min().copied().unwrap_or(0);
+        if longest > max_pos {
+            candle_core::bail!("sequence of {longest} positions exceeds max_position_embeddings {max_pos}");
+        }
+        let dev = self.device();
+        let positions = cache.next_positions(t, dev)?;
+        let (cos, sin) = self.rope.tables(&positions)?;
+        let mask = cache.next_mask(t, dev)?.map(|m| m.to_dtype(self.dtype())).transpose()?;
+        // candle's fused kernels have no f64 version; f64 (used by exactness tests) composes ops.
+        let fused = self.fused && self.dtype() != DType::F64;
+        let ctx = StepContext { cos, sin, mask, fused };
+        let hooks = self.hooks.as_ref();
+        let mut x = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        for block in &self.blocks {
+            let h = rms_norm(&x, &block.input_layernorm, self.cfg.rms_norm_eps, fused)?;
+            x = (x + block.self_attn.forward(&h, &ctx, cache, hooks)?)?;
+            let h = rms_norm(&x, &block.post_attention_layernorm, self.cfg.rms_norm_eps, fused)?;
+            x = (x + block.mlp.forward(&h, hooks)?)?;
+        }
+        cache.advance(t);
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, fused)
+    }
+
+    /// LM head: `hidden: [.., hidden]` → f32 logits `[.., vocab]` (never quantized).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let rows = hidden.elem_count() / self.cfg.hidden_size;
+        let logits = hidden.reshape((rows, self.cfg.hidden_size))?.matmul(&self.lm_head.t()?)?;
+        let mut out = dims;
+        *out.last_mut().expect("hidden has dims") = self.cfg.vocab_size;
+        logits.reshape(out)?.to_dtype(DType::F32)
+    }
+}

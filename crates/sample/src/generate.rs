@@ -1,0 +1,160 @@
+//! Batched generation with the teacher: left-padded prefill, then one token per step through
+//! the KV cache, recording the teacher's top-K log-probabilities at every position.
+
+use crate::rng::SequenceRng;
+use crate::sampler::{self, SamplingParams};
+use candle_core::{IndexOp, Result, Tensor};
+use qat_model::Llama;
+use qat_shards::SequenceRecord;
+use rayon::prelude::*;
+
+/// One sequence to generate: its id and the tokens it starts from (at least one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceSpec {
+    pub seq_id: u64,
+    pub prompt: Vec<u32>,
+}
+
+/// What the generation loop needs to know.
+#[derive(Debug, Clone)]
+pub struct GenerationParams {
+    /// Total length cap (prompt included).
+    pub max_len: usize,
+    /// How many teacher log-probabilities to keep per position (K).
+    pub keep_top: usize,
+    /// The first N generated tokens are greedy, N drawn per sequence from `greedy_min..=greedy_max`.
+    pub greedy_min: u32,
+    pub greedy_max: u32,
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    /// Generating any of these ends a sequence (the token is kept).
+    pub eos_ids: Vec<u32>,
+}
+
+/// Counters over the generated (non-prompt) tokens of a batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GenerationStats {
+    pub generated_tokens: u64,
+    /// Sum of the teacher's NLL (full softmax, temperature 1) of the tokens it generated.
+    pub teacher_nll_sum: f64,
+}
+
+struct RowState {
+    record: SequenceRecord,
+    rng: SequenceRng,
+    greedy_left: u32,
+    done: bool,
+    nll: f64,
+}
+
+impl RowState {
+    /// Stores the distribution of `logits` for the current last position and, if `choose`,
+    /// appends the next token drawn from it.
+    fn step(&mut self, logits: &[f32], params: &GenerationParams, choose: bool, scratch: &mut Vec<f32>) {
+        sampler::log_softmax(logits, scratch);
+        for id in sampler::top_k_indices(scratch, params.keep_top) {
+            self.record.topk_ids.push(id);
+            self.record.topk_logprobs.push(scratch[id as usize]);
+        }
+        if !choose {
+            return;
+        }
+        let next = if self.greedy_left > 0 {
+            self.greedy_left -= 1;
+            sampler::argmax(logits)
+        } else {
+            sampler::sample(logits, &params.sampling, &mut self.rng)
+        };
+        self.nll -= scratch[next as usize] as f64;
+        self.record.tokens.push(next);
+        self.done = self.record.tokens.len() >= params.max_len || params.eos_ids.contains(&next);
+    }
+}
+
+/// Generates every spec in one batch; records come back in the order of `specs`.
+/// Prompts must be shorter than `params.max_len`.
+pub fn generate_batch(model: &Llama, specs: &[SequenceSpec], params: &GenerationParams) -> Result<(Vec<SequenceRecord>, GenerationStats)> {
+    let dev = model.device().clone();
+    let width = specs.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
+    if specs.is_empty() {
+        return Ok((Vec::new(), GenerationStats::default()));
+    }
+    if specs.iter().any(|s| s.prompt.is_empty() || s.prompt.len() >= params.max_len) {
+        candle_core::bail!("every prompt needs 1..{} tokens (max_len {})", params.max_len - 1, params.max_len);
+    }
+    let mut rows: Vec<RowState> = specs
+        .iter()
+        .map(|s| {
+            let mut rng = SequenceRng::new(params.seed, s.seq_id);
+            let greedy_left = rng.range_inclusive(params.greedy_min, params.greedy_max);
+            let cap = params.max_len.saturating_sub(1) * params.keep_top;
+            RowState {
+                record: SequenceRecord {
+                    seq_id: s.seq_id,
+                    tokens: s.prompt.clone(),
+                    prompt_len: s.prompt.len() as u32,
+                    topk_ids: Vec::with_capacity(cap),
+                    topk_logprobs: Vec::with_capacity(cap),
+                },
+                rng,
+                greedy_left,
+                done: false,
+                nll: 0.0,
+            }
+        })
+        .collect();
+
+    // Prefill: all prompts left-padded to `width`.
+    let pads: Vec<usize> = specs.iter().map(|s| width - s.prompt.len()).collect();
+    let mut input = Vec::with_capacity(specs.len() * width);
+    for s in specs {
+        input.extend(std::iter::repeat(s.prompt[0]).take(width - s.prompt.len()));
+        input.extend(&s.prompt);
+    }
+    let mut cache = model.new_cache(pads.clone());
+    let hidden = model.forward_hidden(&Tensor::from_vec(input, (specs.len(), width), &dev)?, &mut cache)?;
+    for (b, row) in rows.iter_mut().enumerate() {
+        // One row's logits at a time bounds memory to width x vocab.
+        let logits: Vec<Vec<f32>> = model.logits(&hidden.i((b, pads[b]..width))?)?.to_vec2()?;
+        let mut scratch = Vec::new();
+        let last = logits.len() - 1;
+        for (j, row_logits) in logits.iter().enumerate() {
+            row.step(row_logits, params, j == last, &mut scratch);
+        }
+    }
+
+    // Decode one token per step for the rows still running.
+    let mut active: Vec<usize> = (0..rows.len()).filter(|&b| !rows[b].done).collect();
+    if active.len() < rows.len() {
+        cache.select_rows(&active)?;
+    }
+    while !active.is_empty() {
+        let last: Vec<u32> = active.iter().map(|&b| *rows[b].record.tokens.last().expect("non-empty")).collect();
+        let logits = model.forward(&Tensor::from_vec(last, (active.len(), 1), &dev)?, &mut cache)?;
+        let logits: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
+        let mut stepping: Vec<(&mut RowState, &Vec<f32>)> = Vec::with_capacity(active.len());
+        {
+            let mut by_index: Vec<Option<&mut RowState>> = rows.iter_mut().map(Some).collect();
+            for (slot, &b) in active.iter().enumerate() {
+                stepping.push((by_index[b].take().expect("row listed once"), &logits[slot]));
+            }
+        }
+        stepping.par_iter_mut().for_each_init(Vec::new, |scratch, (row, l)| row.step(l, params, true, scratch));
+        let keep: Vec<usize> = (0..active.len()).filter(|&slot| !rows[active[slot]].done).collect();
+        if keep.len() < active.len() {
+            cache.select_rows(&keep)?;
+            active = keep.iter().map(|&slot| active[slot]).collect();
+        }
+    }
+
+    let mut stats = GenerationStats::default();
+    let records = rows
+        .into_iter()
+        .map(|r| {
+            stats.generated_tokens += (r.record.tokens.len() - r.record.prompt_len as usize) as u64;
+            stats.teacher_nll_sum += r.nll;
+            r.record
+        })
+        .collect();
+    Ok((records, stats))
+}
