@@ -7,6 +7,8 @@ use clap::{Parser, ValueEnum};
 use qat_cli::{main_with, Outcome};
 use qat_eval::{Corpus, PplMode};
 use qat_model::ModelDir;
+use qat_quant::{FakeQuant, Scheme};
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -46,6 +48,10 @@ struct Args {
     /// Sequences per forward pass.
     #[arg(long, short = 'b', default_value_t = 16)]
     batch_size: usize,
+    /// Quantization scheme to apply (short name like W4A8KV4, or a JSON file) [default: the
+    /// model's quant_scheme.json if it has one, else full precision]. `FP` forces full precision.
+    #[arg(long)]
+    scheme: Option<String>,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -74,7 +80,16 @@ fn main() -> ExitCode {
         };
         let bos = model_dir.config.bos_token_id.or_else(|| tokenizer.token_to_id("<s>"));
         let seqs = qat_eval::tokenize(&corpus, &tokenizer, bos, mode, args.seq_len, &args.delimiter, args.limit)?;
-        let model = model_dir.load(&device, DType::F32).with_context(|| format!("loading {}", args.model.display()))?;
+        let mut model = model_dir.load(&device, DType::F32).with_context(|| format!("loading {}", args.model.display()))?;
+        let scheme = match &args.scheme {
+            Some(s) => Scheme::from_arg(s).with_context(|| format!("--scheme {s}"))?,
+            None if args.model.join(qat_quant::SCHEME_FILE).is_file() => Scheme::load_from_dir(&args.model)?,
+            None => Scheme::full_precision(),
+        };
+        scheme.validate_for(&model_dir.config).with_context(|| format!("scheme {scheme} does not fit {}", args.model.display()))?;
+        if !scheme.is_full_precision() {
+            model.set_hooks(Arc::new(FakeQuant::for_inference(scheme.clone())));
+        }
         let totals = qat_eval::nll(&model, &seqs, args.batch_size, !args.quiet)?;
         let seconds = started.elapsed().as_secs_f64();
         let summary = serde_json::json!({
@@ -84,7 +99,8 @@ fn main() -> ExitCode {
             "sequences": totals.sequences,
             "mode": mode,
             "seq_len": args.seq_len,
-            "scheme": null,
+            "scheme": scheme.short_name().unwrap_or_else(|| scheme.to_string()),
+            "scheme_json": serde_json::from_str::<serde_json::Value>(&scheme.to_json_pretty())?,
             "model": args.model.display().to_string(),
             "weights_sha256": model_dir.weights_sha256()?,
             "corpus": corpus.path.display().to_string(),

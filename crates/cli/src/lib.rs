@@ -11,8 +11,25 @@ pub enum Outcome {
     CheckFailed,
 }
 
+/// Keeps freed large buffers in the process instead of returning them to the OS at once.
+///
+/// Tensor code allocates and frees many buffers of megabytes per step; glibc serves those with
+/// mmap/munmap by default, so every step pays page faults and zeroing (measured on qat-distill,
+/// stories260K, batch 16 x 256: 1,130 tokens/s with 22 s of system time per 21 s run, against
+/// 2,020 tokens/s with 2 s once large blocks stay on the heap).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator thresholds; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 /// Runs `body`, prints an error chain once prefixed by `tool`, and maps the result to an exit code.
 pub fn main_with(tool: &str, body: impl FnOnce() -> anyhow::Result<Outcome>) -> ExitCode {
+    tune_allocator();
     match body() {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::CheckFailed) => ExitCode::from(1),

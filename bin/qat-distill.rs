@@ -1,0 +1,144 @@
+//! `qat-distill`: quantization-aware training of a student from cached teacher shards
+//! (LLM-QAT: fake-quantized weights, activations and KV cache; loss against teacher top-K).
+
+use anyhow::Context;
+use clap::{ArgGroup, Parser, ValueEnum};
+use qat_cli::{main_with, Outcome};
+use qat_train::{AdamWConfig, Budget, DistillConfig, Schedule, TrainSettings};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qat-distill",
+    version,
+    about = "Train a fake-quantized student against cached teacher top-K shards",
+    group(ArgGroup::new("budget").args(["steps", "epochs", "max_tokens"])),
+    after_help = "Examples:
+  # LLM-QAT W4A8KV4 student of stories260K from data-free shards, 2 epochs
+  qat-distill --model ../shared/data/models/stories260K --shards shards/s260k \\
+      --scheme W4A8KV4 --out students/w4a8kv4 --epochs 2 --lr 5e-4
+
+  # Interrupted? The same command with --resume continues from the last checkpoint
+  qat-distill ... --resume
+
+The student directory holds config.json, model.safetensors (full-precision master weights),
+tokenizer.json, quant_scheme.json, train_log.jsonl and provenance.json."
+)]
+struct Args {
+    /// Model directory that initializes the student (usually the teacher).
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Shard directory written by qat-sample from the same teacher.
+    #[arg(long, short = 's')]
+    shards: PathBuf,
+    /// Output student directory (must not exist; written atomically at the end).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+    /// Quantization scheme: a short name (W4A8KV4, W4A8KV8, W4, ...) or a JSON file (formats/scheme.md).
+    #[arg(long, default_value = "W4A8KV4")]
+    scheme: String,
+    /// Distillation loss: fkl (forward KL over top-K + tail; the LLM-QAT soft cross-entropy).
+    #[arg(long, default_value = "fkl")]
+    loss: String,
+    /// Sequences per micro-batch.
+    #[arg(long, short = 'b', default_value_t = 16)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    schedule: ScheduleArg,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 10)]
+    warmup_steps: u64,
+    /// Cosine decays to lr * this ratio.
+    #[arg(long, default_value_t = 0.0)]
+    min_lr_ratio: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this value (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Train for this many optimizer steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Train for this many passes over the shards [default: 1].
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Train until this many input tokens were seen.
+    #[arg(long)]
+    max_tokens: Option<u64>,
+    /// Seed of the data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write a checkpoint every N optimizer steps (0 = never).
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: u64,
+    /// Continue from the checkpoint in OUT.work/ (same flags required).
+    #[arg(long)]
+    resume: bool,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// Testing: make the loss NaN at this step.
+    #[arg(long, hide = true)]
+    inject_nan_at: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ScheduleArg {
+    Constant,
+    Cosine,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    main_with("qat-distill", || {
+        let scheme = qat_quant::Scheme::from_arg(&args.scheme).with_context(|| format!("--scheme {}", args.scheme))?;
+        let budget = match (args.steps, args.epochs, args.max_tokens) {
+            (Some(s), _, _) => Budget::Steps(s),
+            (_, Some(e), _) => Budget::Epochs(e),
+            (_, _, Some(t)) => Budget::Tokens(t),
+            _ => Budget::Epochs(1.0),
+        };
+        let cfg = DistillConfig {
+            model: args.model.clone(),
+            shards: args.shards.clone(),
+            out: args.out.clone(),
+            settings: TrainSettings {
+                scheme,
+                batch_size: args.batch_size,
+                grad_accum: args.grad_accum,
+                lr: args.lr,
+                schedule: match args.schedule {
+                    ScheduleArg::Constant => Schedule::Constant,
+                    ScheduleArg::Cosine => Schedule::Cosine,
+                },
+                warmup_steps: args.warmup_steps,
+                min_lr_ratio: args.min_lr_ratio,
+                adam: AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::default() },
+                max_grad_norm: args.max_grad_norm,
+                budget,
+                seed: args.seed,
+                loss: args.loss.clone(),
+            },
+            checkpoint_every: args.checkpoint_every,
+            resume: args.resume,
+            device: args.device.clone(),
+            progress: !args.quiet,
+            inject_nan_at: args.inject_nan_at,
+        };
+        let summary = qat_train::run(&cfg).with_context(|| format!("training {}", args.out.display()))?;
+        println!("{}", serde_json::to_string(&summary)?);
+        Ok(Outcome::Ok)
+    })
+}

@@ -1,0 +1,179 @@
+//! Fake quantization: quantize-dequantize as composed candle ops, with a straight-through estimator.
+//!
+//! Every function here returns full-precision tensors holding exactly the values a quantized
+//! model holds (`q · scale`), so training sees the quantization error. Gradients use the
+//! straight-through estimator (STE, as LLM-QAT's `SymQuantizer`): the backward pass treats
+//! quantization as the identity. Works for f32 and f64 on any device (no custom kernels);
+//! f16/bf16 inputs are quantized in f32 and the result is cast back.
+//!
+//! Symmetric quantizer over a "row" (the elements sharing one scale):
+//!
+//! ```text
+//! qmax  = 2^(bits-1) - 1
+//! scale = max|x_row| / qmax              (weights: then rounded to f16, see ScaleRounding)
+//! q     = clamp(round_half_even(x / scale), -qmax, qmax)   (q = 0 where scale == 0)
+//! out   = q · scale
+//! ```
+
+use crate::error::QuantError;
+use crate::scheme::{WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
+use candle_core::{DType, Result, Tensor};
+
+/// Largest finite f16; f16 scales saturate here instead of becoming infinite.
+pub const F16_MAX: f64 = 65504.0;
+
+/// How a scale is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScaleRounding {
+    /// Keep the scale in the computation dtype (f32/f64): dynamic activation and KV scales,
+    /// computed per token at run time.
+    Exact,
+    /// Round the scale to the nearest f16 (ties to even; saturating at [`F16_MAX`]) before
+    /// quantizing: the packed model stores f16 weight scales, so fake quantization must use
+    /// exactly those. A scale below the f16 subnormal range rounds to 0 and its row to zeros.
+    F16,
+}
+
+/// `2^(bits-1) - 1`, the largest code of a symmetric `bits`-bit quantizer (bits in 2..=8).
+pub fn sym_qmax(bits: u8) -> std::result::Result<u8, QuantError> {
+    if !(MIN_BITS..=MAX_BITS).contains(&bits) {
+        return Err(QuantError::BitsOutOfRange {
+            location: String::new(),
+            quantizer: "quantizer",
+            bits,
+            min: MIN_BITS,
+            max: MAX_BITS,
+        });
+    }
+    Ok(((1u16 << (bits - 1)) - 1) as u8)
+}
+
+/// Rounds to the nearest integer, ties to even (like `torch.round` / IEEE `roundTiesToEven`);
+/// candle's `round()` rounds ties away from zero. Any shape; no gradient (use through [`ste`]).
+pub fn round_half_even(x: &Tensor) -> Result<Tensor> {
+    let r = x.round()?; // ties away from zero
+                        // |x - r| is exact for |x| < 2^(mantissa bits), so a tie is detected exactly.
+    let tie = (x - &r)?.abs()?.eq(0.5)?;
+    let half = (&r * 0.5)?;
+    let odd = half.floor()?.ne(&half)?;
+    // At a tie, r = x ± 0.5 and the other neighbour is 2x - r (exact), which is even if r is odd.
+    let other = ((x * 2.0)? - &r)?;
+    tie.where_cond(&odd.where_cond(&other, &r)?, &r)
+}
+
+/// The dtype quantization is computed in: f32/f64 as is, f16/bf16 in f32.
+fn compute_dtype(op: &'static str, dtype: DType) -> Result<DType> {
+    match dtype {
+        DType::F32 | DType::F64 => Ok(dtype),
+        DType::F16 | DType::BF16 => Ok(DType::F32),
+        other => Err(QuantError::BadTensor {
+            op,
+            what: format!("dtype {other:?}, expected a float dtype (F32, F64, F16, BF16)"),
+        }
+        .into()),
+    }
+}
+
+/// Symmetric quantization of `x` with one scale per row, where a row is all elements that share
+/// the indices of the dims *not* in `reduce_dims`.
+///
+/// Returns `(q, scale)`: `q` has `x`'s shape and integer values in `-qmax..=qmax`; `scale` has
+/// `x`'s shape with every dim of `reduce_dims` set to 1 (keepdim). Both are f64 for f64 input and
+/// f32 otherwise. Rows whose scale is 0 (all-zero rows) give `q = 0`, never NaN. No gradient.
+pub fn sym_quantize(
+    x: &Tensor,
+    bits: u8,
+    reduce_dims: &[usize],
+    rounding: ScaleRounding,
+) -> Result<(Tensor, Tensor)> {
+    let qmax = f64::from(sym_qmax(bits)?);
+    let dt = compute_dtype("sym_quantize", x.dtype())?;
+    let x = x.detach().to_dtype(dt)?;
+    for (i, &d) in reduce_dims.iter().enumerate() {
+        if d >= x.rank() || reduce_dims[..i].contains(&d) {
+            let what = format!(
+                "reduce dims {reduce_dims:?} must be distinct and < rank {} (shape {:?})",
+                x.rank(),
+                x.dims()
+            );
+            return Err(QuantError::BadTensor {
+                op: "sym_quantize",
+                what,
+            }
+            .into());
+        }
+    }
+    let mut amax = x.abs()?;
+    for &d in reduce_dims {
+        amax = amax.max_keepdim(d)?;
+    }
+    // True division (not multiplication by 1/qmax), as the spec and the packer compute it.
+    let qmax_t = Tensor::new(qmax, x.device())?.to_dtype(dt)?;
+    let mut scale = amax.broadcast_div(&qmax_t)?;
+    if rounding == ScaleRounding::F16 {
+        scale = scale.minimum(F16_MAX)?.to_dtype(DType::F16)?.to_dtype(dt)?;
+    }
+    let zero = scale.eq(0.0)?;
+    let safe = zero.where_cond(&scale.ones_like()?, &scale)?;
+    let q = round_half_even(&x.broadcast_div(&safe)?)?.clamp(-qmax, qmax)?;
+    Ok((q, scale))
+}
+
+/// `q · scale` from [`sym_quantize`], in `x`'s dtype. Value only: no gradient reaches `x`.
+pub fn sym_quant_dequant(
+    x: &Tensor,
+    bits: u8,
+    reduce_dims: &[usize],
+    rounding: ScaleRounding,
+) -> Result<Tensor> {
+    let (q, scale) = sym_quantize(x, bits, reduce_dims, rounding)?;
+    q.broadcast_mul(&scale)?.to_dtype(x.dtype())
+}
+
+/// Straight-through estimator: the value of `q` with the gradient of `x` (identity).
+///
+/// `q` must have `x`'s shape and dtype and carry no graph of its own (compute it from
+/// `x.detach()`). Computed as `q + (x - x.detach())`, which equals LLM-QAT's
+/// `x + (q - x).detach()` in gradient but is bit-exactly `q` in value (`x - x` is exactly 0,
+/// whereas `x + (q - x)` can differ from `q` by one ulp). If `x` is not tracked (inference),
+/// returns `q` unchanged.
+pub fn ste(x: &Tensor, q: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(q.clone());
+    }
+    q + (x - x.detach())?
+}
+
+/// Fake-quantizes a weight `w: [out, in]` with `wq`; value = the packed model's weights,
+/// gradient = identity. `SymPerChannel`: one f16-rounded scale per output channel (row).
+pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
+    let (_out, _in) = w.dims2()?;
+    let q = match wq.format {
+        WeightFormat::SymPerChannel => {
+            sym_quant_dequant(&w.detach(), wq.bits, &[1], ScaleRounding::F16)?
+        }
+    };
+    ste(w, &q)
+}
+
+/// Fake-quantizes activations `x: [.., in]` per token (one f32 scale per position, over the
+/// last dim); gradient = identity.
+pub fn fake_act(x: &Tensor, bits: u8) -> Result<Tensor> {
+    let last = x
+        .rank()
+        .checked_sub(1)
+        .ok_or_else(|| QuantError::BadTensor {
+            op: "fake_act",
+            what: "a scalar, expected [.., in]".into(),
+        })?;
+    let q = sym_quant_dequant(&x.detach(), bits, &[last], ScaleRounding::Exact)?;
+    ste(x, &q)
+}
+
+/// Fake-quantizes a k_proj/v_proj output `x: [batch, kv_heads, seq, head_dim]` per token: one
+/// f32 scale per (batch, position) over all kv_heads × head_dim; gradient = identity.
+pub fn fake_kv(x: &Tensor, bits: u8) -> Result<Tensor> {
+    let (_b, _h, _t, _d) = x.dims4()?;
+    let q = sym_quant_dequant(&x.detach(), bits, &[1, 3], ScaleRounding::Exact)?;
+    ste(x, &q)
+}

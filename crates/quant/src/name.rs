@@ -1,0 +1,259 @@
+//! Short scheme names for shell users (`W4A8KV4`, `W8A8`, `FP`): parsing and canonical formatting.
+//!
+//! Grammar (case-insensitive, surrounding whitespace ignored):
+//!
+//! ```text
+//! name  := "FP" | "NONE" | [ "W" bits ] [ "A" bits ] [ "KV" bits ]   (at least one part, in this order)
+//! bits  := 2..=8 | 16                                                  (16 = not quantized)
+//! ```
+//!
+//! `W` is symmetric per-channel weights, `A` per-token activations, `KV` the per-token KV cache.
+//! [`Scheme`]'s `Display` writes the canonical name (quantized parts only, `FP` if none) when the
+//! scheme has one, and compact JSON otherwise; `FromStr` accepts both, so they round-trip.
+
+use crate::error::{QuantError, Result};
+use crate::scheme::{ActQuant, KvQuant, Scheme, WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+/// Bit width meaning "not quantized" in short names.
+pub const UNQUANTIZED_BITS: u32 = 16;
+
+const EXPECTED: &str =
+    "expected FP, none or W<bits>[A<bits>][KV<bits>] with bits in 2..=8 or 16 (= not quantized), \
+                        e.g. W4A8KV4, W8A8, W4";
+
+/// One `<letter><bits>` part: `None` if 16 (not quantized), `Some(bits)` if in range.
+fn part_bits(quantizer: &str, digits: &str) -> std::result::Result<Option<u8>, String> {
+    if digits.is_empty() {
+        return Err(format!(
+            "missing bit width after {}; {EXPECTED}",
+            quantizer_letter(quantizer)
+        ));
+    }
+    let bits: u32 = digits
+        .parse()
+        .map_err(|_| format!("{quantizer} bits {digits} out of range {MIN_BITS}..={MAX_BITS}"))?;
+    if bits == UNQUANTIZED_BITS {
+        return Ok(None);
+    }
+    match u8::try_from(bits) {
+        Ok(b) if (MIN_BITS..=MAX_BITS).contains(&b) => Ok(Some(b)),
+        _ => Err(format!(
+            "{quantizer} bits {bits} out of range {MIN_BITS}..={MAX_BITS}"
+        )),
+    }
+}
+
+fn quantizer_letter(quantizer: &str) -> &'static str {
+    match quantizer {
+        "weight" => "\"W\"",
+        "activation" => "\"A\"",
+        _ => "\"KV\"",
+    }
+}
+
+/// Parses a trimmed short name (not JSON) into `[weight, act, kv]` bits; the error is the reason only.
+fn parse_short(name: &str) -> std::result::Result<[Option<u8>; 3], String> {
+    // ASCII upper-casing keeps byte offsets, so positions index `name` too.
+    let upper = name.to_ascii_uppercase();
+    let upper = upper.as_str();
+    if upper == "FP" || upper == "NONE" {
+        return Ok([None; 3]);
+    }
+    if upper.is_empty() {
+        return Err(format!("empty name; {EXPECTED}"));
+    }
+    // Parts in order; each is (prefix, quantizer name).
+    const PARTS: [(&str, &str); 3] = [("W", "weight"), ("A", "activation"), ("KV", "kv")];
+    let mut bits = [None; 3];
+    let mut rest = upper;
+    let mut next_part = 0;
+    while !rest.is_empty() {
+        let pos = upper.len() - rest.len();
+        let found = PARTS
+            .iter()
+            .enumerate()
+            .skip(next_part)
+            .find(|(_, (prefix, _))| rest.starts_with(prefix));
+        let Some((i, (prefix, quantizer))) = found else {
+            let seen_later = PARTS
+                .iter()
+                .take(next_part)
+                .any(|(p, _)| rest.starts_with(p));
+            let why = if seen_later {
+                "parts must appear once each, in the order W, A, KV"
+            } else {
+                EXPECTED
+            };
+            return Err(format!(
+                "unexpected {:?} at position {pos}; {why}",
+                &name[pos..]
+            ));
+        };
+        rest = &rest[prefix.len()..];
+        let n = rest.bytes().take_while(u8::is_ascii_digit).count();
+        bits[i] = part_bits(quantizer, &rest[..n])?;
+        rest = &rest[n..];
+        next_part = i + 1;
+    }
+    Ok(bits)
+}
+
+impl Scheme {
+    /// The canonical short name (`W4A8KV4`, `FP`), or `None` if the scheme has overrides or a
+    /// weight format that short names cannot express.
+    pub fn short_name(&self) -> Option<String> {
+        if !self.overrides.is_empty() {
+            return None;
+        }
+        let mut s = String::new();
+        if let Some(w) = &self.weight {
+            match w.format {
+                WeightFormat::SymPerChannel => s.push_str(&format!("W{}", w.bits)),
+            }
+        }
+        if let Some(a) = &self.act {
+            s.push_str(&format!("A{}", a.bits));
+        }
+        if let Some(kv) = &self.kv {
+            s.push_str(&format!("KV{}", kv.bits));
+        }
+        Some(if s.is_empty() { "FP".to_string() } else { s })
+    }
+}
+
+impl fmt::Display for Scheme {
+    /// The canonical short name, or compact JSON when there is none (both parse back).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.short_name() {
+            Some(name) => f.write_str(&name),
+            None => f.write_str(&serde_json::to_string(self).map_err(|_| fmt::Error)?),
+        }
+    }
+}
+
+impl FromStr for Scheme {
+    type Err = QuantError;
+
+    /// A short name (case-insensitive) or inline JSON (starting with `{`); the result is validated.
+    fn from_str(s: &str) -> Result<Self> {
+        let trimmed = s.trim();
+        if trimmed.starts_with('{') {
+            return Scheme::from_json_str(trimmed, Path::new(""));
+        }
+        let [w, a, kv] = parse_short(trimmed).map_err(|what| QuantError::InvalidName {
+            input: s.to_string(),
+            what,
+        })?;
+        Ok(Scheme::new(
+            w.map(WeightQuant::sym_per_channel),
+            a.map(|bits| ActQuant { bits }),
+            kv.map(|bits| KvQuant { bits }),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Scheme {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn short_names_parse_to_expected_schemes() {
+        let w4 = Some(WeightQuant::sym_per_channel(4));
+        assert_eq!(
+            parse("W4A8KV4"),
+            Scheme::new(w4, Some(ActQuant { bits: 8 }), Some(KvQuant { bits: 4 }))
+        );
+        assert_eq!(
+            parse("w4a8kv8"),
+            Scheme::new(w4, Some(ActQuant { bits: 8 }), Some(KvQuant { bits: 8 }))
+        );
+        assert_eq!(parse("W4"), Scheme::new(w4, None, None));
+        assert_eq!(parse("W4A16KV16"), Scheme::new(w4, None, None));
+        assert_eq!(
+            parse("W8A8"),
+            Scheme::new(
+                Some(WeightQuant::sym_per_channel(8)),
+                Some(ActQuant { bits: 8 }),
+                None
+            )
+        );
+        assert_eq!(parse("FP"), Scheme::full_precision());
+        assert_eq!(parse(" none "), Scheme::full_precision());
+        assert_eq!(parse("W16A16KV16"), Scheme::full_precision());
+        assert_eq!(
+            parse("A8KV4"),
+            Scheme::new(None, Some(ActQuant { bits: 8 }), Some(KvQuant { bits: 4 }))
+        );
+    }
+
+    #[test]
+    fn display_is_canonical_and_round_trips() {
+        for (input, canonical) in [
+            ("W4A8KV4", "W4A8KV4"),
+            ("w4a8kv8", "W4A8KV8"),
+            ("W4", "W4"),
+            ("W8A8", "W8A8"),
+            ("W4A16KV16", "W4"),
+            ("W16A8", "A8"),
+            ("fp", "FP"),
+            ("NONE", "FP"),
+            ("W2A4KV2", "W2A4KV2"),
+        ] {
+            let s = parse(input);
+            assert_eq!(s.to_string(), canonical, "{input}");
+            assert_eq!(parse(canonical), s, "{input}");
+        }
+    }
+
+    #[test]
+    fn invalid_names_explain_themselves() {
+        let err = |s: &str| s.parse::<Scheme>().unwrap_err().to_string();
+        assert_eq!(
+            err("W9"),
+            "invalid scheme \"W9\": weight bits 9 out of range 2..=8"
+        );
+        assert_eq!(
+            err("W4A1"),
+            "invalid scheme \"W4A1\": activation bits 1 out of range 2..=8"
+        );
+        assert_eq!(
+            err("W4A8KV32"),
+            "invalid scheme \"W4A8KV32\": kv bits 32 out of range 2..=8"
+        );
+        assert_eq!(
+            err("W99999999999"),
+            "invalid scheme \"W99999999999\": weight bits 99999999999 out of range 2..=8"
+        );
+        assert!(
+            err("W").contains("missing bit width after \"W\""),
+            "{}",
+            err("W")
+        );
+        assert!(
+            err("W4X8").contains("unexpected \"X8\" at position 2"),
+            "{}",
+            err("W4X8")
+        );
+        assert!(
+            err("A8W4").contains("in the order W, A, KV"),
+            "{}",
+            err("A8W4")
+        );
+        assert!(
+            err("W4W4").contains("in the order W, A, KV"),
+            "{}",
+            err("W4W4")
+        );
+        assert!(err("").contains("empty name"), "{}", err(""));
+        assert!(err("int4").starts_with(
+            "invalid scheme \"int4\": unexpected \"int4\" at position 0; expected FP"
+        ));
+    }
+}

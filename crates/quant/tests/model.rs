@@ -1,0 +1,90 @@
+//! Sanity of fake quantization on the real stories260K model: 8-bit schemes stay close to full
+//! precision, aggressive ones (W2, W4A4) change the logits a lot. Not an exactness test.
+
+use candle_core::{DType, Device, Tensor};
+use qat_model::{Llama, ModelDir};
+use qat_quant::{FakeQuant, Scheme};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn data_dir() -> PathBuf {
+    match std::env::var_os("QAT_DATA") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
+    }
+}
+
+/// Loads stories260K in f32 on the CPU.
+fn stories() -> (ModelDir, Llama) {
+    let dir = data_dir().join("models/stories260K");
+    let md = ModelDir::open(&dir).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()));
+    let model = md.load(&Device::Cpu, DType::F32).expect("load stories260K");
+    (md, model)
+}
+
+/// max |logits(scheme) - logits(FP)| / max |logits(FP)| over a fixed 2 × 24 token batch.
+fn relative_change(
+    model: &mut Llama,
+    fp: &Tensor,
+    tokens: &Tensor,
+    scheme: &str,
+    training: bool,
+) -> f32 {
+    let scheme: Scheme = scheme.parse().unwrap();
+    scheme.validate_for(model.config()).unwrap();
+    let hooks = if training {
+        FakeQuant::for_training(scheme)
+    } else {
+        FakeQuant::for_inference(scheme)
+    };
+    model.set_hooks(Arc::new(hooks));
+    let logits = model.forward_full(tokens).unwrap();
+    let diff = (&logits - fp)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = fp
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff / scale
+}
+
+#[test]
+fn eight_bit_stays_close_and_low_bit_moves_far() {
+    let (md, mut model) = stories();
+    let ids: Vec<u32> = (0..48u32).map(|i| 1 + (i * 37 + 11) % 500).collect();
+    let tokens = Tensor::from_vec(ids, (2, 24), &Device::Cpu).unwrap();
+    let fp = model.forward_full(&tokens).unwrap();
+    let fp_again = relative_change(&mut model, &fp, &tokens, "FP", false);
+    assert_eq!(fp_again, 0.0, "FP scheme must not change anything");
+    let w8a8kv8 = relative_change(&mut model, &fp, &tokens, "W8A8KV8", false);
+    let w8a8kv8_train = relative_change(&mut model, &fp, &tokens, "W8A8KV8", true);
+    let w4a4 = relative_change(&mut model, &fp, &tokens, "W4A4", false);
+    let w2 = relative_change(&mut model, &fp, &tokens, "W2", false);
+    eprintln!("relative max |Δlogits|: W8A8KV8 {w8a8kv8:.4}, W4A4 {w4a4:.4}, W2 {w2:.4}");
+    assert_eq!(
+        w8a8kv8, w8a8kv8_train,
+        "training hooks must give the same values"
+    );
+    assert!(w8a8kv8 < 0.08, "W8A8KV8 moved logits by {w8a8kv8}");
+    assert!(
+        w4a4 > 5.0 * w8a8kv8 && w4a4 > 0.2,
+        "W4A4 {w4a4} vs W8A8KV8 {w8a8kv8}"
+    );
+    assert!(
+        w2 > 5.0 * w8a8kv8 && w2 > 0.2,
+        "W2 {w2} vs W8A8KV8 {w8a8kv8}"
+    );
+    assert!(Scheme::from_arg("W4A8KV4")
+        .unwrap()
+        .validate_for(&md.config)
+        .is_ok());
+}

@@ -1,0 +1,339 @@
+//! The `qat-distill` stage: quantization-aware training of a student from cached teacher
+//! shards, with checkpoints that resume to the identical loss curve.
+//!
+//! Work happens in `<out>.work/` (checkpoint and log); the finished student directory is
+//! written there and renamed to `<out>` only at the end, so `<out>` is never half written.
+
+use crate::data::{DataCursor, ShardBatches};
+use crate::error::{io, Result, TrainError};
+use crate::loss::{forward_kl, TopKTargets};
+use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrConfig, Schedule};
+use crate::student::{save_safetensors, Student};
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use qat_model::{sha256_files, ModelDir};
+use qat_quant::{FakeQuant, Scheme};
+use qat_shards::{SequenceRecord, ShardSet};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How long to train.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Budget {
+    Steps(u64),
+    Epochs(f64),
+    /// Input tokens seen (padding excluded), rounded up to whole steps.
+    Tokens(u64),
+}
+
+/// The settings that determine the result (saved in checkpoints and provenance).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub scheme: Scheme,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    pub min_lr_ratio: f64,
+    pub adam: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub budget: Budget,
+    pub seed: u64,
+    pub loss: String,
+}
+
+/// Everything `qat-distill` needs.
+#[derive(Debug, Clone)]
+pub struct DistillConfig {
+    pub model: PathBuf,
+    pub shards: PathBuf,
+    pub out: PathBuf,
+    pub settings: TrainSettings,
+    pub checkpoint_every: u64,
+    pub resume: bool,
+    pub device: String,
+    pub progress: bool,
+    /// Test hook: poison the loss at this step (simulates a NaN).
+    pub inject_nan_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    step: u64,
+    cursor: DataCursor,
+    tokens_seen: u64,
+    log_lines: u64,
+    settings: TrainSettings,
+    shards_manifest_sha256: String,
+    init_weights_sha256: String,
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+struct LogLine {
+    step: u64,
+    loss: f32,
+    lr: f64,
+    grad_norm: f64,
+    tokens: u64,
+    tokens_per_s: f64,
+}
+
+/// The JSON summary printed on stdout.
+#[derive(Debug, Clone, Serialize)]
+pub struct DistillSummary {
+    pub out: String,
+    pub steps: u64,
+    pub tokens: u64,
+    pub final_loss: f32,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub resumed_from_step: Option<u64>,
+    pub scheme: String,
+}
+
+const TOOL: &str = concat!("qat-distill ", env!("CARGO_PKG_VERSION"));
+
+fn manifests_sha256(dir: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = qat_shards::list_manifests(dir)?.into_iter().map(|(p, _)| p).collect();
+    files.sort();
+    Ok(sha256_files(&files)?)
+}
+
+/// Tokens `[B, T]` right-padded, plus the flat row indices `b * T + i` of trained positions and
+/// their teacher targets.
+fn batch_tensors(recs: &[SequenceRecord], k: usize, vocab: usize, dev: &Device) -> Result<(Tensor, Tensor, TopKTargets, u64)> {
+    let t = recs.iter().map(|r| r.tokens.len()).max().unwrap_or(1);
+    let mut tokens = vec![0u32; recs.len() * t];
+    let (mut rows, mut ids, mut logp) = (Vec::new(), Vec::new(), Vec::new());
+    let mut real = 0u64;
+    for (b, r) in recs.iter().enumerate() {
+        tokens[b * t..b * t + r.tokens.len()].copy_from_slice(&r.tokens);
+        real += r.tokens.len() as u64;
+        for i in (r.prompt_len as usize).saturating_sub(1)..r.tokens.len() - 1 {
+            rows.push((b * t + i) as u32);
+            ids.extend_from_slice(&r.topk_ids[i * k..(i + 1) * k]);
+            logp.extend_from_slice(&r.topk_logprobs[i * k..(i + 1) * k]);
+        }
+    }
+    let n = rows.len();
+    let targets = TopKTargets::new(ids, logp, n, k, vocab, dev)?;
+    Ok((Tensor::from_vec(tokens, (recs.len(), t), dev)?, Tensor::from_vec(rows, n, dev)?, targets, real))
+}
+
+fn total_steps(budget: Budget, set: &ShardSet, per_step: usize) -> u64 {
+    let h = set.header();
+    match budget {
+        Budget::Steps(s) => s,
+        Budget::Epochs(e) => ((h.num_sequences as f64 * e) / per_step as f64).ceil() as u64,
+        Budget::Tokens(t) => {
+            let avg = set.total_tokens() as f64 / h.num_sequences.max(1) as f64;
+            (t as f64 / (avg * per_step as f64)).ceil() as u64
+        }
+    }
+}
+
+/// Runs the stage.
+pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
+    let started = Instant::now();
+    let s = &cfg.settings;
+    if s.batch_size == 0 || s.grad_accum == 0 {
+        return Err(TrainError::Config("--batch-size and --grad-accum must be >= 1".into()));
+    }
+    if !(s.lr > 0.0 && s.lr.is_finite()) {
+        return Err(TrainError::Config(format!("--lr must be > 0, got {}", s.lr)));
+    }
+    if s.loss != "fkl" {
+        return Err(TrainError::Config(format!("--loss {:?} is not available (fkl)", s.loss)));
+    }
+    let dev = qat_model::parse_device(&cfg.device).map_err(TrainError::Config)?;
+    let model_dir = ModelDir::open(&cfg.model)?;
+    s.scheme.validate_for(&model_dir.config)?;
+    let set = ShardSet::open(&cfg.shards)?;
+    set.verify()?; // sha256 of every file: copied shards are checked before hours of training
+    let h = set.header().clone();
+    let mismatch = |what: String| TrainError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what };
+    let tok_sha = model_dir.tokenizer_sha256()?;
+    if h.teacher.tokenizer_sha256 != tok_sha {
+        return Err(mismatch(format!("tokenizer.json sha256 {} differs from the shards' teacher tokenizer {}", &tok_sha[..12], &h.teacher.tokenizer_sha256[..12])));
+    }
+    if h.teacher.vocab_size as usize != model_dir.config.vocab_size {
+        return Err(mismatch(format!("vocab_size {} differs from the shards' {}", model_dir.config.vocab_size, h.teacher.vocab_size)));
+    }
+    let shards_sha = manifests_sha256(&cfg.shards)?;
+    let init_sha = model_dir.weights_sha256()?;
+
+    let work = PathBuf::from(format!("{}.work", cfg.out.display()));
+    let ckpt = work.join("checkpoint");
+    let log_path = work.join("train_log.jsonl");
+    if cfg.out.exists() {
+        return Err(TrainError::Io { path: cfg.out.clone(), what: "output already exists (remove it to train again)", source: std::io::ErrorKind::AlreadyExists.into() });
+    }
+    let mut student = Student::load(&model_dir, &dev)?;
+    student.model.set_fused_kernels(false);
+    student.model.set_hooks(Arc::new(FakeQuant::for_training(s.scheme.clone())));
+    let mut opt = AdamW::new(student.vars(), s.adam)?;
+    let per_step = s.batch_size * s.grad_accum;
+    let total = total_steps(s.budget, &set, per_step).max(1);
+    let lr_cfg = LrConfig { lr: s.lr, schedule: s.schedule, warmup_steps: s.warmup_steps, total_steps: total, min_lr_ratio: s.min_lr_ratio };
+
+    let mut cursor = DataCursor::default();
+    let (mut tokens_seen, mut log_lines, mut resumed_from) = (0u64, 0u64, None);
+    if ckpt.join("state.json").is_file() {
+        if !cfg.resume {
+            return Err(TrainError::Checkpoint { path: ckpt.clone(), what: "a checkpoint of an earlier run exists: pass --resume to continue it, or delete it".into() });
+        }
+        let state_path = ckpt.join("state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(io(&state_path, "cannot read checkpoint"))?;
+        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: state_path.clone(), what: format!("invalid: {e}") })?;
+        if state.settings != *s || state.shards_manifest_sha256 != shards_sha || state.init_weights_sha256 != init_sha {
+            return Err(TrainError::Checkpoint { path: state_path, what: "made with other settings, shards or initial model; cannot resume".into() });
+        }
+        let w = candle_core::safetensors::load(ckpt.join("weights.safetensors"), &dev)?;
+        student.set_tensors(&w, &ckpt)?;
+        let o = candle_core::safetensors::load(ckpt.join("optimizer.safetensors"), &dev)?;
+        opt.load_state(&o, state.step)?;
+        cursor = state.cursor;
+        tokens_seen = state.tokens_seen;
+        log_lines = state.log_lines;
+        resumed_from = Some(state.step);
+        truncate_lines(&log_path, log_lines)?;
+    } else {
+        std::fs::create_dir_all(&work).map_err(io(&work, "cannot create work directory"))?;
+        let _ = std::fs::remove_file(&log_path);
+    }
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path, "cannot open training log"))?;
+    let mut data = ShardBatches::new(set, s.seed, cursor);
+    let (k, vocab) = (h.top_k as usize, h.teacher.vocab_size as usize);
+
+    let bar = if cfg.progress { ProgressBar::new(total) } else { ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden()) };
+    bar.set_style(ProgressStyle::with_template("qat-distill {bar:30} {pos}/{len} steps  {msg}  eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_position(opt.step);
+    let vars = opt.vars().to_vec();
+    let mut last_loss = f32::NAN;
+    let loop_started = Instant::now();
+    let tokens_at_start = tokens_seen;
+    let mut last_good = resumed_from.map_or("no checkpoint was written yet".to_string(), |s| format!("last good checkpoint: step {s} in {}", ckpt.display()));
+    while opt.step < total {
+        let step_started = Instant::now();
+        let mut grads = HashMap::new();
+        let mut step_loss = 0f32;
+        let mut step_tokens = 0u64;
+        for _ in 0..s.grad_accum {
+            let recs = data.next_batch(s.batch_size)?;
+            let (tokens, rows, targets, real) = batch_tensors(&recs, k, vocab, &dev)?;
+            let logits = student.model.forward_full(&tokens)?; // [B, T, V]
+            let (b, t, v) = logits.dims3()?;
+            let logits = logits.reshape((b * t, v))?.index_select(&rows, 0)?; // [N, V]
+            let mut loss = forward_kl(&logits, &targets)?;
+            if cfg.inject_nan_at == Some(opt.step) {
+                loss = (loss * f64::NAN)?;
+            }
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite { loss: value, step: opt.step, last_good });
+            }
+            step_loss += value / s.grad_accum as f32;
+            step_tokens += real;
+            let g = loss.backward()?;
+            accumulate(&mut grads, &vars, &g, 1.0 / s.grad_accum as f64)?;
+        }
+        let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite { loss: f32::NAN, step: opt.step, last_good });
+        }
+        let lr = lr_cfg.at(opt.step);
+        opt.apply(&grads, lr)?;
+        tokens_seen += step_tokens;
+        last_loss = step_loss;
+        let line = LogLine { step: opt.step, loss: step_loss, lr, grad_norm, tokens: tokens_seen, tokens_per_s: step_tokens as f64 / step_started.elapsed().as_secs_f64() };
+        writeln!(log, "{}", serde_json::to_string(&line).expect("log line serializes")).map_err(io(&log_path, "cannot write training log"))?;
+        log_lines += 1;
+        bar.set_position(opt.step);
+        bar.set_message(format!("loss {step_loss:.4}"));
+        if cfg.checkpoint_every > 0 && opt.step % cfg.checkpoint_every == 0 && opt.step < total {
+            log.flush().map_err(io(&log_path, "cannot write training log"))?;
+            let state = CheckpointState { step: opt.step, cursor: data.cursor(), tokens_seen, log_lines, settings: s.clone(), shards_manifest_sha256: shards_sha.clone(), init_weights_sha256: init_sha.clone() };
+            write_checkpoint(&work, &student, &opt, &state)?;
+            last_good = format!("last good checkpoint: step {} in {}", opt.step, ckpt.display());
+        }
+    }
+    bar.finish_and_clear();
+    drop(log);
+    let seconds = loop_started.elapsed().as_secs_f64();
+
+    // The finished student: an HF model dir + scheme + provenance, renamed into place.
+    let staging = work.join("student");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
+    save_safetensors(&student.tensors(), &staging.join("model.safetensors"))?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        let src = model_dir.dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, staging.join(f)).map_err(io(&src, "cannot copy"))?;
+        }
+    }
+    s.scheme.save(staging.join(qat_quant::SCHEME_FILE))?;
+    std::fs::copy(&log_path, staging.join("train_log.jsonl")).map_err(io(&log_path, "cannot copy"))?;
+    let provenance = serde_json::json!({
+        "tool": TOOL,
+        "settings": s,
+        "seed": s.seed,
+        "init_model": model_dir.dir.display().to_string(),
+        "init_weights_sha256": init_sha,
+        "shards": cfg.shards.display().to_string(),
+        "shards_manifest_sha256": shards_sha,
+        "teacher": h.teacher,
+        "steps": opt.step,
+        "tokens": tokens_seen,
+        "final_loss": last_loss,
+        "device": cfg.device,
+    });
+    let prov_path = staging.join("provenance.json");
+    std::fs::write(&prov_path, serde_json::to_string_pretty(&provenance).expect("json") + "\n").map_err(io(&prov_path, "cannot write"))?;
+    std::fs::rename(&staging, &cfg.out).map_err(io(&cfg.out, "cannot move the student into place"))?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(DistillSummary {
+        out: cfg.out.display().to_string(),
+        steps: opt.step,
+        tokens: tokens_seen,
+        final_loss: last_loss,
+        seconds: started.elapsed().as_secs_f64(),
+        tokens_per_s: (tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
+        resumed_from_step: resumed_from,
+        scheme: s.scheme.short_name().unwrap_or_else(|| "custom".into()),
+    })
+}
+
+/// Writes the checkpoint to `work/checkpoint.tmp`, then swaps it in for `work/checkpoint`.
+fn write_checkpoint(work: &Path, student: &Student, opt: &AdamW, state: &CheckpointState) -> Result<()> {
+    let tmp = work.join("checkpoint.tmp");
+    let fin = work.join("checkpoint");
+    let old = work.join("checkpoint.old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp, "cannot create checkpoint"))?;
+    save_safetensors(&student.tensors(), &tmp.join("weights.safetensors"))?;
+    save_safetensors(&opt.state_tensors(), &tmp.join("optimizer.safetensors"))?;
+    let state_path = tmp.join("state.json");
+    std::fs::write(&state_path, serde_json::to_string_pretty(state).expect("json")).map_err(io(&state_path, "cannot write"))?;
+    // Swap: the old checkpoint stays valid until the new one is complete.
+    let _ = std::fs::remove_dir_all(&old);
+    if fin.exists() {
+        std::fs::rename(&fin, &old).map_err(io(&fin, "cannot move old checkpoint"))?;
+    }
+    std::fs::rename(&tmp, &fin).map_err(io(&fin, "cannot move checkpoint into place"))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn truncate_lines(path: &Path, keep: u64) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text.lines().take(keep as usize).map(|l| format!("{l}\n")).collect();
+    std::fs::write(path, kept).map_err(io(path, "cannot rewrite training log"))
+}

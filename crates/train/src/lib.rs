@@ -1,0 +1,15 @@
+//! Quantization-aware training by distillation from cached teacher shards.
+
+pub mod data;
+pub mod distill;
+pub mod error;
+pub mod loss;
+pub mod optim;
+pub mod student;
+
+pub use data::{DataCursor, ShardBatches};
+pub use distill::{run, Budget, DistillConfig, DistillSummary, TrainSettings};
+pub use error::{Result, TrainError};
+pub use loss::{forward_kl, TopKTargets};
+pub use optim::{AdamW, AdamWConfig, LrConfig, Schedule};
+pub use student::Student;
