@@ -72,3 +72,17 @@ pub fn qat_eval(args: &[&str]) -> Output {
 pub fn tinystories() -> PathBuf {
     data_dir().join("corpora/tinystories/TinyStories-valid.first800.txt")
 }
+
+/// Runs `qat-distill` with `args`.
+pub fn qat_distill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qat-distill")).args(args).output().expect("spawn qat-distill")
+}
+
+/// Small data-free shards of stories260K in `dir` (32 sequences of up to 48 tokens, K = 16).
+pub fn small_shards(dir: &Path) {
+    let model = stories_dir();
+    ok_json(&qat_sample(&[
+        "--model", model.to_str().unwrap(), "--out", dir.to_str().unwrap(), "-n", "32", "--max-len", "48", "-K", "16",
+        "--batch-size", "8", "--seqs-per-file", "8", "-q",
+    ]));
+}

@@ -1,0 +1,145 @@
+//! CLI tests of `qat-distill`: it learns, resumes after kill -9 to identical bytes, stops on
+//! NaN keeping the last good checkpoint, and refuses bad input with exit 2.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn distill_args<'a>(model: &'a str, shards: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--model", model, "--shards", shards, "--out", out, "--scheme", "W4A8KV4", "-b", "4", "--steps", "12", "--warmup-steps", "2", "--lr", "1e-3", "--checkpoint-every", "3", "-q"];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn log_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_a_student_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let out = tmp.path().join("student");
+    let model = stories_dir();
+    let s = ok_json(&qat_distill(&distill_args(model.to_str().unwrap(), shards.to_str().unwrap(), out.to_str().unwrap(), &[])));
+    assert_eq!(s["steps"], 12);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "quant_scheme.json", "train_log.jsonl", "provenance.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(!tmp.path().join("student.work").exists(), "work dir left behind");
+    let losses = log_losses(&out);
+    assert_eq!(losses.len(), 12);
+    let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+    let last: f64 = losses[9..].iter().sum::<f64>() / 3.0;
+    assert!(last < first * 0.8, "loss did not fall: {losses:?}");
+    let prov: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap()).unwrap();
+    assert_eq!(prov["steps"], 12);
+    assert_eq!(prov["init_weights_sha256"], "407a7c581bdd66972383ce9ad24857713fb98786d06ea564a2fe9b34ebe77dfd");
+    // The student evaluates with its saved scheme.
+    let e = ok_json(&qat_eval(&["--model", out.to_str().unwrap(), "--corpus", tinystories().to_str().unwrap(), "--limit", "3", "-q"]));
+    assert_eq!(e["scheme"], "W4A8KV4");
+}
+
+#[test]
+fn resume_after_kill_gives_the_identical_loss_curve_and_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let model = stories_dir();
+    let (m, s) = (model.to_str().unwrap().to_string(), shards.to_str().unwrap().to_string());
+    let whole = tmp.path().join("whole");
+    ok_json(&qat_distill(&distill_args(&m, &s, whole.to_str().unwrap(), &[])));
+    let killed = tmp.path().join("killed");
+    let k = killed.to_str().unwrap().to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qat-distill"))
+        .args(distill_args(&m, &s, &k, &[]))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = tmp.path().join("killed.work/checkpoint/state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !state.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!killed.exists(), "the run finished before it was killed");
+    // Without --resume an existing checkpoint is refused; with it the run continues.
+    assert_error(&qat_distill(&distill_args(&m, &s, &k, &[])), "qat-distill", "pass --resume");
+    let r = ok_json(&qat_distill(&distill_args(&m, &s, &k, &["--resume"])));
+    assert!(r["resumed_from_step"].as_u64().unwrap() >= 3);
+    assert_eq!(log_losses(&whole), log_losses(&killed));
+    assert_eq!(std::fs::read(whole.join("model.safetensors")).unwrap(), std::fs::read(killed.join("model.safetensors")).unwrap());
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let model = stories_dir();
+    let out = tmp.path().join("s");
+    let (m, s, o) = (model.to_str().unwrap(), shards.to_str().unwrap(), out.to_str().unwrap());
+    let r = qat_distill(&distill_args(m, s, o, &["--inject-nan-at", "7"]));
+    assert_error(&r, "qat-distill", "non-finite loss NaN at step 7");
+    assert!(stderr(&r).contains("last good checkpoint: step 6"), "{}", stderr(&r));
+    assert!(!out.exists());
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("s.work/checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 6);
+    // The checkpoint is intact: resuming (without the NaN) matches an uninterrupted run.
+    ok_json(&qat_distill(&distill_args(m, s, o, &["--resume"])));
+    let whole = tmp.path().join("whole");
+    ok_json(&qat_distill(&distill_args(m, s, whole.to_str().unwrap(), &[])));
+    assert_eq!(log_losses(&whole), log_losses(&out));
+}
+
+#[test]
+fn bad_inputs_fail_with_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let model = stories_dir();
+    let (m, s) = (model.to_str().unwrap(), shards.to_str().unwrap());
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    // A student whose tokenizer differs from the shards' teacher.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model.join(f), other.join(f)).unwrap();
+    }
+    let mut tok = std::fs::read_to_string(model.join("tokenizer.json")).unwrap();
+    tok.push('\n');
+    std::fs::write(other.join("tokenizer.json"), tok).unwrap();
+    assert_error(&qat_distill(&distill_args(other.to_str().unwrap(), s, o, &[])), "qat-distill", "shards do not match the student model");
+    // Schemes that do not parse or do not fit the model.
+    let mut a = distill_args(m, s, o, &[]);
+    a[7] = "W9A8";
+    assert_error(&qat_distill(&a), "qat-distill", "weight bits 9 out of range");
+    let scheme = tmp.path().join("s.json");
+    std::fs::write(&scheme, r#"{"format_version":1,"weight":{"bits":4,"format":{"kind":"sym_per_channel"}},"act":null,"kv":null,"overrides":[{"pattern":"layers.9.*","weight":null}]}"#).unwrap();
+    a[7] = scheme.to_str().unwrap();
+    let r = qat_distill(&a);
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(stderr(&r).contains("layers.9.*"), "{}", stderr(&r));
+    // A corrupted shard file (one flipped byte) is caught before training.
+    let corrupt = tmp.path().join("corrupt");
+    std::fs::create_dir(&corrupt).unwrap();
+    for e in std::fs::read_dir(&shards).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, corrupt.join(p.file_name().unwrap())).unwrap();
+    }
+    let f = corrupt.join("shard-00001.parquet");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&f, bytes).unwrap();
+    assert_error(&qat_distill(&distill_args(m, corrupt.to_str().unwrap(), o, &[])), "qat-distill", "shard-00001.parquet");
+    assert!(!out.exists() && !tmp.path().join("out.work").exists());
+}
