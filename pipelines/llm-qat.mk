@@ -1,11 +1,14 @@
-# LLM-QAT pipeline: data-free teacher shards -> (distill -> eval: next issues).
+# LLM-QAT pipeline: data-free teacher shards -> QAT students -> perplexity, plus FP and RTN
+# baselines and a Markdown report.
 #
-# Every stage's target is a file written atomically (tmp + rename) only when the stage has
-# finished, so an interrupted stage is rerun (and resumes) and a finished one is never redone.
-# The shard directory is a cached prerequisite: students made from the same teacher and
-# sampling settings reuse it.
+# Every stage's target is a file that appears only when the stage has finished (tools write
+# to temporaries and rename), so an interrupted stage is rerun (and resumes: qat-sample keeps
+# verified files, qat-distill continues from its checkpoint) and a finished one is never redone.
+# The shard directory is a cached prerequisite shared by all students of the same teacher and
+# sampling settings: adding a student reuses it without resampling.
 #
 #   make -f pipelines/llm-qat.mk BIN=target/release QAT_DATA=../shared/data OUT=out
+#   make -f pipelines/llm-qat.mk STUDENTS="W4A8KV8" -j2    # one more student, same shards
 
 QAT_DATA ?= ../shared/data
 BIN ?= target/release
@@ -13,23 +16,67 @@ OUT ?= out
 MODEL ?= $(QAT_DATA)/models/stories260K
 MODEL_NAME ?= $(notdir $(MODEL))
 
-# Sampling settings (LLM-QAT: greedy 3..5 tokens from each vocabulary token, then T = 1).
+# Sampling (LLM-QAT: greedy 3..5 tokens from each vocabulary token, then T = 1 sampling).
 NUM_SEQ ?= 4096
 MAX_LEN ?= 256
 TOPK ?= 64
 SEED ?= 0
-BATCH ?= 64
+SAMPLE_BATCH ?= 64
 SHARD_NAME ?= $(MODEL_NAME)-n$(NUM_SEQ)-len$(MAX_LEN)-k$(TOPK)-s$(SEED)
 SHARDS := $(OUT)/shards/$(SHARD_NAME)
 
-.PHONY: all shards
-all: shards
-shards: $(SHARDS).summary.json
+# Students and the training recipe.
+STUDENTS ?= W4 W4A8KV8 W4A8KV4
+EPOCHS ?= 1
+LR ?= 5e-4
+BATCH ?= 16
+DISTILL_FLAGS ?=
+STUDENT_DIR := $(OUT)/students/$(SHARD_NAME)-e$(EPOCHS)-lr$(LR)
 
-# The summary (qat-sample's stdout) is the stage's completion stamp.
+# Evaluation (docs mode: each story is BOS + text, truncated to SEQ_LEN tokens).
+EVAL_CORPUS ?= $(QAT_DATA)/corpora/tinystories/TinyStories-valid.first800.txt
+SEQ_LEN ?= 512
+EVAL := $(OUT)/eval/$(MODEL_NAME)
+
+.PHONY: all shards students report
+.DELETE_ON_ERROR:
+all: report
+shards: $(SHARDS).summary.json
+students: $(foreach s,$(STUDENTS),$(STUDENT_DIR)/$(s)/model.safetensors)
+
+# qat-sample's JSON summary is the stage's completion stamp.
 $(SHARDS).summary.json: $(MODEL)/model.safetensors $(MODEL)/config.json $(MODEL)/tokenizer.json
 	@mkdir -p $(dir $@)
 	$(BIN)/qat-sample --model $(MODEL) --out $(SHARDS) -n $(NUM_SEQ) --max-len $(MAX_LEN) \
-	    -K $(TOPK) --seed $(SEED) --batch-size $(BATCH) > $@.tmp
+	    -K $(TOPK) --seed $(SEED) --batch-size $(SAMPLE_BATCH) > $@.tmp
 	mv $@.tmp $@
-	@cat $@
+
+# A student directory appears (renamed into place) only when training has finished.
+$(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json
+	@mkdir -p $(STUDENT_DIR)
+	$(BIN)/qat-distill --model $(MODEL) --shards $(SHARDS) --out $(STUDENT_DIR)/$* --scheme $* \
+	    --epochs $(EPOCHS) --lr $(LR) -b $(BATCH) --seed $(SEED) --resume $(DISTILL_FLAGS) \
+	    > $(STUDENT_DIR)/$*.distill.json
+
+$(EVAL)/fp.json: $(MODEL)/model.safetensors $(EVAL_CORPUS)
+	@mkdir -p $(dir $@)
+	$(BIN)/qat-eval --model $(MODEL) --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) --scheme FP > $@.tmp
+	mv $@.tmp $@
+
+$(EVAL)/rtn-%.json: $(MODEL)/model.safetensors $(EVAL_CORPUS)
+	@mkdir -p $(dir $@)
+	$(BIN)/qat-eval --model $(MODEL) --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) --scheme $* > $@.tmp
+	mv $@.tmp $@
+
+$(EVAL)/qat-$(SHARD_NAME)-e$(EPOCHS)-lr$(LR)-%.json: $(STUDENT_DIR)/%/model.safetensors $(EVAL_CORPUS)
+	@mkdir -p $(dir $@)
+	$(BIN)/qat-eval --model $(STUDENT_DIR)/$* --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) > $@.tmp
+	mv $@.tmp $@
+
+REPORT := $(OUT)/report-$(SHARD_NAME)-e$(EPOCHS)-lr$(LR).md
+report: $(REPORT)
+	@cat $(REPORT)
+$(REPORT): $(EVAL)/fp.json $(foreach s,$(STUDENTS),$(EVAL)/rtn-$(s).json $(EVAL)/qat-$(SHARD_NAME)-e$(EPOCHS)-lr$(LR)-$(s).json)
+	python3 pipelines/report.py --fp $(EVAL)/fp.json --shards $(SHARDS) \
+	    $(foreach s,$(STUDENTS),--student $(s) $(EVAL)/rtn-$(s).json $(EVAL)/qat-$(SHARD_NAME)-e$(EPOCHS)-lr$(LR)-$(s).json $(STUDENT_DIR)/$(s)) > $@.tmp
+	mv $@.tmp $@
