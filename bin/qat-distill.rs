@@ -80,6 +80,10 @@ struct Args {
     /// Write a checkpoint every N optimizer steps (0 = never).
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
+    /// Compute the teacher distribution online from this model (full vocabulary, exact) instead
+    /// of reading the cached top-K from the shards (which then supply only the sequences).
+    #[arg(long)]
+    teacher: Option<PathBuf>,
     /// Continue from the checkpoint in OUT.work/ (same flags required).
     #[arg(long)]
     resume: bool,
@@ -130,9 +134,11 @@ fn main() -> ExitCode {
                 budget,
                 seed: args.seed,
                 loss: args.loss.clone(),
+                online_teacher: args.teacher.is_some(),
             },
             checkpoint_every: args.checkpoint_every,
             resume: args.resume,
+            teacher: args.teacher.clone(),
             device: args.device.clone(),
             progress: !args.quiet,
             inject_nan_at: args.inject_nan_at,

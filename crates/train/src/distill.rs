@@ -6,7 +6,7 @@
 
 use crate::data::{DataCursor, ShardBatches};
 use crate::error::{io, Result, TrainError};
-use crate::loss::{forward_kl, TopKTargets};
+use crate::loss::{forward_kl, forward_kl_full, TopKTargets};
 use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrConfig, Schedule};
 use crate::student::{save_safetensors, Student};
 use candle_core::{Device, Tensor};
@@ -46,6 +46,8 @@ pub struct TrainSettings {
     pub budget: Budget,
     pub seed: u64,
     pub loss: String,
+    /// Teacher distribution computed online (`--teacher`) rather than read from the shards.
+    pub online_teacher: bool,
 }
 
 /// Everything `qat-distill` needs.
@@ -57,6 +59,9 @@ pub struct DistillConfig {
     pub settings: TrainSettings,
     pub checkpoint_every: u64,
     pub resume: bool,
+    /// Compute the teacher's distribution online from this model (full vocabulary) instead of
+    /// reading it from the shards; the shards then only supply the token sequences.
+    pub teacher: Option<PathBuf>,
     pub device: String,
     pub progress: bool,
     /// Test hook: poison the loss at this step (simulates a NaN).
@@ -178,6 +183,19 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let mut student = Student::load(&model_dir, &dev)?;
     student.model.set_fused_kernels(false);
     student.model.set_hooks(Arc::new(FakeQuant::for_training(s.scheme.clone())));
+    if cfg.teacher.is_some() != s.online_teacher {
+        return Err(TrainError::Config("settings.online_teacher must be set exactly when a teacher is given".into()));
+    }
+    let teacher = match &cfg.teacher {
+        Some(dir) => {
+            let td = ModelDir::open(dir)?;
+            if td.weights_sha256()? != h.teacher.weights_sha256 {
+                return Err(mismatch(format!("--teacher {} is not the model that produced the shards (weights sha256 differs)", dir.display())));
+            }
+            Some(td.load(&dev, candle_core::DType::F32)?)
+        }
+        None => None,
+    };
     let mut opt = AdamW::new(student.vars(), s.adam)?;
     let per_step = s.batch_size * s.grad_accum;
     let total = total_steps(s.budget, &set, per_step).max(1);
@@ -231,7 +249,13 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             let logits = student.model.forward_full(&tokens)?; // [B, T, V]
             let (b, t, v) = logits.dims3()?;
             let logits = logits.reshape((b * t, v))?.index_select(&rows, 0)?; // [N, V]
-            let mut loss = forward_kl(&logits, &targets)?;
+            let mut loss = match &teacher {
+                Some(teacher) => {
+                    let tl = teacher.forward_full(&tokens)?.reshape((b * t, v))?.index_select(&rows, 0)?;
+                    forward_kl_full(&logits, &candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach())?
+                }
+                None => forward_kl(&logits, &targets)?,
+            };
             if cfg.inject_nan_at == Some(opt.step) {
                 loss = (loss * f64::NAN)?;
             }
@@ -294,6 +318,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         "tokens": tokens_seen,
         "final_loss": last_loss,
         "device": cfg.device,
+        "online_teacher": cfg.teacher.as_ref().map(|p| p.display().to_string()),
     });
     let prov_path = staging.join("provenance.json");
     std::fs::write(&prov_path, serde_json::to_string_pretty(&provenance).expect("json") + "\n").map_err(io(&prov_path, "cannot write"))?;

@@ -86,6 +86,14 @@ pub fn forward_kl_per_position(logits: &Tensor, t: &TopKTargets) -> Result<Tenso
     }
 }
 
+/// Exact forward KL over the full vocabulary, mean over positions: `teacher_logp`, `logits` are
+/// `[N, V]` (teacher log-probabilities, student logits). Used with an online teacher.
+pub fn forward_kl_full(logits: &Tensor, teacher_logp: &Tensor) -> Result<Tensor> {
+    let lq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let p = teacher_logp.exp()?;
+    (p * (teacher_logp - lq)?)?.sum(D::Minus1)?.mean_all()
+}
+
 /// Mean forward KL over the N positions (a scalar).
 pub fn forward_kl(logits: &Tensor, t: &TopKTargets) -> Result<Tensor> {
     forward_kl_per_position(logits, t)?.mean_all()
@@ -132,6 +140,19 @@ mod tests {
         // The student equal to the teacher gives zero loss.
         let same = Tensor::new(&[[2f32, 1.0, 0.0, -1.0]], &dev).unwrap();
         assert!(forward_kl(&same, &t).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-6);
+    }
+
+    /// The online-teacher loss equals the top-K loss with K = V.
+    #[test]
+    fn full_vocab_kl_matches_k_equal_vocab() {
+        let dev = Device::Cpu;
+        let lp = log_softmax_f64(&[0.3, -1.0, 2.0, 0.0, 1.5]);
+        let t = TopKTargets::new(vec![2, 4, 0, 3, 1], [2, 4, 0, 3, 1].iter().map(|&i| lp[i] as f32).collect(), 1, 5, 5, &dev).unwrap();
+        let logits = Tensor::new(&[[1f32, 0.5, -0.2, 0.0, 2.0]], &dev).unwrap();
+        let a = forward_kl(&logits, &t).unwrap().to_scalar::<f32>().unwrap();
+        let tl = Tensor::from_vec(lp.iter().map(|&x| x as f32).collect::<Vec<f32>>(), (1, 5), &dev).unwrap();
+        let b = forward_kl_full(&logits, &tl).unwrap().to_scalar::<f32>().unwrap();
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
     }
 
     /// A very confident student (q_0 ≈ 1): the masked tail stays finite where log(1 - Σq)
