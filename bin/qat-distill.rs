@@ -84,6 +84,10 @@ struct Args {
     /// of reading the cached top-K from the shards (which then supply only the sequences).
     #[arg(long)]
     teacher: Option<PathBuf>,
+    /// Before training, rebalance K and V channels from N calibration sequences of the shards
+    /// (function-preserving in full precision; helps per-token KV quantization). 0 = off.
+    #[arg(long, default_value_t = 0)]
+    balance_kv: usize,
     /// Continue from the checkpoint in OUT.work/ (same flags required).
     #[arg(long)]
     resume: bool,
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
                 seed: args.seed,
                 loss: args.loss.clone(),
                 online_teacher: args.teacher.is_some(),
+                balance_kv: args.balance_kv,
             },
             checkpoint_every: args.checkpoint_every,
             resume: args.resume,

@@ -46,6 +46,10 @@ pub struct TrainSettings {
     pub budget: Budget,
     pub seed: u64,
     pub loss: String,
+    /// Rebalance K/V channels (function-preserving, see balance.rs) from this many calibration
+    /// sequences of the shards before training; 0 = off.
+    #[serde(default)]
+    pub balance_kv: usize,
     /// Teacher distribution computed online (`--teacher`) rather than read from the shards.
     pub online_teacher: bool,
 }
@@ -196,9 +200,15 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         }
         None => None,
     };
+    let balance = if s.balance_kv > 0 {
+        let calib: Vec<Vec<u32>> = set.records().take(s.balance_kv).map(|r| r.map(|r| r.tokens)).collect::<std::result::Result<_, _>>()?;
+        Some(crate::balance::balance_kv(&mut student, &calib)?)
+    } else {
+        None
+    };
     let mut opt = AdamW::new(student.vars(), s.adam)?;
     let per_step = s.batch_size * s.grad_accum;
-    let total = total_steps(s.budget, &set, per_step).max(1);
+    let total = total_steps(s.budget, &set, per_step);
     let lr_cfg = LrConfig { lr: s.lr, schedule: s.schedule, warmup_steps: s.warmup_steps, total_steps: total, min_lr_ratio: s.min_lr_ratio };
 
     let mut cursor = DataCursor::default();
@@ -318,6 +328,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         "tokens": tokens_seen,
         "final_loss": last_loss,
         "device": cfg.device,
+        "balance_kv": balance,
         "online_teacher": cfg.teacher.as_ref().map(|p| p.display().to_string()),
     });
     let prov_path = staging.join("provenance.json");
