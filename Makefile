@@ -2,6 +2,8 @@
 # model; `make test` runs the test suite (what CI runs). See README.md.
 
 QAT_DATA ?= ../shared/data
+# Absolute, because cargo runs each crate's tests from that crate's directory.
+override QAT_DATA := $(abspath $(QAT_DATA))
 export QAT_DATA
 CARGO ?= cargo
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)

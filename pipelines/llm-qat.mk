@@ -28,10 +28,13 @@ SHARDS := $(OUT)/shards/$(SHARD_NAME)
 # Students and the training recipe.
 STUDENTS ?= W4 W4A8KV8 W4A8KV4
 EPOCHS ?= 1
-LR ?= 5e-4
+LR ?= 1e-3
 BATCH ?= 16
-DISTILL_FLAGS ?=
-STUDENT_DIR := $(OUT)/students/$(SHARD_NAME)-e$(EPOCHS)-lr$(LR)
+# Extra qat-distill flags; name them in TAG so that different recipes get different directories.
+DISTILL_FLAGS ?= --balance-kv 64
+TAG ?= -bal64
+RECIPE := $(SHARD_NAME)-e$(EPOCHS)-lr$(LR)$(TAG)
+STUDENT_DIR := $(OUT)/students/$(RECIPE)
 
 # Evaluation (docs mode: each story is BOS + text, truncated to SEQ_LEN tokens).
 EVAL_CORPUS ?= $(QAT_DATA)/corpora/tinystories/TinyStories-valid.first800.txt
@@ -68,15 +71,15 @@ $(EVAL)/rtn-%.json: $(MODEL)/model.safetensors $(EVAL_CORPUS)
 	$(BIN)/qat-eval --model $(MODEL) --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) --scheme $* > $@.tmp
 	mv $@.tmp $@
 
-$(EVAL)/qat-$(SHARD_NAME)-e$(EPOCHS)-lr$(LR)-%.json: $(STUDENT_DIR)/%/model.safetensors $(EVAL_CORPUS)
+$(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(EVAL_CORPUS)
 	@mkdir -p $(dir $@)
 	$(BIN)/qat-eval --model $(STUDENT_DIR)/$* --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) > $@.tmp
 	mv $@.tmp $@
 
-REPORT := $(OUT)/report-$(SHARD_NAME)-e$(EPOCHS)-lr$(LR).md
+REPORT := $(OUT)/report-$(RECIPE).md
 report: $(REPORT)
 	@cat $(REPORT)
-$(REPORT): $(EVAL)/fp.json $(foreach s,$(STUDENTS),$(EVAL)/rtn-$(s).json $(EVAL)/qat-$(SHARD_NAME)-e$(EPOCHS)-lr$(LR)-$(s).json)
+$(REPORT): $(EVAL)/fp.json $(foreach s,$(STUDENTS),$(EVAL)/rtn-$(s).json $(EVAL)/qat-$(RECIPE)-$(s).json)
 	python3 pipelines/report.py --fp $(EVAL)/fp.json --shards $(SHARDS) \
-	    $(foreach s,$(STUDENTS),--student $(s) $(EVAL)/rtn-$(s).json $(EVAL)/qat-$(SHARD_NAME)-e$(EPOCHS)-lr$(LR)-$(s).json $(STUDENT_DIR)/$(s)) > $@.tmp
+	    $(foreach s,$(STUDENTS),--student $(s) $(EVAL)/rtn-$(s).json $(EVAL)/qat-$(RECIPE)-$(s).json $(STUDENT_DIR)/$(s)) > $@.tmp
 	mv $@.tmp $@
