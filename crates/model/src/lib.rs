@@ -4,6 +4,7 @@
 //! incremental, left-padded KV cache ([`KvCache`]), and exposes every linear layer through
 //! [`QuantHooks`] so that fake quantization and packed weights plug in without model changes.
 
+pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod device;
@@ -14,6 +15,7 @@ pub mod llama;
 pub mod model_dir;
 pub mod rope;
 
+pub use attention::{causal_attention, fused_attention_supported};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, LlamaConfigFile};
 pub use device::parse_device;

@@ -1,5 +1,6 @@
 //! The Llama decoder (RMSNorm, SwiGLU MLP, GQA attention with RoPE) over quantization hooks.
 
+use crate::attention::{causal_attention, fused_attention_supported};
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
@@ -66,11 +67,17 @@ impl Attention {
         let q = RotaryEmbedding::apply(&q.contiguous()?, &ctx.cos, &ctx.sin, ctx.fused)?;
         let k = RotaryEmbedding::apply(&k, &ctx.cos, &ctx.sin, ctx.fused)?;
         let (k, v) = cache.append(self.layer, &k.contiguous()?, &v.contiguous()?)?; // [b, nkv, s, hd]
+        let scale = 1.0 / (hd as f64).sqrt();
+        if let Some(pads) = &ctx.fused_attention_pads {
+            let out = causal_attention(&q, &k, &v, pads, scale)?; // [b, nh, t, hd]
+            let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            return self.o_proj.forward(&out, hooks);
+        }
         let s = k.dim(2)?;
         let rep = nh / nkv;
         // Grouped-query attention without copying keys: query heads of one KV head are stacked.
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nkv, rep*t, s]
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [b, nkv, rep*t, s]
         let scores = match &ctx.mask {
             Some(mask) => scores.reshape((b, nkv, rep, t, s))?.broadcast_add(mask)?.reshape((b, nkv, rep * t, s))?,
             None => scores,
@@ -122,6 +129,8 @@ struct StepContext {
     sin: Tensor,
     mask: Option<Tensor>,
     fused: bool,
+    /// Left paddings of the rows when attention runs as the fused CPU op (then `mask` is None).
+    fused_attention_pads: Option<Vec<usize>>,
 }
 
 /// A Llama causal language model.
@@ -135,6 +144,7 @@ pub struct Llama {
     cfg: LlamaConfig,
     hooks: Arc<dyn QuantHooks>,
     fused: bool,
+    fused_attention: bool,
 }
 
 impl Llama {
@@ -160,7 +170,7 @@ impl Llama {
             vb.pp("lm_head").get((v, h), "weight")?
         };
         let rope = RotaryEmbedding::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, vb.dtype(), vb.device())?;
-        Ok(Self { embed_tokens, blocks, norm, lm_head, rope, cfg: cfg.clone(), hooks: Arc::new(NoQuant), fused: true })
+        Ok(Self { embed_tokens, blocks, norm, lm_head, rope, cfg: cfg.clone(), hooks: Arc::new(NoQuant), fused: true, fused_attention: true })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -187,6 +197,12 @@ impl Llama {
     /// Fused kernels (default) are faster but carry no gradient; training turns them off.
     pub fn set_fused_kernels(&mut self, fused: bool) {
         self.fused = fused;
+    }
+
+    /// The fused attention op ([`crate::attention`], default on CPU; differentiable, so also
+    /// used in training) or candle's composed ops (matmul + mask + softmax; other devices).
+    pub fn set_fused_attention(&mut self, fused: bool) {
+        self.fused_attention = fused;
     }
 
     /// Every quantizable linear layer, in block order (q, k, v, o, gate, up, down).
@@ -233,10 +249,14 @@ impl Llama {
         let dev = self.device();
         let positions = cache.next_positions(t, dev)?;
         let (cos, sin) = self.rope.tables(&positions)?;
-        let mask = cache.next_mask(t, dev)?.map(|m| m.to_dtype(self.dtype())).transpose()?;
         // candle's fused kernels have no f64 version; f64 (used by exactness tests) composes ops.
         let fused = self.fused && self.dtype() != DType::F64;
-        let ctx = StepContext { cos, sin, mask, fused };
+        let (mask, fused_attention_pads) = if self.fused_attention && fused_attention_supported(dev, self.dtype()) {
+            (None, Some(cache.pads().to_vec()))
+        } else {
+            (cache.next_mask(t, dev)?.map(|m| m.to_dtype(self.dtype())).transpose()?, None)
+        };
+        let ctx = StepContext { cos, sin, mask, fused, fused_attention_pads };
         let hooks = self.hooks.as_ref();
         let mut x = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         for block in &self.blocks {

@@ -1,0 +1,55 @@
+//! Benchmark: the fused CPU attention op against candle's composed ops (forward + backward),
+//! at stories260K's training shape. Prints both times and their ratio, measured in the same run.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use qat_model::causal_attention;
+use std::time::Instant;
+
+fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let rep = nh / nkv;
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask = Tensor::from_vec(mask, (t, s), q.device())?;
+    let q = q.reshape((b, nkv, rep * t, hd))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, rep, t, s))?.broadcast_add(&mask)?;
+    let probs = candle_nn::ops::softmax(&scores.reshape((b, nkv, rep * t, s))?, D::Minus1)?;
+    probs.matmul(v)?.reshape((b, nh, t, hd))
+}
+
+fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
+    f()?; // warm-up
+    let start = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    Ok(start.elapsed().as_secs_f64() / reps as f64)
+}
+
+fn main() -> Result<()> {
+    let dev = Device::Cpu;
+    let (b, nh, nkv, t, hd) = (16, 8, 4, 256, 8);
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?)?;
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?)?;
+    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?)?;
+    let w = Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let pads = vec![0; b];
+    let reps = 10;
+    let fused = time(reps, || {
+        let out = causal_attention(&q, &k, &v, &pads, scale)?;
+        (out * &w)?.sum_all()?.backward().map(|_| ())
+    })?;
+    let base = time(reps, || {
+        let out = composed(&q, &k, &v, scale)?;
+        (out * &w)?.sum_all()?.backward().map(|_| ())
+    })?;
+    assert_eq!(q.dtype(), DType::F32);
+    println!(
+        "attention fwd+bwd [b={b}, heads={nh}/{nkv}, t={t}, head_dim={hd}]: composed {:.1} ms, fused {:.1} ms, speedup {:.2}x",
+        base * 1e3,
+        fused * 1e3,
+        base / fused
+    );
+    Ok(())
+}

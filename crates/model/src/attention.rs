@@ -1,0 +1,368 @@
+//! Fused causal attention for the CPU: `softmax(q·kᵀ·scale + mask)·v` one query row at a time,
+//! with its own backward pass, so no `[t, s]` score tensor is ever materialized.
+//!
+//! On a CPU the composed candle ops (matmul, mask add, softmax, matmul and their gradients) spend
+//! most of a training step streaming `[batch, heads, t, s]` score tensors through memory; for
+//! small head dims (stories260K: 8) the arithmetic is tiny in comparison. This op computes each
+//! query row's softmax in a scratch vector instead and recomputes it in the backward pass (the
+//! flash-attention recipe). Other devices use the composed ops.
+//!
+//! Masking matches [`crate::KvCache::next_mask`]: the `t` query columns are the last `t` of the
+//! `s` key columns; query column `c` of batch row `b` sees key columns `pad[b]..=c`, or `0..=c`
+//! when `c` is itself a padding column (its output is discarded; this keeps the softmax finite).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::ops::{Add, AddAssign, Div, Mul, Range, Sub};
+
+/// The float types the kernel runs in (f32 for models, f64 for exactness tests).
+trait Float:
+    Copy + Send + Sync + PartialOrd + AddAssign + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + 'static
+{
+    const ZERO: Self;
+    const NEG_INFINITY: Self;
+    fn exp(self) -> Self;
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+/// Sizes of one attention call: q `[b, nh, t, hd]`, k and v `[b, nkv, s, hd]`.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    s: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn of(q: &[usize], k: &[usize], v: &[usize], pads: usize) -> Result<Self> {
+        let (&[b, nh, t, hd], &[kb, nkv, s, khd]) = (q, k) else {
+            candle_core::bail!("causal_attention: q {q:?} and k {k:?} must both be [batch, heads, seq, head_dim]")
+        };
+        if v != k || kb != b || khd != hd || nkv == 0 || nh % nkv != 0 || t > s || pads != b {
+            candle_core::bail!(
+                "causal_attention: q {q:?}, k {k:?}, v {v:?} with {pads} pads: expected k = v = \
+                 [batch, kv_heads, s >= t, head_dim] with heads a multiple of kv_heads and one pad per row"
+            );
+        }
+        Ok(Self { b, nh, nkv, t, s, hd })
+    }
+}
+
+/// Key columns visible to query column `col` of a row with `pad` padding columns.
+fn visible(pad: usize, col: usize) -> Range<usize> {
+    if col >= pad {
+        pad..col + 1
+    } else {
+        0..col + 1
+    }
+}
+
+/// `Σ a_i b_i` with eight independent partial sums, so that the loop vectorizes.
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = T::ZERO;
+    for (&x, &y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    for a in acc {
+        sum += a;
+    }
+    sum
+}
+
+/// `y += alpha · x`.
+fn axpy<T: Float>(y: &mut [T], alpha: T, x: &[T]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+/// `[s, hd]` row-major → `[hd, s]` row-major, so that loops over keys run over contiguous memory.
+fn transpose<T: Float>(x: &[T], s: usize, hd: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; s * hd];
+    for j in 0..s {
+        for c in 0..hd {
+            out[c * s + j] = x[j * hd + c];
+        }
+    }
+    out
+}
+
+/// Fills `p[keys]` with the softmax of `scale · qi·k_j` over the visible keys; `kt` is `[hd, s]`.
+fn softmax_row<T: Float>(qi: &[T], kt: &[T], s: usize, keys: Range<usize>, scale: T, p: &mut [T]) {
+    let p = &mut p[keys.clone()];
+    p.fill(T::ZERO);
+    for (c, &qc) in qi.iter().enumerate() {
+        axpy(p, qc * scale, &kt[c * s + keys.start..c * s + keys.end]);
+    }
+    let mut max = T::NEG_INFINITY;
+    for &x in p.iter() {
+        if x > max {
+            max = x;
+        }
+    }
+    let mut sum = T::ZERO;
+    for x in p.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    for x in p.iter_mut() {
+        *x = *x / sum;
+    }
+}
+
+fn forward<T: Float>(q: &[T], k: &[T], v: &[T], d: Dims, pads: &[usize], scale: T) -> Vec<T> {
+    let (rep, row, kv_head) = (d.nh / d.nkv, d.t * d.hd, d.s * d.hd);
+    let mut out = vec![T::ZERO; d.b * d.nh * row];
+    out.par_chunks_mut(row).enumerate().for_each(|(bh, out)| {
+        let (bi, h) = (bh / d.nh, bh % d.nh);
+        let qh = &q[bh * row..(bh + 1) * row];
+        let kv = (bi * d.nkv + h / rep) * kv_head;
+        let kt = transpose(&k[kv..kv + kv_head], d.s, d.hd);
+        let vt = transpose(&v[kv..kv + kv_head], d.s, d.hd);
+        let mut p = vec![T::ZERO; d.s];
+        for i in 0..d.t {
+            let keys = visible(pads[bi], d.s - d.t + i);
+            softmax_row(&qh[i * d.hd..(i + 1) * d.hd], &kt, d.s, keys.clone(), scale, &mut p);
+            for (c, o) in out[i * d.hd..(i + 1) * d.hd].iter_mut().enumerate() {
+                *o = dot(&p[keys.clone()], &vt[c * d.s + keys.start..c * d.s + keys.end]);
+            }
+        }
+    });
+    out
+}
+
+/// Gradients `(dq, dk, dv)` for output gradient `dout` (`[b, nh, t, hd]`).
+fn backward<T: Float>(q: &[T], k: &[T], v: &[T], dout: &[T], d: Dims, pads: &[usize], scale: T) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let rep = d.nh / d.nkv;
+    let (q_group, kv_head) = (rep * d.t * d.hd, d.s * d.hd);
+    let mut dq = vec![T::ZERO; d.b * d.nh * d.t * d.hd];
+    let mut dk = vec![T::ZERO; d.b * d.nkv * kv_head];
+    let mut dv = vec![T::ZERO; d.b * d.nkv * kv_head];
+    // One task per (batch row, kv head): it owns that kv head's dk/dv and its query heads' dq.
+    dq.par_chunks_mut(q_group)
+        .zip(dk.par_chunks_mut(kv_head).zip(dv.par_chunks_mut(kv_head)))
+        .enumerate()
+        .for_each(|(c, (dq, (dk, dv)))| {
+            let (bi, s, hd) = (c / d.nkv, d.s, d.hd);
+            let kt = transpose(&k[c * kv_head..(c + 1) * kv_head], s, hd);
+            let vt = transpose(&v[c * kv_head..(c + 1) * kv_head], s, hd);
+            let (mut dkt, mut dvt) = (vec![T::ZERO; kv_head], vec![T::ZERO; kv_head]);
+            let (mut p, mut ds) = (vec![T::ZERO; s], vec![T::ZERO; s]);
+            for r in 0..rep {
+                for i in 0..d.t {
+                    let at = c * q_group + (r * d.t + i) * hd;
+                    let (qi, doi) = (&q[at..at + hd], &dout[at..at + hd]);
+                    let keys = visible(pads[bi], s - d.t + i);
+                    let (lo, hi) = (keys.start, keys.end);
+                    softmax_row(qi, &kt, s, keys, scale, &mut p);
+                    // dp_j = do_i · v_j, then ds_j = p_j (dp_j - Σ_l p_l dp_l) · scale.
+                    let ds = &mut ds[lo..hi];
+                    ds.fill(T::ZERO);
+                    for (c, &g) in doi.iter().enumerate() {
+                        axpy(ds, g, &vt[c * s + lo..c * s + hi]);
+                    }
+                    let p = &p[lo..hi];
+                    let p_dot_dp = dot(p, ds);
+                    for (x, &pj) in ds.iter_mut().zip(p) {
+                        *x = pj * (*x - p_dot_dp) * scale;
+                    }
+                    let dqi = &mut dq[(r * d.t + i) * hd..(r * d.t + i + 1) * hd];
+                    for c in 0..hd {
+                        dqi[c] = dot(ds, &kt[c * s + lo..c * s + hi]);
+                        axpy(&mut dkt[c * s + lo..c * s + hi], qi[c], ds);
+                        axpy(&mut dvt[c * s + lo..c * s + hi], doi[c], p);
+                    }
+                }
+            }
+            for j in 0..s {
+                for c in 0..hd {
+                    dk[j * hd + c] = dkt[c * s + j];
+                    dv[j * hd + c] = dvt[c * s + j];
+                }
+            }
+        });
+    (dq, dk, dv)
+}
+
+/// The op: per-row left paddings and the score scale (usually `1/√head_dim`).
+#[derive(Debug, Clone)]
+struct CausalAttention {
+    pads: Vec<usize>,
+    scale: f64,
+}
+
+fn contiguous_slice<'a, T: candle_core::WithDType>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("causal_attention: {what} must be contiguous"),
+    }
+}
+
+fn host<T: candle_core::WithDType>(x: &Tensor) -> Result<Vec<T>> {
+    x.contiguous()?.flatten_all()?.to_vec1::<T>()
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1.dims(), l2.dims(), l3.dims(), self.pads.len())?;
+        let shape = l1.shape().clone();
+        match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (q, k, v) = (contiguous_slice(q, l1, "q")?, contiguous_slice(k, l2, "k")?, contiguous_slice(v, l3, "v")?);
+                Ok((CpuStorage::F32(forward(q, k, v, d, &self.pads, self.scale as f32)), shape))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                let (q, k, v) = (contiguous_slice(q, l1, "q")?, contiguous_slice(k, l2, "k")?, contiguous_slice(v, l3, "v")?);
+                Ok((CpuStorage::F64(forward(q, k, v, d, &self.pads, self.scale)), shape))
+            }
+            _ => candle_core::bail!("causal_attention: q, k, v must all be F32 or all F64, got {:?}", s1.dtype()),
+        }
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = Dims::of(q.dims(), k.dims(), v.dims(), self.pads.len())?;
+        let dev = q.device();
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => {
+                let (dq, dk, dv) = backward(&host::<f32>(q)?, &host(k)?, &host(v)?, &host(dout)?, d, &self.pads, self.scale as f32);
+                (Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?)
+            }
+            DType::F64 => {
+                let (dq, dk, dv) = backward(&host::<f64>(q)?, &host(k)?, &host(v)?, &host(dout)?, d, &self.pads, self.scale);
+                (Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?)
+            }
+            other => candle_core::bail!("causal_attention backward: dtype {other:?}, expected F32 or F64"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Whether [`causal_attention`] runs on tensors of this device and dtype (CPU, f32 or f64).
+pub fn fused_attention_supported(dev: &Device, dtype: DType) -> bool {
+    dev.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+}
+
+/// Causal grouped-query attention with left padding: `q: [b, heads, t, head_dim]`,
+/// `k, v: [b, kv_heads, s, head_dim]` (s ≥ t; the queries are the last t columns),
+/// `pads[b]` padding columns at the left of row b → `[b, heads, t, head_dim]`.
+/// Query head `h` attends kv head `h / (heads / kv_heads)`. Differentiable in q, k and v.
+/// CPU only (see [`fused_attention_supported`]).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], scale: f64) -> Result<Tensor> {
+    let op = CausalAttention { pads: pads.to_vec(), scale };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Independent reference: the composed candle ops with an explicit additive mask.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], scale: f64) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let rep = nh / nkv;
+        let mut mask = Vec::new();
+        for &pad in pads {
+            for qc in s - t..s {
+                for kc in 0..s {
+                    let hidden = kc > qc || (kc < pad && qc >= pad);
+                    mask.push(if hidden { f64::NEG_INFINITY } else { 0.0 });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, s), q.device())?;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, rep, t, s))?.broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax(&scores.reshape((b, nkv, rep * t, s))?, candle_core::D::Minus1)?;
+        probs.matmul(v)?.reshape((b, nh, t, hd))
+    }
+
+    fn random(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut state = seed;
+        let data: Vec<f64> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn matches_composed_ops_in_value_and_gradient() -> Result<()> {
+        // GQA (4 query heads on 2 kv heads), left padding, prefill (t = s) and a decode chunk (t < s).
+        for (t, s, pads) in [(5, 5, vec![0, 2]), (2, 6, vec![3, 0]), (1, 4, vec![0, 1])] {
+            let q = candle_core::Var::from_tensor(&random((2, 4, t, 3), 1)?)?;
+            let k = candle_core::Var::from_tensor(&random((2, 2, s, 3), 2)?)?;
+            let v = candle_core::Var::from_tensor(&random((2, 2, s, 3), 3)?)?;
+            let weights = random((2, 4, t, 3), 4)?;
+            let fused = causal_attention(&q, &k, &v, &pads, 0.7)?;
+            let reference = composed(&q, &k, &v, &pads, 0.7)?;
+            assert!(max_abs_diff(&fused, &reference) < 1e-12, "forward t={t} s={s}");
+            let g_fused = (&fused * &weights)?.sum_all()?.backward()?;
+            let g_ref = (&reference * &weights)?.sum_all()?.backward()?;
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, b) = (g_fused.get(var).expect("grad"), g_ref.get(var).expect("grad"));
+                assert!(max_abs_diff(a, b) < 1e-12, "d{name} t={t} s={s}: {}", max_abs_diff(a, b));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn single_visible_key_copies_its_value() -> Result<()> {
+        // Hand-worked: the first real query of a row sees only itself, so its output is v there.
+        let q = random((1, 1, 3, 2), 7)?;
+        let k = random((1, 1, 3, 2), 8)?;
+        let v = Tensor::from_vec(vec![1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0], (1, 1, 3, 2), &Device::Cpu)?;
+        let out = causal_attention(&q, &k, &v, &[1], 1.0)?.flatten_all()?.to_vec1::<f64>()?;
+        assert_eq!(&out[0..2], &[1.0, 2.0]); // padding query 0 sees key 0 only
+        assert_eq!(&out[2..4], &[3.0, 4.0]); // query 1 = first real token sees key 1 only
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_mismatched_shapes() -> Result<()> {
+        let q = random((1, 3, 2, 2), 1)?;
+        let k = random((1, 2, 2, 2), 2)?;
+        let err = causal_attention(&q, &k, &k, &[0], 1.0).unwrap_err().to_string();
+        assert!(err.contains("multiple of kv_heads"), "{err}");
+        Ok(())
+    }
+}
