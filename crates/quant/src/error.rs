@@ -43,6 +43,30 @@ pub enum QuantError {
         max: u8,
     },
 
+    /// A weight format that fixes the bit width (`nf3`: 3, `nf4`: 4) with other bits.
+    #[error("{location}weight format {format} needs bits {expected}, found bits {bits}")]
+    FormatBits {
+        location: String,
+        format: &'static str,
+        bits: u8,
+        expected: u8,
+    },
+
+    /// A group size of 0 (`group_size` must be >= 1, or null for per output channel).
+    #[error("{location}weight format {format}: group_size 0 (expected >= 1, or null for one group per output channel)")]
+    ZeroGroupSize {
+        location: String,
+        format: &'static str,
+    },
+
+    /// A weight gradient the format does not implement (`minmax` exists only for `asym_group`).
+    #[error("{location}weight grad {grad:?} is not implemented for format {format} (expected \"ste\"; \"minmax\" is for asym_group)")]
+    UnsupportedGrad {
+        location: String,
+        grad: &'static str,
+        format: &'static str,
+    },
+
     /// An override whose pattern is empty.
     #[error("override #{index}: empty pattern (expected a glob such as \"layers.0.*\")")]
     EmptyPattern { index: usize },

@@ -3,8 +3,12 @@
 //! Every function here returns full-precision tensors holding exactly the values a quantized
 //! model holds (`q · scale`), so training sees the quantization error. Gradients use the
 //! straight-through estimator (STE, as LLM-QAT's `SymQuantizer`): the backward pass treats
-//! quantization as the identity. Works for f32 and f64 on any device (no custom kernels);
-//! f16/bf16 inputs are quantized in f32 and the result is cast back.
+//! quantization as the identity (`asym_group` weights may use BitDistiller's min/max gradient
+//! instead, see `asym`). Works for f32 and f64 on any device (no custom kernels); f16/bf16
+//! inputs are quantized in f32 and the result is cast back.
+//!
+//! [`fake_weight`] dispatches on the weight format; this module holds the symmetric quantizer,
+//! `asym` and `nf` the group formats.
 //!
 //! Symmetric quantizer over a "row" (the elements sharing one scale):
 //!
@@ -15,9 +19,13 @@
 //! out   = q · scale
 //! ```
 
+use crate::asym::fake_asym;
 use crate::error::QuantError;
+use crate::fused;
+use crate::nf::{fake_nf, NfGrid};
 use crate::scheme::{WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
 use candle_core::{DType, Result, Tensor};
+use half::f16;
 
 /// Largest finite f16; f16 scales saturate here instead of becoming infinite.
 pub const F16_MAX: f64 = 65504.0;
@@ -62,7 +70,7 @@ pub fn round_half_even(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The dtype quantization is computed in: f32/f64 as is, f16/bf16 in f32.
-fn compute_dtype(op: &'static str, dtype: DType) -> Result<DType> {
+pub(crate) fn compute_dtype(op: &'static str, dtype: DType) -> Result<DType> {
     match dtype {
         DType::F32 | DType::F64 => Ok(dtype),
         DType::F16 | DType::BF16 => Ok(DType::F32),
@@ -111,12 +119,21 @@ pub fn sym_quantize(
     let qmax_t = Tensor::new(qmax, x.device())?.to_dtype(dt)?;
     let mut scale = amax.broadcast_div(&qmax_t)?;
     if rounding == ScaleRounding::F16 {
-        scale = scale.minimum(F16_MAX)?.to_dtype(DType::F16)?.to_dtype(dt)?;
+        scale = f16_scale(&scale)?;
     }
     let zero = scale.eq(0.0)?;
     let safe = zero.where_cond(&scale.ones_like()?, &scale)?;
     let q = round_half_even(&x.broadcast_div(&safe)?)?.clamp(-qmax, qmax)?;
     Ok((q, scale))
+}
+
+/// A scale rounded to the nearest f16 (ties to even, saturating at [`F16_MAX`]), returned in
+/// its own dtype: what the packed model stores.
+pub(crate) fn f16_scale(scale: &Tensor) -> Result<Tensor> {
+    scale
+        .minimum(F16_MAX)?
+        .to_dtype(DType::F16)?
+        .to_dtype(scale.dtype())
 }
 
 /// `q · scale` from [`sym_quantize`], in `x`'s dtype. Value only: no gradient reaches `x`.
@@ -144,16 +161,64 @@ pub fn ste(x: &Tensor, q: &Tensor) -> Result<Tensor> {
     q + (x - x.detach())?
 }
 
-/// Fake-quantizes a weight `w: [out, in]` with `wq`; value = the packed model's weights,
-/// gradient = identity. `SymPerChannel`: one f16-rounded scale per output channel (row).
+/// Fake-quantizes a weight `w: [out, in]` with `wq`; value = the packed model's weights
+/// (bit for bit the values `codes::dequantize_codes` gives for f32 weights, zeros as +0),
+/// gradient as `wq.grad` says (identity for `ste`).
+///
+/// `SymPerChannel`: one f16-rounded scale per output channel (row); `AsymGroup`: see `asym`;
+/// `Nf3`/`Nf4`: see `nf`. Errors if `wq` fails [`WeightQuant::check`] or its group size does
+/// not divide `in`.
 pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
-    let (_out, _in) = w.dims2()?;
+    wq.check("")?;
+    let (out, inp) = w.dims2()?;
+    let group = wq
+        .format
+        .group_len(inp)
+        .map_err(|what| QuantError::BadTensor {
+            op: "fake_weight",
+            what: format!("weight [{out}, {inp}] with format {}: {what}", wq.format),
+        })?;
+    let x = w.detach();
     let q = match wq.format {
-        WeightFormat::SymPerChannel => {
-            sym_quant_dequant(&w.detach(), wq.bits, &[1], ScaleRounding::F16)?
+        WeightFormat::SymPerChannel if fused::supported(w) => {
+            // One CPU pass, same values (zeros +0), identity gradient.
+            return fused::sym_fake_quant_rows(w, sym_qmax(wq.bits)?, ScaleRounding::F16);
         }
+        WeightFormat::SymPerChannel => {
+            // `+ 0.0` turns -0 into +0, as the packed model (integer codes) has it.
+            (sym_quant_dequant(&x, wq.bits, &[1], ScaleRounding::F16)? + 0.0)?
+        }
+        WeightFormat::AsymGroup { .. } => return fake_asym(w, wq.bits, group, wq.grad),
+        WeightFormat::Nf3 { .. } => fake_nf(&x, NfGrid::Nf3, group)?,
+        WeightFormat::Nf4 { .. } => fake_nf(&x, NfGrid::Nf4, group)?,
     };
     ste(w, &q)
+}
+
+/// One row's symmetric codes on the host, in f32 exactly as [`sym_quantize`] computes them for
+/// weights (f16 scale): appends `q + qmax` (offset binary, `0..=2·qmax`) for each element of `xs`
+/// to `codes` and returns the row's scale; the value of code `c` is [`sym_dequant`].
+pub fn sym_row_codes(
+    xs: &[f32],
+    bits: u8,
+    codes: &mut Vec<u8>,
+) -> std::result::Result<f16, QuantError> {
+    let qmax = f32::from(sym_qmax(bits)?);
+    let amax = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = f16::from_f32((amax / qmax).min(F16_MAX as f32));
+    let s = scale.to_f32();
+    let safe = if s == 0.0 { 1.0 } else { s };
+    for &x in xs {
+        let q = (x / safe).round_ties_even().clamp(-qmax, qmax);
+        codes.push((q + qmax) as u8);
+    }
+    Ok(scale)
+}
+
+/// The value of symmetric code `code` (= `q + qmax`) with scale `scale`, as [`fake_weight`]
+/// computes it.
+pub fn sym_dequant(code: u8, qmax: u8, scale: f16) -> f32 {
+    (f32::from(code) - f32::from(qmax)) * scale.to_f32()
 }
 
 /// Fake-quantizes activations `x: [.., in]` per token (one f32 scale per position, over the
@@ -166,6 +231,9 @@ pub fn fake_act(x: &Tensor, bits: u8) -> Result<Tensor> {
             op: "fake_act",
             what: "a scalar, expected [.., in]".into(),
         })?;
+    if fused::supported(x) {
+        return fused::sym_fake_quant_rows(x, sym_qmax(bits)?, ScaleRounding::Exact);
+    }
     let q = sym_quant_dequant(&x.detach(), bits, &[last], ScaleRounding::Exact)?;
     ste(x, &q)
 }
@@ -173,7 +241,13 @@ pub fn fake_act(x: &Tensor, bits: u8) -> Result<Tensor> {
 /// Fake-quantizes a k_proj/v_proj output `x: [batch, kv_heads, seq, head_dim]` per token: one
 /// f32 scale per (batch, position) over all kv_heads × head_dim; gradient = identity.
 pub fn fake_kv(x: &Tensor, bits: u8) -> Result<Tensor> {
-    let (_b, _h, _t, _d) = x.dims4()?;
+    let (b, h, t, d) = x.dims4()?;
+    if fused::supported(x) {
+        // Rows = (batch, position): bring kv_heads next to head_dim, quantize rows, restore.
+        let rows = x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?;
+        let q = fused::sym_fake_quant_rows(&rows, sym_qmax(bits)?, ScaleRounding::Exact)?;
+        return q.reshape((b, t, h, d))?.transpose(1, 2);
+    }
     let q = sym_quant_dequant(&x.detach(), bits, &[1, 3], ScaleRounding::Exact)?;
     ste(x, &q)
 }

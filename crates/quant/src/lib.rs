@@ -2,16 +2,25 @@
 //!
 //! A [`Scheme`] (saved as `quant_scheme.json`, short names like `W4A8KV4`) says how weights,
 //! activations and the KV cache are quantized; [`FakeQuant`] applies it to a `qat_model::Llama`
-//! through its quantization hooks, with straight-through gradients ([`fake`]).
+//! through its quantization hooks, with straight-through gradients ([`fake`]). Weight formats:
+//! symmetric per channel (LLM-QAT, [`fake`]), asymmetric per group ([`asym`]) and NF3/NF4
+//! ([`nf`]) (BitDistiller); [`codes`] gives the integer codes a packed model stores.
 
+pub mod asym;
+pub mod codes;
 pub mod error;
 pub mod fake;
 pub mod file;
+pub mod fused;
 pub mod glob;
 pub mod hooks;
 pub mod name;
+pub mod nf;
 pub mod scheme;
+pub mod weight;
 
+pub use asym::asym_max_int;
+pub use codes::{dequantize_codes, quantize_codes, WeightCodes};
 pub use error::{QuantError, Result};
 pub use fake::{
     fake_act, fake_kv, fake_weight, round_half_even, ste, sym_qmax, sym_quant_dequant,
@@ -19,7 +28,9 @@ pub use fake::{
 };
 pub use glob::glob_match;
 pub use hooks::FakeQuant;
+pub use nf::{NfGrid, NF3_LEVELS, NF3_THRESHOLDS, NF4_LEVELS, NF4_THRESHOLDS};
 pub use scheme::{
-    linear_shape, ActQuant, KvQuant, LayerQuant, Override, Scheme, WeightFormat, WeightQuant,
-    FORMAT_VERSION, MAX_BITS, MIN_BITS, SCHEME_FILE,
+    linear_shape, ActQuant, KvQuant, LayerQuant, Override, Scheme, FORMAT_VERSION, MAX_BITS,
+    MIN_BITS, SCHEME_FILE,
 };
+pub use weight::{WeightFormat, WeightGrad, WeightQuant};

@@ -1,18 +1,24 @@
-//! Short scheme names for shell users (`W4A8KV4`, `W8A8`, `FP`): parsing and canonical formatting.
+//! Short scheme names for shell users (`W4A8KV4`, `W3G128`, `NF3G64A8`, `FP`): parsing and
+//! canonical formatting.
 //!
 //! Grammar (case-insensitive, surrounding whitespace ignored):
 //!
 //! ```text
-//! name  := "FP" | "NONE" | [ "W" bits ] [ "A" bits ] [ "KV" bits ]   (at least one part, in this order)
-//! bits  := 2..=8 | 16                                                  (16 = not quantized)
+//! name   := "FP" | "NONE" | [ weight ] [ "A" bits ] [ "KV" bits ]   (at least one part, in this order)
+//! weight := "W" bits [ group ] | "NF3" group | "NF4" group
+//! group  := "G" size | "CH"                                          (size >= 1; CH = per output channel)
+//! bits   := 2..=8 | 16                                               (16 = not quantized)
 //! ```
 //!
-//! `W` is symmetric per-channel weights, `A` per-token activations, `KV` the per-token KV cache.
+//! `W<b>` is symmetric per-channel weights (LLM-QAT), `W<b>G<n>` asymmetric MinMax per group of
+//! n inputs and `W<b>CH` asymmetric per output channel (BitDistiller `asym_group`), `NF3…`/`NF4…`
+//! the NormalFloat grids; `A` per-token activations, `KV` the per-token KV cache.
 //! [`Scheme`]'s `Display` writes the canonical name (quantized parts only, `FP` if none) when the
 //! scheme has one, and compact JSON otherwise; `FromStr` accepts both, so they round-trip.
 
 use crate::error::{QuantError, Result};
-use crate::scheme::{ActQuant, KvQuant, Scheme, WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
+use crate::scheme::{ActQuant, KvQuant, Scheme, MAX_BITS, MIN_BITS};
+use crate::weight::{WeightFormat, WeightQuant};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -21,8 +27,8 @@ use std::str::FromStr;
 pub const UNQUANTIZED_BITS: u32 = 16;
 
 const EXPECTED: &str =
-    "expected FP, none or W<bits>[A<bits>][KV<bits>] with bits in 2..=8 or 16 (= not quantized), \
-                        e.g. W4A8KV4, W8A8, W4";
+    "expected FP, none or [W<bits>[G<size>|CH] | NF3G<size> | NF4G<size>][A<bits>][KV<bits>] \
+     with bits in 2..=8 or 16 (= not quantized), e.g. W4A8KV4, W8A8, W4, W3G128, NF3G64A8";
 
 /// One `<letter><bits>` part: `None` if 16 (not quantized), `Some(bits)` if in range.
 fn part_bits(quantizer: &str, digits: &str) -> std::result::Result<Option<u8>, String> {
@@ -54,35 +60,102 @@ fn quantizer_letter(quantizer: &str) -> &'static str {
     }
 }
 
-/// Parses a trimmed short name (not JSON) into `[weight, act, kv]` bits; the error is the reason only.
-fn parse_short(name: &str) -> std::result::Result<[Option<u8>; 3], String> {
+/// Splits the leading ASCII digits off `s`.
+fn digits(s: &str) -> (&str, &str) {
+    s.split_at(s.bytes().take_while(u8::is_ascii_digit).count())
+}
+
+/// An optional group part (`G<size>` or `CH`) at the start of `rest`: `Ok(None)` if absent,
+/// `Ok(Some(group_size))` (`None` = per channel) if present, with the rest of the input.
+#[allow(clippy::type_complexity)]
+fn group_part(rest: &str) -> std::result::Result<(Option<Option<usize>>, &str), String> {
+    if let Some(r) = rest.strip_prefix("CH") {
+        return Ok((Some(None), r));
+    }
+    let Some(r) = rest.strip_prefix('G') else {
+        return Ok((None, rest));
+    };
+    let (size, r) = digits(r);
+    match size.parse::<usize>() {
+        _ if size.is_empty() => Err("missing group size after \"G\" \
+             (expected G<size> with size >= 1, e.g. G128, or CH for per channel)"
+            .to_string()),
+        Ok(0) => Err("group size 0 (expected >= 1, or CH for per channel)".to_string()),
+        Ok(g) => Ok((Some(Some(g)), r)),
+        Err(_) => Err(format!("group size {size} too large")),
+    }
+}
+
+/// The weight part after its prefix (`W` or `NF`): the quantizer (`None` = not quantized) and
+/// the rest of the input.
+fn weight_part<'a>(
+    prefix: &str,
+    rest: &'a str,
+) -> std::result::Result<(Option<WeightQuant>, &'a str), String> {
+    let (d, rest) = digits(rest);
+    let (group, rest) = group_part(rest)?;
+    if prefix == "NF" {
+        let format = match d {
+            "3" => |group_size| WeightFormat::Nf3 { group_size },
+            "4" => |group_size| WeightFormat::Nf4 { group_size },
+            _ => return Err(format!("NF{d}: expected NF3 or NF4")),
+        };
+        let group_size = group.ok_or_else(|| {
+            format!("missing group after NF{d}; expected NF{d}G<size> or NF{d}CH, e.g. NF{d}G64")
+        })?;
+        let format = format(group_size);
+        return Ok((
+            Some(WeightQuant::new(
+                format.required_bits().unwrap_or(0),
+                format,
+            )),
+            rest,
+        ));
+    }
+    let bits = part_bits("weight", d)?;
+    let wq = match (bits, group) {
+        (None, None) => None,
+        (None, Some(_)) => return Err("W16 (not quantized) takes no group".to_string()),
+        (Some(b), None) => Some(WeightQuant::sym_per_channel(b)),
+        (Some(b), Some(group_size)) => Some(WeightQuant::asym_group(b, group_size)),
+    };
+    Ok((wq, rest))
+}
+
+/// The parts of a short name.
+type Parts = (Option<WeightQuant>, Option<u8>, Option<u8>);
+
+/// Parses a trimmed short name (not JSON); the error is the reason only.
+fn parse_short(name: &str) -> std::result::Result<Parts, String> {
     // ASCII upper-casing keeps byte offsets, so positions index `name` too.
     let upper = name.to_ascii_uppercase();
     let upper = upper.as_str();
     if upper == "FP" || upper == "NONE" {
-        return Ok([None; 3]);
+        return Ok((None, None, None));
     }
     if upper.is_empty() {
         return Err(format!("empty name; {EXPECTED}"));
     }
-    // Parts in order; each is (prefix, quantizer name).
-    const PARTS: [(&str, &str); 3] = [("W", "weight"), ("A", "activation"), ("KV", "kv")];
-    let mut bits = [None; 3];
+    // Parts in order; each is (prefix, quantizer name, slot). W and NF fill the same slot.
+    const PARTS: [(&str, &str, usize); 4] = [
+        ("W", "weight", 0),
+        ("NF", "weight", 0),
+        ("A", "activation", 1),
+        ("KV", "kv", 2),
+    ];
+    let (mut weight, mut bits) = (None, [None; 2]);
     let mut rest = upper;
-    let mut next_part = 0;
+    let mut next_slot = 0;
     while !rest.is_empty() {
         let pos = upper.len() - rest.len();
         let found = PARTS
             .iter()
-            .enumerate()
-            .skip(next_part)
-            .find(|(_, (prefix, _))| rest.starts_with(prefix));
-        let Some((i, (prefix, quantizer))) = found else {
-            let seen_later = PARTS
+            .find(|(prefix, _, slot)| *slot >= next_slot && rest.starts_with(prefix));
+        let Some(&(prefix, quantizer, slot)) = found else {
+            let seen_earlier = PARTS
                 .iter()
-                .take(next_part)
-                .any(|(p, _)| rest.starts_with(p));
-            let why = if seen_later {
+                .any(|(p, _, slot)| *slot < next_slot && rest.starts_with(p));
+            let why = if seen_earlier {
                 "parts must appear once each, in the order W, A, KV"
             } else {
                 EXPECTED
@@ -93,26 +166,42 @@ fn parse_short(name: &str) -> std::result::Result<[Option<u8>; 3], String> {
             ));
         };
         rest = &rest[prefix.len()..];
-        let n = rest.bytes().take_while(u8::is_ascii_digit).count();
-        bits[i] = part_bits(quantizer, &rest[..n])?;
-        rest = &rest[n..];
-        next_part = i + 1;
+        if slot == 0 {
+            (weight, rest) = weight_part(prefix, rest)?;
+        } else {
+            let (d, r) = digits(rest);
+            bits[slot - 1] = part_bits(quantizer, d)?;
+            rest = r;
+        }
+        next_slot = slot + 1;
     }
-    Ok(bits)
+    Ok((weight, bits[0], bits[1]))
+}
+
+/// The short-name weight part of `w`, if it has one (default gradient, bits the format allows).
+fn weight_name(w: &WeightQuant) -> Option<String> {
+    if w.grad != w.format.default_grad() || w.check("").is_err() {
+        return None;
+    }
+    let group = |g: Option<usize>| g.map_or("CH".to_string(), |g| format!("G{g}"));
+    Some(match w.format {
+        WeightFormat::SymPerChannel => format!("W{}", w.bits),
+        WeightFormat::AsymGroup { group_size } => format!("W{}{}", w.bits, group(group_size)),
+        WeightFormat::Nf3 { group_size } => format!("NF3{}", group(group_size)),
+        WeightFormat::Nf4 { group_size } => format!("NF4{}", group(group_size)),
+    })
 }
 
 impl Scheme {
-    /// The canonical short name (`W4A8KV4`, `FP`), or `None` if the scheme has overrides or a
-    /// weight format that short names cannot express.
+    /// The canonical short name (`W4A8KV4`, `W3G128`, `FP`), or `None` if the scheme has
+    /// overrides or a weight quantizer that short names cannot express (a non-default `grad`).
     pub fn short_name(&self) -> Option<String> {
         if !self.overrides.is_empty() {
             return None;
         }
         let mut s = String::new();
         if let Some(w) = &self.weight {
-            match w.format {
-                WeightFormat::SymPerChannel => s.push_str(&format!("W{}", w.bits)),
-            }
+            s.push_str(&weight_name(w)?);
         }
         if let Some(a) = &self.act {
             s.push_str(&format!("A{}", a.bits));
@@ -143,12 +232,12 @@ impl FromStr for Scheme {
         if trimmed.starts_with('{') {
             return Scheme::from_json_str(trimmed, Path::new(""));
         }
-        let [w, a, kv] = parse_short(trimmed).map_err(|what| QuantError::InvalidName {
+        let (w, a, kv) = parse_short(trimmed).map_err(|what| QuantError::InvalidName {
             input: s.to_string(),
             what,
         })?;
         Ok(Scheme::new(
-            w.map(WeightQuant::sym_per_channel),
+            w,
             a.map(|bits| ActQuant { bits }),
             kv.map(|bits| KvQuant { bits }),
         ))

@@ -8,7 +8,8 @@ use crate::error::{QuantError, Result};
 use crate::glob::glob_match;
 use qat_model::{LinearId, LinearKind, LlamaConfig};
 use serde::{Deserialize, Deserializer, Serialize};
-use std::fmt;
+
+pub use crate::weight::{WeightFormat, WeightGrad, WeightQuant};
 
 /// The `format_version` this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -18,97 +19,6 @@ pub const SCHEME_FILE: &str = "quant_scheme.json";
 pub const MIN_BITS: u8 = 2;
 /// Largest supported bit width of any quantizer.
 pub const MAX_BITS: u8 = 8;
-
-/// How a weight matrix `[out, in]` is mapped to integers.
-///
-/// Serialized internally tagged: `{"kind": "sym_per_channel"}`. Unknown kinds are a parse error
-/// naming the known ones. The enum is deliberately *not* `#[non_exhaustive]`: adding a variant
-/// must break every `match` that does not handle it yet (fake quant, packing, short names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(from = "FormatRepr", into = "FormatRepr")]
-pub enum WeightFormat {
-    /// LLM-QAT: symmetric MinMax per output channel (one f16 scale per row of `[out, in]`).
-    SymPerChannel,
-    // ---- Reserved for later issues (NOT implemented; parsing them is an error today) ----
-    // AsymGroup { group_size: usize }  // asymmetric MinMax per group of `group_size` inputs (BitDistiller)
-    // Nf3 { group_size: usize }        // NormalFloat-3 grid with per-group absmax
-    // Nf4                              // NormalFloat-4 grid
-    // Gguf(GgufType)                   // llama.cpp grids (Q4_K, Q3_K, ...)
-    // When adding one: extend `FormatRepr` (below), `WeightFormat::check_shape`,
-    // `fake::fake_weight`, the short-name grammar in `name.rs` and `formats/scheme.md`.
-}
-
-/// The serialized form of [`WeightFormat`]. Unit variants are written as empty struct variants
-/// here because serde ignores unknown fields next to an internally tagged *unit* variant: with
-/// this mirror, `{"kind": "sym_per_channel", "group_size": 128}` is an error instead of silently
-/// meaning per-channel. Variants with fields may map one-to-one.
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-enum FormatRepr {
-    SymPerChannel {},
-}
-
-impl From<FormatRepr> for WeightFormat {
-    fn from(r: FormatRepr) -> Self {
-        match r {
-            FormatRepr::SymPerChannel {} => Self::SymPerChannel,
-        }
-    }
-}
-
-impl From<WeightFormat> for FormatRepr {
-    fn from(f: WeightFormat) -> Self {
-        match f {
-            WeightFormat::SymPerChannel => Self::SymPerChannel {},
-        }
-    }
-}
-
-impl WeightFormat {
-    /// The serialized `kind`, e.g. `sym_per_channel`.
-    pub fn kind_name(&self) -> &'static str {
-        match self {
-            Self::SymPerChannel => "sym_per_channel",
-        }
-    }
-
-    /// Checks that the format fits a weight of shape `[out_features, in_features]`; on failure
-    /// returns what is wrong (e.g. a group size that does not divide `in_features`).
-    pub fn check_shape(
-        &self,
-        _out_features: usize,
-        _in_features: usize,
-    ) -> std::result::Result<(), String> {
-        match self {
-            Self::SymPerChannel => Ok(()),
-        }
-    }
-}
-
-impl fmt::Display for WeightFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.kind_name())
-    }
-}
-
-/// The weight quantizer of a linear layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WeightQuant {
-    /// Bits per weight, `2..=8`.
-    pub bits: u8,
-    pub format: WeightFormat,
-}
-
-impl WeightQuant {
-    /// Symmetric per-channel weights of `bits` bits (LLM-QAT).
-    pub fn sym_per_channel(bits: u8) -> Self {
-        Self {
-            bits,
-            format: WeightFormat::SymPerChannel,
-        }
-    }
-}
 
 /// Activation quantizer: symmetric, per token, at the input of every linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -185,7 +95,8 @@ impl Default for Scheme {
     }
 }
 
-fn check_bits(location: &str, quantizer: &'static str, bits: u8) -> Result<()> {
+/// `BitsOutOfRange` unless `bits` is in `MIN_BITS..=MAX_BITS`.
+pub(crate) fn check_bits(location: &str, quantizer: &'static str, bits: u8) -> Result<()> {
     if (MIN_BITS..=MAX_BITS).contains(&bits) {
         Ok(())
     } else {
@@ -274,7 +185,8 @@ impl Scheme {
         out
     }
 
-    /// Model-independent checks: version, bit ranges, non-empty override patterns.
+    /// Model-independent checks: version, bit ranges, weight formats (bits they require, group
+    /// sizes, gradients), non-empty override patterns.
     pub fn validate(&self) -> Result<()> {
         if self.format_version != FORMAT_VERSION {
             return Err(QuantError::UnsupportedVersion {
@@ -283,7 +195,7 @@ impl Scheme {
             });
         }
         if let Some(w) = &self.weight {
-            check_bits("", "weight", w.bits)?;
+            w.check("")?;
         }
         if let Some(a) = &self.act {
             check_bits("", "activation", a.bits)?;
@@ -297,7 +209,7 @@ impl Scheme {
             }
             let location = format!("override #{index} ({:?}): ", o.pattern);
             if let Some(Some(w)) = &o.weight {
-                check_bits(&location, "weight", w.bits)?;
+                w.check(&location)?;
             }
             if let Some(Some(a)) = &o.act {
                 check_bits(&location, "activation", a.bits)?;

@@ -1,5 +1,6 @@
 //! Sanity of fake quantization on the real stories260K model: 8-bit schemes stay close to full
-//! precision, aggressive ones (W2, W4A4) change the logits a lot. Not an exactness test.
+//! precision, aggressive ones (W2, W4A4) change the logits a lot, group formats run and lie in
+//! between. Not an exactness test.
 
 use candle_core::{DType, Device, Tensor};
 use qat_model::{Llama, ModelDir};
@@ -83,6 +84,21 @@ fn eight_bit_stays_close_and_low_bit_moves_far() {
         w2 > 5.0 * w8a8kv8 && w2 > 0.2,
         "W2 {w2} vs W8A8KV8 {w8a8kv8}"
     );
+    // BitDistiller's formats: groups of 4 fit every layer (in = 64, or 172 = 4·43 for down_proj).
+    for name in ["W4G4", "W3CH", "NF3G4", "NF4G4"] {
+        let d = relative_change(&mut model, &fp, &tokens, name, false);
+        let d_train = relative_change(&mut model, &fp, &tokens, name, true);
+        eprintln!("relative max |Δlogits|: {name} {d:.4}");
+        assert_eq!(
+            d, d_train,
+            "{name}: training hooks must give the same values"
+        );
+        assert!(d > 0.0 && d < w2, "{name} {d} vs W2 {w2}");
+    }
+    assert!(Scheme::from_arg("W3G32")
+        .unwrap()
+        .validate_for(&md.config)
+        .is_err());
     assert!(Scheme::from_arg("W4A8KV4")
         .unwrap()
         .validate_for(&md.config)

@@ -4,7 +4,8 @@
 use candle_core::{Device, Tensor, Var};
 use qat_model::{KvKind, LinearId, LinearKind, LlamaConfig, QuantHooks};
 use qat_quant::{
-    ActQuant, FakeQuant, KvQuant, LayerQuant, Override, Scheme, WeightQuant, SCHEME_FILE,
+    ActQuant, FakeQuant, KvQuant, LayerQuant, Override, Scheme, WeightFormat, WeightGrad,
+    WeightQuant, SCHEME_FILE,
 };
 
 fn cfg(layers: usize) -> LlamaConfig {
@@ -64,9 +65,9 @@ fn unknown_formats_fields_and_versions_are_clear_errors() {
             .unwrap_err()
             .to_string()
     };
-    let nf4 = W4A8KV4_JSON.replace(r#"{ "kind": "sym_per_channel" }"#, r#"{ "kind": "nf4" }"#);
-    let e = err(&nf4);
-    assert!(e.starts_with("m/quant_scheme.json: invalid scheme JSON: unknown variant `nf4`, expected `sym_per_channel`"), "{e}");
+    let nf5 = W4A8KV4_JSON.replace(r#"{ "kind": "sym_per_channel" }"#, r#"{ "kind": "nf5" }"#);
+    let e = err(&nf5);
+    assert!(e.starts_with("m/quant_scheme.json: invalid scheme JSON: unknown variant `nf5`, expected one of `sym_per_channel`, `asym_group`, `nf3`, `nf4`"), "{e}");
     let extra = W4A8KV4_JSON.replace(
         r#""sym_per_channel" }"#,
         r#""sym_per_channel", "group_size": 128 }"#,
@@ -301,15 +302,206 @@ fn examples_in_the_spec_parse_and_validate() {
         .skip(1)
         .map(|b| b.split("```").next().unwrap())
         .collect();
-    assert_eq!(blocks.len(), 2);
+    assert_eq!(blocks.len(), 3);
     for block in &blocks {
         let s = Scheme::from_json_str(block, "formats/scheme.md".as_ref()).unwrap();
         s.validate_for(&cfg(5)).unwrap();
     }
+    let name = |b: &str| Scheme::from_json_str(b, "".as_ref()).unwrap().to_string();
+    assert_eq!(name(blocks[0]), "W4A8KV4");
+    // The BitDistiller example: asym 3-bit groups of 64 (4 in the test model's down_proj).
+    let s = Scheme::from_json_str(blocks[2], "".as_ref()).unwrap();
+    assert_eq!(s.weight, Some(WeightQuant::asym_group(3, Some(64))));
     assert_eq!(
-        Scheme::from_json_str(blocks[0], "".as_ref())
-            .unwrap()
-            .to_string(),
-        "W4A8KV4"
+        s.resolve(id(2, LinearKind::Down)).weight,
+        Some(WeightQuant::asym_group(3, None))
+    );
+}
+
+fn with_weight(weight: &str) -> String {
+    W4A8KV4_JSON.replace(
+        r#"{ "bits": 4, "format": { "kind": "sym_per_channel" } }"#,
+        weight,
+    )
+}
+
+#[test]
+fn group_formats_round_trip_through_json() {
+    let parse = |w: &str| Scheme::from_json_str(&with_weight(w), "".as_ref());
+    let cases = [
+        (
+            r#"{ "bits": 3, "format": { "kind": "asym_group", "group_size": 128 } }"#,
+            WeightQuant::asym_group(3, Some(128)),
+        ),
+        (
+            r#"{ "bits": 2, "format": { "kind": "asym_group", "group_size": null } }"#,
+            WeightQuant::asym_group(2, None),
+        ),
+        (
+            r#"{ "bits": 4, "format": { "kind": "asym_group", "group_size": 64 }, "grad": "ste" }"#,
+            WeightQuant::asym_group(4, Some(64)).with_grad(WeightGrad::Ste),
+        ),
+        (
+            r#"{ "bits": 4, "format": { "kind": "asym_group", "group_size": 64 }, "grad": "minmax" }"#,
+            WeightQuant::asym_group(4, Some(64)),
+        ),
+        (
+            r#"{ "bits": 3, "format": { "kind": "nf3", "group_size": 64 } }"#,
+            WeightQuant::nf3(Some(64)),
+        ),
+        (
+            r#"{ "bits": 4, "format": { "kind": "nf4", "group_size": null }, "grad": "ste" }"#,
+            WeightQuant::nf4(None),
+        ),
+        (
+            r#"{ "bits": 8, "format": { "kind": "sym_per_channel" }, "grad": "ste" }"#,
+            WeightQuant::sym_per_channel(8),
+        ),
+    ];
+    for (json, want) in cases {
+        let s = parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        assert_eq!(s.weight, Some(want), "{json}");
+        let text = s.to_json_pretty();
+        assert_eq!(
+            Scheme::from_json_str(&text, "".as_ref()).unwrap(),
+            s,
+            "{text}"
+        );
+        // `grad` is written only when it differs from the format's default.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let grad = v["weight"].get("grad").and_then(|g| g.as_str());
+        let default = want.format.default_grad();
+        assert_eq!(
+            grad,
+            (want.grad != default).then_some(want.grad.name()),
+            "{text}"
+        );
+        // Display (short name or compact JSON) parses back too.
+        assert_eq!(s.to_string().parse::<Scheme>().unwrap(), s, "{}", s);
+    }
+    // group_size null is written explicitly.
+    let v = serde_json::to_value(WeightQuant::asym_group(2, None)).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"bits": 2, "format": {"kind": "asym_group", "group_size": null}})
+    );
+    assert_eq!(WeightQuant::asym_group(2, None).grad, WeightGrad::MinMax);
+    assert_eq!(
+        WeightFormat::Nf3 {
+            group_size: Some(8)
+        }
+        .to_string(),
+        "nf3 (group_size 8)"
+    );
+}
+
+#[test]
+fn bad_group_formats_are_clear_errors() {
+    let err = |w: &str| {
+        Scheme::from_json_str(&with_weight(w), "q.json".as_ref())
+            .unwrap_err()
+            .to_string()
+    };
+    let cases = [
+        (
+            r#"{ "bits": 3, "format": { "kind": "asym_group" } }"#,
+            "missing field `group_size`",
+        ),
+        (
+            r#"{ "bits": 3, "format": { "kind": "asym_group", "groupsize": 64 } }"#,
+            "unknown field `groupsize`",
+        ),
+        (
+            r#"{ "bits": 3, "format": { "kind": "asym_group", "group_size": -1 } }"#,
+            "invalid value: integer `-1`",
+        ),
+        (
+            r#"{ "bits": 3, "format": { "kind": "asym_group", "group_size": 64 }, "grad": "lsq" }"#,
+            "unknown variant `lsq`, expected `ste` or `minmax`",
+        ),
+        (
+            r#"{ "bits": 3, "format": { "kind": "asym_group", "group_size": 64 }, "grads": "ste" }"#,
+            "unknown field `grads`",
+        ),
+        (
+            r#"{ "bits": 3, "format": { "kind": "asym_group", "group_size": 0 } }"#,
+            "weight format asym_group: group_size 0 (expected >= 1, or null for one group per output channel)",
+        ),
+        (
+            r#"{ "bits": 4, "format": { "kind": "nf3", "group_size": 64 } }"#,
+            "weight format nf3 needs bits 3, found bits 4",
+        ),
+        (
+            r#"{ "bits": 3, "format": { "kind": "nf4", "group_size": 64 } }"#,
+            "weight format nf4 needs bits 4, found bits 3",
+        ),
+        (
+            r#"{ "bits": 4, "format": { "kind": "nf4", "group_size": 64 }, "grad": "minmax" }"#,
+            "weight grad \"minmax\" is not implemented for format nf4",
+        ),
+        (
+            r#"{ "bits": 4, "format": { "kind": "sym_per_channel" }, "grad": "minmax" }"#,
+            "weight grad \"minmax\" is not implemented for format sym_per_channel",
+        ),
+        (
+            r#"{ "bits": 1, "format": { "kind": "asym_group", "group_size": 64 } }"#,
+            "weight bits 1 out of range 2..=8",
+        ),
+    ];
+    for (json, want) in cases {
+        let e = err(json);
+        assert!(e.contains(want), "{json}: {e}");
+    }
+    // In an override, the message names it.
+    let o = Override {
+        pattern: "layers.1.*".into(),
+        weight: Some(Some(WeightQuant {
+            bits: 3,
+            ..WeightQuant::nf4(Some(4))
+        })),
+        act: None,
+    };
+    let e = Scheme::full_precision()
+        .with_override(o)
+        .validate()
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "override #0 (\"layers.1.*\"): weight format nf4 needs bits 4, found bits 3"
+    );
+}
+
+#[test]
+fn validate_for_names_a_layer_whose_in_features_the_group_does_not_divide() {
+    // The test model: hidden 64, intermediate 172 = 4·43. Groups of 32 fit every layer but
+    // down_proj (in 172); the first one checked is layers.0.mlp.down_proj.
+    let s: Scheme = "W3G32A8".parse().unwrap();
+    let e = s.validate_for(&cfg(5)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "layers.0.mlp.down_proj: weight format asym_group (group_size 32) does not fit the layer \
+         ([64, 172]): group size 32 does not divide in_features 172"
+    );
+    // Per-channel down projections (an override) make it fit; so do groups of 4.
+    let fixed = s.with_override(Override {
+        pattern: "layers.*.mlp.down_proj".into(),
+        weight: Some(Some(WeightQuant::asym_group(3, None))),
+        act: None,
+    });
+    fixed.validate_for(&cfg(5)).unwrap();
+    "NF3G4KV4"
+        .parse::<Scheme>()
+        .unwrap()
+        .validate_for(&cfg(5))
+        .unwrap();
+    let e = "NF4G64"
+        .parse::<Scheme>()
+        .unwrap()
+        .validate_for(&cfg(2))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("layers.0.mlp.down_proj: weight format nf4 (group_size 64)"),
+        "{e}"
     );
 }

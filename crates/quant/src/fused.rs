@@ -1,0 +1,209 @@
+//! CPU kernel for symmetric per-row fake quantization: one pass over each row instead of the
+//! ~20 composed candle ops of [`crate::fake::sym_quantize`], with the STE (identity) backward.
+//!
+//! Bit-identical to the composed path (tested): the same f32/f64 arithmetic in the same order —
+//! `scale = max|row| / qmax` (true division), optionally rounded to f16 (nearest, ties to even,
+//! saturating at [`F16_MAX`]), `q = clamp(round_half_even(x / scale), -qmax, qmax)`, `out = q ·
+//! scale`, and an all-zero row (scale 0) gives zeros. Zeros are +0 (`-0 + 0`), as packed codes
+//! dequantize; the composed path may give -0, which compares equal.
+
+use crate::fake::{ScaleRounding, F16_MAX};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task (rows are short: one token's features or one weight row).
+const ROWS_PER_TASK: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+struct SymRowFakeQuant {
+    qmax: u8,
+    rounding: ScaleRounding,
+}
+
+trait RowFloat: Copy + Send + Sync + PartialOrd + std::ops::Add<Output = Self> + 'static {
+    fn to_f64(self) -> f64;
+    fn from_f64(x: f64) -> Self;
+    fn abs(self) -> Self;
+    fn div(self, other: Self) -> Self;
+    fn mul(self, other: Self) -> Self;
+    fn round_ties_even(self) -> Self;
+    /// Rounds a scale to the nearest f16 (saturating) and back, as `to_dtype(F16)` does.
+    fn through_f16(self) -> Self;
+    const ZERO: Self;
+}
+
+impl RowFloat for f32 {
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    fn div(self, other: Self) -> Self {
+        self / other
+    }
+    fn mul(self, other: Self) -> Self {
+        self * other
+    }
+    fn round_ties_even(self) -> Self {
+        f32::round_ties_even(self)
+    }
+    fn through_f16(self) -> Self {
+        half::f16::from_f32(self.min(F16_MAX as f32)).to_f32()
+    }
+    const ZERO: Self = 0.0;
+}
+
+impl RowFloat for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    fn div(self, other: Self) -> Self {
+        self / other
+    }
+    fn mul(self, other: Self) -> Self {
+        self * other
+    }
+    fn round_ties_even(self) -> Self {
+        f64::round_ties_even(self)
+    }
+    fn through_f16(self) -> Self {
+        half::f16::from_f64(self.min(F16_MAX)).to_f64()
+    }
+    const ZERO: Self = 0.0;
+}
+
+fn quantize_rows<T: RowFloat>(x: &[T], row_len: usize, op: SymRowFakeQuant) -> Vec<T> {
+    let qmax = T::from_f64(f64::from(op.qmax));
+    let neg_qmax = T::from_f64(-f64::from(op.qmax));
+    let mut out = vec![T::ZERO; x.len()];
+    out.par_chunks_mut(row_len * ROWS_PER_TASK)
+        .zip(x.par_chunks(row_len * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            for (out, row) in out.chunks_mut(row_len).zip(x.chunks(row_len)) {
+                let mut amax = T::ZERO;
+                for &v in row {
+                    let a = v.abs();
+                    if a > amax {
+                        amax = a;
+                    }
+                }
+                let mut scale = amax.div(qmax);
+                if op.rounding == ScaleRounding::F16 {
+                    scale = scale.through_f16();
+                }
+                if scale.to_f64() == 0.0 {
+                    continue; // all-zero row (or a scale below f16's range): zeros
+                }
+                for (o, &v) in out.iter_mut().zip(row) {
+                    let mut q = v.div(scale).round_ties_even();
+                    if q > qmax {
+                        q = qmax;
+                    } else if q < neg_qmax {
+                        q = neg_qmax;
+                    }
+                    *o = q.mul(scale) + T::ZERO; // -0 → +0, as the packed codes have it
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp1 for SymRowFakeQuant {
+    fn name(&self) -> &'static str {
+        "sym-row-fake-quant"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("sym_fake_quant_rows: input must be contiguous");
+        };
+        let row_len = layout.dims().last().copied().unwrap_or(1).max(1);
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(quantize_rows(&x[start..end], row_len, *self)),
+            CpuStorage::F64(x) => CpuStorage::F64(quantize_rows(&x[start..end], row_len, *self)),
+            other => candle_core::bail!("sym_fake_quant_rows: dtype {:?}, expected F32 or F64", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.clone())) // straight-through estimator
+    }
+}
+
+/// Whether [`sym_fake_quant_rows`] runs on `x` (a CPU tensor of dtype f32 or f64).
+pub fn supported(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Symmetric fake quantization of `x: [.., n]` with one scale per row of the last dim; value =
+/// `q · scale`, gradient = identity (STE). `qmax = 2^(bits-1) - 1` (from `fake::sym_qmax`).
+/// CPU only, f32/f64 (see [`supported`]).
+pub fn sym_fake_quant_rows(x: &Tensor, qmax: u8, rounding: ScaleRounding) -> Result<Tensor> {
+    let op = SymRowFakeQuant { qmax, rounding };
+    if x.track_op() {
+        x.contiguous()?.apply_op1(op)
+    } else {
+        x.contiguous()?.apply_op1_no_bwd(&op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{sym_qmax, sym_quant_dequant};
+    use candle_core::{Device, Var};
+
+    fn sample(rows: usize, cols: usize) -> Vec<f32> {
+        let mut state = 7u64;
+        let mut v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
+            })
+            .collect();
+        v[..cols].fill(0.0); // an all-zero row
+        v[cols..2 * cols].copy_from_slice(&(0..cols).map(|i| i as f32 * 0.5 - 3.5).collect::<Vec<_>>()); // ties
+        v
+    }
+
+    #[test]
+    fn equals_the_composed_path_for_all_bits_and_roundings() -> Result<()> {
+        let (rows, cols) = (37, 19);
+        let x = Tensor::from_vec(sample(rows, cols), (rows, cols), &Device::Cpu)?;
+        for bits in 2..=8u8 {
+            for rounding in [ScaleRounding::Exact, ScaleRounding::F16] {
+                let qmax = sym_qmax(bits).expect("bits");
+                let fused = sym_fake_quant_rows(&x, qmax, rounding)?.to_vec2::<f32>()?;
+                let composed = sym_quant_dequant(&x, bits, &[1], rounding)?.to_vec2::<f32>()?;
+                assert_eq!(fused, composed, "bits {bits} {rounding:?}");
+                let x64 = x.to_dtype(DType::F64)?;
+                let fused = sym_fake_quant_rows(&x64, qmax, rounding)?.to_vec2::<f64>()?;
+                let composed = sym_quant_dequant(&x64, bits, &[1], rounding)?.to_vec2::<f64>()?;
+                assert_eq!(fused, composed, "f64 bits {bits} {rounding:?}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_is_the_identity() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::from_vec(sample(4, 5), (4, 5), &Device::Cpu)?)?;
+        let w = Tensor::arange(0f32, 20.0, &Device::Cpu)?.reshape((4, 5))?;
+        let y = sym_fake_quant_rows(&x, 7, ScaleRounding::Exact)?;
+        let grads = (y * &w)?.sum_all()?.backward()?;
+        assert_eq!(grads.get(&x).expect("grad").to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        Ok(())
+    }
+}
