@@ -1,10 +1,11 @@
 //! `qat-distill`: quantization-aware training of a student from cached teacher shards
-//! (LLM-QAT: fake-quantized weights, activations and KV cache; loss against teacher top-K).
+//! (LLM-QAT: fake-quantized weights, activations and KV cache; loss against teacher top-K;
+//! BitDistiller's reverse-KL, JSD and confidence-aware KL losses).
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser, ValueEnum};
 use qat_cli::{main_with, Outcome};
-use qat_train::{AdamWConfig, Budget, DistillConfig, Schedule, TrainSettings};
+use qat_train::{AdamWConfig, Budget, DistillConfig, LossKind, Schedule, TrainSettings};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,6 +19,14 @@ use std::process::ExitCode;
   # LLM-QAT W4A8KV4 student of stories260K from data-free shards, 2 epochs
   qat-distill --model ../shared/data/models/stories260K --shards shards/s260k \\
       --scheme W4A8KV4 --out students/w4a8kv4 --epochs 2 --lr 5e-4
+
+  # BitDistiller's confidence-aware KL; gamma (mean teacher top-1 probability) is measured
+  # from the shards, printed, and recorded in provenance.json
+  qat-distill --model ../shared/data/models/stories260K --shards shards/s260k \\
+      --scheme W4 --out students/w4-cakld --loss cakld
+
+  # The same with a fixed gamma (e.g. one measured on a larger shard set)
+  qat-distill ... --loss cakld --cakld-gamma 0.7
 
   # Interrupted? The same command with --resume continues from the last checkpoint
   qat-distill ... --resume
@@ -38,9 +47,14 @@ struct Args {
     /// Quantization scheme: a short name (W4A8KV4, W4A8KV8, W4, ...) or a JSON file (formats/scheme.md).
     #[arg(long, default_value = "W4A8KV4")]
     scheme: String,
-    /// Distillation loss: fkl (forward KL over top-K + tail; the LLM-QAT soft cross-entropy).
-    #[arg(long, default_value = "fkl")]
-    loss: String,
+    /// Distillation loss over the teacher's top-K + tail buckets (or the full vocabulary with
+    /// --teacher), formats/distill-loss.md.
+    #[arg(long, value_enum, default_value_t = LossArg::Fkl)]
+    loss: LossArg,
+    /// CAKLD's gamma in 0..=1 (weight of the reverse KL), instead of measuring it from the
+    /// shards as the mean teacher top-1 probability over the trained positions.
+    #[arg(long, value_name = "G")]
+    cakld_gamma: Option<f64>,
     /// Sequences per micro-batch.
     #[arg(long, short = 'b', default_value_t = 16)]
     batch_size: usize,
@@ -103,6 +117,18 @@ struct Args {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum LossArg {
+    /// Forward KL(teacher || student), LLM-QAT's soft cross-entropy (minus the teacher entropy).
+    Fkl,
+    /// Reverse KL(student || teacher), mode seeking.
+    Rkl,
+    /// Jensen-Shannon divergence, m = (teacher + student) / 2.
+    Jsd,
+    /// BitDistiller's confidence-aware KL: gamma * rkl + (1 - gamma) * fkl.
+    Cakld,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum ScheduleArg {
     Constant,
     Cosine,
@@ -137,7 +163,13 @@ fn main() -> ExitCode {
                 max_grad_norm: args.max_grad_norm,
                 budget,
                 seed: args.seed,
-                loss: args.loss.clone(),
+                loss: match args.loss {
+                    LossArg::Fkl => LossKind::Fkl,
+                    LossArg::Rkl => LossKind::Rkl,
+                    LossArg::Jsd => LossKind::Jsd,
+                    LossArg::Cakld => LossKind::Cakld,
+                },
+                cakld_gamma: args.cakld_gamma,
                 online_teacher: args.teacher.is_some(),
                 balance_kv: args.balance_kv,
             },

@@ -167,3 +167,50 @@ fn online_teacher_loss_bounds_the_cached_top_k_loss() {
     let (c, o) = (log_losses(&cached)[0], log_losses(&online)[0]);
     assert!(o >= c - 1e-6 && o < c * 1.5, "online {o} vs cached {c}");
 }
+
+/// BitDistiller's CAKLD (formats/distill-loss.md): gamma, the mean teacher top-1 probability
+/// over the trained positions, is measured from the shards before training and recorded in
+/// provenance.json and the summary; `--cakld-gamma` overrides it and is validated. The other
+/// BitDistiller losses train too.
+#[test]
+fn cakld_measures_gamma_from_the_shards_and_records_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let model = stories_dir();
+    let (m, s) = (model.to_str().unwrap(), shards.to_str().unwrap());
+    let out = tmp.path().join("cakld");
+    let j = ok_json(&qat_distill(&distill_args(m, s, out.to_str().unwrap(), &["--loss", "cakld", "--steps", "2"])));
+    assert_eq!(j["loss"], "cakld");
+    let gamma = j["cakld_gamma"].as_f64().unwrap();
+    assert!(gamma > 0.2 && gamma < 1.0, "gamma {gamma}");
+    let prov: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap()).unwrap();
+    assert_eq!(prov["settings"]["loss"], "cakld");
+    assert_eq!(prov["settings"]["cakld_gamma"], serde_json::Value::Null);
+    assert_eq!(prov["cakld_gamma"]["source"], "shards");
+    assert_eq!(prov["cakld_gamma"]["gamma"].as_f64(), Some(gamma));
+    // Data-free shards: prompt = BOS + start token, so every sequence of L tokens has L - 2
+    // trained positions; the manifest's token count gives their total independently.
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shards.join("manifest.json")).unwrap()).unwrap();
+    let tokens: u64 = manifest["files"].as_array().unwrap().iter().map(|f| f["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(prov["cakld_gamma"]["measured"]["positions"].as_u64(), Some(tokens - 2 * 32));
+    assert!(log_losses(&out).iter().all(|l| l.is_finite() && *l > 0.0));
+
+    // A given gamma is used as is; out-of-range or misplaced values are refused.
+    let fixed = tmp.path().join("fixed");
+    let j = ok_json(&qat_distill(&distill_args(m, s, fixed.to_str().unwrap(), &["--loss", "cakld", "--cakld-gamma", "0.25", "--steps", "1"])));
+    assert_eq!(j["cakld_gamma"].as_f64(), Some(0.25));
+    let prov: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixed.join("provenance.json")).unwrap()).unwrap();
+    assert_eq!((prov["cakld_gamma"]["source"].as_str(), prov["settings"]["cakld_gamma"].as_f64()), (Some("--cakld-gamma"), Some(0.25)));
+    let bad = tmp.path().join("bad");
+    let b = bad.to_str().unwrap();
+    assert_error(&qat_distill(&distill_args(m, s, b, &["--loss", "cakld", "--cakld-gamma", "1.5"])), "qat-distill", "--cakld-gamma must be in 0..=1, got 1.5");
+    assert_error(&qat_distill(&distill_args(m, s, b, &["--loss", "jsd", "--cakld-gamma", "0.5"])), "qat-distill", "--cakld-gamma applies only to --loss cakld");
+    for loss in ["rkl", "jsd"] {
+        let o = tmp.path().join(loss);
+        let j = ok_json(&qat_distill(&distill_args(m, s, o.to_str().unwrap(), &["--loss", loss, "--steps", "2"])));
+        assert_eq!(j["loss"], loss);
+        assert!(j.get("cakld_gamma").is_none());
+        assert!(log_losses(&o).iter().all(|l| l.is_finite() && *l > 0.0), "{loss}");
+    }
+}

@@ -6,7 +6,8 @@
 
 use crate::data::{DataCursor, ShardBatches};
 use crate::error::{io, Result, TrainError};
-use crate::loss::{forward_kl, forward_kl_full, TopKTargets};
+use crate::gamma::{teacher_confidence, TeacherConfidence};
+use crate::loss::{Loss, LossKind, TopKTargets};
 use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrConfig, Schedule};
 use crate::student::{save_safetensors, Student};
 use candle_core::{Device, Tensor};
@@ -45,7 +46,12 @@ pub struct TrainSettings {
     pub max_grad_norm: f64,
     pub budget: Budget,
     pub seed: u64,
-    pub loss: String,
+    /// The distillation loss (formats/distill-loss.md); serialized as "fkl", "rkl", "jsd", "cakld".
+    pub loss: LossKind,
+    /// CAKLD's gamma given on the command line; `None` = measured from the shards
+    /// ([`teacher_confidence`]). Only valid with `loss = cakld`.
+    #[serde(default)]
+    pub cakld_gamma: Option<f64>,
     /// Rebalance K/V channels (function-preserving, see balance.rs) from this many calibration
     /// sequences of the shards before training; 0 = off.
     #[serde(default)]
@@ -105,6 +111,10 @@ pub struct DistillSummary {
     pub tokens_per_s: f64,
     pub resumed_from_step: Option<u64>,
     pub scheme: String,
+    pub loss: LossKind,
+    /// The gamma CAKLD trained with (measured or given); absent for the other losses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cakld_gamma: Option<f64>,
 }
 
 const TOOL: &str = concat!("qat-distill ", env!("CARGO_PKG_VERSION"));
@@ -158,8 +168,12 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     if !(s.lr > 0.0 && s.lr.is_finite()) {
         return Err(TrainError::Config(format!("--lr must be > 0, got {}", s.lr)));
     }
-    if s.loss != "fkl" {
-        return Err(TrainError::Config(format!("--loss {:?} is not available (fkl)", s.loss)));
+    match (s.loss, s.cakld_gamma) {
+        (LossKind::Cakld, Some(g)) if !(0.0..=1.0).contains(&g) => {
+            return Err(TrainError::Config(format!("--cakld-gamma must be in 0..=1, got {g}")));
+        }
+        (LossKind::Cakld, _) | (_, None) => {}
+        (other, Some(_)) => return Err(TrainError::Config(format!("--cakld-gamma applies only to --loss cakld, not --loss {other}"))),
     }
     let dev = qat_model::parse_device(&cfg.device).map_err(TrainError::Config)?;
     let model_dir = ModelDir::open(&cfg.model)?;
@@ -176,6 +190,20 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         return Err(mismatch(format!("vocab_size {} differs from the shards' {}", model_dir.config.vocab_size, h.teacher.vocab_size)));
     }
     let shards_sha = manifests_sha256(&cfg.shards)?;
+    // CAKLD's gamma: measured from the shards unless given (also with an online teacher: the
+    // shards hold the same teacher's top-1 probabilities).
+    let confidence: Option<TeacherConfidence> = match (s.loss, s.cakld_gamma) {
+        (LossKind::Cakld, None) => Some(teacher_confidence(&set)?),
+        _ => None,
+    };
+    let gamma = s.cakld_gamma.or(confidence.map(|c| c.gamma));
+    let objective = Loss::new(s.loss, gamma)?;
+    if let (true, Some(g)) = (cfg.progress, gamma) {
+        match confidence {
+            Some(c) => eprintln!("qat-distill: cakld gamma = {g:.6} (mean teacher top-1 probability over {} trained positions, {:.2} s)", c.positions, c.seconds),
+            None => eprintln!("qat-distill: cakld gamma = {g:.6} (--cakld-gamma)"),
+        }
+    }
     let init_sha = model_dir.weights_sha256()?;
 
     let work = PathBuf::from(format!("{}.work", cfg.out.display()));
@@ -262,9 +290,9 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             let mut loss = match &teacher {
                 Some(teacher) => {
                     let tl = teacher.forward_full(&tokens)?.reshape((b * t, v))?.index_select(&rows, 0)?;
-                    forward_kl_full(&logits, &candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach())?
+                    objective.full_vocab(&logits, &candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach())?
                 }
-                None => forward_kl(&logits, &targets)?,
+                None => objective.mean(&logits, &targets)?,
             };
             if cfg.inject_nan_at == Some(opt.step) {
                 loss = (loss * f64::NAN)?;
@@ -330,6 +358,11 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         "device": cfg.device,
         "balance_kv": balance,
         "online_teacher": cfg.teacher.as_ref().map(|p| p.display().to_string()),
+        "cakld_gamma": gamma.map(|g| serde_json::json!({
+            "gamma": g,
+            "source": if confidence.is_some() { "shards" } else { "--cakld-gamma" },
+            "measured": confidence,
+        })),
     });
     let prov_path = staging.join("provenance.json");
     std::fs::write(&prov_path, serde_json::to_string_pretty(&provenance).expect("json") + "\n").map_err(io(&prov_path, "cannot write"))?;
@@ -344,6 +377,8 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         tokens_per_s: (tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
         resumed_from_step: resumed_from,
         scheme: s.scheme.short_name().unwrap_or_else(|| "custom".into()),
+        loss: s.loss,
+        cakld_gamma: gamma,
     })
 }
 

@@ -3,11 +3,125 @@
 //! For each trained position the teacher gives ids `k_1..k_K` and log-probabilities `log p_i`
 //! over the full vocabulary; its tail mass is `r_p = max(0, 1 - Σ p_i)`. The student's logits
 //! `z` give `log q_i = z_{k_i} - logsumexp(z)` and its tail `log r_q = logsumexp(z outside the K
-//! ids) - logsumexp(z)`, computed by masking, never as `log(1 - Σ q_i)`. The forward KL over the
-//! K + 1 buckets is `Σ p_i (log p_i - log q_i) + r_p (log r_p - log r_q)`; with K = vocabulary
-//! size the tail bucket is empty and this is the exact KL(p || q).
+//! ids) - logsumexp(z)`, computed by masking, never as `log(1 - Σ q_i)`. Every loss ([`Loss`]:
+//! forward KL, reverse KL, JSD, CAKLD) is a divergence between these K + 1 bucket
+//! distributions ([`divergence`]); with K = vocabulary size the tail bucket is empty and each
+//! equals its exact full-vocabulary value, which is also what an online teacher gives
+//! ([`Loss::full_vocab`]).
 
+pub mod divergence;
+
+use crate::error::TrainError;
 use candle_core::{Device, Result, Tensor, D};
+use divergence::{TeacherLogProbs, LOG_ZERO};
+use serde::{Deserialize, Serialize};
+
+/// Smallest teacher tail mass used inside `log r_p` by the reverse KL (and CAKLD's reverse
+/// part): with K < V the true tail is positive, but f16 rounding of the stored log-probs can
+/// make `Σ p_i` reach 1 and `r_p` clamp to 0, which would make `q_tail log(q_tail / r_p)`
+/// infinite. 1e-6 is below what f16 log-probs resolve in `Σ p_i` (relative errors ~2^-11).
+pub const TAIL_FLOOR: f64 = 1e-6;
+
+/// The loss named in settings and on the command line (`--loss`); serialized lowercase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Forward KL(teacher || student) (LLM-QAT).
+    #[default]
+    Fkl,
+    /// Reverse KL(student || teacher).
+    Rkl,
+    /// Jensen-Shannon divergence.
+    Jsd,
+    /// BitDistiller's confidence-aware KL: gamma * RKL + (1 - gamma) * FKL.
+    Cakld,
+}
+
+impl LossKind {
+    pub const ALL: [LossKind; 4] = [LossKind::Fkl, LossKind::Rkl, LossKind::Jsd, LossKind::Cakld];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::Fkl => "fkl",
+            LossKind::Rkl => "rkl",
+            LossKind::Jsd => "jsd",
+            LossKind::Cakld => "cakld",
+        }
+    }
+}
+
+impl std::fmt::Display for LossKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LossKind {
+    type Err = TrainError;
+    fn from_str(s: &str) -> std::result::Result<Self, TrainError> {
+        LossKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| TrainError::Config(format!("unknown loss {s:?} (fkl, rkl, jsd, cakld)")))
+    }
+}
+
+/// A resolved loss: the kind plus CAKLD's gamma.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Loss {
+    Fkl,
+    Rkl,
+    Jsd,
+    Cakld { gamma: f64 },
+}
+
+impl Loss {
+    /// `gamma` is required for CAKLD (in `0..=1`) and refused for the other losses.
+    pub fn new(kind: LossKind, gamma: Option<f64>) -> crate::Result<Loss> {
+        match (kind, gamma) {
+            (LossKind::Cakld, Some(g)) if (0.0..=1.0).contains(&g) => Ok(Loss::Cakld { gamma: g }),
+            (LossKind::Cakld, Some(g)) => Err(TrainError::Config(format!("cakld gamma must be in 0..=1, got {g}"))),
+            (LossKind::Cakld, None) => Err(TrainError::Config("cakld needs gamma (computed from the shards or given)".into())),
+            (k, Some(g)) => Err(TrainError::Config(format!("gamma {g} applies only to the cakld loss, not {k}"))),
+            (LossKind::Fkl, None) => Ok(Loss::Fkl),
+            (LossKind::Rkl, None) => Ok(Loss::Rkl),
+            (LossKind::Jsd, None) => Ok(Loss::Jsd),
+        }
+    }
+
+    fn divergence(&self, p: &TeacherLogProbs, log_q: &Tensor) -> Result<Tensor> {
+        match *self {
+            Loss::Fkl => divergence::forward(p, log_q),
+            Loss::Rkl => divergence::reverse(p, log_q),
+            Loss::Jsd => divergence::jsd(p.exact, log_q),
+            Loss::Cakld { gamma } => divergence::cakld(p, log_q, gamma),
+        }
+    }
+
+    /// The loss per position, `[N]`, from student `logits: [N, V]` over the K + 1 buckets.
+    pub fn per_position(&self, logits: &Tensor, t: &TopKTargets) -> Result<Tensor> {
+        let (lq, log_rq) = student_buckets(logits, t)?;
+        match log_rq {
+            Some(log_rq) => {
+                let col = |x: &Tensor| x.unsqueeze(1);
+                let lq = Tensor::cat(&[&lq, &col(&log_rq)?], 1)?; // [N, K + 1]
+                let exact = Tensor::cat(&[&t.logp, &col(&t.log_tail)?], 1)?;
+                let floored = Tensor::cat(&[&t.logp, &col(&t.log_tail_floored)?], 1)?;
+                self.divergence(&TeacherLogProbs { exact: &exact, floored: &floored }, &lq)
+            }
+            None => self.divergence(&TeacherLogProbs { exact: &t.logp, floored: &t.logp }, &lq),
+        }
+    }
+
+    /// Mean loss over the N positions (a scalar).
+    pub fn mean(&self, logits: &Tensor, t: &TopKTargets) -> Result<Tensor> {
+        self.per_position(logits, t)?.mean_all()
+    }
+
+    /// Exact loss over the full vocabulary, mean over positions: `logits`, `teacher_logp` are
+    /// `[N, V]` (student logits, teacher log-probabilities). Used with an online teacher.
+    pub fn full_vocab(&self, logits: &Tensor, teacher_logp: &Tensor) -> Result<Tensor> {
+        let lq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        self.divergence(&TeacherLogProbs { exact: teacher_logp, floored: teacher_logp }, &lq)?.mean_all()
+    }
+}
 
 /// Teacher targets for N trained positions, on the student's device.
 #[derive(Debug, Clone)]
@@ -16,9 +130,12 @@ pub struct TopKTargets {
     pub ids: Tensor,
     /// `[N, K]` f32 teacher log-probabilities.
     pub logp: Tensor,
-    /// `[N]` f32 teacher tail mass `r_p`, and `log r_p` (0 where r_p = 0: its term vanishes).
+    /// `[N]` f32 teacher tail mass `r_p` (0 when K = V).
     pub tail: Tensor,
+    /// `[N]` `log r_p`, [`LOG_ZERO`] where `r_p = 0` (its FKL and JSD terms vanish).
     pub log_tail: Tensor,
+    /// `[N]` `log max(r_p, TAIL_FLOOR)`, the teacher tail the reverse KL uses.
+    pub log_tail_floored: Tensor,
     /// `[N, V]` additive mask, -inf at the K ids, 0 elsewhere (None when K = V).
     pub tail_mask: Option<Tensor>,
     pub k: usize,
@@ -27,12 +144,12 @@ pub struct TopKTargets {
 impl TopKTargets {
     /// Builds targets from host arrays: `ids`, `logp` are `[n * k]` row-major.
     pub fn new(ids: Vec<u32>, logp: Vec<f32>, n: usize, k: usize, vocab: usize, dev: &Device) -> Result<Self> {
-        let mut tail = Vec::with_capacity(n);
-        let mut log_tail = Vec::with_capacity(n);
+        let (mut tail, mut log_tail, mut log_floored) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for row in logp.chunks(k) {
             let r = if k == vocab { 0.0 } else { qat_shards::tail_mass(row) };
             tail.push(r);
-            log_tail.push(if r > 0.0 { r.ln() } else { 0.0 });
+            log_tail.push(if r > 0.0 { f64::from(r).ln() as f32 } else { LOG_ZERO });
+            log_floored.push(f64::from(r).max(TAIL_FLOOR).ln() as f32);
         }
         let tail_mask = if k < vocab {
             let mut mask = vec![0f32; n * vocab];
@@ -50,6 +167,7 @@ impl TopKTargets {
             logp: Tensor::from_vec(logp, (n, k), dev)?,
             tail: Tensor::from_vec(tail, n, dev)?,
             log_tail: Tensor::from_vec(log_tail, n, dev)?,
+            log_tail_floored: Tensor::from_vec(log_floored, n, dev)?,
             tail_mask,
             k,
         })
@@ -77,26 +195,17 @@ pub fn student_buckets(logits: &Tensor, t: &TopKTargets) -> Result<(Tensor, Opti
 
 /// Forward KL(teacher || student) per position, `[N]`, from student `logits: [N, V]`.
 pub fn forward_kl_per_position(logits: &Tensor, t: &TopKTargets) -> Result<Tensor> {
-    let (lq, log_rq) = student_buckets(logits, t)?;
-    let p = t.logp.exp()?;
-    let main = (p * (t.logp.sub(&lq))?)?.sum(D::Minus1)?;
-    match log_rq {
-        Some(log_rq) => main + (&t.tail * (t.log_tail.sub(&log_rq))?)?,
-        None => Ok(main),
-    }
+    Loss::Fkl.per_position(logits, t)
 }
 
-/// Exact forward KL over the full vocabulary, mean over positions: `teacher_logp`, `logits` are
-/// `[N, V]` (teacher log-probabilities, student logits). Used with an online teacher.
+/// Exact forward KL over the full vocabulary, mean over positions (see [`Loss::full_vocab`]).
 pub fn forward_kl_full(logits: &Tensor, teacher_logp: &Tensor) -> Result<Tensor> {
-    let lq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let p = teacher_logp.exp()?;
-    (p * (teacher_logp - lq)?)?.sum(D::Minus1)?.mean_all()
+    Loss::Fkl.full_vocab(logits, teacher_logp)
 }
 
 /// Mean forward KL over the N positions (a scalar).
 pub fn forward_kl(logits: &Tensor, t: &TopKTargets) -> Result<Tensor> {
-    forward_kl_per_position(logits, t)?.mean_all()
+    Loss::Fkl.mean(logits, t)
 }
 
 #[cfg(test)]
