@@ -11,6 +11,11 @@ BIN := $(TARGET_DIR)/release
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYARROW_VERSION := 26.0.1
+SAFETENSORS_VERSION := 0.8.0
+NUMPY_VERSION := 2.3.5
+PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy==$(NUMPY_VERSION)
+# The stamp names every pinned version, so changing one reinstalls.
+PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)
 OUT ?= out
 
 .PHONY: all setup build test test-deps pipeline clean help
@@ -27,11 +32,12 @@ setup: build test-deps
 build:
 	$(CARGO) build --release --locked --bins
 
-# Python with pyarrow, used by the foreign-reader tests of the file formats.
-test-deps: $(VENV)/.pyarrow-$(PYARROW_VERSION)
-$(VENV)/.pyarrow-$(PYARROW_VERSION):
+# Python with pyarrow (shards) and safetensors + numpy (packed models), used by the
+# foreign-reader tests of the file formats.
+test-deps: $(PY_STAMP)
+$(PY_STAMP):
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q --disable-pip-version-check pyarrow==$(PYARROW_VERSION)
+	$(PYTHON) -m pip install -q --disable-pip-version-check $(PY_DEPS)
 	touch $@
 
 test: test-deps

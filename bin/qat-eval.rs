@@ -1,14 +1,9 @@
 //! `qat-eval`: perplexity of a model directory (full precision or under a quantization scheme)
 //! on a text corpus, printed as one JSON object.
 
-use anyhow::Context;
-use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use qat_cli::{main_with, Outcome};
 use qat_eval::{Corpus, PplMode};
-use qat_model::ModelDir;
-use qat_quant::{FakeQuant, Scheme};
-use std::sync::Arc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -24,10 +19,16 @@ use std::time::Instant;
       --corpus ../shared/data/corpora/tinystories/TinyStories-valid.first800.txt --mode docs --seq-len 512
 
   # WikiText-2 convention: whole file, non-overlapping 512-token windows
-  qat-eval --model MODEL --corpus ../shared/data/corpora/wikitext-2-raw/wiki.test.raw --mode stream"
+  qat-eval --model MODEL --corpus ../shared/data/corpora/wikitext-2-raw/wiki.test.raw --mode stream
+
+  # A packed model (qat-pack output): its codes are dequantized, only activations and KV quantized
+  qat-eval --model packed/w3g32 --corpus FILE
+
+The JSON field \"quantization\" says what ran: \"none\", \"fake_quant\" (a model dir under a scheme,
+weights quantized on the fly) or \"packed\" (a dir with model.packed.safetensors)."
 )]
 struct Args {
-    /// Model directory (Hugging Face layout).
+    /// Model directory (Hugging Face layout), or a packed model directory (qat-pack output).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// UTF-8 text file to evaluate on.
@@ -50,6 +51,7 @@ struct Args {
     batch_size: usize,
     /// Quantization scheme to apply (short name like W4A8KV4, or a JSON file) [default: the
     /// model's quant_scheme.json if it has one, else full precision]. `FP` forces full precision.
+    /// Not allowed for a packed model, which runs under the scheme it was packed with.
     #[arg(long)]
     scheme: Option<String>,
     /// Compute device: cpu, cuda or cuda:N.
@@ -71,26 +73,15 @@ fn main() -> ExitCode {
     main_with("qat-eval", || {
         let started = Instant::now();
         let device = qat_model::parse_device(&args.device).map_err(anyhow::Error::msg)?;
-        let model_dir = ModelDir::open(&args.model)?;
-        let tokenizer = model_dir.tokenizer()?;
+        let m = qat_eval::load_eval_model(&args.model, args.scheme.as_deref(), &device)?;
         let corpus = Corpus::read(&args.corpus)?;
         let mode = match args.mode {
             ModeArg::Docs => PplMode::Docs,
             ModeArg::Stream => PplMode::Stream,
         };
-        let bos = model_dir.config.bos_token_id.or_else(|| tokenizer.token_to_id("<s>"));
-        let seqs = qat_eval::tokenize(&corpus, &tokenizer, bos, mode, args.seq_len, &args.delimiter, args.limit)?;
-        let mut model = model_dir.load(&device, DType::F32).with_context(|| format!("loading {}", args.model.display()))?;
-        let scheme = match &args.scheme {
-            Some(s) => Scheme::from_arg(s).with_context(|| format!("--scheme {s}"))?,
-            None if args.model.join(qat_quant::SCHEME_FILE).is_file() => Scheme::load_from_dir(&args.model)?,
-            None => Scheme::full_precision(),
-        };
-        scheme.validate_for(&model_dir.config).with_context(|| format!("scheme {scheme} does not fit {}", args.model.display()))?;
-        if !scheme.is_full_precision() {
-            model.set_hooks(Arc::new(FakeQuant::for_inference(scheme.clone())));
-        }
-        let totals = qat_eval::nll(&model, &seqs, args.batch_size, !args.quiet)?;
+        let bos = m.config.bos_token_id.or_else(|| m.tokenizer.token_to_id("<s>"));
+        let seqs = qat_eval::tokenize(&corpus, &m.tokenizer, bos, mode, args.seq_len, &args.delimiter, args.limit)?;
+        let totals = qat_eval::nll(&m.model, &seqs, args.batch_size, !args.quiet)?;
         let seconds = started.elapsed().as_secs_f64();
         let summary = serde_json::json!({
             "ppl": totals.mean().exp(),
@@ -99,10 +90,11 @@ fn main() -> ExitCode {
             "sequences": totals.sequences,
             "mode": mode,
             "seq_len": args.seq_len,
-            "scheme": scheme.short_name().unwrap_or_else(|| scheme.to_string()),
-            "scheme_json": serde_json::from_str::<serde_json::Value>(&scheme.to_json_pretty())?,
+            "quantization": m.quantization,
+            "scheme": m.scheme.to_string(),
+            "scheme_json": serde_json::from_str::<serde_json::Value>(&m.scheme.to_json_pretty())?,
             "model": args.model.display().to_string(),
-            "weights_sha256": model_dir.weights_sha256()?,
+            "weights_sha256": m.weights_sha256,
             "corpus": corpus.path.display().to_string(),
             "corpus_sha256": corpus.sha256,
             "tool": concat!("qat-eval ", env!("CARGO_PKG_VERSION")),

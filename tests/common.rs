@@ -86,3 +86,20 @@ pub fn small_shards(dir: &Path) {
         "--batch-size", "8", "--seqs-per-file", "8", "-q",
     ]));
 }
+
+/// Runs `qat-clip` with `args`.
+pub fn qat_clip(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qat-clip")).args(args).output().expect("spawn qat-clip")
+}
+
+/// Writes a scheme JSON for stories260K: `kind` weights with `bits` in groups of 32, `down_proj`
+/// (in_features 172 = 4 · 43) in groups of 43. Returns its path.
+pub fn group_scheme(dir: &Path, kind: &str, bits: u8) -> PathBuf {
+    let path = dir.join(format!("{kind}{bits}.json"));
+    let json = format!(
+        r#"{{"format_version": 1, "weight": {{"bits": {bits}, "format": {{"kind": "{kind}", "group_size": 32}}}},
+            "overrides": [{{"pattern": "layers.*.mlp.down_proj", "weight": {{"bits": {bits}, "format": {{"kind": "{kind}", "group_size": 43}}}}}}]}}"#
+    );
+    std::fs::write(&path, json).unwrap();
+    path
+}

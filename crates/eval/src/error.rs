@@ -12,6 +12,33 @@ pub enum EvalError {
     Corpus { path: PathBuf, what: String },
     #[error("invalid settings: {0}")]
     Config(String),
+    /// A packed model directory that cannot be loaded.
+    #[error(transparent)]
+    Pack(#[from] qat_pack::PackError),
+    /// The directory's `quant_scheme.json` cannot be read.
+    #[error(transparent)]
+    Quant(#[from] qat_quant::QuantError),
+    #[error("--scheme {arg}")]
+    SchemeArg {
+        arg: String,
+        #[source]
+        source: qat_quant::QuantError,
+    },
+    #[error("scheme {scheme} does not fit {}", dir.display())]
+    SchemeFit {
+        scheme: String,
+        dir: PathBuf,
+        #[source]
+        source: Box<qat_quant::QuantError>,
+    },
+    #[error("{}: --scheme {arg} cannot be applied to a packed model (its weights are quantized already; it runs under the scheme it was packed with)", dir.display())]
+    SchemeForPacked { dir: PathBuf, arg: String },
+    #[error("loading {}", dir.display())]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: Box<qat_model::ModelError>,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, EvalError>;

@@ -1,0 +1,194 @@
+//! The `qat-clip` stage: model dir + shard set + scheme → a model dir whose weights are clamped
+//! to the searched per-group ranges, with the scheme, provenance and a per-layer report.
+//!
+//! Blocks are processed in order, as BitDistiller's `run_clip` does: the inputs of block `l` are
+//! computed by the full-precision model whose blocks `0..l` are already clipped. The output
+//! directory is written under `<out>.partial/` and renamed into place at the end.
+
+use crate::calib::{block_inputs, calibration_sequences};
+use crate::error::{io, ClipError, Result};
+use crate::search::search_layer;
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use qat_model::{sha256_files, LinearId, LinearKind, Llama, ModelDir};
+use qat_quant::{fake::fake_weight, Scheme};
+use qat_shards::ShardSet;
+use indicatif::{ProgressBar, ProgressDrawTarget};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const TOOL: &str = concat!("qat-clip ", env!("CARGO_PKG_VERSION"));
+
+/// What to clip and how.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClipConfig {
+    pub model: PathBuf,
+    pub shards: PathBuf,
+    pub out: PathBuf,
+    pub scheme: Scheme,
+    /// Calibration sequences taken from the shard set (the first N by sequence id).
+    pub calib_sequences: usize,
+    /// Tokens kept from each calibration sequence.
+    pub calib_len: usize,
+    /// Rows of layer inputs used per layer (strided subsample; BitDistiller: 512).
+    pub calib_tokens: usize,
+    /// Also clip q_proj and k_proj (skipped by default, as in BitDistiller: q·kᵀ is hard to
+    /// clip for).
+    pub include_qk: bool,
+    #[serde(skip)]
+    pub quiet: bool,
+}
+
+/// The outcome for one linear layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    pub layer: String,
+    pub group_size: usize,
+    pub tokens: usize,
+    pub mse_before: f64,
+    pub mse_after: f64,
+    /// `1 - mse_after / mse_before`.
+    pub reduction: f64,
+    /// Fraction of groups whose range was shrunk.
+    pub clipped_groups: f64,
+}
+
+/// The JSON summary of a run (also stored in the output's `provenance.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ClipSummary {
+    pub out: String,
+    pub scheme: String,
+    pub layers: Vec<LayerReport>,
+    /// Mean over clipped layers of `reduction`.
+    pub mean_reduction: f64,
+    pub seconds: f64,
+}
+
+fn load_tensors(dir: &ModelDir, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    // SAFETY: the weight files are mapped read-only while we copy out of them.
+    let st = unsafe { MmapedSafetensors::multi(&dir.weight_files)? };
+    let mut out = HashMap::new();
+    for (name, _) in st.tensors() {
+        out.insert(name.clone(), st.load(&name, dev)?.to_dtype(DType::F32)?);
+    }
+    Ok(out)
+}
+
+fn check_shards(cfg: &ClipConfig, set: &ShardSet, dir: &ModelDir) -> Result<()> {
+    let h = set.header();
+    let mismatch = |what: String| ClipError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what };
+    let tok_sha = dir.tokenizer_sha256()?;
+    if h.teacher.tokenizer_sha256 != tok_sha {
+        return Err(mismatch(format!("tokenizer.json sha256 {} differs from the shards' teacher tokenizer {}", &tok_sha[..12], &h.teacher.tokenizer_sha256[..12])));
+    }
+    if h.teacher.vocab_size as usize != dir.config.vocab_size {
+        return Err(mismatch(format!("vocab size {} but the shards' teacher has {}", dir.config.vocab_size, h.teacher.vocab_size)));
+    }
+    Ok(())
+}
+
+/// Runs the clipping search over every quantized linear layer and writes the clipped model.
+pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
+    let started = Instant::now();
+    if cfg.calib_sequences == 0 || cfg.calib_len < 2 || cfg.calib_tokens == 0 {
+        return Err(ClipError::Config(format!(
+            "calibration needs at least one sequence of >= 2 tokens and >= 1 token per layer (got {} sequences, length {}, {} tokens)",
+            cfg.calib_sequences, cfg.calib_len, cfg.calib_tokens
+        )));
+    }
+    let dev = Device::Cpu;
+    let dir = ModelDir::open(&cfg.model)?;
+    cfg.scheme.validate_for(&dir.config)?;
+    let set = ShardSet::open(&cfg.shards)?;
+    check_shards(cfg, &set, &dir)?;
+    let sequences = calibration_sequences(&set, cfg.calib_sequences, cfg.calib_len)?;
+    let mut tensors = load_tensors(&dir, &dev)?;
+    let n = dir.config.num_layers as u64;
+    let bar = if cfg.quiet { ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::hidden()) } else { ProgressBar::new(n) };
+    bar.set_message("blocks clipped");
+    let mut layers = Vec::new();
+    for layer in 0..dir.config.num_layers {
+        let model = Llama::load(VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev), &dir.config)?;
+        let inputs = block_inputs(&model, &sequences, layer, cfg.calib_tokens)?;
+        drop(model);
+        for kind in LinearKind::ALL {
+            let skip_qk = matches!(kind, LinearKind::Q | LinearKind::K) && !cfg.include_qk;
+            let id = LinearId { layer, kind };
+            let Some(wq) = cfg.scheme.resolve(id).weight else { continue };
+            if skip_qk {
+                continue;
+            }
+            let key = id.weight_key();
+            let w = &tensors[&key];
+            let (out_f, in_f) = w.dims2()?;
+            let group = wq.format.group_len(in_f).map_err(|e| ClipError::Config(format!("{id}: {e}")))?;
+            let x = &inputs[&kind];
+            let mut data = w.flatten_all()?.to_vec1::<f32>()?;
+            let fq = |w: &[f32]| -> Result<Vec<f32>> {
+                let t = Tensor::from_slice(w, (out_f, in_f), &dev)?;
+                Ok(fake_weight(&t, &wq)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let clip = search_layer(&data, in_f, &x.data, group, &fq)?;
+            clip.apply(&mut data, in_f, group);
+            tensors.insert(key, Tensor::from_vec(data, (out_f, in_f), &dev)?);
+            let reduction = if clip.mse_before > 0.0 { 1.0 - clip.mse_after / clip.mse_before } else { 0.0 };
+            layers.push(LayerReport {
+                layer: id.to_string(),
+                group_size: group,
+                tokens: x.rows,
+                mse_before: clip.mse_before,
+                mse_after: clip.mse_after,
+                reduction,
+                clipped_groups: clip.clipped_fraction(),
+            });
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mean_reduction = layers.iter().map(|l| l.reduction).sum::<f64>() / layers.len().max(1) as f64;
+    let summary = ClipSummary {
+        out: cfg.out.display().to_string(),
+        scheme: cfg.scheme.short_name().unwrap_or_else(|| "custom".into()),
+        layers,
+        mean_reduction,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    write_output(cfg, &dir, &tensors, &summary)?;
+    Ok(summary)
+}
+
+fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary) -> Result<()> {
+    let staging = PathBuf::from(format!("{}.partial", cfg.out.display()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
+    qat_train::student::save_safetensors(tensors, &staging.join("model.safetensors"))?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        let src = dir.dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, staging.join(f)).map_err(io(&src, "cannot copy"))?;
+        }
+    }
+    cfg.scheme.save(staging.join(qat_quant::SCHEME_FILE))?;
+    let provenance = serde_json::json!({
+        "tool": TOOL,
+        "config": cfg,
+        "init_weights_sha256": dir.weights_sha256()?,
+        "shards_manifest_sha256": manifests_sha256(&cfg.shards)?,
+        "report": summary,
+    });
+    let prov = staging.join("provenance.json");
+    std::fs::write(&prov, serde_json::to_string_pretty(&provenance).expect("json") + "\n").map_err(io(&prov, "cannot write"))?;
+    if cfg.out.exists() {
+        std::fs::remove_dir_all(&cfg.out).map_err(io(&cfg.out, "cannot replace"))?;
+    }
+    std::fs::rename(&staging, &cfg.out).map_err(io(&cfg.out, "cannot move the clipped model into place"))?;
+    Ok(())
+}
+
+fn manifests_sha256(dir: &Path) -> Result<String> {
+    let mut files: Vec<PathBuf> = qat_shards::list_manifests(dir)?.into_iter().map(|(p, _)| p).collect();
+    files.sort();
+    Ok(sha256_files(&files)?)
+}

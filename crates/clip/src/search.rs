@@ -1,0 +1,235 @@
+//! The clipping grid search of one linear layer: for every group of `group` consecutive inputs of
+//! every output row, the pair (max shrink, min shrink) whose clamped-then-quantized weights change
+//! the group's partial outputs on calibration inputs least (BitDistiller's `auto_2clip_layer`).
+//!
+//! For row `o`, group `g`, inputs `x_n` (n = 1..N) and weights `w` (original) / `ŵ` (clamped to
+//! `[min·r_min, max·r_max]`, then fake-quantized), the error is the mean over tokens of the
+//! squared change of the partial dot product:
+//!
+//! ```text
+//! err(o, g) = 1/N Σ_n (x_n,g · (ŵ_o,g − w_o,g))² = dᵀ C_g d / N,   d = ŵ_o,g − w_o,g,
+//! C_g = Σ_n x_n,g x_n,gᵀ   (the group's Gram matrix, computed once, in f64)
+//! ```
+//!
+//! Every pair of [`SHRINK_RATIOS`] for max and for min is tried (10 × 10); the first pair with
+//! the smallest error wins (strict `<`, so ties keep the smaller shrink, as the reference does).
+
+use crate::error::Result;
+use rayon::prelude::*;
+
+/// Shrink ratios tried for the max and, independently, for the min: 1 − i/20, i = 0..10.
+pub const SHRINK_RATIOS: [f32; 10] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55];
+
+/// The chosen clipping range of every group of a layer and what it achieved.
+#[derive(Debug, Clone)]
+pub struct LayerClip {
+    /// `[out, groups]` upper and lower clamp bounds.
+    pub max: Vec<f32>,
+    pub min: Vec<f32>,
+    /// `[out, groups]` indices into [`SHRINK_RATIOS`] of the chosen (max, min) shrink.
+    pub choice: Vec<(u8, u8)>,
+    /// Mean over groups of the error without clipping (plain round-to-nearest) and with the
+    /// chosen clipping.
+    pub mse_before: f64,
+    pub mse_after: f64,
+}
+
+impl LayerClip {
+    /// Clamps `w: [out, in]` (row-major) to the chosen per-group ranges, in place.
+    pub fn apply(&self, w: &mut [f32], in_features: usize, group: usize) {
+        let groups = in_features / group;
+        for (o, row) in w.chunks_mut(in_features).enumerate() {
+            for (g, chunk) in row.chunks_mut(group).enumerate() {
+                let (lo, hi) = (self.min[o * groups + g], self.max[o * groups + g]);
+                for v in chunk {
+                    *v = v.max(lo).min(hi);
+                }
+            }
+        }
+    }
+
+    /// Fraction of groups whose range was shrunk at all.
+    pub fn clipped_fraction(&self) -> f64 {
+        let n = self.choice.iter().filter(|&&c| c != (0, 0)).count();
+        n as f64 / self.choice.len().max(1) as f64
+    }
+}
+
+/// Per-group Gram matrices `C_g = Σ_n x_n,g x_n,gᵀ` of `x: [n, in]`, `[groups, group, group]`.
+fn gram(x: &[f32], in_features: usize, group: usize) -> Vec<f64> {
+    let groups = in_features / group;
+    let mut c = vec![0f64; groups * group * group];
+    c.par_chunks_mut(group * group).enumerate().for_each(|(g, c)| {
+        for row in x.chunks(in_features) {
+            let xg = &row[g * group..(g + 1) * group];
+            for a in 0..group {
+                let xa = f64::from(xg[a]);
+                for b in 0..group {
+                    c[a * group + b] += xa * f64::from(xg[b]);
+                }
+            }
+        }
+    });
+    c
+}
+
+/// `[out, groups]` errors `dᵀ C_g d / n` of `wq` against `w`.
+fn group_errors(w: &[f32], wq: &[f32], c: &[f64], n: usize, in_features: usize, group: usize) -> Vec<f64> {
+    let groups = in_features / group;
+    let mut err = vec![0f64; w.len() / group];
+    err.par_chunks_mut(groups).enumerate().for_each(|(o, err)| {
+        let mut d = vec![0f64; group];
+        for (g, e) in err.iter_mut().enumerate() {
+            let at = o * in_features + g * group;
+            for a in 0..group {
+                d[a] = f64::from(wq[at + a]) - f64::from(w[at + a]);
+            }
+            let cg = &c[g * group * group..(g + 1) * group * group];
+            let mut sum = 0.0;
+            for a in 0..group {
+                let mut row = 0.0;
+                for b in 0..group {
+                    row += cg[a * group + b] * d[b];
+                }
+                sum += d[a] * row;
+            }
+            *e = sum / n as f64;
+        }
+    });
+    err
+}
+
+/// Searches the clipping of one layer. `w: [out, in]` and `x: [n, in]` are row-major; `group`
+/// divides `in`; `fake_quant` quantize-dequantizes a whole `[out, in]` matrix with the layer's
+/// weight format (min/max taken per group, as training will).
+pub fn search_layer(
+    w: &[f32],
+    in_features: usize,
+    x: &[f32],
+    group: usize,
+    fake_quant: &dyn Fn(&[f32]) -> Result<Vec<f32>>,
+) -> Result<LayerClip> {
+    let n = x.len() / in_features;
+    let groups = in_features / group;
+    let cells = w.len() / group;
+    let c = gram(x, in_features, group);
+    let mut org_max = vec![0f32; cells];
+    let mut org_min = vec![0f32; cells];
+    for (i, chunk) in w.chunks(group).enumerate() {
+        org_max[i] = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        org_min[i] = chunk.iter().copied().fold(f32::INFINITY, f32::min);
+    }
+    let mut best_err = vec![f64::INFINITY; cells];
+    let mut choice = vec![(0u8, 0u8); cells];
+    let mut mse_before = 0.0;
+    let mut clamped = vec![0f32; w.len()];
+    for (i, &r_max) in SHRINK_RATIOS.iter().enumerate() {
+        for (j, &r_min) in SHRINK_RATIOS.iter().enumerate() {
+            for (cell, (dst, src)) in clamped.chunks_mut(group).zip(w.chunks(group)).enumerate() {
+                let (lo, hi) = (org_min[cell] * r_min, org_max[cell] * r_max);
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = s.max(lo).min(hi);
+                }
+            }
+            let wq = fake_quant(&clamped)?;
+            let err = group_errors(w, &wq, &c, n, in_features, group);
+            if (i, j) == (0, 0) {
+                mse_before = err.iter().sum::<f64>() / cells as f64;
+            }
+            for cell in 0..cells {
+                if err[cell] < best_err[cell] {
+                    best_err[cell] = err[cell];
+                    choice[cell] = (i as u8, j as u8);
+                }
+            }
+        }
+    }
+    let max = (0..cells).map(|c| org_max[c] * SHRINK_RATIOS[choice[c].0 as usize]).collect();
+    let min = (0..cells).map(|c| org_min[c] * SHRINK_RATIOS[choice[c].1 as usize]).collect();
+    let mse_after = best_err.iter().sum::<f64>() / cells as f64;
+    debug_assert_eq!(cells, w.len() / in_features * groups);
+    Ok(LayerClip { max, min, choice, mse_before, mse_after })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Asymmetric 2-bit round-to-nearest per group (the test's own, independent quantizer).
+    fn asym2(w: &[f32], group: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(w.len());
+        for g in w.chunks(group) {
+            let (lo, hi) = (g.iter().copied().fold(f32::INFINITY, f32::min), g.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            let s = ((hi - lo).max(1e-5)) / 3.0;
+            let z = (-(lo / s)).round_ties_even().clamp(0.0, 3.0);
+            out.extend(g.iter().map(|&v| (((v / s).round_ties_even() + z).clamp(0.0, 3.0) - z) * s));
+        }
+        out
+    }
+
+    /// Deterministic values roughly N(0, 1) (sum of uniforms), from an LCG.
+    fn normals(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        let mut uniform = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        (0..n).map(|_| (0..12).map(|_| uniform()).sum::<f32>() - 6.0).collect()
+    }
+
+    #[test]
+    fn two_bit_gaussian_groups_gain_from_clipping_and_match_brute_force() -> Result<()> {
+        let (out, inp, group, n) = (8, 64, 32, 96);
+        let w = normals(out * inp, 1);
+        let x = normals(n * inp, 2);
+        let clip = search_layer(&w, inp, &x, group, &|w| Ok(asym2(w, group)))?;
+        // 2-bit MinMax of Gaussian groups wastes levels on the tails: clipping must help a lot.
+        assert!(clip.mse_after < 0.8 * clip.mse_before, "{} vs {}", clip.mse_after, clip.mse_before);
+        assert!(clip.clipped_fraction() > 0.5);
+        // Brute force for row 3, group 1: partial outputs directly (no Gram matrix), all 100 pairs.
+        let (o, g) = (3, 1);
+        let wg = &w[o * inp + g * group..o * inp + (g + 1) * group];
+        let (mx, mn) = (wg.iter().copied().fold(f32::MIN, f32::max), wg.iter().copied().fold(f32::MAX, f32::min));
+        let mut best = (f64::INFINITY, 0, 0);
+        for (i, &ri) in SHRINK_RATIOS.iter().enumerate() {
+            for (j, &rj) in SHRINK_RATIOS.iter().enumerate() {
+                let clamped: Vec<f32> = wg.iter().map(|&v| v.max(mn * rj).min(mx * ri)).collect();
+                let q = asym2(&clamped, group);
+                let mut err = 0.0;
+                for row in x.chunks(inp) {
+                    let xg = &row[g * group..(g + 1) * group];
+                    let y: f64 = xg.iter().zip(wg).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                    let yq: f64 = xg.iter().zip(&q).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                    err += (yq - y) * (yq - y);
+                }
+                if err / (n as f64) < best.0 {
+                    best = (err / n as f64, i, j);
+                }
+            }
+        }
+        let cell = o * (inp / group) + g;
+        assert_eq!(clip.choice[cell], (best.1 as u8, best.2 as u8));
+        assert_eq!(clip.max[cell], mx * SHRINK_RATIOS[best.1]);
+        assert_eq!(clip.min[cell], mn * SHRINK_RATIOS[best.2]);
+        Ok(())
+    }
+
+    #[test]
+    fn error_is_exact_for_a_hand_worked_case() {
+        // x = [[1, 2], [3, 4]] → C = [[10, 14], [14, 20]]; d = (0.5, -0.25):
+        // dᵀCd = 10·0.25 − 2·14·0.125 + 20·0.0625 = 2.5 − 3.5 + 1.25 = 0.25; / n=2 → 0.125.
+        let c = gram(&[1.0, 2.0, 3.0, 4.0], 2, 2);
+        assert_eq!(c, vec![10.0, 14.0, 14.0, 20.0]);
+        let err = group_errors(&[0.0, 0.0], &[0.5, -0.25], &c, 2, 2, 2);
+        assert_eq!(err, vec![0.125]);
+    }
+
+    #[test]
+    fn apply_clamps_per_group() {
+        let clip = LayerClip { max: vec![1.0, 5.0], min: vec![-1.0, 0.0], choice: vec![(1, 1), (0, 0)], mse_before: 0.0, mse_after: 0.0 };
+        let mut w = vec![-3.0f32, 2.0, -3.0, 2.0];
+        clip.apply(&mut w, 4, 2);
+        assert_eq!(w, vec![-1.0, 1.0, 0.0, 2.0]);
+        assert_eq!(clip.clipped_fraction(), 0.5);
+    }
+}
