@@ -10,20 +10,8 @@
 #   make -f pipelines/llm-qat.mk BIN=target/release QAT_DATA=../shared/data OUT=out
 #   make -f pipelines/llm-qat.mk STUDENTS="W4A8KV8" -j2    # one more student, same shards
 
-QAT_DATA ?= ../shared/data
-BIN ?= target/release
-OUT ?= out
-MODEL ?= $(QAT_DATA)/models/stories260K
-MODEL_NAME ?= $(notdir $(MODEL))
-
-# Sampling (LLM-QAT: greedy 3..5 tokens from each vocabulary token, then T = 1 sampling).
-NUM_SEQ ?= 4096
-MAX_LEN ?= 256
-TOPK ?= 64
-SEED ?= 0
-SAMPLE_BATCH ?= 64
-SHARD_NAME ?= $(MODEL_NAME)-n$(NUM_SEQ)-len$(MAX_LEN)-k$(TOPK)-s$(SEED)
-SHARDS := $(OUT)/shards/$(SHARD_NAME)
+include pipelines/shards.mk
+.DEFAULT_GOAL := all
 
 # Students and the training recipe.
 STUDENTS ?= W4 W4A8KV8 W4A8KV4
@@ -36,23 +24,10 @@ TAG ?= -bal64
 RECIPE := $(SHARD_NAME)-e$(EPOCHS)-lr$(LR)$(TAG)
 STUDENT_DIR := $(OUT)/students/$(RECIPE)
 
-# Evaluation (docs mode: each story is BOS + text, truncated to SEQ_LEN tokens).
-EVAL_CORPUS ?= $(QAT_DATA)/corpora/tinystories/TinyStories-valid.first800.txt
-SEQ_LEN ?= 512
-EVAL := $(OUT)/eval/$(MODEL_NAME)
-
 .PHONY: all shards students report
-.DELETE_ON_ERROR:
 all: report
 shards: $(SHARDS).summary.json
 students: $(foreach s,$(STUDENTS),$(STUDENT_DIR)/$(s)/model.safetensors)
-
-# qat-sample's JSON summary is the stage's completion stamp.
-$(SHARDS).summary.json: $(MODEL)/model.safetensors $(MODEL)/config.json $(MODEL)/tokenizer.json
-	@mkdir -p $(dir $@)
-	$(BIN)/qat-sample --model $(MODEL) --out $(SHARDS) -n $(NUM_SEQ) --max-len $(MAX_LEN) \
-	    -K $(TOPK) --seed $(SEED) --batch-size $(SAMPLE_BATCH) > $@.tmp
-	mv $@.tmp $@
 
 # A student directory appears (renamed into place) only when training has finished.
 $(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json
@@ -61,19 +36,9 @@ $(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json
 	    --epochs $(EPOCHS) --lr $(LR) -b $(BATCH) --seed $(SEED) --resume $(DISTILL_FLAGS) \
 	    > $(STUDENT_DIR)/$*.distill.json
 
-$(EVAL)/fp.json: $(MODEL)/model.safetensors $(EVAL_CORPUS)
-	@mkdir -p $(dir $@)
-	$(BIN)/qat-eval --model $(MODEL) --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) --scheme FP > $@.tmp
-	mv $@.tmp $@
-
-$(EVAL)/rtn-%.json: $(MODEL)/model.safetensors $(EVAL_CORPUS)
-	@mkdir -p $(dir $@)
-	$(BIN)/qat-eval --model $(MODEL) --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) --scheme $* > $@.tmp
-	mv $@.tmp $@
-
 $(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(EVAL_CORPUS)
 	@mkdir -p $(dir $@)
-	$(BIN)/qat-eval --model $(STUDENT_DIR)/$* --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) > $@.tmp
+	$(BIN)/qat-eval --model $(STUDENT_DIR)/$* $(EVAL_FLAGS) > $@.tmp
 	mv $@.tmp $@
 
 REPORT := $(OUT)/report-$(RECIPE).md

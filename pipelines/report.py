@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Markdown table of FP / RTN / QAT perplexity from qat-eval JSON files (used by llm-qat.mk)."""
+"""Markdown table of FP / RTN / QAT perplexity from qat-eval JSON files (used by llm-qat.mk and
+bitdistiller.mk; the latter adds packed sizes and the clip-only baseline)."""
 import argparse
 import json
 import os
@@ -15,20 +16,37 @@ def main():
     ap.add_argument("--fp", required=True)
     ap.add_argument("--shards", required=True)
     ap.add_argument("--student", nargs=4, action="append", metavar=("SCHEME", "RTN", "QAT", "DIR"), default=[])
+    ap.add_argument("--packed", nargs=2, action="append", metavar=("SCHEME", "PACK_JSON"), default=[])
+    ap.add_argument("--clip-only", nargs=2, action="append", metavar=("SCHEME", "EVAL_JSON"), default=[])
     a = ap.parse_args()
+    packed = {k: load(v) for k, v in a.packed}
+    clip_only = {k: load(v) for k, v in a.clip_only}
     fp = load(a.fp)
     shard_bytes = sum(os.path.getsize(os.path.join(a.shards, f)) for f in os.listdir(a.shards))
     summary = load(a.shards + ".summary.json")
     print(f"Corpus `{os.path.basename(fp['corpus'])}` ({fp['tokens']} predicted tokens, docs mode, seq-len {fp['seq_len']}); "
           f"shards: {summary['sequences']} sequences, {summary['tokens']} tokens, {shard_bytes / 1e6:.1f} MB.\n")
-    print("| scheme | FP ppl | RTN ppl (x FP) | QAT ppl (x FP) | steps | train tokens | train wall s |")
-    print("|---|---|---|---|---|---|---|")
+    cols = ["scheme", "FP ppl", "RTN ppl (x FP)"]
+    if clip_only:
+        cols.append("clip-only ppl (x FP)")
+    cols += ["QAT ppl (x FP)", "steps", "train tokens", "train wall s"]
+    if packed:
+        cols += ["packed bits/weight (theory)", "packed MB"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
     for scheme, rtn_p, qat_p, sdir in a.student:
         rtn, qat = load(rtn_p), load(qat_p)
         prov = load(os.path.join(sdir, "provenance.json"))
         dist = load(sdir.rstrip("/") + ".distill.json")
-        print(f"| {scheme} | {fp['ppl']:.4f} | {rtn['ppl']:.4f} ({rtn['ppl'] / fp['ppl']:.3f}x) | "
-              f"{qat['ppl']:.4f} ({qat['ppl'] / fp['ppl']:.3f}x) | {prov['steps']} | {prov['tokens']} | {dist['seconds']:.0f} |")
+        ratio = lambda e: f"{e['ppl']:.4f} ({e['ppl'] / fp['ppl']:.3f}x)"
+        row = [scheme, f"{fp['ppl']:.4f}", ratio(rtn)]
+        if clip_only:
+            row.append(ratio(clip_only[scheme]) if scheme in clip_only else "")
+        row += [ratio(qat), str(prov["steps"]), str(prov["tokens"]), f"{dist['seconds']:.0f}"]
+        if packed:
+            p = packed.get(scheme)
+            row += [f"{p['bits_per_weight']:.3f} ({p['bits_per_weight_theory']:.3f})", f"{p['bytes'] / 1e6:.3f}"] if p else ["", ""]
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+# BitDistiller pipeline: data-free teacher shards (the same cached directory as llm-qat.mk) ->
+# asymmetric clipping init (qat-clip) -> QAT with the confidence-aware KL (qat-distill) ->
+# real bit-packing (qat-pack) -> perplexity of the packed model, plus FP, RTN and clip-only
+# baselines and a Markdown report.
+#
+#   make -f pipelines/bitdistiller.mk -j3                  # W3G32, NF3G32, W2G32 in parallel
+#   make -f pipelines/bitdistiller.mk LOSS=fkl CLIP=0      # ablations: forward KL, no clipping
+#
+# Student names are short scheme names; pipelines/schemes/<model>/<name>.json, if present,
+# overrides them (stories260K: down_proj groups of 43, since 32 does not divide 172).
+# Every target appears only when its stage has finished (tools rename into place), so an
+# interrupted run resumes and finished stages are never redone.
+
+include pipelines/shards.mk
+.DEFAULT_GOAL := all
+
+STUDENTS ?= W3G32 NF3G32 W2G32
+LOSS ?= cakld
+# 1: initialize the student from qat-clip's clamped weights; 0: from the teacher.
+CLIP ?= 1
+EPOCHS ?= 1
+LR ?= 1e-3
+BATCH ?= 16
+# Extra qat-distill flags; name them in TAG so that different recipes get different directories.
+DISTILL_FLAGS ?=
+TAG ?=
+CLIP_TAG := $(if $(filter 1,$(CLIP)),clip,noclip)
+RECIPE := $(SHARD_NAME)-$(LOSS)-$(CLIP_TAG)-e$(EPOCHS)-lr$(LR)$(TAG)
+CLIPPED := $(OUT)/clipped/$(SHARD_NAME)
+STUDENT_DIR := $(OUT)/students/$(RECIPE)
+PACKED_DIR := $(OUT)/packed/$(RECIPE)
+
+init_model = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1),$(MODEL))
+init_dep = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1)/model.safetensors,$(MODEL)/model.safetensors)
+
+.PHONY: all shards clipped students packed report
+all: report
+shards: $(SHARDS).summary.json
+clipped: $(foreach s,$(STUDENTS),$(CLIPPED)/$(s)/model.safetensors)
+students: $(foreach s,$(STUDENTS),$(STUDENT_DIR)/$(s)/model.safetensors)
+packed: $(foreach s,$(STUDENTS),$(PACKED_DIR)/$(s)/quant_scheme.json)
+
+$(CLIPPED)/%/model.safetensors: $(SHARDS).summary.json
+	@mkdir -p $(CLIPPED)
+	$(BIN)/qat-clip --model $(MODEL) --shards $(SHARDS) --scheme $(call scheme_arg,$*) \
+	    --out $(CLIPPED)/$* -q > $(CLIPPED)/$*.clip.json
+
+.SECONDEXPANSION:
+$(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json $$(call init_dep,$$*)
+	@mkdir -p $(STUDENT_DIR)
+	$(BIN)/qat-distill --model $(call init_model,$*) --shards $(SHARDS) --out $(STUDENT_DIR)/$* \
+	    --scheme $(call scheme_arg,$*) --loss $(LOSS) --epochs $(EPOCHS) --lr $(LR) -b $(BATCH) \
+	    --seed $(SEED) --resume $(DISTILL_FLAGS) > $(STUDENT_DIR)/$*.distill.json
+
+$(PACKED_DIR)/%/quant_scheme.json: $(STUDENT_DIR)/%/model.safetensors
+	@mkdir -p $(PACKED_DIR)
+	$(BIN)/qat-pack --model $(STUDENT_DIR)/$* --out $(PACKED_DIR)/$* > $(PACKED_DIR)/$*.pack.json
+
+# The clipped teacher without training (how much the initialization alone recovers).
+$(EVAL)/clip-$(SHARD_NAME)-%.json: $(CLIPPED)/%/model.safetensors $(EVAL_CORPUS)
+	@mkdir -p $(dir $@)
+	$(BIN)/qat-eval --model $(CLIPPED)/$* $(EVAL_FLAGS) > $@.tmp
+	mv $@.tmp $@
+
+$(EVAL)/bd-$(RECIPE)-%.json: $(PACKED_DIR)/%/quant_scheme.json $(EVAL_CORPUS)
+	@mkdir -p $(dir $@)
+	$(BIN)/qat-eval --model $(PACKED_DIR)/$* $(EVAL_FLAGS) > $@.tmp
+	mv $@.tmp $@
+
+REPORT := $(OUT)/report-bd-$(RECIPE).md
+report: $(REPORT)
+	@cat $(REPORT)
+$(REPORT): $(EVAL)/fp.json $(foreach s,$(STUDENTS),$(EVAL)/rtn-$(s).json $(EVAL)/bd-$(RECIPE)-$(s).json $(if $(filter 1,$(CLIP)),$(EVAL)/clip-$(SHARD_NAME)-$(s).json))
+	python3 pipelines/report.py --fp $(EVAL)/fp.json --shards $(SHARDS) \
+	    $(foreach s,$(STUDENTS),--student $(s) $(EVAL)/rtn-$(s).json $(EVAL)/bd-$(RECIPE)-$(s).json $(STUDENT_DIR)/$(s) \
+	    --packed $(s) $(PACKED_DIR)/$(s).pack.json \
+	    $(if $(filter 1,$(CLIP)),--clip-only $(s) $(EVAL)/clip-$(SHARD_NAME)-$(s).json)) > $@.tmp
+	mv $@.tmp $@
