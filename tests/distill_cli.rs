@@ -214,3 +214,26 @@ fn cakld_measures_gamma_from_the_shards_and_records_it() {
         assert!(log_losses(&o).iter().all(|l| l.is_finite() && *l > 0.0), "{loss}");
     }
 }
+
+/// Regression: `--resume` with `--balance-kv` must not rebalance again (the checkpoint holds the
+/// balanced weights); the resumed run equals an uninterrupted one and keeps the balance report.
+#[test]
+fn resume_with_balance_kv_keeps_the_first_balancing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let model = stories_dir();
+    let (m, s) = (model.to_str().unwrap(), shards.to_str().unwrap());
+    let out = tmp.path().join("s");
+    let o = out.to_str().unwrap();
+    let r = qat_distill(&distill_args(m, s, o, &["--balance-kv", "4", "--inject-nan-at", "7"]));
+    assert_eq!(r.status.code(), Some(2));
+    ok_json(&qat_distill(&distill_args(m, s, o, &["--balance-kv", "4", "--resume"])));
+    let whole = tmp.path().join("whole");
+    ok_json(&qat_distill(&distill_args(m, s, whole.to_str().unwrap(), &["--balance-kv", "4"])));
+    assert_eq!(log_losses(&whole), log_losses(&out));
+    assert_eq!(std::fs::read(whole.join("model.safetensors")).unwrap(), std::fs::read(out.join("model.safetensors")).unwrap());
+    let prov = |d: &std::path::Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join("provenance.json")).unwrap()).unwrap() };
+    assert!(prov(&out)["balance_kv"]["calibration_sequences"] == 4, "{}", prov(&out));
+    assert_eq!(prov(&out)["balance_kv"], prov(&whole)["balance_kv"]);
+}

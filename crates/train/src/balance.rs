@@ -42,7 +42,7 @@ impl QuantHooks for KvRanges {
 }
 
 /// Spread of channel maxima before and after (max / mean, averaged over layers).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct BalanceReport {
     pub calibration_sequences: usize,
     pub k_max_over_mean_before: f64,

@@ -87,6 +87,9 @@ struct CheckpointState {
     settings: TrainSettings,
     shards_manifest_sha256: String,
     init_weights_sha256: String,
+    /// The K/V rebalancing done before step 1 (already in the weights; not redone on resume).
+    #[serde(default)]
+    balance: Option<crate::balance::BalanceReport>,
 }
 
 /// One line of `train_log.jsonl`.
@@ -228,7 +231,9 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         }
         None => None,
     };
-    let balance = if s.balance_kv > 0 {
+    // Rebalancing changes the initial weights; a resumed run loads the balanced ones instead.
+    let resuming = cfg.resume && ckpt.join("state.json").is_file();
+    let mut balance = if s.balance_kv > 0 && !resuming {
         let calib: Vec<Vec<u32>> = set.records().take(s.balance_kv).map(|r| r.map(|r| r.tokens)).collect::<std::result::Result<_, _>>()?;
         Some(crate::balance::balance_kv(&mut student, &calib)?)
     } else {
@@ -258,6 +263,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         cursor = state.cursor;
         tokens_seen = state.tokens_seen;
         log_lines = state.log_lines;
+        balance = state.balance;
         resumed_from = Some(state.step);
         truncate_lines(&log_path, log_lines)?;
     } else {
@@ -321,7 +327,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         bar.set_message(format!("loss {step_loss:.4}"));
         if cfg.checkpoint_every > 0 && opt.step % cfg.checkpoint_every == 0 && opt.step < total {
             log.flush().map_err(io(&log_path, "cannot write training log"))?;
-            let state = CheckpointState { step: opt.step, cursor: data.cursor(), tokens_seen, log_lines, settings: s.clone(), shards_manifest_sha256: shards_sha.clone(), init_weights_sha256: init_sha.clone() };
+            let state = CheckpointState { step: opt.step, cursor: data.cursor(), tokens_seen, log_lines, settings: s.clone(), shards_manifest_sha256: shards_sha.clone(), init_weights_sha256: init_sha.clone(), balance: balance.clone() };
             write_checkpoint(&work, &student, &opt, &state)?;
             last_good = format!("last good checkpoint: step {} in {}", opt.step, ckpt.display());
         }
