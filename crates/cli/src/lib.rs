@@ -27,9 +27,24 @@ pub fn tune_allocator() {
     }
 }
 
+/// Runs candle's element-wise ops on the calling thread unless `CANDLE_NUM_THREADS` is set.
+///
+/// candle 0.11's element-wise thread pool waits for its workers by spinning; on a busy machine
+/// (or next to rayon, which runs qat's attention and fake-quant kernels and gemm's matmuls) the
+/// spinning threads take the cores from the ones doing the work. Measured by `make bench`
+/// (bench/RESULTS.md) at load ~8: qat-distill 1,635 → 4,479 tokens/s, qat-eval 6,327 → 8,985.
+/// Matmuls and qat's own kernels still use all rayon threads (`RAYON_NUM_THREADS`).
+pub fn tune_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Before any candle op (the pool reads the variable once, when it starts).
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// Runs `body`, prints an error chain once prefixed by `tool`, and maps the result to an exit code.
 pub fn main_with(tool: &str, body: impl FnOnce() -> anyhow::Result<Outcome>) -> ExitCode {
     tune_allocator();
+    tune_threads();
     match body() {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::CheckFailed) => ExitCode::from(1),

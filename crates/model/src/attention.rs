@@ -144,6 +144,10 @@ fn forward<T: Float>(q: &[T], k: &[T], v: &[T], d: Dims, pads: &[usize], scale: 
         let (bi, h) = (bh / d.nh, bh % d.nh);
         let qh = &q[bh * row..(bh + 1) * row];
         let kv = (bi * d.nkv + h / rep) * kv_head;
+        if d.t < DECODE_ROWS {
+            decode_rows(qh, &k[kv..kv + kv_head], &v[kv..kv + kv_head], d, pads[bi], scale, out);
+            return;
+        }
         let kt = transpose(&k[kv..kv + kv_head], d.s, d.hd);
         let vt = transpose(&v[kv..kv + kv_head], d.s, d.hd);
         let mut p = vec![T::ZERO; d.s];
@@ -156,6 +160,35 @@ fn forward<T: Float>(q: &[T], k: &[T], v: &[T], d: Dims, pads: &[usize], scale: 
         }
     });
     out
+}
+
+/// Below this many query rows (incremental decoding), attend over the keys in their stored
+/// `[s, hd]` layout: transposing the whole cache for one query would cost more than it saves.
+const DECODE_ROWS: usize = 8;
+
+/// Forward of one (batch row, head) for a few query rows, on row-major `k, v: [s, hd]`.
+fn decode_rows<T: Float>(qh: &[T], k: &[T], v: &[T], d: Dims, pad: usize, scale: T, out: &mut [T]) {
+    let mut p = vec![T::ZERO; d.s];
+    for i in 0..d.t {
+        let keys = visible(pad, d.s - d.t + i);
+        let qi = &qh[i * d.hd..(i + 1) * d.hd];
+        let mut max = T::NEG_INFINITY;
+        for j in keys.clone() {
+            p[j] = dot(qi, &k[j * d.hd..(j + 1) * d.hd]) * scale;
+            if p[j] > max {
+                max = p[j];
+            }
+        }
+        let mut sum = T::ZERO;
+        for j in keys.clone() {
+            p[j] = (p[j] - max).exp();
+            sum += p[j];
+        }
+        let oi = &mut out[i * d.hd..(i + 1) * d.hd];
+        for j in keys {
+            axpy(oi, p[j] / sum, &v[j * d.hd..(j + 1) * d.hd]);
+        }
+    }
 }
 
 /// Gradients `(dq, dk, dv)` for output gradient `dout` (`[b, nh, t, hd]`).
@@ -326,8 +359,9 @@ mod tests {
 
     #[test]
     fn matches_composed_ops_in_value_and_gradient() -> Result<()> {
-        // GQA (4 query heads on 2 kv heads), left padding, prefill (t = s) and a decode chunk (t < s).
-        for (t, s, pads) in [(5, 5, vec![0, 2]), (2, 6, vec![3, 0]), (1, 4, vec![0, 1])] {
+        // GQA (4 query heads on 2 kv heads), left padding, prefill (t = s) and chunks with t < s.
+        // t < DECODE_ROWS takes the row-major decode path, larger t the transposed one.
+        for (t, s, pads) in [(5, 5, vec![0, 2]), (2, 6, vec![3, 0]), (1, 4, vec![0, 1]), (9, 9, vec![0, 3]), (8, 11, vec![4, 0])] {
             let q = candle_core::Var::from_tensor(&random((2, 4, t, 3), 1)?)?;
             let k = candle_core::Var::from_tensor(&random((2, 2, s, 3), 2)?)?;
             let v = candle_core::Var::from_tensor(&random((2, 2, s, 3), 3)?)?;
