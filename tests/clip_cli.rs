@@ -78,3 +78,19 @@ fn missing_shards_are_a_clear_error() {
     assert!(stderr(&r).contains("no-such-shards"), "{}", stderr(&r));
     assert!(!out.exists());
 }
+
+#[test]
+fn a_full_disk_leaves_no_partial_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let out = tmp.path().join("clipped");
+    let model = stories_dir();
+    let mut args = vec!["--model", model.to_str().unwrap()];
+    args.extend(clip_args(shards.to_str().unwrap(), "W2CH", out.to_str().unwrap()));
+    // model.safetensors (~1 MB) does not fit under a 200 kB per-file limit.
+    let r = run_with_file_size_limit(env!("CARGO_BIN_EXE_qat-clip"), &args, 200_000);
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(stderr(&r).contains("File too large"), "{}", stderr(&r));
+    assert!(!out.exists() && !tmp.path().join("clipped.partial").exists(), "{:?}", names(tmp.path()));
+}

@@ -103,3 +103,121 @@ pub fn group_scheme(dir: &Path, kind: &str, bits: u8) -> PathBuf {
     std::fs::write(&path, json).unwrap();
     path
 }
+
+/// A temporary directory on a RAM file system when there is one (`/dev/shm`), else in the
+/// default temp dir: the fault tests run dozens of short jobs that fsync every file.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new().prefix("qat-test").tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+/// splitmix64: a tiny seeded generator, so that randomized fault points are reproducible.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n >= 1`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// Copies the regular files of `from` into a new directory `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// Every file under `dir`, recursively, as (relative path, bytes), sorted.
+pub fn tree_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(root: &Path, d: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push((p.strip_prefix(root).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+/// Spawns `bin args`, polls `trigger` (about every millisecond) until it returns true, then
+/// kills the process with SIGKILL. Returns `true` if the kill landed (the process was still
+/// running), `false` if it had already exited (its exit status must then be success).
+pub fn kill_when(bin: &str, args: &[String], mut trigger: impl FnMut(std::time::Duration) -> bool) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(status.success(), "{bin} failed on its own ({status}): {err}");
+            return false;
+        }
+        if trigger(started.elapsed()) {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "{bin}: trigger never fired");
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    match status.signal() {
+        Some(9) => true,
+        _ => {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(status.success(), "{bin} failed on its own ({status}): {err}");
+            false
+        }
+    }
+}
+
+/// Runs `bin args` with a file-size limit of `bytes` (RLIMIT_FSIZE) and SIGXFSZ ignored, so a
+/// write past the limit fails with EFBIG ("File too large"): a full disk, simulated without
+/// root. (`sh -c 'trap "" XFSZ; ulimit -f N; exec ...'` does the same from a shell.)
+pub fn run_with_file_size_limit(bin: &str, args: &[&str], bytes: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin);
+    cmd.args(args);
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("spawn")
+}

@@ -162,7 +162,16 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
 fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary) -> Result<()> {
     let staging = PathBuf::from(format!("{}.partial", cfg.out.display()));
     let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
+    let written = write_staging(cfg, dir, tensors, summary, &staging);
+    if written.is_err() {
+        // Nothing half written stays behind (e.g. a full disk).
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    written
+}
+
+fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary, staging: &Path) -> Result<()> {
+    std::fs::create_dir_all(staging).map_err(io(staging, "cannot create"))?;
     qat_train::student::save_safetensors(tensors, &staging.join("model.safetensors"))?;
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
         let src = dir.dir.join(f);
@@ -183,7 +192,7 @@ fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tens
     if cfg.out.exists() {
         std::fs::remove_dir_all(&cfg.out).map_err(io(&cfg.out, "cannot replace"))?;
     }
-    std::fs::rename(&staging, &cfg.out).map_err(io(&cfg.out, "cannot move the clipped model into place"))?;
+    std::fs::rename(staging, &cfg.out).map_err(io(&cfg.out, "cannot move the clipped model into place"))?;
     Ok(())
 }
 

@@ -113,39 +113,51 @@ pub fn pack(student: &Path, out: &Path) -> Result<PackSummary> {
             .map_err(PackError::io(&partial, "remove stale partial output"))?;
     }
     std::fs::create_dir_all(&partial).map_err(PackError::io(&partial, "create"))?;
-    for name in COPIED_FILES {
-        let src = student.join(name);
-        if src.is_file() {
-            copy_synced(&src, &partial.join(name))?;
+    // A failure from here on (e.g. a full disk) removes the partial directory: nothing
+    // half-written is left behind.
+    let written = (|| -> Result<PackSummary> {
+        for name in COPIED_FILES {
+            let src = student.join(name);
+            if src.is_file() {
+                copy_synced(&src, &partial.join(name))?;
+            }
         }
-    }
-    scheme
-        .save_to_dir(&partial)
-        .map_err(scheme_err(&partial.join(SCHEME_FILE), "cannot write"))?;
-    let file = partial.join(PACKED_FILE);
-    let bytes = st::write(&file, &meta.to_metadata(), tensors)?;
-    let packed_sha256 = sha256_files(std::slice::from_ref(&file))?;
-    let source_bytes = dir
-        .weight_files
-        .iter()
-        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-        .sum();
-    let mut summary = PackSummary {
-        out: out.to_path_buf(),
-        file: out.join(PACKED_FILE),
-        bytes,
-        dir_bytes: 0,
-        source_bytes,
-        size,
-        full_precision_layers: dir.config.num_layers * 7 - layers.len(),
-        scheme: scheme.short_name().unwrap_or_else(|| scheme.to_string()),
-        packed_sha256,
-        source_weights_sha256,
-        tool: TOOL.to_string(),
+        scheme
+            .save_to_dir(&partial)
+            .map_err(scheme_err(&partial.join(SCHEME_FILE), "cannot write"))?;
+        let file = partial.join(PACKED_FILE);
+        let bytes = st::write(&file, &meta.to_metadata(), tensors)?;
+        let packed_sha256 = sha256_files(std::slice::from_ref(&file))?;
+        let source_bytes = dir
+            .weight_files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        let mut summary = PackSummary {
+            out: out.to_path_buf(),
+            file: out.join(PACKED_FILE),
+            bytes,
+            dir_bytes: 0,
+            source_bytes,
+            size,
+            full_precision_layers: dir.config.num_layers * 7 - layers.len(),
+            scheme: scheme.short_name().unwrap_or_else(|| scheme.to_string()),
+            packed_sha256,
+            source_weights_sha256,
+            tool: TOOL.to_string(),
+        };
+        write_provenance(student, &partial, &summary)?;
+        summary.dir_bytes = dir_bytes(&partial)?;
+        sync_dir(&partial)?;
+        Ok(summary)
+    })();
+    let summary = match written {
+        Ok(summary) => summary,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
     };
-    write_provenance(student, &partial, &summary)?;
-    summary.dir_bytes = dir_bytes(&partial)?;
-    sync_dir(&partial)?;
     std::fs::rename(&partial, out).map_err(PackError::io(
         out,
         "rename the finished directory into place",

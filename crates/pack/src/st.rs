@@ -170,10 +170,15 @@ impl MappedFile {
             .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
             .max()
             .unwrap_or(0);
-        if found != 8 + n + end {
+        // A damaged offset near u64::MAX must not overflow (issue 5; a panic in builds with
+        // overflow checks, as the packed_reader fuzz target showed).
+        let Some(expected) = (8 + n).checked_add(end) else {
+            return Err(bad(format!("data_offsets end {end} is larger than any file")));
+        };
+        if found != expected {
             return Err(truncated(
                 "its size disagrees with the header (8 + header + tensor data)",
-                8 + n + end,
+                expected,
             ));
         }
         Ok(())

@@ -257,11 +257,23 @@ fn prepare_out_dir(out: &Path) -> Result<()> {
         });
     }
     std::fs::create_dir_all(out).map_err(|source| SampleError::Io { path: out.to_path_buf(), what: "cannot create output directory", source })?;
-    let probe = out.join(format!(".qat-sample-write-test.{}", std::process::id()));
+    let probe = out.join(format!("{PROBE_PREFIX}{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|source| SampleError::Io { path: out.to_path_buf(), what: "output directory is not writable", source })?;
     let _ = std::fs::remove_file(probe);
+    // A run killed between the write and the removal above left its probe behind: remove those
+    // too. (A concurrent partition's probe may go with them; it ignores its own removal failing.)
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for e in entries.flatten() {
+            if e.file_name().to_str().is_some_and(|n| n.starts_with(PROBE_PREFIX)) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(())
 }
+
+/// Name prefix of the empty file that checks the output directory is writable.
+const PROBE_PREFIX: &str = ".qat-sample-write-test.";
 
 fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });

@@ -215,11 +215,14 @@ impl ShardSetHeader {
     }
 }
 
-/// Collect `path: a vs b` for differing leaves (objects recursed one level deep into `teacher`).
+/// Collect `path: a vs b` for differing leaves (objects recursed one level deep into `teacher`
+/// and `sampling`, whose long JSON would otherwise be cut before the field that differs).
 fn diff_values(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
     use serde_json::Value;
     match (a, b) {
-        (Value::Object(ma), Value::Object(mb)) if prefix.is_empty() || prefix == "teacher" => {
+        (Value::Object(ma), Value::Object(mb))
+            if prefix.is_empty() || prefix == "teacher" || prefix == "sampling" =>
+        {
             let mut keys: Vec<&String> = ma.keys().chain(mb.keys()).collect();
             keys.sort();
             keys.dedup();

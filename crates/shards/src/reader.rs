@@ -8,6 +8,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, Float32Type, UInt16Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, ArrayRef, ListArray, RecordBatch};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::file::metadata::ParquetMetaData;
 
 use crate::error::{Result, ShardError};
 use crate::header::{ShardSetHeader, FORMAT_VERSION};
@@ -39,8 +40,13 @@ impl ShardFileReader {
     /// the scalar `qat.*` keys against it, check the schema and the row count.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| ShardError::io(path, "open", e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| ShardError::io(path, "stat", e))?
+            .len();
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| ShardError::parquet(path, e))?;
+        check_column_chunks(builder.metadata(), file_len).map_err(|m| ShardError::bad_file(path, m))?;
         let meta = builder.metadata().file_metadata();
         let kv: HashMap<&str, &str> = meta
             .key_value_metadata()
@@ -188,6 +194,29 @@ impl ShardFileReader {
     pub fn read_all(self) -> Result<Vec<SequenceRecord>> {
         self.records()?.collect()
     }
+}
+
+/// Every column chunk's byte range must lie inside the file. The Parquet library panics on a
+/// negative offset or size when it reads the chunk (found by fuzzing, issue 5), so a damaged
+/// footer is refused here, before any chunk is read.
+fn check_column_chunks(meta: &ParquetMetaData, file_len: u64) -> Result<(), String> {
+    for (g, rg) in meta.row_groups().iter().enumerate() {
+        for c in rg.columns() {
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+            let len = c.compressed_size();
+            let end = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(len).ok())
+                .and_then(|(s, l)| s.checked_add(l));
+            if end.is_none_or(|e| e > file_len) {
+                return Err(format!(
+                    "damaged footer: row group {g}, column {}: byte range {start} + {len} is not inside the file ({file_len} bytes)",
+                    c.column_path()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Streaming iterator over the records of one file; yields at most one `Err` and then ends.

@@ -31,7 +31,8 @@ impl ShardSet {
     /// Open `dir`: find `manifest.json` or `manifest.I-of-N.json` for every `I` in `0..N` (not
     /// both kinds), check equal headers (ignoring `tool`, `teacher.source`), completeness, that
     /// every file index `0..num_files` is listed exactly once, and that each listed file exists
-    /// with the recorded size. Content hashes are checked by [`ShardSet::verify`].
+    /// with the recorded size. Content hashes are checked by [`ShardSet::verify`] (all files) and
+    /// by [`ShardSet::file_records`] (each file as it is read).
     pub fn open(dir: &Path) -> Result<ShardSet> {
         if !dir.is_dir() {
             return Err(ShardError::bad_set(
@@ -225,9 +226,19 @@ impl ShardSet {
         Ok(())
     }
 
-    /// Open one file for streaming, checking its embedded metadata against the manifest.
+    /// Open one file for streaming: its SHA-256 must be the manifest's (a flipped byte inside
+    /// compressed pages can decode without any Parquet error, so the hash is the only reliable
+    /// check), and its embedded metadata must agree with the manifest.
     pub fn file_records(&self, entry: &FileEntry) -> Result<FileRecords> {
         let path = self.file_path(entry);
+        let actual = sha256_file(&path)?;
+        if actual != entry.sha256 {
+            return Err(ShardError::HashMismatch {
+                path,
+                expected: entry.sha256.clone(),
+                actual,
+            });
+        }
         let reader = ShardFileReader::open(&path)?;
         reader
             .header()

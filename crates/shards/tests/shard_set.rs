@@ -171,8 +171,12 @@ fn flipped_byte_is_caught_by_verify() {
     );
     assert!(!verify_entry(dir.path(), entry).unwrap());
     assert!(verify_entry(dir.path(), &set.files()[0]).unwrap());
-    // Reading the corrupted file must not panic (it may or may not decode).
-    let _ = set.read_file(entry);
+    // Reading the corrupted file is an error too: a flipped byte inside a compressed page can
+    // decode without any Parquet error (issue 5), so the reader checks the hash first.
+    let e = set.read_file(entry).unwrap_err();
+    assert!(matches!(e, ShardError::HashMismatch { .. }), "{e}");
+    let errs: Vec<_> = set.records().filter_map(|r| r.err()).collect();
+    assert!(matches!(errs.as_slice(), [ShardError::HashMismatch { .. }]), "{errs:?}");
 }
 
 #[test]

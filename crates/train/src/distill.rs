@@ -182,7 +182,11 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let model_dir = ModelDir::open(&cfg.model)?;
     s.scheme.validate_for(&model_dir.config)?;
     let set = ShardSet::open(&cfg.shards)?;
-    set.verify()?; // sha256 of every file: copied shards are checked before hours of training
+    // Before hours of training: the sha256 of every file (copied shards are checked) and every
+    // record (an id >= vocab or a NaN log-prob stops the run now, not mid-epoch).
+    for rec in set.records() {
+        rec?;
+    }
     let h = set.header().clone();
     let mismatch = |what: String| TrainError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what };
     let tok_sha = model_dir.tokenizer_sha256()?;
@@ -213,7 +217,14 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let ckpt = work.join("checkpoint");
     let log_path = work.join("train_log.jsonl");
     if cfg.out.exists() {
-        return Err(TrainError::Io { path: cfg.out.clone(), what: "output already exists (remove it to train again)", source: std::io::ErrorKind::AlreadyExists.into() });
+        // A run killed after moving its student into place, before removing its work dir,
+        // leaves both: say so, as the work dir (checkpoints) can be large.
+        let what = if work.is_dir() {
+            "output already exists (remove it to train again); its .work directory is left over from a run stopped after it had finished, and can be removed"
+        } else {
+            "output already exists (remove it to train again)"
+        };
+        return Err(TrainError::Io { path: cfg.out.clone(), what, source: std::io::ErrorKind::AlreadyExists.into() });
     }
     let mut student = Student::load(&model_dir, &dev)?;
     student.model.set_fused_kernels(false);
@@ -231,6 +242,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         }
         None => None,
     };
+    recover_interrupted_swap(&work)?;
     // Rebalancing changes the initial weights; a resumed run loads the balanced ones instead.
     let resuming = cfg.resume && ckpt.join("state.json").is_file();
     let mut balance = if s.balance_kv > 0 && !resuming {
@@ -388,17 +400,36 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     })
 }
 
-/// Writes the checkpoint to `work/checkpoint.tmp`, then swaps it in for `work/checkpoint`.
+/// A process killed between the two renames of [`write_checkpoint`]'s swap leaves
+/// `checkpoint.old` (complete) and no `checkpoint`: move it back, so that `--resume` continues
+/// from it instead of silently starting over from step 0.
+fn recover_interrupted_swap(work: &Path) -> Result<()> {
+    let (fin, old) = (work.join("checkpoint"), work.join("checkpoint.old"));
+    if !fin.exists() && old.join("state.json").is_file() {
+        std::fs::rename(&old, &fin).map_err(io(&old, "cannot restore the checkpoint of an interrupted swap"))?;
+    }
+    Ok(())
+}
+
+/// Writes the checkpoint to `work/checkpoint.tmp`, then swaps it in for `work/checkpoint`. On
+/// failure (e.g. a full disk) the partial `checkpoint.tmp` is removed; the last good checkpoint
+/// stays as it was.
 fn write_checkpoint(work: &Path, student: &Student, opt: &AdamW, state: &CheckpointState) -> Result<()> {
     let tmp = work.join("checkpoint.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = (|| {
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp, "cannot create checkpoint"))?;
+        save_safetensors(&student.tensors(), &tmp.join("weights.safetensors"))?;
+        save_safetensors(&opt.state_tensors(), &tmp.join("optimizer.safetensors"))?;
+        let state_path = tmp.join("state.json");
+        std::fs::write(&state_path, serde_json::to_string_pretty(state).expect("json")).map_err(io(&state_path, "cannot write"))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let fin = work.join("checkpoint");
     let old = work.join("checkpoint.old");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp, "cannot create checkpoint"))?;
-    save_safetensors(&student.tensors(), &tmp.join("weights.safetensors"))?;
-    save_safetensors(&opt.state_tensors(), &tmp.join("optimizer.safetensors"))?;
-    let state_path = tmp.join("state.json");
-    std::fs::write(&state_path, serde_json::to_string_pretty(state).expect("json")).map_err(io(&state_path, "cannot write"))?;
     // Swap: the old checkpoint stays valid until the new one is complete.
     let _ = std::fs::remove_dir_all(&old);
     if fin.exists() {
@@ -409,8 +440,16 @@ fn write_checkpoint(work: &Path, student: &Student, opt: &AdamW, state: &Checkpo
     Ok(())
 }
 
+/// Cuts the log back to the checkpoint's `keep` lines, atomically (a kill mid-rewrite must not
+/// lose lines the checkpoint counts), and refuses a log shorter than that.
 fn truncate_lines(path: &Path, keep: u64) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
+    let have = text.lines().count() as u64;
+    if have < keep {
+        return Err(TrainError::Checkpoint { path: path.to_path_buf(), what: format!("has {have} lines, fewer than the {keep} its checkpoint counts; cannot resume") });
+    }
     let kept: String = text.lines().take(keep as usize).map(|l| format!("{l}\n")).collect();
-    std::fs::write(path, kept).map_err(io(path, "cannot rewrite training log"))
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept).map_err(io(&tmp, "cannot rewrite training log"))?;
+    std::fs::rename(&tmp, path).map_err(io(path, "cannot rewrite training log"))
 }

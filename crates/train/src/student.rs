@@ -59,7 +59,10 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::tensor::serialize_to_file(sorted, Some(meta), &tmp).map_err(|e| crate::TrainError::Checkpoint { path: tmp.clone(), what: format!("cannot write: {e}") })?;
+    if let Err(e) = safetensors::tensor::serialize_to_file(sorted, Some(meta), &tmp) {
+        let _ = std::fs::remove_file(&tmp); // a full disk must not leave a partial file behind
+        return Err(crate::TrainError::Checkpoint { path: tmp, what: format!("cannot write: {e}") });
+    }
     std::fs::rename(&tmp, path).map_err(io(path, "cannot rename into place"))?;
     Ok(())
 }
