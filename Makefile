@@ -18,13 +18,16 @@ PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy
 PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)
 OUT ?= out
 
-.PHONY: all setup build test test-deps pipeline clean help
+.PHONY: all setup build test test-deps pipeline pipeline-bitdistiller fuzz clean help
 
 all: build
 
 help:
 	@echo "make pipeline   build, then run pipelines/llm-qat.mk on $(QAT_DATA)/models/stories260K"
 	@echo "make test       the test suite (CI runs exactly this)"
+	@echo "make pipeline-bitdistiller   clip -> CAKLD QAT -> pack -> eval (pipelines/bitdistiller.mk)"
+	@echo "make bench      CPU speed against PyTorch references (bench/RESULTS.md)"
+	@echo "make fuzz       cargo-fuzz the readers and the scheme parser (nightly)"
 	@echo "make build      release binaries into $(BIN)"
 
 setup: build test-deps
@@ -46,5 +49,23 @@ test: test-deps
 pipeline: build
 	$(MAKE) -f pipelines/llm-qat.mk BIN=$(BIN) QAT_DATA=$(QAT_DATA) OUT=$(OUT)
 
+# BitDistiller: the same cached shards -> qat-clip -> qat-distill --loss cakld -> qat-pack -> qat-eval.
+pipeline-bitdistiller: build
+	$(MAKE) -f pipelines/bitdistiller.mk BIN=$(BIN) QAT_DATA=$(QAT_DATA) OUT=$(OUT)
+
+# cargo-fuzz targets (shard reader, packed reader, scheme parser); needs a nightly toolchain and
+# cargo-fuzz; FUZZ_SECONDS per target (default 180). See fuzz/README.md.
+fuzz:
+	bash fuzz/run.sh
+
 clean:
 	rm -rf $(OUT)
+
+# CPU speed of qat-sample / qat-distill / qat-eval against PyTorch references, back to back, 2 threads
+# (not part of `make test`; ~20-25 min at 3 repeats; installs a pinned torch + transformers venv the first time,
+# in $(BENCH_VENV)). Results and method: bench/RESULTS.md. E.g. `make bench BENCH_FLAGS="--repeats 1"`.
+BENCH_VENV ?= $(HOME)/.cache/qat/bench-venv
+BENCH_FLAGS ?=
+.PHONY: bench
+bench: build
+	BENCH_VENV=$(BENCH_VENV) bash bench/run.sh --bin $(BIN) --data $(QAT_DATA) $(BENCH_FLAGS)

@@ -1,0 +1,73 @@
+"""Reference for `qat-eval`: Hugging Face transformers forward + log-softmax on CPU, float32, no grad.
+
+What it does (the PyTorch side of the "eval" row of `make bench`), mirroring `qat-eval --mode docs`:
+  * documents = the corpus split at `<|endoftext|>`, trimmed, empty ones dropped, the first
+    --limit of them; each is tokenized by the model's tokenizer.json (which prepends BOS, as
+    qat-eval does) and truncated to --seq-len tokens;
+  * the same batching as qat-eval: longest first, --batch sequences per forward pass, inputs are
+    all tokens but the last, padded to the longest of the batch (here right-padded with an
+    attention mask; qat-eval left-pads with per-row pads, same amount of padding);
+  * `LlamaForCausalLM(...).logits` under `torch.inference_mode()` (sdpa attention), then
+    log-softmax over the vocabulary at the real (non-padding) positions and the NLL of each next
+    token.
+Timing: wall clock over tokenization + all forward passes (model loading and imports excluded;
+qat-eval's own "seconds", which the harness reports, also includes its model load).
+Prints one JSON line on stdout with the NLL, so the two sides can be checked to agree.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--limit", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    text = open(a.corpus, encoding="utf-8").read()
+
+    with torch.inference_mode():
+        x = torch.tensor([[1, 2, 3]])
+        model(input_ids=x)  # warm-up, not counted
+        t0 = time.perf_counter()
+        docs = [d.strip() for d in text.split("<|endoftext|>") if d.strip()][: a.limit]
+        seqs = [ids[: a.seq_len] for ids in tok(docs)["input_ids"]]
+        seqs = sorted((s for s in seqs if len(s) >= 2), key=len, reverse=True)
+        nll, count = 0.0, 0
+        for b0 in range(0, len(seqs), a.batch):
+            batch = seqs[b0 : b0 + a.batch]
+            width = max(len(s) - 1 for s in batch)
+            inp = torch.zeros(len(batch), width, dtype=torch.long)
+            tgt = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for r, s in enumerate(batch):
+                n = len(s) - 1
+                inp[r, :n] = torch.tensor(s[:-1])
+                tgt[r, :n] = torch.tensor(s[1:])
+                mask[r, :n] = 1
+            logits = model(input_ids=inp, attention_mask=mask).logits  # [b, width, V]
+            real = mask.bool()
+            logp = torch.log_softmax(logits[real], dim=-1)  # [tokens, V]
+            nll -= float(logp.gather(1, tgt[real][:, None]).sum(dtype=torch.float64))
+            count += int(real.sum())
+        seconds = time.perf_counter() - t0
+
+    print(json.dumps({"side": "hf", "stage": "eval", "sequences": len(seqs), "tokens": count, "nll": nll / count,
+                      "seconds": seconds, "tokens_per_s": count / seconds,
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Reference for `qat-distill`: LLM-QAT-style fake-quant distillation in PyTorch eager, CPU, float32.
+
+The student is transformers' `LlamaForCausalLM` with every decoder linear layer (q, k, v, o,
+gate, up, down) replaced by `QuantLinear`, as LLM-QAT patches HF's Llama
+(facebookresearch/LLM-QAT, models/utils_quant.py `QuantizeLinear` + `SymQuantizer`):
+  * weights: symmetric per-output-channel MinMax, W bits, recomputed from the fp32 master weights
+    every step; scale = max|w_row| / (2^(W-1)-1), rounded to f16 as qat does; q = clamp(round(w/s));
+  * activations: symmetric per token (over the features of the linear layer's input), A bits, at
+    the input of every one of the seven linear layers;
+  * KV: symmetric per token on the k_proj / v_proj outputs over all kv heads x head_dim (the
+    [b, t, kv_heads*head_dim] projection output), before RoPE, KV bits;
+  * straight-through gradients: x + (q - x).detach() (formats/scheme.md, LLM-QAT);
+  * embeddings, RMSNorm weights and the (tied) LM head stay full precision; all parameters train.
+Loss (formats/distill-loss.md, `--loss fkl`): forward KL over the K+1 buckets {teacher top-K ids,
+tail}, teacher top-K log-probs read from the qat-sample shards, student tail from a logsumexp with
+the K ids masked to -inf; mean over trained positions (i >= prompt_len - 1). AdamW (0.9, 0.999,
+1e-8, no weight decay), global grad-norm clip 1.0, linear warmup + cosine lr as qat-distill.
+With --online-teacher (what the LLM-QAT reference trainer does): a full-precision teacher model
+is in the loop; each step it runs a no-grad forward on the batch, and the loss is the forward KL
+over the full vocabulary from its log-softmax (the shards then supply only the tokens).
+
+Batches: 16 sequences x 256 tokens (the whole shard row; the student runs on all 256 tokens, as
+qat-distill does, and the last position's logits are unused). The shards are decoded into
+memory before timing (qat-distill streams them from Parquet inside its steps).
+Timing: each step (batch assembly, forward, loss, backward, clip, AdamW) with perf_counter;
+--warmup steps are not counted; tokens/s = timed steps x batch x 256 / their seconds.
+Prints one JSON line on stdout.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+
+def ste(x, q):
+    """Straight-through estimator: value of q, gradient of x (LLM-QAT's SymQuantizer backward)."""
+    return x + (q - x).detach()
+
+
+def sym_qdq(x, bits, f16_scale=False):
+    """Symmetric quantize-dequantize with one scale per row of the last dim (no gradient)."""
+    qmax = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        scale = x.abs().amax(dim=-1, keepdim=True) / qmax
+        if f16_scale:  # the packed model stores f16 scales; qat fake-quantizes with them too
+            scale = scale.clamp(max=65504.0).half().float()
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.round(x / safe).clamp(-qmax, qmax)  # round half to even, like qat
+        return q * scale
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear (no bias) with W/A fake quantization and, for k_proj/v_proj, KV fake quantization."""
+
+    def __init__(self, lin, w_bits, a_bits, out_bits=None):
+        super().__init__()
+        self.weight = lin.weight  # same Parameter: the master weights
+        self.w_bits, self.a_bits, self.out_bits = w_bits, a_bits, out_bits
+
+    def forward(self, x):
+        if self.a_bits:
+            x = ste(x, sym_qdq(x, self.a_bits))  # per token
+        w = self.weight
+        if self.w_bits:
+            w = ste(w, sym_qdq(w, self.w_bits, f16_scale=True))  # per output channel
+        y = F.linear(x, w)
+        if self.out_bits:
+            y = ste(y, sym_qdq(y, self.out_bits))  # KV cache quantization, per token, before RoPE
+        return y
+
+
+def quantize_model(model, w_bits, a_bits, kv_bits):
+    for layer in model.model.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        at.q_proj = QuantLinear(at.q_proj, w_bits, a_bits)
+        at.k_proj = QuantLinear(at.k_proj, w_bits, a_bits, kv_bits)
+        at.v_proj = QuantLinear(at.v_proj, w_bits, a_bits, kv_bits)
+        at.o_proj = QuantLinear(at.o_proj, w_bits, a_bits)
+        mlp.gate_proj = QuantLinear(mlp.gate_proj, w_bits, a_bits)
+        mlp.up_proj = QuantLinear(mlp.up_proj, w_bits, a_bits)
+        mlp.down_proj = QuantLinear(mlp.down_proj, w_bits, a_bits)
+    return model
+
+
+def fkl_topk(logits, ids, lp):
+    """Forward KL over {top-K, tail} buckets, mean over rows. logits [N,V]; ids [N,K]; lp [N,K]."""
+    logz = torch.logsumexp(logits, -1)
+    lq = logits.gather(1, ids) - logz[:, None]
+    lr_q = torch.logsumexp(logits.scatter(1, ids, float("-inf")), -1) - logz
+    p = lp.exp()
+    r_p = (1.0 - p.double().sum(-1)).clamp(min=0.0).float()
+    tail = torch.where(r_p > 0, r_p * (torch.log(r_p.clamp(min=1e-30)) - lr_q), torch.zeros_like(r_p))
+    return ((p * (lp - lq)).sum(-1) + tail).mean()
+
+
+def fkl_full(logits, teacher_logprobs):
+    """Forward KL over the full vocabulary (online teacher), mean over rows."""
+    return (teacher_logprobs.exp() * (teacher_logprobs - torch.log_softmax(logits, -1))).sum(-1).mean()
+
+
+def load_shards(d):
+    """tokens [S,L] int64, prompt_len [S], top-K ids [S,L-1,K] int64, log-probs [S,L-1,K] f32."""
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    K = man["header"]["top_k"]
+    toks, plen, ids, lps = [], [], [], []
+    for f in sorted(glob.glob(os.path.join(d, "shard-*.parquet"))):
+        t = pq.read_table(f)
+        L = len(t["tokens"][0])
+        assert all(len(x) == L for x in t["tokens"].to_pylist()), "bench expects equal-length rows"
+        toks.append(pc.list_flatten(t["tokens"]).to_numpy().reshape(-1, L).astype(np.int64))
+        plen.append(t["prompt_len"].to_numpy().astype(np.int64))
+        ids.append(pc.list_flatten(t["topk_ids"]).to_numpy().reshape(-1, L - 1, K).astype(np.int64))
+        lps.append(pc.cast(pc.list_flatten(t["topk_logprobs"]), "float32").to_numpy().reshape(-1, L - 1, K))
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs))
+    return cat(toks), cat(plen), cat(ids), cat(lps)
+
+
+def lr_at(step, lr, warmup, total):
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    ap.add_argument("--w-bits", type=int, default=4)
+    ap.add_argument("--a-bits", type=int, default=8)
+    ap.add_argument("--kv-bits", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--online-teacher", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+
+    tokens, prompt_len, top_ids, top_lps = load_shards(a.shards)
+    S, L = tokens.shape
+    student = quantize_model(LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32), a.w_bits, a.a_bits, a.kv_bits).train()
+    teacher = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval() if a.online_teacher else None
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    order = torch.randperm(S)
+    pos = torch.arange(L - 1)
+    total = a.warmup + a.steps
+
+    times, losses = [], []
+    for step in range(total):
+        t0 = time.perf_counter()
+        idx = order[(torch.arange(a.batch) + step * a.batch) % S]
+        x = tokens[idx]  # [B, L]
+        trained = pos[None, :] >= (prompt_len[idx][:, None] - 1)  # [B, L-1]
+        logits = student(input_ids=x).logits[:, : L - 1][trained]  # [N, V]
+        if teacher is None:
+            loss = fkl_topk(logits, top_ids[idx][trained], top_lps[idx][trained])
+        else:
+            with torch.no_grad():
+                tl = torch.log_softmax(teacher(input_ids=x).logits[:, : L - 1][trained], -1)
+            loss = fkl_full(logits, tl)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.lr, 10, total)
+        opt.step()
+        losses.append(float(loss))
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t0)
+
+    tokens_timed = a.steps * a.batch * L
+    print(json.dumps({"side": "torch", "stage": "distill", "online_teacher": a.online_teacher,
+                      "scheme": f"W{a.w_bits}A{a.a_bits}KV{a.kv_bits}", "batch": a.batch, "seq_len": L,
+                      "timed_steps": a.steps, "warmup_steps": a.warmup, "seconds": sum(times),
+                      "tokens_per_s": tokens_timed / sum(times), "median_step_s": float(np.median(times)),
+                      "first_loss": losses[0], "last_loss": losses[-1],
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
