@@ -10,7 +10,7 @@ use crate::error::{io, ClipError, Result};
 use crate::search::search_layer;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use qat_model::{sha256_files, LinearId, LinearKind, Llama, ModelDir};
+use qat_model::{LinearId, LinearKind, Llama, ModelDir};
 use qat_quant::{fake::fake_weight, Scheme};
 use qat_shards::ShardSet;
 use indicatif::{ProgressBar, ProgressDrawTarget};
@@ -77,16 +77,10 @@ fn load_tensors(dir: &ModelDir, dev: &Device) -> Result<HashMap<String, Tensor>>
 }
 
 fn check_shards(cfg: &ClipConfig, set: &ShardSet, dir: &ModelDir) -> Result<()> {
-    let h = set.header();
-    let mismatch = |what: String| ClipError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what };
-    let tok_sha = dir.tokenizer_sha256()?;
-    if h.teacher.tokenizer_sha256 != tok_sha {
-        return Err(mismatch(format!("tokenizer.json sha256 {} differs from the shards' teacher tokenizer {}", &tok_sha[..12], &h.teacher.tokenizer_sha256[..12])));
+    match set.header().teacher_mismatch(&dir.tokenizer_sha256()?, dir.config.vocab_size) {
+        Some(what) => Err(ClipError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what }),
+        None => Ok(()),
     }
-    if h.teacher.vocab_size as usize != dir.config.vocab_size {
-        return Err(mismatch(format!("vocab size {} but the shards' teacher has {}", dir.config.vocab_size, h.teacher.vocab_size)));
-    }
-    Ok(())
 }
 
 /// Runs the clipping search over every quantized linear layer and writes the clipped model.
@@ -155,14 +149,14 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
         mean_reduction,
         seconds: started.elapsed().as_secs_f64(),
     };
-    write_output(cfg, &dir, &tensors, &summary)?;
+    write_output(cfg, &dir, &tensors, &summary, &set.manifests_sha256()?)?;
     Ok(summary)
 }
 
-fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary) -> Result<()> {
+fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary, shards_sha: &str) -> Result<()> {
     let staging = PathBuf::from(format!("{}.partial", cfg.out.display()));
     let _ = std::fs::remove_dir_all(&staging);
-    let written = write_staging(cfg, dir, tensors, summary, &staging);
+    let written = write_staging(cfg, dir, tensors, summary, shards_sha, &staging);
     if written.is_err() {
         // Nothing half written stays behind (e.g. a full disk).
         let _ = std::fs::remove_dir_all(&staging);
@@ -170,7 +164,7 @@ fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tens
     written
 }
 
-fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary, staging: &Path) -> Result<()> {
+fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary, shards_sha: &str, staging: &Path) -> Result<()> {
     std::fs::create_dir_all(staging).map_err(io(staging, "cannot create"))?;
     qat_train::student::save_safetensors(tensors, &staging.join("model.safetensors"))?;
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
@@ -184,7 +178,7 @@ fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Ten
         "tool": TOOL,
         "config": cfg,
         "init_weights_sha256": dir.weights_sha256()?,
-        "shards_manifest_sha256": manifests_sha256(&cfg.shards)?,
+        "shards_manifest_sha256": shards_sha,
         "report": summary,
     });
     let prov = staging.join("provenance.json");
@@ -196,8 +190,3 @@ fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Ten
     Ok(())
 }
 
-fn manifests_sha256(dir: &Path) -> Result<String> {
-    let mut files: Vec<PathBuf> = qat_shards::list_manifests(dir)?.into_iter().map(|(p, _)| p).collect();
-    files.sort();
-    Ok(sha256_files(&files)?)
-}

@@ -125,6 +125,24 @@ pub fn shard_file_name(file_index: u32) -> String {
 }
 
 impl ShardSetHeader {
+    /// Why a model with this `tokenizer.json` sha256 and vocabulary size cannot be trained or
+    /// calibrated on these shards (its token ids would mean other tokens), or None if it can.
+    pub fn teacher_mismatch(&self, tokenizer_sha256: &str, vocab_size: usize) -> Option<String> {
+        let theirs = &self.teacher.tokenizer_sha256;
+        if theirs != tokenizer_sha256 {
+            let short = |s: &str| s.chars().take(12).collect::<String>();
+            return Some(format!(
+                "tokenizer.json sha256 {} differs from the shards' teacher tokenizer {}",
+                short(tokenizer_sha256),
+                short(theirs)
+            ));
+        }
+        if self.teacher.vocab_size as usize != vocab_size {
+            return Some(format!("vocab_size {vocab_size} differs from the shards' {}", self.teacher.vocab_size));
+        }
+        None
+    }
+
     /// Check internal consistency (version, K range, id dtype, file count).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ShardError::InvalidHeader(m));

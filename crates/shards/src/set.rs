@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, ShardError};
+use sha2::Digest;
 use crate::hash::sha256_file;
 use crate::header::{shard_file_name, ShardSetHeader};
 use crate::manifest::{list_manifests, FileEntry, Manifest};
@@ -186,6 +187,19 @@ impl ShardSet {
     }
 
     /// The shared header (taken from partition 0's manifest).
+    /// sha256 over the set's manifest files (sorted by name): the identity of the shard set that
+    /// provenance records.
+    pub fn manifests_sha256(&self) -> Result<String> {
+        let mut files: Vec<PathBuf> = list_manifests(&self.dir)?.into_iter().map(|(p, _)| p).collect();
+        files.sort();
+        let mut hasher = sha2::Sha256::new();
+        for f in &files {
+            let bytes = std::fs::read(f).map_err(|e| ShardError::io(f, "cannot read manifest", e))?;
+            hasher.update(&bytes);
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+
     pub fn header(&self) -> &ShardSetHeader {
         &self.header
     }

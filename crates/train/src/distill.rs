@@ -12,7 +12,7 @@ use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrConfig, Sch
 use crate::student::{save_safetensors, Student};
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use qat_model::{sha256_files, ModelDir};
+use qat_model::ModelDir;
 use qat_quant::{FakeQuant, Scheme};
 use qat_shards::{SequenceRecord, ShardSet};
 use serde::{Deserialize, Serialize};
@@ -122,12 +122,6 @@ pub struct DistillSummary {
 
 const TOOL: &str = concat!("qat-distill ", env!("CARGO_PKG_VERSION"));
 
-fn manifests_sha256(dir: &Path) -> Result<String> {
-    let mut files: Vec<PathBuf> = qat_shards::list_manifests(dir)?.into_iter().map(|(p, _)| p).collect();
-    files.sort();
-    Ok(sha256_files(&files)?)
-}
-
 /// Tokens `[B, T]` right-padded, plus the flat row indices `b * T + i` of trained positions and
 /// their teacher targets.
 fn batch_tensors(recs: &[SequenceRecord], k: usize, vocab: usize, dev: &Device) -> Result<(Tensor, Tensor, TopKTargets, u64)> {
@@ -189,14 +183,10 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     }
     let h = set.header().clone();
     let mismatch = |what: String| TrainError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what };
-    let tok_sha = model_dir.tokenizer_sha256()?;
-    if h.teacher.tokenizer_sha256 != tok_sha {
-        return Err(mismatch(format!("tokenizer.json sha256 {} differs from the shards' teacher tokenizer {}", &tok_sha[..12], &h.teacher.tokenizer_sha256[..12])));
+    if let Some(what) = h.teacher_mismatch(&model_dir.tokenizer_sha256()?, model_dir.config.vocab_size) {
+        return Err(mismatch(what));
     }
-    if h.teacher.vocab_size as usize != model_dir.config.vocab_size {
-        return Err(mismatch(format!("vocab_size {} differs from the shards' {}", model_dir.config.vocab_size, h.teacher.vocab_size)));
-    }
-    let shards_sha = manifests_sha256(&cfg.shards)?;
+    let shards_sha = set.manifests_sha256()?;
     // CAKLD's gamma: measured from the shards unless given (also with an online teacher: the
     // shards hold the same teacher's top-1 probabilities).
     let confidence: Option<TeacherConfidence> = match (s.loss, s.cakld_gamma) {
