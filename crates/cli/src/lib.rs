@@ -34,10 +34,18 @@ pub fn tune_allocator() {
 /// spinning threads take the cores from the ones doing the work. Measured by `make bench`
 /// (bench/RESULTS.md) at load ~8: qat-distill 1,635 → 4,479 tokens/s, qat-eval 6,327 → 8,985.
 /// Matmuls and qat's own kernels still use all rayon threads (`RAYON_NUM_THREADS`).
+///
+/// `RAYON_NUM_THREADS` is also pinned (to the available parallelism, rayon's own default):
+/// without it candle looks up its default thread count on every matmul, by reading and
+/// parsing `/proc/cpuinfo` (~5% of a `qat-sample` run in `perf`).
 pub fn tune_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // Before any candle op (the pool reads the variable once, when it starts).
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 

@@ -21,23 +21,30 @@ trait Float:
     Copy + Send + Sync + PartialOrd + AddAssign + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + 'static
 {
     const ZERO: Self;
-    const NEG_INFINITY: Self;
-    fn exp(self) -> Self;
+    /// Replaces the non-empty, finite `p` by `softmax(p)`.
+    fn softmax_in_place(p: &mut [Self]);
 }
 
 impl Float for f32 {
     const ZERO: Self = 0.0;
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    fn exp(self) -> Self {
-        f32::exp(self)
+    #[inline(always)]
+    fn softmax_in_place(p: &mut [Self]) {
+        crate::fastmath::softmax_in_place(p)
     }
 }
 
 impl Float for f64 {
     const ZERO: Self = 0.0;
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    fn exp(self) -> Self {
-        f64::exp(self)
+    fn softmax_in_place(p: &mut [Self]) {
+        let max = p.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0.0;
+        for x in p.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        for x in p.iter_mut() {
+            *x /= sum;
+        }
     }
 }
 
@@ -68,6 +75,7 @@ impl Dims {
 }
 
 /// Key columns visible to query column `col` of a row with `pad` padding columns.
+#[inline(always)]
 fn visible(pad: usize, col: usize) -> Range<usize> {
     if col >= pad {
         pad..col + 1
@@ -77,6 +85,7 @@ fn visible(pad: usize, col: usize) -> Range<usize> {
 }
 
 /// `Σ a_i b_i` with eight independent partial sums, so that the loop vectorizes.
+#[inline(always)]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::ZERO; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -97,6 +106,7 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 }
 
 /// `y += alpha · x`.
+#[inline(always)]
 fn axpy<T: Float>(y: &mut [T], alpha: T, x: &[T]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += alpha * x;
@@ -104,6 +114,7 @@ fn axpy<T: Float>(y: &mut [T], alpha: T, x: &[T]) {
 }
 
 /// `[s, hd]` row-major → `[hd, s]` row-major, so that loops over keys run over contiguous memory.
+#[inline(always)]
 fn transpose<T: Float>(x: &[T], s: usize, hd: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; s * hd];
     for j in 0..s {
@@ -115,51 +126,75 @@ fn transpose<T: Float>(x: &[T], s: usize, hd: usize) -> Vec<T> {
 }
 
 /// Fills `p[keys]` with the softmax of `scale · qi·k_j` over the visible keys; `kt` is `[hd, s]`.
+#[inline(always)]
 fn softmax_row<T: Float>(qi: &[T], kt: &[T], s: usize, keys: Range<usize>, scale: T, p: &mut [T]) {
     let p = &mut p[keys.clone()];
     p.fill(T::ZERO);
     for (c, &qc) in qi.iter().enumerate() {
         axpy(p, qc * scale, &kt[c * s + keys.start..c * s + keys.end]);
     }
-    let mut max = T::NEG_INFINITY;
-    for &x in p.iter() {
-        if x > max {
-            max = x;
+    T::softmax_in_place(p);
+}
+
+fn forward<T: Float>(q: &[T], k: KvBlocks<T>, v: KvBlocks<T>, d: Dims, pads: &[usize], scale: T) -> Vec<T> {
+    let row = d.t * d.hd;
+    let mut out = vec![T::ZERO; d.b * d.nh * row];
+    let avx2 = has_avx2_fma();
+    out.par_chunks_mut(row).enumerate().for_each(|(bh, out)| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { forward_head_avx2(q, k, v, d, pads, scale, bh, out) };
         }
+        let _ = avx2;
+        forward_head(q, k, v, d, pads, scale, bh, out)
+    });
+    out
+}
+
+/// Whether the kernels may run their AVX2 + FMA builds. The results are the same bit for bit
+/// (Rust never fuses a multiply and an add on its own, and the reductions have fixed lanes);
+/// only the vector width changes.
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
-    let mut sum = T::ZERO;
-    for x in p.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    for x in p.iter_mut() {
-        *x = *x / sum;
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
-fn forward<T: Float>(q: &[T], k: &[T], v: &[T], d: Dims, pads: &[usize], scale: T) -> Vec<T> {
-    let (rep, row, kv_head) = (d.nh / d.nkv, d.t * d.hd, d.s * d.hd);
-    let mut out = vec![T::ZERO; d.b * d.nh * row];
-    out.par_chunks_mut(row).enumerate().for_each(|(bh, out)| {
-        let (bi, h) = (bh / d.nh, bh % d.nh);
-        let qh = &q[bh * row..(bh + 1) * row];
-        let kv = (bi * d.nkv + h / rep) * kv_head;
-        if d.t < DECODE_ROWS {
-            decode_rows(qh, &k[kv..kv + kv_head], &v[kv..kv + kv_head], d, pads[bi], scale, out);
-            return;
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_head_avx2<T: Float>(q: &[T], k: KvBlocks<T>, v: KvBlocks<T>, d: Dims, pads: &[usize], scale: T, bh: usize, out: &mut [T]) {
+    forward_head(q, k, v, d, pads, scale, bh, out)
+}
+
+/// Output rows `out: [t, hd]` of (batch row, head) `bh`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_head<T: Float>(q: &[T], k: KvBlocks<T>, v: KvBlocks<T>, d: Dims, pads: &[usize], scale: T, bh: usize, out: &mut [T]) {
+    let (rep, row) = (d.nh / d.nkv, d.t * d.hd);
+    let (bi, h) = (bh / d.nh, bh % d.nh);
+    let qh = &q[bh * row..(bh + 1) * row];
+    let (kh, vh) = (k.block(bi, h / rep), v.block(bi, h / rep));
+    if d.t < DECODE_ROWS {
+        decode_rows(qh, kh, vh, d, pads[bi], scale, out);
+        return;
+    }
+    let kt = transpose(kh, d.s, d.hd);
+    let vt = transpose(vh, d.s, d.hd);
+    let mut p = vec![T::ZERO; d.s];
+    for i in 0..d.t {
+        let keys = visible(pads[bi], d.s - d.t + i);
+        softmax_row(&qh[i * d.hd..(i + 1) * d.hd], &kt, d.s, keys.clone(), scale, &mut p);
+        for (c, o) in out[i * d.hd..(i + 1) * d.hd].iter_mut().enumerate() {
+            *o = dot(&p[keys.clone()], &vt[c * d.s + keys.start..c * d.s + keys.end]);
         }
-        let kt = transpose(&k[kv..kv + kv_head], d.s, d.hd);
-        let vt = transpose(&v[kv..kv + kv_head], d.s, d.hd);
-        let mut p = vec![T::ZERO; d.s];
-        for i in 0..d.t {
-            let keys = visible(pads[bi], d.s - d.t + i);
-            softmax_row(&qh[i * d.hd..(i + 1) * d.hd], &kt, d.s, keys.clone(), scale, &mut p);
-            for (c, o) in out[i * d.hd..(i + 1) * d.hd].iter_mut().enumerate() {
-                *o = dot(&p[keys.clone()], &vt[c * d.s + keys.start..c * d.s + keys.end]);
-            }
-        }
-    });
-    out
+    }
 }
 
 /// Below this many query rows (incremental decoding), attend over the keys in their stored
@@ -167,26 +202,19 @@ fn forward<T: Float>(q: &[T], k: &[T], v: &[T], d: Dims, pads: &[usize], scale: 
 const DECODE_ROWS: usize = 8;
 
 /// Forward of one (batch row, head) for a few query rows, on row-major `k, v: [s, hd]`.
+#[inline(always)]
 fn decode_rows<T: Float>(qh: &[T], k: &[T], v: &[T], d: Dims, pad: usize, scale: T, out: &mut [T]) {
     let mut p = vec![T::ZERO; d.s];
     for i in 0..d.t {
         let keys = visible(pad, d.s - d.t + i);
         let qi = &qh[i * d.hd..(i + 1) * d.hd];
-        let mut max = T::NEG_INFINITY;
         for j in keys.clone() {
             p[j] = dot(qi, &k[j * d.hd..(j + 1) * d.hd]) * scale;
-            if p[j] > max {
-                max = p[j];
-            }
         }
-        let mut sum = T::ZERO;
-        for j in keys.clone() {
-            p[j] = (p[j] - max).exp();
-            sum += p[j];
-        }
+        T::softmax_in_place(&mut p[keys.clone()]);
         let oi = &mut out[i * d.hd..(i + 1) * d.hd];
         for j in keys {
-            axpy(oi, p[j] / sum, &v[j * d.hd..(j + 1) * d.hd]);
+            axpy(oi, p[j], &v[j * d.hd..(j + 1) * d.hd]);
         }
     }
 }
@@ -198,50 +226,84 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], dout: &[T], d: Dims, pads: &[us
     let mut dq = vec![T::ZERO; d.b * d.nh * d.t * d.hd];
     let mut dk = vec![T::ZERO; d.b * d.nkv * kv_head];
     let mut dv = vec![T::ZERO; d.b * d.nkv * kv_head];
+    let avx2 = has_avx2_fma();
+    let x = Inputs { q, k, v, dout };
     // One task per (batch row, kv head): it owns that kv head's dk/dv and its query heads' dq.
     dq.par_chunks_mut(q_group)
         .zip(dk.par_chunks_mut(kv_head).zip(dv.par_chunks_mut(kv_head)))
         .enumerate()
         .for_each(|(c, (dq, (dk, dv)))| {
-            let (bi, s, hd) = (c / d.nkv, d.s, d.hd);
-            let kt = transpose(&k[c * kv_head..(c + 1) * kv_head], s, hd);
-            let vt = transpose(&v[c * kv_head..(c + 1) * kv_head], s, hd);
-            let (mut dkt, mut dvt) = (vec![T::ZERO; kv_head], vec![T::ZERO; kv_head]);
-            let (mut p, mut ds) = (vec![T::ZERO; s], vec![T::ZERO; s]);
-            for r in 0..rep {
-                for i in 0..d.t {
-                    let at = c * q_group + (r * d.t + i) * hd;
-                    let (qi, doi) = (&q[at..at + hd], &dout[at..at + hd]);
-                    let keys = visible(pads[bi], s - d.t + i);
-                    let (lo, hi) = (keys.start, keys.end);
-                    softmax_row(qi, &kt, s, keys, scale, &mut p);
-                    // dp_j = do_i · v_j, then ds_j = p_j (dp_j - Σ_l p_l dp_l) · scale.
-                    let ds = &mut ds[lo..hi];
-                    ds.fill(T::ZERO);
-                    for (c, &g) in doi.iter().enumerate() {
-                        axpy(ds, g, &vt[c * s + lo..c * s + hi]);
-                    }
-                    let p = &p[lo..hi];
-                    let p_dot_dp = dot(p, ds);
-                    for (x, &pj) in ds.iter_mut().zip(p) {
-                        *x = pj * (*x - p_dot_dp) * scale;
-                    }
-                    let dqi = &mut dq[(r * d.t + i) * hd..(r * d.t + i + 1) * hd];
-                    for c in 0..hd {
-                        dqi[c] = dot(ds, &kt[c * s + lo..c * s + hi]);
-                        axpy(&mut dkt[c * s + lo..c * s + hi], qi[c], ds);
-                        axpy(&mut dvt[c * s + lo..c * s + hi], doi[c], p);
-                    }
-                }
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+                return unsafe { backward_group_avx2(x, d, pads, scale, c, dq, dk, dv) };
             }
-            for j in 0..s {
-                for c in 0..hd {
-                    dk[j * hd + c] = dkt[c * s + j];
-                    dv[j * hd + c] = dvt[c * s + j];
-                }
-            }
+            let _ = avx2;
+            backward_group(x, d, pads, scale, c, dq, dk, dv)
         });
     (dq, dk, dv)
+}
+
+/// The forward inputs and the output gradient of a backward pass (contiguous).
+#[derive(Clone, Copy)]
+struct Inputs<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    dout: &'a [T],
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_group_avx2<T: Float>(x: Inputs<T>, d: Dims, pads: &[usize], scale: T, c: usize, dq: &mut [T], dk: &mut [T], dv: &mut [T]) {
+    backward_group(x, d, pads, scale, c, dq, dk, dv)
+}
+
+/// Gradients of (batch row, kv head) `c`: its `dk, dv: [s, hd]` and its query heads' dq.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_group<T: Float>(x: Inputs<T>, d: Dims, pads: &[usize], scale: T, c: usize, dq: &mut [T], dk: &mut [T], dv: &mut [T]) {
+    let Inputs { q, k, v, dout } = x;
+    let rep = d.nh / d.nkv;
+    let (q_group, kv_head) = (rep * d.t * d.hd, d.s * d.hd);
+    let (bi, s, hd) = (c / d.nkv, d.s, d.hd);
+    let kt = transpose(&k[c * kv_head..(c + 1) * kv_head], s, hd);
+    let vt = transpose(&v[c * kv_head..(c + 1) * kv_head], s, hd);
+    let (mut dkt, mut dvt) = (vec![T::ZERO; kv_head], vec![T::ZERO; kv_head]);
+    let (mut p, mut ds) = (vec![T::ZERO; s], vec![T::ZERO; s]);
+    for r in 0..rep {
+        for i in 0..d.t {
+            let at = c * q_group + (r * d.t + i) * hd;
+            let (qi, doi) = (&q[at..at + hd], &dout[at..at + hd]);
+            let keys = visible(pads[bi], s - d.t + i);
+            let (lo, hi) = (keys.start, keys.end);
+            softmax_row(qi, &kt, s, keys, scale, &mut p);
+            // dp_j = do_i · v_j, then ds_j = p_j (dp_j - Σ_l p_l dp_l) · scale.
+            let ds = &mut ds[lo..hi];
+            ds.fill(T::ZERO);
+            for (c, &g) in doi.iter().enumerate() {
+                axpy(ds, g, &vt[c * s + lo..c * s + hi]);
+            }
+            let p = &p[lo..hi];
+            let p_dot_dp = dot(p, ds);
+            for (x, &pj) in ds.iter_mut().zip(p) {
+                *x = pj * (*x - p_dot_dp) * scale;
+            }
+            let dqi = &mut dq[(r * d.t + i) * hd..(r * d.t + i + 1) * hd];
+            for c in 0..hd {
+                dqi[c] = dot(ds, &kt[c * s + lo..c * s + hi]);
+                axpy(&mut dkt[c * s + lo..c * s + hi], qi[c], ds);
+                axpy(&mut dvt[c * s + lo..c * s + hi], doi[c], p);
+            }
+        }
+    }
+    for j in 0..s {
+        for c in 0..hd {
+            dk[j * hd + c] = dkt[c * s + j];
+            dv[j * hd + c] = dvt[c * s + j];
+        }
+    }
 }
 
 /// The op: per-row left paddings and the score scale (usually `1/√head_dim`).
@@ -249,6 +311,37 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], dout: &[T], d: Dims, pads: &[us
 struct CausalAttention {
     pads: Vec<usize>,
     scale: f64,
+}
+
+/// The `[s, hd]` blocks of k or v (`[b, kv_heads, s, hd]`): each block contiguous, the blocks
+/// at any strides (a KV cache with spare columns hands out such views).
+#[derive(Clone, Copy)]
+struct KvBlocks<'a, T> {
+    data: &'a [T],
+    start: usize,
+    stride_b: usize,
+    stride_h: usize,
+    len: usize,
+}
+
+impl<'a, T> KvBlocks<'a, T> {
+    fn of(data: &'a [T], l: &Layout, what: &str) -> Result<Self> {
+        let (dims, st) = (l.dims(), l.stride());
+        let (&[b, h, s, hd], &[sb, sh, ss, sd]) = (dims, st) else {
+            candle_core::bail!("causal_attention: {what} must be [batch, kv_heads, seq, head_dim], got {dims:?}")
+        };
+        let inner_contiguous = (sd == 1 || hd <= 1) && (ss == hd || s <= 1);
+        let last = l.start_offset() + (b.max(1) - 1) * sb + (h.max(1) - 1) * sh + s * hd;
+        if !inner_contiguous || last > data.len() {
+            candle_core::bail!("causal_attention: the [seq, head_dim] blocks of {what} must be contiguous (strides {st:?})")
+        }
+        Ok(Self { data, start: l.start_offset(), stride_b: sb, stride_h: sh, len: s * hd })
+    }
+
+    fn block(&self, b: usize, h: usize) -> &'a [T] {
+        let at = self.start + b * self.stride_b + h * self.stride_h;
+        &self.data[at..at + self.len]
+    }
 }
 
 fn contiguous_slice<'a, T: candle_core::WithDType>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -272,11 +365,11 @@ impl CustomOp3 for CausalAttention {
         let shape = l1.shape().clone();
         match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let (q, k, v) = (contiguous_slice(q, l1, "q")?, contiguous_slice(k, l2, "k")?, contiguous_slice(v, l3, "v")?);
+                let (q, k, v) = (contiguous_slice(q, l1, "q")?, KvBlocks::of(k, l2, "k")?, KvBlocks::of(v, l3, "v")?);
                 Ok((CpuStorage::F32(forward(q, k, v, d, &self.pads, self.scale as f32)), shape))
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                let (q, k, v) = (contiguous_slice(q, l1, "q")?, contiguous_slice(k, l2, "k")?, contiguous_slice(v, l3, "v")?);
+                let (q, k, v) = (contiguous_slice(q, l1, "q")?, KvBlocks::of(k, l2, "k")?, KvBlocks::of(v, l3, "v")?);
                 Ok((CpuStorage::F64(forward(q, k, v, d, &self.pads, self.scale)), shape))
             }
             _ => candle_core::bail!("causal_attention: q, k, v must all be F32 or all F64, got {:?}", s1.dtype()),
@@ -310,10 +403,20 @@ pub fn fused_attention_supported(dev: &Device, dtype: DType) -> bool {
 /// `k, v: [b, kv_heads, s, head_dim]` (s ≥ t; the queries are the last t columns),
 /// `pads[b]` padding columns at the left of row b → `[b, heads, t, head_dim]`.
 /// Query head `h` attends kv head `h / (heads / kv_heads)`. Differentiable in q, k and v.
-/// CPU only (see [`fused_attention_supported`]).
+/// CPU only (see [`fused_attention_supported`]). k and v may be views whose `[s, head_dim]`
+/// blocks are contiguous (as [`crate::KvCache`] hands out); anything else is copied first.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], scale: f64) -> Result<Tensor> {
     let op = CausalAttention { pads: pads.to_vec(), scale };
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    q.contiguous()?.apply_op3(&blocks_contiguous(k)?, &blocks_contiguous(v)?, op)
+}
+
+/// `x` itself if its last two dims are contiguous, else a contiguous copy.
+fn blocks_contiguous(x: &Tensor) -> Result<Tensor> {
+    let (dims, st) = (x.dims(), x.stride());
+    match (dims, st) {
+        (&[_, _, s, hd], &[_, _, ss, sd]) if (sd == 1 || hd <= 1) && (ss == hd || s <= 1) => Ok(x.clone()),
+        _ => x.contiguous(),
+    }
 }
 
 #[cfg(test)]
@@ -374,6 +477,44 @@ mod tests {
             for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
                 let (a, b) = (g_fused.get(var).expect("grad"), g_ref.get(var).expect("grad"));
                 assert!(max_abs_diff(a, b) < 1e-12, "d{name} t={t} s={s}: {}", max_abs_diff(a, b));
+            }
+        }
+        Ok(())
+    }
+
+    /// The AVX2 builds of the kernels give the same bits as the portable ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernels_match_the_portable_build_bit_for_bit() -> Result<()> {
+        if !has_avx2_fma() {
+            return Ok(());
+        }
+        let flat = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        for (t, s) in [(19, 19), (3, 40)] {
+            let (b, nh, nkv, hd) = (2, 4, 2, 8);
+            let (q, k, v, g) = (random((b, nh, t, hd), 1)?, random((b, nkv, s, hd), 2)?, random((b, nkv, s, hd), 3)?, random((b, nh, t, hd), 4)?);
+            let (q, k, v, g) = (flat(&q)?, flat(&k)?, flat(&v)?, flat(&g)?);
+            let pads = [0, 5];
+            let d = Dims { b, nh, nkv, t, s, hd };
+            let blocks = |x: &'static [f32]| KvBlocks { data: x, start: 0, stride_b: nkv * s * hd, stride_h: s * hd, len: s * hd };
+            let (ks, vs): (&'static [f32], &'static [f32]) = (k.clone().leak(), v.clone().leak());
+            let row = t * hd;
+            let (mut plain, mut wide) = (vec![0f32; b * nh * row], vec![0f32; b * nh * row]);
+            for bh in 0..b * nh {
+                forward_head(&q, blocks(ks), blocks(vs), d, &pads, 0.35, bh, &mut plain[bh * row..(bh + 1) * row]);
+                unsafe { forward_head_avx2(&q, blocks(ks), blocks(vs), d, &pads, 0.35, bh, &mut wide[bh * row..(bh + 1) * row]) };
+            }
+            assert_eq!(plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), wide.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            let x = Inputs { q: &q, k: &k, v: &v, dout: &g };
+            let (qg, kvh) = (nh / nkv * row, s * hd);
+            for c in 0..b * nkv {
+                let mut a = (vec![0f32; qg], vec![0f32; kvh], vec![0f32; kvh]);
+                let mut w = a.clone();
+                backward_group(x, d, &pads, 0.35, c, &mut a.0, &mut a.1, &mut a.2);
+                unsafe { backward_group_avx2(x, d, &pads, 0.35, c, &mut w.0, &mut w.1, &mut w.2) };
+                for (p, q) in [(&a.0, &w.0), (&a.1, &w.1), (&a.2, &w.2)] {
+                    assert_eq!(p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), q.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                }
             }
         }
         Ok(())

@@ -2,6 +2,11 @@
 //!
 //! Rows of a batch are left-padded to a common length, so that every row's newest token sits in
 //! the same column. Column `c` of row `b` holds position `c - pad[b]`; padding columns are masked.
+//!
+//! Incremental decoding writes each new column in place into a buffer with spare columns
+//! (`[batch, kv_heads, capacity, head_dim]`, grown by doubling) and hands out a view of the
+//! filled columns, instead of concatenating the whole cache once per token and layer. A single
+//! forward pass (training, evaluation) keeps its keys and values as they are, gradients included.
 
 use candle_core::{Device, Result, Tensor};
 
@@ -10,13 +15,22 @@ use candle_core::{Device, Result, Tensor};
 pub struct KvCache {
     pads: Vec<usize>,
     columns: usize,
+    /// Columns to allocate at the first append (0: exactly the first chunk).
+    reserve: usize,
+    /// Per layer: k and v buffers whose dim 2 (capacity) may exceed `columns`.
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl KvCache {
     /// An empty cache for `num_layers` layers and rows with the given left paddings.
     pub fn new(num_layers: usize, pads: Vec<usize>) -> Self {
-        Self { pads, columns: 0, layers: vec![None; num_layers] }
+        Self { pads, columns: 0, reserve: 0, layers: vec![None; num_layers] }
+    }
+
+    /// Like [`KvCache::new`], with room for `columns` columns before the buffers grow
+    /// (for decoding; the cache then holds plain values, not part of any autograd graph).
+    pub fn with_capacity(num_layers: usize, pads: Vec<usize>, columns: usize) -> Self {
+        Self { reserve: columns, ..Self::new(num_layers, pads) }
     }
 
     /// An empty cache for `batch` unpadded rows.
@@ -70,15 +84,44 @@ impl KvCache {
         Tensor::from_vec(mask, (self.pads.len(), 1, 1, len, keys), dev).map(Some)
     }
 
-    /// Appends `k, v: [batch, kv_heads, len, head_dim]` to layer `layer` and returns the
-    /// whole cached keys and values of that layer.
+    /// Appends the contiguous `k, v: [batch, kv_heads, len, head_dim]` to layer `layer` and
+    /// returns all its cached keys and values, `[batch, kv_heads, columns + len, head_dim]`:
+    /// views whose `[columns + len, head_dim]` blocks are contiguous, but which are not
+    /// contiguous as a whole once the buffer has spare columns.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match &self.layers[layer] {
-            None => (k.clone(), v.clone()),
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        let (start, len) = (self.columns, k.dim(2)?);
+        let filled = start + len;
+        let (bk, bv) = match self.layers[layer].take() {
+            None if self.reserve <= len => (k.clone(), v.clone()),
+            None => (Self::buffer(k, self.reserve, start, len)?, Self::buffer(v, self.reserve, start, len)?),
+            Some((bk, bv)) => {
+                let (bk, bv) = if bk.dim(2)? < filled {
+                    let cap = filled.max(2 * bk.dim(2)?);
+                    (Self::grown(&bk, cap, start)?, Self::grown(&bv, cap, start)?)
+                } else {
+                    (bk, bv)
+                };
+                bk.slice_set(k, 2, start)?;
+                bv.slice_set(v, 2, start)?;
+                (bk, bv)
+            }
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let out = (bk.narrow(2, 0, filled)?, bv.narrow(2, 0, filled)?);
+        self.layers[layer] = Some((bk, bv));
+        Ok(out)
+    }
+
+    /// A zeroed `[b, kv_heads, cap, head_dim]` buffer with `x` written at column `start`.
+    fn buffer(x: &Tensor, cap: usize, start: usize, len: usize) -> Result<Tensor> {
+        let (b, h, _, d) = x.dims4()?;
+        let buf = Tensor::zeros((b, h, cap.max(start + len), d), x.dtype(), x.device())?;
+        buf.slice_set(&x.contiguous()?, 2, start)?;
+        Ok(buf)
+    }
+
+    /// A copy of the first `filled` columns of `buf` in a buffer of `cap` columns.
+    fn grown(buf: &Tensor, cap: usize, filled: usize) -> Result<Tensor> {
+        Self::buffer(&buf.narrow(2, 0, filled)?, cap, 0, filled)
     }
 
     /// Marks `len` new columns as written (called once per forward, after all layers).
@@ -100,6 +143,47 @@ impl KvCache {
             *entry = (entry.0.index_select(&idx, 0)?, entry.1.index_select(&idx, 0)?);
         }
         self.pads = keep.iter().map(|&i| self.pads[i]).collect();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(b: usize, len: usize, seed: f32) -> Result<Tensor> {
+        let n = b * 2 * len * 3;
+        Tensor::from_vec((0..n).map(|i| seed + i as f32).collect::<Vec<_>>(), (b, 2, len, 3), &Device::Cpu)
+    }
+
+    /// In-place appends (reserved, grown, after dropping rows) equal plain concatenation.
+    #[test]
+    fn appends_match_concatenation() -> Result<()> {
+        for reserve in [0, 2, 5, 64] {
+            let mut cache = KvCache::with_capacity(1, vec![0, 0, 0], reserve);
+            let (mut want_k, mut want_v) = (chunk(3, 4, 0.0)?, chunk(3, 4, 1000.0)?);
+            let (k, v) = cache.append(0, &want_k, &want_v)?;
+            cache.advance(4);
+            assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, want_k.flatten_all()?.to_vec1::<f32>()?);
+            assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, want_v.flatten_all()?.to_vec1::<f32>()?);
+            for step in 0..6 {
+                if step == 3 {
+                    cache.select_rows(&[0, 2])?;
+                    let idx = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+                    want_k = want_k.index_select(&idx, 0)?;
+                    want_v = want_v.index_select(&idx, 0)?;
+                }
+                let b = cache.batch_size();
+                let (nk, nv) = (chunk(b, 1, 5000.0 + step as f32)?, chunk(b, 1, 9000.0 + step as f32)?);
+                want_k = Tensor::cat(&[&want_k, &nk], 2)?;
+                want_v = Tensor::cat(&[&want_v, &nv], 2)?;
+                let (k, v) = cache.append(0, &nk, &nv)?;
+                cache.advance(1);
+                assert_eq!(k.dims(), want_k.dims());
+                assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, want_k.flatten_all()?.to_vec1::<f32>()?, "reserve {reserve} step {step}");
+                assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, want_v.flatten_all()?.to_vec1::<f32>()?, "reserve {reserve} step {step}");
+            }
+        }
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod device;
+pub mod fastmath;
 pub mod error;
 pub mod hooks;
 pub mod linear;

@@ -73,6 +73,7 @@ impl Attention {
             let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             return self.o_proj.forward(&out, hooks);
         }
+        let (k, v) = (k.contiguous()?, v.contiguous()?); // a cache view may have spare columns
         let s = k.dim(2)?;
         let rep = nh / nkv;
         // Grouped-query attention without copying keys: query heads of one KV head are stacked.
@@ -219,6 +220,12 @@ impl Llama {
     /// A fresh cache for `batch` rows with the given left paddings.
     pub fn new_cache(&self, pads: Vec<usize>) -> KvCache {
         KvCache::new(self.cfg.num_layers, pads)
+    }
+
+    /// A cache for incremental decoding with room for `columns` columns (padding included)
+    /// before it grows; inference only (appends write in place, outside autograd).
+    pub fn new_decode_cache(&self, pads: Vec<usize>, columns: usize) -> KvCache {
+        KvCache::with_capacity(self.cfg.num_layers, pads, columns)
     }
 
     /// Runs `tokens: [b, t]` (u32) after what `cache` holds; returns logits `[b, t, vocab]`

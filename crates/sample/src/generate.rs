@@ -111,7 +111,8 @@ pub fn generate_batch(model: &Llama, specs: &[SequenceSpec], params: &Generation
         input.extend(std::iter::repeat(s.prompt[0]).take(width - s.prompt.len()));
         input.extend(&s.prompt);
     }
-    let mut cache = model.new_cache(pads.clone());
+    // Each row ends by max_len tokens, i.e. at column width - prompt_len + max_len at most.
+    let mut cache = model.new_decode_cache(pads.clone(), pads.iter().max().copied().unwrap_or(0) + params.max_len);
     let hidden = model.forward_hidden(&Tensor::from_vec(input, (specs.len(), width), &dev)?, &mut cache)?;
     for (b, row) in rows.iter_mut().enumerate() {
         // One row's logits at a time bounds memory to width x vocab.
