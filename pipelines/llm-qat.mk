@@ -9,32 +9,51 @@
 #
 #   make -f pipelines/llm-qat.mk BIN=target/release QAT_DATA=../shared/data OUT=out
 #   make -f pipelines/llm-qat.mk STUDENTS="W4A8KV8" -j2    # one more student, same shards
+#   make -f pipelines/llm-qat.mk CLIP=0 TOPK=64 LR=1e-3    # teacher init, top-64 shards
 
+# stories260K's vocabulary has 512 tokens, so K = 512 keeps the teacher's exact distribution
+# (1.1 GB of shards); for a 32k vocabulary use TOPK=64 (the shards.mk default).
+TOPK ?= 512
 include pipelines/shards.mk
 .DEFAULT_GOAL := all
 
 # Students and the training recipe.
 STUDENTS ?= W4 W4A8KV8 W4A8KV4
+# 1: start each student from qat-clip's clipped weights (its own scheme, q/k included);
+# 0: from the teacher.
+CLIP ?= 1
 EPOCHS ?= 1
-LR ?= 1e-3
+LR ?= 5e-4
 BATCH ?= 16
 # Extra qat-distill flags; name them in TAG so that different recipes get different directories.
 DISTILL_FLAGS ?= --balance-kv 64
 TAG ?= -bal64
-RECIPE := $(SHARD_NAME)-e$(EPOCHS)-lr$(LR)$(TAG)
+CLIP_TAG := $(if $(filter 1,$(CLIP)),-clipqk,)
+RECIPE := $(SHARD_NAME)-e$(EPOCHS)-lr$(LR)$(TAG)$(CLIP_TAG)
 STUDENT_DIR := $(OUT)/students/$(RECIPE)
+CLIPPED := $(OUT)/clipped/$(SHARD_NAME)
+
+init_model = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1)-qk,$(MODEL))
+init_dep = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1)-qk/model.safetensors,$(MODEL)/model.safetensors)
 
 .PHONY: all shards students report
 all: report
 shards: $(SHARDS).summary.json
 students: $(foreach s,$(STUDENTS),$(STUDENT_DIR)/$(s)/model.safetensors)
 
+# BitDistiller's clipping search as LLM-QAT's initialization, every linear layer included.
+$(CLIPPED)/%-qk/model.safetensors: $(SHARDS).summary.json
+	@mkdir -p $(CLIPPED)
+	$(BIN)/qat-clip --model $(MODEL) --shards $(SHARDS) --scheme $(call scheme_arg,$*) --include-qk \
+	    --out $(CLIPPED)/$*-qk -q > $(CLIPPED)/$*-qk.clip.json
+
 # A student directory appears (renamed into place) only when training has finished.
-$(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json
+.SECONDEXPANSION:
+$(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json $$(call init_dep,$$*)
 	@mkdir -p $(STUDENT_DIR)
-	$(BIN)/qat-distill --model $(MODEL) --shards $(SHARDS) --out $(STUDENT_DIR)/$* --scheme $* \
-	    --epochs $(EPOCHS) --lr $(LR) -b $(BATCH) --seed $(SEED) --resume $(DISTILL_FLAGS) \
-	    > $(STUDENT_DIR)/$*.distill.json
+	$(BIN)/qat-distill --model $(call init_model,$*) --shards $(SHARDS) --out $(STUDENT_DIR)/$* \
+	    --scheme $(call scheme_arg,$*) --epochs $(EPOCHS) --lr $(LR) -b $(BATCH) --seed $(SEED) --resume \
+	    $(DISTILL_FLAGS) > $(STUDENT_DIR)/$*.distill.json
 
 $(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(EVAL_CORPUS)
 	@mkdir -p $(dir $@)
