@@ -18,7 +18,7 @@ PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy
 PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)
 OUT ?= out
 
-.PHONY: all setup build test test-deps pipeline pipeline-bitdistiller fuzz clean help
+.PHONY: all setup build test test-deps pipeline pipeline-bitdistiller plots fuzz clean help
 
 all: build
 
@@ -26,6 +26,7 @@ help:
 	@echo "make pipeline   build, then run pipelines/llm-qat.mk on $(QAT_DATA)/models/stories260K"
 	@echo "make test       the test suite (CI runs exactly this)"
 	@echo "make pipeline-bitdistiller   clip -> CAKLD QAT -> pack -> eval (pipelines/bitdistiller.mk)"
+	@echo "make plots      FKL vs CAKLD loss curves of the BitDistiller students (PNG, qat-report)"
 	@echo "make bench      CPU speed against PyTorch references (bench/RESULTS.md)"
 	@echo "make fuzz       cargo-fuzz the readers and the scheme parser (nightly)"
 	@echo "make build      release binaries into $(BIN)"
@@ -52,6 +53,10 @@ pipeline: build
 # BitDistiller: the same cached shards -> qat-clip -> qat-distill --loss cakld -> qat-pack -> qat-eval.
 pipeline-bitdistiller: build
 	$(MAKE) -f pipelines/bitdistiller.mk BIN=$(BIN) QAT_DATA=$(QAT_DATA) OUT=$(OUT)
+
+# Loss curves of the BitDistiller students trained with both losses (LOSS=fkl and cakld).
+plots: build
+	$(MAKE) -f pipelines/bitdistiller.mk BIN=$(BIN) QAT_DATA=$(QAT_DATA) OUT=$(OUT) plots
 
 # cargo-fuzz targets (shard reader, packed reader, scheme parser); needs a nightly toolchain and
 # cargo-fuzz; FUZZ_SECONDS per target (default 180). See fuzz/README.md.

@@ -31,6 +31,7 @@ after per layer) goes to stdout and into the output's provenance.json."
 )]
 struct Args {
     /// Model directory to clip (usually the teacher).
+    /// Or a Hub id owner/name[@revision], resolved in the Hugging Face cache (fetched once).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// Shard directory from the same teacher; its first sequences are the calibration data.
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
     main_with("qat-clip", || {
         let scheme = qat_quant::Scheme::from_arg(&args.scheme).with_context(|| format!("--scheme {}", args.scheme))?;
         let cfg = ClipConfig {
-            model: args.model.clone(),
+            model: qat_model::resolve_model(&args.model)?.dir,
             shards: args.shards.clone(),
             out: args.out.clone(),
             scheme,

@@ -36,6 +36,7 @@ tokenizer.json, quant_scheme.json, train_log.jsonl and provenance.json."
 )]
 struct Args {
     /// Model directory that initializes the student (usually the teacher).
+    /// Or a Hub id owner/name[@revision], resolved in the Hugging Face cache (fetched once).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// Shard directory written by qat-sample from the same teacher.
@@ -96,6 +97,7 @@ struct Args {
     checkpoint_every: u64,
     /// Compute the teacher distribution online from this model (full vocabulary, exact) instead
     /// of reading the cached top-K from the shards (which then supply only the sequences).
+    /// A local directory or a Hub id owner/name[@revision], as --model.
     #[arg(long)]
     teacher: Option<PathBuf>,
     /// Before training, rebalance K and V channels from N calibration sequences of the shards
@@ -145,7 +147,7 @@ fn main() -> ExitCode {
             _ => Budget::Epochs(1.0),
         };
         let cfg = DistillConfig {
-            model: args.model.clone(),
+            model: qat_model::resolve_model(&args.model)?.dir,
             shards: args.shards.clone(),
             out: args.out.clone(),
             settings: TrainSettings {
@@ -175,7 +177,7 @@ fn main() -> ExitCode {
             },
             checkpoint_every: args.checkpoint_every,
             resume: args.resume,
-            teacher: args.teacher.clone(),
+            teacher: args.teacher.as_deref().map(qat_model::resolve_model).transpose()?.map(|t| t.dir),
             device: args.device.clone(),
             progress: !args.quiet,
             inject_nan_at: args.inject_nan_at,

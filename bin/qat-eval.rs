@@ -29,6 +29,7 @@ weights quantized on the fly) or \"packed\" (a dir with model.packed.safetensors
 )]
 struct Args {
     /// Model directory (Hugging Face layout), or a packed model directory (qat-pack output).
+    /// Or a Hub id owner/name[@revision], resolved in the Hugging Face cache (fetched once).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// UTF-8 text file to evaluate on.
@@ -73,7 +74,8 @@ fn main() -> ExitCode {
     main_with("qat-eval", || {
         let started = Instant::now();
         let device = qat_model::parse_device(&args.device).map_err(anyhow::Error::msg)?;
-        let m = qat_eval::load_eval_model(&args.model, args.scheme.as_deref(), &device)?;
+        let src = qat_model::resolve_model(&args.model)?;
+        let m = qat_eval::load_eval_model(&src.dir, args.scheme.as_deref(), &device)?;
         let corpus = Corpus::read(&args.corpus)?;
         let mode = match args.mode {
             ModeArg::Docs => PplMode::Docs,
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
             "scheme": m.scheme.to_string(),
             "scheme_json": serde_json::from_str::<serde_json::Value>(&m.scheme.to_json_pretty())?,
             "model": args.model.display().to_string(),
+            "model_hub": src.hub,
             "weights_sha256": m.weights_sha256,
             "corpus": corpus.path.display().to_string(),
             "corpus_sha256": corpus.sha256,

@@ -31,6 +31,7 @@ measured and in theory (b + 16/g, nf3 b + 32/g, asym + 8/g). The output appears 
 struct Args {
     /// Student model directory: config.json, model.safetensors, tokenizer.json and
     /// quant_scheme.json (as qat-distill writes it).
+    /// Or a Hub id owner/name[@revision], resolved in the Hugging Face cache (fetched once).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// Output directory for the packed model (must not exist).
@@ -42,7 +43,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     main_with("qat-pack", || {
         let started = Instant::now();
-        let summary = qat_pack::pack(&args.model, &args.out).with_context(|| {
+        let model = qat_model::resolve_model(&args.model)?.dir;
+        let summary = qat_pack::pack(&model, &args.out).with_context(|| {
             format!(
                 "packing {} into {}",
                 args.model.display(),

@@ -28,6 +28,7 @@ A rerun with the same flags resumes: finished files that verify against the mani
 )]
 struct Args {
     /// Teacher model directory (Hugging Face layout: config.json, *.safetensors, tokenizer.json).
+    /// Or a Hub id owner/name[@revision], resolved in the Hugging Face cache (fetched once).
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// Output shard directory (created if missing; resumed if it holds this run's partition).
@@ -108,7 +109,7 @@ fn main() -> ExitCode {
             (None, Some(_)) => (0, 0),
         };
         let cfg = SampleConfig {
-            model: args.model.clone(),
+            model: qat_model::resolve_model(&args.model)?.dir,
             out: args.out.clone(),
             mode: args.prompts.clone().map_or(StartMode::DataFree, StartMode::Prompts),
             num_sequences: args.num_sequences,

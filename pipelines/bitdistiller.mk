@@ -5,6 +5,7 @@
 #
 #   make -f pipelines/bitdistiller.mk -j3                  # W3G32, NF3G32, W2G32 in parallel
 #   make -f pipelines/bitdistiller.mk LOSS=fkl CLIP=0      # ablations: forward KL, no clipping
+#   make -f pipelines/bitdistiller.mk plots                # FKL vs CAKLD loss curves (both trained)
 #
 # Student names are short scheme names; pipelines/schemes/<model>/<name>.json, if present,
 # overrides them (stories260K: down_proj groups of 43, since 32 does not divide 172).
@@ -33,7 +34,7 @@ PACKED_DIR := $(OUT)/packed/$(RECIPE)
 init_model = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1),$(MODEL))
 init_dep = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1)/model.safetensors,$(MODEL)/model.safetensors)
 
-.PHONY: all shards clipped students packed report
+.PHONY: all shards clipped students packed report plots
 all: report
 shards: $(SHARDS).summary.json
 clipped: $(foreach s,$(STUDENTS),$(CLIPPED)/$(s)/model.safetensors)
@@ -76,3 +77,16 @@ $(REPORT): $(EVAL)/fp.json $(foreach s,$(STUDENTS),$(EVAL)/rtn-$(s).json $(EVAL)
 	    --packed $(s) $(PACKED_DIR)/$(s).pack.json \
 	    $(if $(filter 1,$(CLIP)),--clip-only $(s) $(EVAL)/clip-$(SHARD_NAME)-$(s).json)) > $@.tmp
 	mv $@.tmp $@
+
+# Forward KL against CAKLD: both recipes' training loss curves of each student on one chart
+# (qat-report plot). Both must have been trained: `make -f pipelines/bitdistiller.mk students`
+# with LOSS=fkl and with the default LOSS=cakld (same CLIP, EPOCHS, LR, TAG).
+recipe_of = $(SHARD_NAME)-$(1)-$(CLIP_TAG)-e$(EPOCHS)-lr$(LR)$(TAG)
+PLOTS ?= $(OUT)/plots
+SMOOTH ?= 8
+PLOT_NAME := loss-$(call recipe_of,fkl-vs-cakld)
+plots: $(foreach s,$(STUDENTS),$(PLOTS)/$(PLOT_NAME)-$(s).png)
+$(PLOTS)/$(PLOT_NAME)-%.png: $(OUT)/students/$(call recipe_of,fkl)/%/train_log.jsonl $(OUT)/students/$(call recipe_of,cakld)/%/train_log.jsonl
+	@mkdir -p $(PLOTS)
+	$(BIN)/qat-report plot $^ --label "$* FKL" --label "$* CAKLD" --smooth $(SMOOTH) \
+	    --title "$* on $(SHARD_NAME): forward KL vs CAKLD (moving average of $(SMOOTH) steps)" -o $@ > /dev/null

@@ -178,6 +178,7 @@ fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Ten
         "tool": TOOL,
         "config": cfg,
         "init_weights_sha256": dir.weights_sha256()?,
+        "model_hub": qat_model::snapshot_source(&dir.dir),
         "shards_manifest_sha256": shards_sha,
         "report": summary,
     });

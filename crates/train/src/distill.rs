@@ -357,6 +357,8 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         "seed": s.seed,
         "init_model": model_dir.dir.display().to_string(),
         "init_weights_sha256": init_sha,
+        // Set when the model was a Hub id resolved into the Hugging Face cache.
+        "init_model_hub": qat_model::snapshot_source(&model_dir.dir),
         "shards": cfg.shards.display().to_string(),
         "shards_manifest_sha256": shards_sha,
         "teacher": h.teacher,
@@ -366,6 +368,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         "device": cfg.device,
         "balance_kv": balance,
         "online_teacher": cfg.teacher.as_ref().map(|p| p.display().to_string()),
+        "online_teacher_hub": cfg.teacher.as_deref().and_then(qat_model::snapshot_source),
         "cakld_gamma": gamma.map(|g| serde_json::json!({
             "gamma": g,
             "source": if confidence.is_some() { "shards" } else { "--cakld-gamma" },
