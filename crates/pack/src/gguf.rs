@@ -90,11 +90,13 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
         }
         Value::F32Array(a) => {
             array_head(out, T_F32, a.len());
-            a.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            a.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         }
         Value::I32Array(a) => {
             array_head(out, T_I32, a.len());
-            a.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            a.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         }
     }
 }
@@ -120,7 +122,9 @@ fn header(kvs: &[(String, Value)], tensors: &[Tensor]) -> (Vec<u8>, Vec<u64>) {
     for t in tensors {
         put_str(&mut out, &t.name);
         out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-        t.dims.iter().for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
+        t.dims
+            .iter()
+            .for_each(|d| out.extend_from_slice(&d.to_le_bytes()));
         out.extend_from_slice(&t.ggml_type.to_le_bytes());
         out.extend_from_slice(&offset.to_le_bytes());
         offsets.push(offset);
@@ -155,7 +159,8 @@ fn write_file(path: &Path, kvs: &[(String, Value)], tensors: &[Tensor]) -> Resul
     let mut total = head.len() as u64;
     for t in tensors {
         w.write_all(&t.data).map_err(io("write"))?;
-        w.write_all(&vec![0u8; pad(t.data.len())]).map_err(io("write"))?;
+        w.write_all(&vec![0u8; pad(t.data.len())])
+            .map_err(io("write"))?;
         total += (t.data.len() + pad(t.data.len())) as u64;
     }
     w.flush().map_err(io("write"))?;
@@ -170,15 +175,25 @@ mod tests {
 
     #[test]
     fn header_bytes_by_hand() {
-        let kvs = vec![("a".to_string(), Value::U32(7)), ("s".to_string(), Value::StrArray(vec!["xy".into()]))];
-        let t = Tensor { name: "t".into(), dims: vec![2, 1], ggml_type: TYPE_F32, data: vec![0; 8] };
+        let kvs = vec![
+            ("a".to_string(), Value::U32(7)),
+            ("s".to_string(), Value::StrArray(vec!["xy".into()])),
+        ];
+        let t = Tensor {
+            name: "t".into(),
+            dims: vec![2, 1],
+            ggml_type: TYPE_F32,
+            data: vec![0; 8],
+        };
         let (h, offsets) = header(&kvs, &[t.clone(), t]);
         let mut want = b"GGUF".to_vec();
         want.extend([3, 0, 0, 0]); // version
         want.extend([2, 0, 0, 0, 0, 0, 0, 0]); // tensors
         want.extend([2, 0, 0, 0, 0, 0, 0, 0]); // kvs
         want.extend([1, 0, 0, 0, 0, 0, 0, 0, b'a', 4, 0, 0, 0, 7, 0, 0, 0]);
-        want.extend([1, 0, 0, 0, 0, 0, 0, 0, b's', 9, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend([
+            1, 0, 0, 0, 0, 0, 0, 0, b's', 9, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0,
+        ]);
         want.extend([2, 0, 0, 0, 0, 0, 0, 0, b'x', b'y']);
         for off in [0u8, 32] {
             want.extend([1, 0, 0, 0, 0, 0, 0, 0, b't', 2, 0, 0, 0]);

@@ -9,12 +9,13 @@
 //! so block quantization along the inputs is unchanged.
 
 use crate::error::{PackError, Result};
-use crate::gguf::{self, Tensor, Value, TYPE_F32};
+use crate::gguf::{self, Tensor, TYPE_F32};
+use crate::gguf_meta::metadata;
 use crate::pack::TOOL;
-use crate::vocab::{Vocab, TYPE_UNKNOWN};
+use crate::vocab::Vocab;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
-use qat_model::{sha256_files, LinearId, LinearKind, LlamaConfig, ModelDir};
+use qat_model::{sha256_files, LinearId, LinearKind, ModelDir};
 use qat_quant::{Scheme, WeightFormat, SCHEME_FILE};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -88,8 +89,17 @@ pub fn permute_rows(w: &[f32], heads: usize, in_features: usize) -> Vec<f32> {
 /// Refuses what llama.cpp would not run as trained: a weight grid that is not a GGUF block
 /// format, activation or KV quantization (unless `drop_act_kv`), RoPE scaling. Returns the
 /// quantizers dropped.
-fn check_scheme(scheme: &Scheme, dir: &ModelDir, path: &Path, opts: GgufOptions) -> Result<Vec<String>> {
-    let refuse = |what: String| PackError::Scheme { path: path.to_path_buf(), what, source: None };
+fn check_scheme(
+    scheme: &Scheme,
+    dir: &ModelDir,
+    path: &Path,
+    opts: GgufOptions,
+) -> Result<Vec<String>> {
+    let refuse = |what: String| PackError::Scheme {
+        path: path.to_path_buf(),
+        what,
+        source: None,
+    };
     let cfg = &dir.config;
     let mut dropped = Vec::new();
     for layer in 0..cfg.num_layers {
@@ -138,13 +148,20 @@ fn check_scheme(scheme: &Scheme, dir: &ModelDir, path: &Path, opts: GgufOptions)
 }
 
 fn f32_tensor(name: String, dims: Vec<u64>, v: &[f32]) -> Tensor {
-    Tensor { name, dims, ggml_type: TYPE_F32, data: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+    Tensor {
+        name,
+        dims,
+        ggml_type: TYPE_F32,
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
 }
 
 /// Exports the student in `student` as the GGUF file `out` (which must not exist).
 pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<GgufSummary> {
     if out.exists() {
-        return Err(PackError::OutputExists { path: out.to_path_buf() });
+        return Err(PackError::OutputExists {
+            path: out.to_path_buf(),
+        });
     }
     let dir = ModelDir::open(student)?;
     let scheme_path = student.join(SCHEME_FILE);
@@ -153,25 +170,35 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
         what: "missing or invalid (a student directory has one)".into(),
         source: Some(Box::new(e)),
     })?;
-    scheme.validate_for(&dir.config).map_err(|e| PackError::Scheme {
-        path: scheme_path.clone(),
-        what: "the scheme does not fit the model".into(),
-        source: Some(Box::new(e)),
-    })?;
+    scheme
+        .validate_for(&dir.config)
+        .map_err(|e| PackError::Scheme {
+            path: scheme_path.clone(),
+            what: "the scheme does not fit the model".into(),
+            source: Some(Box::new(e)),
+        })?;
     let dropped = check_scheme(&scheme, &dir, &scheme_path, opts)?;
     let vocab = Vocab::load(student)?;
     let cfg = &dir.config;
     if vocab.tokens.len() != cfg.vocab_size {
         return Err(PackError::Tokenizer {
             path: student.join(vocab.source),
-            what: format!("{} tokens, expected vocab_size {} (config.json)", vocab.tokens.len(), cfg.vocab_size),
+            what: format!(
+                "{} tokens, expected vocab_size {} (config.json)",
+                vocab.tokens.len(),
+                cfg.vocab_size
+            ),
         });
     }
     let source_weights_sha256 = dir.weights_sha256()?;
     // SAFETY: the student's weight files are mapped read-only while we copy out of them.
     let st = unsafe { MmapedSafetensors::multi(&dir.weight_files)? };
     let load = |name: &str| -> Result<Vec<f32>> {
-        Ok(st.load(name, &Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(st
+            .load(name, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     };
     let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let mut summary = GgufSummary {
@@ -191,11 +218,23 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
         source_weights_sha256,
         tool: TOOL.to_string(),
     };
-    let mut tensors = vec![f32_tensor("token_embd.weight".into(), vec![h, v], &load("model.embed_tokens.weight")?)];
+    let mut tensors = vec![f32_tensor(
+        "token_embd.weight".into(),
+        vec![h, v],
+        &load("model.embed_tokens.weight")?,
+    )];
     for layer in 0..cfg.num_layers {
         let norm = |n: &str| format!("model.layers.{layer}.{n}.weight");
-        tensors.push(f32_tensor(format!("blk.{layer}.attn_norm.weight"), vec![h], &load(&norm("input_layernorm"))?));
-        tensors.push(f32_tensor(format!("blk.{layer}.ffn_norm.weight"), vec![h], &load(&norm("post_attention_layernorm"))?));
+        tensors.push(f32_tensor(
+            format!("blk.{layer}.attn_norm.weight"),
+            vec![h],
+            &load(&norm("input_layernorm"))?,
+        ));
+        tensors.push(f32_tensor(
+            format!("blk.{layer}.ffn_norm.weight"),
+            vec![h],
+            &load(&norm("post_attention_layernorm"))?,
+        ));
         for kind in LinearKind::ALL {
             let id = LinearId { layer, kind };
             let (o, i) = qat_quant::linear_shape(cfg, kind);
@@ -213,7 +252,12 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
                     summary.quantized_weights += (o * i) as u64;
                     summary.quantized_bytes += data.len() as u64;
                     *summary.types.entry(t.name().to_uppercase()).or_default() += 1;
-                    tensors.push(Tensor { name: linear_name(id), dims, ggml_type: t.type_id(), data });
+                    tensors.push(Tensor {
+                        name: linear_name(id),
+                        dims,
+                        ggml_type: t.type_id(),
+                        data,
+                    });
                 }
                 _ => {
                     summary.f32_layers += 1;
@@ -222,83 +266,27 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
             }
         }
     }
-    tensors.push(f32_tensor("output_norm.weight".into(), vec![h], &load("model.norm.weight")?));
+    tensors.push(f32_tensor(
+        "output_norm.weight".into(),
+        vec![h],
+        &load("model.norm.weight")?,
+    ));
     if !cfg.tie_word_embeddings {
-        tensors.push(f32_tensor("output.weight".into(), vec![h, v], &load("lm_head.weight")?));
+        tensors.push(f32_tensor(
+            "output.weight".into(),
+            vec![h, v],
+            &load("lm_head.weight")?,
+        ));
     }
     if summary.quantized_weights > 0 {
-        summary.bits_per_weight = 8.0 * summary.quantized_bytes as f64 / summary.quantized_weights as f64;
+        summary.bits_per_weight =
+            8.0 * summary.quantized_bytes as f64 / summary.quantized_weights as f64;
     }
     let kvs = metadata(cfg, &vocab, &scheme, &summary, &dir);
     summary.tensors = tensors.len();
     summary.bytes = gguf::write(out, &kvs, &tensors)?;
     summary.sha256 = sha256_files(&[out.to_path_buf()])?;
     Ok(summary)
-}
-
-/// `general.file_type` (llama.cpp's `llama_ftype`): the type most weights have.
-fn file_type(summary: &GgufSummary) -> u32 {
-    let top = summary.types.iter().max_by_key(|(_, n)| **n).map(|(t, _)| t.as_str());
-    match top {
-        Some("Q4_0") => 2,
-        Some("Q4_1") => 3,
-        Some("Q8_0") => 7,
-        _ => 0, // ALL_F32
-    }
-}
-
-fn metadata(cfg: &LlamaConfig, vocab: &Vocab, scheme: &Scheme, s: &GgufSummary, dir: &ModelDir) -> Vec<(String, Value)> {
-    let u = |x: usize| Value::U32(x as u32);
-    let provenance = serde_json::json!({
-        "tool": TOOL,
-        "source_weights_sha256": s.source_weights_sha256,
-        "scheme": scheme,
-        "dropped": s.dropped,
-    });
-    let name = dir.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut kvs: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::Str("llama".into())),
-        ("general.type", Value::Str("model".into())),
-        ("general.name", Value::Str(name)),
-        ("general.alignment", u(gguf::ALIGNMENT)),
-        ("general.file_type", Value::U32(file_type(s))),
-        ("general.quantization_version", Value::U32(2)),
-        ("llama.context_length", u(cfg.max_position_embeddings)),
-        ("llama.embedding_length", u(cfg.hidden_size)),
-        ("llama.block_count", u(cfg.num_layers)),
-        ("llama.feed_forward_length", u(cfg.intermediate_size)),
-        ("llama.attention.head_count", u(cfg.num_heads)),
-        ("llama.attention.head_count_kv", u(cfg.num_kv_heads)),
-        ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32)),
-        ("llama.attention.key_length", u(cfg.head_dim)),
-        ("llama.attention.value_length", u(cfg.head_dim)),
-        ("llama.rope.dimension_count", u(cfg.head_dim)),
-        ("llama.vocab_size", u(cfg.vocab_size)),
-        ("tokenizer.ggml.model", Value::Str("llama".into())),
-        ("tokenizer.ggml.tokens", Value::StrArray(vocab.tokens.clone())),
-        ("tokenizer.ggml.scores", Value::F32Array(vocab.scores.clone())),
-        ("tokenizer.ggml.token_type", Value::I32Array(vocab.types.clone())),
-    ];
-    if let Some(bos) = cfg.bos_token_id {
-        kvs.push(("tokenizer.ggml.bos_token_id", Value::U32(bos)));
-    }
-    if let Some(&eos) = cfg.eos_token_ids.first() {
-        kvs.push(("tokenizer.ggml.eos_token_id", Value::U32(eos)));
-    }
-    if let Some(unk) = vocab.first_of_type(TYPE_UNKNOWN) {
-        kvs.push(("tokenizer.ggml.unknown_token_id", Value::U32(unk)));
-    }
-    let tok_cfg: serde_json::Value = std::fs::read_to_string(dir.dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    kvs.push(("tokenizer.ggml.add_bos_token", Value::Bool(tok_cfg["add_bos_token"].as_bool().unwrap_or(true))));
-    kvs.push(("tokenizer.ggml.add_eos_token", Value::Bool(tok_cfg["add_eos_token"].as_bool().unwrap_or(false))));
-    kvs.push(("tokenizer.ggml.add_space_prefix", Value::Bool(vocab.add_space_prefix)));
-    kvs.push(("qat.scheme", Value::Str(serde_json::to_string(scheme).unwrap_or_default())));
-    kvs.push(("qat.provenance", Value::Str(provenance.to_string())));
-    kvs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 #[cfg(test)]
@@ -311,23 +299,15 @@ mod tests {
         // (a, b) → [a0 b0 a1 b1 | c0 d0 c1 d1] (convert_hf_to_gguf: reshape (heads, 2, hd/2),
         // swap the last two axes).
         let w = [0.0, 1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0];
-        assert_eq!(permute_rows(&w, 2, 1), [0.0, 10.0, 1.0, 11.0, 20.0, 30.0, 21.0, 31.0]);
+        assert_eq!(
+            permute_rows(&w, 2, 1),
+            [0.0, 10.0, 1.0, 11.0, 20.0, 30.0, 21.0, 31.0]
+        );
         // Whole rows move (in_features 2).
         let w: Vec<f32> = (0..8).map(|x| x as f32).collect(); // rows [0,1] [2,3] [4,5] [6,7]
-        assert_eq!(permute_rows(&w, 1, 2), [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
-    }
-
-    #[test]
-    fn file_type_is_the_commonest_block_type() {
-        let mut s = GgufSummary {
-            file: PathBuf::new(), bytes: 0, tensors: 0, quantized_layers: 0, quantized_weights: 0,
-            quantized_bytes: 0, bits_per_weight: 0.0, f32_layers: 0, types: Default::default(),
-            vocab_source: "", dropped: vec![], scheme: String::new(), sha256: String::new(),
-            source_weights_sha256: String::new(), tool: String::new(),
-        };
-        assert_eq!(file_type(&s), 0);
-        s.types.insert("Q4_1".into(), 30);
-        s.types.insert("Q8_0".into(), 5);
-        assert_eq!(file_type(&s), 3);
+        assert_eq!(
+            permute_rows(&w, 1, 2),
+            [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]
+        );
     }
 }

@@ -5,13 +5,14 @@
 //! ([`st`], [`meta`], [`layout`]); [`load_packed`] checks such a directory ([`unpack`]),
 //! dequantizes it and builds a `qat_model::Llama` that runs the scheme's activation and KV
 //! quantizers only. [`SizeReport`] measures bits per weight against theory. [`export_gguf`]
-//! writes a student on llama.cpp's block grids as a GGUF file instead ([`gguf`], [`vocab`],
+//! writes a student on llama.cpp's block grids as a GGUF file instead ([`gguf`], [`gguf_meta`], [`vocab`],
 //! `formats/gguf.md`).
 
 pub mod bits;
 pub mod error;
 pub mod gguf;
 pub mod gguf_export;
+pub mod gguf_meta;
 pub mod layout;
 pub mod load;
 pub mod meta;

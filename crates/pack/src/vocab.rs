@@ -37,7 +37,8 @@ impl Vocab {
         let sp = dir.join("tokenizer.model");
         if sp.is_file() {
             let bytes = std::fs::read(&sp).map_err(PackError::io(&sp, "read"))?;
-            return parse_sentencepiece(&bytes).map_err(|what| PackError::Tokenizer { path: sp, what });
+            return parse_sentencepiece(&bytes)
+                .map_err(|what| PackError::Tokenizer { path: sp, what });
         }
         let tj = dir.join("tokenizer.json");
         let text = std::fs::read_to_string(&tj).map_err(PackError::io(&tj, "read"))?;
@@ -74,9 +75,17 @@ impl<'a> Pb<'a> {
     }
 
     fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
-            format!("field of {n} bytes at byte {} runs past the end ({} bytes)", self.pos, self.b.len())
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| {
+                format!(
+                    "field of {n} bytes at byte {} runs past the end ({} bytes)",
+                    self.pos,
+                    self.b.len()
+                )
+            })?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -98,8 +107,15 @@ impl<'a> Pb<'a> {
                 let n = usize::try_from(self.varint()?).map_err(|_| "length too large")?;
                 Field::Bytes(self.take(n)?)
             }
-            5 => Field::Fixed32(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"))),
-            w => return Err(format!("unsupported protobuf wire type {w} at byte {}", self.pos)),
+            5 => Field::Fixed32(u32::from_le_bytes(
+                self.take(4)?.try_into().expect("4 bytes"),
+            )),
+            w => {
+                return Err(format!(
+                    "unsupported protobuf wire type {w} at byte {}",
+                    self.pos
+                ))
+            }
         };
         Ok(Some((key >> 3, field)))
     }
@@ -124,9 +140,10 @@ pub fn parse_sentencepiece(bytes: &[u8]) -> std::result::Result<Vocab, String> {
                 while let Some((n, f)) = p.next()? {
                     match (n, f) {
                         (1, Field::Bytes(s)) => {
-                            text = Some(String::from_utf8(s.to_vec()).map_err(|_| {
-                                format!("piece {} is not UTF-8", v.tokens.len())
-                            })?)
+                            text =
+                                Some(String::from_utf8(s.to_vec()).map_err(|_| {
+                                    format!("piece {} is not UTF-8", v.tokens.len())
+                                })?)
                         }
                         (2, Field::Fixed32(bits)) => score = f32::from_bits(bits),
                         (3, Field::Varint(t)) => ty = t as i32,
@@ -172,20 +189,38 @@ pub fn parse_tokenizer_json(text: &str) -> std::result::Result<Vocab, String> {
             .collect::<Option<_>>()
             .ok_or("model.vocab entries are not [piece, score]")?,
         Some("BPE") => {
-            let vocab = model["vocab"].as_object().ok_or("model.vocab is not an object")?;
+            let vocab = model["vocab"]
+                .as_object()
+                .ok_or("model.vocab is not an object")?;
             let mut by_id = vec![None; vocab.len()];
             for (tok, id) in vocab {
-                let id = id.as_u64().and_then(|i| usize::try_from(i).ok()).filter(|&i| i < by_id.len());
+                let id = id
+                    .as_u64()
+                    .and_then(|i| usize::try_from(i).ok())
+                    .filter(|&i| i < by_id.len());
                 let id = id.ok_or_else(|| format!("token {tok:?}: id {id:?} out of range"))?;
                 by_id[id] = Some((tok.clone(), 0.0));
             }
-            by_id.into_iter().collect::<Option<_>>().ok_or("model.vocab ids are not 0..n")?
+            by_id
+                .into_iter()
+                .collect::<Option<_>>()
+                .ok_or("model.vocab ids are not 0..n")?
         }
-        other => return Err(format!("model.type {other:?}, expected \"BPE\" or \"Unigram\"")),
+        other => {
+            return Err(format!(
+                "model.type {other:?}, expected \"BPE\" or \"Unigram\""
+            ))
+        }
     };
     let mut types: Vec<i32> = pieces
         .iter()
-        .map(|(t, _)| if is_byte_piece(t) { TYPE_BYTE } else { TYPE_NORMAL })
+        .map(|(t, _)| {
+            if is_byte_piece(t) {
+                TYPE_BYTE
+            } else {
+                TYPE_NORMAL
+            }
+        })
         .collect();
     let unk = model["unk_token"].as_str();
     for a in j["added_tokens"].as_array().into_iter().flatten() {
@@ -199,7 +234,11 @@ pub fn parse_tokenizer_json(text: &str) -> std::result::Result<Vocab, String> {
         }
         pieces[id] = (content.to_string(), 0.0);
         if a["special"].as_bool() == Some(true) {
-            types[id] = if Some(content) == unk { TYPE_UNKNOWN } else { TYPE_CONTROL };
+            types[id] = if Some(content) == unk {
+                TYPE_UNKNOWN
+            } else {
+                TYPE_CONTROL
+            };
         }
     }
     let mut rank = 0f32;
@@ -225,7 +264,10 @@ pub fn parse_tokenizer_json(text: &str) -> std::result::Result<Vocab, String> {
 }
 
 fn is_byte_piece(t: &str) -> bool {
-    t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok()
+    t.len() == 6
+        && t.starts_with("<0x")
+        && t.ends_with('>')
+        && u8::from_str_radix(&t[3..5], 16).is_ok()
 }
 
 #[cfg(test)]
@@ -260,7 +302,16 @@ mod tests {
             "normalizer": {"type": "Prepend", "prepend": "▁"}}"#;
         let v = parse_tokenizer_json(j).unwrap();
         assert_eq!(v.tokens, ["<unk>", "<s>", "<0x41>", "▁t", "he"]);
-        assert_eq!(v.types, [TYPE_UNKNOWN, TYPE_CONTROL, TYPE_BYTE, TYPE_NORMAL, TYPE_NORMAL]);
+        assert_eq!(
+            v.types,
+            [
+                TYPE_UNKNOWN,
+                TYPE_CONTROL,
+                TYPE_BYTE,
+                TYPE_NORMAL,
+                TYPE_NORMAL
+            ]
+        );
         let bits: Vec<u32> = v.scores.iter().map(|s| s.to_bits()).collect();
         assert_eq!(bits, [0, 0, 0, (-0.0f32).to_bits(), (-1.0f32).to_bits()]);
         assert!(v.add_space_prefix);

@@ -148,9 +148,11 @@ impl WeightCodes {
                     nf_dequant(NfGrid::Nf3, c, s)
                 }
                 WeightFormat::Nf4 { .. } => nf_dequant(NfGrid::Nf4, c, self.scales[grp]),
-                WeightFormat::Ggml(t) => {
-                    t.value(c, self.scales[grp], mins.get(grp).copied().unwrap_or(f16::ZERO))
-                }
+                WeightFormat::Ggml(t) => t.value(
+                    c,
+                    self.scales[grp],
+                    mins.get(grp).copied().unwrap_or(f16::ZERO),
+                ),
             }
         });
         Ok(values.collect())

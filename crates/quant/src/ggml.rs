@@ -116,7 +116,11 @@ impl GgmlType {
                 for (c, &x) in codes.iter_mut().zip(xs) {
                     *c = ((x * id + 8.5) as i8).clamp(0, 15) as u8;
                 }
-                GgmlBlock { d: f16::from_f32(d), m: f16::ZERO, codes }
+                GgmlBlock {
+                    d: f16::from_f32(d),
+                    m: f16::ZERO,
+                    codes,
+                }
             }
             Self::Q4_1 => {
                 let (mut min, mut max) = (f32::MAX, -f32::MAX);
@@ -133,7 +137,11 @@ impl GgmlType {
                 for (c, &x) in codes.iter_mut().zip(xs) {
                     *c = (((x - min) * id + 0.5) as i8).clamp(0, 15) as u8;
                 }
-                GgmlBlock { d: f16::from_f32(d), m: f16::from_f32(min), codes }
+                GgmlBlock {
+                    d: f16::from_f32(d),
+                    m: f16::from_f32(min),
+                    codes,
+                }
             }
             Self::Q8_0 => {
                 let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -144,7 +152,11 @@ impl GgmlType {
                     let q = (x * id).round() as i8;
                     *c = (i16::from(q) + 128) as u8;
                 }
-                GgmlBlock { d: f16::from_f32(d), m: f16::ZERO, codes }
+                GgmlBlock {
+                    d: f16::from_f32(d),
+                    m: f16::ZERO,
+                    codes,
+                }
             }
         }
     }

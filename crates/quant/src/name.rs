@@ -104,7 +104,9 @@ fn weight_part<'a>(
             .into_iter()
             .find(|t| t.name() == name)
             .ok_or_else(|| {
-                format!("Q{d}_{variant}: expected Q4_0, Q4_1 or Q8_0 (llama.cpp's GGUF blocks of 32)")
+                format!(
+                    "Q{d}_{variant}: expected Q4_0, Q4_1 or Q8_0 (llama.cpp's GGUF blocks of 32)"
+                )
             })?;
         return Ok((Some(WeightQuant::ggml(ty)), rest));
     }

@@ -34,7 +34,9 @@ fn q4_0_by_hand() {
     // 0.25, id = 4, code = trunc(4x + 8.5): 1 → 12, -2 → 0, 0.5 → 10, 0.75 → 11, -1 → 4,
     // 2 → 16.5 → 15 (clamped: 2 becomes 1.75), 0.125 → 9 (tie 0.5 goes up), -0.125 → 8 (tie
     // -0.5 goes up to 0), 0.375 → 10 (1.5 → 2), -0.375 → 7 (-1.5 → -1), 0 → 8.
-    let xs = block(&[1.0, -2.0, 0.5, 0.75, -1.0, 2.0, 0.125, -0.125, 0.375, -0.375]);
+    let xs = block(&[
+        1.0, -2.0, 0.5, 0.75, -1.0, 2.0, 0.125, -0.125, 0.375, -0.375,
+    ]);
     let b = GgmlType::Q4_0.quantize_block(&xs);
     assert_eq!(b.d, f16::from_f32(0.25));
     assert_eq!(&b.codes[..11], &[12, 0, 10, 11, 4, 15, 9, 8, 10, 7, 8]);
@@ -50,14 +52,20 @@ fn q4_0_by_hand() {
     assert_eq!(&b.codes[..3], &[0, 11, 8]);
     let got = fake(&xs, GgmlType::Q4_0);
     assert_eq!(&got[..2], &[3.0, -1.125]);
-    assert_eq!(got[2].to_bits(), (-0.0f32).to_bits(), "llama.cpp gives -0 here");
+    assert_eq!(
+        got[2].to_bits(),
+        (-0.0f32).to_bits(),
+        "llama.cpp gives -0 here"
+    );
 
     // All zero: max stays 0, d = 0/-8 = -0 (stored as f16 0x8000), id = 0, codes 8, values -0.
     let xs = vec![0.0f32; 32];
     let b = GgmlType::Q4_0.quantize_block(&xs);
     assert_eq!(b.d.to_bits(), 0x8000);
     assert_eq!(b.codes, [8; 32]);
-    assert!(fake(&xs, GgmlType::Q4_0).iter().all(|v| v.to_bits() == 0x8000_0000));
+    assert!(fake(&xs, GgmlType::Q4_0)
+        .iter()
+        .all(|v| v.to_bits() == 0x8000_0000));
 }
 
 #[test]
@@ -88,7 +96,10 @@ fn q8_0_by_hand() {
     let b = GgmlType::Q8_0.quantize_block(&xs);
     assert_eq!(b.d.to_f32(), 0.00787353515625);
     assert_eq!(&b.codes[..2], &[255, 128 - 64]); // -0.5 · 127 = -63.5 → -64
-    assert_eq!(&fake(&xs, GgmlType::Q8_0)[..2], &[0.99993896484375, -0.50390625]);
+    assert_eq!(
+        &fake(&xs, GgmlType::Q8_0)[..2],
+        &[0.99993896484375, -0.50390625]
+    );
     // All zero: d = 0, codes 128, values +0.
     let b = GgmlType::Q8_0.quantize_block(&[0.0; 32]);
     assert_eq!((b.d.to_bits(), b.codes), (0, [128; 32]));
@@ -110,12 +121,21 @@ fn q4_1_by_hand() {
     // f16(m) = 1.399658203125; 0 → (0.1·10 = 1) + 0.5 → 1 → 0; -0.1 → 0 → -0.0999755859375.
     let xs = block(&[-0.1, 1.4]);
     let b = GgmlType::Q4_1.quantize_block(&xs);
-    assert_eq!((b.d.to_f32(), b.m.to_f32()), (0.0999755859375, -0.0999755859375));
+    assert_eq!(
+        (b.d.to_f32(), b.m.to_f32()),
+        (0.0999755859375, -0.0999755859375)
+    );
     assert_eq!(&b.codes[..3], &[0, 15, 1]);
-    assert_eq!(&fake(&xs, GgmlType::Q4_1)[..3], &[-0.0999755859375, 1.399658203125, 0.0]);
+    assert_eq!(
+        &fake(&xs, GgmlType::Q4_1)[..3],
+        &[-0.0999755859375, 1.399658203125, 0.0]
+    );
     // A constant block: d = 0, id = 0, codes 0, every value f16(min).
     let b = GgmlType::Q4_1.quantize_block(&[0.3; 32]);
-    assert_eq!((b.d, b.m, b.codes), (f16::ZERO, f16::from_f32(0.3), [0; 32]));
+    assert_eq!(
+        (b.d, b.m, b.codes),
+        (f16::ZERO, f16::from_f32(0.3), [0; 32])
+    );
 }
 
 #[test]
@@ -129,13 +149,19 @@ fn block_bytes_follow_ggml_layout() {
     assert_eq!(&out[..2], &f16::from_f32(0.25).to_le_bytes());
     assert_eq!(out[2], 12 | (10 << 4));
     assert_eq!(out[3], 0x80); // code 0 low, code 8 high
-    // Q8_0: d, then signed bytes: 127 → 0x7F, -3 → 0xFD.
+                              // Q8_0: d, then signed bytes: 127 → 0x7F, -3 → 0xFD.
     let mut out = Vec::new();
-    GgmlType::Q8_0.encode(&GgmlType::Q8_0.quantize_block(&block(&[127.0, -2.5])), &mut out);
+    GgmlType::Q8_0.encode(
+        &GgmlType::Q8_0.quantize_block(&block(&[127.0, -2.5])),
+        &mut out,
+    );
     assert_eq!((out.len(), out[2], out[3], out[4]), (34, 0x7F, 0xFD, 0));
     // Q4_1: d, m, codes.
     let mut out = Vec::new();
-    GgmlType::Q4_1.encode(&GgmlType::Q4_1.quantize_block(&block(&[-0.5, 7.0])), &mut out);
+    GgmlType::Q4_1.encode(
+        &GgmlType::Q4_1.quantize_block(&block(&[-0.5, 7.0])),
+        &mut out,
+    );
     assert_eq!(out.len(), 20);
     assert_eq!(&out[2..4], &f16::from_f32(-0.5).to_le_bytes());
 }
@@ -146,7 +172,12 @@ fn straight_through_gradient_and_dtypes() {
     let w = Var::from_vec(xs.clone(), (1, 64), &Device::Cpu).unwrap();
     for t in GgmlType::ALL {
         let q = fake_weight(w.as_tensor(), &WeightQuant::ggml(t)).unwrap();
-        let g = (q.clone() * 3.0).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (q.clone() * 3.0)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let gw: Vec<f32> = g.get(&w).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert!(gw.iter().all(|&v| v == 3.0), "{t:?}: {gw:?}");
         // Same values (up to the sign of zero) as untracked; bf16 weights give the values
@@ -155,16 +186,39 @@ fn straight_through_gradient_and_dtypes() {
         let tracked: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(tracked, plain, "{t:?}");
         let wb = w.as_tensor().detach().to_dtype(DType::BF16).unwrap();
-        let wide: Vec<f32> = wb.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let wide: Vec<f32> = wb
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let fb = fake_weight(&wb, &WeightQuant::ggml(t)).unwrap();
-        let want = Tensor::from_vec(fake(&wide, t), (1, 64), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+        let want = Tensor::from_vec(fake(&wide, t), (1, 64), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
         assert_eq!(
-            fb.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            fb.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            want.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         );
         // The codes dequantize to the same bits.
         let c = quantize_codes(&w.as_tensor().detach(), &WeightQuant::ggml(t)).unwrap();
-        assert_eq!(bits(&c.dequantize(&WeightQuant::ggml(t)).unwrap()), bits(&plain), "{t:?}");
+        assert_eq!(
+            bits(&c.dequantize(&WeightQuant::ggml(t)).unwrap()),
+            bits(&plain),
+            "{t:?}"
+        );
     }
 }
 
@@ -179,7 +233,10 @@ fn names_json_and_shapes() {
         assert_eq!(s.weight, Some(WeightQuant::ggml(t)));
         assert_eq!(s.to_string(), canonical);
         let json = serde_json::to_string(&s).unwrap();
-        assert!(json.contains(&format!("{{\"kind\":\"{}\"}}", t.name())), "{json}");
+        assert!(
+            json.contains(&format!("{{\"kind\":\"{}\"}}", t.name())),
+            "{json}"
+        );
         assert_eq!(Scheme::from_json_str(&json, "".as_ref()).unwrap(), s);
     }
     for bad in ["Q4", "Q5_0", "Q4_2", "Q4_0G32"] {
@@ -199,13 +256,21 @@ fn names_json_and_shapes() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("weight format q8_0 needs bits 8, found bits 3"), "{e}");
+    assert!(
+        e.contains("weight format q8_0 needs bits 8, found bits 3"),
+        "{e}"
+    );
     assert_eq!(WeightFormat::Ggml(GgmlType::Q4_0).group_len(64), Ok(32));
     assert_eq!(
         WeightFormat::Ggml(GgmlType::Q4_0).group_len(172).unwrap_err(),
         "Q4_0 block size 32 does not divide in_features 172 (keep the layer unquantized with an override, weight null)"
     );
     let w = Tensor::zeros((2, 48), DType::F32, &Device::Cpu).unwrap();
-    let e = fake_weight(&w, &WeightQuant::ggml(GgmlType::Q8_0)).unwrap_err().to_string();
-    assert!(e.contains("block size 32 does not divide in_features 48"), "{e}");
+    let e = fake_weight(&w, &WeightQuant::ggml(GgmlType::Q8_0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("block size 32 does not divide in_features 48"),
+        "{e}"
+    );
 }
