@@ -1,7 +1,8 @@
 //! CLI tests of `qat-pack --format gguf` on stories260K: students trained for 2 steps on the
 //! Q4_0 / Q4_1 / Q8_0 grids are exported, then read by `tests/foreign/read_gguf.py` with
 //! llama.cpp's own `gguf` Python package, whose dequantization must equal qat's fake-quantized
-//! weights bit for bit (and whose reference quantizer must give the same block bytes); bad
+//! weights bit for bit (and whose reference quantizer must give the same block bytes), and which
+//! run with llama.cpp's conventions (`tests/foreign/gguf_forward.py`) give qat-eval's NLL; bad
 //! students are refused with exit 2, naming the layer.
 //!
 //! The interpreter is `$QAT_PYTHON`, default `<workspace>/.venv/bin/python` (`make test-deps`
@@ -129,7 +130,32 @@ fn distilled_students_export_to_gguf_bit_for_bit() {
         assert_eq!(r["types"]["F32"], 17);
         assert_eq!(r["vocab"], 512);
         assert_eq!(r["tool"], format!("qat-pack {}", env!("CARGO_PKG_VERSION")));
+        forward_matches_qat_eval(&student, &file, tmp.path());
     }
+}
+
+/// The GGUF file run with llama.cpp's conventions (tests/foreign/gguf_forward.py: interleaved
+/// RoPE on the permuted q/k rows, GQA, tied output; float64) predicts the first TinyStories
+/// documents with the NLL `qat-eval` measures on the fake-quantized student (float32), to 1e-5.
+fn forward_matches_qat_eval(student: &Path, file: &Path, tmp: &Path) {
+    let (limit, seq_len) = (3, 64);
+    let e = ok_json(&qat_eval(&[
+        "--model", student.to_str().unwrap(), "--corpus", tinystories().to_str().unwrap(),
+        "--limit", &limit.to_string(), "--seq-len", &seq_len.to_string(), "-q",
+    ]));
+    assert_eq!(e["quantization"], "fake_quant");
+    let dir = qat_model::ModelDir::open(student).unwrap();
+    let corpus = qat_eval::Corpus::read(&tinystories()).unwrap();
+    let ids = qat_eval::tokenize(&corpus, &dir.tokenizer().unwrap(), dir.config.bos_token_id, qat_eval::PplMode::Docs, seq_len, "<|endoftext|>", Some(limit)).unwrap();
+    let ids_path = tmp.join("ids.json");
+    std::fs::write(&ids_path, serde_json::to_string(&ids).unwrap()).unwrap();
+    let out = Command::new(python()).arg(workspace().join("tests/foreign/gguf_forward.py")).arg(file).arg(&ids_path).output().unwrap();
+    assert!(out.status.success(), "gguf_forward.py: {}", String::from_utf8_lossy(&out.stderr));
+    let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (py, qat) = (g["nll"].as_f64().unwrap(), e["nll"].as_f64().unwrap());
+    eprintln!("{}: llama.cpp-convention NLL {py:.9} vs qat-eval {qat:.9} ({} tokens)", file.display(), g["tokens"]);
+    assert_eq!(g["tokens"], e["tokens"]);
+    assert!((py - qat).abs() < 1e-5 * qat, "GGUF forward {py} vs qat-eval {qat}");
 }
 
 #[test]
