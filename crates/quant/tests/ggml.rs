@@ -3,6 +3,9 @@
 //! dequantization llama.cpp runs, worked out below on paper (ties, zero blocks, blocks whose
 //! largest |x| is positive), then checked through `fake_weight`, `quantize_codes` and the bytes.
 
+// The expected decimals are exact binary values (f16 scales times small integers), quoted in full.
+#![allow(clippy::excessive_precision)]
+
 use candle_core::{DType, Device, Tensor, Var};
 use half::f16;
 use qat_quant::{fake_weight, quantize_codes, GgmlType, Scheme, WeightFormat, WeightQuant};
