@@ -13,9 +13,10 @@ PYTHON := $(VENV)/bin/python
 PYARROW_VERSION := 26.0.1
 SAFETENSORS_VERSION := 0.8.0
 NUMPY_VERSION := 2.3.5
-PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy==$(NUMPY_VERSION)
+GGUF_VERSION := 0.19.0
+PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy==$(NUMPY_VERSION) gguf==$(GGUF_VERSION)
 # The stamp names every pinned version, so changing one reinstalls.
-PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)
+PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)-gguf-$(GGUF_VERSION)
 OUT ?= out
 
 .PHONY: all setup build test test-deps pipeline pipeline-bitdistiller plots fuzz clean help
@@ -36,8 +37,8 @@ setup: build test-deps
 build:
 	$(CARGO) build --release --locked --bins
 
-# Python with pyarrow (shards) and safetensors + numpy (packed models), used by the
-# foreign-reader tests of the file formats.
+# Python with pyarrow (shards), safetensors + numpy (packed models) and llama.cpp's gguf package
+# (GGUF export), used by the foreign-reader tests of the file formats.
 test-deps: $(PY_STAMP)
 $(PY_STAMP):
 	python3 -m venv $(VENV)

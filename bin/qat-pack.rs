@@ -1,8 +1,9 @@
 //! `qat-pack`: a trained student (model dir + quant_scheme.json) in, the real low-bit model out:
-//! integer codes densely bit-packed with f16 scales in one safetensors file (formats/packed.md).
+//! integer codes densely bit-packed with f16 scales in one safetensors file (formats/packed.md),
+//! or, with `--format gguf`, one GGUF file that llama.cpp loads unchanged (formats/gguf.md).
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use qat_cli::{main_with, Outcome};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use std::time::Instant;
 #[command(
     name = "qat-pack",
     version,
-    about = "Bit-pack a quantized student into a packed model directory (formats/packed.md); JSON summary on stdout",
+    about = "Bit-pack a quantized student into a packed model directory (formats/packed.md) or a GGUF file for llama.cpp (formats/gguf.md); JSON summary on stdout",
     after_help = "Examples:
   # Pack a QAT student (its quant_scheme.json says how), then evaluate the packed model
   qat-pack --model students/w3g32 --out packed/w3g32
@@ -22,11 +23,21 @@ use std::time::Instant;
   cp -r ../shared/data/models/stories260K rtn && cp pipelines/schemes/stories260K/W3G32.json rtn/quant_scheme.json
   qat-pack -m rtn -o packed/rtn-w3g32
 
+  # A student trained on llama.cpp's Q4_0 grid, exported losslessly as GGUF
+  qat-distill -m ../shared/data/models/stories260K -s shards/s260k --scheme pipelines/schemes/stories260K/Q4_0.json -o students/q4_0
+  qat-pack --format gguf -m students/q4_0 -o q4_0.gguf
+
 Each quantized linear layer (per layer, after the scheme's overrides) is stored as .qweight (codes,
 LSB-first bit stream per row, rows padded to whole bytes), .scales (f16) and, for asym_group,
 .zeros (u8); everything else keeps its dtype. The summary reports bits per quantized weight,
 measured and in theory (b + 16/g, nf3 b + 32/g, asym + 8/g). The output appears only when complete
-(written to OUT.partial/, then renamed); an existing OUT is refused."
+(written to OUT.partial/, then renamed); an existing OUT is refused.
+
+--format gguf writes one GGUF v3 file (written to OUT.tmp, then renamed): q4_0 / q4_1 / q8_0 layers
+as those ggml types (llama.cpp dequantizes them to the student's fake-quantized weights bit for
+bit), unquantized layers, embeddings and norms as F32, q/k rows permuted to llama.cpp's RoPE order,
+the vocabulary from tokenizer.model (else tokenizer.json). Refused (exit 2, naming the layer): any
+other weight format, and activation or KV quantization unless --drop-act-kv."
 )]
 struct Args {
     /// Student model directory: config.json, model.safetensors, tokenizer.json and
@@ -34,9 +45,22 @@ struct Args {
     /// Or a Hub id owner/name[@revision], resolved in the Hugging Face cache (fetched once).
     #[arg(long, short = 'm')]
     model: PathBuf,
-    /// Output directory for the packed model (must not exist).
+    /// Output: the packed model directory, or with --format gguf the .gguf file (must not exist).
     #[arg(long, short = 'o')]
     out: PathBuf,
+    /// Output format: `packed` (qat's packed safetensors directory) or `gguf` (llama.cpp).
+    #[arg(long, value_enum, default_value_t = Format::Packed)]
+    format: Format,
+    /// GGUF only: export a scheme with activation or KV quantization anyway (llama.cpp runs the
+    /// weights without them; the dropped quantizers are listed in the summary and metadata).
+    #[arg(long)]
+    drop_act_kv: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Packed,
+    Gguf,
 }
 
 fn main() -> ExitCode {
@@ -44,14 +68,31 @@ fn main() -> ExitCode {
     main_with("qat-pack", || {
         let started = Instant::now();
         let model = qat_model::resolve_model(&args.model)?.dir;
-        let summary = qat_pack::pack(&model, &args.out).with_context(|| {
+        let context = || {
             format!(
                 "packing {} into {}",
                 args.model.display(),
                 args.out.display()
             )
-        })?;
-        let mut json = serde_json::to_value(&summary)?;
+        };
+        if args.drop_act_kv && args.format != Format::Gguf {
+            anyhow::bail!("--drop-act-kv applies to --format gguf only");
+        }
+        let mut json = match args.format {
+            Format::Packed => {
+                serde_json::to_value(qat_pack::pack(&model, &args.out).with_context(context)?)?
+            }
+            Format::Gguf => {
+                let opts = qat_pack::GgufOptions {
+                    drop_act_kv: args.drop_act_kv,
+                };
+                let s = qat_pack::export_gguf(&model, &args.out, opts).with_context(context)?;
+                for d in &s.dropped {
+                    eprintln!("qat-pack: warning: llama.cpp will not quantize {d}");
+                }
+                serde_json::to_value(&s)?
+            }
+        };
         json["seconds"] = started.elapsed().as_secs_f64().into();
         println!("{json}");
         Ok(Outcome::Ok)

@@ -167,7 +167,7 @@ fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tens
 fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary, shards_sha: &str, staging: &Path) -> Result<()> {
     std::fs::create_dir_all(staging).map_err(io(staging, "cannot create"))?;
     qat_train::student::save_safetensors(tensors, &staging.join("model.safetensors"))?;
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in ["config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"] {
         let src = dir.dir.join(f);
         if src.is_file() {
             std::fs::copy(&src, staging.join(f)).map_err(io(&src, "cannot copy"))?;

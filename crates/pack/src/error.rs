@@ -29,6 +29,10 @@ pub enum PackError {
         source: Option<Box<qat_quant::QuantError>>,
     },
 
+    /// A tokenizer file the GGUF export cannot read (`tokenizer.model` or `tokenizer.json`).
+    #[error("{}: cannot read the vocabulary: {what}", path.display())]
+    Tokenizer { path: PathBuf, what: String },
+
     /// Nothing to pack: the scheme quantizes no linear layer's weights.
     #[error("{}: the scheme quantizes no weights (weight is null for every layer), nothing to pack", path.display())]
     NothingToPack { path: PathBuf },

@@ -57,6 +57,13 @@ impl LayerEntry {
             WeightFormat::Nf3 { .. } => Some(CODEBOOK_NF3.to_string()),
             WeightFormat::Nf4 { .. } => Some(CODEBOOK_NF4.to_string()),
             WeightFormat::SymPerChannel | WeightFormat::AsymGroup { .. } => None,
+            WeightFormat::Ggml(t) => {
+                return Err(format!(
+                    "weight format {} is a GGUF block format, which the packed format does not \
+                     store; export it with qat-pack --format gguf",
+                    t.name()
+                ))
+            }
         };
         Ok(Self {
             name: prefix(id),

@@ -154,5 +154,6 @@ pub fn read_layer(st: &SafeTensors<'_>, path: &Path, entry: &LayerEntry) -> Resu
         codes,
         scales,
         zeros,
+        mins: None,
     })
 }

@@ -14,10 +14,15 @@
 //! | `asym_group` | code in `0..=2^bits - 1` | `[out, n_groups]` | `Some([out, n_groups])` |
 //! | `nf3` | level index `0..=7` (3 = zero) | `[out, n_groups, 2]` = (max, \|min\|) | `None` |
 //! | `nf4` | level index `0..=15` (7 = zero) | `[out, n_groups]` | `None` |
+//! | `q4_0`, `q4_1` | code `0..=15` | `[out, n_blocks]` = `d` | `None` (`q4_1`: `mins` = `m`) |
+//! | `q8_0` | `q + 128` in `1..=255` (offset binary) | `[out, n_blocks]` = `d` | `None` |
+//!
+//! (GGUF blocks: values as [`GgmlType::value`]; `d` of `q4_0` may be negative.)
 
 use crate::asym::{asym_dequant, asym_group_codes, asym_max_int};
 use crate::error::QuantError;
 use crate::fake::{sym_dequant, sym_qmax, sym_row_codes};
+use crate::ggml::GgmlType;
 use crate::nf::{nf_dequant, nf_group_codes, NfGrid};
 use crate::weight::{WeightFormat, WeightQuant};
 use candle_core::{DType, Device, Result, Tensor};
@@ -36,6 +41,8 @@ pub struct WeightCodes {
     pub scales: Vec<f16>,
     /// `[out_features, n_groups]` integer zero points, `asym_group` only.
     pub zeros: Option<Vec<u8>>,
+    /// `[out_features, n_groups]` f16 block minimums, `q4_1` only.
+    pub mins: Option<Vec<f16>>,
 }
 
 impl WeightCodes {
@@ -92,12 +99,29 @@ impl WeightCodes {
                 return Err(bad(format!("zeros given for format {f}, which has none")).into())
             }
         };
+        let mins = match (&self.mins, wq.format) {
+            (Some(m), WeightFormat::Ggml(GgmlType::Q4_1)) if m.len() == out * n => m.as_slice(),
+            (None, f) if f != WeightFormat::Ggml(GgmlType::Q4_1) => &[],
+            (m, f) => {
+                let len = m.as_ref().map(|m| m.len());
+                return Err(bad(format!(
+                    "mins {len:?}, expected {} for {f}",
+                    if f == WeightFormat::Ggml(GgmlType::Q4_1) {
+                        format!("{} entries", out * n)
+                    } else {
+                        "none".to_string()
+                    }
+                ))
+                .into());
+            }
+        };
         let qmax = sym_qmax(wq.bits)?;
         let max_code = match wq.format {
             WeightFormat::SymPerChannel => 2 * qmax,
             WeightFormat::AsymGroup { .. } => asym_max_int(wq.bits)?,
             WeightFormat::Nf3 { .. } => 7,
             WeightFormat::Nf4 { .. } => 15,
+            WeightFormat::Ggml(t) => t.max_code(),
         };
         let out_of_range = |what: &str, v: &[u8]| {
             v.iter().position(|&c| c > max_code).map(|i| {
@@ -124,6 +148,11 @@ impl WeightCodes {
                     nf_dequant(NfGrid::Nf3, c, s)
                 }
                 WeightFormat::Nf4 { .. } => nf_dequant(NfGrid::Nf4, c, self.scales[grp]),
+                WeightFormat::Ggml(t) => t.value(
+                    c,
+                    self.scales[grp],
+                    mins.get(grp).copied().unwrap_or(f16::ZERO),
+                ),
             }
         });
         Ok(values.collect())
@@ -152,6 +181,7 @@ pub fn quantize_codes(w: &Tensor, wq: &WeightQuant) -> Result<WeightCodes> {
     let mut codes = Vec::with_capacity(data.len());
     let mut scales = Vec::new();
     let mut zeros = Vec::new();
+    let mut mins = Vec::new();
     for xs in data.chunks(g) {
         match wq.format {
             WeightFormat::SymPerChannel => scales.push(sym_row_codes(xs, wq.bits, &mut codes)?),
@@ -162,9 +192,16 @@ pub fn quantize_codes(w: &Tensor, wq: &WeightQuant) -> Result<WeightCodes> {
             }
             WeightFormat::Nf3 { .. } => nf_group_codes(NfGrid::Nf3, xs, &mut codes, &mut scales),
             WeightFormat::Nf4 { .. } => nf_group_codes(NfGrid::Nf4, xs, &mut codes, &mut scales),
+            WeightFormat::Ggml(t) => {
+                let b = t.quantize_block(xs);
+                codes.extend_from_slice(&b.codes);
+                scales.push(b.d);
+                mins.push(b.m);
+            }
         }
     }
     let zeros = matches!(wq.format, WeightFormat::AsymGroup { .. }).then_some(zeros);
+    let mins = (wq.format == WeightFormat::Ggml(GgmlType::Q4_1)).then_some(mins);
     Ok(WeightCodes {
         out_features: out,
         in_features: inp,
@@ -172,6 +209,7 @@ pub fn quantize_codes(w: &Tensor, wq: &WeightQuant) -> Result<WeightCodes> {
         codes,
         scales,
         zeros,
+        mins,
     })
 }
 

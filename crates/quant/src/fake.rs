@@ -22,6 +22,7 @@
 use crate::asym::fake_asym;
 use crate::error::QuantError;
 use crate::fused;
+use crate::ggml::fake_ggml;
 use crate::nf::{fake_nf, NfGrid};
 use crate::scheme::{WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
 use candle_core::{DType, Result, Tensor};
@@ -166,7 +167,9 @@ pub fn ste(x: &Tensor, q: &Tensor) -> Result<Tensor> {
 /// gradient as `wq.grad` says (identity for `ste`).
 ///
 /// `SymPerChannel`: one f16-rounded scale per output channel (row); `AsymGroup`: see `asym`;
-/// `Nf3`/`Nf4`: see `nf`. Errors if `wq` fails [`WeightQuant::check`] or its group size does
+/// `Nf3`/`Nf4`: see `nf`; `Ggml` (llama.cpp's blocks): see `ggml` (untracked weights may hold
+/// -0 there, as llama.cpp dequantizes them). Errors if `wq` fails [`WeightQuant::check`] or its
+/// group size does
 /// not divide `in`.
 pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
     wq.check("")?;
@@ -191,6 +194,7 @@ pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
         WeightFormat::AsymGroup { .. } => return fake_asym(w, wq.bits, group, wq.grad),
         WeightFormat::Nf3 { .. } => fake_nf(&x, NfGrid::Nf3, group)?,
         WeightFormat::Nf4 { .. } => fake_nf(&x, NfGrid::Nf4, group)?,
+        WeightFormat::Ggml(ty) => return fake_ggml(w, ty),
     };
     ste(w, &q)
 }

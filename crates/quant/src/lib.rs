@@ -4,7 +4,8 @@
 //! activations and the KV cache are quantized; [`FakeQuant`] applies it to a `qat_model::Llama`
 //! through its quantization hooks, with straight-through gradients ([`fake`]). Weight formats:
 //! symmetric per channel (LLM-QAT, [`fake`]), asymmetric per group ([`asym`]) and NF3/NF4
-//! ([`nf`]) (BitDistiller); [`codes`] gives the integer codes a packed model stores.
+//! ([`nf`]) (BitDistiller), and llama.cpp's GGUF blocks Q4_0/Q4_1/Q8_0 ([`ggml`]); [`codes`]
+//! gives the integer codes a packed model stores.
 
 pub mod asym;
 pub mod codes;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod fake;
 pub mod file;
 pub mod fused;
+pub mod ggml;
 pub mod glob;
 pub mod hooks;
 pub mod name;
@@ -26,6 +28,7 @@ pub use fake::{
     fake_act, fake_kv, fake_weight, round_half_even, ste, sym_qmax, sym_quant_dequant,
     sym_quantize, ScaleRounding,
 };
+pub use ggml::{GgmlBlock, GgmlType};
 pub use glob::glob_match;
 pub use hooks::FakeQuant;
 pub use nf::{NfGrid, NF3_LEVELS, NF3_THRESHOLDS, NF4_LEVELS, NF4_THRESHOLDS};

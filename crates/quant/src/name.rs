@@ -5,18 +5,19 @@
 //!
 //! ```text
 //! name   := "FP" | "NONE" | [ weight ] [ "A" bits ] [ "KV" bits ]   (at least one part, in this order)
-//! weight := "W" bits [ group ] | "NF3" group | "NF4" group
+//! weight := "W" bits [ group ] | "NF3" group | "NF4" group | "Q4_0" | "Q4_1" | "Q8_0"
 //! group  := "G" size | "CH"                                          (size >= 1; CH = per output channel)
 //! bits   := 2..=8 | 16                                               (16 = not quantized)
 //! ```
 //!
 //! `W<b>` is symmetric per-channel weights (LLM-QAT), `W<b>G<n>` asymmetric MinMax per group of
 //! n inputs and `W<b>CH` asymmetric per output channel (BitDistiller `asym_group`), `NF3…`/`NF4…`
-//! the NormalFloat grids; `A` per-token activations, `KV` the per-token KV cache.
+//! the NormalFloat grids, `Q4_0`/`Q4_1`/`Q8_0` llama.cpp's GGUF blocks; `A` per-token activations, `KV` the per-token KV cache.
 //! [`Scheme`]'s `Display` writes the canonical name (quantized parts only, `FP` if none) when the
 //! scheme has one, and compact JSON otherwise; `FromStr` accepts both, so they round-trip.
 
 use crate::error::{QuantError, Result};
+use crate::ggml::GgmlType;
 use crate::scheme::{ActQuant, KvQuant, Scheme, MAX_BITS, MIN_BITS};
 use crate::weight::{WeightFormat, WeightQuant};
 use std::fmt;
@@ -27,7 +28,7 @@ use std::str::FromStr;
 pub const UNQUANTIZED_BITS: u32 = 16;
 
 const EXPECTED: &str =
-    "expected FP, none or [W<bits>[G<size>|CH] | NF3G<size> | NF4G<size>][A<bits>][KV<bits>] \
+    "expected FP, none or [W<bits>[G<size>|CH] | NF3G<size> | NF4G<size> | Q4_0 | Q4_1 | Q8_0][A<bits>][KV<bits>] \
      with bits in 2..=8 or 16 (= not quantized), e.g. W4A8KV4, W8A8, W4, W3G128, NF3G64A8";
 
 /// One `<letter><bits>` part: `None` if 16 (not quantized), `Some(bits)` if in range.
@@ -93,6 +94,22 @@ fn weight_part<'a>(
     rest: &'a str,
 ) -> std::result::Result<(Option<WeightQuant>, &'a str), String> {
     let (d, rest) = digits(rest);
+    if prefix == "Q" {
+        let (variant, rest) = match rest.strip_prefix('_') {
+            Some(r) => digits(r),
+            None => ("", rest),
+        };
+        let name = format!("q{d}_{variant}");
+        let ty = GgmlType::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "Q{d}_{variant}: expected Q4_0, Q4_1 or Q8_0 (llama.cpp's GGUF blocks of 32)"
+                )
+            })?;
+        return Ok((Some(WeightQuant::ggml(ty)), rest));
+    }
     let (group, rest) = group_part(rest)?;
     if prefix == "NF" {
         let format = match d {
@@ -137,9 +154,10 @@ fn parse_short(name: &str) -> std::result::Result<Parts, String> {
         return Err(format!("empty name; {EXPECTED}"));
     }
     // Parts in order; each is (prefix, quantizer name, slot). W and NF fill the same slot.
-    const PARTS: [(&str, &str, usize); 4] = [
+    const PARTS: [(&str, &str, usize); 5] = [
         ("W", "weight", 0),
         ("NF", "weight", 0),
+        ("Q", "weight", 0),
         ("A", "activation", 1),
         ("KV", "kv", 2),
     ];
@@ -189,6 +207,7 @@ fn weight_name(w: &WeightQuant) -> Option<String> {
         WeightFormat::AsymGroup { group_size } => format!("W{}{}", w.bits, group(group_size)),
         WeightFormat::Nf3 { group_size } => format!("NF3{}", group(group_size)),
         WeightFormat::Nf4 { group_size } => format!("NF4{}", group(group_size)),
+        WeightFormat::Ggml(t) => t.name().to_ascii_uppercase(),
     })
 }
 

@@ -5,6 +5,7 @@
 //! `fake` (symmetric), `asym` and `nf`, the integer codes for packing in `codes`.
 
 use crate::error::QuantError;
+use crate::ggml::{GgmlType, BLOCK};
 use crate::scheme::check_bits;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
@@ -28,15 +29,18 @@ pub enum WeightFormat {
     Nf3 { group_size: Option<usize> },
     /// QLoRA's NormalFloat4: 16 levels in [-1, 1], absmax per group (one f16 scale); `bits` = 4.
     Nf4 { group_size: Option<usize> },
-    // Reserved for later: GGUF grids (Q4_K, Q3_K, ...). When adding a format: extend
-    // `FormatRepr` (below), `check_shape`, `fake::fake_weight`, `codes`, the short-name grammar
-    // in `name.rs` and `formats/scheme.md`.
+    /// llama.cpp's GGUF block grids (`Q4_0`, `Q4_1`, `Q8_0`): blocks of 32 inputs, quantized
+    /// exactly as its reference quantizers (see `ggml`); exported losslessly to GGUF.
+    Ggml(GgmlType),
+    // When adding a format: extend `FormatRepr` (below), `check_shape`, `fake::fake_weight`,
+    // `codes`, the short-name grammar in `name.rs` and `formats/scheme.md`.
 }
 
 /// The serialized form of [`WeightFormat`]. `SymPerChannel` is an empty struct variant here
 /// because serde ignores unknown fields next to an internally tagged *unit* variant: with this
 /// mirror, `{"kind": "sym_per_channel", "group_size": 128}` is an error instead of silently
 /// meaning per-channel. `group_size` is required (an integer, or `null` for per channel).
+#[allow(non_camel_case_types)]
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 enum FormatRepr {
@@ -53,6 +57,12 @@ enum FormatRepr {
         #[serde(deserialize_with = "required")]
         group_size: Option<usize>,
     },
+    #[serde(rename = "q4_0")]
+    Q4_0 {},
+    #[serde(rename = "q4_1")]
+    Q4_1 {},
+    #[serde(rename = "q8_0")]
+    Q8_0 {},
 }
 
 /// An `Option` field that must be present (`null` allowed): with `deserialize_with`, serde
@@ -68,6 +78,9 @@ impl From<FormatRepr> for WeightFormat {
             FormatRepr::AsymGroup { group_size } => Self::AsymGroup { group_size },
             FormatRepr::Nf3 { group_size } => Self::Nf3 { group_size },
             FormatRepr::Nf4 { group_size } => Self::Nf4 { group_size },
+            FormatRepr::Q4_0 {} => Self::Ggml(GgmlType::Q4_0),
+            FormatRepr::Q4_1 {} => Self::Ggml(GgmlType::Q4_1),
+            FormatRepr::Q8_0 {} => Self::Ggml(GgmlType::Q8_0),
         }
     }
 }
@@ -79,6 +92,9 @@ impl From<WeightFormat> for FormatRepr {
             WeightFormat::AsymGroup { group_size } => Self::AsymGroup { group_size },
             WeightFormat::Nf3 { group_size } => Self::Nf3 { group_size },
             WeightFormat::Nf4 { group_size } => Self::Nf4 { group_size },
+            WeightFormat::Ggml(GgmlType::Q4_0) => Self::Q4_0 {},
+            WeightFormat::Ggml(GgmlType::Q4_1) => Self::Q4_1 {},
+            WeightFormat::Ggml(GgmlType::Q8_0) => Self::Q8_0 {},
         }
     }
 }
@@ -91,13 +107,16 @@ impl WeightFormat {
             Self::AsymGroup { .. } => "asym_group",
             Self::Nf3 { .. } => "nf3",
             Self::Nf4 { .. } => "nf4",
+            Self::Ggml(t) => t.name(),
         }
     }
 
-    /// The `group_size` field: `None` for per-output-channel formats (including `SymPerChannel`).
+    /// The `group_size` field: `None` for per-output-channel formats (including `SymPerChannel`);
+    /// the block size 32 for the GGUF grids (which have no such field).
     pub fn group_size(&self) -> Option<usize> {
         match *self {
             Self::SymPerChannel => None,
+            Self::Ggml(_) => Some(BLOCK),
             Self::AsymGroup { group_size }
             | Self::Nf3 { group_size }
             | Self::Nf4 { group_size } => group_size,
@@ -110,8 +129,13 @@ impl WeightFormat {
         match self.group_size() {
             None => Ok(in_features),
             Some(0) => Err("group size 0 (expected >= 1, or null for per output channel)".into()),
-            Some(g) => match in_features % g {
-                0 => Ok(g),
+            Some(g) => match (in_features % g, self) {
+                (0, _) => Ok(g),
+                (_, Self::Ggml(t)) => Err(format!(
+                    "{} block size {g} does not divide in_features {in_features} \
+                     (keep the layer unquantized with an override, weight null)",
+                    t.name().to_uppercase()
+                )),
                 _ => Err(format!(
                     "group size {g} does not divide in_features {in_features}"
                 )),
@@ -124,6 +148,7 @@ impl WeightFormat {
         match self {
             Self::Nf3 { .. } => Some(3),
             Self::Nf4 { .. } => Some(4),
+            Self::Ggml(t) => Some(t.bits()),
             Self::SymPerChannel | Self::AsymGroup { .. } => None,
         }
     }
@@ -133,7 +158,9 @@ impl WeightFormat {
     pub fn default_grad(&self) -> WeightGrad {
         match self {
             Self::AsymGroup { .. } => WeightGrad::MinMax,
-            Self::SymPerChannel | Self::Nf3 { .. } | Self::Nf4 { .. } => WeightGrad::Ste,
+            Self::SymPerChannel | Self::Nf3 { .. } | Self::Nf4 { .. } | Self::Ggml(_) => {
+                WeightGrad::Ste
+            }
         }
     }
 
@@ -149,11 +176,11 @@ impl WeightFormat {
 }
 
 impl fmt::Display for WeightFormat {
-    /// `sym_per_channel`, `asym_group (group_size 128)`, `nf4 (group_size null)`.
+    /// `sym_per_channel`, `asym_group (group_size 128)`, `nf4 (group_size null)`, `q4_0`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.kind_name())?;
         match self {
-            Self::SymPerChannel => Ok(()),
+            Self::SymPerChannel | Self::Ggml(_) => Ok(()),
             _ => match self.group_size() {
                 Some(g) => write!(f, " (group_size {g})"),
                 None => f.write_str(" (group_size null)"),
@@ -257,6 +284,11 @@ impl WeightQuant {
     /// NF4 (QLoRA) per group of `group_size` inputs.
     pub fn nf4(group_size: Option<usize>) -> Self {
         Self::new(4, WeightFormat::Nf4 { group_size })
+    }
+
+    /// llama.cpp's GGUF block grid `ty` (4 or 8 bits, blocks of 32).
+    pub fn ggml(ty: GgmlType) -> Self {
+        Self::new(ty.bits(), WeightFormat::Ggml(ty))
     }
 
     /// The same quantizer with gradient `grad`.

@@ -77,6 +77,9 @@ fn quantizers() -> Vec<WeightQuant> {
         v.push(WeightQuant::nf3(g));
         v.push(WeightQuant::nf4(g));
     }
+    for t in qat_quant::GgmlType::ALL {
+        v.push(WeightQuant::ggml(t));
+    }
     v
 }
 
@@ -132,6 +135,7 @@ fn codes_have_the_documented_layout_and_ranges() {
             qat_quant::WeightFormat::AsymGroup { .. } => ((1u16 << wq.bits) - 1, 1, true),
             qat_quant::WeightFormat::Nf3 { .. } => (7, 2, false),
             qat_quant::WeightFormat::Nf4 { .. } => (15, 1, false),
+            qat_quant::WeightFormat::Ggml(t) => (u16::from(t.max_code()), 1, false),
         };
         assert!(c.codes.iter().all(|&q| u16::from(q) <= max_code), "{wq:?}");
         assert_eq!(
@@ -146,8 +150,17 @@ fn codes_have_the_documented_layout_and_ranges() {
         if let Some(z) = &c.zeros {
             assert!(z.iter().all(|&z| u16::from(z) <= max_code));
         }
+        let ggml = matches!(wq.format, qat_quant::WeightFormat::Ggml(_));
+        assert_eq!(
+            c.mins.as_ref().map(Vec::len),
+            (wq.format == qat_quant::WeightFormat::Ggml(qat_quant::GgmlType::Q4_1))
+                .then_some(12 * c.n_groups())
+        );
+        // GGUF scales follow llama.cpp: Q4_0's d is negative for a block whose largest |x| is
+        // positive, and overflows f16 (inf) for the 3e6 row, as llama.cpp's would.
         assert!(
-            c.scales
+            ggml || c
+                .scales
                 .iter()
                 .all(|s| s.is_finite() && !s.is_sign_negative()),
             "{wq:?}"
