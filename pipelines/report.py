@@ -3,6 +3,7 @@
 bitdistiller.mk; the latter adds packed sizes and the clip-only baseline)."""
 import argparse
 import json
+import glob
 import os
 
 
@@ -23,9 +24,11 @@ def main():
     clip_only = {k: load(v) for k, v in a.clip_only}
     fp = load(a.fp)
     shard_bytes = sum(os.path.getsize(os.path.join(a.shards, f)) for f in os.listdir(a.shards))
-    summary = load(a.shards + ".summary.json")
+    # Totals from the manifests (a resumed qat-sample run's summary counts only what it generated).
+    files = [f for m in glob.glob(os.path.join(a.shards, "manifest*.json")) for f in load(m)["files"]]
+    sequences, tokens = sum(f["rows"] for f in files), sum(f["tokens"] for f in files)
     print(f"Corpus `{os.path.basename(fp['corpus'])}` ({fp['tokens']} predicted tokens, docs mode, seq-len {fp['seq_len']}); "
-          f"shards: {summary['sequences']} sequences, {summary['tokens']} tokens, {shard_bytes / 1e6:.1f} MB.\n")
+          f"shards: {sequences} sequences, {tokens} tokens, {shard_bytes / 1e6:.1f} MB.\n")
     cols = ["scheme", "FP ppl", "RTN ppl (x FP)"]
     if clip_only:
         cols.append("clip-only ppl (x FP)")
