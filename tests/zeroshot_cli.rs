@@ -53,12 +53,15 @@ fn read_items(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// Runs `qat-eval --task ALL --limit 3 --per-item` on `model` (+ `extra` flags); returns the
-/// summary and the per-item records.
+/// Runs `qat-eval --task ALL --limit 3 --per-item` on `model` (+ `extra` flags, default batch
+/// size 5); returns the summary and the per-item records.
 fn run_all(model: &Path, extra: &[&str], dir: &Path) -> (serde_json::Value, Vec<serde_json::Value>) {
     let items = dir.join(format!("items{}.jsonl", extra.join("")));
     let tasks = REFERENCE.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(",");
-    let mut args = vec!["--model", model.to_str().unwrap(), "--task", &tasks, "--limit", "3", "--per-item", items.to_str().unwrap(), "-q", "-b", "5"];
+    let mut args = vec!["--model", model.to_str().unwrap(), "--task", &tasks, "--limit", "3", "--per-item", items.to_str().unwrap(), "-q"];
+    if !extra.contains(&"-b") {
+        args.extend(["-b", "5"]);
+    }
     args.extend(extra);
     let j = ok_json(&qat_eval(&args));
     (j, read_items(&items))
