@@ -172,6 +172,13 @@ fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<ser
             let norm = scores.acc_norm.map(|a| format!(" acc_norm {a:.4}")).unwrap_or_default();
             eprintln!("qat-eval: {}: acc {:.4}{norm} ({} items, {:.1} s)", d.task.name(), scores.acc, scores.items, scores.seconds);
         }
+        if scores.truncated_continuations > 0 {
+            eprintln!(
+                "qat-eval: warning: {}: {} continuations are longer than the model's {max_len}-token context; only their last {max_len} tokens are scored (lm-evaluation-harness refuses them)",
+                d.task.name(),
+                scores.truncated_continuations
+            );
+        }
         if let Some((_, w)) = per_item.as_mut() {
             for item in &details {
                 serde_json::to_writer(&mut *w, item)?;

@@ -172,6 +172,27 @@ fn bad_task_files_name_the_file_and_line() {
     assert!(!per_item.exists());
 }
 
+/// A PIQA solution longer than stories260K's 512-token context: lm-evaluation-harness refuses
+/// it; qat-eval scores its last 512 tokens, counts it and warns.
+#[test]
+fn continuation_longer_than_the_context_is_scored_in_part_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let piqa = tmp.path().join("valid.jsonl");
+    let long = "and then the dog ran to the park ".repeat(80);
+    std::fs::write(&piqa, format!("{{\"goal\": \"Walk a dog.\", \"sol1\": \"{long}\", \"sol2\": \"Use a leash.\"}}\n")).unwrap();
+    std::fs::write(tmp.path().join("valid-labels.lst"), "1\n").unwrap();
+    let items = tmp.path().join("items.jsonl");
+    let out = qat_eval(&["-m", stories_dir().to_str().unwrap(), "--task", "piqa", "--task-file", piqa.to_str().unwrap(), "--per-item", items.to_str().unwrap()]);
+    let j = ok_json(&out);
+    assert!(stderr(&out).contains("piqa: 1 continuations are longer than the model's 512-token context"), "{}", stderr(&out));
+    assert_eq!((j["tasks"]["piqa"]["truncated_continuations"].as_u64(), j["tasks"]["piqa"]["truncated_contexts"].as_u64()), (Some(1), Some(0)));
+    let it = &read_items(&items)[0];
+    let r = &it["requests"][0];
+    assert_eq!(r["tokens"], 512);
+    assert!(r["continuation_tokens"].as_u64().unwrap() > 512, "{r}");
+    assert_eq!(it["requests"][1]["tokens"], it["requests"][1]["continuation_tokens"]);
+}
+
 #[test]
 fn help_has_task_examples() {
     let out = qat_eval(&["--help"]);

@@ -8,6 +8,11 @@
 //! starts both encodings, as the tokenizer's post-processor does. Scoring: the sequence
 //! `context + continuation` is cut from the left to `max_len + 1` tokens, the model reads all
 //! but its last token, and the log-probabilities of the continuation tokens are summed.
+//!
+//! One departure: the harness refuses a continuation longer than the model's context
+//! (`assert len(continuation_enc) <= self.max_length`); here its last `max_len` tokens are
+//! scored and the result says so (`tokens < continuation_tokens`). This happens with small
+//! contexts only (stories260K: 512 tokens, and a few PIQA solutions are longer).
 
 use crate::error::{EvalError, Result};
 use candle_core::{IndexOp, Tensor, D};
@@ -28,8 +33,10 @@ pub struct EncodedPair {
 pub struct Loglikelihood {
     /// Sum of the log-probabilities of the continuation tokens (natural log).
     pub ll: f64,
-    /// Continuation tokens scored.
+    /// Continuation tokens scored, and the continuation's length in tokens (larger when only
+    /// its last `max_len` tokens fit the model's context).
     pub tokens: usize,
+    pub continuation_tokens: usize,
     /// Whether every continuation token is the model's argmax (the harness's `is_greedy`).
     pub greedy: bool,
 }
@@ -60,10 +67,10 @@ pub fn loglikelihoods(model: &Llama, pairs: &[EncodedPair], max_len: usize, batc
     // Model inputs: context + continuation cut to max_len + 1 tokens from the left, minus the last.
     let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(pairs.len());
     for p in pairs {
-        let n = p.continuation.len();
-        if n > max_len {
-            return Err(EvalError::Config(format!("a continuation of {n} tokens exceeds the model's {max_len}-token context")));
+        if max_len == 0 {
+            return Err(EvalError::Config("the model's context length is 0".into()));
         }
+        let n = p.continuation.len().min(max_len);
         let mut full: Vec<u32> = p.context.iter().chain(&p.continuation).copied().collect();
         if full.len() > max_len + 1 {
             full.drain(..full.len() - (max_len + 1));
@@ -73,7 +80,7 @@ pub fn loglikelihoods(model: &Llama, pairs: &[EncodedPair], max_len: usize, batc
     let dev = model.device().clone();
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].0.len()));
-    let mut out = vec![Loglikelihood { ll: 0.0, tokens: 0, greedy: false }; seqs.len()];
+    let mut out = vec![Loglikelihood { ll: 0.0, tokens: 0, continuation_tokens: 0, greedy: false }; seqs.len()];
     for batch in order.chunks(batch_size) {
         let width = batch.iter().map(|&i| seqs[i].0.len() - 1).max().unwrap_or(0);
         let pads: Vec<usize> = batch.iter().map(|&i| width - (seqs[i].0.len() - 1)).collect();
@@ -102,10 +109,37 @@ pub fn loglikelihoods(model: &Llama, pairs: &[EncodedPair], max_len: usize, batc
             let n = seqs[i].1;
             let ll = picked[at..at + n].iter().map(|&x| x as f64).sum();
             let greedy = argmax[at..at + n] == targets[at..at + n];
-            out[i] = Loglikelihood { ll, tokens: n, greedy };
+            out[i] = Loglikelihood { ll, tokens: n, continuation_tokens: pairs[i].continuation.len(), greedy };
             at += n;
         }
         bar.inc(batch.len() as u64);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok512() -> Tokenizer {
+        let dir = match std::env::var_os("QAT_DATA") {
+            Some(d) => std::path::PathBuf::from(d),
+            None => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
+        };
+        Tokenizer::from_file(dir.join("models/stories260K/tokenizer.json")).unwrap()
+    }
+
+    /// `_encode_pair`: the context's trailing space moves to the continuation, and the
+    /// continuation is what the whole encoding adds after the context's encoding.
+    #[test]
+    fn trailing_space_moves_to_the_continuation() {
+        let t = tok512();
+        let a = encode_pair(&t, Some(1), "Question: Is it?\nAnswer: ", "yes").unwrap();
+        let b = encode_pair(&t, Some(1), "Question: Is it?\nAnswer:", " yes").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.context[0], 1);
+        let whole = t.encode("Question: Is it?\nAnswer: yes", false).unwrap();
+        assert_eq!([&a.context[1..], &a.continuation[..]].concat(), whole.get_ids());
+        assert!(encode_pair(&t, Some(1), "Answer:", " ").is_err(), "a continuation of only spaces encodes to nothing");
+    }
 }

@@ -27,6 +27,11 @@ pub struct TaskScores {
     pub continuation_tokens: usize,
     /// Tokens the model read (context and continuation, after truncation).
     pub tokens: usize,
+    /// Requests cut from the left to fit the model's context: in the context only (as the
+    /// harness does), or into the continuation (the harness refuses those; see
+    /// [`crate::loglikelihood`]).
+    pub truncated_contexts: usize,
+    pub truncated_continuations: usize,
     pub files: Vec<String>,
     pub sha256: Vec<String>,
     pub seconds: f64,
@@ -117,6 +122,8 @@ pub fn evaluate(model: &Llama, tokenizer: &Tokenizer, bos: Option<u32>, data: &T
         requests: pairs.len(),
         continuation_tokens: scores.iter().map(|s| s.tokens).sum(),
         tokens: pairs.iter().map(|p| (p.context.len() + p.continuation.len()).min(max_len + 1) - 1).sum(),
+        truncated_contexts: pairs.iter().filter(|p| p.context.len() + p.continuation.len() > max_len + 1 && p.continuation.len() <= max_len).count(),
+        truncated_continuations: pairs.iter().filter(|p| p.continuation.len() > max_len).count(),
         files: data.files.iter().map(|f| f.display().to_string()).collect(),
         sha256: data.sha256.clone(),
         seconds: started.elapsed().as_secs_f64(),
