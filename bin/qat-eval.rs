@@ -1,10 +1,12 @@
 //! `qat-eval`: perplexity of a model directory (full precision or under a quantization scheme)
-//! on a text corpus, printed as one JSON object.
+//! on a text corpus, or its zero-shot multiple-choice accuracy on lm-evaluation-harness tasks,
+//! printed as one JSON object.
 
 use clap::{Parser, ValueEnum};
 use qat_cli::{main_with, Outcome};
-use qat_eval::{Corpus, PplMode};
-use std::path::PathBuf;
+use qat_eval::{Corpus, EvalModel, PplMode, Task};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use std::time::Instant;
 #[command(
     name = "qat-eval",
     version,
-    about = "Perplexity of a teacher, fake-quantized or packed model on a text corpus (JSON on stdout)",
+    about = "Perplexity on a text corpus, or zero-shot multiple-choice accuracy, of a teacher, fake-quantized or packed model (JSON on stdout)",
     after_help = "Examples:
   # TinyStories-style documents: each is BOS + text, truncated to 512 tokens
   qat-eval --model ../shared/data/models/stories260K \\
@@ -24,6 +26,11 @@ use std::time::Instant;
   # A packed model (qat-pack output): its codes are dequantized, only activations and KV quantized
   qat-eval --model packed/w3g32 --corpus FILE
 
+  # Zero-shot accuracy (lm-evaluation-harness prompts, acc and acc_norm), files from $QAT_DATA/eval
+  qat-eval --model students/w4a8kv4 --task hellaswag,piqa,arc-easy,arc-challenge,boolq,winogrande
+  qat-eval --model MODEL --task piqa --limit 100 --per-item piqa.jsonl --scheme W4A8KV4
+  bunzip2 -k hellaswag_val_full.txt.bz2 && qat-eval --model MODEL --task hellaswag --task-file hellaswag_val_full.txt
+
 The JSON field \"quantization\" says what ran: \"none\", \"fake_quant\" (a model dir under a scheme,
 weights quantized on the fly) or \"packed\" (a dir with model.packed.safetensors)."
 )]
@@ -32,9 +39,25 @@ struct Args {
     /// Or a Hub id owner/name[@revision], resolved in the Hugging Face cache (fetched once).
     #[arg(long, short = 'm')]
     model: PathBuf,
-    /// UTF-8 text file to evaluate on.
-    #[arg(long, short = 'c')]
-    corpus: PathBuf,
+    /// UTF-8 text file to evaluate perplexity on.
+    #[arg(long, short = 'c', required_unless_present = "task", conflicts_with = "task")]
+    corpus: Option<PathBuf>,
+    /// Zero-shot task instead of perplexity: hellaswag, piqa, arc-easy, arc-challenge, boolq or
+    /// winogrande (repeat the flag or separate with commas). Prompts, continuations and metrics
+    /// are lm-evaluation-harness's; acc_norm only where the harness reports it.
+    #[arg(long, value_delimiter = ',', value_parser = parse_task)]
+    task: Vec<Task>,
+    /// Directory of the task files [default: $QAT_DATA/eval, QAT_DATA defaulting to ../shared/data].
+    #[arg(long, requires = "task")]
+    eval_dir: Option<PathBuf>,
+    /// The task's file instead of its default under --eval-dir (one --task only). PIQA and
+    /// WinoGrande read their labels from NAME-labels.lst beside NAME.jsonl.
+    #[arg(long, requires = "task")]
+    task_file: Option<PathBuf>,
+    /// Write every item's per-choice log-likelihoods, token counts and predictions to this file
+    /// (JSON lines), to compare items by hand.
+    #[arg(long, requires = "task")]
+    per_item: Option<PathBuf>,
     /// docs: documents split at --delimiter; stream: the whole file in non-overlapping windows.
     #[arg(long, value_enum, default_value_t = ModeArg::Docs)]
     mode: ModeArg,
@@ -44,10 +67,10 @@ struct Args {
     /// Document delimiter for --mode docs.
     #[arg(long, default_value = "<|endoftext|>")]
     delimiter: String,
-    /// Evaluate only the first N documents (docs) or windows (stream).
+    /// Evaluate only the first N documents (docs), windows (stream) or items (each --task).
     #[arg(long)]
     limit: Option<usize>,
-    /// Sequences per forward pass.
+    /// Sequences (documents, windows or task choices) per forward pass.
     #[arg(long, short = 'b', default_value_t = 16)]
     batch_size: usize,
     /// Quantization scheme to apply (short name like W4A8KV4, or a JSON file) [default: the
@@ -69,6 +92,13 @@ enum ModeArg {
     Stream,
 }
 
+fn parse_task(s: &str) -> Result<Task, String> {
+    Task::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = Task::ALL.iter().map(|t| t.name()).collect();
+        format!("unknown task {s:?} (one of {})", names.join(", "))
+    })
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     main_with("qat-eval", || {
@@ -76,35 +106,99 @@ fn main() -> ExitCode {
         let device = qat_model::parse_device(&args.device).map_err(anyhow::Error::msg)?;
         let src = qat_model::resolve_model(&args.model)?;
         let m = qat_eval::load_eval_model(&src.dir, args.scheme.as_deref(), &device)?;
-        let corpus = Corpus::read(&args.corpus)?;
-        let mode = match args.mode {
-            ModeArg::Docs => PplMode::Docs,
-            ModeArg::Stream => PplMode::Stream,
-        };
         let bos = m.config.bos_token_id.or_else(|| m.tokenizer.token_to_id("<s>"));
-        let seqs = qat_eval::tokenize(&corpus, &m.tokenizer, bos, mode, args.seq_len, &args.delimiter, args.limit)?;
-        let totals = qat_eval::nll(&m.model, &seqs, args.batch_size, !args.quiet)?;
-        let seconds = started.elapsed().as_secs_f64();
-        let summary = serde_json::json!({
-            "ppl": totals.mean().exp(),
-            "nll": totals.mean(),
-            "tokens": totals.tokens,
-            "sequences": totals.sequences,
-            "mode": mode,
-            "seq_len": args.seq_len,
+        let mut summary = match &args.corpus {
+            Some(corpus) => perplexity(&args, &m, bos, corpus, started)?,
+            None => zero_shot(&args, &m, bos)?,
+        };
+        let fields = serde_json::json!({
             "quantization": m.quantization,
             "scheme": m.scheme.to_string(),
             "scheme_json": serde_json::from_str::<serde_json::Value>(&m.scheme.to_json_pretty())?,
             "model": args.model.display().to_string(),
             "model_hub": src.hub,
             "weights_sha256": m.weights_sha256,
-            "corpus": corpus.path.display().to_string(),
-            "corpus_sha256": corpus.sha256,
             "tool": concat!("qat-eval ", env!("CARGO_PKG_VERSION")),
-            "seconds": seconds,
-            "tokens_per_s": totals.tokens as f64 / seconds,
+            "seconds": started.elapsed().as_secs_f64(),
         });
+        if let (Some(out), serde_json::Value::Object(add)) = (summary.as_object_mut(), fields) {
+            out.extend(add);
+        }
         println!("{summary}");
         Ok(Outcome::Ok)
     })
+}
+
+fn perplexity(args: &Args, m: &EvalModel, bos: Option<u32>, corpus: &Path, started: Instant) -> anyhow::Result<serde_json::Value> {
+    let corpus = Corpus::read(corpus)?;
+    let mode = match args.mode {
+        ModeArg::Docs => PplMode::Docs,
+        ModeArg::Stream => PplMode::Stream,
+    };
+    let seqs = qat_eval::tokenize(&corpus, &m.tokenizer, bos, mode, args.seq_len, &args.delimiter, args.limit)?;
+    let totals = qat_eval::nll(&m.model, &seqs, args.batch_size, !args.quiet)?;
+    Ok(serde_json::json!({
+        "ppl": totals.mean().exp(),
+        "nll": totals.mean(),
+        "tokens": totals.tokens,
+        "sequences": totals.sequences,
+        "mode": mode,
+        "seq_len": args.seq_len,
+        "corpus": corpus.path.display().to_string(),
+        "corpus_sha256": corpus.sha256,
+        "tokens_per_s": totals.tokens as f64 / started.elapsed().as_secs_f64(),
+    }))
+}
+
+fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<serde_json::Value> {
+    if args.task_file.is_some() && args.task.len() != 1 {
+        anyhow::bail!("--task-file needs exactly one --task, got {}", args.task.len());
+    }
+    let eval_dir = args.eval_dir.clone().unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("QAT_DATA").unwrap_or_else(|| "../shared/data".into())).join("eval")
+    });
+    // Read and check every task file before the first forward pass.
+    let data = args
+        .task
+        .iter()
+        .map(|&t| t.load(&args.task_file.clone().unwrap_or_else(|| eval_dir.join(t.default_file())), args.limit))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut per_item = match &args.per_item {
+        Some(p) => Some((p, std::io::BufWriter::new(std::fs::File::create(tmp_path(p)).map_err(|e| anyhow::anyhow!("{}: {e}", tmp_path(p).display()))?))),
+        None => None,
+    };
+    let max_len = m.config.max_position_embeddings;
+    let mut tasks = serde_json::Map::new();
+    for d in &data {
+        let (scores, details) = qat_eval::evaluate(&m.model, &m.tokenizer, bos, d, max_len, args.batch_size, !args.quiet)?;
+        if !args.quiet {
+            let norm = scores.acc_norm.map(|a| format!(" acc_norm {a:.4}")).unwrap_or_default();
+            eprintln!("qat-eval: {}: acc {:.4}{norm} ({} items, {:.1} s)", d.task.name(), scores.acc, scores.items, scores.seconds);
+        }
+        if scores.truncated_continuations > 0 {
+            eprintln!(
+                "qat-eval: warning: {}: {} continuations are longer than the model's {max_len}-token context; only their last {max_len} tokens are scored (lm-evaluation-harness refuses them)",
+                d.task.name(),
+                scores.truncated_continuations
+            );
+        }
+        if let Some((_, w)) = per_item.as_mut() {
+            for item in &details {
+                serde_json::to_writer(&mut *w, item)?;
+                w.write_all(b"\n")?;
+            }
+        }
+        tasks.insert(d.task.name().to_string(), serde_json::to_value(&scores)?);
+    }
+    if let Some((path, w)) = per_item {
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(tmp_path(path), path)?;
+    }
+    Ok(serde_json::json!({ "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_len": max_len }))
+}
+
+fn tmp_path(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
 }

@@ -10,6 +10,12 @@ pub enum EvalError {
     Candle(#[from] candle_core::Error),
     #[error("{path}: {what}")]
     Corpus { path: PathBuf, what: String },
+    /// A task file that cannot be read as a whole (missing, not UTF-8, wrong length).
+    #[error("{}: {what}", path.display())]
+    TaskFile { path: PathBuf, what: String },
+    /// A task file with a bad record: `line` is 1-based.
+    #[error("{}:{line}: {what}", path.display())]
+    TaskLine { path: PathBuf, line: usize, what: String },
     #[error("invalid settings: {0}")]
     Config(String),
     /// A packed model directory that cannot be loaded.
