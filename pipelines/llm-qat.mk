@@ -23,7 +23,7 @@ STUDENTS ?= W4 W4A8KV8 W4A8KV4
 # 0: from the teacher.
 CLIP ?= 1
 EPOCHS ?= 1
-LR ?= 5e-4
+LR ?= 2e-4
 BATCH ?= 16
 # Extra qat-distill flags; name them in TAG so that different recipes get different directories.
 DISTILL_FLAGS ?= --balance-kv 64

@@ -125,13 +125,14 @@ fn transpose<T: Float>(x: &[T], s: usize, hd: usize) -> Vec<T> {
     out
 }
 
-/// Fills `p[keys]` with the softmax of `scale · qi·k_j` over the visible keys; `kt` is `[hd, s]`.
+/// Fills `p[keys]` with the softmax of `scale · qi·k_j` over the visible keys; `kt` holds the
+/// keys transposed, channel `c` of key `j` at `kt[c * stride + j]`.
 #[inline(always)]
-fn softmax_row<T: Float>(qi: &[T], kt: &[T], s: usize, keys: Range<usize>, scale: T, p: &mut [T]) {
+fn softmax_row<T: Float>(qi: &[T], kt: &[T], stride: usize, keys: Range<usize>, scale: T, p: &mut [T]) {
     let p = &mut p[keys.clone()];
     p.fill(T::ZERO);
     for (c, &qc) in qi.iter().enumerate() {
-        axpy(p, qc * scale, &kt[c * s + keys.start..c * s + keys.end]);
+        axpy(p, qc * scale, &kt[c * stride + keys.start..c * stride + keys.end]);
     }
     T::softmax_in_place(p);
 }
@@ -180,19 +181,31 @@ fn forward_head<T: Float>(q: &[T], k: KvBlocks<T>, v: KvBlocks<T>, d: Dims, pads
     let (rep, row) = (d.nh / d.nkv, d.t * d.hd);
     let (bi, h) = (bh / d.nh, bh % d.nh);
     let qh = &q[bh * row..(bh + 1) * row];
-    let (kh, vh) = (k.block(bi, h / rep), v.block(bi, h / rep));
+    if let (Some((kt, ks)), Some((vt, vs))) = (k.transposed(bi, h / rep), v.transposed(bi, h / rep)) {
+        // A decoding cache's view: the keys are already transposed.
+        return attend_rows(qh, kt, ks, vt, vs, d, pads[bi], scale, out);
+    }
+    let (kh, vh) = (k.row_major(bi, h / rep), v.row_major(bi, h / rep));
     if d.t < DECODE_ROWS {
         decode_rows(qh, kh, vh, d, pads[bi], scale, out);
         return;
     }
     let kt = transpose(kh, d.s, d.hd);
     let vt = transpose(vh, d.s, d.hd);
+    attend_rows(qh, &kt, d.s, &vt, d.s, d, pads[bi], scale, out)
+}
+
+/// Output rows `out: [t, hd]` of one (batch row, head) from transposed keys and values
+/// (channel `c` of column `j` at `kt[c * ks + j]`, `vt[c * vs + j]`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_rows<T: Float>(qh: &[T], kt: &[T], ks: usize, vt: &[T], vs: usize, d: Dims, pad: usize, scale: T, out: &mut [T]) {
     let mut p = vec![T::ZERO; d.s];
     for i in 0..d.t {
-        let keys = visible(pads[bi], d.s - d.t + i);
-        softmax_row(&qh[i * d.hd..(i + 1) * d.hd], &kt, d.s, keys.clone(), scale, &mut p);
+        let keys = visible(pad, d.s - d.t + i);
+        softmax_row(&qh[i * d.hd..(i + 1) * d.hd], kt, ks, keys.clone(), scale, &mut p);
         for (c, o) in out[i * d.hd..(i + 1) * d.hd].iter_mut().enumerate() {
-            *o = dot(&p[keys.clone()], &vt[c * d.s + keys.start..c * d.s + keys.end]);
+            *o = dot(&p[keys.clone()], &vt[c * vs + keys.start..c * vs + keys.end]);
         }
     }
 }
@@ -313,34 +326,75 @@ struct CausalAttention {
     scale: f64,
 }
 
-/// The `[s, hd]` blocks of k or v (`[b, kv_heads, s, hd]`): each block contiguous, the blocks
-/// at any strides (a KV cache with spare columns hands out such views).
+/// The `[s, hd]` blocks of k or v (`[b, kv_heads, s, hd]`), each either row-major (`[s, hd]`
+/// contiguous) or transposed (each channel's `s` values contiguous, as a decoding
+/// [`crate::KvCache`] hands them out), the blocks at any strides.
 #[derive(Clone, Copy)]
 struct KvBlocks<'a, T> {
     data: &'a [T],
     start: usize,
     stride_b: usize,
     stride_h: usize,
-    len: usize,
+    /// Distance between channels when transposed (`None`: row-major).
+    channel_stride: Option<usize>,
+    s: usize,
+    hd: usize,
 }
 
 impl<'a, T> KvBlocks<'a, T> {
     fn of(data: &'a [T], l: &Layout, what: &str) -> Result<Self> {
         let (dims, st) = (l.dims(), l.stride());
-        let (&[b, h, s, hd], &[sb, sh, ss, sd]) = (dims, st) else {
+        let (&[b, h, s, hd], &[sb, sh, ss, sc]) = (dims, st) else {
             candle_core::bail!("causal_attention: {what} must be [batch, kv_heads, seq, head_dim], got {dims:?}")
         };
-        let inner_contiguous = (sd == 1 || hd <= 1) && (ss == hd || s <= 1);
-        let last = l.start_offset() + (b.max(1) - 1) * sb + (h.max(1) - 1) * sh + s * hd;
-        if !inner_contiguous || last > data.len() {
-            candle_core::bail!("causal_attention: the [seq, head_dim] blocks of {what} must be contiguous (strides {st:?})")
+        let channel_stride = match block_layout(s, hd, ss, sc) {
+            Some(BlockLayout::RowMajor) => None,
+            Some(BlockLayout::Transposed) => Some(sc),
+            None => candle_core::bail!("causal_attention: the [seq, head_dim] blocks of {what} must be contiguous or transposed (strides {st:?})"),
+        };
+        let block_end = match channel_stride {
+            None => s * hd,
+            Some(sc) => (hd.max(1) - 1) * sc + s,
+        };
+        let end = l.start_offset() + (b.max(1) - 1) * sb + (h.max(1) - 1) * sh + block_end;
+        if end > data.len() {
+            candle_core::bail!("causal_attention: {what} reaches element {end} of a storage of {}", data.len())
         }
-        Ok(Self { data, start: l.start_offset(), stride_b: sb, stride_h: sh, len: s * hd })
+        Ok(Self { data, start: l.start_offset(), stride_b: sb, stride_h: sh, channel_stride, s, hd })
     }
 
-    fn block(&self, b: usize, h: usize) -> &'a [T] {
-        let at = self.start + b * self.stride_b + h * self.stride_h;
-        &self.data[at..at + self.len]
+    fn base(&self, b: usize, h: usize) -> usize {
+        self.start + b * self.stride_b + h * self.stride_h
+    }
+
+    /// Block `(b, h)` as `[s, hd]` row-major (the blocks must be row-major).
+    fn row_major(&self, b: usize, h: usize) -> &'a [T] {
+        debug_assert!(self.channel_stride.is_none());
+        let at = self.base(b, h);
+        &self.data[at..at + self.s * self.hd]
+    }
+
+    /// Block `(b, h)` transposed, with its channel stride, if the blocks are stored so.
+    fn transposed(&self, b: usize, h: usize) -> Option<(&'a [T], usize)> {
+        let sc = self.channel_stride?;
+        let at = self.base(b, h);
+        Some((&self.data[at..at + (self.hd.max(1) - 1) * sc + self.s], sc))
+    }
+}
+
+enum BlockLayout {
+    RowMajor,
+    Transposed,
+}
+
+/// How an `[s, hd]` block with strides `(ss, sc)` lies in memory, if the kernel can read it.
+fn block_layout(s: usize, hd: usize, ss: usize, sc: usize) -> Option<BlockLayout> {
+    if (sc == 1 || hd <= 1) && (ss == hd || s <= 1) {
+        Some(BlockLayout::RowMajor)
+    } else if ss == 1 && sc >= s {
+        Some(BlockLayout::Transposed)
+    } else {
+        None
     }
 }
 
@@ -404,17 +458,17 @@ pub fn fused_attention_supported(dev: &Device, dtype: DType) -> bool {
 /// `pads[b]` padding columns at the left of row b → `[b, heads, t, head_dim]`.
 /// Query head `h` attends kv head `h / (heads / kv_heads)`. Differentiable in q, k and v.
 /// CPU only (see [`fused_attention_supported`]). k and v may be views whose `[s, head_dim]`
-/// blocks are contiguous (as [`crate::KvCache`] hands out); anything else is copied first.
+/// blocks are contiguous or transposed (as [`crate::KvCache`] hands out); anything else is
+/// copied first.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], scale: f64) -> Result<Tensor> {
     let op = CausalAttention { pads: pads.to_vec(), scale };
     q.contiguous()?.apply_op3(&blocks_contiguous(k)?, &blocks_contiguous(v)?, op)
 }
 
-/// `x` itself if its last two dims are contiguous, else a contiguous copy.
+/// `x` itself if the kernel reads its `[s, hd]` blocks as they are, else a contiguous copy.
 fn blocks_contiguous(x: &Tensor) -> Result<Tensor> {
-    let (dims, st) = (x.dims(), x.stride());
-    match (dims, st) {
-        (&[_, _, s, hd], &[_, _, ss, sd]) if (sd == 1 || hd <= 1) && (ss == hd || s <= 1) => Ok(x.clone()),
+    match (x.dims(), x.stride()) {
+        (&[_, _, s, hd], &[_, _, ss, sc]) if block_layout(s, hd, ss, sc).is_some() => Ok(x.clone()),
         _ => x.contiguous(),
     }
 }
@@ -496,7 +550,7 @@ mod tests {
             let (q, k, v, g) = (flat(&q)?, flat(&k)?, flat(&v)?, flat(&g)?);
             let pads = [0, 5];
             let d = Dims { b, nh, nkv, t, s, hd };
-            let blocks = |x: &'static [f32]| KvBlocks { data: x, start: 0, stride_b: nkv * s * hd, stride_h: s * hd, len: s * hd };
+            let blocks = |x: &'static [f32]| KvBlocks { data: x, start: 0, stride_b: nkv * s * hd, stride_h: s * hd, channel_stride: None, s, hd };
             let (ks, vs): (&'static [f32], &'static [f32]) = (k.clone().leak(), v.clone().leak());
             let row = t * hd;
             let (mut plain, mut wide) = (vec![0f32; b * nh * row], vec![0f32; b * nh * row]);
@@ -514,6 +568,37 @@ mod tests {
                 unsafe { backward_group_avx2(x, d, &pads, 0.35, c, &mut w.0, &mut w.1, &mut w.2) };
                 for (p, q) in [(&a.0, &w.0), (&a.1, &w.1), (&a.2, &w.2)] {
                     assert_eq!(p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), q.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys and values handed over transposed (as a decoding cache stores them, with spare
+    /// columns) give the same bits as contiguous ones, for prefill and decode shapes.
+    #[test]
+    fn transposed_cache_views_match_contiguous_inputs() -> Result<()> {
+        for (t, s) in [(12, 12), (1, 30), (3, 30)] {
+            let (b, nh, nkv, hd, cap) = (2, 4, 2, 8, 37);
+            let q = random((b, nh, t, hd), 5)?.to_dtype(DType::F32)?;
+            let k = random((b, nkv, s, hd), 6)?.to_dtype(DType::F32)?;
+            let v = random((b, nkv, s, hd), 7)?.to_dtype(DType::F32)?;
+            let as_view = |x: &Tensor| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, nkv, hd, cap), DType::F32, &Device::Cpu)?;
+                buf.slice_set(&x.transpose(2, 3)?.contiguous()?, 3, 0)?;
+                buf.narrow(3, 0, s)?.transpose(2, 3)
+            };
+            let (kv, vv) = (as_view(&k)?, as_view(&v)?);
+            assert!(!kv.is_contiguous());
+            let pads = [0, 4];
+            let want = causal_attention(&q, &k, &v, &pads, 0.35)?.flatten_all()?.to_vec1::<f32>()?;
+            let got = causal_attention(&q, &kv, &vv, &pads, 0.35)?.flatten_all()?.to_vec1::<f32>()?;
+            if t >= DECODE_ROWS {
+                assert_eq!(want, got, "t {t}");
+            } else {
+                // Decode shapes read row-major blocks differently; equal up to rounding.
+                for (a, b) in want.iter().zip(&got) {
+                    assert!((a - b).abs() <= 1e-5, "t {t}: {a} vs {b}");
                 }
             }
         }

@@ -3,10 +3,12 @@
 //! Rows of a batch are left-padded to a common length, so that every row's newest token sits in
 //! the same column. Column `c` of row `b` holds position `c - pad[b]`; padding columns are masked.
 //!
-//! Incremental decoding writes each new column in place into a buffer with spare columns
-//! (`[batch, kv_heads, capacity, head_dim]`, grown by doubling) and hands out a view of the
-//! filled columns, instead of concatenating the whole cache once per token and layer. A single
-//! forward pass (training, evaluation) keeps its keys and values as they are, gradients included.
+//! Incremental decoding writes each new column in place into a buffer with spare columns,
+//! stored transposed (`[batch, kv_heads, head_dim, capacity]`, grown by doubling), and hands
+//! out a `[batch, kv_heads, columns, head_dim]` view of the filled columns, instead of
+//! concatenating the whole cache once per token and layer; the fused attention op reads the
+//! transposed blocks directly. A single forward pass (training, evaluation) keeps its keys and
+//! values as they are, gradients included.
 
 use candle_core::{Device, Result, Tensor};
 
@@ -17,8 +19,16 @@ pub struct KvCache {
     columns: usize,
     /// Columns to allocate at the first append (0: exactly the first chunk).
     reserve: usize,
-    /// Per layer: k and v buffers whose dim 2 (capacity) may exceed `columns`.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<Layer>>,
+}
+
+/// One layer's keys and values.
+#[derive(Debug, Clone)]
+enum Layer {
+    /// The first chunk as it came, `[b, h, columns, hd]` each (still part of any autograd graph).
+    Plain(Tensor, Tensor),
+    /// Buffers `[b, h, hd, capacity]`, once a second chunk came or room was reserved.
+    Buffer(Tensor, Tensor),
 }
 
 impl KvCache {
@@ -92,36 +102,57 @@ impl KvCache {
         let (start, len) = (self.columns, k.dim(2)?);
         let filled = start + len;
         let (bk, bv) = match self.layers[layer].take() {
-            None if self.reserve <= len => (k.clone(), v.clone()),
-            None => (Self::buffer(k, self.reserve, start, len)?, Self::buffer(v, self.reserve, start, len)?),
-            Some((bk, bv)) => {
-                let (bk, bv) = if bk.dim(2)? < filled {
-                    let cap = filled.max(2 * bk.dim(2)?);
+            None if self.reserve <= len => {
+                self.layers[layer] = Some(Layer::Plain(k.clone(), v.clone()));
+                return Ok((k.clone(), v.clone()));
+            }
+            None => (Self::buffer(k, self.reserve, start)?, Self::buffer(v, self.reserve, start)?),
+            Some(Layer::Plain(pk, pv)) => {
+                let cap = filled.max(2 * start);
+                let (bk, bv) = (Self::buffer(&pk, cap, 0)?, Self::buffer(&pv, cap, 0)?);
+                Self::write(&bk, k, start)?;
+                Self::write(&bv, v, start)?;
+                (bk, bv)
+            }
+            Some(Layer::Buffer(bk, bv)) => {
+                let (bk, bv) = if bk.dim(3)? < filled {
+                    let cap = filled.max(2 * bk.dim(3)?);
                     (Self::grown(&bk, cap, start)?, Self::grown(&bv, cap, start)?)
                 } else {
                     (bk, bv)
                 };
-                bk.slice_set(k, 2, start)?;
-                bv.slice_set(v, 2, start)?;
+                Self::write(&bk, k, start)?;
+                Self::write(&bv, v, start)?;
                 (bk, bv)
             }
         };
-        let out = (bk.narrow(2, 0, filled)?, bv.narrow(2, 0, filled)?);
-        self.layers[layer] = Some((bk, bv));
+        let out = (Self::view(&bk, filled)?, Self::view(&bv, filled)?);
+        self.layers[layer] = Some(Layer::Buffer(bk, bv));
         Ok(out)
     }
 
-    /// A zeroed `[b, kv_heads, cap, head_dim]` buffer with `x` written at column `start`.
-    fn buffer(x: &Tensor, cap: usize, start: usize, len: usize) -> Result<Tensor> {
-        let (b, h, _, d) = x.dims4()?;
-        let buf = Tensor::zeros((b, h, cap.max(start + len), d), x.dtype(), x.device())?;
-        buf.slice_set(&x.contiguous()?, 2, start)?;
+    /// A zeroed buffer `[b, kv_heads, head_dim, cap]` (keys transposed: a head's values of one
+    /// channel are contiguous over columns, which the attention kernels read without a copy)
+    /// with `x: [b, kv_heads, len, head_dim]` written at column `start`.
+    fn buffer(x: &Tensor, cap: usize, start: usize) -> Result<Tensor> {
+        let (b, h, len, d) = x.dims4()?;
+        let buf = Tensor::zeros((b, h, d, cap.max(start + len)), x.dtype(), x.device())?;
+        Self::write(&buf, x, start)?;
         Ok(buf)
+    }
+
+    fn write(buf: &Tensor, x: &Tensor, start: usize) -> Result<()> {
+        buf.slice_set(&x.transpose(2, 3)?.contiguous()?, 3, start)
+    }
+
+    /// The first `filled` columns of a buffer as `[b, kv_heads, filled, head_dim]` (a view).
+    fn view(buf: &Tensor, filled: usize) -> Result<Tensor> {
+        buf.narrow(3, 0, filled)?.transpose(2, 3)
     }
 
     /// A copy of the first `filled` columns of `buf` in a buffer of `cap` columns.
     fn grown(buf: &Tensor, cap: usize, filled: usize) -> Result<Tensor> {
-        Self::buffer(&buf.narrow(2, 0, filled)?, cap, 0, filled)
+        Self::buffer(&Self::view(buf, filled)?, cap, 0)
     }
 
     /// Marks `len` new columns as written (called once per forward, after all layers).
@@ -135,12 +166,15 @@ impl KvCache {
             return Ok(());
         }
         let dev = match self.layers.iter().flatten().next() {
-            Some((k, _)) => k.device().clone(),
+            Some(Layer::Plain(k, _) | Layer::Buffer(k, _)) => k.device().clone(),
             None => Device::Cpu,
         };
         let idx = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), &dev)?;
         for entry in self.layers.iter_mut().flatten() {
-            *entry = (entry.0.index_select(&idx, 0)?, entry.1.index_select(&idx, 0)?);
+            *entry = match entry {
+                Layer::Plain(k, v) => Layer::Plain(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?),
+                Layer::Buffer(k, v) => Layer::Buffer(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?),
+            };
         }
         self.pads = keep.iter().map(|&i| self.pads[i]).collect();
         Ok(())
