@@ -36,9 +36,12 @@ CLIPPED := $(OUT)/clipped/$(SHARD_NAME)
 init_model = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1)-qk,$(MODEL))
 init_dep = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1)-qk/model.safetensors,$(MODEL)/model.safetensors)
 
-.PHONY: all shards students report
+.PHONY: all shards clipped students report
 all: report
 shards: $(SHARDS).summary.json
+# Named explicitly so that make does not treat the clipped models as intermediate files of the
+# pattern rules (it would delete them after every run and clip again on the next).
+clipped: $(if $(filter 1,$(CLIP)),$(foreach s,$(STUDENTS),$(CLIPPED)/$(s)-qk/model.safetensors))
 students: $(foreach s,$(STUDENTS),$(STUDENT_DIR)/$(s)/model.safetensors)
 
 # BitDistiller's clipping search as LLM-QAT's initialization, every linear layer included.

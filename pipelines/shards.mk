@@ -30,9 +30,6 @@ EVAL_FLAGS = --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN)
 scheme_arg = $(or $(wildcard pipelines/schemes/$(MODEL_NAME)/$(1).json),$(1))
 
 .DELETE_ON_ERROR:
-# Keep every stage's output: clipped models are only prerequisites of pattern rules, which would
-# make them intermediate files that make deletes after a run (and rebuilds on the next one).
-.SECONDARY:
 
 # qat-sample's JSON summary is the stage's completion stamp.
 $(SHARDS).summary.json: $(MODEL)/model.safetensors $(MODEL)/config.json $(MODEL)/tokenizer.json
