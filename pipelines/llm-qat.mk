@@ -33,7 +33,7 @@ students: $(foreach s,$(STUDENTS),$(STUDENT_DIR)/$(s)/model.safetensors)
 $(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json
 	@mkdir -p $(STUDENT_DIR)
 	$(BIN)/qat-distill --model $(MODEL) --shards $(SHARDS) --out $(STUDENT_DIR)/$* --scheme $* \
-	    --epochs $(EPOCHS) --lr $(LR) -b $(BATCH) --seed $(SEED) --resume $(DISTILL_FLAGS) \
+	    --epochs $(EPOCHS) --lr $(LR) -b $(BATCH) --seed $(SEED) --resume $(DISTILL_FLAGS) $(DEVICE_FLAGS) \
 	    > $(STUDENT_DIR)/$*.distill.json
 
 $(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(EVAL_CORPUS)
