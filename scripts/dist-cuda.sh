@@ -23,7 +23,7 @@ for b in qat-sample qat-distill qat-eval qat-clip qat-pack; do
     strip -o "$dist/bin/$b.tmp" "$rel/$b"
     mv "$dist/bin/$b.tmp" "$dist/bin/$b"
 done
-if [ -n "$tests" ]; then
+if [ -n "$tests" ] && [ -s "$tests" ]; then  # absent or empty: no test binaries
     while read -r name path; do
         strip -o "$dist/bin/test-$name" "$path"
     done < "$tests"

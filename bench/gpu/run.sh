@@ -61,6 +61,14 @@ pipeline)
     # Same recipe as `make pipeline` (whose CPU results README.md reports), on cuda, f32.
     out=${OUT:-out/gpu}
     make -f pipelines/llm-qat.mk BIN="$bin" QAT_DATA="$data" OUT="$out" DEVICE_FLAGS="--device ${DEVICE:-cuda}" "$@"
-    exec "$py" bench/gpu/compare_ppl.py "$out/eval/stories260K" ;;
+    # FP and RTN again with the same binary on the CPU: the exact reference for the GPU numbers.
+    ref="$out/eval-cpu"
+    mkdir -p "$ref"
+    for s in FP W4 W4A8KV8 W4A8KV4; do
+        name=rtn-$s; [ "$s" = FP ] && name=fp
+        [ -s "$ref/$name.json" ] || "$bin/qat-eval" --model "$data/models/stories260K" --scheme "$s" -q \
+            --corpus "$data/corpora/tinystories/TinyStories-valid.first800.txt" --mode docs --seq-len 512 > "$ref/$name.json"
+    done
+    exec "$py" bench/gpu/compare_ppl.py "$out/eval/stories260K" "$ref" ;;
 *) echo "run.sh: unknown $what (bench or pipeline)" >&2; exit 2 ;;
 esac
