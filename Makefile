@@ -31,6 +31,8 @@ help:
 	@echo "make bench      CPU speed against PyTorch references (bench/RESULTS.md)"
 	@echo "make fuzz       cargo-fuzz the readers and the scheme parser (nightly)"
 	@echo "make build      release binaries into $(BIN)"
+	@echo "make cuda-toolkit build-cuda   CUDA binaries (no GPU needed), packed into $(CUDA_DIST)"
+	@echo "make bench-gpu / pipeline-gpu  on a GPU machine: speed vs PyTorch, stories260K on cuda"
 
 setup: build test-deps
 
@@ -75,3 +77,47 @@ BENCH_FLAGS ?=
 .PHONY: bench
 bench: build
 	BENCH_VENV=$(BENCH_VENV) bash bench/run.sh --bin $(BIN) --data $(QAT_DATA) $(BENCH_FLAGS)
+
+# --- CUDA (README.md, "CUDA"). Nothing here runs in `make test` or CI. ---
+# `make cuda-toolkit`: nvcc + headers + libraries from pinned PyPI wheels (CUDA 13.0) into
+# $(CUDA_VENV), plus the libcuda link stub (scripts/cuda-toolkit.sh); no GPU needed.
+# `make build-cuda`: the binaries with `--features cuda` into $(CUDA_TARGET_DIR) (a separate target
+# dir, so CPU builds stay valid), then stripped and packed into $(CUDA_DIST)/qat-cuda-bin.tar.xz
+# for carrying to a GPU machine. `make bench-gpu` / `make pipeline-gpu` run ON that machine.
+# CUDA_TESTS=1 also packs the unit tests of qat-model and qat-quant (their CUDA kernel checks; they
+# rebuild candle with the test feature set, ~20 more minutes on 2 cores); bench/gpu/run.sh runs them.
+CUDA_VENV ?= $(HOME)/.cache/qat/cuda-venv
+CUDA_TARGET_DIR ?= target-cuda
+CUDA_COMPUTE_CAP ?= 90
+CUDA_DIST ?= dist/cuda
+CUDA_BIN ?= $(CUDA_DIST)/bin
+.PHONY: cuda-toolkit build-cuda bench-gpu pipeline-gpu
+
+cuda-toolkit:
+	$(CARGO) fetch --locked
+	bash scripts/cuda-toolkit.sh $(CUDA_VENV)
+
+build-cuda: cuda-toolkit
+	CUDA_HOME=$$(bash scripts/cuda-toolkit.sh $(CUDA_VENV)) && export CUDA_HOME && \
+	PATH="$$CUDA_HOME/bin:$$PATH" CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
+	$(CARGO) build --release --locked --bins --features cuda --target-dir $(CUDA_TARGET_DIR)
+	rm -f $(CUDA_TARGET_DIR)/cuda-tests.txt
+ifeq ($(CUDA_TESTS),1)
+	CUDA_HOME=$$(bash scripts/cuda-toolkit.sh $(CUDA_VENV)) && export CUDA_HOME && \
+	PATH="$$CUDA_HOME/bin:$$PATH" CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
+	$(CARGO) test --release --locked --features cuda --target-dir $(CUDA_TARGET_DIR) -p qat-model -p qat-quant --lib \
+	    --no-run --message-format=json-render-diagnostics > $(CUDA_TARGET_DIR)/cuda-tests.json
+	python3 scripts/test-executables.py < $(CUDA_TARGET_DIR)/cuda-tests.json > $(CUDA_TARGET_DIR)/cuda-tests.txt
+endif
+	bash scripts/dist-cuda.sh $(CUDA_TARGET_DIR)/release $(CUDA_DIST) $(QAT_DATA) $(CUDA_TARGET_DIR)/cuda-tests.txt
+
+# On the GPU machine, from the repo root, with $(CUDA_DIST)/qat-cuda-bin.tar.xz and $(CUDA_DIST)/data
+# carried there (no Rust needed): the speed table against PyTorch (bench/gpu/bench_gpu.py, < 10 min
+# on an H100; RECORD=1 appends it to bench/RESULTS.md), and the stories260K pipeline on cuda
+# compared with the CPU perplexities. BENCH_GPU_SMOKE=1 make bench-gpu: the harness on the CPU.
+BENCH_GPU_FLAGS ?=
+bench-gpu:
+	BENCH_VENV=$(BENCH_VENV) bash bench/gpu/run.sh bench $(if $(RECORD),--record) $(BENCH_GPU_FLAGS)
+
+pipeline-gpu:
+	bash bench/gpu/run.sh pipeline

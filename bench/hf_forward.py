@@ -12,6 +12,10 @@ What it does (the PyTorch side of the "eval" row of `make bench`), mirroring `qa
     token.
 Timing: wall clock over tokenization + all forward passes (model loading and imports excluded;
 qat-eval's own "seconds", which the harness reports, also includes its model load).
+`--mode stream` mirrors `qat-eval --mode stream`: the whole file tokenized once (BOS first), cut
+into non-overlapping --seq-len windows, every token of a window but its first predicted.
+GPU (`--device cuda --dtype bf16`, bench/gpu): the model in bf16, log-softmax in f32, the GPU
+synchronized before the clock stops.
 Prints one JSON line on stdout with the NLL, so the two sides can be checked to agree.
 """
 
@@ -31,19 +35,30 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mode", choices=["docs", "stream"], default="docs")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    cuda = a.device.startswith("cuda")
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=dtype).to(a.device).eval()
     text = open(a.corpus, encoding="utf-8").read()
 
     with torch.inference_mode():
-        x = torch.tensor([[1, 2, 3]])
+        x = torch.tensor([[1, 2, 3]], device=a.device)
         model(input_ids=x)  # warm-up, not counted
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        docs = [d.strip() for d in text.split("<|endoftext|>") if d.strip()][: a.limit]
-        seqs = [ids[: a.seq_len] for ids in tok(docs)["input_ids"]]
+        if a.mode == "docs":
+            docs = [d.strip() for d in text.split("<|endoftext|>") if d.strip()][: a.limit]
+            seqs = [ids[: a.seq_len] for ids in tok(docs)["input_ids"]]
+        else:
+            ids = tok(text)["input_ids"]  # BOS first, as qat-eval
+            seqs = [ids[i : i + a.seq_len] for i in range(0, len(ids), a.seq_len)][: a.limit]
         seqs = sorted((s for s in seqs if len(s) >= 2), key=len, reverse=True)
         nll, count = 0.0, 0
         for b0 in range(0, len(seqs), a.batch):
@@ -57,15 +72,20 @@ def main():
                 inp[r, :n] = torch.tensor(s[:-1])
                 tgt[r, :n] = torch.tensor(s[1:])
                 mask[r, :n] = 1
+            inp, tgt, mask = inp.to(a.device), tgt.to(a.device), mask.to(a.device)
             logits = model(input_ids=inp, attention_mask=mask).logits  # [b, width, V]
             real = mask.bool()
-            logp = torch.log_softmax(logits[real], dim=-1)  # [tokens, V]
+            logp = torch.log_softmax(logits[real].float(), dim=-1)  # [tokens, V]
             nll -= float(logp.gather(1, tgt[real][:, None]).sum(dtype=torch.float64))
             count += int(real.sum())
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
 
     print(json.dumps({"side": "hf", "stage": "eval", "sequences": len(seqs), "tokens": count, "nll": nll / count,
                       "seconds": seconds, "tokens_per_s": count / seconds,
+                      "device": a.device, "dtype": a.dtype,
+                      "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))
 
 

@@ -14,6 +14,8 @@ What it does (the PyTorch side of the "sample" row of `make bench`):
 Timing: wall clock around the `generate` calls (plus the stacking), after one short warm-up
 `generate` (not counted) and after model loading (not counted). Tokens = generated tokens
 (up to and including an EOS; stories260K never emitted one in these runs).
+GPU (`--device cuda --dtype bf16`, bench/gpu): the model in bf16, the recorded top-K moved to the
+host after each batch (qat-sample writes them to disk), the GPU synchronized before the clock stops.
 Prints one JSON line on stdout.
 """
 
@@ -55,16 +57,20 @@ def main():
     ap.add_argument("-K", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
+    cuda = a.device.startswith("cuda")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=dtype).to(a.device).eval()
     cfg = model.config
     special = set(tok.all_special_ids)
     starts = [i for i in range(cfg.vocab_size) if i not in special]
-    prompts = torch.tensor([[cfg.bos_token_id, starts[s % len(starts)]] for s in range(a.num_seqs)])
+    prompts = torch.tensor([[cfg.bos_token_id, starts[s % len(starts)]] for s in range(a.num_seqs)], device=a.device)
 
     topk = TopKLogprobs(a.K)
     gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
@@ -75,22 +81,28 @@ def main():
         model.generate(prompts[: a.batch], attention_mask=torch.ones_like(prompts[: a.batch]), max_new_tokens=4, **gen)
         topk.take()  # warm-up, not counted
         generated, checksum = 0, 0.0
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         for b0 in range(0, a.num_seqs, a.batch):
             x = prompts[b0 : b0 + a.batch]
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=a.new_tokens, **gen)
-            ids, lps = topk.take()
+            ids, lps = (x.cpu() for x in topk.take())
             new = out[:, x.shape[1] :]
             # generated tokens per row: up to and including the first EOS (HF pads after it)
             is_eos = new == cfg.eos_token_id
-            first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1]))
+            first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full((new.shape[0],), new.shape[1], device=new.device))
             generated += int(first.sum())
             checksum += float(lps[:, :, 0].float().mean())
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
 
     print(json.dumps({"side": "hf", "stage": "sample", "sequences": a.num_seqs, "batch": a.batch,
                       "generated_tokens": generated, "seconds": seconds, "tokens_per_s": generated / seconds,
                       "mean_top1_logprob": checksum / ((a.num_seqs + a.batch - 1) // a.batch),
+                      "device": a.device, "dtype": a.dtype,
+                      "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))
 
 

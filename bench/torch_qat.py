@@ -1,4 +1,4 @@
-"""Reference for `qat-distill`: LLM-QAT-style fake-quant distillation in PyTorch eager, CPU, float32.
+"""Reference for `qat-distill`: LLM-QAT-style fake-quant distillation in PyTorch eager (CPU f32; GPU bf16).
 
 The student is transformers' `LlamaForCausalLM` with every decoder linear layer (q, k, v, o,
 gate, up, down) replaced by `QuantLinear`, as LLM-QAT patches HF's Llama
@@ -18,6 +18,13 @@ the K ids masked to -inf; mean over trained positions (i >= prompt_len - 1). Ada
 With --online-teacher (what the LLM-QAT reference trainer does): a full-precision teacher model
 is in the loop; each step it runs a no-grad forward on the batch, and the loss is the forward KL
 over the full vocabulary from its log-softmax (the shards then supply only the tokens).
+
+GPU (`--device cuda --dtype bf16`, bench/gpu): float32 master weights and AdamW state, compute
+under torch.autocast(bfloat16) (the linear layers and attention run in bf16, HF's sdpa attention);
+the quantizers compute in float32 whatever their input dtype and return it (qat does the same),
+the online teacher is a bf16 model. Timing synchronizes the GPU at the end of every step; the
+JSON adds the peak of torch.cuda.max_memory_allocated. Rows of different lengths (an EOS) are
+right-padded and masked, as qat-distill batches them.
 
 Batches: 16 sequences x 256 tokens (the whole shard row; the student runs on all 256 tokens, as
 qat-distill does, and the last position's logits are unused). The shards are decoded into
@@ -51,13 +58,14 @@ def ste(x, q):
 def sym_qdq(x, bits, f16_scale=False):
     """Symmetric quantize-dequantize with one scale per row of the last dim (no gradient)."""
     qmax = 2 ** (bits - 1) - 1
+    dtype, x = x.dtype, x.float()  # quantizers compute in f32, as qat's do
     with torch.no_grad():
         scale = x.abs().amax(dim=-1, keepdim=True) / qmax
         if f16_scale:  # the packed model stores f16 scales; qat fake-quantizes with them too
             scale = scale.clamp(max=65504.0).half().float()
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.round(x / safe).clamp(-qmax, qmax)  # round half to even, like qat
-        return q * scale
+        return (q * scale).to(dtype)
 
 
 class QuantLinear(nn.Module):
@@ -110,20 +118,31 @@ def fkl_full(logits, teacher_logprobs):
 
 
 def load_shards(d):
-    """tokens [S,L] int64, prompt_len [S], top-K ids [S,L-1,K] int64, log-probs [S,L-1,K] f32."""
+    """tokens [S,L] int64 (right-padded with 0), prompt_len [S], length [S], top-K ids [S,L-1,K]
+    int64, log-probs [S,L-1,K] f32 (L = the longest row)."""
     man = json.load(open(os.path.join(d, "manifest.json")))
     K = man["header"]["top_k"]
-    toks, plen, ids, lps = [], [], [], []
+    rows = []
     for f in sorted(glob.glob(os.path.join(d, "shard-*.parquet"))):
         t = pq.read_table(f)
-        L = len(t["tokens"][0])
-        assert all(len(x) == L for x in t["tokens"].to_pylist()), "bench expects equal-length rows"
-        toks.append(pc.list_flatten(t["tokens"]).to_numpy().reshape(-1, L).astype(np.int64))
-        plen.append(t["prompt_len"].to_numpy().astype(np.int64))
-        ids.append(pc.list_flatten(t["topk_ids"]).to_numpy().reshape(-1, L - 1, K).astype(np.int64))
-        lps.append(pc.cast(pc.list_flatten(t["topk_logprobs"]), "float32").to_numpy().reshape(-1, L - 1, K))
-    cat = lambda xs: torch.from_numpy(np.concatenate(xs))
-    return cat(toks), cat(plen), cat(ids), cat(lps)
+        lens = pc.list_value_length(t["tokens"]).to_numpy()
+        tok = pc.list_flatten(t["tokens"]).to_numpy()
+        ids = pc.list_flatten(t["topk_ids"]).to_numpy()
+        lp = pc.cast(pc.list_flatten(t["topk_logprobs"]), "float32").to_numpy()
+        ot = oi = 0
+        for n, pl in zip(lens, t["prompt_len"].to_numpy()):
+            m = (n - 1) * K  # one top-K per position but the last
+            rows.append((tok[ot : ot + n], pl, ids[oi : oi + m], lp[oi : oi + m]))
+            ot, oi = ot + n, oi + m
+    S, L = len(rows), max(len(r[0]) for r in rows)
+    toks, ids, lps = np.zeros((S, L), np.int64), np.zeros((S, L - 1, K), np.int64), np.zeros((S, L - 1, K), np.float32)
+    plen, length = np.zeros(S, np.int64), np.zeros(S, np.int64)
+    for s, (tok, pl, i, l) in enumerate(rows):
+        n = len(tok)
+        toks[s, :n], plen[s], length[s] = tok, pl, n
+        ids[s, : n - 1] = np.asarray(i, np.int64).reshape(n - 1, K)
+        lps[s, : n - 1] = np.asarray(l, np.float32).reshape(n - 1, K)
+    return tuple(torch.from_numpy(x) for x in (toks, plen, length, ids, lps))
 
 
 def lr_at(step, lr, warmup, total):
@@ -147,33 +166,48 @@ def main():
     ap.add_argument("--online-teacher", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="compute dtype (bf16: autocast over f32 master weights; teacher in bf16)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    compute = torch.bfloat16 if a.dtype == "bf16" else torch.float32
 
-    tokens, prompt_len, top_ids, top_lps = load_shards(a.shards)
+    tokens, prompt_len, length, top_ids, top_lps = load_shards(a.shards)
     S, L = tokens.shape
-    student = quantize_model(LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32), a.w_bits, a.a_bits, a.kv_bits).train()
-    teacher = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval() if a.online_teacher else None
+    student = quantize_model(LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32), a.w_bits, a.a_bits, a.kv_bits)
+    student = student.to(dev).train()
+    teacher = LlamaForCausalLM.from_pretrained(a.model, dtype=compute).to(dev).eval() if a.online_teacher else None
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     order = torch.randperm(S)
     pos = torch.arange(L - 1)
     total = a.warmup + a.steps
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
 
-    times, losses = [], []
+    times, losses, tokens_timed = [], [], 0
     for step in range(total):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         idx = order[(torch.arange(a.batch) + step * a.batch) % S]
-        x = tokens[idx]  # [B, L]
-        trained = pos[None, :] >= (prompt_len[idx][:, None] - 1)  # [B, L-1]
-        logits = student(input_ids=x).logits[:, : L - 1][trained]  # [N, V]
-        if teacher is None:
-            loss = fkl_topk(logits, top_ids[idx][trained], top_lps[idx][trained])
-        else:
-            with torch.no_grad():
-                tl = torch.log_softmax(teacher(input_ids=x).logits[:, : L - 1][trained], -1)
-            loss = fkl_full(logits, tl)
+        T = int(length[idx].max())  # right-padded to the longest row of the batch, as qat-distill
+        x = tokens[idx, :T].to(dev, non_blocking=True)  # [B, T]
+        trained = (pos[None, : T - 1] >= (prompt_len[idx][:, None] - 1)) & (pos[None, : T - 1] < length[idx][:, None] - 1)
+        trained = trained.to(dev, non_blocking=True)  # [B, T-1]
+        with autocast:
+            logits = student(input_ids=x).logits[:, : T - 1][trained].float()  # [N, V]
+            if teacher is None:
+                ids = top_ids[idx, : T - 1].to(dev, non_blocking=True)[trained]
+                lps = top_lps[idx, : T - 1].to(dev, non_blocking=True)[trained]
+                loss = fkl_topk(logits, ids, lps)
+            else:
+                with torch.no_grad():
+                    tl = torch.log_softmax(teacher(input_ids=x).logits[:, : T - 1][trained].float(), -1)
+                loss = fkl_full(logits, tl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -181,15 +215,19 @@ def main():
             g["lr"] = lr_at(step, a.lr, 10, total)
         opt.step()
         losses.append(float(loss))
+        if cuda:
+            torch.cuda.synchronize()
         if step >= a.warmup:
             times.append(time.perf_counter() - t0)
+            tokens_timed += int(length[idx].sum())
 
-    tokens_timed = a.steps * a.batch * L
     print(json.dumps({"side": "torch", "stage": "distill", "online_teacher": a.online_teacher,
                       "scheme": f"W{a.w_bits}A{a.a_bits}KV{a.kv_bits}", "batch": a.batch, "seq_len": L,
                       "timed_steps": a.steps, "warmup_steps": a.warmup, "seconds": sum(times),
                       "tokens_per_s": tokens_timed / sum(times), "median_step_s": float(np.median(times)),
                       "first_loss": losses[0], "last_loss": losses[-1],
+                      "device": a.device, "dtype": a.dtype,
+                      "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))
 
 

@@ -110,6 +110,9 @@ struct Args {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute dtype: f32, or bf16 / f16 (for GPUs) with f32 master weights and AdamW state.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -174,6 +177,7 @@ fn main() -> ExitCode {
                 cakld_gamma: args.cakld_gamma,
                 online_teacher: args.teacher.is_some(),
                 balance_kv: args.balance_kv,
+                dtype: args.dtype.clone(),
             },
             checkpoint_every: args.checkpoint_every,
             resume: args.resume,

@@ -81,6 +81,10 @@ struct Args {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute dtype: f32, or bf16 / f16 (for GPUs). Weights load in f32, are fake-quantized
+    /// in f32 under the scheme, then cast once.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -105,13 +109,19 @@ fn main() -> ExitCode {
         let started = Instant::now();
         let device = qat_model::parse_device(&args.device).map_err(anyhow::Error::msg)?;
         let src = qat_model::resolve_model(&args.model)?;
-        let m = qat_eval::load_eval_model(&src.dir, args.scheme.as_deref(), &device)?;
+        let dtype = qat_model::parse_dtype(&args.dtype).map_err(anyhow::Error::msg)?;
+        let mut m = qat_eval::load_eval_model(&src.dir, args.scheme.as_deref(), &device)?;
+        // Quantize (and cast) the fixed weights once instead of in every forward pass.
+        m.model.set_compute_dtype(dtype);
+        m.model.freeze_weights()?;
         let bos = m.config.bos_token_id.or_else(|| m.tokenizer.token_to_id("<s>"));
         let mut summary = match &args.corpus {
             Some(corpus) => perplexity(&args, &m, bos, corpus, started)?,
             None => zero_shot(&args, &m, bos)?,
         };
         let fields = serde_json::json!({
+            "dtype": qat_model::dtype_name(dtype),
+            "device": args.device,
             "quantization": m.quantization,
             "scheme": m.scheme.to_string(),
             "scheme_json": serde_json::from_str::<serde_json::Value>(&m.scheme.to_json_pretty())?,

@@ -82,6 +82,9 @@ struct Args {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute dtype of the teacher: f32, or bf16 / f16 (for GPUs; recorded in the shards).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -128,6 +131,7 @@ fn main() -> ExitCode {
                 DtypeArg::F32 => LogprobDtype::F32,
             },
             device: args.device.clone(),
+            dtype: args.dtype.clone(),
             progress: !args.quiet,
         };
         let summary = qat_sample::run(&cfg).with_context(|| format!("sampling into {}", args.out.display()))?;

@@ -56,7 +56,7 @@ $(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json $$(call init_dep,$$*)
 	@mkdir -p $(STUDENT_DIR)
 	$(BIN)/qat-distill --model $(call init_model,$*) --shards $(SHARDS) --out $(STUDENT_DIR)/$* \
 	    --scheme $(call scheme_arg,$*) --epochs $(EPOCHS) --lr $(LR) -b $(BATCH) --seed $(SEED) --resume \
-	    $(DISTILL_FLAGS) > $(STUDENT_DIR)/$*.distill.json
+	    $(DISTILL_FLAGS) $(DEVICE_FLAGS) > $(STUDENT_DIR)/$*.distill.json
 
 $(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(EVAL_CORPUS)
 	@mkdir -p $(dir $@)

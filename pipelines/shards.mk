@@ -9,6 +9,8 @@ BIN ?= target/release
 OUT ?= out
 MODEL ?= $(QAT_DATA)/models/stories260K
 MODEL_NAME ?= $(notdir $(MODEL))
+# Passed to every tool, e.g. DEVICE_FLAGS="--device cuda" (bench/gpu/run.sh pipeline); use another OUT.
+DEVICE_FLAGS ?=
 
 # Sampling (LLM-QAT: greedy 3..5 tokens from each vocabulary token, then T = 1 sampling).
 NUM_SEQ ?= 4096
@@ -23,7 +25,7 @@ SHARDS := $(OUT)/shards/$(SHARD_NAME)
 EVAL_CORPUS ?= $(QAT_DATA)/corpora/tinystories/TinyStories-valid.first800.txt
 SEQ_LEN ?= 512
 EVAL := $(OUT)/eval/$(MODEL_NAME)
-EVAL_FLAGS = --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN)
+EVAL_FLAGS = --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) $(DEVICE_FLAGS)
 
 # Scheme argument for a student name: a JSON file pipelines/schemes/<model>/<name>.json if there
 # is one (e.g. group sizes adapted to the model's shapes), else the short name itself.
@@ -35,7 +37,7 @@ scheme_arg = $(or $(wildcard pipelines/schemes/$(MODEL_NAME)/$(1).json),$(1))
 $(SHARDS).summary.json: $(MODEL)/model.safetensors $(MODEL)/config.json $(MODEL)/tokenizer.json
 	@mkdir -p $(dir $@)
 	$(BIN)/qat-sample --model $(MODEL) --out $(SHARDS) -n $(NUM_SEQ) --max-len $(MAX_LEN) \
-	    -K $(TOPK) --seed $(SEED) --batch-size $(SAMPLE_BATCH) > $@.tmp
+	    -K $(TOPK) --seed $(SEED) --batch-size $(SAMPLE_BATCH) $(DEVICE_FLAGS) > $@.tmp
 	mv $@.tmp $@
 
 $(EVAL)/fp.json: $(MODEL)/model.safetensors $(EVAL_CORPUS)

@@ -73,15 +73,19 @@ impl KvCache {
     }
 
     /// Additive attention mask for the next `len` query columns over all `columns + len` key
-    /// columns, `[batch, 1, 1, len, columns + len]`, or None when nothing needs masking.
+    /// columns, `[batch, 1, 1, len, columns + len]`, or None when nothing needs masking. When
+    /// every row has the same padding (e.g. none, in training) the batch dim is 1 (it
+    /// broadcasts): one row's mask is built on the host and uploaded, not `batch` copies.
     pub fn next_mask(&self, len: usize, dev: &Device) -> Result<Option<Tensor>> {
         let no_pads = self.pads.iter().all(|&p| p == 0);
         if len == 1 && no_pads {
             return Ok(None);
         }
         let keys = self.columns + len;
-        let mut mask = Vec::with_capacity(self.pads.len() * len * keys);
-        for &pad in &self.pads {
+        let uniform = self.pads.windows(2).all(|w| w[0] == w[1]);
+        let rows = if uniform { &self.pads[..self.pads.len().min(1)] } else { &self.pads[..] };
+        let mut mask = Vec::with_capacity(rows.len() * len * keys);
+        for &pad in rows {
             for q in self.columns..self.columns + len {
                 for k in 0..keys {
                     // A real query never sees padding; a padding query (whose output is
@@ -91,7 +95,7 @@ impl KvCache {
                 }
             }
         }
-        Tensor::from_vec(mask, (self.pads.len(), 1, 1, len, keys), dev).map(Some)
+        Tensor::from_vec(mask, (rows.len(), 1, 1, len, keys), dev).map(Some)
     }
 
     /// Appends the contiguous `k, v: [batch, kv_heads, len, head_dim]` to layer `layer` and

@@ -16,11 +16,12 @@ pub mod linear;
 pub mod llama;
 pub mod model_dir;
 pub mod rope;
+pub mod softmax;
 
 pub use attention::{causal_attention, fused_attention_supported};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, LlamaConfigFile};
-pub use device::parse_device;
+pub use device::{dtype_name, parse_device, parse_dtype};
 pub use error::{ModelError, Result};
 pub use hub::{resolve_model, snapshot_source, HubError, HubSource, ResolvedModel};
 pub use hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};

@@ -9,11 +9,29 @@ use candle_nn::VarBuilder;
 pub struct QLinear {
     weight: Tensor,
     id: LinearId,
+    /// The weight already went through the hook ([`Self::freeze`]): use it as is.
+    frozen: bool,
 }
 
 impl QLinear {
     pub fn new(weight: Tensor, id: LinearId) -> Self {
-        Self { weight, id }
+        Self { weight, id, frozen: false }
+    }
+
+    /// Replaces the weight by `hooks.weight(weight)` cast to `dtype`, once, if `static_weights`
+    /// (else only casts it, and the hook keeps running every forward). See
+    /// [`crate::Llama::freeze_weights`].
+    pub(crate) fn freeze(&mut self, hooks: &dyn QuantHooks, static_weights: bool, dtype: candle_core::DType) -> Result<()> {
+        if self.frozen {
+            return Ok(());
+        }
+        if static_weights {
+            self.weight = hooks.weight(self.id, &self.weight)?.to_dtype(dtype)?;
+            self.frozen = true;
+        } else {
+            self.weight = self.weight.to_dtype(dtype)?;
+        }
+        Ok(())
     }
 
     /// Loads `weight` of shape `[out_dim, in_dim]` from `vb` (e.g. `vb.pp("self_attn.q_proj")`).
@@ -30,10 +48,12 @@ impl QLinear {
         self.id
     }
 
-    /// `x: [.., in] -> [.., out]`.
+    /// `x: [.., in] -> [.., out]`, computed in `x`'s dtype (the weight, quantized by the hook
+    /// in its own dtype, is cast to it: a no-op when they agree).
     pub fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
-        let w = hooks.weight(self.id, &self.weight)?;
+        let w = if self.frozen { self.weight.clone() } else { hooks.weight(self.id, &self.weight)? };
         let x = hooks.activation(self.id, x)?;
+        let w = w.to_dtype(x.dtype())?;
         let (rows, in_dim) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, w.dim(1)?);
         let mut out_shape = x.dims().to_vec();
         *out_shape.last_mut().expect("x has at least one dim") = w.dim(0)?;

@@ -6,22 +6,43 @@ use crate::config::LlamaConfig;
 use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
 use crate::linear::QLinear;
 use crate::rope::RotaryEmbedding;
+use crate::softmax::softmax_last_dim_with_grad;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
 
-/// RMSNorm; `fused` selects candle's kernel (no gradient) over the differentiable composition.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
-    if fused {
-        return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32);
-    }
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.broadcast_mul(weight)
+/// Whether a dtype is a 16-bit float, whose norms and softmaxes are computed in f32 (as HF does).
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
 }
 
+/// RMSNorm; `fused` selects candle's kernel (no gradient) over the differentiable composition.
+/// `weight` is cast to `x`'s dtype (a no-op unless the model computes in a narrower dtype than
+/// its weights). The composition runs in f32 for 16-bit `x`, as HF's LlamaRMSNorm does (candle's
+/// fused kernel accumulates in f32 by itself).
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    let weight = weight.to_dtype(x.dtype())?;
+    if fused {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, &weight, eps as f32);
+    }
+    if is_half(x.dtype()) {
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean_sq = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        return x32.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.to_dtype(x.dtype())?.broadcast_mul(&weight);
+    }
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.broadcast_mul(&weight)
+}
+
+/// Softmax over the last dim. Training (not `fused`) on CUDA: one kernel with a gradient that
+/// keeps only its output ([`crate::softmax`]); elsewhere the composition, in f32 for 16-bit `x`.
 fn softmax_last(x: &Tensor, fused: bool) -> Result<Tensor> {
     if fused {
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    } else if x.device().is_cuda() {
+        softmax_last_dim_with_grad(x)
+    } else if is_half(x.dtype()) {
+        candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype())
     } else {
         candle_nn::ops::softmax(x, D::Minus1)
     }
@@ -78,7 +99,13 @@ impl Attention {
         let rep = nh / nkv;
         // Grouped-query attention without copying keys: query heads of one KV head are stacked.
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?; // [b, nkv, rep*t, s]
+        let scores = if q.device().is_cuda() && !ctx.fused {
+            // Training on CUDA: scale q, not the scores (one [b, nkv, rep*t, s] tensor fewer
+            // kept for the backward pass).
+            (q * scale)?.matmul(&k.t()?)?
+        } else {
+            (q.matmul(&k.t()?)? * scale)?
+        }; // [b, nkv, rep*t, s]
         let scores = match &ctx.mask {
             Some(mask) => scores.reshape((b, nkv, rep, t, s))?.broadcast_add(mask)?.reshape((b, nkv, rep * t, s))?,
             None => scores,
@@ -146,6 +173,9 @@ pub struct Llama {
     hooks: Arc<dyn QuantHooks>,
     fused: bool,
     fused_attention: bool,
+    /// The dtype activations are computed in (default: the weights' dtype). Weights of another
+    /// dtype are cast on the fly, differentiably (f32 master weights, bf16 compute).
+    compute_dtype: DType,
 }
 
 impl Llama {
@@ -171,7 +201,8 @@ impl Llama {
             vb.pp("lm_head").get((v, h), "weight")?
         };
         let rope = RotaryEmbedding::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, vb.dtype(), vb.device())?;
-        Ok(Self { embed_tokens, blocks, norm, lm_head, rope, cfg: cfg.clone(), hooks: Arc::new(NoQuant), fused: true, fused_attention: true })
+        let compute_dtype = vb.dtype();
+        Ok(Self { embed_tokens, blocks, norm, lm_head, rope, cfg: cfg.clone(), hooks: Arc::new(NoQuant), fused: true, fused_attention: true, compute_dtype })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -182,8 +213,46 @@ impl Llama {
         self.embed_tokens.device()
     }
 
+    /// The dtype the forward pass computes in (see [`Self::set_compute_dtype`]).
     pub fn dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// The dtype of the stored weights.
+    pub fn weight_dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+
+    /// Computes in `dtype` (e.g. bf16) whatever the weights' dtype: embeddings, norm weights,
+    /// the LM head and every linear weight (after its quantization hook, so fake quantization
+    /// still sees the master weights) are cast in each forward pass; the cast is differentiable,
+    /// so gradients reach f32 master weights in f32. Norms and softmaxes run in f32 internally,
+    /// logits come back in f32. Default: the weights' dtype (no casts at all).
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = dtype;
+    }
+
+    /// For inference with fixed weights: applies the quantization hook of every linear weight
+    /// once (when [`QuantHooks::weight_is_static`]) and casts all weights to the compute dtype,
+    /// so forward passes neither re-quantize nor cast. Values are identical to running without
+    /// it. Call after [`Self::set_hooks`] and [`Self::set_compute_dtype`]; hooks set later
+    /// still apply to activations and the KV cache, but not to the frozen weights.
+    pub fn freeze_weights(&mut self) -> Result<()> {
+        let dt = self.compute_dtype;
+        let hooks = self.hooks.clone();
+        let static_weights = hooks.weight_is_static();
+        for block in &mut self.blocks {
+            block.input_layernorm = block.input_layernorm.to_dtype(dt)?;
+            block.post_attention_layernorm = block.post_attention_layernorm.to_dtype(dt)?;
+            let (a, m) = (&mut block.self_attn, &mut block.mlp);
+            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+                lin.freeze(hooks.as_ref(), static_weights, dt)?;
+            }
+        }
+        self.embed_tokens = self.embed_tokens.to_dtype(dt)?;
+        self.norm = self.norm.to_dtype(dt)?;
+        self.lm_head = self.lm_head.to_dtype(dt)?;
+        Ok(())
     }
 
     /// Replaces the quantization hooks (default: full precision).
@@ -255,7 +324,9 @@ impl Llama {
         }
         let dev = self.device();
         let positions = cache.next_positions(t, dev)?;
+        let dt = self.compute_dtype;
         let (cos, sin) = self.rope.tables(&positions)?;
+        let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
         // candle's fused kernels have no f64 version; f64 (used by exactness tests) composes ops.
         let fused = self.fused && self.dtype() != DType::F64;
         let (mask, fused_attention_pads) = if self.fused_attention && fused_attention_supported(dev, self.dtype()) {
@@ -265,7 +336,8 @@ impl Llama {
         };
         let ctx = StepContext { cos, sin, mask, fused, fused_attention_pads };
         let hooks = self.hooks.as_ref();
-        let mut x = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let x = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = x.to_dtype(dt)?;
         for block in &self.blocks {
             let h = rms_norm(&x, &block.input_layernorm, self.cfg.rms_norm_eps, fused)?;
             x = (x + block.self_attn.forward(&h, &ctx, cache, hooks)?)?;
@@ -280,7 +352,8 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let dims = hidden.dims().to_vec();
         let rows = hidden.elem_count() / self.cfg.hidden_size;
-        let logits = hidden.reshape((rows, self.cfg.hidden_size))?.matmul(&self.lm_head.t()?)?;
+        let lm_head = self.lm_head.to_dtype(hidden.dtype())?;
+        let logits = hidden.reshape((rows, self.cfg.hidden_size))?.matmul(&lm_head.t()?)?;
         let mut out = dims;
         *out.last_mut().expect("hidden has dims") = self.cfg.vocab_size;
         logits.reshape(out)?.to_dtype(DType::F32)

@@ -1,5 +1,9 @@
 //! CPU kernel for symmetric per-row fake quantization: one pass over each row instead of the
 //! ~20 composed candle ops of [`crate::fake::sym_quantize`], with the STE (identity) backward.
+//! With the `cuda` feature, the same op on CUDA tensors (f32 and bf16) runs kernels/fake_quant.cu
+//! (one block per row; compiled to PTX by build.rs) — written without a GPU at hand and first
+//! checked on one by `make pipeline-gpu` (RTN perplexities on cuda equal the CPU ones);
+//! `QAT_CUDA_FUSED_QUANT=0` falls back to the composed ops.
 //!
 //! Bit-identical to the composed path (tested): the same f32/f64 arithmetic in the same order —
 //! `scale = max|row| / qmax` (true division), optionally rounded to f16 (nearest, ties to even,
@@ -149,14 +153,82 @@ impl CustomOp1 for SymRowFakeQuant {
         Ok((out, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(*self, storage, layout)
+    }
+
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad_res.clone())) // straight-through estimator
     }
 }
 
-/// Whether [`sym_fake_quant_rows`] runs on `x` (a CPU tensor of dtype f32 or f64).
+/// The CUDA side: kernels/fake_quant.cu, loaded once per device as a custom PTX module.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::SymRowFakeQuant;
+    use crate::fake::ScaleRounding;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+    use candle_core::{Layout, Result, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fake_quant.ptx"));
+
+    pub(super) fn forward(op: SymRowFakeQuant, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let Some((o1, o2)) = layout.contiguous_offsets() else {
+            candle_core::bail!("sym_fake_quant_rows: input must be contiguous");
+        };
+        let dev = &storage.device;
+        let el = layout.shape().elem_count();
+        let cols = layout.dims().last().copied().unwrap_or(1).max(1);
+        let rows = el / cols;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (qmax, f16_scale) = (f32::from(op.qmax), i32::from(op.rounding == ScaleRounding::F16));
+        let cols = cols as u32;
+        let slice = match &storage.slice {
+            CudaStorageSlice::F32(x) => {
+                let x = x.slice(o1..o2);
+                let func = dev.get_or_load_custom_func("sym_row_fake_quant_f32", "qat_fake_quant", PTX)?;
+                // SAFETY: every element is written by the kernel.
+                let out = unsafe { dev.alloc::<f32>(el)? };
+                let mut b = func.builder();
+                b.arg(&x).arg(&out).arg(&cols).arg(&qmax).arg(&f16_scale);
+                // SAFETY: the kernel reads `rows * cols` inputs and writes as many outputs.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::F32(out)
+            }
+            CudaStorageSlice::BF16(x) => {
+                let x = x.slice(o1..o2);
+                let func = dev.get_or_load_custom_func("sym_row_fake_quant_bf16", "qat_fake_quant", PTX)?;
+                // SAFETY: every element is written by the kernel.
+                let out = unsafe { dev.alloc::<half::bf16>(el)? };
+                let mut b = func.builder();
+                b.arg(&x).arg(&out).arg(&cols).arg(&qmax).arg(&f16_scale);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::BF16(out)
+            }
+            _ => candle_core::bail!("sym_fake_quant_rows: CUDA dtype {:?}, expected F32 or BF16", storage.dtype()),
+        };
+        Ok((CudaStorage { slice, device: dev.clone() }, layout.shape().clone()))
+    }
+}
+
+/// Whether [`sym_fake_quant_rows`] runs on `x`: a CPU tensor of dtype f32 or f64, or (with the
+/// `cuda` feature, unless `QAT_CUDA_FUSED_QUANT=0`) a CUDA tensor of dtype f32 or bf16.
 pub fn supported(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    match x.device() {
+        candle_core::Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F64),
+        candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16) && cuda_kernel_enabled(),
+        _ => false,
+    }
+}
+
+/// `QAT_CUDA_FUSED_QUANT=0` turns the CUDA kernel off (composed candle ops instead), read once.
+fn cuda_kernel_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QAT_CUDA_FUSED_QUANT").map_or(true, |v| v != "0"))
 }
 
 /// Symmetric fake quantization of `x: [.., n]` with one scale per row of the last dim; value =
@@ -219,6 +291,31 @@ mod tests {
             let x = f64::from(x) + 0.125;
             assert!(RowFloat::round_ties_even(x) == f64::round_ties_even(x), "{x}");
         }
+    }
+
+    /// The CUDA kernel against the CPU one, bit for bit (f32), and against the composed path in
+    /// bf16. Runs only in a `--features cuda` build on a machine with a GPU (skipped otherwise).
+    #[test]
+    fn cuda_kernel_equals_the_cpu_kernel() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            return Ok(());
+        };
+        let (rows, cols) = (37, 1000);
+        let x = Tensor::from_vec(sample(rows, cols), (rows, cols), &Device::Cpu)?;
+        for bits in [4u8, 8] {
+            for rounding in [ScaleRounding::Exact, ScaleRounding::F16] {
+                let qmax = sym_qmax(bits).expect("bits");
+                let cpu = sym_fake_quant_rows(&x, qmax, rounding)?.to_vec2::<f32>()?;
+                let cuda = sym_fake_quant_rows(&x.to_device(&gpu)?, qmax, rounding)?.to_vec2::<f32>()?;
+                assert_eq!(cpu, cuda, "f32 bits {bits} {rounding:?}");
+                let xb = x.to_dtype(DType::BF16)?;
+                let composed = sym_quant_dequant(&xb, bits, &[1], rounding)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let cuda = sym_fake_quant_rows(&xb.to_device(&gpu)?, qmax, rounding)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                assert_eq!(composed, cuda, "bf16 bits {bits} {rounding:?}");
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct SampleConfig {
     pub bos: bool,
     pub logprob_dtype: LogprobDtype,
     pub device: String,
+    /// Compute dtype of the teacher's forward pass: f32 (default) or bf16/f16 (GPU).
+    pub dtype: String,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }

@@ -84,6 +84,7 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
         return Err(invalid(format!("--temperature must be >= 0 (got {}) and --top-p in (0, 1] (got {})", s.temperature, s.top_p)));
     }
     let device = qat_model::parse_device(&cfg.device).map_err(invalid)?;
+    let dtype = qat_model::parse_dtype(&cfg.dtype).map_err(invalid)?;
     let bos = if cfg.bos {
         Some(mc.bos_token_id.or_else(|| tokenizer.token_to_id("<s>")).ok_or_else(|| {
             invalid(format!("{}: no bos_token_id in config.json and no <s> token; use --no-bos", model_dir.dir.display()))
@@ -147,7 +148,7 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
         seed: cfg.seed,
         batch_size: cfg.batch_size,
         eos_ids: eos_ids.clone(),
-        dtype: "f32",
+        dtype: qat_model::dtype_name(dtype),
         device_kind: if device.is_cpu() { "cpu" } else { "cuda" },
     };
     let header = ShardSetHeader {
@@ -199,7 +200,10 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
         seed: cfg.seed,
         eos_ids,
     };
-    let model = model_dir.load(&device, DType::F32)?;
+    // Weights load in f32 and are cast once to the compute dtype (same values as loading in it).
+    let mut model = model_dir.load(&device, DType::F32)?;
+    model.set_compute_dtype(dtype);
+    model.freeze_weights()?;
     let total_rows: u64 = todo.iter().map(|&f| header.file_rows(f)).sum();
     let bar = progress_bar(total_rows, cfg.progress);
     let mut stats = GenerationStats::default();

@@ -7,6 +7,7 @@
 
 use qat_shards::{FileEntry, Result, SequenceRecord, ShardSet};
 use serde::{Deserialize, Serialize};
+use std::sync::mpsc::{sync_channel, Receiver};
 
 /// Where the next batch starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -87,6 +88,45 @@ impl ShardBatches {
             self.cursor.row_pos += 1;
         }
         Ok(out)
+    }
+}
+
+/// A batch read ahead, with the cursor just after it.
+type Ahead = Result<(Vec<SequenceRecord>, DataCursor)>;
+
+/// [`ShardBatches`] read and decoded on a background thread, `depth` batches ahead of the
+/// training step (Parquet decoding overlaps the forward/backward pass). Yields exactly the
+/// batches `ShardBatches::next_batch(batch_size)` would, in order; [`Prefetch::cursor`] is the
+/// position after the last batch handed out (what a checkpoint must save), not the reader's.
+pub struct Prefetch {
+    rx: Receiver<Ahead>,
+    cursor: DataCursor,
+}
+
+impl Prefetch {
+    pub fn new(mut batches: ShardBatches, batch_size: usize, depth: usize) -> Self {
+        let cursor = batches.cursor();
+        let (tx, rx) = sync_channel::<Ahead>(depth.max(1));
+        // The thread stops after an error, or when the receiver is dropped (its send fails).
+        std::thread::spawn(move || loop {
+            let item = batches.next_batch(batch_size).map(|recs| (recs, batches.cursor()));
+            let failed = item.is_err();
+            if tx.send(item).is_err() || failed {
+                break;
+            }
+        });
+        Self { rx, cursor }
+    }
+
+    /// The next batch (an error of the reader is returned here, in order).
+    pub fn next_batch(&mut self) -> crate::Result<Vec<SequenceRecord>> {
+        let (recs, cursor) = self.rx.recv().map_err(|_| crate::TrainError::Config("the shard reader thread stopped".into()))??;
+        self.cursor = cursor;
+        Ok(recs)
+    }
+
+    pub fn cursor(&self) -> DataCursor {
+        self.cursor
     }
 }
 

@@ -4,7 +4,7 @@
 //! Work happens in `<out>.work/` (checkpoint and log); the finished student directory is
 //! written there and renamed to `<out>` only at the end, so `<out>` is never half written.
 
-use crate::data::{DataCursor, ShardBatches};
+use crate::data::{DataCursor, Prefetch, ShardBatches};
 use crate::error::{io, Result, TrainError};
 use crate::gamma::{teacher_confidence, TeacherConfidence};
 use crate::loss::{Loss, LossKind, TopKTargets};
@@ -58,6 +58,15 @@ pub struct TrainSettings {
     pub balance_kv: usize,
     /// Teacher distribution computed online (`--teacher`) rather than read from the shards.
     pub online_teacher: bool,
+    /// Compute dtype of the forward and backward passes (`--dtype`): "f32", or "bf16" / "f16"
+    /// with f32 master weights, gradients and AdamW state (the student casts its weights in
+    /// every forward pass; an online teacher is loaded in this dtype).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
 }
 
 /// Everything `qat-distill` needs.
@@ -173,6 +182,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         (other, Some(_)) => return Err(TrainError::Config(format!("--cakld-gamma applies only to --loss cakld, not --loss {other}"))),
     }
     let dev = qat_model::parse_device(&cfg.device).map_err(TrainError::Config)?;
+    let compute_dtype = qat_model::parse_dtype(&s.dtype).map_err(TrainError::Config)?;
     let model_dir = ModelDir::open(&cfg.model)?;
     s.scheme.validate_for(&model_dir.config)?;
     let set = ShardSet::open(&cfg.shards)?;
@@ -218,6 +228,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     }
     let mut student = Student::load(&model_dir, &dev)?;
     student.model.set_fused_kernels(false);
+    student.model.set_compute_dtype(compute_dtype);
     student.model.set_hooks(Arc::new(FakeQuant::for_training(s.scheme.clone())));
     if cfg.teacher.is_some() != s.online_teacher {
         return Err(TrainError::Config("settings.online_teacher must be set exactly when a teacher is given".into()));
@@ -228,7 +239,10 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             if td.weights_sha256()? != h.teacher.weights_sha256 {
                 return Err(mismatch(format!("--teacher {} is not the model that produced the shards (weights sha256 differs)", dir.display())));
             }
-            Some(td.load(&dev, candle_core::DType::F32)?)
+            let mut t = td.load(&dev, candle_core::DType::F32)?;
+            t.set_compute_dtype(compute_dtype);
+            t.freeze_weights()?;
+            Some(t)
         }
         None => None,
     };
@@ -273,7 +287,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         let _ = std::fs::remove_file(&log_path);
     }
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path, "cannot open training log"))?;
-    let mut data = ShardBatches::new(set, s.seed, cursor);
+    let mut data = Prefetch::new(ShardBatches::new(set, s.seed, cursor), s.batch_size, 2);
     let (k, vocab) = (h.top_k as usize, h.teacher.vocab_size as usize);
 
     let bar = if cfg.progress { ProgressBar::new(total) } else { ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden()) };
@@ -290,7 +304,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         let mut step_loss = 0f32;
         let mut step_tokens = 0u64;
         for _ in 0..s.grad_accum {
-            let recs = data.next_batch(s.batch_size)?;
+            let recs = data.next_batch()?;
             let (tokens, rows, targets, real) = batch_tensors(&recs, k, vocab, &dev)?;
             let logits = student.model.forward_full(&tokens)?; // [B, T, V]
             let (b, t, v) = logits.dims3()?;

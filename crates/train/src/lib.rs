@@ -9,7 +9,7 @@ pub mod loss;
 pub mod optim;
 pub mod student;
 
-pub use data::{DataCursor, ShardBatches};
+pub use data::{DataCursor, Prefetch, ShardBatches};
 pub use distill::{run, Budget, DistillConfig, DistillSummary, TrainSettings};
 pub use error::{Result, TrainError};
 pub use gamma::{teacher_confidence, TeacherConfidence};

@@ -147,9 +147,14 @@ pub fn accumulate(acc: &mut HashMap<String, Tensor>, vars: &[(String, Var)], gra
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
+    // Per-tensor sums of squares on the device, copied to the host in one transfer (on a GPU,
+    // one synchronization per step instead of one per tensor), then summed in name order.
+    let parts = names.iter().map(|name| grads[*name].sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)).collect::<Result<Vec<_>>>()?;
     let mut sq = 0f64;
-    for name in names {
-        sq += grads[name].sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    if !parts.is_empty() {
+        for part in Tensor::stack(&parts, 0)?.to_vec1::<f64>()? {
+            sq += part;
+        }
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {

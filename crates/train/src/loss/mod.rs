@@ -151,19 +151,17 @@ impl TopKTargets {
             log_tail.push(if r > 0.0 { f64::from(r).ln() as f32 } else { LOG_ZERO });
             log_floored.push(f64::from(r).max(TAIL_FLOOR).ln() as f32);
         }
+        let ids = Tensor::from_vec(ids, (n, k), dev)?;
+        // The [n, vocab] mask is made on the device from the ids (on a GPU, no host buffer of
+        // n x vocab floats to fill and upload every step).
         let tail_mask = if k < vocab {
-            let mut mask = vec![0f32; n * vocab];
-            for (row, chunk) in ids.chunks(k).enumerate() {
-                for &id in chunk {
-                    mask[row * vocab + id as usize] = f32::NEG_INFINITY;
-                }
-            }
-            Some(Tensor::from_vec(mask, (n, vocab), dev)?)
+            let neg_inf = Tensor::full(f32::NEG_INFINITY, (n, k), dev)?;
+            Some(Tensor::zeros((n, vocab), candle_core::DType::F32, dev)?.scatter(&ids, &neg_inf, 1)?)
         } else {
             None
         };
         Ok(Self {
-            ids: Tensor::from_vec(ids, (n, k), dev)?,
+            ids,
             logp: Tensor::from_vec(logp, (n, k), dev)?,
             tail: Tensor::from_vec(tail, n, dev)?,
             log_tail: Tensor::from_vec(log_tail, n, dev)?,

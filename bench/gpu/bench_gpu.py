@@ -1,0 +1,312 @@
+"""`make bench-gpu`: qat's CUDA binaries against PyTorch on the same GPU, in one run, one table.
+
+Model: a random-initialized Llama with the TinyLlama-1.1B config (bench/gpu/make_model.py; speed
+does not depend on the values) and the Llama-2 tokenizer. Every stage runs the qat binary and its
+PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py, the same scripts
+`make bench` uses on CPU, here with --device cuda --dtype bf16) on the same shapes:
+
+  sample   qat-sample vs HF generate: batch 64, 512 new tokens, T=1, top-64 log-probs kept
+  distill  qat-distill W4A8KV4 from cached top-64 shards vs torch_qat.py with an online teacher,
+           seq 1024 (shards sampled by qat-sample first), AdamW; steady-state steps only
+  distill-teacher  qat-distill --teacher (online teacher, full-vocab FKL), for goal 3
+  eval     qat-eval vs HF forward: perplexity of the TinyStories file, stream mode, 1024 tokens
+
+qat's fixed costs (process start, model load, PTX JIT, cuBLAS init) are excluded the way HF's
+warm-up is excluded on the PyTorch side: qat-sample and qat-eval run twice, with N and 2N
+sequences, and tokens/s is the difference (extra tokens / extra seconds); qat-distill's rate comes
+from its steps after the warm-up ones (train_log.jsonl). A qat-sample run of 8 tokens first
+JIT-compiles candle's PTX for the GPU (cached by the driver for later processes).
+Peak GPU memory: nvidia-smi's used memory, polled every 0.1 s while a process runs, minus what
+was used before it started (both sides; PyTorch's torch.cuda.max_memory_allocated is in the
+JSON). MFU = FLOPs per token x tokens/s / peak bf16 dense FLOP/s (989 TFLOP/s for an H100 SXM;
+BENCH_PEAK_TFLOPS overrides): 6N for training (the student's forward + backward; an online
+teacher's 2N is not counted), 2N for sampling and evaluation; N = all parameters.
+
+BENCH_GPU_SMOKE=1 (or --smoke): the same pipeline on the CPU with a 2-layer random model and tiny
+shapes, to test the harness without a GPU (no RESULTS.md entry).
+Prints a Markdown table; writes WORK/results.json, WORK/table.md, and with --record appends the
+table to bench/RESULTS.md.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(HERE)
+PY = sys.executable
+
+FULL = dict(config="tinyllama", device="cuda", dtype="bf16", sample_batch=64, sample_new=512, seq_len=1024,
+            distill_batch=4, distill_steps=10, distill_warmup=3, shard_seqs=64, eval_windows=48, eval_batch=16)
+SMOKE = dict(config="tiny", device="cpu", dtype="f32", sample_batch=8, sample_new=32, seq_len=128,
+             distill_batch=2, distill_steps=3, distill_warmup=2, shard_seqs=16, eval_windows=8, eval_batch=4)
+
+
+class MemPoll:
+    """Peak of a process's memory while it runs: GPU memory used (nvidia-smi) or host RSS."""
+
+    def __init__(self, gpu):
+        self.gpu, self.peak, self.base, self.stop, self.pid = gpu, 0.0, self.read(None) if gpu else 0.0, False, None
+
+    def read(self, pid):
+        if self.gpu:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                                 capture_output=True, text=True).stdout
+            return float(out.split()[0]) if out.strip() else 0.0
+        try:  # host: resident set of the process, MiB
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, TypeError):
+            pass
+        return 0.0
+
+    def loop(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.read(self.pid) - self.base)
+            time.sleep(0.1)
+
+
+def run(cmd, env, log, gpu):
+    """Runs cmd; returns (stdout, peak memory MiB, wall s). Exits the harness on failure."""
+    poll = MemPoll(gpu)
+    t0 = time.time()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    poll.pid = p.pid
+    th = threading.Thread(target=poll.loop, daemon=True)
+    th.start()
+    out, err = p.communicate()
+    poll.stop = True
+    th.join()
+    wall = time.time() - t0
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n--- stdout\n" + out + "--- stderr\n" + err)
+    if p.returncode != 0:
+        raise RuntimeError(f"exit {p.returncode}: {' '.join(cmd)}\n{err[-2000:]}")
+    return out, poll.peak, wall
+
+
+def last_json(stdout):
+    return json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
+
+
+def distill_steady(log_path, warmup):
+    """Steady-state tokens/s of qat-distill from train_log.jsonl (steps after `warmup`)."""
+    lines = [json.loads(l) for l in open(log_path)]
+    prev, toks, secs = 0, 0, 0.0
+    for l in lines:
+        step_tokens, prev = l["tokens"] - prev, l["tokens"]
+        if l["step"] > warmup:
+            toks += step_tokens
+            secs += step_tokens / l["tokens_per_s"]
+    return toks / secs
+
+
+def n_params(model_dir):
+    from safetensors import safe_open
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "np") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bin", required=True, help="dir with the qat-* binaries (CUDA build; CPU build for --smoke)")
+    ap.add_argument("--data", required=True, help="QAT_DATA: models/llama2-tokenizer, corpora/tinystories")
+    ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
+    ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
+    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval")
+    ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    for k, v in FULL.items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"default {v} ({SMOKE[k]} with --smoke)")
+    a = ap.parse_args()
+    c = dict(SMOKE if a.smoke else FULL)
+    c.update({k: getattr(a, k) for k in FULL if getattr(a, k) is not None})
+    gpu = c["device"].startswith("cuda")
+    peak_flops = float(os.environ.get("BENCH_PEAK_TFLOPS", "989")) * 1e12
+    work = os.path.abspath(a.work)
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs, exist_ok=True)
+    bins = {n: os.path.join(os.path.abspath(a.bin), n) for n in ("qat-sample", "qat-distill", "qat-eval")}
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    dev = ["--device", c["device"], "--dtype", c["dtype"]]
+    threads = str(os.cpu_count() or 1)  # PyTorch's CPU threads (host-side work on a GPU run)
+    say = lambda msg: print(f"bench-gpu: {msg}", file=sys.stderr, flush=True)
+    started = time.time()
+
+    # The model (kept between runs) and its size.
+    model = os.path.join(work, f"model-{c['config']}")
+    subprocess.run([PY, os.path.join(HERE, "make_model.py"), "--config", c["config"], "--out", model,
+                    "--tokenizer", os.path.join(a.data, "models/llama2-tokenizer"),
+                    "--device", "cuda" if gpu else "cpu"], env=env, check=True)
+    N = n_params(model)
+    corpus = os.path.abspath(os.path.join(a.data, "corpora/tinystories/TinyStories-valid.first800.txt"))
+    fresh = lambda d: (shutil.rmtree(d, ignore_errors=True), shutil.rmtree(d + ".work", ignore_errors=True), d)[2]
+
+    def qat_sample(tag, n, new, batch, keep=False):
+        out = fresh(os.path.join(work, f"shards-{tag}"))
+        stdout, mem, wall = run([bins["qat-sample"], "-m", model, "-o", out, "-n", str(n), "--max-len", str(new + 2),
+                                 "-K", "64", "-b", str(batch), "-q"] + dev, env, os.path.join(logs, f"sample-{tag}.log"), gpu)
+        j = last_json(stdout)
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+        return j, mem, wall, out
+
+    # Warm-up: the driver JIT-compiles candle's PTX once per machine (cached afterwards).
+    say("warm-up (PTX JIT)")
+    qat_sample("warmup", 2, 6, 2)
+    results, rows = {}, []
+
+    def row(stage, label, q, t, flops_per_token, notes):
+        ratio = q["tps"] / t["tps"] if t and t.get("tps") else None
+        mfu = lambda r: flops_per_token * r["tps"] / peak_flops if gpu and r else None
+        results[stage] = dict(qat=q, torch=t, ratio=ratio, label=label, notes=notes)
+        fmt = lambda x, f: "-" if x is None else f.format(x)
+        rows.append(f"| {label} | {fmt(q['tps'], '{:,.0f}')} | {fmt(t and t['tps'], '{:,.0f}')} | {fmt(ratio, '**{:.2f}x**')} | "
+                    f"{fmt(mfu(q), '{:.1%}')} / {fmt(mfu(t), '{:.1%}')} | {fmt(q['mem'], '{:,.0f}')} / {fmt(t and t['mem'], '{:,.0f}')} MiB | {notes} |")
+        say(rows[-1])
+
+    def torch_side(script, args, tag):
+        stdout, mem, wall = run([PY, os.path.join(BENCH, script)] + args + dev, env, os.path.join(logs, f"{tag}-torch.log"), gpu)
+        j = last_json(stdout)
+        return dict(j, tps=j["tokens_per_s"], mem=mem, wall=wall)
+
+    stages = a.stages.split(",")
+    failed = {}
+
+    def attempt(stage, fn):
+        """Runs one stage; a failure is reported in the table instead of ending the run."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - any failure of a stage is reported, the rest still runs
+            failed[stage] = str(e)
+            say(f"{stage} FAILED: {str(e)[-1500:]}")
+            rows.append(f"| {stage} | failed | | | | | {str(e).splitlines()[0][:200]} (log: {logs}) |")
+
+    B, new = c["sample_batch"], c["sample_new"]
+
+    def stage_sample():
+        say(f"sample: qat-sample {B} and {2 * B} sequences of {new} new tokens, HF generate {B}")
+        j1, m1, _, _ = qat_sample("t1", B, new, B)
+        j2, m2, _, _ = qat_sample("t2", 2 * B, new, B)
+        secs = lambda j: j["generated_tokens"] / j["tokens_per_s"]
+        q = dict(tps=(j2["generated_tokens"] - j1["generated_tokens"]) / (secs(j2) - secs(j1)), mem=max(m1, m2),
+                 single_run_tps=j2["tokens_per_s"], generated=j2["generated_tokens"] - j1["generated_tokens"])
+        t = torch_side("hf_generate.py", ["--model", model, "--num-seqs", str(B), "--batch", str(B), "--new-tokens", str(new),
+                                          "-K", "64", "--threads", threads], "sample")
+        row("sample", f"sample: batch {B}, {new} new tokens, T=1, top-64 log-probs", q, t, 2 * N,
+            f"qat incl. host top-64 + Parquet; its one-process rate {q['single_run_tps']:,.0f}/s")
+
+    if "sample" in stages:
+        attempt("sample", stage_sample)
+
+    L, DB = c["seq_len"], c["distill_batch"]
+    steps, warm = c["distill_steps"], c["distill_warmup"]
+    need = (steps + warm) * DB
+    shards = os.path.join(work, f"shards-distill-{L}")
+
+    def stage_shards():
+        n = max(c["shard_seqs"], need)  # (rows are reused when the batches wrap around)
+        say(f"shards: qat-sample {n} sequences of {L} tokens (top-64) for qat-distill and torch_qat.py")
+        j, _, wall, _ = qat_sample(f"distill-{L}", n, L - 2, min(64, n), keep=True)  # BOS + start + L-2
+        say(f"shards: {j['generated_tokens']:,} tokens in {wall:.0f} s ({j['tokens_per_s']:,.0f} tokens/s)")
+
+    if "distill" in stages or "distill-teacher" in stages:
+        attempt("shards", stage_shards)
+
+    def qat_distill(tag, extra, DB):
+        out = fresh(os.path.join(work, f"student-{tag}"))
+        stdout, mem, wall = run([bins["qat-distill"], "-m", model, "-s", shards, "-o", out, "--scheme", "W4A8KV4",
+                                 "-b", str(DB), "--steps", str(steps + warm), "--warmup-steps", "1", "--checkpoint-every", "0",
+                                 "-q"] + extra + dev, env, os.path.join(logs, f"distill-{tag}.log"), gpu)
+        j = last_json(stdout)
+        tps = distill_steady(os.path.join(out, "train_log.jsonl"), warm)
+        shutil.rmtree(out, ignore_errors=True)
+        return dict(tps=tps, mem=mem, wall=wall, final_loss=j["final_loss"])
+
+    targs = lambda DB: ["--model", model, "--shards", shards, "--batch", str(DB), "--steps", str(steps),
+                        "--warmup", str(warm), "--threads", threads, "--online-teacher"]
+    chosen = {"batch": DB}
+
+    def stage_distill():
+        # The batch halves while qat-distill runs out of GPU memory (composed attention keeps
+        # [batch, heads, seq, seq] scores per layer); PyTorch then runs the same batch.
+        while True:
+            b = chosen["batch"]
+            say(f"distill: qat-distill (cached top-64) vs torch_qat.py (online teacher), {b} x {L}, {steps} steps after {warm}")
+            try:
+                q = qat_distill("cached", [], b)
+                break
+            except RuntimeError as e:
+                if b == 1 or "out of memory" not in str(e).lower():
+                    raise
+                chosen["batch"] = b // 2
+                say(f"distill: out of GPU memory at batch {b}, trying {b // 2}")
+        t = torch_side("torch_qat.py", targs(b), "distill")
+        row("distill", f"distill W4A8KV4: qat cached top-64 vs PyTorch online teacher, batch {b} x {L}", q, t, 6 * N,
+            f"loss qat {q['final_loss']:.3f}, torch {t['last_loss']:.3f}; torch peak allocated {t.get('peak_gpu_mib') or 0:,.0f} MiB")
+
+    def stage_distill_teacher():
+        b = chosen["batch"]
+        say(f"distill-teacher: qat-distill --teacher vs torch_qat.py (online teacher), {b} x {L}")
+        q = qat_distill("teacher", ["--teacher", model], b)
+        t = results["distill"]["torch"] if "distill" in results else torch_side("torch_qat.py", targs(b), "distill-teacher")
+        row("distill-teacher", f"distill W4A8KV4, both with an online teacher, batch {b} x {L}", q, t, 6 * N, "teacher forward not counted in MFU")
+
+    if "distill" in stages:
+        attempt("distill", stage_distill)
+    if "distill-teacher" in stages:
+        attempt("distill-teacher", stage_distill_teacher)
+    if "distill" in results and "distill-teacher" in results:
+        r = results["distill-teacher"]["qat"]["tps"] / results["distill"]["qat"]["tps"]
+        results["additional_student_gpu_seconds_ratio"] = r
+        rows.append(f"| GPU-seconds per additional student: cached shards / online teacher (qat) | | | **{r:.2f}x** | | | goal <= 0.7x |")
+
+    W, EB = c["eval_windows"], c["eval_batch"]
+
+    def stage_eval():
+        say(f"eval: qat-eval {W} and {2 * W} windows of {L} tokens vs HF forward {2 * W}")
+        runs = []
+        for k, w in (("e1", W), ("e2", 2 * W)):
+            stdout, mem, _ = run([bins["qat-eval"], "-m", model, "-c", corpus, "--mode", "stream", "--seq-len", str(L),
+                                  "--limit", str(w), "-b", str(EB), "-q"] + dev, env, os.path.join(logs, f"eval-{k}.log"), gpu)
+            runs.append((last_json(stdout), mem))
+        (j1, m1), (j2, m2) = runs
+        q = dict(tps=(j2["tokens"] - j1["tokens"]) / (j2["seconds"] - j1["seconds"]), mem=max(m1, m2), nll=j2["nll"],
+                 single_run_tps=j2["tokens_per_s"])
+        t = torch_side("hf_forward.py", ["--model", model, "--corpus", corpus, "--mode", "stream", "--seq-len", str(L),
+                                         "--limit", str(2 * W), "--batch", str(EB), "--threads", threads], "eval")
+        row("eval", f"eval: perplexity, stream windows of {L}, batch {EB}", q, t, 2 * N,
+            f"NLL qat {q['nll']:.5f}, HF {t['nll']:.5f}; qat one-process rate {q['single_run_tps']:,.0f}/s")
+
+    if "eval" in stages:
+        attempt("eval", stage_eval)
+
+    head = ["| stage | qat tokens/s | PyTorch tokens/s | ratio | MFU qat / PyTorch | peak memory qat / PyTorch | notes |",
+            "|---|---|---|---|---|---|---|"]
+    table = "\n".join(head + rows)
+    dev_name = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.strip() if gpu else "cpu (smoke test)"
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=dev_name, params=N, config=c, smoke=a.smoke,
+                seconds=time.time() - started, peak_tflops=peak_flops / 1e12, distill_batch_run=chosen["batch"], failed=failed)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    with open(os.path.join(work, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"\nbench-gpu {meta['date']} on {dev_name}: {c['config']} ({N:,} parameters), {c['dtype']}, "
+          f"{meta['seconds']:.0f} s in all\n")
+    print(table)
+    if a.record and not a.smoke:
+        with open(os.path.join(BENCH, "RESULTS.md"), "a") as f:
+            f.write(f"\n## `make bench-gpu`, {meta['date']}, {dev_name}\n\n{c['config']} config, random weights "
+                    f"({N:,} parameters), {c['dtype']}; settings {json.dumps(c)}.\n\n{table}\n")
+        print(f"\n(appended to {os.path.join(BENCH, 'RESULTS.md')})")
+
+
+if __name__ == "__main__":
+    main()

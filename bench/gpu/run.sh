@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# bench/gpu/run.sh: `make bench-gpu` and `make pipeline-gpu`, run ON the GPU machine from the repo
+# root with the binaries `make build-cuda` packed (no Rust, no network needed there).
+#
+#   bash bench/gpu/run.sh bench [bench_gpu.py flags]     # the speed table (bench/gpu/bench_gpu.py)
+#   bash bench/gpu/run.sh pipeline [make variables]      # stories260K pipeline on cuda vs CPU numbers
+#   bash bench/gpu/run.sh kernels                        # only the CUDA kernel unit tests
+# bench and pipeline start with the kernel tests (packed by build-cuda as bin/test-*; their
+# CUDA cases compare the kernels with the CPU on the GPU) and go on whatever they report.
+#
+# Binaries: $BENCH_BIN, else dist/cuda/bin, unpacked from dist/cuda/qat-cuda-bin.tar.xz if absent.
+# Data: $QAT_DATA, else ../shared/data, shared/data or dist/cuda/data (the copy build-cuda makes),
+# whichever holds models/llama2-tokenizer. Python: $BENCH_PYTHON, else python3 (with torch).
+# BENCH_GPU_SMOKE=1: `bench` on the CPU with the CPU binaries (target/release) and the bench venv.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+what=${1:?usage: run.sh bench|pipeline [args]}
+shift
+
+data=
+for d in "${QAT_DATA:-}" ../shared/data shared/data dist/cuda/data; do
+    if [ -n "$d" ] && [ -d "$d/models/llama2-tokenizer" ]; then data=$(cd "$d" && pwd); break; fi
+done
+[ -n "$data" ] || { echo "run.sh: no data dir with models/llama2-tokenizer (set QAT_DATA)" >&2; exit 2; }
+
+smoke=${BENCH_GPU_SMOKE:-}
+[ "$smoke" = 0 ] && smoke=
+if [ -n "$smoke" ]; then
+    bin=${BENCH_BIN:-target/release}
+    py=${BENCH_PYTHON:-${BENCH_VENV:-$HOME/.cache/qat/bench-venv}/bin/python}
+else
+    bin=${BENCH_BIN:-dist/cuda/bin}
+    py=${BENCH_PYTHON:-python3}
+    if [ ! -x "$bin/qat-sample" ] && [ -f dist/cuda/qat-cuda-bin.tar.xz ]; then
+        echo "run.sh: unpacking dist/cuda/qat-cuda-bin.tar.xz" >&2
+        mkdir -p dist/cuda && xz -dc dist/cuda/qat-cuda-bin.tar.xz | tar -C dist/cuda -xf -
+        bin=dist/cuda/bin
+    fi
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
+fi
+[ -x "$bin/qat-sample" ] || { echo "run.sh: no qat binaries in $bin (make build-cuda, then carry dist/cuda)" >&2; exit 2; }
+
+# The unit tests of the crates with CUDA kernels, filtered to their CUDA cases.
+kernels() {
+    local t rc=0
+    for t in "$bin"/test-*; do
+        [ -x "$t" ] || continue
+        echo "run.sh: $(basename "$t") cuda" >&2
+        "$t" cuda --test-threads 1 --nocapture >&2 || rc=1
+    done
+    return $rc
+}
+
+case $what in
+kernels) kernels ;;
+bench)
+    [ -n "$smoke" ] || kernels || echo "run.sh: CUDA KERNEL TESTS FAILED (see above); benchmarking anyway" >&2
+    exec "$py" bench/gpu/bench_gpu.py --bin "$bin" --data "$data" "$@" ;;
+pipeline)
+    kernels || echo "run.sh: CUDA KERNEL TESTS FAILED (see above); running the pipeline anyway" >&2
+    # Same recipe as `make pipeline` (whose CPU results README.md reports), on cuda, f32.
+    out=${OUT:-out/gpu}
+    make -f pipelines/llm-qat.mk BIN="$bin" QAT_DATA="$data" OUT="$out" DEVICE_FLAGS="--device ${DEVICE:-cuda}" "$@"
+    # FP and RTN again with the same binary on the CPU: the exact reference for the GPU numbers.
+    ref="$out/eval-cpu"
+    mkdir -p "$ref"
+    for s in FP W4 W4A8KV8 W4A8KV4; do
+        name=rtn-$s; [ "$s" = FP ] && name=fp
+        [ -s "$ref/$name.json" ] || "$bin/qat-eval" --model "$data/models/stories260K" --scheme "$s" -q \
+            --corpus "$data/corpora/tinystories/TinyStories-valid.first800.txt" --mode docs --seq-len 512 > "$ref/$name.json"
+    done
+    exec "$py" bench/gpu/compare_ppl.py "$out/eval/stories260K" "$ref" ;;
+*) echo "run.sh: unknown $what (bench or pipeline)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,60 @@
+// crates/quant/kernels/fake_quant.cu: CUDA kernels of the fused symmetric per-row fake quantization
+// (crates/quant/src/fused.rs), compiled to PTX by crates/quant/build.rs with the `cuda` feature.
+//
+// Same arithmetic as the CPU kernel, so the same values: per row, scale = max|x| / qmax (true
+// f32 division), optionally rounded to the nearest f16 (ties to even, saturating at 65504);
+// q = clamp(rint(x / scale), -qmax, qmax) (rint: ties to even); out = q * scale + 0 (zeros +0);
+// an all-zero row (scale 0) gives zeros. bf16 rows are computed in f32 and rounded back to bf16
+// (nearest even), as the composed path's to_dtype does. Built without --use_fast_math, so `/`
+// is IEEE division. NOT YET RUN ON HARDWARE at the time of writing: `make pipeline-gpu` checks it
+// end to end (RTN perplexities on cuda must equal the CPU ones).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define BLOCK 256
+
+__device__ __forceinline__ float load_f(const float *p, size_t i) { return p[i]; }
+__device__ __forceinline__ float load_f(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store_f(float *p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store_f(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+// One block of BLOCK threads per row of `cols` elements; grid = rows.
+template <typename T>
+__device__ void sym_row_fake_quant(const T *x, T *out, uint32_t cols, float qmax, int f16_scale) {
+    const size_t row = blockIdx.x;
+    const T *xr = x + row * cols;
+    T *outr = out + row * cols;
+    __shared__ float red[BLOCK];
+    float amax = 0.0f;
+    for (uint32_t i = threadIdx.x; i < cols; i += BLOCK) {
+        amax = fmaxf(amax, fabsf(load_f(xr, i)));
+    }
+    red[threadIdx.x] = amax;
+    __syncthreads();
+    for (unsigned s = BLOCK / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float scale = red[0] / qmax;
+    if (f16_scale) {
+        scale = __half2float(__float2half_rn(fminf(scale, 65504.0f)));
+    }
+    for (uint32_t i = threadIdx.x; i < cols; i += BLOCK) {
+        float v = 0.0f;
+        if (scale != 0.0f) {
+            float q = rintf(load_f(xr, i) / scale);
+            q = fminf(fmaxf(q, -qmax), qmax);
+            v = q * scale + 0.0f;
+        }
+        store_f(outr, i, v);
+    }
+}
+
+extern "C" __global__ void sym_row_fake_quant_f32(const float *x, float *out, uint32_t cols, float qmax, int f16_scale) {
+    sym_row_fake_quant(x, out, cols, qmax, f16_scale);
+}
+
+extern "C" __global__ void sym_row_fake_quant_bf16(const __nv_bfloat16 *x, __nv_bfloat16 *out, uint32_t cols, float qmax, int f16_scale) {
+    sym_row_fake_quant(x, out, cols, qmax, f16_scale);
+}
