@@ -550,13 +550,15 @@ mod tests {
             let (q, k, v, g) = (flat(&q)?, flat(&k)?, flat(&v)?, flat(&g)?);
             let pads = [0, 5];
             let d = Dims { b, nh, nkv, t, s, hd };
-            let blocks = |x: &'static [f32]| KvBlocks { data: x, start: 0, stride_b: nkv * s * hd, stride_h: s * hd, channel_stride: None, s, hd };
-            let (ks, vs): (&'static [f32], &'static [f32]) = (k.clone().leak(), v.clone().leak());
+            fn blocks(x: &[f32], dims: (usize, usize, usize, usize)) -> Result<KvBlocks<'_, f32>> {
+                KvBlocks::of(x, &Layout::contiguous(dims), "kv")
+            }
+            let kv_dims = (b, nkv, s, hd);
             let row = t * hd;
             let (mut plain, mut wide) = (vec![0f32; b * nh * row], vec![0f32; b * nh * row]);
             for bh in 0..b * nh {
-                forward_head(&q, blocks(ks), blocks(vs), d, &pads, 0.35, bh, &mut plain[bh * row..(bh + 1) * row]);
-                unsafe { forward_head_avx2(&q, blocks(ks), blocks(vs), d, &pads, 0.35, bh, &mut wide[bh * row..(bh + 1) * row]) };
+                forward_head(&q, blocks(&k, kv_dims)?, blocks(&v, kv_dims)?, d, &pads, 0.35, bh, &mut plain[bh * row..(bh + 1) * row]);
+                unsafe { forward_head_avx2(&q, blocks(&k, kv_dims)?, blocks(&v, kv_dims)?, d, &pads, 0.35, bh, &mut wide[bh * row..(bh + 1) * row]) };
             }
             assert_eq!(plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), wide.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
             let x = Inputs { q: &q, k: &k, v: &v, dout: &g };
