@@ -5,7 +5,6 @@
 use clap::{Parser, ValueEnum};
 use qat_cli::{main_with, Outcome};
 use qat_eval::{Corpus, EvalModel, PplMode, Task};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -173,10 +172,15 @@ fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<ser
         .iter()
         .map(|&t| t.load(&args.task_file.clone().unwrap_or_else(|| eval_dir.join(t.default_file())), args.limit))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut per_item = match &args.per_item {
-        Some(p) => Some((p, std::io::BufWriter::new(std::fs::File::create(tmp_path(p)).map_err(|e| anyhow::anyhow!("{}: {e}", tmp_path(p).display()))?))),
-        None => None,
-    };
+    // Per-item lines, written atomically at the end (nothing is left behind on an error); a
+    // missing directory is reported before the first forward pass.
+    if let Some(path) = &args.per_item {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            anyhow::bail!("{}: directory {} does not exist", path.display(), dir.display());
+        }
+    }
+    let mut per_item: Vec<u8> = Vec::new();
     let max_len = m.config.max_position_embeddings;
     let mut tasks = serde_json::Map::new();
     for d in &data {
@@ -192,23 +196,16 @@ fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<ser
                 scores.truncated_continuations
             );
         }
-        if let Some((_, w)) = per_item.as_mut() {
+        if args.per_item.is_some() {
             for item in &details {
-                serde_json::to_writer(&mut *w, item)?;
-                w.write_all(b"\n")?;
+                serde_json::to_writer(&mut per_item, item)?;
+                per_item.push(b'\n');
             }
         }
         tasks.insert(d.task.name().to_string(), serde_json::to_value(&scores)?);
     }
-    if let Some((path, w)) = per_item {
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(tmp_path(path), path)?;
+    if let Some(path) = &args.per_item {
+        qat_shards::fsutil::write_atomic(path, &per_item)?;
     }
     Ok(serde_json::json!({ "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_len": max_len }))
-}
-
-fn tmp_path(p: &Path) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
 }
