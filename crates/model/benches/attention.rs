@@ -43,7 +43,7 @@ fn decode_step(s: usize) -> Result<(f64, f64)> {
     let k = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev)?;
     let (scale, pads, reps) = (1.0 / (hd as f64).sqrt(), vec![0; b], 200);
-    let mut cpu = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+    let cpu = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
         f()?;
         let start = process_cpu_seconds();
         for _ in 0..reps {

@@ -98,7 +98,7 @@ impl LlamaConfigFile {
         if self.num_attention_heads == 0 || num_kv_heads == 0 {
             return Err(bad("num_attention_heads and num_key_value_heads must be > 0".into()));
         }
-        if self.num_attention_heads % num_kv_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({num_kv_heads})",
                 self.num_attention_heads
@@ -107,7 +107,7 @@ impl LlamaConfigFile {
         let head_dim = match self.head_dim {
             Some(d) => d,
             None => {
-                if self.hidden_size % self.num_attention_heads != 0 {
+                if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
                     return Err(bad(format!(
                         "hidden_size ({}) is not a multiple of num_attention_heads ({})",
                         self.hidden_size, self.num_attention_heads

@@ -8,6 +8,10 @@
 //! all of its weights is used without any network access; `HF_HUB_OFFLINE=1` forbids the network
 //! altogether; `HF_ENDPOINT` replaces `https://huggingface.co`.
 
+// `HubError` carries every detail a user needs to fix a failed resolution (id, file, endpoint,
+// cache path, cause); it is returned at most once per model load, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 

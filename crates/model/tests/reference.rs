@@ -157,7 +157,7 @@ fn left_padded_batch_matches_each_row_alone() {
     let pads: Vec<usize> = rows.iter().map(|r| width - r.len()).collect();
     let mut padded = Vec::new();
     for row in &rows {
-        padded.extend(std::iter::repeat(0u32).take(width - row.len()));
+        padded.extend(std::iter::repeat_n(0u32, width - row.len()));
         padded.extend(row);
     }
     let mut cache = model.new_cache(pads.clone());
