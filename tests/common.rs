@@ -73,6 +73,22 @@ pub fn tinystories() -> PathBuf {
     data_dir().join("corpora/tinystories/TinyStories-valid.first800.txt")
 }
 
+/// Runs `qat-pack` with `args`.
+pub fn qat_pack(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qat-pack")).args(args).output().expect("spawn qat-pack")
+}
+
+/// A "student" made of the teacher's files (config, weights, tokenizer.json and `extra` files
+/// such as `tokenizer.model`) and `scheme` as its `quant_scheme.json`: a student whose training
+/// changed nothing, for the pack and export tests.
+pub fn teacher_student(dir: &Path, scheme: &str, extra: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"].iter().chain(extra) {
+        std::fs::copy(stories_dir().join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("quant_scheme.json"), scheme).unwrap();
+}
+
 /// Runs `qat-distill` with `args`.
 pub fn qat_distill(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qat-distill")).args(args).output().expect("spawn qat-distill")

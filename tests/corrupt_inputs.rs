@@ -18,7 +18,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 
 /// The small data-free settings of `small_shards` (32 sequences, 4 files of 8, K = 16).
@@ -29,10 +29,6 @@ fn sample(model: &Path, out: &Path, extra: &[&str]) {
     a.extend_from_slice(SMALL);
     a.extend_from_slice(extra);
     ok_json(&qat_sample(&a));
-}
-
-fn qat_pack(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qat-pack")).args(args).output().expect("spawn qat-pack")
 }
 
 fn sibling(out: &Path, suffix: &str) -> PathBuf {

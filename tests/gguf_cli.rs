@@ -16,11 +16,7 @@ use qat_model::{LinearId, LinearKind};
 use qat_quant::{fake_weight, Scheme};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn qat_pack(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qat-pack")).args(args).output().expect("spawn qat-pack")
-}
+use std::process::Command;
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -41,18 +37,10 @@ fn scheme_file(name: &str) -> PathBuf {
     workspace().join(format!("pipelines/schemes/stories260K/{name}.json"))
 }
 
-/// A "student" made from the teacher: its files (`tokenizer.model` too if `sp`) plus `scheme`.
-fn teacher_student(dir: &Path, scheme: &str, sp: bool) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut files = vec!["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"];
-    if sp {
-        files.push("tokenizer.model");
-    }
-    for f in files {
-        std::fs::copy(stories_dir().join(f), dir.join(f)).unwrap();
-    }
-    std::fs::write(dir.join("quant_scheme.json"), scheme).unwrap();
-}
+/// The files beyond config, weights and tokenizer.json that the exported students carry: with
+/// and without the SentencePiece model the GGUF vocabulary is read from.
+const SP: &[&str] = &["tokenizer_config.json", "tokenizer.model"];
+const JSON_ONLY: &[&str] = &["tokenizer_config.json"];
 
 /// What qat trains with, under Hugging Face names: every linear weight through `fake_weight`
 /// (the master weight as `<name>.master`), every other tensor as stored.
@@ -164,7 +152,7 @@ fn the_vocabulary_falls_back_to_tokenizer_json() {
     let mut summaries = Vec::new();
     for sp in [true, false] {
         let student = tmp.path().join(format!("{sp}/student")); // same name: same general.name
-        teacher_student(&student, &std::fs::read_to_string(scheme_file("Q8_0")).unwrap(), sp);
+        teacher_student(&student, &std::fs::read_to_string(scheme_file("Q8_0")).unwrap(), if sp { SP } else { JSON_ONLY });
         let file = tmp.path().join(format!("{sp}.gguf"));
         summaries.push(ok_json(&qat_pack(&["--format", "gguf", "-m", student.to_str().unwrap(), "-o", file.to_str().unwrap()])));
         let expected = tmp.path().join(format!("{sp}.safetensors"));
@@ -183,7 +171,7 @@ fn bad_students_are_refused_with_exit_2() {
     let run = |scheme: &str, extra: &[&str]| {
         let student = tmp.path().join("student");
         let _ = std::fs::remove_dir_all(&student);
-        teacher_student(&student, scheme, true);
+        teacher_student(&student, scheme, SP);
         let out = tmp.path().join("out.gguf");
         let _ = std::fs::remove_file(&out);
         let mut args = vec!["--format", "gguf", "-m", student.to_str().unwrap(), "-o", out.to_str().unwrap()];
@@ -215,7 +203,7 @@ fn bad_students_are_refused_with_exit_2() {
     assert_eq!(s["dropped"].as_array().unwrap().len(), 35); // act of all 35 layers, down_proj too
     // An existing output is refused; the packed format refuses GGUF grids.
     let q4 = std::fs::read_to_string(scheme_file("Q4_0")).unwrap();
-    teacher_student(&tmp.path().join("s2"), &q4, true);
+    teacher_student(&tmp.path().join("s2"), &q4, SP);
     let out = tmp.path().join("exists.gguf");
     std::fs::write(&out, b"x").unwrap();
     let s2 = tmp.path().join("s2");

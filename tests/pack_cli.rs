@@ -9,24 +9,9 @@ use common::*;
 use qat_model::ModelDir;
 use qat_quant::{fake_weight, Scheme};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn qat_pack(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qat-pack"))
-        .args(args)
-        .output()
-        .expect("spawn qat-pack")
-}
+use std::process::Command;
 
 /// A "student" made from the teacher: its files plus `scheme` as quant_scheme.json.
-fn teacher_student(dir: &Path, scheme: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(stories_dir().join(f), dir.join(f)).unwrap();
-    }
-    std::fs::write(dir.join("quant_scheme.json"), scheme).unwrap();
-}
-
 fn pack_ok(student: &Path, out: &Path) -> serde_json::Value {
     ok_json(&qat_pack(&[
         "--model",
@@ -77,7 +62,7 @@ const NF4G32: &str = r#"{"format_version": 1, "weight": {"bits": 4, "format": {"
 fn check_scheme(label: &str, scheme: &str, theory: f64, quantized_weights: u64) {
     let tmp = tempfile::tempdir().unwrap();
     let (student, packed) = (tmp.path().join("student"), tmp.path().join("packed"));
-    teacher_student(&student, scheme);
+    teacher_student(&student, scheme, &[]);
     let s = pack_ok(&student, &packed);
     let (bpw, th) = (
         s["bits_per_weight"].as_f64().unwrap(),
@@ -272,6 +257,7 @@ fn bad_students_are_refused_with_exit_2() {
     teacher_student(
         &student,
         r#"{"format_version": 1, "weight": {"bits": 3, "format": {"kind": "asym_group", "group_size": 32}}}"#,
+        &[],
     );
     let s = student.to_str().unwrap();
     assert_error(
@@ -343,8 +329,8 @@ fn patch_header(bytes: &mut [u8], anchor: &str, from: &str, to: &str) {
 fn damaged_packed_dirs_are_clear_errors_with_exit_2() {
     let tmp = tempfile::tempdir().unwrap();
     let (w4, w3) = (tmp.path().join("w4"), tmp.path().join("w3"));
-    teacher_student(&w4, W4A8KV4);
-    teacher_student(&w3, W3G32);
+    teacher_student(&w4, W4A8KV4, &[]);
+    teacher_student(&w3, W3G32, &[]);
     let (p4, p3) = (tmp.path().join("p4"), tmp.path().join("p3"));
     pack_ok(&w4, &p4);
     pack_ok(&w3, &p3);
