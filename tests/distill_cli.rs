@@ -287,3 +287,32 @@ fn issue7_data_parallel_parts_match_one_part_and_resume_keeps_the_count() {
     assert_eq!(log_losses(&stopped), b);
     assert_eq!(std::fs::read(three.join("model.safetensors")).unwrap(), std::fs::read(stopped.join("model.safetensors")).unwrap());
 }
+
+#[test]
+fn parallel_shard_check_reports_the_first_bad_file_in_order() {
+    // The up-front check of every shard file runs in parallel; with two damaged files the error
+    // must still name the first one in file order, whichever thread finds its damage first.
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let mut files: Vec<_> = std::fs::read_dir(&shards)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 4, "small_shards writes 4 files: {files:?}");
+    for f in [&files[1], &files[3]] {
+        let mut bytes = std::fs::read(f).unwrap();
+        bytes.push(0); // a trailing byte: the sha256 no longer matches the manifest
+        std::fs::write(f, bytes).unwrap();
+    }
+    let model = stories_dir();
+    let out = tmp.path().join("out");
+    let r = qat_distill(&distill_args(model.to_str().unwrap(), shards.to_str().unwrap(), out.to_str().unwrap(), &[]));
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    assert_error(&r, "qat-distill", &name(&files[1]));
+    assert!(!stderr(&r).contains(&name(&files[3])), "names the later file: {}", stderr(&r));
+    assert!(!out.exists(), "output written despite the error");
+}
+

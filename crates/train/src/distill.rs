@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qat_model::ModelDir;
 use qat_quant::{FakeQuant, Scheme};
 use qat_shards::{SequenceRecord, ShardSet};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -223,10 +224,11 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     s.scheme.validate_for(&model_dir.config)?;
     let set = ShardSet::open(&cfg.shards)?;
     // Before hours of training: the sha256 of every file (copied shards are checked) and every
-    // record (an id >= vocab or a NaN log-prob stops the run now, not mid-epoch).
-    for rec in set.records() {
-        rec?;
-    }
+    // record (an id >= vocab or a NaN log-prob stops the run now, not mid-epoch). Files are
+    // checked in parallel; the error reported is that of the first bad file in file order.
+    let checked: Vec<qat_shards::Result<()>> =
+        set.files().par_iter().map(|e| set.file_records(e)?.try_for_each(|r| r.map(drop))).collect();
+    checked.into_iter().collect::<qat_shards::Result<()>>()?;
     let h = set.header().clone();
     let mismatch = |what: String| TrainError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what };
     if let Some(what) = h.teacher_mismatch(&model_dir.tokenizer_sha256()?, model_dir.config.vocab_size) {
