@@ -5,9 +5,18 @@
 //! position in this order ([`DataCursor`]) is saved in checkpoints, so a resumed run sees
 //! exactly the batches an uninterrupted run would.
 
-use qat_shards::{FileEntry, Result, SequenceRecord, ShardSet};
+use qat_shards::{FileEntry, FileRecords, Result, SequenceRecord, ShardSet};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::sync::mpsc::{sync_channel, Receiver};
+
+/// Streams every file of `set` through `per_file` (each file's sha256 and metadata checked by
+/// [`ShardSet::file_records`]), files in parallel on the rayon pool; returns the results in file
+/// order, or the error of the first bad file in file order (whichever thread finds it first).
+pub(crate) fn each_file_par<T: Send>(set: &ShardSet, per_file: impl Fn(FileRecords) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> = set.files().par_iter().map(|e| per_file(set.file_records(e)?)).collect();
+    results.into_iter().collect()
+}
 
 /// Where the next batch starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

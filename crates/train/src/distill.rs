@@ -4,7 +4,7 @@
 //! Work happens in `<out>.work/` (checkpoint and log); the finished student directory is
 //! written there and renamed to `<out>` only at the end, so `<out>` is never half written.
 
-use crate::data::{DataCursor, Prefetch, ShardBatches};
+use crate::data::{each_file_par, DataCursor, Prefetch, ShardBatches};
 use crate::error::{io, Result, TrainError};
 use crate::gamma::{teacher_confidence, TeacherConfidence};
 use crate::loss::{Loss, LossKind, TopKTargets};
@@ -15,7 +15,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qat_model::ModelDir;
 use qat_quant::{FakeQuant, Scheme};
 use qat_shards::{SequenceRecord, ShardSet};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -224,23 +223,23 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     s.scheme.validate_for(&model_dir.config)?;
     let set = ShardSet::open(&cfg.shards)?;
     // Before hours of training: the sha256 of every file (copied shards are checked) and every
-    // record (an id >= vocab or a NaN log-prob stops the run now, not mid-epoch). Files are
-    // checked in parallel; the error reported is that of the first bad file in file order.
-    let checked: Vec<qat_shards::Result<()>> =
-        set.files().par_iter().map(|e| set.file_records(e)?.try_for_each(|r| r.map(drop))).collect();
-    checked.into_iter().collect::<qat_shards::Result<()>>()?;
+    // record (an id >= vocab or a NaN log-prob stops the run now, not mid-epoch), files in
+    // parallel, the first bad file in file order reported. CAKLD's gamma, when it is measured
+    // from the shards (also with an online teacher: the shards hold the same teacher's top-1
+    // probabilities), is measured in this same pass.
+    let confidence: Option<TeacherConfidence> = match (s.loss, s.cakld_gamma) {
+        (LossKind::Cakld, None) => Some(teacher_confidence(&set)?),
+        _ => {
+            each_file_par(&set, |mut records| records.try_for_each(|r| r.map(drop)))?;
+            None
+        }
+    };
     let h = set.header().clone();
     let mismatch = |what: String| TrainError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what };
     if let Some(what) = h.teacher_mismatch(&model_dir.tokenizer_sha256()?, model_dir.config.vocab_size) {
         return Err(mismatch(what));
     }
     let shards_sha = set.manifests_sha256()?;
-    // CAKLD's gamma: measured from the shards unless given (also with an online teacher: the
-    // shards hold the same teacher's top-1 probabilities).
-    let confidence: Option<TeacherConfidence> = match (s.loss, s.cakld_gamma) {
-        (LossKind::Cakld, None) => Some(teacher_confidence(&set)?),
-        _ => None,
-    };
     let gamma = s.cakld_gamma.or(confidence.map(|c| c.gamma));
     let objective = Loss::new(s.loss, gamma)?;
     if let (true, Some(g)) = (cfg.progress, gamma) {
