@@ -92,13 +92,15 @@ $(CURRICULUM_EVAL): $(CURRICULUM_FINAL)/model.safetensors $(CORPUS_STAMP)
 	$(BIN)/qat-eval --model $(CURRICULUM_FINAL) $(EVAL_FLAGS) > $@.tmp
 	mv $@.tmp $@
 
+# report.py's row for the curriculum student: its stage directories, as named above.
+curriculum_row = --curriculum W4A8KV4 $(EVAL)/rtn-W4A8KV4.json $(CURRICULUM_EVAL) "$(stage_dirs)" "$(CURRICULUM)"
 CURRICULUM_REPORT := $(OUT)/report-$(RECIPE)-kvcurriculum.md
 .PHONY: curriculum
 curriculum: $(CURRICULUM_REPORT)
 	@cat $(CURRICULUM_REPORT)
 $(CURRICULUM_REPORT): $(EVAL)/fp.json $(EVAL)/rtn-W4A8KV4.json $(CURRICULUM_EVAL)
 	python3 pipelines/report.py --fp $(EVAL)/fp.json --shards $(SHARDS) \
-	    --curriculum W4A8KV4 $(EVAL)/rtn-W4A8KV4.json $(CURRICULUM_EVAL) $(CURRICULUM_DIR) "$(CURRICULUM)" > $@.tmp
+	    $(curriculum_row) > $@.tmp
 	mv $@.tmp $@
 
 # With W4A8KV4 and W4A8KV8 among the students, the report also has the W4A8KV4 student of the
@@ -112,5 +114,5 @@ $(REPORT): $(EVAL)/fp.json $(foreach s,$(STUDENTS),$(EVAL)/rtn-$(s).json $(EVAL)
     $(if $(with_curriculum),$(CURRICULUM_EVAL))
 	python3 pipelines/report.py --fp $(EVAL)/fp.json --shards $(SHARDS) \
 	    $(foreach s,$(STUDENTS),--student $(s) $(EVAL)/rtn-$(s).json $(EVAL)/qat-$(RECIPE)-$(s).json $(STUDENT_DIR)/$(s)) \
-	    $(if $(with_curriculum),--curriculum W4A8KV4 $(EVAL)/rtn-W4A8KV4.json $(CURRICULUM_EVAL) $(CURRICULUM_DIR) "$(CURRICULUM)") > $@.tmp
+	    $(if $(with_curriculum),$(curriculum_row)) > $@.tmp
 	mv $@.tmp $@

@@ -18,8 +18,8 @@ def main():
     ap.add_argument("--shards", required=True)
     ap.add_argument("--student", nargs=4, action="append", metavar=("SCHEME", "RTN", "QAT", "DIR"), default=[])
     ap.add_argument("--packed", nargs=2, action="append", metavar=("SCHEME", "PACK_JSON"), default=[])
-    ap.add_argument("--curriculum", nargs=5, metavar=("SCHEME", "RTN", "QAT", "DIR", "STAGES"),
-                    help="a student trained in stages (scheme:epochs:lr, space-separated), each stage in DIR/<i>-<scheme>")
+    ap.add_argument("--curriculum", nargs=5, metavar=("SCHEME", "RTN", "QAT", "STAGE_DIRS", "STAGES"),
+                    help="a student trained in stages: their directories and scheme:epochs:lr, each space-separated")
     ap.add_argument("--clip-only", nargs=2, action="append", metavar=("SCHEME", "EVAL_JSON"), default=[])
     a = ap.parse_args()
     packed = {k: load(v) for k, v in a.packed}
@@ -40,33 +40,27 @@ def main():
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     ratio = lambda e: f"{e['ppl']:.4f} ({e['ppl'] / fp['ppl']:.3f}x)"
-    for scheme, rtn_p, qat_p, sdir in a.student:
-        rtn, qat = load(rtn_p), load(qat_p)
-        prov = load(os.path.join(sdir, "provenance.json"))
-        dist = load(sdir.rstrip("/") + ".distill.json")
-        row = [scheme, f"{fp['ppl']:.4f}", ratio(rtn)]
+
+    def row(label, scheme, rtn, qat, sdirs):
+        """One table row; steps, tokens and wall time summed over the training runs in `sdirs`."""
+        provs = [load(os.path.join(d, "provenance.json")) for d in sdirs]
+        secs = [load(d.rstrip("/") + ".distill.json")["seconds"] for d in sdirs]
+        cells = [label, f"{fp['ppl']:.4f}", ratio(rtn)]
         if clip_only:
-            row.append(ratio(clip_only[scheme]) if scheme in clip_only else "")
-        row += [ratio(qat), str(prov["steps"]), str(prov["tokens"]), f"{dist['seconds']:.0f}"]
+            cells.append(ratio(clip_only[scheme]) if scheme in clip_only else "")
+        cells += [ratio(qat), str(sum(p["steps"] for p in provs)), str(sum(p["tokens"] for p in provs)), f"{sum(secs):.0f}"]
         if packed:
             p = packed.get(scheme)
-            row += [f"{p['bits_per_weight']:.3f} ({p['bits_per_weight_theory']:.3f})", f"{p['bytes'] / 1e6:.3f}"] if p else ["", ""]
-        print("| " + " | ".join(row) + " |")
+            cells += [f"{p['bits_per_weight']:.3f} ({p['bits_per_weight_theory']:.3f})", f"{p['bytes'] / 1e6:.3f}"] if p else ["", ""]
+        print("| " + " | ".join(cells) + " |")
+
+    for scheme, rtn_p, qat_p, sdir in a.student:
+        row(scheme, scheme, load(rtn_p), load(qat_p), [sdir])
     if a.curriculum:
-        scheme, rtn_p, qat_p, cdir, stages = a.curriculum
+        scheme, rtn_p, qat_p, sdirs, stages = a.curriculum
         stages = stages.split()
-        names = [f"{i}-{st.split(':')[0]}" for i, st in enumerate(stages, 1)]
-        provs = [load(os.path.join(cdir, n, "provenance.json")) for n in names]
-        secs = [load(os.path.join(cdir, n + ".distill.json"))["seconds"] for n in names]
-        label = f"{scheme} (curriculum from W4A8KV8: {' → '.join(stages)})"
-        row = [label, f"{fp['ppl']:.4f}", ratio(load(rtn_p))]
-        if clip_only:
-            row.append("")
-        row += [ratio(load(qat_p)), str(sum(p["steps"] for p in provs)), str(sum(p["tokens"] for p in provs)),
-                f"{sum(secs):.0f}"]
-        if packed:
-            row += ["", ""]
-        print("| " + " | ".join(row) + " |")
+        # Not `scheme`'s clip-only or packed figures: those belong to its one-run student.
+        row(f"{scheme} (curriculum from W4A8KV8: {' → '.join(stages)})", None, load(rtn_p), load(qat_p), sdirs.split())
         print(f"\nThe curriculum row sums steps, tokens and wall time over its {len(stages)} stages "
               "(stages are scheme:epochs:lr, each initialized from the previous student).")
 
