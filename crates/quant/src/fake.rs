@@ -24,7 +24,7 @@ use crate::error::QuantError;
 use crate::fused;
 use crate::ggml::fake_ggml;
 use crate::nf::{fake_nf, NfGrid};
-use crate::scheme::{WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
+use crate::scheme::{KvGranularity, KvQuant, WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
 use candle_core::{DType, Result, Tensor};
 use half::f16;
 
@@ -242,16 +242,32 @@ pub fn fake_act(x: &Tensor, bits: u8) -> Result<Tensor> {
     ste(x, &q)
 }
 
-/// Fake-quantizes a k_proj/v_proj output `x: [batch, kv_heads, seq, head_dim]` per token: one
-/// f32 scale per (batch, position) over all kv_heads × head_dim; gradient = identity.
-pub fn fake_kv(x: &Tensor, bits: u8) -> Result<Tensor> {
+/// Fake-quantizes a k_proj/v_proj output `x: [batch, kv_heads, seq, head_dim]` per token with
+/// `kq`; gradient = identity.
+///
+/// [`KvGranularity::Token`] (LLM-QAT): one f32 scale per (batch, position) over all
+/// kv_heads × head_dim; [`KvGranularity::Head`]: one per (batch, kv head, position) over head_dim.
+pub fn fake_kv(x: &Tensor, kq: KvQuant) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
-    if fused::supported(x) {
-        // Rows = (batch, position): bring kv_heads next to head_dim, quantize rows, restore.
-        let rows = x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?;
-        let q = fused::sym_fake_quant_rows(&rows, sym_qmax(bits)?, ScaleRounding::Exact)?;
-        return q.reshape((b, t, h, d))?.transpose(1, 2);
+    let qmax = sym_qmax(kq.bits)?;
+    match kq.granularity {
+        KvGranularity::Token => {
+            if fused::supported(x) {
+                // Rows = (batch, position): bring kv_heads next to head_dim, quantize, restore.
+                let rows = x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))?;
+                let q = fused::sym_fake_quant_rows(&rows, qmax, ScaleRounding::Exact)?;
+                return q.reshape((b, t, h, d))?.transpose(1, 2);
+            }
+            let q = sym_quant_dequant(&x.detach(), kq.bits, &[1, 3], ScaleRounding::Exact)?;
+            ste(x, &q)
+        }
+        KvGranularity::Head => {
+            if fused::supported(x) {
+                // Rows = (batch, kv head, position): already the last dim.
+                return fused::sym_fake_quant_rows(&x.contiguous()?, qmax, ScaleRounding::Exact);
+            }
+            let q = sym_quant_dequant(&x.detach(), kq.bits, &[3], ScaleRounding::Exact)?;
+            ste(x, &q)
+        }
     }
-    let q = sym_quant_dequant(&x.detach(), bits, &[1, 3], ScaleRounding::Exact)?;
-    ste(x, &q)
 }

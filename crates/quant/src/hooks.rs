@@ -67,10 +67,11 @@ impl QuantHooks for FakeQuant {
         }
     }
 
-    /// `x: [batch, kv_heads, seq, head_dim]` → per-token fake-quantized (keys and values alike).
+    /// `x: [batch, kv_heads, seq, head_dim]` → fake-quantized per token or per token and head, as
+    /// the scheme says (keys and values alike).
     fn kv(&self, _layer: usize, _kind: KvKind, x: &Tensor) -> Result<Tensor> {
         match self.scheme.kv {
-            Some(kq) => fake_kv(x, kq.bits),
+            Some(kq) => fake_kv(x, kq),
             None => Ok(x.clone()),
         }
     }

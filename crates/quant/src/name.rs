@@ -4,7 +4,7 @@
 //! Grammar (case-insensitive, surrounding whitespace ignored):
 //!
 //! ```text
-//! name   := "FP" | "NONE" | [ weight ] [ "A" bits ] [ "KV" bits ]   (at least one part, in this order)
+//! name   := "FP" | "NONE" | [ weight ] [ "A" bits ] [ "KV" bits [ "H" ] ]   (at least one part, in this order)
 //! weight := "W" bits [ group ] | "NF3" group | "NF4" group | "Q4_0" | "Q4_1" | "Q8_0"
 //! group  := "G" size | "CH"                                          (size >= 1; CH = per output channel)
 //! bits   := 2..=8 | 16                                               (16 = not quantized)
@@ -12,13 +12,14 @@
 //!
 //! `W<b>` is symmetric per-channel weights (LLM-QAT), `W<b>G<n>` asymmetric MinMax per group of
 //! n inputs and `W<b>CH` asymmetric per output channel (BitDistiller `asym_group`), `NF3…`/`NF4…`
-//! the NormalFloat grids, `Q4_0`/`Q4_1`/`Q8_0` llama.cpp's GGUF blocks; `A` per-token activations, `KV` the per-token KV cache.
+//! the NormalFloat grids, `Q4_0`/`Q4_1`/`Q8_0` llama.cpp's GGUF blocks; `A` per-token activations, `KV` the per-token KV cache
+//! (LLM-QAT: one scale per token over all KV heads), `KV<b>H` one scale per token and KV head.
 //! [`Scheme`]'s `Display` writes the canonical name (quantized parts only, `FP` if none) when the
 //! scheme has one, and compact JSON otherwise; `FromStr` accepts both, so they round-trip.
 
 use crate::error::{QuantError, Result};
 use crate::ggml::GgmlType;
-use crate::scheme::{ActQuant, KvQuant, Scheme, MAX_BITS, MIN_BITS};
+use crate::scheme::{ActQuant, KvGranularity, KvQuant, Scheme, MAX_BITS, MIN_BITS};
 use crate::weight::{WeightFormat, WeightQuant};
 use std::fmt;
 use std::path::Path;
@@ -28,8 +29,8 @@ use std::str::FromStr;
 pub const UNQUANTIZED_BITS: u32 = 16;
 
 const EXPECTED: &str =
-    "expected FP, none or [W<bits>[G<size>|CH] | NF3G<size> | NF4G<size> | Q4_0 | Q4_1 | Q8_0][A<bits>][KV<bits>] \
-     with bits in 2..=8 or 16 (= not quantized), e.g. W4A8KV4, W8A8, W4, W3G128, NF3G64A8";
+    "expected FP, none or [W<bits>[G<size>|CH] | NF3G<size> | NF4G<size> | Q4_0 | Q4_1 | Q8_0][A<bits>][KV<bits>[H]] \
+     with bits in 2..=8 or 16 (= not quantized), e.g. W4A8KV4, W8A8, W4, W3G128, NF3G64A8, W4A8KV4H";
 
 /// One `<letter><bits>` part: `None` if 16 (not quantized), `Some(bits)` if in range.
 fn part_bits(quantizer: &str, digits: &str) -> std::result::Result<Option<u8>, String> {
@@ -139,8 +140,8 @@ fn weight_part<'a>(
     Ok((wq, rest))
 }
 
-/// The parts of a short name.
-type Parts = (Option<WeightQuant>, Option<u8>, Option<u8>);
+/// The parts of a short name: weight, activation bits, KV quantizer.
+type Parts = (Option<WeightQuant>, Option<u8>, Option<KvQuant>);
 
 /// Parses a trimmed short name (not JSON); the error is the reason only.
 fn parse_short(name: &str) -> std::result::Result<Parts, String> {
@@ -161,7 +162,7 @@ fn parse_short(name: &str) -> std::result::Result<Parts, String> {
         ("A", "activation", 1),
         ("KV", "kv", 2),
     ];
-    let (mut weight, mut bits) = (None, [None; 2]);
+    let (mut weight, mut bits, mut kv_per_head) = (None, [None; 2], false);
     let mut rest = upper;
     let mut next_slot = 0;
     while !rest.is_empty() {
@@ -190,10 +191,20 @@ fn parse_short(name: &str) -> std::result::Result<Parts, String> {
             let (d, r) = digits(rest);
             bits[slot - 1] = part_bits(quantizer, d)?;
             rest = r;
+            if slot == 2 {
+                if let Some(r) = rest.strip_prefix('H') {
+                    if bits[1].is_none() {
+                        return Err("\"H\" after KV16: per-head KV scales need a quantized KV cache".into());
+                    }
+                    kv_per_head = true;
+                    rest = r;
+                }
+            }
         }
         next_slot = slot + 1;
     }
-    Ok((weight, bits[0], bits[1]))
+    let kv = bits[1].map(|b| if kv_per_head { KvQuant::per_head(b) } else { KvQuant::per_token(b) });
+    Ok((weight, bits[0], kv))
 }
 
 /// The short-name weight part of `w`, if it has one (default gradient, bits the format allows).
@@ -227,6 +238,9 @@ impl Scheme {
         }
         if let Some(kv) = &self.kv {
             s.push_str(&format!("KV{}", kv.bits));
+            if kv.granularity == KvGranularity::Head {
+                s.push('H');
+            }
         }
         Some(if s.is_empty() { "FP".to_string() } else { s })
     }
@@ -258,7 +272,7 @@ impl FromStr for Scheme {
         Ok(Scheme::new(
             w,
             a.map(|bits| ActQuant { bits }),
-            kv.map(|bits| KvQuant { bits }),
+            kv,
         ))
     }
 }
@@ -276,11 +290,11 @@ mod tests {
         let w4 = Some(WeightQuant::sym_per_channel(4));
         assert_eq!(
             parse("W4A8KV4"),
-            Scheme::new(w4, Some(ActQuant { bits: 8 }), Some(KvQuant { bits: 4 }))
+            Scheme::new(w4, Some(ActQuant { bits: 8 }), Some(KvQuant::per_token(4)))
         );
         assert_eq!(
             parse("w4a8kv8"),
-            Scheme::new(w4, Some(ActQuant { bits: 8 }), Some(KvQuant { bits: 8 }))
+            Scheme::new(w4, Some(ActQuant { bits: 8 }), Some(KvQuant::per_token(8)))
         );
         assert_eq!(parse("W4"), Scheme::new(w4, None, None));
         assert_eq!(parse("W4A16KV16"), Scheme::new(w4, None, None));
@@ -297,7 +311,11 @@ mod tests {
         assert_eq!(parse("W16A16KV16"), Scheme::full_precision());
         assert_eq!(
             parse("A8KV4"),
-            Scheme::new(None, Some(ActQuant { bits: 8 }), Some(KvQuant { bits: 4 }))
+            Scheme::new(None, Some(ActQuant { bits: 8 }), Some(KvQuant::per_token(4)))
+        );
+        assert_eq!(
+            parse("w4a8kv4h"),
+            Scheme::new(w4, Some(ActQuant { bits: 8 }), Some(KvQuant::per_head(4)))
         );
     }
 
@@ -313,6 +331,8 @@ mod tests {
             ("fp", "FP"),
             ("NONE", "FP"),
             ("W2A4KV2", "W2A4KV2"),
+            ("w4a8kv4h", "W4A8KV4H"),
+            ("KV2H", "KV2H"),
         ] {
             let s = parse(input);
             assert_eq!(s.to_string(), canonical, "{input}");
@@ -360,6 +380,12 @@ mod tests {
             err("W4W4")
         );
         assert!(err("").contains("empty name"), "{}", err(""));
+        assert!(err("W4KV16H").contains("\"H\" after KV16: per-head KV scales need a quantized KV cache"), "{}", err("W4KV16H"));
+        assert!(
+            err("W4KV4HH").contains("unexpected \"H\" at position 6"),
+            "{}",
+            err("W4KV4HH")
+        );
         assert!(err("int4").starts_with(
             "invalid scheme \"int4\": unexpected \"int4\" at position 0; expected FP"
         ));

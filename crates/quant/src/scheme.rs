@@ -28,13 +28,47 @@ pub struct ActQuant {
     pub bits: u8,
 }
 
-/// KV-cache quantizer: symmetric, per token (one scale per (batch, position) over all KV heads ×
-/// head_dim), on k_proj/v_proj outputs before RoPE.
+/// KV-cache quantizer: symmetric, per token, on k_proj/v_proj outputs before RoPE; one scale per
+/// (batch, position) over all KV heads × head_dim (LLM-QAT), or per (batch, position, KV head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KvQuant {
     /// Bits per cached element, `2..=8`.
     pub bits: u8,
+    /// Which elements of a token share a scale; absent in JSON = `token` (LLM-QAT).
+    #[serde(default, skip_serializing_if = "KvGranularity::is_token")]
+    pub granularity: KvGranularity,
+}
+
+impl KvQuant {
+    /// LLM-QAT's KV quantizer: `bits` bits, one scale per token over all KV heads.
+    pub fn per_token(bits: u8) -> Self {
+        Self { bits, granularity: KvGranularity::Token }
+    }
+
+    /// One scale per token and KV head (over head_dim elements).
+    pub fn per_head(bits: u8) -> Self {
+        Self { bits, granularity: KvGranularity::Head }
+    }
+}
+
+/// The elements of one k_proj/v_proj output position that share a KV scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvGranularity {
+    /// All kv_heads × head_dim elements of a position (LLM-QAT's `modeling_llama_quant.py`,
+    /// which quantizes the `[batch, seq, kv_heads · head_dim]` projection output per row).
+    #[default]
+    Token,
+    /// The head_dim elements of one KV head at one position (kv_heads scales per position).
+    Head,
+}
+
+impl KvGranularity {
+    /// Whether this is the default, [`KvGranularity::Token`] (serde's skip test).
+    pub fn is_token(&self) -> bool {
+        *self == KvGranularity::Token
+    }
 }
 
 /// Replaces the weight and/or activation quantizer of the linear layers whose name

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use qat_quant::{
     fake_act, fake_kv, fake_weight, round_half_even, sym_qmax, sym_quant_dequant, sym_quantize,
-    ScaleRounding, WeightQuant,
+    KvQuant, ScaleRounding, WeightQuant,
 };
 
 fn t2(rows: &[&[f32]]) -> Tensor {
@@ -111,7 +111,7 @@ fn all_zero_rows_give_zeros_not_nan() {
     );
     assert_eq!(flat(&fake_act(&w, 4).unwrap()), want);
     let kv = Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap();
-    assert!(flat(&fake_kv(&kv, 4).unwrap()).iter().all(|&v| v == 0.0));
+    assert!(flat(&fake_kv(&kv, KvQuant::per_token(4)).unwrap()).iter().all(|&v| v == 0.0));
 }
 
 #[test]
@@ -217,11 +217,34 @@ fn kv_is_quantized_per_batch_and_position_over_all_heads() {
         3.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.5, 1.0, 6.0, -6.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0,
     ];
     let x = Tensor::from_vec(x, (2, 2, 2, 2), &Device::Cpu).unwrap();
-    assert_eq!(flat(&fake_kv(&x, 3).unwrap()), want);
+    assert_eq!(flat(&fake_kv(&x, KvQuant::per_token(3)).unwrap()), want);
     let (_, scale) = sym_quantize(&x, 3, &[1, 3], ScaleRounding::Exact).unwrap();
     assert_eq!(scale.dims(), [2, 1, 2, 1]);
     assert_eq!(flat(&scale), [1.0, 0.5, 2.0, 0.0]);
-    assert!(fake_kv(&x.reshape((4, 4)).unwrap(), 3).is_err());
+    assert!(fake_kv(&x.reshape((4, 4)).unwrap(), KvQuant::per_token(3)).is_err());
+}
+
+#[test]
+fn kv_per_head_has_one_scale_per_position_and_head() {
+    // x: [b=1, h=2, t=2, d=2] at 3 bits (qmax 3); one scale per (head, position) over d:
+    // h0 t0 [3, 1]      → s 1   → [3, 1]
+    // h0 t1 [0, 0]      → s 0   → [0, 0]
+    // h1 t0 [1.5, 0.75] → s 0.5 → q [3, round(1.5) = 2 (tie to even)] → [1.5, 1]
+    // h1 t1 [-6, 2.5]   → s 2   → q [-3, round(1.25) = 1] → [-6, 2]
+    // (per token, h1 t0 would share h0's scale 1: [round(1.5) = 2, round(0.75) = 1])
+    let x: Vec<f32> = vec![3.0, 1.0, 0.0, 0.0, 1.5, 0.75, -6.0, 2.5];
+    let x = Tensor::from_vec(x, (1, 2, 2, 2), &Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::F64] {
+        let out = fake_kv(&x.to_dtype(dtype).unwrap(), KvQuant::per_head(3)).unwrap();
+        assert_eq!(flat(&out), [3.0, 1.0, 0.0, 0.0, 1.5, 1.0, -6.0, 2.0], "{dtype:?}");
+    }
+    assert_eq!(
+        flat(&fake_kv(&x, KvQuant::per_token(3)).unwrap()),
+        [3.0, 1.0, 0.0, 0.0, 2.0, 1.0, -6.0, 2.0]
+    );
+    let (_, scale) = sym_quantize(&x, 3, &[3], ScaleRounding::Exact).unwrap();
+    assert_eq!(flat(&scale), [1.0, 0.0, 0.5, 2.0]);
+    assert!(fake_kv(&x.reshape((2, 4)).unwrap(), KvQuant::per_head(3)).is_err());
 }
 
 #[test]
@@ -243,7 +266,7 @@ fn ste_gradient_is_identity_and_value_is_exact() {
             .to_dtype(dtype)
             .unwrap();
         let w2 = x.as_tensor().reshape((6, 4)).unwrap();
-        let cases: [(&str, Tensor, Tensor); 3] = [
+        let cases: [(&str, Tensor, Tensor); 4] = [
             (
                 "act",
                 fake_act(x.as_tensor(), 4).unwrap(),
@@ -262,7 +285,7 @@ fn ste_gradient_is_identity_and_value_is_exact() {
             ),
             (
                 "kv",
-                fake_kv(&x.as_tensor().reshape((1, 2, 3, 4)).unwrap(), 2)
+                fake_kv(&x.as_tensor().reshape((1, 2, 3, 4)).unwrap(), KvQuant::per_token(2))
                     .unwrap()
                     .reshape((2, 3, 4))
                     .unwrap(),
@@ -275,6 +298,14 @@ fn ste_gradient_is_identity_and_value_is_exact() {
                 .unwrap()
                 .reshape((2, 3, 4))
                 .unwrap(),
+            ),
+            (
+                "kv per head",
+                fake_kv(&x.as_tensor().reshape((1, 2, 3, 4)).unwrap(), KvQuant::per_head(2))
+                    .unwrap()
+                    .reshape((2, 3, 4))
+                    .unwrap(),
+                sym_quant_dequant(x.as_tensor(), 2, &[2], ScaleRounding::Exact).unwrap(),
             ),
         ];
         for (name, fake, value) in cases {

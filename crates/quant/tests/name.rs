@@ -10,7 +10,7 @@ fn parse(s: &str) -> Scheme {
 
 #[test]
 fn group_format_names_parse_and_round_trip() {
-    let (a8, kv4) = (Some(ActQuant { bits: 8 }), Some(KvQuant { bits: 4 }));
+    let (a8, kv4) = (Some(ActQuant { bits: 8 }), Some(KvQuant::per_token(4)));
     for (input, canonical, weight, act, kv) in [
         (
             "W3G128",

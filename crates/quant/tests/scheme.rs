@@ -59,6 +59,23 @@ fn json_form_matches_the_spec_example_and_round_trips() {
 }
 
 #[test]
+fn kv_granularity_is_written_only_when_per_head() {
+    // Per token (LLM-QAT) keeps the version-1 JSON of earlier builds byte for byte: no new field.
+    let per_token: Scheme = "W4A8KV4".parse().unwrap();
+    assert!(!per_token.to_json_pretty().contains("granularity"));
+    let per_head: Scheme = "W4A8KV4H".parse().unwrap();
+    assert_eq!(per_head.kv, Some(KvQuant::per_head(4)));
+    let text = per_head.to_json_pretty();
+    assert!(text.contains(r#""granularity": "head""#), "{text}");
+    assert_eq!(Scheme::from_json_str(&text, "".as_ref()).unwrap(), per_head);
+    let explicit = W4A8KV4_JSON.replace(r#""kv": { "bits": 4 }"#, r#""kv": { "bits": 4, "granularity": "token" }"#);
+    assert_eq!(Scheme::from_json_str(&explicit, "".as_ref()).unwrap(), per_token);
+    let bad = W4A8KV4_JSON.replace(r#""kv": { "bits": 4 }"#, r#""kv": { "bits": 4, "granularity": "channel" }"#);
+    let e = Scheme::from_json_str(&bad, "m/quant_scheme.json".as_ref()).unwrap_err().to_string();
+    assert!(e.contains("unknown variant `channel`, expected `token` or `head`"), "{e}");
+}
+
+#[test]
 fn unknown_formats_fields_and_versions_are_clear_errors() {
     let err = |j: &str| {
         Scheme::from_json_str(j, "m/quant_scheme.json".as_ref())
@@ -199,7 +216,7 @@ fn validate_for_names_unmatched_patterns_and_bad_bits() {
         e.to_string(),
         "override #0 (\"layers.1.*\"): activation bits 1 out of range 2..=8"
     );
-    let e = Scheme::new(None, None, Some(KvQuant { bits: 12 }))
+    let e = Scheme::new(None, None, Some(KvQuant::per_token(12)))
         .validate()
         .unwrap_err();
     assert_eq!(e.to_string(), "kv bits 12 out of range 2..=8");
@@ -211,7 +228,7 @@ fn from_arg_accepts_names_inline_json_and_files() {
     let s = Scheme::new(
         Some(WeightQuant::sym_per_channel(3)),
         None,
-        Some(KvQuant { bits: 8 }),
+        Some(KvQuant::per_token(8)),
     )
     .with_override(Override {
         pattern: "layers.0.*".into(),
@@ -271,7 +288,7 @@ fn fake_quant_hooks_follow_the_resolved_layer_settings() {
     let kv = w.reshape((1, 2, 1, 4)).unwrap();
     assert_eq!(
         vals(infer.kv(0, KvKind::Value, &kv).unwrap()),
-        vals(qat_quant::fake_kv(&kv, 4).unwrap())
+        vals(qat_quant::fake_kv(&kv, qat_quant::KvQuant::per_token(4)).unwrap())
     );
     // Training: a Var weight gets identity gradients through the hook.
     let var = Var::from_tensor(&w).unwrap();
