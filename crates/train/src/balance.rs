@@ -3,11 +3,13 @@
 //! Per-token KV quantization (LLM-QAT) shares one scale across all kv heads x head_dim values of
 //! a token, so a few large channels crush the rest to zero. In full precision the model is
 //! unchanged if
+//!
 //! * a RoPE pair (dims j and j + head_dim/2) of kv head g in k_proj is scaled by a, and the same
 //!   pair of every query head that reads kv head g in q_proj by 1/a (q.k is unchanged, and RoPE
 //!   rotates within the pair, so it commutes with a uniform scale of the pair);
 //! * dim d of kv head g in v_proj is scaled by b, and the o_proj input columns of that dim of
 //!   every query head reading kv head g by 1/b (attention mixes each dim separately).
+//!
 //! [`balance_kv`] picks a and b so that every channel's max |value| over calibration tokens
 //! equals the layer's mean channel max. q_proj, k_proj and v_proj rows scale as a whole, so their
 //! per-output-channel weight quantization is unaffected; o_proj columns are rescaled.
