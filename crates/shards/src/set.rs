@@ -1,7 +1,9 @@
 //! `ShardSet`: a directory of shard files plus one or more partition manifests, opened as a whole.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use crate::error::{Result, ShardError};
 use sha2::Digest;
@@ -13,12 +15,39 @@ use crate::reader::{FileRecords, ShardFileReader};
 use crate::record::SequenceRecord;
 
 /// A complete, consistent shard set (all partitions present and complete, every file listed once).
+///
+/// Clones share one record of the files whose hash has been checked (see [`ShardSet::file_records`]).
 #[derive(Debug, Clone)]
 pub struct ShardSet {
     dir: PathBuf,
     header: ShardSetHeader,
     partition_count: u32,
     files: Vec<FileEntry>,
+    verified: Arc<Mutex<HashMap<PathBuf, FileStamp>>>,
+}
+
+/// What tells an unchanged file from a changed one without reading it: size, modification time
+/// and, on Unix, device and inode (a file replaced by rename gets a new inode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: SystemTime,
+    dev_ino: (u64, u64),
+}
+
+impl FileStamp {
+    /// `None` where the platform reports no modification time.
+    fn of(path: &Path) -> Option<FileStamp> {
+        let m = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let dev_ino = {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        #[cfg(not(unix))]
+        let dev_ino = (0, 0);
+        Some(FileStamp { len: m.len(), modified: m.modified().ok()?, dev_ino })
+    }
 }
 
 fn name_of(p: &Path) -> String {
@@ -178,6 +207,7 @@ impl ShardSet {
             header,
             partition_count: count,
             files,
+            verified: Arc::default(),
         })
     }
 
@@ -240,19 +270,44 @@ impl ShardSet {
         Ok(())
     }
 
-    /// Open one file for streaming: its SHA-256 must be the manifest's (a flipped byte inside
-    /// compressed pages can decode without any Parquet error, so the hash is the only reliable
-    /// check), and its embedded metadata must agree with the manifest.
-    pub fn file_records(&self, entry: &FileEntry) -> Result<FileRecords> {
-        let path = self.file_path(entry);
-        let actual = sha256_file(&path)?;
+    /// Checks `entry`'s file against the manifest's sha256, unless this set (or a clone) has
+    /// already checked it and its size, modification time and inode have not changed since.
+    fn check_hash(&self, path: &Path, entry: &FileEntry) -> Result<()> {
+        let before = FileStamp::of(path);
+        let known = |stamp: &FileStamp| {
+            let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            verified.get(path) == Some(stamp)
+        };
+        if before.as_ref().is_some_and(known) {
+            return Ok(());
+        }
+        let actual = sha256_file(path)?;
         if actual != entry.sha256 {
             return Err(ShardError::HashMismatch {
-                path,
+                path: path.to_owned(),
                 expected: entry.sha256.clone(),
                 actual,
             });
         }
+        // Remembered only if the file did not change while it was being hashed.
+        if let Some(stamp) = before.filter(|b| FileStamp::of(path).as_ref() == Some(b)) {
+            let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            verified.insert(path.to_owned(), stamp);
+        }
+        Ok(())
+    }
+
+    /// Open one file for streaming: its SHA-256 must be the manifest's (a flipped byte inside
+    /// compressed pages can decode without any Parquet error, so the hash is the only reliable
+    /// check), and its embedded metadata must agree with the manifest.
+    ///
+    /// The hash is computed on the first read of a file only: later reads through this set or
+    /// its clones (e.g. every training epoch) skip it while the file's size, modification time
+    /// and inode are those it had when it was hashed. Any write or replacement of the file
+    /// changes them (on file systems with sub-second timestamps), and the file is hashed again.
+    pub fn file_records(&self, entry: &FileEntry) -> Result<FileRecords> {
+        let path = self.file_path(entry);
+        self.check_hash(&path, entry)?;
         let reader = ShardFileReader::open(&path)?;
         reader
             .header()

@@ -180,6 +180,36 @@ fn flipped_byte_is_caught_by_verify() {
 }
 
 #[test]
+fn a_file_rewritten_after_its_first_read_is_hashed_again() {
+    // The first read hashes a file and remembers it; a clone shares that memory. Writing the
+    // file in place afterwards (same size, one byte flipped) changes its modification time, so
+    // the next read hashes it again and notices.
+    let dir = tempfile::tempdir().unwrap();
+    let h = header(200, 4, LogprobDtype::F16, 8, 4);
+    write_set(dir.path(), &h, 6);
+    let set = ShardSet::open(dir.path()).unwrap();
+    let entry = set.files()[1].clone();
+    let first = set.read_file(&entry).unwrap();
+    let clone = set.clone();
+    assert_eq!(clone.read_file(&entry).unwrap(), first, "an unchanged file reads the same");
+    let path = dir.path().join(&entry.name);
+    let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    // File systems with coarse timestamps could keep the old time for a write within the
+    // same tick; wait until the write is certain to change it.
+    while std::time::SystemTime::now() <= before + std::time::Duration::from_millis(20) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let e = clone.read_file(&entry).unwrap_err();
+    assert!(matches!(e, ShardError::HashMismatch { .. }), "{e}");
+    let e = set.read_file(&entry).unwrap_err();
+    assert!(matches!(e, ShardError::HashMismatch { .. }), "{e}");
+}
+
+#[test]
 fn truncated_file_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let h = header(200, 4, LogprobDtype::F16, 8, 8);
