@@ -19,13 +19,14 @@ PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy
 PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)-gguf-$(GGUF_VERSION)
 OUT ?= out
 
-.PHONY: all setup build test test-deps pipeline pipeline-bitdistiller plots fuzz clean help
+.PHONY: all setup build test test-deps lint pipeline pipeline-bitdistiller plots fuzz clean help
 
 all: build
 
 help:
 	@echo "make pipeline   build, then run pipelines/llm-qat.mk on $(QAT_DATA)/models/stories260K"
 	@echo "make test       the test suite (CI runs exactly this)"
+	@echo "make lint       rustfmt check of the workspace (cargo fmt --all to fix)"
 	@echo "make pipeline-bitdistiller   clip -> CAKLD QAT -> pack -> eval (pipelines/bitdistiller.mk)"
 	@echo "make plots      FKL vs CAKLD loss curves of the BitDistiller students (PNG, qat-report)"
 	@echo "make bench      CPU speed against PyTorch references (bench/RESULTS.md)"
@@ -49,6 +50,9 @@ $(PY_STAMP):
 
 test: test-deps
 	QAT_PYTHON=$(abspath $(PYTHON)) $(CARGO) test --release --locked --workspace
+
+lint:
+	$(CARGO) fmt --all --check
 
 pipeline: build
 	$(MAKE) -f pipelines/llm-qat.mk BIN=$(BIN) QAT_DATA=$(QAT_DATA) OUT=$(OUT)

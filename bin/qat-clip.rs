@@ -64,7 +64,8 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     main_with("qat-clip", || {
-        let scheme = qat_quant::Scheme::from_arg(&args.scheme).with_context(|| format!("--scheme {}", args.scheme))?;
+        let scheme = qat_quant::Scheme::from_arg(&args.scheme)
+            .with_context(|| format!("--scheme {}", args.scheme))?;
         let cfg = ClipConfig {
             model: qat_model::resolve_model(&args.model)?.dir,
             shards: args.shards.clone(),
@@ -76,7 +77,13 @@ fn main() -> ExitCode {
             include_qk: args.include_qk,
             quiet: args.quiet,
         };
-        let summary = qat_clip::run(&cfg).with_context(|| format!("clipping {} into {}", args.model.display(), args.out.display()))?;
+        let summary = qat_clip::run(&cfg).with_context(|| {
+            format!(
+                "clipping {} into {}",
+                args.model.display(),
+                args.out.display()
+            )
+        })?;
         println!("{}", serde_json::to_string(&summary)?);
         Ok(Outcome::Ok)
     })

@@ -148,7 +148,8 @@ enum ScheduleArg {
 fn main() -> ExitCode {
     let args = Args::parse();
     main_with("qat-distill", || {
-        let scheme = qat_quant::Scheme::from_arg(&args.scheme).with_context(|| format!("--scheme {}", args.scheme))?;
+        let scheme = qat_quant::Scheme::from_arg(&args.scheme)
+            .with_context(|| format!("--scheme {}", args.scheme))?;
         let budget = match (args.steps, args.epochs, args.max_tokens) {
             (Some(s), _, _) => Budget::Steps(s),
             (_, Some(e), _) => Budget::Epochs(e),
@@ -170,7 +171,10 @@ fn main() -> ExitCode {
                 },
                 warmup_steps: args.warmup_steps,
                 min_lr_ratio: args.min_lr_ratio,
-                adam: AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::default() },
+                adam: AdamWConfig {
+                    weight_decay: args.weight_decay,
+                    ..AdamWConfig::default()
+                },
                 max_grad_norm: args.max_grad_norm,
                 budget,
                 seed: args.seed,
@@ -188,12 +192,18 @@ fn main() -> ExitCode {
             },
             checkpoint_every: args.checkpoint_every,
             resume: args.resume,
-            teacher: args.teacher.as_deref().map(qat_model::resolve_model).transpose()?.map(|t| t.dir),
+            teacher: args
+                .teacher
+                .as_deref()
+                .map(qat_model::resolve_model)
+                .transpose()?
+                .map(|t| t.dir),
             device: args.device.clone(),
             progress: !args.quiet,
             inject_nan_at: args.inject_nan_at,
         };
-        let summary = qat_train::run(&cfg).with_context(|| format!("training {}", args.out.display()))?;
+        let summary =
+            qat_train::run(&cfg).with_context(|| format!("training {}", args.out.display()))?;
         println!("{}", serde_json::to_string(&summary)?);
         Ok(Outcome::Ok)
     })

@@ -39,7 +39,12 @@ struct Args {
     #[arg(long, short = 'm')]
     model: PathBuf,
     /// UTF-8 text file to evaluate perplexity on.
-    #[arg(long, short = 'c', required_unless_present = "task", conflicts_with = "task")]
+    #[arg(
+        long,
+        short = 'c',
+        required_unless_present = "task",
+        conflicts_with = "task"
+    )]
     corpus: Option<PathBuf>,
     /// Zero-shot task instead of perplexity: hellaswag, piqa, arc-easy, arc-challenge, boolq or
     /// winogrande (repeat the flag or separate with commas). Prompts, continuations and metrics
@@ -113,7 +118,10 @@ fn main() -> ExitCode {
         // Quantize (and cast) the fixed weights once instead of in every forward pass.
         m.model.set_compute_dtype(dtype);
         m.model.freeze_weights()?;
-        let bos = m.config.bos_token_id.or_else(|| m.tokenizer.token_to_id("<s>"));
+        let bos = m
+            .config
+            .bos_token_id
+            .or_else(|| m.tokenizer.token_to_id("<s>"));
         let mut summary = match &args.corpus {
             Some(corpus) => perplexity(&args, &m, bos, corpus, started)?,
             None => zero_shot(&args, &m, bos)?,
@@ -138,13 +146,27 @@ fn main() -> ExitCode {
     })
 }
 
-fn perplexity(args: &Args, m: &EvalModel, bos: Option<u32>, corpus: &Path, started: Instant) -> anyhow::Result<serde_json::Value> {
+fn perplexity(
+    args: &Args,
+    m: &EvalModel,
+    bos: Option<u32>,
+    corpus: &Path,
+    started: Instant,
+) -> anyhow::Result<serde_json::Value> {
     let corpus = Corpus::read(corpus)?;
     let mode = match args.mode {
         ModeArg::Docs => PplMode::Docs,
         ModeArg::Stream => PplMode::Stream,
     };
-    let seqs = qat_eval::tokenize(&corpus, &m.tokenizer, bos, mode, args.seq_len, &args.delimiter, args.limit)?;
+    let seqs = qat_eval::tokenize(
+        &corpus,
+        &m.tokenizer,
+        bos,
+        mode,
+        args.seq_len,
+        &args.delimiter,
+        args.limit,
+    )?;
     let totals = qat_eval::nll(&m.model, &seqs, args.batch_size, !args.quiet)?;
     Ok(serde_json::json!({
         "ppl": totals.mean().exp(),
@@ -161,33 +183,69 @@ fn perplexity(args: &Args, m: &EvalModel, bos: Option<u32>, corpus: &Path, start
 
 fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<serde_json::Value> {
     if args.task_file.is_some() && args.task.len() != 1 {
-        anyhow::bail!("--task-file needs exactly one --task, got {}", args.task.len());
+        anyhow::bail!(
+            "--task-file needs exactly one --task, got {}",
+            args.task.len()
+        );
     }
     let eval_dir = args.eval_dir.clone().unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("QAT_DATA").unwrap_or_else(|| "../shared/data".into())).join("eval")
+        PathBuf::from(std::env::var_os("QAT_DATA").unwrap_or_else(|| "../shared/data".into()))
+            .join("eval")
     });
     // Read and check every task file before the first forward pass.
     let data = args
         .task
         .iter()
-        .map(|&t| t.load(&args.task_file.clone().unwrap_or_else(|| eval_dir.join(t.default_file())), args.limit))
+        .map(|&t| {
+            t.load(
+                &args
+                    .task_file
+                    .clone()
+                    .unwrap_or_else(|| eval_dir.join(t.default_file())),
+                args.limit,
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     // Per-item lines, written atomically at the end (nothing is left behind on an error); a
     // missing directory is reported before the first forward pass.
     if let Some(path) = &args.per_item {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !dir.is_dir() {
-            anyhow::bail!("{}: directory {} does not exist", path.display(), dir.display());
+            anyhow::bail!(
+                "{}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
         }
     }
     let mut per_item: Vec<u8> = Vec::new();
     let max_len = m.config.max_position_embeddings;
     let mut tasks = serde_json::Map::new();
     for d in &data {
-        let (scores, details) = qat_eval::evaluate(&m.model, &m.tokenizer, bos, d, max_len, args.batch_size, !args.quiet)?;
+        let (scores, details) = qat_eval::evaluate(
+            &m.model,
+            &m.tokenizer,
+            bos,
+            d,
+            max_len,
+            args.batch_size,
+            !args.quiet,
+        )?;
         if !args.quiet {
-            let norm = scores.acc_norm.map(|a| format!(" acc_norm {a:.4}")).unwrap_or_default();
-            eprintln!("qat-eval: {}: acc {:.4}{norm} ({} items, {:.1} s)", d.task.name(), scores.acc, scores.items, scores.seconds);
+            let norm = scores
+                .acc_norm
+                .map(|a| format!(" acc_norm {a:.4}"))
+                .unwrap_or_default();
+            eprintln!(
+                "qat-eval: {}: acc {:.4}{norm} ({} items, {:.1} s)",
+                d.task.name(),
+                scores.acc,
+                scores.items,
+                scores.seconds
+            );
         }
         if scores.truncated_continuations > 0 {
             eprintln!(
@@ -207,5 +265,7 @@ fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<ser
     if let Some(path) = &args.per_item {
         qat_shards::fsutil::write_atomic(path, &per_item)?;
     }
-    Ok(serde_json::json!({ "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_len": max_len }))
+    Ok(
+        serde_json::json!({ "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_len": max_len }),
+    )
 }

@@ -108,13 +108,24 @@ enum XArg {
 
 fn plot(a: &PlotArgs) -> anyhow::Result<()> {
     if !a.label.is_empty() && a.label.len() != a.logs.len() {
-        return Err(qat_report::ReportError::LabelCount { labels: a.label.len(), logs: a.logs.len() }.into());
+        return Err(qat_report::ReportError::LabelCount {
+            labels: a.label.len(),
+            logs: a.logs.len(),
+        }
+        .into());
     }
     let labels = match a.label.is_empty() {
-        true => qat_report::default_labels(&a.logs.iter().map(PathBuf::as_path).collect::<Vec<_>>()),
+        true => {
+            qat_report::default_labels(&a.logs.iter().map(PathBuf::as_path).collect::<Vec<_>>())
+        }
         false => a.label.clone(),
     };
-    let runs = a.logs.iter().zip(labels).map(|(p, l)| qat_report::read_log(p, Some(l))).collect::<Result<Vec<_>, _>>()?;
+    let runs = a
+        .logs
+        .iter()
+        .zip(labels)
+        .map(|(p, l)| qat_report::read_log(p, Some(l)))
+        .collect::<Result<Vec<_>, _>>()?;
     let cfg = PlotConfig {
         metric: match a.metric {
             MetricArg::Loss => Metric::Loss,
@@ -149,7 +160,10 @@ fn table(a: &TableArgs) -> anyhow::Result<()> {
     let fp = match &a.fp {
         Some(p) => match qat_report::read_eval(p).context("--fp")? {
             EvalRecord::Ppl(r) => Some(r),
-            EvalRecord::ZeroShot(_) => anyhow::bail!("--fp {}: a zero-shot result, expected a perplexity summary", p.display()),
+            EvalRecord::ZeroShot(_) => anyhow::bail!(
+                "--fp {}: a zero-shot result, expected a perplexity summary",
+                p.display()
+            ),
         },
         None => None,
     };

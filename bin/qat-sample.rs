@@ -97,9 +97,18 @@ enum DtypeArg {
 }
 
 fn parse_range(s: &str) -> anyhow::Result<(u32, u32)> {
-    let (a, b) = s.split_once("..=").or_else(|| s.split_once('-')).unwrap_or((s, s));
-    let lo = a.trim().parse().with_context(|| format!("--greedy {s:?}: expected MIN..=MAX, e.g. 3..=5"))?;
-    let hi = b.trim().parse().with_context(|| format!("--greedy {s:?}: expected MIN..=MAX, e.g. 3..=5"))?;
+    let (a, b) = s
+        .split_once("..=")
+        .or_else(|| s.split_once('-'))
+        .unwrap_or((s, s));
+    let lo = a
+        .trim()
+        .parse()
+        .with_context(|| format!("--greedy {s:?}: expected MIN..=MAX, e.g. 3..=5"))?;
+    let hi = b
+        .trim()
+        .parse()
+        .with_context(|| format!("--greedy {s:?}: expected MIN..=MAX, e.g. 3..=5"))?;
     Ok((lo, hi))
 }
 
@@ -114,11 +123,18 @@ fn main() -> ExitCode {
         let cfg = SampleConfig {
             model: qat_model::resolve_model(&args.model)?.dir,
             out: args.out.clone(),
-            mode: args.prompts.clone().map_or(StartMode::DataFree, StartMode::Prompts),
+            mode: args
+                .prompts
+                .clone()
+                .map_or(StartMode::DataFree, StartMode::Prompts),
             num_sequences: args.num_sequences,
             max_len: args.max_len,
             keep_top: args.keep_top,
-            sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p },
+            sampling: SamplingParams {
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+            },
             greedy_min,
             greedy_max,
             seed: args.seed,
@@ -134,7 +150,8 @@ fn main() -> ExitCode {
             dtype: args.dtype.clone(),
             progress: !args.quiet,
         };
-        let summary = qat_sample::run(&cfg).with_context(|| format!("sampling into {}", args.out.display()))?;
+        let summary = qat_sample::run(&cfg)
+            .with_context(|| format!("sampling into {}", args.out.display()))?;
         println!("{}", serde_json::to_string(&summary)?);
         Ok(Outcome::Ok)
     })

@@ -18,7 +18,10 @@ pub fn stories_dir() -> PathBuf {
 
 /// Runs `qat-sample` with `args`; returns the process output.
 pub fn qat_sample(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qat-sample")).args(args).output().expect("spawn qat-sample")
+    Command::new(env!("CARGO_BIN_EXE_qat-sample"))
+        .args(args)
+        .output()
+        .expect("spawn qat-sample")
 }
 
 pub fn stderr(out: &Output) -> String {
@@ -35,7 +38,10 @@ pub fn ok_json(out: &Output) -> serde_json::Value {
 pub fn assert_error(out: &Output, tool: &str, needle: &str) {
     let err = stderr(out);
     assert_eq!(out.status.code(), Some(2), "expected exit 2, stderr: {err}");
-    assert!(err.starts_with(&format!("{tool}: ")), "stderr not prefixed by {tool}: {err}");
+    assert!(
+        err.starts_with(&format!("{tool}: ")),
+        "stderr not prefixed by {tool}: {err}"
+    );
     assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
     assert!(out.stdout.is_empty(), "stdout not empty on error");
 }
@@ -46,7 +52,12 @@ pub fn dir_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_file())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect();
     v.sort();
     v
@@ -56,7 +67,9 @@ pub fn dir_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 pub fn names(dir: &Path) -> Vec<String> {
     match std::fs::read_dir(dir) {
         Ok(rd) => {
-            let mut v: Vec<String> = rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            let mut v: Vec<String> = rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
             v.sort();
             v
         }
@@ -66,7 +79,10 @@ pub fn names(dir: &Path) -> Vec<String> {
 
 /// Runs `qat-eval` with `args`.
 pub fn qat_eval(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qat-eval")).args(args).output().expect("spawn qat-eval")
+    Command::new(env!("CARGO_BIN_EXE_qat-eval"))
+        .args(args)
+        .output()
+        .expect("spawn qat-eval")
 }
 
 pub fn tinystories() -> PathBuf {
@@ -75,7 +91,10 @@ pub fn tinystories() -> PathBuf {
 
 /// Runs `qat-pack` with `args`.
 pub fn qat_pack(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qat-pack")).args(args).output().expect("spawn qat-pack")
+    Command::new(env!("CARGO_BIN_EXE_qat-pack"))
+        .args(args)
+        .output()
+        .expect("spawn qat-pack")
 }
 
 /// A "student" made of the teacher's files (config, weights, tokenizer.json and `extra` files
@@ -83,7 +102,10 @@ pub fn qat_pack(args: &[&str]) -> Output {
 /// changed nothing, for the pack and export tests.
 pub fn teacher_student(dir: &Path, scheme: &str, extra: &[&str]) {
     std::fs::create_dir_all(dir).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json"].iter().chain(extra) {
+    for f in ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .chain(extra)
+    {
         std::fs::copy(stories_dir().join(f), dir.join(f)).unwrap();
     }
     std::fs::write(dir.join("quant_scheme.json"), scheme).unwrap();
@@ -91,21 +113,40 @@ pub fn teacher_student(dir: &Path, scheme: &str, extra: &[&str]) {
 
 /// Runs `qat-distill` with `args`.
 pub fn qat_distill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qat-distill")).args(args).output().expect("spawn qat-distill")
+    Command::new(env!("CARGO_BIN_EXE_qat-distill"))
+        .args(args)
+        .output()
+        .expect("spawn qat-distill")
 }
 
 /// Small data-free shards of stories260K in `dir` (32 sequences of up to 48 tokens, K = 16).
 pub fn small_shards(dir: &Path) {
     let model = stories_dir();
     ok_json(&qat_sample(&[
-        "--model", model.to_str().unwrap(), "--out", dir.to_str().unwrap(), "-n", "32", "--max-len", "48", "-K", "16",
-        "--batch-size", "8", "--seqs-per-file", "8", "-q",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "-n",
+        "32",
+        "--max-len",
+        "48",
+        "-K",
+        "16",
+        "--batch-size",
+        "8",
+        "--seqs-per-file",
+        "8",
+        "-q",
     ]));
 }
 
 /// Runs `qat-clip` with `args`.
 pub fn qat_clip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qat-clip")).args(args).output().expect("spawn qat-clip")
+    Command::new(env!("CARGO_BIN_EXE_qat-clip"))
+        .args(args)
+        .output()
+        .expect("spawn qat-clip")
 }
 
 /// Writes a scheme JSON for stories260K: `kind` weights with `bits` in groups of 32, `down_proj`
@@ -169,7 +210,10 @@ pub fn tree_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
-                out.push((p.strip_prefix(root).unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()));
+                out.push((
+                    p.strip_prefix(root).unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                ));
             }
         }
     }
@@ -182,7 +226,11 @@ pub fn tree_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// Spawns `bin args`, polls `trigger` (about every millisecond) until it returns true, then
 /// kills the process with SIGKILL. Returns `true` if the kill landed (the process was still
 /// running), `false` if it had already exited (its exit status must then be success).
-pub fn kill_when(bin: &str, args: &[String], mut trigger: impl FnMut(std::time::Duration) -> bool) -> bool {
+pub fn kill_when(
+    bin: &str,
+    args: &[String],
+    mut trigger: impl FnMut(std::time::Duration) -> bool,
+) -> bool {
     use std::os::unix::process::ExitStatusExt;
     let mut child = Command::new(bin)
         .args(args)
@@ -195,13 +243,19 @@ pub fn kill_when(bin: &str, args: &[String], mut trigger: impl FnMut(std::time::
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            assert!(status.success(), "{bin} failed on its own ({status}): {err}");
+            assert!(
+                status.success(),
+                "{bin} failed on its own ({status}): {err}"
+            );
             return false;
         }
         if trigger(started.elapsed()) {
             break;
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(120), "{bin}: trigger never fired");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "{bin}: trigger never fired"
+        );
         std::thread::sleep(std::time::Duration::from_micros(500));
     }
     child.kill().unwrap();
@@ -211,7 +265,10 @@ pub fn kill_when(bin: &str, args: &[String], mut trigger: impl FnMut(std::time::
         _ => {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            assert!(status.success(), "{bin} failed on its own ({status}): {err}");
+            assert!(
+                status.success(),
+                "{bin} failed on its own ({status}): {err}"
+            );
             false
         }
     }
@@ -228,7 +285,10 @@ pub fn run_with_file_size_limit(bin: &str, args: &[&str], bytes: u64) -> Output 
     unsafe {
         cmd.pre_exec(move || {
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
             if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -12,7 +12,19 @@ use std::process::{Command, Stdio};
 
 /// Many small files (2 sequences each), so that the processes' shard renames and manifest
 /// rewrites interleave.
-const ARGS: &[&str] = &["-n", "40", "--max-len", "24", "-K", "8", "--batch-size", "2", "--seqs-per-file", "2", "-q"];
+const ARGS: &[&str] = &[
+    "-n",
+    "40",
+    "--max-len",
+    "24",
+    "-K",
+    "8",
+    "--batch-size",
+    "2",
+    "--seqs-per-file",
+    "2",
+    "-q",
+];
 
 fn args<'a>(model: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec!["--model", model, "--out", out];
@@ -43,7 +55,10 @@ fn concurrently(model: &str, out: &Path, n: u32) {
 }
 
 fn parquet_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    dir_files(dir).into_iter().filter(|(n, _)| n.ends_with(".parquet")).collect()
+    dir_files(dir)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".parquet"))
+        .collect()
 }
 
 #[test]
@@ -57,15 +72,33 @@ fn concurrent_partitions_in_one_directory_equal_a_single_process_run() {
         // The manifests of the partitions run one after the other, for comparison.
         let one_by_one = tmp.path().join(format!("seq{n}"));
         for i in 0..n {
-            ok_json(&qat_sample(&args(m, one_by_one.to_str().unwrap(), &["--shard", &format!("{i}/{n}")])));
+            ok_json(&qat_sample(&args(
+                m,
+                one_by_one.to_str().unwrap(),
+                &["--shard", &format!("{i}/{n}")],
+            )));
         }
         let out = tmp.path().join(format!("conc{n}"));
         concurrently(m, &out, n);
-        let mut expected: Vec<String> = (0..n).map(|i| format!("manifest.{i}-of-{n}.json")).collect();
+        let mut expected: Vec<String> = (0..n)
+            .map(|i| format!("manifest.{i}-of-{n}.json"))
+            .collect();
         expected.extend((0..20).map(|f| format!("shard-{f:05}.parquet")));
-        assert_eq!(names(&out), expected, "{n} processes: missing or extra files");
-        assert_eq!(parquet_files(&out), parquet_files(&whole), "{n} processes: shard files differ from a single process");
-        assert_eq!(dir_files(&out), dir_files(&one_by_one), "{n} processes: manifests differ from partitions run one by one");
+        assert_eq!(
+            names(&out),
+            expected,
+            "{n} processes: missing or extra files"
+        );
+        assert_eq!(
+            parquet_files(&out),
+            parquet_files(&whole),
+            "{n} processes: shard files differ from a single process"
+        );
+        assert_eq!(
+            dir_files(&out),
+            dir_files(&one_by_one),
+            "{n} processes: manifests differ from partitions run one by one"
+        );
         let set = ShardSet::open(&out).unwrap();
         set.verify().unwrap();
         let whole_set = ShardSet::open(&whole).unwrap();

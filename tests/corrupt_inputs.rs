@@ -10,7 +10,9 @@ mod common;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, UInt16Type, UInt32Type};
-use arrow_array::{Array, ArrayRef, Float16Array, ListArray, RecordBatch, UInt16Array, UInt32Array};
+use arrow_array::{
+    Array, ArrayRef, Float16Array, ListArray, RecordBatch, UInt16Array, UInt32Array,
+};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -22,10 +24,27 @@ use std::process::Output;
 use std::sync::Arc;
 
 /// The small data-free settings of `small_shards` (32 sequences, 4 files of 8, K = 16).
-const SMALL: &[&str] = &["-n", "32", "--max-len", "48", "-K", "16", "--batch-size", "8", "--seqs-per-file", "8", "-q"];
+const SMALL: &[&str] = &[
+    "-n",
+    "32",
+    "--max-len",
+    "48",
+    "-K",
+    "16",
+    "--batch-size",
+    "8",
+    "--seqs-per-file",
+    "8",
+    "-q",
+];
 
 fn sample(model: &Path, out: &Path, extra: &[&str]) {
-    let mut a = vec!["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut a = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     a.extend_from_slice(SMALL);
     a.extend_from_slice(extra);
     ok_json(&qat_sample(&a));
@@ -38,13 +57,23 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
 /// Exit 2 with `tool: ...needle...`, and neither `out` nor `out.work` / `out.partial`.
 fn refused(r: &Output, tool: &str, needle: &str, out: &Path) {
     assert_error(r, tool, needle);
-    for p in [out.to_path_buf(), sibling(out, ".work"), sibling(out, ".partial")] {
-        assert!(!p.exists(), "{tool}: {} left behind after: {}", p.display(), stderr(r));
+    for p in [
+        out.to_path_buf(),
+        sibling(out, ".work"),
+        sibling(out, ".partial"),
+    ] {
+        assert!(
+            !p.exists(),
+            "{tool}: {} left behind after: {}",
+            p.display(),
+            stderr(r)
+        );
     }
 }
 
 fn edit_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(path, serde_json::to_string_pretty(&v).unwrap() + "\n").unwrap();
 }
@@ -67,7 +96,8 @@ fn relist(dir: &Path, name: &str) {
 /// Rewrites shard file `path` with the Parquet API directly (qat-shards' writer validates and
 /// would refuse), keeping its key-value metadata, after `edit` on its single record batch.
 fn rewrite_shard(path: &Path, edit: impl FnOnce(RecordBatch) -> RecordBatch) {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap()).unwrap();
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap()).unwrap();
     let kv: Vec<_> = builder
         .metadata()
         .file_metadata()
@@ -77,11 +107,23 @@ fn rewrite_shard(path: &Path, edit: impl FnOnce(RecordBatch) -> RecordBatch) {
         .filter(|kv| kv.key != "ARROW:schema")
         .cloned()
         .collect();
-    let batches: Vec<RecordBatch> = builder.with_batch_size(1 << 16).build().unwrap().map(|b| b.unwrap()).collect();
+    let batches: Vec<RecordBatch> = builder
+        .with_batch_size(1 << 16)
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
     assert_eq!(batches.len(), 1);
     let batch = edit(batches.into_iter().next().unwrap());
-    let props = WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
-    let mut w = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), Some(props)).unwrap();
+    let props = WriterProperties::builder()
+        .set_key_value_metadata(Some(kv))
+        .build();
+    let mut w = ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        batch.schema(),
+        Some(props),
+    )
+    .unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
 }
@@ -89,9 +131,16 @@ fn rewrite_shard(path: &Path, edit: impl FnOnce(RecordBatch) -> RecordBatch) {
 /// `batch` with the values of list column `col` replaced (offsets kept).
 fn with_list_values(batch: &RecordBatch, col: usize, values: ArrayRef) -> RecordBatch {
     let l = batch.column(col).as_list::<i32>();
-    let arrow_schema::DataType::List(field) = l.data_type() else { unreachable!() };
+    let arrow_schema::DataType::List(field) = l.data_type() else {
+        unreachable!()
+    };
     let mut cols = batch.columns().to_vec();
-    cols[col] = Arc::new(ListArray::new(field.clone(), l.offsets().clone(), values, None));
+    cols[col] = Arc::new(ListArray::new(
+        field.clone(),
+        l.offsets().clone(),
+        values,
+        None,
+    ));
     RecordBatch::try_new(batch.schema(), cols).unwrap()
 }
 
@@ -110,15 +159,25 @@ fn damaged_shard_sets_are_refused_by_distill_and_clip() {
     let mut tok = std::fs::read_to_string(model.join("tokenizer.json")).unwrap();
     tok.push('\n');
     std::fs::write(other_model.join("tokenizer.json"), tok).unwrap();
-    let (seed1, p0, p1_seed1, p1_tok) = (t.join("seed1"), t.join("p0"), t.join("p1-seed1"), t.join("p1-tok"));
+    let (seed1, p0, p1_seed1, p1_tok) = (
+        t.join("seed1"),
+        t.join("p0"),
+        t.join("p1-seed1"),
+        t.join("p1-tok"),
+    );
     sample(&model, &seed1, &["--seed", "1"]);
     sample(&model, &p0, &["--shard", "0/2"]);
     sample(&model, &p1_seed1, &["--shard", "1/2", "--seed", "1"]);
     sample(&other_model, &p1_tok, &["--shard", "1/2"]);
 
-    let good_manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(good.join("manifest.json")).unwrap()).unwrap();
+    let good_manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("manifest.json")).unwrap())
+            .unwrap();
     let size0 = good_manifest["files"][0]["bytes"].as_u64().unwrap();
-    let sha0 = good_manifest["files"][0]["sha256"].as_str().unwrap().to_string();
+    let sha0 = good_manifest["files"][0]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let case = |name: &str, from: &[&Path], edit: &dyn Fn(&Path)| -> PathBuf {
         let d = t.join(name);
         for f in from {
@@ -238,31 +297,83 @@ fn damaged_shard_sets_are_refused_by_distill_and_clip() {
         let name = dir.file_name().unwrap().to_str().unwrap();
         let s = dir.to_str().unwrap();
         let out = t.join(format!("out-distill-{name}"));
-        let r = qat_distill(&["--model", m, "--shards", s, "--out", out.to_str().unwrap(), "--scheme", "W4", "-b", "4", "--steps", "2", "-q"]);
+        let r = qat_distill(&[
+            "--model",
+            m,
+            "--shards",
+            s,
+            "--out",
+            out.to_str().unwrap(),
+            "--scheme",
+            "W4",
+            "-b",
+            "4",
+            "--steps",
+            "2",
+            "-q",
+        ]);
         refused(&r, "qat-distill", needle, &out);
         let out = t.join(format!("out-clip-{name}"));
-        let r = qat_clip(&["--model", m, "--shards", s, "--scheme", "W2CH", "--out", out.to_str().unwrap(), "--calib-sequences", "8", "--calib-len", "48", "-q"]);
+        let r = qat_clip(&[
+            "--model",
+            m,
+            "--shards",
+            s,
+            "--scheme",
+            "W2CH",
+            "--out",
+            out.to_str().unwrap(),
+            "--calib-sequences",
+            "8",
+            "--calib-len",
+            "48",
+            "-q",
+        ]);
         refused(&r, "qat-clip", needle, &out);
     }
     // The shards the damaged copies came from are fine.
     let out = t.join("out-good");
-    ok_json(&qat_clip(&["--model", m, "--shards", good.to_str().unwrap(), "--scheme", "W2CH", "--out", out.to_str().unwrap(), "--calib-sequences", "8", "--calib-len", "48", "-q"]));
+    ok_json(&qat_clip(&[
+        "--model",
+        m,
+        "--shards",
+        good.to_str().unwrap(),
+        "--scheme",
+        "W2CH",
+        "--out",
+        out.to_str().unwrap(),
+        "--calib-sequences",
+        "8",
+        "--calib-len",
+        "48",
+        "-q",
+    ]));
 }
 
 /// A copy of stories260K (config, tokenizer, weights) with `edit` applied to its tensors, or,
 /// with `raw`, to the bytes of model.safetensors.
-fn damaged_model(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>), raw: impl FnOnce(&mut Vec<u8>)) {
+fn damaged_model(
+    dir: &Path,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>),
+    raw: impl FnOnce(&mut Vec<u8>),
+) {
     std::fs::create_dir_all(dir).unwrap();
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(stories_dir().join(f), dir.join(f)).unwrap();
     }
-    let mut tensors = candle_core::safetensors::load(stories_dir().join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(stories_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap();
     edit(&mut tensors);
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let mut bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     raw(&mut bytes);
     std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
-    std::fs::write(dir.join("quant_scheme.json"), r#"{"format_version": 1, "weight": {"bits": 4, "format": {"kind": "sym_per_channel"}}}"#).unwrap();
+    std::fs::write(
+        dir.join("quant_scheme.json"),
+        r#"{"format_version": 1, "weight": {"bits": 4, "format": {"kind": "sym_per_channel"}}}"#,
+    )
+    .unwrap();
 }
 
 /// Model dirs with a missing tensor, a wrong shape or dtype, or a truncated weights file are
@@ -280,42 +391,82 @@ fn damaged_model_dirs_are_refused_by_eval_distill_and_pack() {
         {
             let d = t.join("missing-tensor");
             damaged_model(&d, |w| drop(w.remove(up)), keep);
-            (d, format!("missing-tensor: tensor {up} is missing from the checkpoint"))
+            (
+                d,
+                format!("missing-tensor: tensor {up} is missing from the checkpoint"),
+            )
         },
         {
             let d = t.join("wrong-shape");
-            damaged_model(&d, |w| {
-                let x = w[down].t().unwrap().contiguous().unwrap();
-                w.insert(down.into(), x);
-            }, keep);
+            damaged_model(
+                &d,
+                |w| {
+                    let x = w[down].t().unwrap().contiguous().unwrap();
+                    w.insert(down.into(), x);
+                },
+                keep,
+            );
             (d, format!("wrong-shape/model.safetensors: tensor {down} has shape [172, 64], expected [64, 172] from config.json"))
         },
         {
             let d = t.join("wrong-dtype");
-            damaged_model(&d, |w| {
-                let x = w["model.norm.weight"].to_dtype(DType::I64).unwrap();
-                w.insert("model.norm.weight".into(), x);
-            }, keep);
+            damaged_model(
+                &d,
+                |w| {
+                    let x = w["model.norm.weight"].to_dtype(DType::I64).unwrap();
+                    w.insert("model.norm.weight".into(), x);
+                },
+                keep,
+            );
             (d, "wrong-dtype/model.safetensors: tensor model.norm.weight has dtype I64, expected a float type (F32, F16 or BF16)".into())
         },
         {
             let d = t.join("truncated");
             damaged_model(&d, |_| {}, |b| b.truncate(b.len() - 1000));
-            (d, "truncated/model.safetensors: invalid safetensors file: ".into())
+            (
+                d,
+                "truncated/model.safetensors: invalid safetensors file: ".into(),
+            )
         },
         {
             let d = t.join("header-cut");
             damaged_model(&d, |_| {}, |b| b.truncate(100));
-            (d, "header-cut/model.safetensors: invalid safetensors file: ".into())
+            (
+                d,
+                "header-cut/model.safetensors: invalid safetensors file: ".into(),
+            )
         },
     ];
     let corpus = tinystories();
     for (dir, needle) in &cases {
-        let (name, m) = (dir.file_name().unwrap().to_str().unwrap(), dir.to_str().unwrap());
-        let r = qat_eval(&["--model", m, "--corpus", corpus.to_str().unwrap(), "--limit", "1", "-q"]);
+        let (name, m) = (
+            dir.file_name().unwrap().to_str().unwrap(),
+            dir.to_str().unwrap(),
+        );
+        let r = qat_eval(&[
+            "--model",
+            m,
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--limit",
+            "1",
+            "-q",
+        ]);
         assert_error(&r, "qat-eval", needle);
         let out = t.join(format!("out-distill-{name}"));
-        let r = qat_distill(&["--model", m, "--shards", shards.to_str().unwrap(), "--out", out.to_str().unwrap(), "-b", "4", "--steps", "2", "-q"]);
+        let r = qat_distill(&[
+            "--model",
+            m,
+            "--shards",
+            shards.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "-b",
+            "4",
+            "--steps",
+            "2",
+            "-q",
+        ]);
         refused(&r, "qat-distill", needle, &out);
         let out = t.join(format!("out-pack-{name}"));
         let r = qat_pack(&["--model", m, "--out", out.to_str().unwrap()]);
@@ -329,7 +480,12 @@ fn patch_header(bytes: &mut [u8], anchor: &str, from: &str, to: &str, first: boo
     assert_eq!(from.len(), to.len());
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = &mut bytes[8..8 + n];
-    let find = |h: &[u8], what: &str, at: usize| h[at..].windows(what.len()).position(|w| w == what.as_bytes()).map(|p| p + at);
+    let find = |h: &[u8], what: &str, at: usize| {
+        h[at..]
+            .windows(what.len())
+            .position(|w| w == what.as_bytes())
+            .map(|p| p + at)
+    };
     let mut at = find(header, anchor, 0).unwrap_or_else(|| panic!("{anchor} not in the header"));
     let mut hits = 0;
     while let Some(p) = find(header, from, at) {
@@ -351,7 +507,12 @@ fn packed_dirs_whose_metadata_disagrees_with_their_tensors_are_refused() {
     let student = t.join("student");
     damaged_model(&student, |_| {}, |_| {});
     let packed = t.join("packed");
-    ok_json(&qat_pack(&["--model", student.to_str().unwrap(), "--out", packed.to_str().unwrap()]));
+    ok_json(&qat_pack(&[
+        "--model",
+        student.to_str().unwrap(),
+        "--out",
+        packed.to_str().unwrap(),
+    ]));
     let file = "model.packed.safetensors";
     let damaged = |name: &str, edit: &dyn Fn(&mut Vec<u8>), scheme: Option<&str>| {
         let d = t.join(name);
@@ -364,7 +525,8 @@ fn packed_dirs_whose_metadata_disagrees_with_their_tensors_are_refused() {
         }
         d
     };
-    let w3 = r#"{"format_version": 1, "weight": {"bits": 3, "format": {"kind": "sym_per_channel"}}}"#;
+    let w3 =
+        r#"{"format_version": 1, "weight": {"bits": 3, "format": {"kind": "sym_per_channel"}}}"#;
     let cases: Vec<(PathBuf, String)> = vec![
         (
             damaged("layer-bits", &|b| patch_header(b, "\"qat.layers\"", "\\\"bits\\\":4", "\\\"bits\\\":3", true), None),
@@ -394,14 +556,36 @@ fn packed_dirs_whose_metadata_disagrees_with_their_tensors_are_refused() {
     ];
     let corpus = tinystories();
     for (dir, needle) in &cases {
-        let r = qat_eval(&["--model", dir.to_str().unwrap(), "--corpus", corpus.to_str().unwrap(), "--limit", "1", "-q"]);
+        let r = qat_eval(&[
+            "--model",
+            dir.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--limit",
+            "1",
+            "-q",
+        ]);
         assert_error(&r, "qat-eval", needle);
     }
     // A corpus that is not UTF-8 (UTF-16 with its byte-order mark) is refused for a packed model too.
     let utf16 = t.join("utf16.txt");
     let mut bytes = vec![0xff, 0xfe];
-    bytes.extend("Once upon a time".encode_utf16().flat_map(|u| u.to_le_bytes()));
+    bytes.extend(
+        "Once upon a time"
+            .encode_utf16()
+            .flat_map(|u| u.to_le_bytes()),
+    );
     std::fs::write(&utf16, bytes).unwrap();
-    let r = qat_eval(&["--model", packed.to_str().unwrap(), "--corpus", utf16.to_str().unwrap(), "-q"]);
-    assert_error(&r, "qat-eval", "utf16.txt: not UTF-8: invalid byte at offset 0");
+    let r = qat_eval(&[
+        "--model",
+        packed.to_str().unwrap(),
+        "--corpus",
+        utf16.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_error(
+        &r,
+        "qat-eval",
+        "utf16.txt: not UTF-8: invalid byte at offset 0",
+    );
 }

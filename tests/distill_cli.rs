@@ -6,8 +6,31 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn distill_args<'a>(model: &'a str, shards: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["--model", model, "--shards", shards, "--out", out, "--scheme", "W4A8KV4", "-b", "4", "--warmup-steps", "2", "--lr", "1e-3", "--checkpoint-every", "3", "-q"];
+fn distill_args<'a>(
+    model: &'a str,
+    shards: &'a str,
+    out: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![
+        "--model",
+        model,
+        "--shards",
+        shards,
+        "--out",
+        out,
+        "--scheme",
+        "W4A8KV4",
+        "-b",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "3",
+        "-q",
+    ];
     if !extra.contains(&"--steps") {
         v.extend_from_slice(&["--steps", "12"]);
     }
@@ -19,7 +42,11 @@ fn log_losses(out: &Path) -> Vec<f64> {
     std::fs::read_to_string(out.join("train_log.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -30,22 +57,50 @@ fn training_lowers_the_loss_and_writes_a_student_dir() {
     small_shards(&shards);
     let out = tmp.path().join("student");
     let model = stories_dir();
-    let s = ok_json(&qat_distill(&distill_args(model.to_str().unwrap(), shards.to_str().unwrap(), out.to_str().unwrap(), &[])));
+    let s = ok_json(&qat_distill(&distill_args(
+        model.to_str().unwrap(),
+        shards.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &[],
+    )));
     assert_eq!(s["steps"], 12);
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "quant_scheme.json", "train_log.jsonl", "provenance.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "quant_scheme.json",
+        "train_log.jsonl",
+        "provenance.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    assert!(!tmp.path().join("student.work").exists(), "work dir left behind");
+    assert!(
+        !tmp.path().join("student.work").exists(),
+        "work dir left behind"
+    );
     let losses = log_losses(&out);
     assert_eq!(losses.len(), 12);
     let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
     let last: f64 = losses[9..].iter().sum::<f64>() / 3.0;
     assert!(last < first * 0.8, "loss did not fall: {losses:?}");
-    let prov: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap()).unwrap();
+    let prov: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap())
+            .unwrap();
     assert_eq!(prov["steps"], 12);
-    assert_eq!(prov["init_weights_sha256"], "407a7c581bdd66972383ce9ad24857713fb98786d06ea564a2fe9b34ebe77dfd");
+    assert_eq!(
+        prov["init_weights_sha256"],
+        "407a7c581bdd66972383ce9ad24857713fb98786d06ea564a2fe9b34ebe77dfd"
+    );
     // The student evaluates with its saved scheme.
-    let e = ok_json(&qat_eval(&["--model", out.to_str().unwrap(), "--corpus", tinystories().to_str().unwrap(), "--limit", "3", "-q"]));
+    let e = ok_json(&qat_eval(&[
+        "--model",
+        out.to_str().unwrap(),
+        "--corpus",
+        tinystories().to_str().unwrap(),
+        "--limit",
+        "3",
+        "-q",
+    ]));
     assert_eq!(e["scheme"], "W4A8KV4");
 }
 
@@ -55,9 +110,17 @@ fn resume_after_kill_gives_the_identical_loss_curve_and_weights() {
     let shards = tmp.path().join("shards");
     small_shards(&shards);
     let model = stories_dir();
-    let (m, s) = (model.to_str().unwrap().to_string(), shards.to_str().unwrap().to_string());
+    let (m, s) = (
+        model.to_str().unwrap().to_string(),
+        shards.to_str().unwrap().to_string(),
+    );
     let whole = tmp.path().join("whole");
-    ok_json(&qat_distill(&distill_args(&m, &s, whole.to_str().unwrap(), &[])));
+    ok_json(&qat_distill(&distill_args(
+        &m,
+        &s,
+        whole.to_str().unwrap(),
+        &[],
+    )));
     let killed = tmp.path().join("killed");
     let k = killed.to_str().unwrap().to_string();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qat-distill"))
@@ -74,11 +137,18 @@ fn resume_after_kill_gives_the_identical_loss_curve_and_weights() {
     child.wait().unwrap();
     assert!(!killed.exists(), "the run finished before it was killed");
     // Without --resume an existing checkpoint is refused; with it the run continues.
-    assert_error(&qat_distill(&distill_args(&m, &s, &k, &[])), "qat-distill", "pass --resume");
+    assert_error(
+        &qat_distill(&distill_args(&m, &s, &k, &[])),
+        "qat-distill",
+        "pass --resume",
+    );
     let r = ok_json(&qat_distill(&distill_args(&m, &s, &k, &["--resume"])));
     assert!(r["resumed_from_step"].as_u64().unwrap() >= 3);
     assert_eq!(log_losses(&whole), log_losses(&killed));
-    assert_eq!(std::fs::read(whole.join("model.safetensors")).unwrap(), std::fs::read(killed.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(killed.join("model.safetensors")).unwrap()
+    );
 }
 
 #[test]
@@ -88,17 +158,33 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     small_shards(&shards);
     let model = stories_dir();
     let out = tmp.path().join("s");
-    let (m, s, o) = (model.to_str().unwrap(), shards.to_str().unwrap(), out.to_str().unwrap());
+    let (m, s, o) = (
+        model.to_str().unwrap(),
+        shards.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
     let r = qat_distill(&distill_args(m, s, o, &["--inject-nan-at", "7"]));
     assert_error(&r, "qat-distill", "non-finite loss NaN at step 7");
-    assert!(stderr(&r).contains("last good checkpoint: step 6"), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("last good checkpoint: step 6"),
+        "{}",
+        stderr(&r)
+    );
     assert!(!out.exists());
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("s.work/checkpoint/state.json")).unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("s.work/checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(state["step"], 6);
     // The checkpoint is intact: resuming (without the NaN) matches an uninterrupted run.
     ok_json(&qat_distill(&distill_args(m, s, o, &["--resume"])));
     let whole = tmp.path().join("whole");
-    ok_json(&qat_distill(&distill_args(m, s, whole.to_str().unwrap(), &[])));
+    ok_json(&qat_distill(&distill_args(
+        m,
+        s,
+        whole.to_str().unwrap(),
+        &[],
+    )));
     assert_eq!(log_losses(&whole), log_losses(&out));
 }
 
@@ -120,11 +206,19 @@ fn bad_inputs_fail_with_exit_2() {
     let mut tok = std::fs::read_to_string(model.join("tokenizer.json")).unwrap();
     tok.push('\n');
     std::fs::write(other.join("tokenizer.json"), tok).unwrap();
-    assert_error(&qat_distill(&distill_args(other.to_str().unwrap(), s, o, &[])), "qat-distill", "shards do not match the student model");
+    assert_error(
+        &qat_distill(&distill_args(other.to_str().unwrap(), s, o, &[])),
+        "qat-distill",
+        "shards do not match the student model",
+    );
     // Schemes that do not parse or do not fit the model.
     let mut a = distill_args(m, s, o, &[]);
     a[7] = "W9A8";
-    assert_error(&qat_distill(&a), "qat-distill", "weight bits 9 out of range");
+    assert_error(
+        &qat_distill(&a),
+        "qat-distill",
+        "weight bits 9 out of range",
+    );
     let scheme = tmp.path().join("s.json");
     std::fs::write(&scheme, r#"{"format_version":1,"weight":{"bits":4,"format":{"kind":"sym_per_channel"}},"act":null,"kv":null,"overrides":[{"pattern":"layers.9.*","weight":null}]}"#).unwrap();
     a[7] = scheme.to_str().unwrap();
@@ -143,7 +237,11 @@ fn bad_inputs_fail_with_exit_2() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&f, bytes).unwrap();
-    assert_error(&qat_distill(&distill_args(m, corrupt.to_str().unwrap(), o, &[])), "qat-distill", "shard-00001.parquet");
+    assert_error(
+        &qat_distill(&distill_args(m, corrupt.to_str().unwrap(), o, &[])),
+        "qat-distill",
+        "shard-00001.parquet",
+    );
     assert!(!out.exists() && !tmp.path().join("out.work").exists());
 }
 
@@ -160,8 +258,18 @@ fn online_teacher_loss_bounds_the_cached_top_k_loss() {
     let (m, s) = (model.to_str().unwrap(), shards.to_str().unwrap());
     let cached = tmp.path().join("cached");
     let online = tmp.path().join("online");
-    ok_json(&qat_distill(&distill_args(m, s, cached.to_str().unwrap(), &["--steps", "2"])));
-    let a = distill_args(m, s, online.to_str().unwrap(), &["--teacher", m, "--steps", "2"]);
+    ok_json(&qat_distill(&distill_args(
+        m,
+        s,
+        cached.to_str().unwrap(),
+        &["--steps", "2"],
+    )));
+    let a = distill_args(
+        m,
+        s,
+        online.to_str().unwrap(),
+        &["--teacher", m, "--steps", "2"],
+    );
     let j = ok_json(&qat_distill(&a));
     assert_eq!(j["steps"], 2);
     let (c, o) = (log_losses(&cached)[0], log_losses(&online)[0]);
@@ -180,38 +288,94 @@ fn cakld_measures_gamma_from_the_shards_and_records_it() {
     let model = stories_dir();
     let (m, s) = (model.to_str().unwrap(), shards.to_str().unwrap());
     let out = tmp.path().join("cakld");
-    let j = ok_json(&qat_distill(&distill_args(m, s, out.to_str().unwrap(), &["--loss", "cakld", "--steps", "2"])));
+    let j = ok_json(&qat_distill(&distill_args(
+        m,
+        s,
+        out.to_str().unwrap(),
+        &["--loss", "cakld", "--steps", "2"],
+    )));
     assert_eq!(j["loss"], "cakld");
     let gamma = j["cakld_gamma"].as_f64().unwrap();
     assert!(gamma > 0.2 && gamma < 1.0, "gamma {gamma}");
-    let prov: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap()).unwrap();
+    let prov: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap())
+            .unwrap();
     assert_eq!(prov["settings"]["loss"], "cakld");
     assert_eq!(prov["settings"]["cakld_gamma"], serde_json::Value::Null);
     assert_eq!(prov["cakld_gamma"]["source"], "shards");
     assert_eq!(prov["cakld_gamma"]["gamma"].as_f64(), Some(gamma));
     // Data-free shards: prompt = BOS + start token, so every sequence of L tokens has L - 2
     // trained positions; the manifest's token count gives their total independently.
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shards.join("manifest.json")).unwrap()).unwrap();
-    let tokens: u64 = manifest["files"].as_array().unwrap().iter().map(|f| f["tokens"].as_u64().unwrap()).sum();
-    assert_eq!(prov["cakld_gamma"]["measured"]["positions"].as_u64(), Some(tokens - 2 * 32));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shards.join("manifest.json")).unwrap())
+            .unwrap();
+    let tokens: u64 = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        prov["cakld_gamma"]["measured"]["positions"].as_u64(),
+        Some(tokens - 2 * 32)
+    );
     assert!(log_losses(&out).iter().all(|l| l.is_finite() && *l > 0.0));
 
     // A given gamma is used as is; out-of-range or misplaced values are refused.
     let fixed = tmp.path().join("fixed");
-    let j = ok_json(&qat_distill(&distill_args(m, s, fixed.to_str().unwrap(), &["--loss", "cakld", "--cakld-gamma", "0.25", "--steps", "1"])));
+    let j = ok_json(&qat_distill(&distill_args(
+        m,
+        s,
+        fixed.to_str().unwrap(),
+        &["--loss", "cakld", "--cakld-gamma", "0.25", "--steps", "1"],
+    )));
     assert_eq!(j["cakld_gamma"].as_f64(), Some(0.25));
-    let prov: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixed.join("provenance.json")).unwrap()).unwrap();
-    assert_eq!((prov["cakld_gamma"]["source"].as_str(), prov["settings"]["cakld_gamma"].as_f64()), (Some("--cakld-gamma"), Some(0.25)));
+    let prov: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixed.join("provenance.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            prov["cakld_gamma"]["source"].as_str(),
+            prov["settings"]["cakld_gamma"].as_f64()
+        ),
+        (Some("--cakld-gamma"), Some(0.25))
+    );
     let bad = tmp.path().join("bad");
     let b = bad.to_str().unwrap();
-    assert_error(&qat_distill(&distill_args(m, s, b, &["--loss", "cakld", "--cakld-gamma", "1.5"])), "qat-distill", "--cakld-gamma must be in 0..=1, got 1.5");
-    assert_error(&qat_distill(&distill_args(m, s, b, &["--loss", "jsd", "--cakld-gamma", "0.5"])), "qat-distill", "--cakld-gamma applies only to --loss cakld");
+    assert_error(
+        &qat_distill(&distill_args(
+            m,
+            s,
+            b,
+            &["--loss", "cakld", "--cakld-gamma", "1.5"],
+        )),
+        "qat-distill",
+        "--cakld-gamma must be in 0..=1, got 1.5",
+    );
+    assert_error(
+        &qat_distill(&distill_args(
+            m,
+            s,
+            b,
+            &["--loss", "jsd", "--cakld-gamma", "0.5"],
+        )),
+        "qat-distill",
+        "--cakld-gamma applies only to --loss cakld",
+    );
     for loss in ["rkl", "jsd"] {
         let o = tmp.path().join(loss);
-        let j = ok_json(&qat_distill(&distill_args(m, s, o.to_str().unwrap(), &["--loss", loss, "--steps", "2"])));
+        let j = ok_json(&qat_distill(&distill_args(
+            m,
+            s,
+            o.to_str().unwrap(),
+            &["--loss", loss, "--steps", "2"],
+        )));
         assert_eq!(j["loss"], loss);
         assert!(j.get("cakld_gamma").is_none());
-        assert!(log_losses(&o).iter().all(|l| l.is_finite() && *l > 0.0), "{loss}");
+        assert!(
+            log_losses(&o).iter().all(|l| l.is_finite() && *l > 0.0),
+            "{loss}"
+        );
     }
 }
 
@@ -226,15 +390,39 @@ fn resume_with_balance_kv_keeps_the_first_balancing() {
     let (m, s) = (model.to_str().unwrap(), shards.to_str().unwrap());
     let out = tmp.path().join("s");
     let o = out.to_str().unwrap();
-    let r = qat_distill(&distill_args(m, s, o, &["--balance-kv", "4", "--inject-nan-at", "7"]));
+    let r = qat_distill(&distill_args(
+        m,
+        s,
+        o,
+        &["--balance-kv", "4", "--inject-nan-at", "7"],
+    ));
     assert_eq!(r.status.code(), Some(2));
-    ok_json(&qat_distill(&distill_args(m, s, o, &["--balance-kv", "4", "--resume"])));
+    ok_json(&qat_distill(&distill_args(
+        m,
+        s,
+        o,
+        &["--balance-kv", "4", "--resume"],
+    )));
     let whole = tmp.path().join("whole");
-    ok_json(&qat_distill(&distill_args(m, s, whole.to_str().unwrap(), &["--balance-kv", "4"])));
+    ok_json(&qat_distill(&distill_args(
+        m,
+        s,
+        whole.to_str().unwrap(),
+        &["--balance-kv", "4"],
+    )));
     assert_eq!(log_losses(&whole), log_losses(&out));
-    assert_eq!(std::fs::read(whole.join("model.safetensors")).unwrap(), std::fs::read(out.join("model.safetensors")).unwrap());
-    let prov = |d: &std::path::Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join("provenance.json")).unwrap()).unwrap() };
-    assert!(prov(&out)["balance_kv"]["calibration_sequences"] == 4, "{}", prov(&out));
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(out.join("model.safetensors")).unwrap()
+    );
+    let prov = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("provenance.json")).unwrap()).unwrap()
+    };
+    assert!(
+        prov(&out)["balance_kv"]["calibration_sequences"] == 4,
+        "{}",
+        prov(&out)
+    );
     assert_eq!(prov(&out)["balance_kv"], prov(&whole)["balance_kv"]);
 }
 
@@ -264,10 +452,17 @@ fn issue7_data_parallel_parts_match_one_part_and_resume_keeps_the_count() {
     let (a, b) = (log_losses(&one), log_losses(&three));
     assert_eq!(a.len(), 8);
     for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-4 * x.abs(), "one part {a:?} vs three parts {b:?}");
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs(),
+            "one part {a:?} vs three parts {b:?}"
+        );
     }
     let settings = |dir: &Path| -> serde_json::Value {
-        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(dir.join("provenance.json")).unwrap()).unwrap()["settings"].clone()
+        serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(dir.join("provenance.json")).unwrap(),
+        )
+        .unwrap()["settings"]
+            .clone()
     };
     assert_eq!(settings(&three)["data_parallel"], 3);
     // Auto: one part per rayon thread, at most one per sequence (-b 4).
@@ -279,13 +474,27 @@ fn issue7_data_parallel_parts_match_one_part_and_resume_keeps_the_count() {
     assert_eq!(settings(&wide)["data_parallel"], 4);
     // Stopped at step 5 (checkpoint at 3) with 3 parts, resumed without --data-parallel on a
     // "machine" with 2 threads: it goes on with 3 parts and ends where the uninterrupted run does.
-    let (stopped, o) = run("stopped", &["--steps", "8", "--data-parallel", "3", "--inject-nan-at", "5"], "2");
+    let (stopped, o) = run(
+        "stopped",
+        &[
+            "--steps",
+            "8",
+            "--data-parallel",
+            "3",
+            "--inject-nan-at",
+            "5",
+        ],
+        "2",
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let (_, o) = run("stopped", &["--steps", "8", "--resume"], "2");
     ok_json(&o);
     assert_eq!(settings(&stopped)["data_parallel"], 3);
     assert_eq!(log_losses(&stopped), b);
-    assert_eq!(std::fs::read(three.join("model.safetensors")).unwrap(), std::fs::read(stopped.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(three.join("model.safetensors")).unwrap(),
+        std::fs::read(stopped.join("model.safetensors")).unwrap()
+    );
 }
 
 #[test]
@@ -309,10 +518,18 @@ fn parallel_shard_check_reports_the_first_bad_file_in_order() {
     }
     let model = stories_dir();
     let out = tmp.path().join("out");
-    let r = qat_distill(&distill_args(model.to_str().unwrap(), shards.to_str().unwrap(), out.to_str().unwrap(), &[]));
+    let r = qat_distill(&distill_args(
+        model.to_str().unwrap(),
+        shards.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &[],
+    ));
     let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
     assert_error(&r, "qat-distill", &name(&files[1]));
-    assert!(!stderr(&r).contains(&name(&files[3])), "names the later file: {}", stderr(&r));
+    assert!(
+        !stderr(&r).contains(&name(&files[3])),
+        "names the later file: {}",
+        stderr(&r)
+    );
     assert!(!out.exists(), "output written despite the error");
 }
-

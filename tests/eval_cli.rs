@@ -9,20 +9,51 @@ use common::*;
 /// 3211 predicted tokens, mean NLL 1.20929.
 #[test]
 fn docs_perplexity_matches_hf_reference() {
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(stories_dir().join("reference_outputs.json")).unwrap()).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(stories_dir().join("reference_outputs.json")).unwrap(),
+    )
+    .unwrap();
     let want = &reference["tinystories_first10"];
     let model = stories_dir();
     let corpus = tinystories();
-    let out = qat_eval(&["--model", model.to_str().unwrap(), "--corpus", corpus.to_str().unwrap(), "--mode", "docs", "--seq-len", "512", "--limit", "10", "-q"]);
+    let out = qat_eval(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--mode",
+        "docs",
+        "--seq-len",
+        "512",
+        "--limit",
+        "10",
+        "-q",
+    ]);
     let j = ok_json(&out);
     assert_eq!(j["tokens"], want["pred_tokens"]);
     let nll = j["nll"].as_f64().unwrap();
-    assert!((nll - want["mean_nll"].as_f64().unwrap()).abs() < 1e-4, "nll {nll} vs {}", want["mean_nll"]);
+    assert!(
+        (nll - want["mean_nll"].as_f64().unwrap()).abs() < 1e-4,
+        "nll {nll} vs {}",
+        want["mean_nll"]
+    );
     assert!((j["ppl"].as_f64().unwrap() - nll.exp()).abs() < 1e-9);
-    assert_eq!(j["corpus_sha256"], "b1097f1cca750cb706160d9820bd4d6c4bbcca3e05c8dfc051d2b76b3cfca444");
+    assert_eq!(
+        j["corpus_sha256"],
+        "b1097f1cca750cb706160d9820bd4d6c4bbcca3e05c8dfc051d2b76b3cfca444"
+    );
     // Batch composition must not change the result beyond float rounding.
-    let one = ok_json(&qat_eval(&["--model", model.to_str().unwrap(), "--corpus", corpus.to_str().unwrap(), "--limit", "10", "-b", "1", "-q"]));
+    let one = ok_json(&qat_eval(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--limit",
+        "10",
+        "-b",
+        "1",
+        "-q",
+    ]));
     assert!((one["nll"].as_f64().unwrap() - nll).abs() < 1e-5);
 }
 
@@ -32,11 +63,24 @@ fn stream_mode_cuts_non_overlapping_windows() {
     let text = tmp.path().join("t.txt");
     std::fs::write(&text, "Once upon a time there was a cat. ".repeat(40)).unwrap();
     let model = stories_dir();
-    let j = ok_json(&qat_eval(&["--model", model.to_str().unwrap(), "--corpus", text.to_str().unwrap(), "--mode", "stream", "--seq-len", "64", "-q"]));
+    let j = ok_json(&qat_eval(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        text.to_str().unwrap(),
+        "--mode",
+        "stream",
+        "--seq-len",
+        "64",
+        "-q",
+    ]));
     let windows = j["sequences"].as_u64().unwrap();
     // Every window predicts all but its first token.
     let total: u64 = j["tokens"].as_u64().unwrap() + windows;
-    assert!(windows >= 2 && total > 64 * (windows - 1) && total <= 64 * windows, "{j}");
+    assert!(
+        windows >= 2 && total > 64 * (windows - 1) && total <= 64 * windows,
+        "{j}"
+    );
 }
 
 #[test]
@@ -45,7 +89,37 @@ fn bad_corpus_is_a_clear_error() {
     let model = stories_dir();
     let bad = tmp.path().join("latin1.txt");
     std::fs::write(&bad, b"caf\xe9 au lait").unwrap();
-    assert_error(&qat_eval(&["--model", model.to_str().unwrap(), "--corpus", bad.to_str().unwrap(), "-q"]), "qat-eval", "latin1.txt: not UTF-8: invalid byte at offset 3");
-    assert_error(&qat_eval(&["--model", model.to_str().unwrap(), "--corpus", "/nonexistent.txt", "-q"]), "qat-eval", "/nonexistent.txt: cannot read corpus");
-    assert_error(&qat_eval(&["--model", "/nonexistent", "--corpus", bad.to_str().unwrap(), "-q"]), "qat-eval", "not a model directory");
+    assert_error(
+        &qat_eval(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--corpus",
+            bad.to_str().unwrap(),
+            "-q",
+        ]),
+        "qat-eval",
+        "latin1.txt: not UTF-8: invalid byte at offset 3",
+    );
+    assert_error(
+        &qat_eval(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--corpus",
+            "/nonexistent.txt",
+            "-q",
+        ]),
+        "qat-eval",
+        "/nonexistent.txt: cannot read corpus",
+    );
+    assert_error(
+        &qat_eval(&[
+            "--model",
+            "/nonexistent",
+            "--corpus",
+            bad.to_str().unwrap(),
+            "-q",
+        ]),
+        "qat-eval",
+        "not a model directory",
+    );
 }

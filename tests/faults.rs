@@ -39,16 +39,28 @@ fn check_killed_sample_state(out: &Path, reference: &[(String, Vec<u8>)]) {
     for (name, bytes) in dir_files(out) {
         if name.starts_with("shard-") && name.ends_with(".parquet") {
             let want = reference.iter().find(|(n, _)| *n == name).map(|(_, b)| b);
-            assert_eq!(Some(&bytes), want, "{name} is under its final name but differs from the uninterrupted run");
+            assert_eq!(
+                Some(&bytes),
+                want,
+                "{name} is under its final name but differs from the uninterrupted run"
+            );
         }
     }
     let path = out.join("manifest.json");
     if path.exists() {
         let m = Manifest::load(&path).expect("a manifest under its final name is complete");
         for e in &m.files {
-            assert!(qat_shards::verify_entry(out, e).unwrap(), "{} is listed but does not verify", e.name);
+            assert!(
+                qat_shards::verify_entry(out, e).unwrap(),
+                "{} is listed but does not verify",
+                e.name
+            );
         }
-        assert_eq!(ShardSet::open(out).is_ok(), m.complete, "only a complete set opens");
+        assert_eq!(
+            ShardSet::open(out).is_ok(),
+            m.complete,
+            "only a complete set opens"
+        );
     }
 }
 
@@ -58,8 +70,21 @@ fn qat_sample_killed_at_seeded_points_resumes_to_identical_bytes() {
     let model = stories_dir();
     let args = |out: &Path| {
         strings(&[
-            "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "-n", "48", "--max-len", "48", "-K", "8",
-            "--batch-size", "4", "--seqs-per-file", "4", "-q",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "-n",
+            "48",
+            "--max-len",
+            "48",
+            "-K",
+            "8",
+            "--batch-size",
+            "4",
+            "--seqs-per-file",
+            "4",
+            "-q",
         ])
     };
     let whole = tmp.path().join("whole");
@@ -73,16 +98,29 @@ fn qat_sample_killed_at_seeded_points_resumes_to_identical_bytes() {
     let mut rng = Rng(0x1550_0005);
     let (mut kills, mut restarts) = (Vec::new(), 0);
     while kills.len() < 10 {
-        assert!(restarts < 10, "the runs keep finishing before their kill points: {kills:?}");
+        assert!(
+            restarts < 10,
+            "the runs keep finishing before their kill points: {kills:?}"
+        );
         let (label, landed) = match rng.below(3) {
             0 => {
                 let ms = rng.below(full_ms / 4 + 1);
-                (format!("after {ms} ms"), kill_when(SAMPLE, &args(&out), |t| t >= Duration::from_millis(ms)))
+                (
+                    format!("after {ms} ms"),
+                    kill_when(SAMPLE, &args(&out), |t| t >= Duration::from_millis(ms)),
+                )
             }
             1 => {
                 // Mid-file: a shard's .tmp exists (rows generated, file not yet renamed).
-                let tmp_exists = |d: &Path| names(d).iter().any(|n| n.starts_with("shard-") && n.ends_with(".tmp"));
-                ("while a shard .tmp exists".to_string(), kill_when(SAMPLE, &args(&out), |_| tmp_exists(&out)))
+                let tmp_exists = |d: &Path| {
+                    names(d)
+                        .iter()
+                        .any(|n| n.starts_with("shard-") && n.ends_with(".tmp"))
+                };
+                (
+                    "while a shard .tmp exists".to_string(),
+                    kill_when(SAMPLE, &args(&out), |_| tmp_exists(&out)),
+                )
             }
             _ => {
                 let (n, extra) = (1 + rng.below(num_files - 1), rng.below(3));
@@ -93,7 +131,10 @@ fn qat_sample_killed_at_seeded_points_resumes_to_identical_bytes() {
                     }
                     seen.is_some_and(|s| s.elapsed() >= Duration::from_millis(extra))
                 };
-                (format!("{extra} ms after the manifest lists {n} files"), kill_when(SAMPLE, &args(&out), fire))
+                (
+                    format!("{extra} ms after the manifest lists {n} files"),
+                    kill_when(SAMPLE, &args(&out), fire),
+                )
             }
         };
         if landed {
@@ -101,7 +142,11 @@ fn qat_sample_killed_at_seeded_points_resumes_to_identical_bytes() {
             kills.push(label);
         } else {
             // The run finished before its kill point: it must be the whole set; start a new job.
-            assert_eq!(dir_files(&out), reference, "a resumed run finished with other bytes");
+            assert_eq!(
+                dir_files(&out),
+                reference,
+                "a resumed run finished with other bytes"
+            );
             std::fs::remove_dir_all(&out).unwrap();
             restarts += 1;
         }
@@ -114,7 +159,10 @@ fn qat_sample_killed_at_seeded_points_resumes_to_identical_bytes() {
         reference.iter().map(|(n, _)| n).collect::<Vec<_>>(),
         "other files (leftovers?) after resuming"
     );
-    assert_eq!(got, reference, "resumed shards or manifest differ from an uninterrupted run");
+    assert_eq!(
+        got, reference,
+        "resumed shards or manifest differ from an uninterrupted run"
+    );
 }
 
 /// A student directory compared across runs: every file's bytes, with the wall-clock field of
@@ -142,8 +190,21 @@ fn student_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 fn distill_args(model: &Path, shards: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let mut v = strings(&[
-        "--model", model.to_str().unwrap(), "--shards", shards.to_str().unwrap(), "--out", out.to_str().unwrap(), "--scheme", "W4A8KV4",
-        "-b", "4", "--warmup-steps", "2", "--lr", "1e-3", "-q",
+        "--model",
+        model.to_str().unwrap(),
+        "--shards",
+        shards.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--scheme",
+        "W4A8KV4",
+        "-b",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "-q",
     ]);
     v.extend(strings(extra));
     v
@@ -159,10 +220,17 @@ fn check_killed_distill_state(out: &Path) {
     assert!(!out.exists(), "a killed run left {}", out.display());
     let ckpt = work_dir(out).join("checkpoint");
     if ckpt.exists() {
-        let state: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).unwrap()).expect("state.json parses");
-        assert_eq!(state["step"].as_u64().unwrap() % 2, 0, "checkpoints are every 2 steps: {state}");
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).unwrap())
+                .expect("state.json parses");
+        assert_eq!(
+            state["step"].as_u64().unwrap() % 2,
+            0,
+            "checkpoints are every 2 steps: {state}"
+        );
         for f in ["weights.safetensors", "optimizer.safetensors"] {
-            candle_core::safetensors::load(ckpt.join(f), &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("{f}: {e}"));
+            candle_core::safetensors::load(ckpt.join(f), &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
         }
     }
 }
@@ -174,7 +242,14 @@ fn qat_distill_killed_at_seeded_points_resumes_to_the_identical_loss_curve_and_w
     small_shards(&shards);
     let model = stories_dir();
     let steps = 24;
-    let args = |out: &Path| distill_args(&model, &shards, out, &["--steps", "24", "--checkpoint-every", "2", "--resume"]);
+    let args = |out: &Path| {
+        distill_args(
+            &model,
+            &shards,
+            out,
+            &["--steps", "24", "--checkpoint-every", "2", "--resume"],
+        )
+    };
     let whole = tmp.path().join("whole");
     let t0 = Instant::now();
     ok_json(&qat_distill(&strs(&args(&whole))));
@@ -183,7 +258,9 @@ fn qat_distill_killed_at_seeded_points_resumes_to_the_identical_loss_curve_and_w
 
     let out = tmp.path().join("killed");
     let work = work_dir(&out);
-    let log_lines = |w: &Path| std::fs::read_to_string(w.join("train_log.jsonl")).map_or(0, |t| t.lines().count() as u64);
+    let log_lines = |w: &Path| {
+        std::fs::read_to_string(w.join("train_log.jsonl")).map_or(0, |t| t.lines().count() as u64)
+    };
     let ckpt_step = |w: &Path| {
         std::fs::read(w.join("checkpoint/state.json"))
             .ok()
@@ -193,12 +270,18 @@ fn qat_distill_killed_at_seeded_points_resumes_to_the_identical_loss_curve_and_w
     let mut rng = Rng(0x1550_0005 ^ 0xD15);
     let (mut kills, mut restarts) = (Vec::new(), 0);
     while kills.len() < 10 {
-        assert!(restarts < 10, "the runs keep finishing before their kill points: {kills:?}");
+        assert!(
+            restarts < 10,
+            "the runs keep finishing before their kill points: {kills:?}"
+        );
         let bound = Duration::from_millis(full_ms / 3);
         let (label, landed) = match rng.below(4) {
             0 => {
                 let ms = rng.below(full_ms / 3 + 1);
-                (format!("after {ms} ms"), kill_when(DISTILL, &args(&out), |t| t >= Duration::from_millis(ms)))
+                (
+                    format!("after {ms} ms"),
+                    kill_when(DISTILL, &args(&out), |t| t >= Duration::from_millis(ms)),
+                )
             }
             1 => {
                 // Mid-checkpoint: checkpoint.tmp is being written (or, if the poll misses it, a delay).
@@ -219,21 +302,41 @@ fn qat_distill_killed_at_seeded_points_resumes_to_the_identical_loss_curve_and_w
                     if seen.is_none() && ckpt_step(&work) >= n {
                         seen = Some(Instant::now());
                     }
-                    seen.is_some_and(|s| s.elapsed() >= Duration::from_millis(extra)) || t >= 2 * bound
+                    seen.is_some_and(|s| s.elapsed() >= Duration::from_millis(extra))
+                        || t >= 2 * bound
                 };
-                (format!("{extra} ms after checkpoint step >= {n} (or {} ms)", 2 * bound.as_millis()), kill_when(DISTILL, &args(&out), fire))
+                (
+                    format!(
+                        "{extra} ms after checkpoint step >= {n} (or {} ms)",
+                        2 * bound.as_millis()
+                    ),
+                    kill_when(DISTILL, &args(&out), fire),
+                )
             }
             _ => {
                 // Mid-step: right after a log line was appended.
                 let n = 1 + rng.below(steps - 1);
-                (format!("once the log has {n} lines (or {} ms)", bound.as_millis()), kill_when(DISTILL, &args(&out), |t| log_lines(&work) >= n || t >= bound))
+                (
+                    format!("once the log has {n} lines (or {} ms)", bound.as_millis()),
+                    kill_when(DISTILL, &args(&out), |t| {
+                        log_lines(&work) >= n || t >= bound
+                    }),
+                )
             }
         };
         if landed && out.exists() {
             // Killed after the student was moved into place, while the work dir was removed:
             // the output is complete, and a rerun says the work dir is a leftover.
-            assert_eq!(student_files(&out), reference, "a resumed run finished with other results");
-            assert_error(&qat_distill(&strs(&args(&out))), "qat-distill", "its .work directory is left over from a run stopped after it had finished");
+            assert_eq!(
+                student_files(&out),
+                reference,
+                "a resumed run finished with other results"
+            );
+            assert_error(
+                &qat_distill(&strs(&args(&out))),
+                "qat-distill",
+                "its .work directory is left over from a run stopped after it had finished",
+            );
             std::fs::remove_dir_all(&out).unwrap();
             let _ = std::fs::remove_dir_all(&work);
             kills.push(format!("{label}, during the final clean-up"));
@@ -241,7 +344,11 @@ fn qat_distill_killed_at_seeded_points_resumes_to_the_identical_loss_curve_and_w
             check_killed_distill_state(&out);
             kills.push(label);
         } else {
-            assert_eq!(student_files(&out), reference, "a resumed run finished with other results");
+            assert_eq!(
+                student_files(&out),
+                reference,
+                "a resumed run finished with other results"
+            );
             assert!(!work.exists(), "work dir left after a finished run");
             std::fs::remove_dir_all(&out).unwrap();
             restarts += 1;
@@ -250,7 +357,11 @@ fn qat_distill_killed_at_seeded_points_resumes_to_the_identical_loss_curve_and_w
     eprintln!("qat-distill kill points ({restarts} fresh restarts): {kills:#?}");
     let r = ok_json(&qat_distill(&strs(&args(&out))));
     assert_eq!(r["steps"], steps);
-    assert_eq!(student_files(&out), reference, "loss curve, weights or provenance differ from an uninterrupted run");
+    assert_eq!(
+        student_files(&out),
+        reference,
+        "loss curve, weights or provenance differ from an uninterrupted run"
+    );
     assert!(!work.exists(), "work dir left after a finished run");
 }
 
@@ -270,13 +381,22 @@ fn resume_recovers_a_checkpoint_swap_interrupted_between_its_renames() {
         distill_args(&model, &shards, &out, &e)
     };
     // Stop at step 7 (checkpoint at 6), then recreate what a kill inside the next swap leaves.
-    assert_error(&qat_distill(&strs(&args(&["--inject-nan-at", "7"]))), "qat-distill", "last good checkpoint: step 6");
+    assert_error(
+        &qat_distill(&strs(&args(&["--inject-nan-at", "7"]))),
+        "qat-distill",
+        "last good checkpoint: step 6",
+    );
     std::fs::rename(work.join("checkpoint"), work.join("checkpoint.old")).unwrap();
     copy_dir(&work.join("checkpoint.old"), &work.join("checkpoint.tmp"));
     let r = ok_json(&qat_distill(&strs(&args(&["--resume"]))));
     assert_eq!(r["resumed_from_step"], 6, "{r}");
     let whole = tmp.path().join("whole");
-    ok_json(&qat_distill(&strs(&distill_args(&model, &shards, &whole, &["--steps", "12", "--checkpoint-every", "3"]))));
+    ok_json(&qat_distill(&strs(&distill_args(
+        &model,
+        &shards,
+        &whole,
+        &["--steps", "12", "--checkpoint-every", "3"],
+    ))));
     assert_eq!(student_files(&out), student_files(&whole));
     // Killed after the student was moved into place, before its work dir was removed.
     std::fs::create_dir_all(work.join("checkpoint")).unwrap();
@@ -297,11 +417,19 @@ fn resume_refuses_a_log_shorter_than_its_checkpoint() {
         e.extend_from_slice(extra);
         distill_args(&model, &shards, &out, &e)
     };
-    assert_error(&qat_distill(&strs(&args(&["--inject-nan-at", "5"]))), "qat-distill", "last good checkpoint: step 3");
+    assert_error(
+        &qat_distill(&strs(&args(&["--inject-nan-at", "5"]))),
+        "qat-distill",
+        "last good checkpoint: step 3",
+    );
     let log = work_dir(&out).join("train_log.jsonl");
     let text = std::fs::read_to_string(&log).unwrap();
     std::fs::write(&log, text.lines().next().unwrap().to_string() + "\n").unwrap();
-    assert_error(&qat_distill(&strs(&args(&["--resume"]))), "qat-distill", "train_log.jsonl: has 1 lines, fewer than the 3 its checkpoint counts; cannot resume");
+    assert_error(
+        &qat_distill(&strs(&args(&["--resume"]))),
+        "qat-distill",
+        "train_log.jsonl: has 1 lines, fewer than the 3 its checkpoint counts; cannot resume",
+    );
     assert!(!out.exists());
 }
 
@@ -323,23 +451,50 @@ fn nan_steps_never_corrupt_the_last_good_checkpoint() {
         distill_args(&model, &shards, o, &e)
     };
     let r = qat_distill(&strs(&args(&out, &["--inject-nan-at", "7"])));
-    assert_error(&r, "qat-distill", "non-finite loss NaN at step 7; training stopped. last good checkpoint: step 6");
+    assert_error(
+        &r,
+        "qat-distill",
+        "non-finite loss NaN at step 7; training stopped. last good checkpoint: step 6",
+    );
     let good = tree_files(&ckpt);
-    assert_eq!(good.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["optimizer.safetensors", "state.json", "weights.safetensors"]);
+    assert_eq!(
+        good.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["optimizer.safetensors", "state.json", "weights.safetensors"]
+    );
     // A resumed run that hits another NaN before its next checkpoint (step 9) keeps it as is.
     let r = qat_distill(&strs(&args(&out, &["--resume", "--inject-nan-at", "8"])));
-    assert_error(&r, "qat-distill", "non-finite loss NaN at step 8; training stopped. last good checkpoint: step 6");
-    assert_eq!(tree_files(&ckpt), good, "a NaN step changed the last good checkpoint");
+    assert_error(
+        &r,
+        "qat-distill",
+        "non-finite loss NaN at step 8; training stopped. last good checkpoint: step 6",
+    );
+    assert_eq!(
+        tree_files(&ckpt),
+        good,
+        "a NaN step changed the last good checkpoint"
+    );
     assert!(!out.exists());
     let names: Vec<String> = names(&work_dir(&out));
-    assert_eq!(names, ["checkpoint", "train_log.jsonl"], "leftovers in the work dir");
+    assert_eq!(
+        names,
+        ["checkpoint", "train_log.jsonl"],
+        "leftovers in the work dir"
+    );
     ok_json(&qat_distill(&strs(&args(&out, &["--resume"]))));
     let whole = tmp.path().join("whole");
     ok_json(&qat_distill(&strs(&args(&whole, &[]))));
-    assert_eq!(student_files(&out), student_files(&whole), "resuming after NaN steps changed the loss curve or the weights");
+    assert_eq!(
+        student_files(&out),
+        student_files(&whole),
+        "resuming after NaN steps changed the loss curve or the weights"
+    );
 
     let early = tmp.path().join("early");
-    assert_error(&qat_distill(&strs(&args(&early, &["--inject-nan-at", "1"]))), "qat-distill", "NaN at step 1; training stopped. no checkpoint was written yet");
+    assert_error(
+        &qat_distill(&strs(&args(&early, &["--inject-nan-at", "1"]))),
+        "qat-distill",
+        "NaN at step 1; training stopped. no checkpoint was written yet",
+    );
     ok_json(&qat_distill(&strs(&args(&early, &["--resume"]))));
     assert_eq!(student_files(&early), student_files(&whole));
 }
@@ -354,9 +509,20 @@ fn assert_no_leftovers(dir: &Path) {
         .map(|(n, _)| n)
         .filter(|n| n.ends_with(".tmp") || n.contains(".partial") || n.contains("write-test"))
         .collect();
-    assert!(left.is_empty(), "half-written files left in {}: {left:?}", dir.display());
-    let dirs: Vec<String> = names(dir).into_iter().filter(|n| n.ends_with(".tmp") || n.ends_with(".partial")).collect();
-    assert!(dirs.is_empty(), "half-written directories left in {}: {dirs:?}", dir.display());
+    assert!(
+        left.is_empty(),
+        "half-written files left in {}: {left:?}",
+        dir.display()
+    );
+    let dirs: Vec<String> = names(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".tmp") || n.ends_with(".partial"))
+        .collect();
+    assert!(
+        dirs.is_empty(),
+        "half-written directories left in {}: {dirs:?}",
+        dir.display()
+    );
 }
 
 /// A full disk (simulated with RLIMIT_FSIZE: writes past the limit fail with EFBIG) while
@@ -370,32 +536,88 @@ fn qat_sample_on_a_full_disk_fails_cleanly_and_resumes() {
     // (a) The first shard does not fit: nothing but the empty directory.
     let out = tmp.path().join("a");
     let o = out.to_str().unwrap();
-    let r = run_with_file_size_limit(SAMPLE, &["--model", m, "--out", o, "-n", "8", "--max-len", "40", "-K", "16", "--seqs-per-file", "8", "-q"], 4096);
-    assert_error(&r, "qat-sample", &format!("{o}/shard-00000.parquet.tmp: flush: File too large (os error 27)"));
+    let r = run_with_file_size_limit(
+        SAMPLE,
+        &[
+            "--model",
+            m,
+            "--out",
+            o,
+            "-n",
+            "8",
+            "--max-len",
+            "40",
+            "-K",
+            "16",
+            "--seqs-per-file",
+            "8",
+            "-q",
+        ],
+        4096,
+    );
+    assert_error(
+        &r,
+        "qat-sample",
+        &format!("{o}/shard-00000.parquet.tmp: flush: File too large (os error 27)"),
+    );
     assert!(names(&out).is_empty(), "files left: {:?}", names(&out));
 
     // (b) Tiny shards (about 3.3 kB each) fit, but the manifest outgrows the limit part way.
-    let tiny = ["-n", "24", "--max-len", "4", "-K", "1", "--batch-size", "8", "--seqs-per-file", "1", "-q"];
+    let tiny = [
+        "-n",
+        "24",
+        "--max-len",
+        "4",
+        "-K",
+        "1",
+        "--batch-size",
+        "8",
+        "--seqs-per-file",
+        "1",
+        "-q",
+    ];
     let whole = tmp.path().join("whole");
     let mut a = vec!["--model", m, "--out", whole.to_str().unwrap()];
     a.extend_from_slice(&tiny);
     ok_json(&qat_sample(&a));
     let reference = dir_files(&whole);
-    let biggest_shard = reference.iter().filter(|(n, _)| n.ends_with(".parquet")).map(|(_, b)| b.len()).max().unwrap() as u64;
-    let manifest = std::fs::metadata(whole.join("manifest.json")).unwrap().len();
-    assert!(biggest_shard + 1000 < manifest, "shards {biggest_shard} bytes, manifest {manifest}");
+    let biggest_shard = reference
+        .iter()
+        .filter(|(n, _)| n.ends_with(".parquet"))
+        .map(|(_, b)| b.len())
+        .max()
+        .unwrap() as u64;
+    let manifest = std::fs::metadata(whole.join("manifest.json"))
+        .unwrap()
+        .len();
+    assert!(
+        biggest_shard + 1000 < manifest,
+        "shards {biggest_shard} bytes, manifest {manifest}"
+    );
     let out = tmp.path().join("b");
     let o = out.to_str().unwrap();
     let mut a = vec!["--model", m, "--out", o];
     a.extend_from_slice(&tiny);
     let r = run_with_file_size_limit(SAMPLE, &a, (biggest_shard + manifest) / 2);
-    assert_error(&r, "qat-sample", &format!("{o}/manifest.json.tmp: write: File too large (os error 27)"));
+    assert_error(
+        &r,
+        "qat-sample",
+        &format!("{o}/manifest.json.tmp: write: File too large (os error 27)"),
+    );
     assert_no_leftovers(&out);
     let m0 = Manifest::load(&out.join("manifest.json")).unwrap();
-    assert!(!m0.complete && !m0.files.is_empty() && m0.files.len() < 24, "{} files listed", m0.files.len());
+    assert!(
+        !m0.complete && !m0.files.is_empty() && m0.files.len() < 24,
+        "{} files listed",
+        m0.files.len()
+    );
     check_killed_sample_state(&out, &reference);
     ok_json(&qat_sample(&a));
-    assert_eq!(dir_files(&out), reference, "the run resumed after a full disk differs from a normal run");
+    assert_eq!(
+        dir_files(&out),
+        reference,
+        "the run resumed after a full disk differs from a normal run"
+    );
 }
 
 /// A full disk while `qat-distill` writes its first checkpoint: exit 2 naming the file, no
@@ -407,10 +629,22 @@ fn qat_distill_on_a_full_disk_fails_cleanly_and_resumes() {
     small_shards(&shards);
     let model = stories_dir();
     let out = tmp.path().join("s");
-    let args = distill_args(&model, &shards, &out, &["--steps", "6", "--checkpoint-every", "3"]);
+    let args = distill_args(
+        &model,
+        &shards,
+        &out,
+        &["--steps", "6", "--checkpoint-every", "3"],
+    );
     // The f32 weights of stories260K take about 1 MB.
     let r = run_with_file_size_limit(DISTILL, &strs(&args), 256 * 1024);
-    assert_error(&r, "qat-distill", &format!("{}/checkpoint.tmp/weights.safetensors.tmp: cannot write:", work_dir(&out).display()));
+    assert_error(
+        &r,
+        "qat-distill",
+        &format!(
+            "{}/checkpoint.tmp/weights.safetensors.tmp: cannot write:",
+            work_dir(&out).display()
+        ),
+    );
     assert!(stderr(&r).contains("File too large"), "{}", stderr(&r));
     assert!(!out.exists());
     assert_no_leftovers(&work_dir(&out));
@@ -419,7 +653,12 @@ fn qat_distill_on_a_full_disk_fails_cleanly_and_resumes() {
     resume.push("--resume".into());
     ok_json(&qat_distill(&strs(&resume)));
     let whole = tmp.path().join("whole");
-    ok_json(&qat_distill(&strs(&distill_args(&model, &shards, &whole, &["--steps", "6", "--checkpoint-every", "3"]))));
+    ok_json(&qat_distill(&strs(&distill_args(
+        &model,
+        &shards,
+        &whole,
+        &["--steps", "6", "--checkpoint-every", "3"],
+    ))));
     assert_eq!(student_files(&out), student_files(&whole));
 }
 
@@ -430,12 +669,46 @@ fn qat_pack_on_a_full_disk_fails_cleanly() {
     let tmp = fast_tempdir();
     let student = tmp.path().join("student");
     copy_dir(&stories_dir(), &student);
-    std::fs::write(student.join("quant_scheme.json"), r#"{"format_version": 1, "weight": {"bits": 4, "format": {"kind": "sym_per_channel"}}}"#).unwrap();
+    std::fs::write(
+        student.join("quant_scheme.json"),
+        r#"{"format_version": 1, "weight": {"bits": 4, "format": {"kind": "sym_per_channel"}}}"#,
+    )
+    .unwrap();
     let out = tmp.path().join("packed");
-    let r = run_with_file_size_limit(PACK, &["--model", student.to_str().unwrap(), "--out", out.to_str().unwrap()], 100 * 1024);
-    assert_error(&r, "qat-pack", &format!("{}.partial/model.packed.safetensors: write: File too large (os error 27)", out.display()));
-    assert!(!out.exists() && !tmp.path().join("packed.partial").exists(), "{:?}", names(tmp.path()));
-    ok_json(&std::process::Command::new(PACK).args(["--model", student.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap());
+    let r = run_with_file_size_limit(
+        PACK,
+        &[
+            "--model",
+            student.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        100 * 1024,
+    );
+    assert_error(
+        &r,
+        "qat-pack",
+        &format!(
+            "{}.partial/model.packed.safetensors: write: File too large (os error 27)",
+            out.display()
+        ),
+    );
+    assert!(
+        !out.exists() && !tmp.path().join("packed.partial").exists(),
+        "{:?}",
+        names(tmp.path())
+    );
+    ok_json(
+        &std::process::Command::new(PACK)
+            .args([
+                "--model",
+                student.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap(),
+    );
 }
 
 /// A run killed right after its writability probe left `.qat-sample-write-test.<pid>` in the
@@ -447,6 +720,18 @@ fn a_stale_write_probe_is_removed() {
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join(".qat-sample-write-test.12345"), b"").unwrap();
     let model = stories_dir();
-    ok_json(&qat_sample(&["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "-n", "2", "--max-len", "8", "-K", "4", "-q"]));
+    ok_json(&qat_sample(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-n",
+        "2",
+        "--max-len",
+        "8",
+        "-K",
+        "4",
+        "-q",
+    ]));
     assert_eq!(names(&out), ["manifest.json", "shard-00000.parquet"]);
 }

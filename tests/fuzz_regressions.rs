@@ -44,7 +44,9 @@ fn tiny_config() -> qat_model::LlamaConfig {
 /// against the tiny model, resolved for every layer, and must survive its JSON, `Display` and
 /// short-name round trips.
 fn scheme(cfg: &qat_model::LlamaConfig, data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let exercise = |s: Scheme| {
         let _ = s.validate_for(cfg);
         for layer in 0..cfg.num_layers {
@@ -53,11 +55,23 @@ fn scheme(cfg: &qat_model::LlamaConfig, data: &[u8]) {
             }
         }
         let json = s.to_json_pretty();
-        assert_eq!(Scheme::from_json_str(&json, Path::new("")).expect("a valid scheme's JSON parses"), s, "JSON round trip: {json}");
+        assert_eq!(
+            Scheme::from_json_str(&json, Path::new("")).expect("a valid scheme's JSON parses"),
+            s,
+            "JSON round trip: {json}"
+        );
         let shown = s.to_string();
-        assert_eq!(shown.parse::<Scheme>().expect("Display output parses"), s, "Display round trip: {shown}");
+        assert_eq!(
+            shown.parse::<Scheme>().expect("Display output parses"),
+            s,
+            "Display round trip: {shown}"
+        );
         if let Some(name) = s.short_name() {
-            assert_eq!(name.parse::<Scheme>().expect("short name parses"), s, "short name {name}");
+            assert_eq!(
+                name.parse::<Scheme>().expect("short name parses"),
+                s,
+                "short name {name}"
+            );
         }
     };
     if let Ok(s) = Scheme::from_json_str(text, Path::new("")) {
@@ -73,7 +87,12 @@ fn files_in(dir: &Path) -> Vec<(String, Vec<u8>)> {
         Ok(rd) => rd
             .map(|e| e.unwrap().path())
             .filter(|p| p.is_file())
-            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
             .collect(),
         Err(_) => Vec::new(),
     };
@@ -109,7 +128,10 @@ fn mutate(rng: &mut Rng, input: &[u8], pool: &[(String, Vec<u8>)]) -> Vec<u8> {
             }
             5 if !pool.is_empty() => {
                 let other = &pool[rng.below(pool.len() as u64) as usize].1;
-                let (i, j) = (rng.below(len + 1) as usize, rng.below(other.len() as u64 + 1) as usize);
+                let (i, j) = (
+                    rng.below(len + 1) as usize,
+                    rng.below(other.len() as u64 + 1) as usize,
+                );
                 b.truncate(i);
                 b.extend_from_slice(&other[j..]);
             }
@@ -150,9 +172,19 @@ fn check_target(target: &str, iterations: u64, run: &dyn Fn(&[u8])) {
     for i in 0..iterations {
         let (name, seed) = &seeds[rng.below(seeds.len() as u64) as usize];
         let input = mutate(&mut rng, seed, &seeds);
-        no_panic(target, &format!("mutation-{i}-of-{name}"), &input, &saved, run);
+        no_panic(
+            target,
+            &format!("mutation-{i}-of-{name}"),
+            &input,
+            &saved,
+            run,
+        );
     }
-    eprintln!("{target}: {} saved crash inputs, {} seeds, {iterations} mutations: no panic", crashes.len(), seeds.len());
+    eprintln!(
+        "{target}: {} saved crash inputs, {} seeds, {iterations} mutations: no panic",
+        crashes.len(),
+        seeds.len()
+    );
 }
 
 #[test]
@@ -181,9 +213,18 @@ fn scheme_parser_never_panics_and_round_trips() {
 fn shard_with_a_negative_column_chunk_offset_is_a_clear_error() {
     let tmp = fast_tempdir();
     let path = tmp.path().join("shard-00000.parquet");
-    std::fs::copy(Path::new(ROOT).join("tests/data/fuzz/shard_reader/negative-column-chunk-offset"), &path).unwrap();
-    let e = qat_shards::ShardFileReader::open(&path).unwrap_err().to_string();
-    assert!(e.contains("shard-00000.parquet: damaged footer: row group 0, column "), "{e}");
+    std::fs::copy(
+        Path::new(ROOT).join("tests/data/fuzz/shard_reader/negative-column-chunk-offset"),
+        &path,
+    )
+    .unwrap();
+    let e = qat_shards::ShardFileReader::open(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shard-00000.parquet: damaged footer: row group 0, column "),
+        "{e}"
+    );
     assert!(e.contains("is not inside the file"), "{e}");
 }
 
@@ -194,8 +235,14 @@ fn shard_with_a_negative_column_chunk_offset_is_a_clear_error() {
 fn packed_data_offset_near_u64_max_is_a_clear_error() {
     let tmp = fast_tempdir();
     std::fs::write(tmp.path().join("config.json"), TINY_CONFIG).unwrap();
-    std::fs::copy(Path::new(ROOT).join("tests/data/fuzz/packed_reader/data-offset-u64-max"), tmp.path().join(qat_pack::PACKED_FILE)).unwrap();
-    let Err(e) = qat_pack::load_packed(tmp.path(), &candle_core::Device::Cpu) else { panic!("a damaged file loaded") };
+    std::fs::copy(
+        Path::new(ROOT).join("tests/data/fuzz/packed_reader/data-offset-u64-max"),
+        tmp.path().join(qat_pack::PACKED_FILE),
+    )
+    .unwrap();
+    let Err(e) = qat_pack::load_packed(tmp.path(), &candle_core::Device::Cpu) else {
+        panic!("a damaged file loaded")
+    };
     let e = e.to_string();
     assert!(e.contains("model.packed.safetensors: not a valid safetensors file: data_offsets end 18446744073709551615 is larger than any file"), "{e}");
 }

@@ -23,13 +23,20 @@ fn workspace() -> PathBuf {
 }
 
 fn python() -> PathBuf {
-    let py = std::env::var_os("QAT_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace().join(".venv/bin/python"));
+    let py = std::env::var_os("QAT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".venv/bin/python"));
     let hint = "run `make test-deps` (creates .venv with gguf, safetensors and numpy) or set QAT_PYTHON to an interpreter with them";
     let out = Command::new(&py)
         .args(["-c", "import gguf, safetensors, numpy"])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}: {hint}", py.display()));
-    assert!(out.status.success(), "{} cannot import gguf: {}: {hint}", py.display(), String::from_utf8_lossy(&out.stderr).trim());
+    assert!(
+        out.status.success(),
+        "{} cannot import gguf: {}: {hint}",
+        py.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     py
 }
 
@@ -46,7 +53,8 @@ const JSON_ONLY: &[&str] = &["tokenizer_config.json"];
 /// (the master weight as `<name>.master`), every other tensor as stored.
 fn write_expected(student: &Path, path: &Path) {
     let scheme = Scheme::load(student.join("quant_scheme.json")).unwrap();
-    let tensors = candle_core::safetensors::load(student.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(student.join("model.safetensors"), &Device::Cpu).unwrap();
     let cfg = qat_model::ModelDir::open(student).unwrap().config;
     let mut out: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in &tensors {
@@ -87,23 +95,56 @@ fn distilled_students_export_to_gguf_bit_for_bit() {
     let shards = tmp.path().join("shards");
     small_shards(&shards);
     let model = stories_dir();
-    for (name, bits, ty) in [("Q4_0", 4.5, "Q4_0"), ("Q4_1", 5.0, "Q4_1"), ("Q8_0", 8.5, "Q8_0")] {
+    for (name, bits, ty) in [
+        ("Q4_0", 4.5, "Q4_0"),
+        ("Q4_1", 5.0, "Q4_1"),
+        ("Q8_0", 8.5, "Q8_0"),
+    ] {
         let student = tmp.path().join(name);
         let scheme = scheme_file(name);
         ok_json(&qat_distill(&[
-            "--model", model.to_str().unwrap(), "--shards", shards.to_str().unwrap(), "--out", student.to_str().unwrap(),
-            "--scheme", scheme.to_str().unwrap(), "-b", "4", "--steps", "2", "--lr", "1e-3", "-q",
+            "--model",
+            model.to_str().unwrap(),
+            "--shards",
+            shards.to_str().unwrap(),
+            "--out",
+            student.to_str().unwrap(),
+            "--scheme",
+            scheme.to_str().unwrap(),
+            "-b",
+            "4",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "-q",
         ]));
         let file = tmp.path().join(format!("{name}.gguf"));
-        let s = ok_json(&qat_pack(&["--format", "gguf", "-m", student.to_str().unwrap(), "-o", file.to_str().unwrap()]));
+        let s = ok_json(&qat_pack(&[
+            "--format",
+            "gguf",
+            "-m",
+            student.to_str().unwrap(),
+            "-o",
+            file.to_str().unwrap(),
+        ]));
         let size = std::fs::metadata(&file).unwrap().len();
-        eprintln!("{name}: {size} bytes, {} bits per quantized weight, {} quantized weights", s["bits_per_weight"], s["quantized_weights"]);
+        eprintln!(
+            "{name}: {size} bytes, {} bits per quantized weight, {} quantized weights",
+            s["bits_per_weight"], s["quantized_weights"]
+        );
         assert_eq!(s["bytes"], size);
         assert_eq!(s["bits_per_weight"], bits, "{name}");
         assert_eq!(s["quantized_weights"], QUANTIZED);
-        assert_eq!((s["quantized_layers"].as_u64(), s["f32_layers"].as_u64()), (Some(30), Some(5)));
+        assert_eq!(
+            (s["quantized_layers"].as_u64(), s["f32_layers"].as_u64()),
+            (Some(30), Some(5))
+        );
         assert_eq!(s["types"][ty], 30);
-        assert_eq!(s["vocab_source"], "tokenizer.model", "qat-distill copies tokenizer.model");
+        assert_eq!(
+            s["vocab_source"], "tokenizer.model",
+            "qat-distill copies tokenizer.model"
+        );
         assert!(!tmp.path().join(format!("{name}.gguf.tmp")).exists());
 
         let expected = tmp.path().join(format!("{name}.expected.safetensors"));
@@ -128,22 +169,54 @@ fn distilled_students_export_to_gguf_bit_for_bit() {
 fn forward_matches_qat_eval(student: &Path, file: &Path, tmp: &Path) {
     let (limit, seq_len) = (3, 64);
     let e = ok_json(&qat_eval(&[
-        "--model", student.to_str().unwrap(), "--corpus", tinystories().to_str().unwrap(),
-        "--limit", &limit.to_string(), "--seq-len", &seq_len.to_string(), "-q",
+        "--model",
+        student.to_str().unwrap(),
+        "--corpus",
+        tinystories().to_str().unwrap(),
+        "--limit",
+        &limit.to_string(),
+        "--seq-len",
+        &seq_len.to_string(),
+        "-q",
     ]));
     assert_eq!(e["quantization"], "fake_quant");
     let dir = qat_model::ModelDir::open(student).unwrap();
     let corpus = qat_eval::Corpus::read(&tinystories()).unwrap();
-    let ids = qat_eval::tokenize(&corpus, &dir.tokenizer().unwrap(), dir.config.bos_token_id, qat_eval::PplMode::Docs, seq_len, "<|endoftext|>", Some(limit)).unwrap();
+    let ids = qat_eval::tokenize(
+        &corpus,
+        &dir.tokenizer().unwrap(),
+        dir.config.bos_token_id,
+        qat_eval::PplMode::Docs,
+        seq_len,
+        "<|endoftext|>",
+        Some(limit),
+    )
+    .unwrap();
     let ids_path = tmp.join("ids.json");
     std::fs::write(&ids_path, serde_json::to_string(&ids).unwrap()).unwrap();
-    let out = Command::new(python()).arg(workspace().join("tests/foreign/gguf_forward.py")).arg(file).arg(&ids_path).output().unwrap();
-    assert!(out.status.success(), "gguf_forward.py: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python())
+        .arg(workspace().join("tests/foreign/gguf_forward.py"))
+        .arg(file)
+        .arg(&ids_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gguf_forward.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (py, qat) = (g["nll"].as_f64().unwrap(), e["nll"].as_f64().unwrap());
-    eprintln!("{}: llama.cpp-convention NLL {py:.9} vs qat-eval {qat:.9} ({} tokens)", file.display(), g["tokens"]);
+    eprintln!(
+        "{}: llama.cpp-convention NLL {py:.9} vs qat-eval {qat:.9} ({} tokens)",
+        file.display(),
+        g["tokens"]
+    );
     assert_eq!(g["tokens"], e["tokens"]);
-    assert!((py - qat).abs() < 1e-5 * qat, "GGUF forward {py} vs qat-eval {qat}");
+    assert!(
+        (py - qat).abs() < 1e-5 * qat,
+        "GGUF forward {py} vs qat-eval {qat}"
+    );
 }
 
 #[test]
@@ -152,9 +225,20 @@ fn the_vocabulary_falls_back_to_tokenizer_json() {
     let mut summaries = Vec::new();
     for sp in [true, false] {
         let student = tmp.path().join(format!("{sp}/student")); // same name: same general.name
-        teacher_student(&student, &std::fs::read_to_string(scheme_file("Q8_0")).unwrap(), if sp { SP } else { JSON_ONLY });
+        teacher_student(
+            &student,
+            &std::fs::read_to_string(scheme_file("Q8_0")).unwrap(),
+            if sp { SP } else { JSON_ONLY },
+        );
         let file = tmp.path().join(format!("{sp}.gguf"));
-        summaries.push(ok_json(&qat_pack(&["--format", "gguf", "-m", student.to_str().unwrap(), "-o", file.to_str().unwrap()])));
+        summaries.push(ok_json(&qat_pack(&[
+            "--format",
+            "gguf",
+            "-m",
+            student.to_str().unwrap(),
+            "-o",
+            file.to_str().unwrap(),
+        ])));
         let expected = tmp.path().join(format!("{sp}.safetensors"));
         write_expected(&student, &expected);
         assert_eq!(read_gguf(&file, &expected)["bit_equal"], 47);
@@ -174,15 +258,26 @@ fn bad_students_are_refused_with_exit_2() {
         teacher_student(&student, scheme, SP);
         let out = tmp.path().join("out.gguf");
         let _ = std::fs::remove_file(&out);
-        let mut args = vec!["--format", "gguf", "-m", student.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        let mut args = vec![
+            "--format",
+            "gguf",
+            "-m",
+            student.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let o = qat_pack(&args);
         if !o.status.success() {
-            assert!(!out.exists() && !tmp.path().join("out.gguf.tmp").exists(), "no output on error");
+            assert!(
+                !out.exists() && !tmp.path().join("out.gguf.tmp").exists(),
+                "no output on error"
+            );
         }
         o
     };
-    let w4 = r#"{"format_version": 1, "weight": {"bits": 4, "format": {"kind": "sym_per_channel"}}}"#;
+    let w4 =
+        r#"{"format_version": 1, "weight": {"bits": 4, "format": {"kind": "sym_per_channel"}}}"#;
     assert_error(&run(w4, &[]), "qat-pack", "layers.0.self_attn.q_proj: weight format sym_per_channel (4 bits) is not a GGUF block format");
     let mixed = r#"{"format_version": 1, "weight": {"bits": 4, "format": {"kind": "q4_0"}},
         "overrides": [{"pattern": "layers.*.mlp.down_proj", "weight": null},
@@ -199,15 +294,32 @@ fn bad_students_are_refused_with_exit_2() {
     // --drop-act-kv exports anyway, warns, and lists what llama.cpp will not run.
     let o = run(act, &["--drop-act-kv"]);
     let s = ok_json(&o);
-    assert!(stderr(&o).contains("qat-pack: warning: llama.cpp will not quantize layers.0.self_attn.q_proj: act 8 bits"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "qat-pack: warning: llama.cpp will not quantize layers.0.self_attn.q_proj: act 8 bits"
+        ),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(s["dropped"].as_array().unwrap().len(), 35); // act of all 35 layers, down_proj too
-    // An existing output is refused; the packed format refuses GGUF grids.
+                                                            // An existing output is refused; the packed format refuses GGUF grids.
     let q4 = std::fs::read_to_string(scheme_file("Q4_0")).unwrap();
     teacher_student(&tmp.path().join("s2"), &q4, SP);
     let out = tmp.path().join("exists.gguf");
     std::fs::write(&out, b"x").unwrap();
     let s2 = tmp.path().join("s2");
-    assert_error(&qat_pack(&["--format", "gguf", "-m", s2.to_str().unwrap(), "-o", out.to_str().unwrap()]), "qat-pack", "already exists");
+    assert_error(
+        &qat_pack(&[
+            "--format",
+            "gguf",
+            "-m",
+            s2.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]),
+        "qat-pack",
+        "already exists",
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"x");
     let packed = tmp.path().join("packed");
     assert_error(&qat_pack(&["-m", s2.to_str().unwrap(), "-o", packed.to_str().unwrap()]), "qat-pack", "layers.0.self_attn.q_proj: weight format q4_0 is a GGUF block format, which the packed format does not store; export it with qat-pack --format gguf");

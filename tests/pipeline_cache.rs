@@ -24,7 +24,11 @@ fn runs(counter: &Path) -> usize {
 #[test]
 fn shards_are_resampled_when_the_teacher_bytes_change_not_its_dates() {
     let tmp = tempfile::tempdir().unwrap();
-    let (model, bin, out) = (tmp.path().join("teacher"), tmp.path().join("bin"), tmp.path().join("out"));
+    let (model, bin, out) = (
+        tmp.path().join("teacher"),
+        tmp.path().join("bin"),
+        tmp.path().join("out"),
+    );
     std::fs::create_dir_all(&model).unwrap();
     std::fs::create_dir_all(&bin).unwrap();
     for f in ["model.safetensors", "config.json", "tokenizer.json"] {
@@ -32,7 +36,14 @@ fn shards_are_resampled_when_the_teacher_bytes_change_not_its_dates() {
     }
     let counter = tmp.path().join("sample-runs");
     let fake = bin.join("qat-sample");
-    std::fs::write(&fake, format!("#!/bin/sh\necho run >> '{}'\necho '{{}}'\n", counter.display())).unwrap();
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho run >> '{}'\necho '{{}}'\n",
+            counter.display()
+        ),
+    )
+    .unwrap();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -44,11 +55,20 @@ fn shards_are_resampled_when_the_teacher_bytes_change_not_its_dates() {
     assert_eq!(runs(&counter), 1, "rerun with nothing changed");
     // Same bytes, newer dates (a fresh copy of the data directory): still cached.
     for f in ["model.safetensors", "config.json", "tokenizer.json"] {
-        let ok = Command::new("touch").args(["-d", "2099-01-01"]).arg(model.join(f)).status().unwrap().success();
+        let ok = Command::new("touch")
+            .args(["-d", "2099-01-01"])
+            .arg(model.join(f))
+            .status()
+            .unwrap()
+            .success();
         assert!(ok);
     }
     make_shards(&out, &model, &bin);
-    assert_eq!(runs(&counter), 1, "re-dated teacher files must not invalidate the shards");
+    assert_eq!(
+        runs(&counter),
+        1,
+        "re-dated teacher files must not invalidate the shards"
+    );
     // Different bytes: sampled again.
     std::fs::write(model.join("model.safetensors"), "model.safetensors v2").unwrap();
     make_shards(&out, &model, &bin);

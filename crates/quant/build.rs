@@ -16,14 +16,30 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("fake_quant.ptx");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let nvcc = match std::env::var_os("CUDA_HOME") {
-        Some(home) if PathBuf::from(&home).join("bin/nvcc").is_file() => PathBuf::from(home).join("bin/nvcc"),
+        Some(home) if PathBuf::from(&home).join("bin/nvcc").is_file() => {
+            PathBuf::from(home).join("bin/nvcc")
+        }
         _ => PathBuf::from("nvcc"),
     };
     let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), "-o"])
+        .args([
+            "--ptx",
+            "-O3",
+            "-std=c++17",
+            &format!("-arch=compute_{cap}"),
+            "-o",
+        ])
         .arg(&out)
         .arg("kernels/fake_quant.cu")
         .status()
-        .unwrap_or_else(|e| panic!("cannot run {} (set CUDA_HOME or PATH; see README, CUDA): {e}", nvcc.display()));
-    assert!(status.success(), "nvcc failed on kernels/fake_quant.cu ({status})");
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} (set CUDA_HOME or PATH; see README, CUDA): {e}",
+                nvcc.display()
+            )
+        });
+    assert!(
+        status.success(),
+        "nvcc failed on kernels/fake_quant.cu ({status})"
+    );
 }

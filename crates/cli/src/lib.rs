@@ -68,7 +68,10 @@ pub fn main_with(tool: &str, body: impl FnOnce() -> anyhow::Result<Outcome>) -> 
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Drops chain entries already contained in the previous one (thiserror `transparent` and

@@ -47,8 +47,16 @@ pub struct LayerInputs {
 /// Runs `model` (full precision) on each sequence and returns, for every linear layer of block
 /// `layer`, its inputs at every position subsampled with stride `max(1, total / max_tokens)`
 /// (BitDistiller's `input_feat[:, 0::n // n_sample_token]`).
-pub fn block_inputs(model: &Llama, sequences: &[Vec<u32>], layer: usize, max_tokens: usize) -> Result<BTreeMap<LinearKind, LayerInputs>> {
-    let capture = Arc::new(CaptureInputs { layer, seen: Mutex::new(BTreeMap::new()) });
+pub fn block_inputs(
+    model: &Llama,
+    sequences: &[Vec<u32>],
+    layer: usize,
+    max_tokens: usize,
+) -> Result<BTreeMap<LinearKind, LayerInputs>> {
+    let capture = Arc::new(CaptureInputs {
+        layer,
+        seen: Mutex::new(BTreeMap::new()),
+    });
     let mut model = model.clone();
     model.set_hooks(capture.clone());
     let dev: &Device = model.device();
@@ -64,7 +72,11 @@ pub fn block_inputs(model: &Llama, sequences: &[Vec<u32>], layer: usize, max_tok
         let in_features = parts[0].dims().last().copied().unwrap_or(0);
         let mut all = Vec::new();
         for p in parts {
-            all.extend(p.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+            all.extend(
+                p.flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
         }
         let total = all.len() / in_features;
         let stride = (total / max_tokens.max(1)).max(1);
@@ -72,7 +84,14 @@ pub fn block_inputs(model: &Llama, sequences: &[Vec<u32>], layer: usize, max_tok
         for row in (0..total).step_by(stride) {
             data.extend_from_slice(&all[row * in_features..(row + 1) * in_features]);
         }
-        out.insert(kind, LayerInputs { rows: data.len() / in_features, in_features, data });
+        out.insert(
+            kind,
+            LayerInputs {
+                rows: data.len() / in_features,
+                in_features,
+                data,
+            },
+        );
     }
     Ok(out)
 }

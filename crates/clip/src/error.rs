@@ -17,14 +17,25 @@ pub enum ClipError {
     #[error("invalid settings: {0}")]
     Config(String),
     #[error("{shards}: shards do not match the model {model}: {what}")]
-    Mismatch { shards: PathBuf, model: PathBuf, what: String },
+    Mismatch {
+        shards: PathBuf,
+        model: PathBuf,
+        what: String,
+    },
     #[error("{path}: {what}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, ClipError>;
 
-pub(crate) fn io(path: &std::path::Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ClipError {
+pub(crate) fn io(
+    path: &std::path::Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> ClipError {
     let path = path.to_path_buf();
     move |source| ClipError::Io { path, what, source }
 }

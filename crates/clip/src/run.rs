@@ -10,10 +10,10 @@ use crate::error::{io, ClipError, Result};
 use crate::search::search_layer;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use indicatif::{ProgressBar, ProgressDrawTarget};
 use qat_model::{LinearId, LinearKind, Llama, ModelDir};
 use qat_quant::{fake::fake_weight, Scheme};
 use qat_shards::ShardSet;
-use indicatif::{ProgressBar, ProgressDrawTarget};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -77,8 +77,15 @@ fn load_tensors(dir: &ModelDir, dev: &Device) -> Result<HashMap<String, Tensor>>
 }
 
 fn check_shards(cfg: &ClipConfig, set: &ShardSet, dir: &ModelDir) -> Result<()> {
-    match set.header().teacher_mismatch(&dir.tokenizer_sha256()?, dir.config.vocab_size) {
-        Some(what) => Err(ClipError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what }),
+    match set
+        .header()
+        .teacher_mismatch(&dir.tokenizer_sha256()?, dir.config.vocab_size)
+    {
+        Some(what) => Err(ClipError::Mismatch {
+            shards: cfg.shards.clone(),
+            model: cfg.model.clone(),
+            what,
+        }),
         None => Ok(()),
     }
 }
@@ -100,24 +107,36 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
     let sequences = calibration_sequences(&set, cfg.calib_sequences, cfg.calib_len)?;
     let mut tensors = load_tensors(&dir, &dev)?;
     let n = dir.config.num_layers as u64;
-    let bar = if cfg.quiet { ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::hidden()) } else { ProgressBar::new(n) };
+    let bar = if cfg.quiet {
+        ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::hidden())
+    } else {
+        ProgressBar::new(n)
+    };
     bar.set_message("blocks clipped");
     let mut layers = Vec::new();
     for layer in 0..dir.config.num_layers {
-        let model = Llama::load(VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev), &dir.config)?;
+        let model = Llama::load(
+            VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev),
+            &dir.config,
+        )?;
         let inputs = block_inputs(&model, &sequences, layer, cfg.calib_tokens)?;
         drop(model);
         for kind in LinearKind::ALL {
             let skip_qk = matches!(kind, LinearKind::Q | LinearKind::K) && !cfg.include_qk;
             let id = LinearId { layer, kind };
-            let Some(wq) = cfg.scheme.resolve(id).weight else { continue };
+            let Some(wq) = cfg.scheme.resolve(id).weight else {
+                continue;
+            };
             if skip_qk {
                 continue;
             }
             let key = id.weight_key();
             let w = &tensors[&key];
             let (out_f, in_f) = w.dims2()?;
-            let group = wq.format.group_len(in_f).map_err(|e| ClipError::Config(format!("{id}: {e}")))?;
+            let group = wq
+                .format
+                .group_len(in_f)
+                .map_err(|e| ClipError::Config(format!("{id}: {e}")))?;
             let x = &inputs[&kind];
             let mut data = w.flatten_all()?.to_vec1::<f32>()?;
             let fq = |w: &[f32]| -> Result<Vec<f32>> {
@@ -127,7 +146,11 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
             let clip = search_layer(&data, in_f, &x.data, group, &fq)?;
             clip.apply(&mut data, in_f, group);
             tensors.insert(key, Tensor::from_vec(data, (out_f, in_f), &dev)?);
-            let reduction = if clip.mse_before > 0.0 { 1.0 - clip.mse_after / clip.mse_before } else { 0.0 };
+            let reduction = if clip.mse_before > 0.0 {
+                1.0 - clip.mse_after / clip.mse_before
+            } else {
+                0.0
+            };
             layers.push(LayerReport {
                 layer: id.to_string(),
                 group_size: group,
@@ -141,7 +164,8 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let mean_reduction = layers.iter().map(|l| l.reduction).sum::<f64>() / layers.len().max(1) as f64;
+    let mean_reduction =
+        layers.iter().map(|l| l.reduction).sum::<f64>() / layers.len().max(1) as f64;
     let summary = ClipSummary {
         out: cfg.out.display().to_string(),
         scheme: cfg.scheme.short_name().unwrap_or_else(|| "custom".into()),
@@ -153,7 +177,13 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
     Ok(summary)
 }
 
-fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary, shards_sha: &str) -> Result<()> {
+fn write_output(
+    cfg: &ClipConfig,
+    dir: &ModelDir,
+    tensors: &HashMap<String, Tensor>,
+    summary: &ClipSummary,
+    shards_sha: &str,
+) -> Result<()> {
     let staging = PathBuf::from(format!("{}.partial", cfg.out.display()));
     let _ = std::fs::remove_dir_all(&staging);
     let written = write_staging(cfg, dir, tensors, summary, shards_sha, &staging);
@@ -164,10 +194,23 @@ fn write_output(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tens
     written
 }
 
-fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Tensor>, summary: &ClipSummary, shards_sha: &str, staging: &Path) -> Result<()> {
+fn write_staging(
+    cfg: &ClipConfig,
+    dir: &ModelDir,
+    tensors: &HashMap<String, Tensor>,
+    summary: &ClipSummary,
+    shards_sha: &str,
+    staging: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(staging).map_err(io(staging, "cannot create"))?;
     qat_train::student::save_safetensors(tensors, &staging.join("model.safetensors"))?;
-    for f in ["config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         let src = dir.dir.join(f);
         if src.is_file() {
             std::fs::copy(&src, staging.join(f)).map_err(io(&src, "cannot copy"))?;
@@ -183,11 +226,15 @@ fn write_staging(cfg: &ClipConfig, dir: &ModelDir, tensors: &HashMap<String, Ten
         "report": summary,
     });
     let prov = staging.join("provenance.json");
-    std::fs::write(&prov, serde_json::to_string_pretty(&provenance).expect("json") + "\n").map_err(io(&prov, "cannot write"))?;
+    std::fs::write(
+        &prov,
+        serde_json::to_string_pretty(&provenance).expect("json") + "\n",
+    )
+    .map_err(io(&prov, "cannot write"))?;
     if cfg.out.exists() {
         std::fs::remove_dir_all(&cfg.out).map_err(io(&cfg.out, "cannot replace"))?;
     }
-    std::fs::rename(staging, &cfg.out).map_err(io(&cfg.out, "cannot move the clipped model into place"))?;
+    std::fs::rename(staging, &cfg.out)
+        .map_err(io(&cfg.out, "cannot move the clipped model into place"))?;
     Ok(())
 }
-

@@ -59,22 +59,31 @@ impl LayerClip {
 fn gram(x: &[f32], in_features: usize, group: usize) -> Vec<f64> {
     let groups = in_features / group;
     let mut c = vec![0f64; groups * group * group];
-    c.par_chunks_mut(group * group).enumerate().for_each(|(g, c)| {
-        for row in x.chunks(in_features) {
-            let xg = &row[g * group..(g + 1) * group];
-            for a in 0..group {
-                let xa = f64::from(xg[a]);
-                for b in 0..group {
-                    c[a * group + b] += xa * f64::from(xg[b]);
+    c.par_chunks_mut(group * group)
+        .enumerate()
+        .for_each(|(g, c)| {
+            for row in x.chunks(in_features) {
+                let xg = &row[g * group..(g + 1) * group];
+                for a in 0..group {
+                    let xa = f64::from(xg[a]);
+                    for b in 0..group {
+                        c[a * group + b] += xa * f64::from(xg[b]);
+                    }
                 }
             }
-        }
-    });
+        });
     c
 }
 
 /// `[out, groups]` errors `dᵀ C_g d / n` of `wq` against `w`.
-fn group_errors(w: &[f32], wq: &[f32], c: &[f64], n: usize, in_features: usize, group: usize) -> Vec<f64> {
+fn group_errors(
+    w: &[f32],
+    wq: &[f32],
+    c: &[f64],
+    n: usize,
+    in_features: usize,
+    group: usize,
+) -> Vec<f64> {
     let groups = in_features / group;
     let mut err = vec![0f64; w.len() / group];
     err.par_chunks_mut(groups).enumerate().for_each(|(o, err)| {
@@ -144,11 +153,21 @@ pub fn search_layer(
             }
         }
     }
-    let max = (0..cells).map(|c| org_max[c] * SHRINK_RATIOS[choice[c].0 as usize]).collect();
-    let min = (0..cells).map(|c| org_min[c] * SHRINK_RATIOS[choice[c].1 as usize]).collect();
+    let max = (0..cells)
+        .map(|c| org_max[c] * SHRINK_RATIOS[choice[c].0 as usize])
+        .collect();
+    let min = (0..cells)
+        .map(|c| org_min[c] * SHRINK_RATIOS[choice[c].1 as usize])
+        .collect();
     let mse_after = best_err.iter().sum::<f64>() / cells as f64;
     debug_assert_eq!(cells, w.len() / in_features * groups);
-    Ok(LayerClip { max, min, choice, mse_before, mse_after })
+    Ok(LayerClip {
+        max,
+        min,
+        choice,
+        mse_before,
+        mse_after,
+    })
 }
 
 #[cfg(test)]
@@ -159,10 +178,16 @@ mod tests {
     fn asym2(w: &[f32], group: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(w.len());
         for g in w.chunks(group) {
-            let (lo, hi) = (g.iter().copied().fold(f32::INFINITY, f32::min), g.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            let (lo, hi) = (
+                g.iter().copied().fold(f32::INFINITY, f32::min),
+                g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            );
             let s = ((hi - lo).max(1e-5)) / 3.0;
             let z = (-(lo / s)).round_ties_even().clamp(0.0, 3.0);
-            out.extend(g.iter().map(|&v| (((v / s).round_ties_even() + z).clamp(0.0, 3.0) - z) * s));
+            out.extend(
+                g.iter()
+                    .map(|&v| (((v / s).round_ties_even() + z).clamp(0.0, 3.0) - z) * s),
+            );
         }
         out
     }
@@ -171,10 +196,14 @@ mod tests {
     fn normals(n: usize, seed: u64) -> Vec<f32> {
         let mut state = seed;
         let mut uniform = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 40) as f32 / (1u64 << 24) as f32
         };
-        (0..n).map(|_| (0..12).map(|_| uniform()).sum::<f32>() - 6.0).collect()
+        (0..n)
+            .map(|_| (0..12).map(|_| uniform()).sum::<f32>() - 6.0)
+            .collect()
     }
 
     #[test]
@@ -184,12 +213,20 @@ mod tests {
         let x = normals(n * inp, 2);
         let clip = search_layer(&w, inp, &x, group, &|w| Ok(asym2(w, group)))?;
         // 2-bit MinMax of Gaussian groups wastes levels on the tails: clipping must help a lot.
-        assert!(clip.mse_after < 0.8 * clip.mse_before, "{} vs {}", clip.mse_after, clip.mse_before);
+        assert!(
+            clip.mse_after < 0.8 * clip.mse_before,
+            "{} vs {}",
+            clip.mse_after,
+            clip.mse_before
+        );
         assert!(clip.clipped_fraction() > 0.5);
         // Brute force for row 3, group 1: partial outputs directly (no Gram matrix), all 100 pairs.
         let (o, g) = (3, 1);
         let wg = &w[o * inp + g * group..o * inp + (g + 1) * group];
-        let (mx, mn) = (wg.iter().copied().fold(f32::MIN, f32::max), wg.iter().copied().fold(f32::MAX, f32::min));
+        let (mx, mn) = (
+            wg.iter().copied().fold(f32::MIN, f32::max),
+            wg.iter().copied().fold(f32::MAX, f32::min),
+        );
         let mut best = (f64::INFINITY, 0, 0);
         for (i, &ri) in SHRINK_RATIOS.iter().enumerate() {
             for (j, &rj) in SHRINK_RATIOS.iter().enumerate() {
@@ -198,8 +235,16 @@ mod tests {
                 let mut err = 0.0;
                 for row in x.chunks(inp) {
                     let xg = &row[g * group..(g + 1) * group];
-                    let y: f64 = xg.iter().zip(wg).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
-                    let yq: f64 = xg.iter().zip(&q).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                    let y: f64 = xg
+                        .iter()
+                        .zip(wg)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum();
+                    let yq: f64 = xg
+                        .iter()
+                        .zip(&q)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum();
                     err += (yq - y) * (yq - y);
                 }
                 if err / (n as f64) < best.0 {
@@ -226,7 +271,13 @@ mod tests {
 
     #[test]
     fn apply_clamps_per_group() {
-        let clip = LayerClip { max: vec![1.0, 5.0], min: vec![-1.0, 0.0], choice: vec![(1, 1), (0, 0)], mse_before: 0.0, mse_after: 0.0 };
+        let clip = LayerClip {
+            max: vec![1.0, 5.0],
+            min: vec![-1.0, 0.0],
+            choice: vec![(1, 1), (0, 0)],
+            mse_before: 0.0,
+            mse_after: 0.0,
+        };
         let mut w = vec![-3.0f32, 2.0, -3.0, 2.0];
         clip.apply(&mut w, 4, 2);
         assert_eq!(w, vec![-1.0, 1.0, 0.0, 2.0]);

@@ -43,8 +43,16 @@ pub fn argmax(xs: &[f64]) -> usize {
 
 /// `acc` and `acc_norm` predictions from per-choice log-likelihoods and choice strings.
 pub fn predict(lls: &[f64], choices: &[String], gold: usize) -> ItemPrediction {
-    let normed: Vec<f64> = lls.iter().zip(choices).map(|(&ll, c)| ll / c.chars().count() as f64).collect();
-    ItemPrediction { pred: argmax(lls), pred_norm: argmax(&normed), gold }
+    let normed: Vec<f64> = lls
+        .iter()
+        .zip(choices)
+        .map(|(&ll, c)| ll / c.chars().count() as f64)
+        .collect();
+    ItemPrediction {
+        pred: argmax(lls),
+        pred_norm: argmax(&normed),
+        gold,
+    }
 }
 
 /// Mean and standard error of per-item scores; the error is None for fewer than 2 items.

@@ -15,7 +15,11 @@ pub enum EvalError {
     TaskFile { path: PathBuf, what: String },
     /// A task file with a bad record: `line` is 1-based.
     #[error("{}:{line}: {what}", path.display())]
-    TaskLine { path: PathBuf, line: usize, what: String },
+    TaskLine {
+        path: PathBuf,
+        line: usize,
+        what: String,
+    },
     #[error("invalid settings: {0}")]
     Config(String),
     /// A packed model directory that cannot be loaded.

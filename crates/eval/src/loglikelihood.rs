@@ -42,25 +42,46 @@ pub struct Loglikelihood {
 }
 
 /// Splits `(context, continuation)` into tokens as the harness's `_encode_pair` does.
-pub fn encode_pair(tokenizer: &Tokenizer, bos: Option<u32>, context: &str, continuation: &str) -> Result<EncodedPair> {
+pub fn encode_pair(
+    tokenizer: &Tokenizer,
+    bos: Option<u32>,
+    context: &str,
+    continuation: &str,
+) -> Result<EncodedPair> {
     let kept = context.trim_end();
     let continuation = format!("{}{continuation}", &context[kept.len()..]);
     let encode = |text: &str| -> Result<Vec<u32>> {
-        let enc = tokenizer.encode(text, false).map_err(|e| EvalError::Config(format!("cannot tokenize {text:?}: {e}")))?;
-        Ok(bos.into_iter().chain(enc.get_ids().iter().copied()).collect())
+        let enc = tokenizer
+            .encode(text, false)
+            .map_err(|e| EvalError::Config(format!("cannot tokenize {text:?}: {e}")))?;
+        Ok(bos
+            .into_iter()
+            .chain(enc.get_ids().iter().copied())
+            .collect())
     };
     let mut whole = encode(&format!("{kept}{continuation}"))?;
     let context_len = encode(kept)?.len().min(whole.len());
     let cont = whole.split_off(context_len);
     if cont.is_empty() {
-        return Err(EvalError::Config(format!("continuation {continuation:?} after {kept:?} encodes to no token")));
+        return Err(EvalError::Config(format!(
+            "continuation {continuation:?} after {kept:?} encodes to no token"
+        )));
     }
-    Ok(EncodedPair { context: whole, continuation: cont })
+    Ok(EncodedPair {
+        context: whole,
+        continuation: cont,
+    })
 }
 
 /// Scores `pairs` with `model`, `batch_size` sequences per forward pass (longest first, left
 /// padded); `max_len` is the model's context length. Results are in the order of `pairs`.
-pub fn loglikelihoods(model: &Llama, pairs: &[EncodedPair], max_len: usize, batch_size: usize, bar: &ProgressBar) -> Result<Vec<Loglikelihood>> {
+pub fn loglikelihoods(
+    model: &Llama,
+    pairs: &[EncodedPair],
+    max_len: usize,
+    batch_size: usize,
+    bar: &ProgressBar,
+) -> Result<Vec<Loglikelihood>> {
     if batch_size == 0 {
         return Err(EvalError::Config("--batch-size must be >= 1".into()));
     }
@@ -80,10 +101,25 @@ pub fn loglikelihoods(model: &Llama, pairs: &[EncodedPair], max_len: usize, batc
     let dev = model.device().clone();
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].0.len()));
-    let mut out = vec![Loglikelihood { ll: 0.0, tokens: 0, continuation_tokens: 0, greedy: false }; seqs.len()];
+    let mut out = vec![
+        Loglikelihood {
+            ll: 0.0,
+            tokens: 0,
+            continuation_tokens: 0,
+            greedy: false
+        };
+        seqs.len()
+    ];
     for batch in order.chunks(batch_size) {
-        let width = batch.iter().map(|&i| seqs[i].0.len() - 1).max().unwrap_or(0);
-        let pads: Vec<usize> = batch.iter().map(|&i| width - (seqs[i].0.len() - 1)).collect();
+        let width = batch
+            .iter()
+            .map(|&i| seqs[i].0.len() - 1)
+            .max()
+            .unwrap_or(0);
+        let pads: Vec<usize> = batch
+            .iter()
+            .map(|&i| width - (seqs[i].0.len() - 1))
+            .collect();
         let mut input = Vec::with_capacity(batch.len() * width);
         for (&i, &pad) in batch.iter().zip(&pads) {
             let s = &seqs[i].0;
@@ -91,8 +127,11 @@ pub fn loglikelihoods(model: &Llama, pairs: &[EncodedPair], max_len: usize, batc
             input.extend(&s[..s.len() - 1]);
         }
         let mut cache = model.new_cache(pads.clone());
-        let hidden = model.forward_hidden(&Tensor::from_vec(input, (batch.len(), width), &dev)?, &mut cache)?; // [b, width, hidden]
-        // Only the positions that predict continuation tokens go through the LM head.
+        let hidden = model.forward_hidden(
+            &Tensor::from_vec(input, (batch.len(), width), &dev)?,
+            &mut cache,
+        )?; // [b, width, hidden]
+            // Only the positions that predict continuation tokens go through the LM head.
         let rows = batch
             .iter()
             .enumerate()
@@ -100,16 +139,27 @@ pub fn loglikelihoods(model: &Llama, pairs: &[EncodedPair], max_len: usize, batc
             .collect::<candle_core::Result<Vec<_>>>()?;
         let logits = model.logits(&Tensor::cat(&rows, 0)?)?; // [sum n, vocab]
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets: Vec<u32> = batch.iter().flat_map(|&i| seqs[i].0[seqs[i].0.len() - seqs[i].1..].to_vec()).collect();
+        let targets: Vec<u32> = batch
+            .iter()
+            .flat_map(|&i| seqs[i].0[seqs[i].0.len() - seqs[i].1..].to_vec())
+            .collect();
         let n_all = targets.len();
-        let picked: Vec<f32> = logp.gather(&Tensor::from_vec(targets.clone(), (n_all, 1), &dev)?, 1)?.squeeze(1)?.to_vec1()?;
+        let picked: Vec<f32> = logp
+            .gather(&Tensor::from_vec(targets.clone(), (n_all, 1), &dev)?, 1)?
+            .squeeze(1)?
+            .to_vec1()?;
         let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         let mut at = 0;
         for &i in batch {
             let n = seqs[i].1;
             let ll = picked[at..at + n].iter().map(|&x| x as f64).sum();
             let greedy = argmax[at..at + n] == targets[at..at + n];
-            out[i] = Loglikelihood { ll, tokens: n, continuation_tokens: pairs[i].continuation.len(), greedy };
+            out[i] = Loglikelihood {
+                ll,
+                tokens: n,
+                continuation_tokens: pairs[i].continuation.len(),
+                greedy,
+            };
             at += n;
         }
         bar.inc(batch.len() as u64);
@@ -124,7 +174,9 @@ mod tests {
     fn tok512() -> Tokenizer {
         let dir = match std::env::var_os("QAT_DATA") {
             Some(d) => std::path::PathBuf::from(d),
-            None => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
+            None => {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+            }
         };
         Tokenizer::from_file(dir.join("models/stories260K/tokenizer.json")).unwrap()
     }
@@ -139,7 +191,13 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.context[0], 1);
         let whole = t.encode("Question: Is it?\nAnswer: yes", false).unwrap();
-        assert_eq!([&a.context[1..], &a.continuation[..]].concat(), whole.get_ids());
-        assert!(encode_pair(&t, Some(1), "Answer:", " ").is_err(), "a continuation of only spaces encodes to nothing");
+        assert_eq!(
+            [&a.context[1..], &a.continuation[..]].concat(),
+            whole.get_ids()
+        );
+        assert!(
+            encode_pair(&t, Some(1), "Answer:", " ").is_err(),
+            "a continuation of only spaces encodes to nothing"
+        );
     }
 }

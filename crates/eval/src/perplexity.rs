@@ -35,14 +35,27 @@ impl NllTotals {
 }
 
 /// Turns the corpus into token sequences under `mode`.
-pub fn tokenize(corpus: &Corpus, tokenizer: &Tokenizer, bos: Option<u32>, mode: PplMode, seq_len: usize, delimiter: &str, limit: Option<usize>) -> Result<Vec<Vec<u32>>> {
+pub fn tokenize(
+    corpus: &Corpus,
+    tokenizer: &Tokenizer,
+    bos: Option<u32>,
+    mode: PplMode,
+    seq_len: usize,
+    delimiter: &str,
+    limit: Option<usize>,
+) -> Result<Vec<Vec<u32>>> {
     if seq_len < 2 {
-        return Err(EvalError::Config(format!("--seq-len must be >= 2, got {seq_len}")));
+        return Err(EvalError::Config(format!(
+            "--seq-len must be >= 2, got {seq_len}"
+        )));
     }
     let encode = |text: &str| -> Result<Vec<u32>> {
         let enc = tokenizer
             .encode(text, false)
-            .map_err(|e| EvalError::Corpus { path: corpus.path.clone(), what: format!("cannot tokenize: {e}") })?;
+            .map_err(|e| EvalError::Corpus {
+                path: corpus.path.clone(),
+                what: format!("cannot tokenize: {e}"),
+            })?;
         let mut ids: Vec<u32> = bos.into_iter().collect();
         ids.extend(enc.get_ids());
         Ok(ids)
@@ -52,10 +65,12 @@ pub fn tokenize(corpus: &Corpus, tokenizer: &Tokenizer, bos: Option<u32>, mode: 
             let docs = corpus.documents(delimiter);
             let docs = &docs[..limit.unwrap_or(docs.len()).min(docs.len())];
             docs.iter()
-                .map(|d| encode(d).map(|mut ids| {
-                    ids.truncate(seq_len);
-                    ids
-                }))
+                .map(|d| {
+                    encode(d).map(|mut ids| {
+                        ids.truncate(seq_len);
+                        ids
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?
         }
         PplMode::Stream => {
@@ -69,13 +84,21 @@ pub fn tokenize(corpus: &Corpus, tokenizer: &Tokenizer, bos: Option<u32>, mode: 
     };
     seqs.retain(|s| s.len() >= 2);
     if seqs.is_empty() {
-        return Err(EvalError::Corpus { path: corpus.path.clone(), what: "no sequence of 2 or more tokens to evaluate".into() });
+        return Err(EvalError::Corpus {
+            path: corpus.path.clone(),
+            what: "no sequence of 2 or more tokens to evaluate".into(),
+        });
     }
     Ok(seqs)
 }
 
 /// Mean NLL of `model` over `seqs`, `batch_size` sequences per forward pass.
-pub fn nll(model: &Llama, seqs: &[Vec<u32>], batch_size: usize, progress: bool) -> Result<NllTotals> {
+pub fn nll(
+    model: &Llama,
+    seqs: &[Vec<u32>],
+    batch_size: usize,
+    progress: bool,
+) -> Result<NllTotals> {
     if batch_size == 0 {
         return Err(EvalError::Config("--batch-size must be >= 1".into()));
     }
@@ -83,8 +106,15 @@ pub fn nll(model: &Llama, seqs: &[Vec<u32>], batch_size: usize, progress: bool) 
     // Longest first: similar lengths share a batch, which keeps padding small.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
-    let bar = if progress { ProgressBar::new(seqs.len() as u64) } else { ProgressBar::with_draw_target(Some(seqs.len() as u64), ProgressDrawTarget::hidden()) };
-    bar.set_style(ProgressStyle::with_template("qat-eval {bar:30} {pos}/{len} sequences  eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let bar = if progress {
+        ProgressBar::new(seqs.len() as u64)
+    } else {
+        ProgressBar::with_draw_target(Some(seqs.len() as u64), ProgressDrawTarget::hidden())
+    };
+    bar.set_style(
+        ProgressStyle::with_template("qat-eval {bar:30} {pos}/{len} sequences  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let mut totals = NllTotals::default();
     for batch in order.chunks(batch_size) {
         // Inputs are all tokens but the last; targets all but the first.
@@ -97,7 +127,10 @@ pub fn nll(model: &Llama, seqs: &[Vec<u32>], batch_size: usize, progress: bool) 
             input.extend(&s[..s.len() - 1]);
         }
         let mut cache = model.new_cache(pads.clone());
-        let hidden = model.forward_hidden(&Tensor::from_vec(input, (batch.len(), width), &dev)?, &mut cache)?;
+        let hidden = model.forward_hidden(
+            &Tensor::from_vec(input, (batch.len(), width), &dev)?,
+            &mut cache,
+        )?;
         for (row, (&i, &pad)) in batch.iter().zip(&pads).enumerate() {
             let s = &seqs[i];
             let logits = model.logits(&hidden.i((row, pad..width))?)?; // [len-1, vocab]

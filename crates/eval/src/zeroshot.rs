@@ -66,7 +66,15 @@ pub struct ItemDetail {
 
 /// Evaluates `data` with `model`; `bos` starts every sequence, `max_len` is the model's
 /// context length. Shows a progress bar on stderr if `progress`.
-pub fn evaluate(model: &Llama, tokenizer: &Tokenizer, bos: Option<u32>, data: &TaskData, max_len: usize, batch_size: usize, progress: bool) -> Result<(TaskScores, Vec<ItemDetail>)> {
+pub fn evaluate(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    bos: Option<u32>,
+    data: &TaskData,
+    max_len: usize,
+    batch_size: usize,
+    progress: bool,
+) -> Result<(TaskScores, Vec<ItemDetail>)> {
     let started = Instant::now();
     let mut pairs: Vec<EncodedPair> = Vec::new();
     for item in &data.items {
@@ -74,9 +82,18 @@ pub fn evaluate(model: &Llama, tokenizer: &Tokenizer, bos: Option<u32>, data: &T
             pairs.push(encode_pair(tokenizer, bos, ctx, cont)?);
         }
     }
-    let bar = if progress { ProgressBar::new(pairs.len() as u64) } else { ProgressBar::with_draw_target(Some(pairs.len() as u64), ProgressDrawTarget::hidden()) };
-    let template = format!("qat-eval {} {{bar:30}} {{pos}}/{{len}} choices  eta {{eta}}", data.task.name());
-    bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let bar = if progress {
+        ProgressBar::new(pairs.len() as u64)
+    } else {
+        ProgressBar::with_draw_target(Some(pairs.len() as u64), ProgressDrawTarget::hidden())
+    };
+    let template = format!(
+        "qat-eval {} {{bar:30}} {{pos}}/{{len}} choices  eta {{eta}}",
+        data.task.name()
+    );
+    bar.set_style(
+        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let scores = loglikelihoods(model, &pairs, max_len, batch_size, &bar)?;
     bar.finish_and_clear();
 
@@ -92,7 +109,12 @@ pub fn evaluate(model: &Llama, tokenizer: &Tokenizer, bos: Option<u32>, data: &T
             .requests
             .iter()
             .zip(s.iter().zip(p))
-            .map(|((c, k), (score, pair))| RequestDetail { context: c.clone(), continuation: k.clone(), context_tokens: pair.context.len(), score: *score })
+            .map(|((c, k), (score, pair))| RequestDetail {
+                context: c.clone(),
+                continuation: k.clone(),
+                context_tokens: pair.context.len(),
+                score: *score,
+            })
             .collect();
         details.push(ItemDetail {
             task: data.task,
@@ -107,10 +129,20 @@ pub fn evaluate(model: &Llama, tokenizer: &Tokenizer, bos: Option<u32>, data: &T
             requests,
         });
     }
-    let acc: Vec<f64> = details.iter().map(|d| (d.pred == d.gold) as u8 as f64).collect();
-    let acc_norm: Vec<f64> = details.iter().map(|d| (d.pred_norm == d.gold) as u8 as f64).collect();
+    let acc: Vec<f64> = details
+        .iter()
+        .map(|d| (d.pred == d.gold) as u8 as f64)
+        .collect();
+    let acc_norm: Vec<f64> = details
+        .iter()
+        .map(|d| (d.pred_norm == d.gold) as u8 as f64)
+        .collect();
     let (acc, acc_stderr) = mean_stderr(&acc);
-    let (acc_norm, acc_norm_stderr) = if data.task.reports_acc_norm() { mean_stderr(&acc_norm) } else { (f64::NAN, None) };
+    let (acc_norm, acc_norm_stderr) = if data.task.reports_acc_norm() {
+        mean_stderr(&acc_norm)
+    } else {
+        (f64::NAN, None)
+    };
     let scores = TaskScores {
         task: data.task,
         harness_task: data.task.harness_name(),
@@ -121,9 +153,21 @@ pub fn evaluate(model: &Llama, tokenizer: &Tokenizer, bos: Option<u32>, data: &T
         items: details.len(),
         requests: pairs.len(),
         continuation_tokens: scores.iter().map(|s| s.tokens).sum(),
-        tokens: pairs.iter().map(|p| (p.context.len() + p.continuation.len()).min(max_len + 1) - 1).sum(),
-        truncated_contexts: pairs.iter().filter(|p| p.context.len() + p.continuation.len() > max_len + 1 && p.continuation.len() <= max_len).count(),
-        truncated_continuations: pairs.iter().filter(|p| p.continuation.len() > max_len).count(),
+        tokens: pairs
+            .iter()
+            .map(|p| (p.context.len() + p.continuation.len()).min(max_len + 1) - 1)
+            .sum(),
+        truncated_contexts: pairs
+            .iter()
+            .filter(|p| {
+                p.context.len() + p.continuation.len() > max_len + 1
+                    && p.continuation.len() <= max_len
+            })
+            .count(),
+        truncated_continuations: pairs
+            .iter()
+            .filter(|p| p.continuation.len() > max_len)
+            .count(),
         files: data.files.iter().map(|f| f.display().to_string()).collect(),
         sha256: data.sha256.clone(),
         seconds: started.elapsed().as_secs_f64(),

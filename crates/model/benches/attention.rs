@@ -9,10 +9,22 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (_, nkv, s, _) = k.dims4()?;
     let rep = nh / nkv;
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j > s - t + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j > s - t + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
     let mask = Tensor::from_vec(mask, (t, s), q.device())?;
     let q = q.reshape((b, nkv, rep * t, hd))?;
-    let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, rep, t, s))?.broadcast_add(&mask)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?
+        .reshape((b, nkv, rep, t, s))?
+        .broadcast_add(&mask)?;
     let probs = candle_nn::ops::softmax(&scores.reshape((b, nkv, rep * t, s))?, D::Minus1)?;
     probs.matmul(v)?.reshape((b, nh, t, hd))
 }
@@ -28,7 +40,10 @@ fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
 
 /// CPU seconds of the whole process (all threads): steadier than wall time on a shared machine.
 fn process_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid clock id and a valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9

@@ -18,7 +18,16 @@ use std::ops::{Add, AddAssign, Div, Mul, Range, Sub};
 
 /// The float types the kernel runs in (f32 for models, f64 for exactness tests).
 trait Float:
-    Copy + Send + Sync + PartialOrd + AddAssign + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + 'static
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + AddAssign
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + 'static
 {
     const ZERO: Self;
     /// Replaces the non-empty, finite `p` by `softmax(p)`.
@@ -62,7 +71,9 @@ struct Dims {
 impl Dims {
     fn of(q: &[usize], k: &[usize], v: &[usize], pads: usize) -> Result<Self> {
         let (&[b, nh, t, hd], &[kb, nkv, s, khd]) = (q, k) else {
-            candle_core::bail!("causal_attention: q {q:?} and k {k:?} must both be [batch, heads, seq, head_dim]")
+            candle_core::bail!(
+                "causal_attention: q {q:?} and k {k:?} must both be [batch, heads, seq, head_dim]"
+            )
         };
         if v != k || kb != b || khd != hd || nkv == 0 || nh % nkv != 0 || t > s || pads != b {
             candle_core::bail!(
@@ -70,7 +81,14 @@ impl Dims {
                  [batch, kv_heads, s >= t, head_dim] with heads a multiple of kv_heads and one pad per row"
             );
         }
-        Ok(Self { b, nh, nkv, t, s, hd })
+        Ok(Self {
+            b,
+            nh,
+            nkv,
+            t,
+            s,
+            hd,
+        })
     }
 }
 
@@ -128,16 +146,34 @@ fn transpose<T: Float>(x: &[T], s: usize, hd: usize) -> Vec<T> {
 /// Fills `p[keys]` with the softmax of `scale · qi·k_j` over the visible keys; `kt` holds the
 /// keys transposed, channel `c` of key `j` at `kt[c * stride + j]`.
 #[inline(always)]
-fn softmax_row<T: Float>(qi: &[T], kt: &[T], stride: usize, keys: Range<usize>, scale: T, p: &mut [T]) {
+fn softmax_row<T: Float>(
+    qi: &[T],
+    kt: &[T],
+    stride: usize,
+    keys: Range<usize>,
+    scale: T,
+    p: &mut [T],
+) {
     let p = &mut p[keys.clone()];
     p.fill(T::ZERO);
     for (c, &qc) in qi.iter().enumerate() {
-        axpy(p, qc * scale, &kt[c * stride + keys.start..c * stride + keys.end]);
+        axpy(
+            p,
+            qc * scale,
+            &kt[c * stride + keys.start..c * stride + keys.end],
+        );
     }
     T::softmax_in_place(p);
 }
 
-fn forward<T: Float>(q: &[T], k: KvBlocks<T>, v: KvBlocks<T>, d: Dims, pads: &[usize], scale: T) -> Vec<T> {
+fn forward<T: Float>(
+    q: &[T],
+    k: KvBlocks<T>,
+    v: KvBlocks<T>,
+    d: Dims,
+    pads: &[usize],
+    scale: T,
+) -> Vec<T> {
     let row = d.t * d.hd;
     let mut out = vec![T::ZERO; d.b * d.nh * row];
     let avx2 = has_avx2_fma();
@@ -170,18 +206,37 @@ fn has_avx2_fma() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn forward_head_avx2<T: Float>(q: &[T], k: KvBlocks<T>, v: KvBlocks<T>, d: Dims, pads: &[usize], scale: T, bh: usize, out: &mut [T]) {
+unsafe fn forward_head_avx2<T: Float>(
+    q: &[T],
+    k: KvBlocks<T>,
+    v: KvBlocks<T>,
+    d: Dims,
+    pads: &[usize],
+    scale: T,
+    bh: usize,
+    out: &mut [T],
+) {
     forward_head(q, k, v, d, pads, scale, bh, out)
 }
 
 /// Output rows `out: [t, hd]` of (batch row, head) `bh`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn forward_head<T: Float>(q: &[T], k: KvBlocks<T>, v: KvBlocks<T>, d: Dims, pads: &[usize], scale: T, bh: usize, out: &mut [T]) {
+fn forward_head<T: Float>(
+    q: &[T],
+    k: KvBlocks<T>,
+    v: KvBlocks<T>,
+    d: Dims,
+    pads: &[usize],
+    scale: T,
+    bh: usize,
+    out: &mut [T],
+) {
     let (rep, row) = (d.nh / d.nkv, d.t * d.hd);
     let (bi, h) = (bh / d.nh, bh % d.nh);
     let qh = &q[bh * row..(bh + 1) * row];
-    if let (Some((kt, ks)), Some((vt, vs))) = (k.transposed(bi, h / rep), v.transposed(bi, h / rep)) {
+    if let (Some((kt, ks)), Some((vt, vs))) = (k.transposed(bi, h / rep), v.transposed(bi, h / rep))
+    {
         // A decoding cache's view: the keys are already transposed.
         return attend_rows(qh, kt, ks, vt, vs, d, pads[bi], scale, out);
     }
@@ -199,13 +254,33 @@ fn forward_head<T: Float>(q: &[T], k: KvBlocks<T>, v: KvBlocks<T>, d: Dims, pads
 /// (channel `c` of column `j` at `kt[c * ks + j]`, `vt[c * vs + j]`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_rows<T: Float>(qh: &[T], kt: &[T], ks: usize, vt: &[T], vs: usize, d: Dims, pad: usize, scale: T, out: &mut [T]) {
+fn attend_rows<T: Float>(
+    qh: &[T],
+    kt: &[T],
+    ks: usize,
+    vt: &[T],
+    vs: usize,
+    d: Dims,
+    pad: usize,
+    scale: T,
+    out: &mut [T],
+) {
     let mut p = vec![T::ZERO; d.s];
     for i in 0..d.t {
         let keys = visible(pad, d.s - d.t + i);
-        softmax_row(&qh[i * d.hd..(i + 1) * d.hd], kt, ks, keys.clone(), scale, &mut p);
+        softmax_row(
+            &qh[i * d.hd..(i + 1) * d.hd],
+            kt,
+            ks,
+            keys.clone(),
+            scale,
+            &mut p,
+        );
         for (c, o) in out[i * d.hd..(i + 1) * d.hd].iter_mut().enumerate() {
-            *o = dot(&p[keys.clone()], &vt[c * vs + keys.start..c * vs + keys.end]);
+            *o = dot(
+                &p[keys.clone()],
+                &vt[c * vs + keys.start..c * vs + keys.end],
+            );
         }
     }
 }
@@ -233,7 +308,15 @@ fn decode_rows<T: Float>(qh: &[T], k: &[T], v: &[T], d: Dims, pad: usize, scale:
 }
 
 /// Gradients `(dq, dk, dv)` for output gradient `dout` (`[b, nh, t, hd]`).
-fn backward<T: Float>(q: &[T], k: &[T], v: &[T], dout: &[T], d: Dims, pads: &[usize], scale: T) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn backward<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dout: &[T],
+    d: Dims,
+    pads: &[usize],
+    scale: T,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let rep = d.nh / d.nkv;
     let (q_group, kv_head) = (rep * d.t * d.hd, d.s * d.hd);
     let mut dq = vec![T::ZERO; d.b * d.nh * d.t * d.hd];
@@ -269,14 +352,32 @@ struct Inputs<'a, T> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn backward_group_avx2<T: Float>(x: Inputs<T>, d: Dims, pads: &[usize], scale: T, c: usize, dq: &mut [T], dk: &mut [T], dv: &mut [T]) {
+unsafe fn backward_group_avx2<T: Float>(
+    x: Inputs<T>,
+    d: Dims,
+    pads: &[usize],
+    scale: T,
+    c: usize,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
     backward_group(x, d, pads, scale, c, dq, dk, dv)
 }
 
 /// Gradients of (batch row, kv head) `c`: its `dk, dv: [s, hd]` and its query heads' dq.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_group<T: Float>(x: Inputs<T>, d: Dims, pads: &[usize], scale: T, c: usize, dq: &mut [T], dk: &mut [T], dv: &mut [T]) {
+fn backward_group<T: Float>(
+    x: Inputs<T>,
+    d: Dims,
+    pads: &[usize],
+    scale: T,
+    c: usize,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
     let Inputs { q, k, v, dout } = x;
     let rep = d.nh / d.nkv;
     let (q_group, kv_head) = (rep * d.t * d.hd, d.s * d.hd);
@@ -345,7 +446,9 @@ impl<'a, T> KvBlocks<'a, T> {
     fn of(data: &'a [T], l: &Layout, what: &str) -> Result<Self> {
         let (dims, st) = (l.dims(), l.stride());
         let (&[b, h, s, hd], &[sb, sh, ss, sc]) = (dims, st) else {
-            candle_core::bail!("causal_attention: {what} must be [batch, kv_heads, seq, head_dim], got {dims:?}")
+            candle_core::bail!(
+                "causal_attention: {what} must be [batch, kv_heads, seq, head_dim], got {dims:?}"
+            )
         };
         let channel_stride = match block_layout(s, hd, ss, sc) {
             Some(BlockLayout::RowMajor) => None,
@@ -358,9 +461,20 @@ impl<'a, T> KvBlocks<'a, T> {
         };
         let end = l.start_offset() + (b.max(1) - 1) * sb + (h.max(1) - 1) * sh + block_end;
         if end > data.len() {
-            candle_core::bail!("causal_attention: {what} reaches element {end} of a storage of {}", data.len())
+            candle_core::bail!(
+                "causal_attention: {what} reaches element {end} of a storage of {}",
+                data.len()
+            )
         }
-        Ok(Self { data, start: l.start_offset(), stride_b: sb, stride_h: sh, channel_stride, s, hd })
+        Ok(Self {
+            data,
+            start: l.start_offset(),
+            stride_b: sb,
+            stride_h: sh,
+            channel_stride,
+            s,
+            hd,
+        })
     }
 
     fn base(&self, b: usize, h: usize) -> usize {
@@ -398,7 +512,11 @@ fn block_layout(s: usize, hd: usize, ss: usize, sc: usize) -> Option<BlockLayout
     }
 }
 
-fn contiguous_slice<'a, T: candle_core::WithDType>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+fn contiguous_slice<'a, T: candle_core::WithDType>(
+    data: &'a [T],
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("causal_attention: {what} must be contiguous"),
@@ -414,35 +532,93 @@ impl CustomOp3 for CausalAttention {
         "causal-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1.dims(), l2.dims(), l3.dims(), self.pads.len())?;
         let shape = l1.shape().clone();
         match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                let (q, k, v) = (contiguous_slice(q, l1, "q")?, KvBlocks::of(k, l2, "k")?, KvBlocks::of(v, l3, "v")?);
-                Ok((CpuStorage::F32(forward(q, k, v, d, &self.pads, self.scale as f32)), shape))
+                let (q, k, v) = (
+                    contiguous_slice(q, l1, "q")?,
+                    KvBlocks::of(k, l2, "k")?,
+                    KvBlocks::of(v, l3, "v")?,
+                );
+                Ok((
+                    CpuStorage::F32(forward(q, k, v, d, &self.pads, self.scale as f32)),
+                    shape,
+                ))
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                let (q, k, v) = (contiguous_slice(q, l1, "q")?, KvBlocks::of(k, l2, "k")?, KvBlocks::of(v, l3, "v")?);
-                Ok((CpuStorage::F64(forward(q, k, v, d, &self.pads, self.scale)), shape))
+                let (q, k, v) = (
+                    contiguous_slice(q, l1, "q")?,
+                    KvBlocks::of(k, l2, "k")?,
+                    KvBlocks::of(v, l3, "v")?,
+                );
+                Ok((
+                    CpuStorage::F64(forward(q, k, v, d, &self.pads, self.scale)),
+                    shape,
+                ))
             }
-            _ => candle_core::bail!("causal_attention: q, k, v must all be F32 or all F64, got {:?}", s1.dtype()),
+            _ => candle_core::bail!(
+                "causal_attention: q, k, v must all be F32 or all F64, got {:?}",
+                s1.dtype()
+            ),
         }
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, dout: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::of(q.dims(), k.dims(), v.dims(), self.pads.len())?;
         let dev = q.device();
         let (dq, dk, dv) = match q.dtype() {
             DType::F32 => {
-                let (dq, dk, dv) = backward(&host::<f32>(q)?, &host(k)?, &host(v)?, &host(dout)?, d, &self.pads, self.scale as f32);
-                (Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?)
+                let (dq, dk, dv) = backward(
+                    &host::<f32>(q)?,
+                    &host(k)?,
+                    &host(v)?,
+                    &host(dout)?,
+                    d,
+                    &self.pads,
+                    self.scale as f32,
+                );
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dv, v.shape(), dev)?,
+                )
             }
             DType::F64 => {
-                let (dq, dk, dv) = backward(&host::<f64>(q)?, &host(k)?, &host(v)?, &host(dout)?, d, &self.pads, self.scale);
-                (Tensor::from_vec(dq, q.shape(), dev)?, Tensor::from_vec(dk, k.shape(), dev)?, Tensor::from_vec(dv, v.shape(), dev)?)
+                let (dq, dk, dv) = backward(
+                    &host::<f64>(q)?,
+                    &host(k)?,
+                    &host(v)?,
+                    &host(dout)?,
+                    d,
+                    &self.pads,
+                    self.scale,
+                );
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dv, v.shape(), dev)?,
+                )
             }
-            other => candle_core::bail!("causal_attention backward: dtype {other:?}, expected F32 or F64"),
+            other => candle_core::bail!(
+                "causal_attention backward: dtype {other:?}, expected F32 or F64"
+            ),
         };
         Ok((Some(dq), Some(dk), Some(dv)))
     }
@@ -460,9 +636,19 @@ pub fn fused_attention_supported(dev: &Device, dtype: DType) -> bool {
 /// CPU only (see [`fused_attention_supported`]). k and v may be views whose `[s, head_dim]`
 /// blocks are contiguous or transposed (as [`crate::KvCache`] hands out); anything else is
 /// copied first.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], scale: f64) -> Result<Tensor> {
-    let op = CausalAttention { pads: pads.to_vec(), scale };
-    q.contiguous()?.apply_op3(&blocks_contiguous(k)?, &blocks_contiguous(v)?, op)
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pads: &[usize],
+    scale: f64,
+) -> Result<Tensor> {
+    let op = CausalAttention {
+        pads: pads.to_vec(),
+        scale,
+    };
+    q.contiguous()?
+        .apply_op3(&blocks_contiguous(k)?, &blocks_contiguous(v)?, op)
 }
 
 /// `x` itself if the kernel reads its `[s, hd]` blocks as they are, else a contiguous copy.
@@ -493,8 +679,13 @@ mod tests {
         }
         let mask = Tensor::from_vec(mask, (b, 1, 1, t, s), q.device())?;
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, rep, t, s))?.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax(&scores.reshape((b, nkv, rep * t, s))?, candle_core::D::Minus1)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .reshape((b, nkv, rep, t, s))?
+            .broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax(
+            &scores.reshape((b, nkv, rep * t, s))?,
+            candle_core::D::Minus1,
+        )?;
         probs.matmul(v)?.reshape((b, nh, t, hd))
     }
 
@@ -503,7 +694,9 @@ mod tests {
         let mut state = seed;
         let data: Vec<f64> = (0..n)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
             })
             .collect();
@@ -511,26 +704,51 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     #[test]
     fn matches_composed_ops_in_value_and_gradient() -> Result<()> {
         // GQA (4 query heads on 2 kv heads), left padding, prefill (t = s) and chunks with t < s.
         // t < DECODE_ROWS takes the row-major decode path, larger t the transposed one.
-        for (t, s, pads) in [(5, 5, vec![0, 2]), (2, 6, vec![3, 0]), (1, 4, vec![0, 1]), (9, 9, vec![0, 3]), (8, 11, vec![4, 0])] {
+        for (t, s, pads) in [
+            (5, 5, vec![0, 2]),
+            (2, 6, vec![3, 0]),
+            (1, 4, vec![0, 1]),
+            (9, 9, vec![0, 3]),
+            (8, 11, vec![4, 0]),
+        ] {
             let q = candle_core::Var::from_tensor(&random((2, 4, t, 3), 1)?)?;
             let k = candle_core::Var::from_tensor(&random((2, 2, s, 3), 2)?)?;
             let v = candle_core::Var::from_tensor(&random((2, 2, s, 3), 3)?)?;
             let weights = random((2, 4, t, 3), 4)?;
             let fused = causal_attention(&q, &k, &v, &pads, 0.7)?;
             let reference = composed(&q, &k, &v, &pads, 0.7)?;
-            assert!(max_abs_diff(&fused, &reference) < 1e-12, "forward t={t} s={s}");
+            assert!(
+                max_abs_diff(&fused, &reference) < 1e-12,
+                "forward t={t} s={s}"
+            );
             let g_fused = (&fused * &weights)?.sum_all()?.backward()?;
             let g_ref = (&reference * &weights)?.sum_all()?.backward()?;
             for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (a, b) = (g_fused.get(var).expect("grad"), g_ref.get(var).expect("grad"));
-                assert!(max_abs_diff(a, b) < 1e-12, "d{name} t={t} s={s}: {}", max_abs_diff(a, b));
+                let (a, b) = (
+                    g_fused.get(var).expect("grad"),
+                    g_ref.get(var).expect("grad"),
+                );
+                assert!(
+                    max_abs_diff(a, b) < 1e-12,
+                    "d{name} t={t} s={s}: {}",
+                    max_abs_diff(a, b)
+                );
             }
         }
         Ok(())
@@ -546,10 +764,22 @@ mod tests {
         let flat = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         for (t, s) in [(19, 19), (3, 40)] {
             let (b, nh, nkv, hd) = (2, 4, 2, 8);
-            let (q, k, v, g) = (random((b, nh, t, hd), 1)?, random((b, nkv, s, hd), 2)?, random((b, nkv, s, hd), 3)?, random((b, nh, t, hd), 4)?);
+            let (q, k, v, g) = (
+                random((b, nh, t, hd), 1)?,
+                random((b, nkv, s, hd), 2)?,
+                random((b, nkv, s, hd), 3)?,
+                random((b, nh, t, hd), 4)?,
+            );
             let (q, k, v, g) = (flat(&q)?, flat(&k)?, flat(&v)?, flat(&g)?);
             let pads = [0, 5];
-            let d = Dims { b, nh, nkv, t, s, hd };
+            let d = Dims {
+                b,
+                nh,
+                nkv,
+                t,
+                s,
+                hd,
+            };
             fn blocks(x: &[f32], dims: (usize, usize, usize, usize)) -> Result<KvBlocks<'_, f32>> {
                 KvBlocks::of(x, &Layout::contiguous(dims), "kv")
             }
@@ -557,11 +787,39 @@ mod tests {
             let row = t * hd;
             let (mut plain, mut wide) = (vec![0f32; b * nh * row], vec![0f32; b * nh * row]);
             for bh in 0..b * nh {
-                forward_head(&q, blocks(&k, kv_dims)?, blocks(&v, kv_dims)?, d, &pads, 0.35, bh, &mut plain[bh * row..(bh + 1) * row]);
-                unsafe { forward_head_avx2(&q, blocks(&k, kv_dims)?, blocks(&v, kv_dims)?, d, &pads, 0.35, bh, &mut wide[bh * row..(bh + 1) * row]) };
+                forward_head(
+                    &q,
+                    blocks(&k, kv_dims)?,
+                    blocks(&v, kv_dims)?,
+                    d,
+                    &pads,
+                    0.35,
+                    bh,
+                    &mut plain[bh * row..(bh + 1) * row],
+                );
+                unsafe {
+                    forward_head_avx2(
+                        &q,
+                        blocks(&k, kv_dims)?,
+                        blocks(&v, kv_dims)?,
+                        d,
+                        &pads,
+                        0.35,
+                        bh,
+                        &mut wide[bh * row..(bh + 1) * row],
+                    )
+                };
             }
-            assert_eq!(plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), wide.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-            let x = Inputs { q: &q, k: &k, v: &v, dout: &g };
+            assert_eq!(
+                plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                wide.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            let x = Inputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                dout: &g,
+            };
             let (qg, kvh) = (nh / nkv * row, s * hd);
             for c in 0..b * nkv {
                 let mut a = (vec![0f32; qg], vec![0f32; kvh], vec![0f32; kvh]);
@@ -569,7 +827,10 @@ mod tests {
                 backward_group(x, d, &pads, 0.35, c, &mut a.0, &mut a.1, &mut a.2);
                 unsafe { backward_group_avx2(x, d, &pads, 0.35, c, &mut w.0, &mut w.1, &mut w.2) };
                 for (p, q) in [(&a.0, &w.0), (&a.1, &w.1), (&a.2, &w.2)] {
-                    assert_eq!(p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), q.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                    assert_eq!(
+                        p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        q.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                    );
                 }
             }
         }
@@ -593,8 +854,12 @@ mod tests {
             let (kv, vv) = (as_view(&k)?, as_view(&v)?);
             assert!(!kv.is_contiguous());
             let pads = [0, 4];
-            let want = causal_attention(&q, &k, &v, &pads, 0.35)?.flatten_all()?.to_vec1::<f32>()?;
-            let got = causal_attention(&q, &kv, &vv, &pads, 0.35)?.flatten_all()?.to_vec1::<f32>()?;
+            let want = causal_attention(&q, &k, &v, &pads, 0.35)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let got = causal_attention(&q, &kv, &vv, &pads, 0.35)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             if t >= DECODE_ROWS {
                 assert_eq!(want, got, "t {t}");
             } else {
@@ -612,8 +877,14 @@ mod tests {
         // Hand-worked: the first real query of a row sees only itself, so its output is v there.
         let q = random((1, 1, 3, 2), 7)?;
         let k = random((1, 1, 3, 2), 8)?;
-        let v = Tensor::from_vec(vec![1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0], (1, 1, 3, 2), &Device::Cpu)?;
-        let out = causal_attention(&q, &k, &v, &[1], 1.0)?.flatten_all()?.to_vec1::<f64>()?;
+        let v = Tensor::from_vec(
+            vec![1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0],
+            (1, 1, 3, 2),
+            &Device::Cpu,
+        )?;
+        let out = causal_attention(&q, &k, &v, &[1], 1.0)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         assert_eq!(&out[0..2], &[1.0, 2.0]); // padding query 0 sees key 0 only
         assert_eq!(&out[2..4], &[3.0, 4.0]); // query 1 = first real token sees key 1 only
         Ok(())
@@ -623,7 +894,9 @@ mod tests {
     fn rejects_mismatched_shapes() -> Result<()> {
         let q = random((1, 3, 2, 2), 1)?;
         let k = random((1, 2, 2, 2), 2)?;
-        let err = causal_attention(&q, &k, &k, &[0], 1.0).unwrap_err().to_string();
+        let err = causal_attention(&q, &k, &k, &[0], 1.0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("multiple of kv_heads"), "{err}");
         Ok(())
     }

@@ -34,13 +34,21 @@ enum Layer {
 impl KvCache {
     /// An empty cache for `num_layers` layers and rows with the given left paddings.
     pub fn new(num_layers: usize, pads: Vec<usize>) -> Self {
-        Self { pads, columns: 0, reserve: 0, layers: vec![None; num_layers] }
+        Self {
+            pads,
+            columns: 0,
+            reserve: 0,
+            layers: vec![None; num_layers],
+        }
     }
 
     /// Like [`KvCache::new`], with room for `columns` columns before the buffers grow
     /// (for decoding; the cache then holds plain values, not part of any autograd graph).
     pub fn with_capacity(num_layers: usize, pads: Vec<usize>, columns: usize) -> Self {
-        Self { reserve: columns, ..Self::new(num_layers, pads) }
+        Self {
+            reserve: columns,
+            ..Self::new(num_layers, pads)
+        }
     }
 
     /// An empty cache for `batch` unpadded rows.
@@ -83,7 +91,11 @@ impl KvCache {
         }
         let keys = self.columns + len;
         let uniform = self.pads.windows(2).all(|w| w[0] == w[1]);
-        let rows = if uniform { &self.pads[..self.pads.len().min(1)] } else { &self.pads[..] };
+        let rows = if uniform {
+            &self.pads[..self.pads.len().min(1)]
+        } else {
+            &self.pads[..]
+        };
         let mut mask = Vec::with_capacity(rows.len() * len * keys);
         for &pad in rows {
             for q in self.columns..self.columns + len {
@@ -110,7 +122,10 @@ impl KvCache {
                 self.layers[layer] = Some(Layer::Plain(k.clone(), v.clone()));
                 return Ok((k.clone(), v.clone()));
             }
-            None => (Self::buffer(k, self.reserve, start)?, Self::buffer(v, self.reserve, start)?),
+            None => (
+                Self::buffer(k, self.reserve, start)?,
+                Self::buffer(v, self.reserve, start)?,
+            ),
             Some(Layer::Plain(pk, pv)) => {
                 let cap = filled.max(2 * start);
                 let (bk, bv) = (Self::buffer(&pk, cap, 0)?, Self::buffer(&pv, cap, 0)?);
@@ -173,11 +188,19 @@ impl KvCache {
             Some(Layer::Plain(k, _) | Layer::Buffer(k, _)) => k.device().clone(),
             None => Device::Cpu,
         };
-        let idx = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), &dev)?;
+        let idx = Tensor::from_vec(
+            keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            keep.len(),
+            &dev,
+        )?;
         for entry in self.layers.iter_mut().flatten() {
             *entry = match entry {
-                Layer::Plain(k, v) => Layer::Plain(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?),
-                Layer::Buffer(k, v) => Layer::Buffer(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?),
+                Layer::Plain(k, v) => {
+                    Layer::Plain(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)
+                }
+                Layer::Buffer(k, v) => {
+                    Layer::Buffer(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)
+                }
             };
         }
         self.pads = keep.iter().map(|&i| self.pads[i]).collect();
@@ -191,7 +214,11 @@ mod tests {
 
     fn chunk(b: usize, len: usize, seed: f32) -> Result<Tensor> {
         let n = b * 2 * len * 3;
-        Tensor::from_vec((0..n).map(|i| seed + i as f32).collect::<Vec<_>>(), (b, 2, len, 3), &Device::Cpu)
+        Tensor::from_vec(
+            (0..n).map(|i| seed + i as f32).collect::<Vec<_>>(),
+            (b, 2, len, 3),
+            &Device::Cpu,
+        )
     }
 
     /// In-place appends (reserved, grown, after dropping rows) equal plain concatenation.
@@ -202,8 +229,14 @@ mod tests {
             let (mut want_k, mut want_v) = (chunk(3, 4, 0.0)?, chunk(3, 4, 1000.0)?);
             let (k, v) = cache.append(0, &want_k, &want_v)?;
             cache.advance(4);
-            assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, want_k.flatten_all()?.to_vec1::<f32>()?);
-            assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, want_v.flatten_all()?.to_vec1::<f32>()?);
+            assert_eq!(
+                k.flatten_all()?.to_vec1::<f32>()?,
+                want_k.flatten_all()?.to_vec1::<f32>()?
+            );
+            assert_eq!(
+                v.flatten_all()?.to_vec1::<f32>()?,
+                want_v.flatten_all()?.to_vec1::<f32>()?
+            );
             for step in 0..6 {
                 if step == 3 {
                     cache.select_rows(&[0, 2])?;
@@ -212,14 +245,25 @@ mod tests {
                     want_v = want_v.index_select(&idx, 0)?;
                 }
                 let b = cache.batch_size();
-                let (nk, nv) = (chunk(b, 1, 5000.0 + step as f32)?, chunk(b, 1, 9000.0 + step as f32)?);
+                let (nk, nv) = (
+                    chunk(b, 1, 5000.0 + step as f32)?,
+                    chunk(b, 1, 9000.0 + step as f32)?,
+                );
                 want_k = Tensor::cat(&[&want_k, &nk], 2)?;
                 want_v = Tensor::cat(&[&want_v, &nv], 2)?;
                 let (k, v) = cache.append(0, &nk, &nv)?;
                 cache.advance(1);
                 assert_eq!(k.dims(), want_k.dims());
-                assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, want_k.flatten_all()?.to_vec1::<f32>()?, "reserve {reserve} step {step}");
-                assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, want_v.flatten_all()?.to_vec1::<f32>()?, "reserve {reserve} step {step}");
+                assert_eq!(
+                    k.flatten_all()?.to_vec1::<f32>()?,
+                    want_k.flatten_all()?.to_vec1::<f32>()?,
+                    "reserve {reserve} step {step}"
+                );
+                assert_eq!(
+                    v.flatten_all()?.to_vec1::<f32>()?,
+                    want_v.flatten_all()?.to_vec1::<f32>()?,
+                    "reserve {reserve} step {step}"
+                );
             }
         }
         Ok(())

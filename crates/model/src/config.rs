@@ -64,10 +64,14 @@ pub struct LlamaConfig {
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => {
-            a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
         }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -75,7 +79,10 @@ fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
 impl LlamaConfigFile {
     /// Validates the file's values and resolves defaults (`num_key_value_heads`, `head_dim`).
     pub fn resolve(&self, path: &Path) -> Result<LlamaConfig, ModelError> {
-        let bad = |what: String| ModelError::InvalidConfig { path: path.to_path_buf(), what };
+        let bad = |what: String| ModelError::InvalidConfig {
+            path: path.to_path_buf(),
+            what,
+        };
         if let Some(mt) = &self.model_type {
             if mt != "llama" {
                 return Err(bad(format!("model_type is {mt:?}, expected \"llama\"")));
@@ -83,7 +90,9 @@ impl LlamaConfigFile {
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(bad(format!("hidden_act is {act:?}, only \"silu\" is supported")));
+                return Err(bad(format!(
+                    "hidden_act is {act:?}, only \"silu\" is supported"
+                )));
             }
         }
         if self.attention_bias || self.mlp_bias {
@@ -96,7 +105,9 @@ impl LlamaConfigFile {
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if self.num_attention_heads == 0 || num_kv_heads == 0 {
-            return Err(bad("num_attention_heads and num_key_value_heads must be > 0".into()));
+            return Err(bad(
+                "num_attention_heads and num_key_value_heads must be > 0".into(),
+            ));
         }
         if !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
@@ -117,7 +128,9 @@ impl LlamaConfigFile {
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(bad(format!("head_dim must be even and > 0, got {head_dim}")));
+            return Err(bad(format!(
+                "head_dim must be even and > 0, got {head_dim}"
+            )));
         }
         for (name, v) in [
             ("hidden_size", self.hidden_size),
@@ -176,6 +189,9 @@ impl LlamaConfig {
 
     /// Number of parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
-        self.expected_tensors().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.expected_tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }

@@ -14,7 +14,11 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| format!("invalid device {spec:?}: expected cpu, cuda or cuda:N"))?,
-        None => return Err(format!("invalid device {spec:?}: expected cpu, cuda or cuda:N")),
+        None => {
+            return Err(format!(
+                "invalid device {spec:?}: expected cpu, cuda or cuda:N"
+            ))
+        }
     };
     if !candle_core::utils::cuda_is_available() {
         return Err(format!("device {spec:?}: this build has no CUDA support (rebuild with `--features cuda`, see README)"));
@@ -29,7 +33,9 @@ pub fn parse_dtype(spec: &str) -> Result<DType, String> {
         "f32" | "fp32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "fp16" | "float16" => Ok(DType::F16),
-        other => Err(format!("invalid dtype {other:?}: expected f32, bf16 or f16")),
+        other => Err(format!(
+            "invalid dtype {other:?}: expected f32, bf16 or f16"
+        )),
     }
 }
 
@@ -53,7 +59,9 @@ mod tests {
         for d in [DType::F32, DType::BF16, DType::F16] {
             assert_eq!(parse_dtype(dtype_name(d)), Ok(d));
         }
-        assert!(parse_dtype("int8").unwrap_err().contains("expected f32, bf16 or f16"));
+        assert!(parse_dtype("int8")
+            .unwrap_err()
+            .contains("expected f32, bf16 or f16"));
     }
 
     #[test]
@@ -61,7 +69,9 @@ mod tests {
         assert!(parse_device("cpu").unwrap().is_cpu());
         assert!(parse_device("gpu").is_err());
         if !candle_core::utils::cuda_is_available() {
-            assert!(parse_device("cuda:0").unwrap_err().contains("--features cuda"));
+            assert!(parse_device("cuda:0")
+                .unwrap_err()
+                .contains("--features cuda"));
         }
     }
 }

@@ -49,7 +49,9 @@ pub fn softmax_in_place(p: &mut [f32]) {
             lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
         }
     }
-    let mut max = rest.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let mut max = rest
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     for m in lanes {
         max = if m > max { m } else { max };
     }
@@ -100,14 +102,22 @@ mod tests {
     #[test]
     fn softmax_matches_a_direct_f64_computation() {
         // 37 scores: not a multiple of the 8 lanes, with a large spread.
-        let p: Vec<f32> = (0..37).map(|i| ((i * 7919) % 97) as f32 * 0.37 - 20.0).collect();
-        let max = p.iter().cloned().fold(f64::NEG_INFINITY, |m, x| m.max(x as f64));
+        let p: Vec<f32> = (0..37)
+            .map(|i| ((i * 7919) % 97) as f32 * 0.37 - 20.0)
+            .collect();
+        let max = p
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, |m, x| m.max(x as f64));
         let e: Vec<f64> = p.iter().map(|&x| (x as f64 - max).exp()).collect();
         let z: f64 = e.iter().sum();
         let mut q = p.clone();
         softmax_in_place(&mut q);
         for (got, want) in q.iter().zip(e.iter().map(|x| x / z)) {
-            assert!((*got as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12, "{got} vs {want}");
+            assert!(
+                (*got as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12,
+                "{got} vs {want}"
+            );
         }
         let mut one = [3.5f32];
         softmax_in_place(&mut one);

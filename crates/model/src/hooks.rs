@@ -20,7 +20,15 @@ pub enum LinearKind {
 }
 
 impl LinearKind {
-    pub const ALL: [LinearKind; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
+    pub const ALL: [LinearKind; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
 
     /// The checkpoint name of the layer inside its block, e.g. `self_attn.q_proj`.
     pub fn checkpoint_path(self) -> &'static str {
@@ -51,7 +59,11 @@ pub struct LinearId {
 impl LinearId {
     /// Full checkpoint key of the layer's weight, e.g. `model.layers.3.mlp.up_proj.weight`.
     pub fn weight_key(&self) -> String {
-        format!("model.layers.{}.{}.weight", self.layer, self.kind.checkpoint_path())
+        format!(
+            "model.layers.{}.{}.weight",
+            self.layer,
+            self.kind.checkpoint_path()
+        )
     }
 }
 

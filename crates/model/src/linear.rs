@@ -15,13 +15,22 @@ pub struct QLinear {
 
 impl QLinear {
     pub fn new(weight: Tensor, id: LinearId) -> Self {
-        Self { weight, id, frozen: false }
+        Self {
+            weight,
+            id,
+            frozen: false,
+        }
     }
 
     /// Replaces the weight by `hooks.weight(weight)` cast to `dtype`, once, if `static_weights`
     /// (else only casts it, and the hook keeps running every forward). See
     /// [`crate::Llama::freeze_weights`].
-    pub(crate) fn freeze(&mut self, hooks: &dyn QuantHooks, static_weights: bool, dtype: candle_core::DType) -> Result<()> {
+    pub(crate) fn freeze(
+        &mut self,
+        hooks: &dyn QuantHooks,
+        static_weights: bool,
+        dtype: candle_core::DType,
+    ) -> Result<()> {
         if self.frozen {
             return Ok(());
         }
@@ -51,7 +60,11 @@ impl QLinear {
     /// `x: [.., in] -> [.., out]`, computed in `x`'s dtype (the weight, quantized by the hook
     /// in its own dtype, is cast to it: a no-op when they agree).
     pub fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
-        let w = if self.frozen { self.weight.clone() } else { hooks.weight(self.id, &self.weight)? };
+        let w = if self.frozen {
+            self.weight.clone()
+        } else {
+            hooks.weight(self.id, &self.weight)?
+        };
         let x = hooks.activation(self.id, x)?;
         let w = w.to_dtype(x.dtype())?;
         let (rows, in_dim) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, w.dim(1)?);

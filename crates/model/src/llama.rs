@@ -28,10 +28,14 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Result<Tensor
     if is_half(x.dtype()) {
         let x32 = x.to_dtype(DType::F32)?;
         let mean_sq = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        return x32.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.to_dtype(x.dtype())?.broadcast_mul(&weight);
+        return x32
+            .broadcast_div(&(mean_sq + eps)?.sqrt()?)?
+            .to_dtype(x.dtype())?
+            .broadcast_mul(&weight);
     }
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?.broadcast_mul(&weight)
+    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?
+        .broadcast_mul(&weight)
 }
 
 /// Softmax over the last dim. Training (not `fused`) on CUDA: one kernel with a gradient that
@@ -62,7 +66,11 @@ struct Attention {
 
 impl Attention {
     fn load(vb: VarBuilder, cfg: &LlamaConfig, layer: usize) -> Result<Self> {
-        let (h, q, kv) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let (h, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
         let id = |kind| LinearId { layer, kind };
         Ok(Self {
             q_proj: QLinear::load(vb.pp("q_proj"), h, q, id(LinearKind::Q))?,
@@ -77,12 +85,30 @@ impl Attention {
     }
 
     /// `x: [b, t, hidden]` → `[b, t, hidden]`; appends this chunk's keys/values to `cache`.
-    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: &mut KvCache, hooks: &dyn QuantHooks) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &StepContext,
+        cache: &mut KvCache,
+        hooks: &dyn QuantHooks,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x, hooks)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [b, nh, t, hd]
-        let k = self.k_proj.forward(x, hooks)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // [b, nkv, t, hd]
-        let v = self.v_proj.forward(x, hooks)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = self
+            .q_proj
+            .forward(x, hooks)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?; // [b, nh, t, hd]
+        let k = self
+            .k_proj
+            .forward(x, hooks)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?; // [b, nkv, t, hd]
+        let v = self
+            .v_proj
+            .forward(x, hooks)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
         let k = hooks.kv(self.layer, KvKind::Key, &k.contiguous()?)?;
         let v = hooks.kv(self.layer, KvKind::Value, &v.contiguous()?)?;
         let q = RotaryEmbedding::apply(&q.contiguous()?, &ctx.cos, &ctx.sin, ctx.fused)?;
@@ -107,12 +133,18 @@ impl Attention {
             (q.matmul(&k.t()?)? * scale)?
         }; // [b, nkv, rep*t, s]
         let scores = match &ctx.mask {
-            Some(mask) => scores.reshape((b, nkv, rep, t, s))?.broadcast_add(mask)?.reshape((b, nkv, rep * t, s))?,
+            Some(mask) => scores
+                .reshape((b, nkv, rep, t, s))?
+                .broadcast_add(mask)?
+                .reshape((b, nkv, rep * t, s))?,
             None => scores,
         };
         let probs = softmax_last(&scores, ctx.fused)?;
         let out = probs.matmul(&v)?; // [b, nkv, rep*t, hd]
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let out = out
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out, hooks)
     }
 }
@@ -200,9 +232,26 @@ impl Llama {
         } else {
             vb.pp("lm_head").get((v, h), "weight")?
         };
-        let rope = RotaryEmbedding::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, vb.dtype(), vb.device())?;
+        let rope = RotaryEmbedding::new(
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            cfg.rope_theta,
+            vb.dtype(),
+            vb.device(),
+        )?;
         let compute_dtype = vb.dtype();
-        Ok(Self { embed_tokens, blocks, norm, lm_head, rope, cfg: cfg.clone(), hooks: Arc::new(NoQuant), fused: true, fused_attention: true, compute_dtype })
+        Ok(Self {
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+            hooks: Arc::new(NoQuant),
+            fused: true,
+            fused_attention: true,
+            compute_dtype,
+        })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -245,7 +294,15 @@ impl Llama {
             block.input_layernorm = block.input_layernorm.to_dtype(dt)?;
             block.post_attention_layernorm = block.post_attention_layernorm.to_dtype(dt)?;
             let (a, m) = (&mut block.self_attn, &mut block.mlp);
-            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+            for lin in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
                 lin.freeze(hooks.as_ref(), static_weights, dt)?;
             }
         }
@@ -281,7 +338,15 @@ impl Llama {
             .iter()
             .flat_map(|b| {
                 let (a, m) = (&b.self_attn, &b.mlp);
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
             })
             .collect()
     }
@@ -314,13 +379,18 @@ impl Llama {
     pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         if b != cache.batch_size() {
-            candle_core::bail!("batch of {b} rows but the KV cache has {} rows", cache.batch_size());
+            candle_core::bail!(
+                "batch of {b} rows but the KV cache has {} rows",
+                cache.batch_size()
+            );
         }
         let end = cache.columns() + t;
         let max_pos = self.rope.max_positions();
         let longest = end - cache.pads().iter().min().copied().unwrap_or(0);
         if longest > max_pos {
-            candle_core::bail!("sequence of {longest} positions exceeds max_position_embeddings {max_pos}");
+            candle_core::bail!(
+                "sequence of {longest} positions exceeds max_position_embeddings {max_pos}"
+            );
         }
         let dev = self.device();
         let positions = cache.next_positions(t, dev)?;
@@ -329,19 +399,40 @@ impl Llama {
         let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
         // candle's fused kernels have no f64 version; f64 (used by exactness tests) composes ops.
         let fused = self.fused && self.dtype() != DType::F64;
-        let (mask, fused_attention_pads) = if self.fused_attention && fused_attention_supported(dev, self.dtype()) {
-            (None, Some(cache.pads().to_vec()))
-        } else {
-            (cache.next_mask(t, dev)?.map(|m| m.to_dtype(self.dtype())).transpose()?, None)
+        let (mask, fused_attention_pads) =
+            if self.fused_attention && fused_attention_supported(dev, self.dtype()) {
+                (None, Some(cache.pads().to_vec()))
+            } else {
+                (
+                    cache
+                        .next_mask(t, dev)?
+                        .map(|m| m.to_dtype(self.dtype()))
+                        .transpose()?,
+                    None,
+                )
+            };
+        let ctx = StepContext {
+            cos,
+            sin,
+            mask,
+            fused,
+            fused_attention_pads,
         };
-        let ctx = StepContext { cos, sin, mask, fused, fused_attention_pads };
         let hooks = self.hooks.as_ref();
-        let x = self.embed_tokens.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let x = self
+            .embed_tokens
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
         let mut x = x.to_dtype(dt)?;
         for block in &self.blocks {
             let h = rms_norm(&x, &block.input_layernorm, self.cfg.rms_norm_eps, fused)?;
             x = (x + block.self_attn.forward(&h, &ctx, cache, hooks)?)?;
-            let h = rms_norm(&x, &block.post_attention_layernorm, self.cfg.rms_norm_eps, fused)?;
+            let h = rms_norm(
+                &x,
+                &block.post_attention_layernorm,
+                self.cfg.rms_norm_eps,
+                fused,
+            )?;
             x = (x + block.mlp.forward(&h, hooks)?)?;
         }
         cache.advance(t);
@@ -353,7 +444,9 @@ impl Llama {
         let dims = hidden.dims().to_vec();
         let rows = hidden.elem_count() / self.cfg.hidden_size;
         let lm_head = self.lm_head.to_dtype(hidden.dtype())?;
-        let logits = hidden.reshape((rows, self.cfg.hidden_size))?.matmul(&lm_head.t()?)?;
+        let logits = hidden
+            .reshape((rows, self.cfg.hidden_size))?
+            .matmul(&lm_head.t()?)?;
         let mut out = dims;
         *out.last_mut().expect("hidden has dims") = self.cfg.vocab_size;
         logits.reshape(out)?.to_dtype(DType::F32)

@@ -24,8 +24,14 @@ pub struct ModelDir {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Streaming sha256 of one or more files concatenated in order, as lowercase hex.
@@ -33,9 +39,15 @@ pub fn sha256_files(paths: &[PathBuf]) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     for path in paths {
-        let mut f = std::fs::File::open(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let mut f = std::fs::File::open(path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
         loop {
-            let n = f.read(&mut buf).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let n = f.read(&mut buf).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
             if n == 0 {
                 break;
             }
@@ -50,18 +62,32 @@ impl ModelDir {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(ModelError::NotAModelDir { path: dir, what: "no such directory".into() });
+            return Err(ModelError::NotAModelDir {
+                path: dir,
+                what: "no such directory".into(),
+            });
         }
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
-            return Err(ModelError::NotAModelDir { path: dir, what: "config.json is missing".into() });
+            return Err(ModelError::NotAModelDir {
+                path: dir,
+                what: "config.json is missing".into(),
+            });
         }
         let config_json = read_json(&config_path)?;
-        let file: LlamaConfigFile = serde_json::from_value(config_json.clone())
-            .map_err(|source| ModelError::Json { path: config_path.clone(), source })?;
+        let file: LlamaConfigFile =
+            serde_json::from_value(config_json.clone()).map_err(|source| ModelError::Json {
+                path: config_path.clone(),
+                source,
+            })?;
         let config = file.resolve(&config_path)?;
         let weight_files = Self::find_weight_files(&dir)?;
-        let me = Self { dir, config, config_json, weight_files };
+        let me = Self {
+            dir,
+            config,
+            config_json,
+            weight_files,
+        };
         me.check_tensors()?;
         Ok(me)
     }
@@ -75,14 +101,18 @@ impl ModelDir {
         if !index_path.is_file() {
             return Err(ModelError::NotAModelDir {
                 path: dir.to_path_buf(),
-                what: "neither model.safetensors nor model.safetensors.index.json is present".into(),
+                what: "neither model.safetensors nor model.safetensors.index.json is present"
+                    .into(),
             });
         }
         let index = read_json(&index_path)?;
-        let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::InvalidWeights {
-            path: index_path.clone(),
-            what: "no \"weight_map\" object".into(),
-        })?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::InvalidWeights {
+                path: index_path.clone(),
+                what: "no \"weight_map\" object".into(),
+            })?;
         let mut files = Vec::new();
         let mut seen = BTreeSet::new();
         for name in map.values() {
@@ -100,26 +130,52 @@ impl ModelDir {
 
     /// Checks names, shapes and dtypes of all tensors against the config (headers only).
     fn check_tensors(&self) -> Result<()> {
-        let mut found: BTreeMap<String, (PathBuf, Vec<usize>, safetensors::Dtype)> = BTreeMap::new();
+        let mut found: BTreeMap<String, (PathBuf, Vec<usize>, safetensors::Dtype)> =
+            BTreeMap::new();
         for path in &self.weight_files {
-            let file = std::fs::File::open(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
             // SAFETY: the file is opened read-only and we only read while the map lives.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
-            let st = safetensors::SafeTensors::deserialize(&mmap)
-                .map_err(|e| ModelError::InvalidWeights { path: path.clone(), what: e.to_string() })?;
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+                ModelError::InvalidWeights {
+                    path: path.clone(),
+                    what: e.to_string(),
+                }
+            })?;
             for (name, view) in st.tensors() {
                 found.insert(name, (path.clone(), view.shape().to_vec(), view.dtype()));
             }
         }
         for (name, expected) in self.config.expected_tensors() {
             let Some((path, shape, dtype)) = found.get(&name) else {
-                return Err(ModelError::MissingTensor { dir: self.dir.clone(), name });
+                return Err(ModelError::MissingTensor {
+                    dir: self.dir.clone(),
+                    name,
+                });
             };
-            if !matches!(dtype, safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16) {
-                return Err(ModelError::WrongDtype { path: path.clone(), name, actual: format!("{dtype:?}") });
+            if !matches!(
+                dtype,
+                safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+            ) {
+                return Err(ModelError::WrongDtype {
+                    path: path.clone(),
+                    name,
+                    actual: format!("{dtype:?}"),
+                });
             }
             if *shape != expected {
-                return Err(ModelError::WrongShape { path: path.clone(), name, actual: shape.clone(), expected });
+                return Err(ModelError::WrongShape {
+                    path: path.clone(),
+                    name,
+                    actual: shape.clone(),
+                    expected,
+                });
             }
         }
         Ok(())
@@ -140,14 +196,23 @@ impl ModelDir {
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let path = self.tokenizer_path();
         if !path.is_file() {
-            return Err(ModelError::NotAModelDir { path: self.dir.clone(), what: "tokenizer.json is missing".into() });
+            return Err(ModelError::NotAModelDir {
+                path: self.dir.clone(),
+                what: "tokenizer.json is missing".into(),
+            });
         }
-        let tok = Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer { path: path.clone(), what: e.to_string() })?;
+        let tok = Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
         let n = tok.get_vocab_size(true);
         if n > self.config.vocab_size {
             return Err(ModelError::Tokenizer {
                 path,
-                what: format!("vocabulary of {n} tokens does not fit config.json vocab_size {}", self.config.vocab_size),
+                what: format!(
+                    "vocabulary of {n} tokens does not fit config.json vocab_size {}",
+                    self.config.vocab_size
+                ),
             });
         }
         Ok(tok)
@@ -166,7 +231,12 @@ impl ModelDir {
 
 /// Ids of the tokenizer's special tokens (e.g. `<unk>`, `<s>`, `</s>`), sorted.
 pub fn special_token_ids(tok: &Tokenizer) -> Vec<u32> {
-    let mut ids: Vec<u32> = tok.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+    let mut ids: Vec<u32> = tok
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, _)| id)
+        .collect();
     ids.sort_unstable();
     ids
 }

@@ -12,7 +12,13 @@ pub struct RotaryEmbedding {
 
 impl RotaryEmbedding {
     /// `inv_freq[i] = theta^(-2i / head_dim)`; angle(pos, i) = pos * inv_freq[i].
-    pub fn new(head_dim: usize, max_positions: usize, theta: f64, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        max_positions: usize,
+        theta: f64,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);

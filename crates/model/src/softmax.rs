@@ -33,7 +33,13 @@ fn cpu_softmax<T: num_like::Float>(src: &[T], cols: usize) -> Vec<T> {
 
 /// The few float operations the CPU implementation needs (f32 and f64).
 mod num_like {
-    pub trait Float: Copy + PartialOrd + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Div<Output = Self> {
+    pub trait Float:
+        Copy
+        + PartialOrd
+        + std::ops::Add<Output = Self>
+        + std::ops::Sub<Output = Self>
+        + std::ops::Div<Output = Self>
+    {
         fn zero() -> Self;
         fn neg_infinity() -> Self;
         fn exp(self) -> Self;
@@ -74,28 +80,46 @@ impl CustomOp1 for SoftmaxWithGrad {
         let out = match storage {
             CpuStorage::F32(x) => CpuStorage::F32(cpu_softmax(&x[o1..o2], cols)),
             CpuStorage::F64(x) => CpuStorage::F64(cpu_softmax(&x[o1..o2], cols)),
-            other => candle_core::bail!("softmax_with_grad on the CPU: dtype {:?}, expected F32 or F64", other.dtype()),
+            other => candle_core::bail!(
+                "softmax_with_grad on the CPU: dtype {:?}, expected F32 or F64",
+                other.dtype()
+            ),
         };
         Ok((out, layout.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{
+            CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+        };
         use candle_core::cuda_backend::{kernel_name, kernels, CudaStorage, Map1, WrapErr};
         use candle_core::{CudaDevice, WithDType};
 
         // candle-nn's SoftmaxLastDim::cuda_fwd (private there): one block row per softmax row.
         struct S;
         impl Map1 for S {
-            fn f<T: DeviceRepr + WithDType>(&self, src: &CudaSlice<T>, dev: &CudaDevice, layout: &Layout) -> Result<CudaSlice<T>> {
+            fn f<T: DeviceRepr + WithDType>(
+                &self,
+                src: &CudaSlice<T>,
+                dev: &CudaDevice,
+                layout: &Layout,
+            ) -> Result<CudaSlice<T>> {
                 let Some((o1, o2)) = layout.contiguous_offsets() else {
                     candle_core::bail!("softmax_with_grad: input must be contiguous")
                 };
                 let src = src.slice(o1..o2);
                 let el = layout.shape().elem_count();
                 let cols = layout.dims().last().copied().unwrap_or(1).max(1);
-                let cfg = LaunchConfig { grid_dim: ((el / cols) as u32, 1, 1), block_dim: (1, 32, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig {
+                    grid_dim: ((el / cols) as u32, 1, 1),
+                    block_dim: (1, 32, 1),
+                    shared_mem_bytes: 0,
+                };
                 let func = dev.get_or_load_func(&kernel_name::<T>("softmax"), &kernels::REDUCE)?;
                 // SAFETY: every element is written by the kernel.
                 let dst = unsafe { dev.alloc::<T>(el)? };
@@ -109,7 +133,13 @@ impl CustomOp1 for SoftmaxWithGrad {
         }
         let dev = storage.device();
         let slice = S.map(&storage.slice, dev, layout)?;
-        Ok((CudaStorage { slice, device: dev.clone() }, layout.shape().clone()))
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            layout.shape().clone(),
+        ))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -131,12 +161,27 @@ mod tests {
 
     #[test]
     fn value_and_gradient_match_the_composed_softmax() -> Result<()> {
-        let x = Var::from_tensor(&(Tensor::arange(0f64, 24.0, &Device::Cpu)?.reshape((2, 3, 4))?.sin()? * 3.0)?)?;
-        let w = Tensor::arange(0f64, 24.0, &Device::Cpu)?.reshape((2, 3, 4))?.cos()?;
-        let (a, b) = (softmax_last_dim_with_grad(&x)?, candle_nn::ops::softmax(&x, D::Minus1)?);
-        let diff = |p: &Tensor, q: &Tensor| -> Result<f64> { (p - q)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>() };
+        let x = Var::from_tensor(
+            &(Tensor::arange(0f64, 24.0, &Device::Cpu)?
+                .reshape((2, 3, 4))?
+                .sin()?
+                * 3.0)?,
+        )?;
+        let w = Tensor::arange(0f64, 24.0, &Device::Cpu)?
+            .reshape((2, 3, 4))?
+            .cos()?;
+        let (a, b) = (
+            softmax_last_dim_with_grad(&x)?,
+            candle_nn::ops::softmax(&x, D::Minus1)?,
+        );
+        let diff = |p: &Tensor, q: &Tensor| -> Result<f64> {
+            (p - q)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+        };
         assert!(diff(&a, &b)? < 1e-15);
-        let (ga, gb) = ((&a * &w)?.sum_all()?.backward()?, (&b * &w)?.sum_all()?.backward()?);
+        let (ga, gb) = (
+            (&a * &w)?.sum_all()?.backward()?,
+            (&b * &w)?.sum_all()?.backward()?,
+        );
         let (ga, gb) = (ga.get(&x).expect("grad"), gb.get(&x).expect("grad"));
         assert!(diff(ga, gb)? < 1e-15, "{}", diff(ga, gb)?);
         Ok(())
@@ -150,22 +195,46 @@ mod tests {
             eprintln!("no CUDA device (or a CPU-only build): skipped");
             return Ok(());
         };
-        let x = (Tensor::arange(0f64, 3000.0, &Device::Cpu)?.reshape((3, 1000))?.sin()? * 4.0)?;
-        let w = Tensor::arange(0f64, 3000.0, &Device::Cpu)?.reshape((3, 1000))?.cos()?;
+        let x = (Tensor::arange(0f64, 3000.0, &Device::Cpu)?
+            .reshape((3, 1000))?
+            .sin()?
+            * 4.0)?;
+        let w = Tensor::arange(0f64, 3000.0, &Device::Cpu)?
+            .reshape((3, 1000))?
+            .cos()?;
         let xv = Var::from_tensor(&x)?;
         let y = candle_nn::ops::softmax(&xv, D::Minus1)?;
-        let g = (&y * &w)?.sum_all()?.backward()?.get(&xv).expect("grad").clone();
-        for (dtype, tol) in [(candle_core::DType::F32, 1e-6), (candle_core::DType::BF16, 2e-2)] {
+        let g = (&y * &w)?
+            .sum_all()?
+            .backward()?
+            .get(&xv)
+            .expect("grad")
+            .clone();
+        for (dtype, tol) in [
+            (candle_core::DType::F32, 1e-6),
+            (candle_core::DType::BF16, 2e-2),
+        ] {
             let xg = Var::from_tensor(&x.to_dtype(dtype)?.to_device(&gpu)?)?;
             let yg = softmax_last_dim_with_grad(&xg)?;
-            let gg = (&yg * &w.to_dtype(dtype)?.to_device(&gpu)?)?.sum_all()?.backward()?.get(&xg).expect("grad").clone();
+            let gg = (&yg * &w.to_dtype(dtype)?.to_device(&gpu)?)?
+                .sum_all()?
+                .backward()?
+                .get(&xg)
+                .expect("grad")
+                .clone();
             let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
-                let a = a.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F64)?;
+                let a = a
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(candle_core::DType::F64)?;
                 let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
                 Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()? / scale)
             };
             assert!(rel(&yg, &y)? < tol, "{dtype:?} value: {}", rel(&yg, &y)?);
-            assert!(rel(&gg, &g)? < tol * 10.0, "{dtype:?} gradient: {}", rel(&gg, &g)?);
+            assert!(
+                rel(&gg, &g)? < tol * 10.0,
+                "{dtype:?} gradient: {}",
+                rel(&gg, &g)?
+            );
         }
         Ok(())
     }

@@ -21,12 +21,17 @@ fn stories_in(dtype: DType) -> (ModelDir, Llama, serde_json::Value) {
     let md = ModelDir::open(&dir).expect("open stories260K");
     let model = md.load(&Device::Cpu, dtype).expect("load");
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_outputs.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_outputs.json")).unwrap())
+            .unwrap();
     (md, model, reference)
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn argmax(row: &[f32]) -> u32 {
@@ -56,19 +61,38 @@ fn last_position_top5_and_first_position_logits_match_hf() {
     let logits = model.forward_full(&x).unwrap(); // [1, t, 512]
     let last: Vec<f32> = logits.i((0, t - 1)).unwrap().to_vec1().unwrap();
     let want_ids = ids(&r["logits_last_position_top5"]["ids"]);
-    let want_vals: Vec<f64> = r["logits_last_position_top5"]["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want_vals: Vec<f64> = r["logits_last_position_top5"]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     let mut order: Vec<usize> = (0..last.len()).collect();
     order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
     for k in 0..5 {
         assert_eq!(order[k] as u32, want_ids[k], "rank {k}");
         // The reference values are printed with 5 decimals, so allow 1e-4 + rounding.
         let diff = (last[order[k]] as f64 - want_vals[k]).abs();
-        assert!(diff < 1e-4 + 5e-6, "rank {k}: {} vs {} (diff {diff})", last[order[k]], want_vals[k]);
+        assert!(
+            diff < 1e-4 + 5e-6,
+            "rank {k}: {} vs {} (diff {diff})",
+            last[order[k]],
+            want_vals[k]
+        );
     }
     let first: Vec<f32> = logits.i((0, 0)).unwrap().to_vec1().unwrap();
-    for (i, want) in r["logits_first_position_first8"].as_array().unwrap().iter().enumerate() {
+    for (i, want) in r["logits_first_position_first8"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let diff = (first[i] as f64 - want.as_f64().unwrap()).abs();
-        assert!(diff < 1e-4 + 5e-6, "first position logit {i}: {} vs {want}", first[i]);
+        assert!(
+            diff < 1e-4 + 5e-6,
+            "first position logit {i}: {} vs {want}",
+            first[i]
+        );
     }
 }
 
@@ -106,7 +130,18 @@ fn greedy_from_bos_255_tokens_match_hf_and_decode_to_reference_text() {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// In f64 the cache logic must reproduce the full forward to 1e-5 (in fact to ~1e-12).
@@ -129,12 +164,18 @@ fn incremental_vs_full(dtype: DType) -> f32 {
     let (_, model, r) = stories_in(dtype);
     let seq = ids(&r["greedy_from_bos_255_ids"])[..48].to_vec();
     let dev = Device::Cpu;
-    let full = model.forward_full(&Tensor::from_vec(seq.clone(), (1, 48), &dev).unwrap()).unwrap();
+    let full = model
+        .forward_full(&Tensor::from_vec(seq.clone(), (1, 48), &dev).unwrap())
+        .unwrap();
     let mut cache = model.new_cache(vec![0]);
     let mut chunks = Vec::new();
     // A prefill of 7 tokens, then chunks of 1 and 3 tokens.
     let mut start = 0;
-    for len in [7usize, 1, 1, 3, 1].iter().copied().chain(std::iter::repeat(1)) {
+    for len in [7usize, 1, 1, 3, 1]
+        .iter()
+        .copied()
+        .chain(std::iter::repeat(1))
+    {
         if start >= 48 {
             break;
         }
@@ -161,17 +202,35 @@ fn left_padded_batch_matches_each_row_alone() {
         padded.extend(row);
     }
     let mut cache = model.new_cache(pads.clone());
-    let batch = model.forward(&Tensor::from_vec(padded, (3, width), &dev).unwrap(), &mut cache).unwrap();
+    let batch = model
+        .forward(
+            &Tensor::from_vec(padded, (3, width), &dev).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
     // Two more decoding steps for the batch, fed the same next token per row.
     let next = [5u32, 17, 300];
-    let step = model.forward(&Tensor::from_vec(next.to_vec(), (3, 1), &dev).unwrap(), &mut cache).unwrap();
+    let step = model
+        .forward(
+            &Tensor::from_vec(next.to_vec(), (3, 1), &dev).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
     for (i, row) in rows.iter().enumerate() {
         let mut seq = row.clone();
         seq.push(next[i]);
-        let alone = model.forward_full(&Tensor::from_vec(seq.clone(), (1, seq.len()), &dev).unwrap()).unwrap();
+        let alone = model
+            .forward_full(&Tensor::from_vec(seq.clone(), (1, seq.len()), &dev).unwrap())
+            .unwrap();
         let a = batch.i((i..i + 1, pads[i]..width)).unwrap();
         let d1 = max_abs_diff(&a, &alone.i((.., ..row.len())).unwrap());
-        let d2 = max_abs_diff(&step.i((i..i + 1, ..)).unwrap(), &alone.i((.., row.len()..)).unwrap());
-        assert!(d1 < 1e-9 && d2 < 1e-9, "row {i}: prefill diff {d1}, step diff {d2}");
+        let d2 = max_abs_diff(
+            &step.i((i..i + 1, ..)).unwrap(),
+            &alone.i((.., row.len()..)).unwrap(),
+        );
+        assert!(
+            d1 < 1e-9 && d2 < 1e-9,
+            "row {i}: prefill diff {d1}, step diff {d2}"
+        );
     }
 }

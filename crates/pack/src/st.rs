@@ -173,7 +173,9 @@ impl MappedFile {
         // A damaged offset near u64::MAX must not overflow (issue 5; a panic in builds with
         // overflow checks, as the packed_reader fuzz target showed).
         let Some(expected) = (8 + n).checked_add(end) else {
-            return Err(bad(format!("data_offsets end {end} is larger than any file")));
+            return Err(bad(format!(
+                "data_offsets end {end} is larger than any file"
+            )));
         };
         if found != expected {
             return Err(truncated(

@@ -148,13 +148,20 @@ impl CustomOp1 for SymRowFakeQuant {
         let out = match storage {
             CpuStorage::F32(x) => CpuStorage::F32(quantize_rows(&x[start..end], row_len, *self)),
             CpuStorage::F64(x) => CpuStorage::F64(quantize_rows(&x[start..end], row_len, *self)),
-            other => candle_core::bail!("sym_fake_quant_rows: dtype {:?}, expected F32 or F64", other.dtype()),
+            other => candle_core::bail!(
+                "sym_fake_quant_rows: dtype {:?}, expected F32 or F64",
+                other.dtype()
+            ),
         };
         Ok((out, layout.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::forward(*self, storage, layout)
     }
 
@@ -175,7 +182,11 @@ mod cuda {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fake_quant.ptx"));
 
-    pub(super) fn forward(op: SymRowFakeQuant, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    pub(super) fn forward(
+        op: SymRowFakeQuant,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let Some((o1, o2)) = layout.contiguous_offsets() else {
             candle_core::bail!("sym_fake_quant_rows: input must be contiguous");
         };
@@ -183,13 +194,21 @@ mod cuda {
         let el = layout.shape().elem_count();
         let cols = layout.dims().last().copied().unwrap_or(1).max(1);
         let rows = el / cols;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let (qmax, f16_scale) = (f32::from(op.qmax), i32::from(op.rounding == ScaleRounding::F16));
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (qmax, f16_scale) = (
+            f32::from(op.qmax),
+            i32::from(op.rounding == ScaleRounding::F16),
+        );
         let cols = cols as u32;
         let slice = match &storage.slice {
             CudaStorageSlice::F32(x) => {
                 let x = x.slice(o1..o2);
-                let func = dev.get_or_load_custom_func("sym_row_fake_quant_f32", "qat_fake_quant", PTX)?;
+                let func =
+                    dev.get_or_load_custom_func("sym_row_fake_quant_f32", "qat_fake_quant", PTX)?;
                 // SAFETY: every element is written by the kernel.
                 let out = unsafe { dev.alloc::<f32>(el)? };
                 let mut b = func.builder();
@@ -200,7 +219,8 @@ mod cuda {
             }
             CudaStorageSlice::BF16(x) => {
                 let x = x.slice(o1..o2);
-                let func = dev.get_or_load_custom_func("sym_row_fake_quant_bf16", "qat_fake_quant", PTX)?;
+                let func =
+                    dev.get_or_load_custom_func("sym_row_fake_quant_bf16", "qat_fake_quant", PTX)?;
                 // SAFETY: every element is written by the kernel.
                 let out = unsafe { dev.alloc::<half::bf16>(el)? };
                 let mut b = func.builder();
@@ -209,9 +229,18 @@ mod cuda {
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorageSlice::BF16(out)
             }
-            _ => candle_core::bail!("sym_fake_quant_rows: CUDA dtype {:?}, expected F32 or BF16", storage.dtype()),
+            _ => candle_core::bail!(
+                "sym_fake_quant_rows: CUDA dtype {:?}, expected F32 or BF16",
+                storage.dtype()
+            ),
         };
-        Ok((CudaStorage { slice, device: dev.clone() }, layout.shape().clone()))
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            layout.shape().clone(),
+        ))
     }
 }
 
@@ -220,7 +249,11 @@ mod cuda {
 pub fn supported(x: &Tensor) -> bool {
     match x.device() {
         candle_core::Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F64),
-        candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::BF16) && cuda_kernel_enabled(),
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda")
+                && matches!(x.dtype(), DType::F32 | DType::BF16)
+                && cuda_kernel_enabled()
+        }
         _ => false,
     }
 }
@@ -253,12 +286,15 @@ mod tests {
         let mut state = 7u64;
         let mut v: Vec<f32> = (0..rows * cols)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
             })
             .collect();
         v[..cols].fill(0.0); // an all-zero row
-        v[cols..2 * cols].copy_from_slice(&(0..cols).map(|i| i as f32 * 0.5 - 3.5).collect::<Vec<_>>()); // ties
+        v[cols..2 * cols]
+            .copy_from_slice(&(0..cols).map(|i| i as f32 * 0.5 - 3.5).collect::<Vec<_>>()); // ties
         v
     }
 
@@ -284,12 +320,25 @@ mod tests {
     #[test]
     fn magic_rounding_equals_round_ties_even() {
         let mut xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.25).collect(); // ties included
-        xs.extend([4_194_303.5, -4_194_303.5, 4_194_304.0, 1e9, -1e9, 0.49999997, -0.5, 2.5, -2.5]);
+        xs.extend([
+            4_194_303.5,
+            -4_194_303.5,
+            4_194_304.0,
+            1e9,
+            -1e9,
+            0.49999997,
+            -0.5,
+            2.5,
+            -2.5,
+        ]);
         for x in xs {
             let (fast, std) = (RowFloat::round_ties_even(x), f32::round_ties_even(x));
             assert!(fast == std, "{x}: {fast} vs {std}");
             let x = f64::from(x) + 0.125;
-            assert!(RowFloat::round_ties_even(x) == f64::round_ties_even(x), "{x}");
+            assert!(
+                RowFloat::round_ties_even(x) == f64::round_ties_even(x),
+                "{x}"
+            );
         }
     }
 
@@ -307,11 +356,16 @@ mod tests {
             for rounding in [ScaleRounding::Exact, ScaleRounding::F16] {
                 let qmax = sym_qmax(bits).expect("bits");
                 let cpu = sym_fake_quant_rows(&x, qmax, rounding)?.to_vec2::<f32>()?;
-                let cuda = sym_fake_quant_rows(&x.to_device(&gpu)?, qmax, rounding)?.to_vec2::<f32>()?;
+                let cuda =
+                    sym_fake_quant_rows(&x.to_device(&gpu)?, qmax, rounding)?.to_vec2::<f32>()?;
                 assert_eq!(cpu, cuda, "f32 bits {bits} {rounding:?}");
                 let xb = x.to_dtype(DType::BF16)?;
-                let composed = sym_quant_dequant(&xb, bits, &[1], rounding)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                let cuda = sym_fake_quant_rows(&xb.to_device(&gpu)?, qmax, rounding)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let composed = sym_quant_dequant(&xb, bits, &[1], rounding)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?;
+                let cuda = sym_fake_quant_rows(&xb.to_device(&gpu)?, qmax, rounding)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?;
                 assert_eq!(composed, cuda, "bf16 bits {bits} {rounding:?}");
             }
         }
@@ -324,7 +378,10 @@ mod tests {
         let w = Tensor::arange(0f32, 20.0, &Device::Cpu)?.reshape((4, 5))?;
         let y = sym_fake_quant_rows(&x, 7, ScaleRounding::Exact)?;
         let grads = (y * &w)?.sum_all()?.backward()?;
-        assert_eq!(grads.get(&x).expect("grad").to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        assert_eq!(
+            grads.get(&x).expect("grad").to_vec2::<f32>()?,
+            w.to_vec2::<f32>()?
+        );
         Ok(())
     }
 }

@@ -33,7 +33,7 @@ pub use glob::glob_match;
 pub use hooks::FakeQuant;
 pub use nf::{NfGrid, NF3_LEVELS, NF3_THRESHOLDS, NF4_LEVELS, NF4_THRESHOLDS};
 pub use scheme::{
-    linear_shape, ActQuant, KvGranularity, KvQuant, LayerQuant, Override, Scheme, FORMAT_VERSION, MAX_BITS,
-    MIN_BITS, SCHEME_FILE,
+    linear_shape, ActQuant, KvGranularity, KvQuant, LayerQuant, Override, Scheme, FORMAT_VERSION,
+    MAX_BITS, MIN_BITS, SCHEME_FILE,
 };
 pub use weight::{WeightFormat, WeightGrad, WeightQuant};

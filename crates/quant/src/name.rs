@@ -194,7 +194,9 @@ fn parse_short(name: &str) -> std::result::Result<Parts, String> {
             if slot == 2 {
                 if let Some(r) = rest.strip_prefix('H') {
                     if bits[1].is_none() {
-                        return Err("\"H\" after KV16: per-head KV scales need a quantized KV cache".into());
+                        return Err(
+                            "\"H\" after KV16: per-head KV scales need a quantized KV cache".into(),
+                        );
                     }
                     kv_per_head = true;
                     rest = r;
@@ -203,7 +205,13 @@ fn parse_short(name: &str) -> std::result::Result<Parts, String> {
         }
         next_slot = slot + 1;
     }
-    let kv = bits[1].map(|b| if kv_per_head { KvQuant::per_head(b) } else { KvQuant::per_token(b) });
+    let kv = bits[1].map(|b| {
+        if kv_per_head {
+            KvQuant::per_head(b)
+        } else {
+            KvQuant::per_token(b)
+        }
+    });
     Ok((weight, bits[0], kv))
 }
 
@@ -269,11 +277,7 @@ impl FromStr for Scheme {
             input: s.to_string(),
             what,
         })?;
-        Ok(Scheme::new(
-            w,
-            a.map(|bits| ActQuant { bits }),
-            kv,
-        ))
+        Ok(Scheme::new(w, a.map(|bits| ActQuant { bits }), kv))
     }
 }
 
@@ -311,7 +315,11 @@ mod tests {
         assert_eq!(parse("W16A16KV16"), Scheme::full_precision());
         assert_eq!(
             parse("A8KV4"),
-            Scheme::new(None, Some(ActQuant { bits: 8 }), Some(KvQuant::per_token(4)))
+            Scheme::new(
+                None,
+                Some(ActQuant { bits: 8 }),
+                Some(KvQuant::per_token(4))
+            )
         );
         assert_eq!(
             parse("w4a8kv4h"),
@@ -380,7 +388,12 @@ mod tests {
             err("W4W4")
         );
         assert!(err("").contains("empty name"), "{}", err(""));
-        assert!(err("W4KV16H").contains("\"H\" after KV16: per-head KV scales need a quantized KV cache"), "{}", err("W4KV16H"));
+        assert!(
+            err("W4KV16H")
+                .contains("\"H\" after KV16: per-head KV scales need a quantized KV cache"),
+            "{}",
+            err("W4KV16H")
+        );
         assert!(
             err("W4KV4HH").contains("unexpected \"H\" at position 6"),
             "{}",

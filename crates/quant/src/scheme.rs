@@ -43,12 +43,18 @@ pub struct KvQuant {
 impl KvQuant {
     /// LLM-QAT's KV quantizer: `bits` bits, one scale per token over all KV heads.
     pub fn per_token(bits: u8) -> Self {
-        Self { bits, granularity: KvGranularity::Token }
+        Self {
+            bits,
+            granularity: KvGranularity::Token,
+        }
     }
 
     /// One scale per token and KV head (over head_dim elements).
     pub fn per_head(bits: u8) -> Self {
-        Self { bits, granularity: KvGranularity::Head }
+        Self {
+            bits,
+            granularity: KvGranularity::Head,
+        }
     }
 }
 

@@ -111,7 +111,9 @@ fn all_zero_rows_give_zeros_not_nan() {
     );
     assert_eq!(flat(&fake_act(&w, 4).unwrap()), want);
     let kv = Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap();
-    assert!(flat(&fake_kv(&kv, KvQuant::per_token(4)).unwrap()).iter().all(|&v| v == 0.0));
+    assert!(flat(&fake_kv(&kv, KvQuant::per_token(4)).unwrap())
+        .iter()
+        .all(|&v| v == 0.0));
 }
 
 #[test]
@@ -236,7 +238,11 @@ fn kv_per_head_has_one_scale_per_position_and_head() {
     let x = Tensor::from_vec(x, (1, 2, 2, 2), &Device::Cpu).unwrap();
     for dtype in [DType::F32, DType::F64] {
         let out = fake_kv(&x.to_dtype(dtype).unwrap(), KvQuant::per_head(3)).unwrap();
-        assert_eq!(flat(&out), [3.0, 1.0, 0.0, 0.0, 1.5, 1.0, -6.0, 2.0], "{dtype:?}");
+        assert_eq!(
+            flat(&out),
+            [3.0, 1.0, 0.0, 0.0, 1.5, 1.0, -6.0, 2.0],
+            "{dtype:?}"
+        );
     }
     assert_eq!(
         flat(&fake_kv(&x, KvQuant::per_token(3)).unwrap()),
@@ -285,10 +291,13 @@ fn ste_gradient_is_identity_and_value_is_exact() {
             ),
             (
                 "kv",
-                fake_kv(&x.as_tensor().reshape((1, 2, 3, 4)).unwrap(), KvQuant::per_token(2))
-                    .unwrap()
-                    .reshape((2, 3, 4))
-                    .unwrap(),
+                fake_kv(
+                    &x.as_tensor().reshape((1, 2, 3, 4)).unwrap(),
+                    KvQuant::per_token(2),
+                )
+                .unwrap()
+                .reshape((2, 3, 4))
+                .unwrap(),
                 sym_quant_dequant(
                     &x.as_tensor().reshape((1, 2, 3, 4)).unwrap(),
                     2,
@@ -301,10 +310,13 @@ fn ste_gradient_is_identity_and_value_is_exact() {
             ),
             (
                 "kv per head",
-                fake_kv(&x.as_tensor().reshape((1, 2, 3, 4)).unwrap(), KvQuant::per_head(2))
-                    .unwrap()
-                    .reshape((2, 3, 4))
-                    .unwrap(),
+                fake_kv(
+                    &x.as_tensor().reshape((1, 2, 3, 4)).unwrap(),
+                    KvQuant::per_head(2),
+                )
+                .unwrap()
+                .reshape((2, 3, 4))
+                .unwrap(),
                 sym_quant_dequant(x.as_tensor(), 2, &[2], ScaleRounding::Exact).unwrap(),
             ),
         ];

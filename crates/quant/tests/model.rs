@@ -107,7 +107,16 @@ fn eight_bit_stays_close_and_low_bit_moves_far() {
 
 /// max |a - b| over all elements.
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 #[test]
@@ -127,16 +136,23 @@ fn quantized_kv_cache_decodes_like_the_full_forward_per_token_and_per_head() {
         let mut cache = model.new_cache(vec![0]);
         let mut chunks = Vec::new();
         for (start, len) in [(0usize, 9usize), (9, 1), (10, 4), (14, 26)] {
-            let x = Tensor::from_vec(seq[start..start + len].to_vec(), (1, len), &Device::Cpu).unwrap();
+            let x =
+                Tensor::from_vec(seq[start..start + len].to_vec(), (1, len), &Device::Cpu).unwrap();
             chunks.push(model.forward(&x, &mut cache).unwrap());
         }
         let incremental = Tensor::cat(&chunks, 1).unwrap();
         let d = max_abs_diff(&full, &incremental);
         assert!(d < 1e-9, "{name}: max |full - incremental| = {d}");
-        assert!(max_abs_diff(&full, &fp) > 0.1, "{name} should move the logits");
+        assert!(
+            max_abs_diff(&full, &fp) > 0.1,
+            "{name} should move the logits"
+        );
         full_by_scheme.push(full);
     }
     // Per-head scales are a different quantizer: the logits differ from per-token ones.
     let d = max_abs_diff(&full_by_scheme[0], &full_by_scheme[1]);
-    assert!(d > 1e-3, "per-token and per-head KV scales gave the same logits (max diff {d})");
+    assert!(
+        d > 1e-3,
+        "per-token and per-head KV scales gave the same logits (max diff {d})"
+    );
 }

@@ -68,11 +68,25 @@ fn kv_granularity_is_written_only_when_per_head() {
     let text = per_head.to_json_pretty();
     assert!(text.contains(r#""granularity": "head""#), "{text}");
     assert_eq!(Scheme::from_json_str(&text, "".as_ref()).unwrap(), per_head);
-    let explicit = W4A8KV4_JSON.replace(r#""kv": { "bits": 4 }"#, r#""kv": { "bits": 4, "granularity": "token" }"#);
-    assert_eq!(Scheme::from_json_str(&explicit, "".as_ref()).unwrap(), per_token);
-    let bad = W4A8KV4_JSON.replace(r#""kv": { "bits": 4 }"#, r#""kv": { "bits": 4, "granularity": "channel" }"#);
-    let e = Scheme::from_json_str(&bad, "m/quant_scheme.json".as_ref()).unwrap_err().to_string();
-    assert!(e.contains("unknown variant `channel`, expected `token` or `head`"), "{e}");
+    let explicit = W4A8KV4_JSON.replace(
+        r#""kv": { "bits": 4 }"#,
+        r#""kv": { "bits": 4, "granularity": "token" }"#,
+    );
+    assert_eq!(
+        Scheme::from_json_str(&explicit, "".as_ref()).unwrap(),
+        per_token
+    );
+    let bad = W4A8KV4_JSON.replace(
+        r#""kv": { "bits": 4 }"#,
+        r#""kv": { "bits": 4, "granularity": "channel" }"#,
+    );
+    let e = Scheme::from_json_str(&bad, "m/quant_scheme.json".as_ref())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unknown variant `channel`, expected `token` or `head`"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -5,11 +5,23 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("{path}: cannot read: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: not a JSON object: {what}")]
-    BadLine { path: PathBuf, line: usize, what: String },
+    BadLine {
+        path: PathBuf,
+        line: usize,
+        what: String,
+    },
     #[error("{path}:{line}: field \"{field}\" is {found}, expected a finite number")]
-    BadField { path: PathBuf, line: usize, field: String, found: String },
+    BadField {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        found: String,
+    },
     #[error("{path}: empty training log (no records; expected one JSON object per line, as qat-distill writes)")]
     EmptyLog { path: PathBuf },
     #[error("{path}: no points left to plot ({why})")]
@@ -23,7 +35,10 @@ pub enum ReportError {
     #[error("image size {width}x{height} out of range (expected 200..=8000 pixels each)")]
     ImageSize { width: u32, height: u32 },
     #[error("{path}: cannot write: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("drawing the chart failed: {0}")]
     Draw(String),
 }

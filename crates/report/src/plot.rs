@@ -38,7 +38,15 @@ pub struct PlotConfig {
 
 impl Default for PlotConfig {
     fn default() -> Self {
-        Self { metric: Metric::Loss, x: XAxis::Step, smooth: 1, log_y: false, title: None, width: 1000, height: 600 }
+        Self {
+            metric: Metric::Loss,
+            x: XAxis::Step,
+            smooth: 1,
+            log_y: false,
+            title: None,
+            width: 1000,
+            height: 600,
+        }
     }
 }
 
@@ -48,7 +56,8 @@ fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The bytes are a valid TrueType font shipped by the dejavu crate.
-        if plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_err() {
+        if plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_err()
+        {
             panic!("the embedded DejaVu Sans font does not parse");
         }
     });
@@ -62,11 +71,18 @@ fn draw_err(e: impl std::fmt::Display) -> ReportError {
 fn series(runs: &[Run], cfg: &PlotConfig) -> Result<Vec<Vec<(f64, f64)>>> {
     runs.iter()
         .map(|r| {
-            let s: Vec<(f64, f64)> = r.series(cfg.x, cfg.metric, cfg.smooth).into_iter().filter(|&(_, y)| !cfg.log_y || y > 0.0).collect();
+            let s: Vec<(f64, f64)> = r
+                .series(cfg.x, cfg.metric, cfg.smooth)
+                .into_iter()
+                .filter(|&(_, y)| !cfg.log_y || y > 0.0)
+                .collect();
             if s.is_empty() {
                 return Err(ReportError::NothingToPlot {
                     path: r.path.clone(),
-                    why: format!("every {} is <= 0, which a log scale cannot show", cfg.metric.field()),
+                    why: format!(
+                        "every {} is <= 0, which a log scale cannot show",
+                        cfg.metric.field()
+                    ),
                 });
             }
             Ok(s)
@@ -76,7 +92,12 @@ fn series(runs: &[Run], cfg: &PlotConfig) -> Result<Vec<Vec<(f64, f64)>>> {
 
 fn bounds(all: &[Vec<(f64, f64)>], log_y: bool) -> ((f64, f64), (f64, f64)) {
     let pts = all.iter().flatten();
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
     for &(x, y) in pts {
         x0 = x0.min(x);
         x1 = x1.max(x);
@@ -92,7 +113,11 @@ fn bounds(all: &[Vec<(f64, f64)>], log_y: bool) -> ((f64, f64), (f64, f64)) {
         }
         ((x0, x1), (y0 / 1.1, y1 * 1.1))
     } else {
-        let pad = if y1 > y0 { (y1 - y0) * 0.05 } else { y0.abs().max(1.0) * 0.05 };
+        let pad = if y1 > y0 {
+            (y1 - y0) * 0.05
+        } else {
+            y0.abs().max(1.0) * 0.05
+        };
         ((x0, x1), (y0 - pad, y1 + pad))
     }
 }
@@ -101,8 +126,16 @@ fn title(runs: &[Run], cfg: &PlotConfig) -> String {
     if let Some(t) = &cfg.title {
         return t.clone();
     }
-    let smooth = if cfg.smooth > 1 { format!(", moving average of {}", cfg.smooth) } else { String::new() };
-    let what = if runs.len() > 1 { format!("{} runs", runs.len()) } else { runs[0].label.clone() };
+    let smooth = if cfg.smooth > 1 {
+        format!(", moving average of {}", cfg.smooth)
+    } else {
+        String::new()
+    };
+    let what = if runs.len() > 1 {
+        format!("{} runs", runs.len())
+    } else {
+        runs[0].label.clone()
+    };
     format!("qat-distill {}: {what}{smooth}", cfg.metric.field())
 }
 
@@ -132,7 +165,14 @@ fn tick(v: f64) -> String {
 }
 
 /// Draws the chart into an RGB buffer of `cfg.width * cfg.height * 3` bytes.
-fn draw<Y>(buf: &mut [u8], runs: &[Run], all: &[Vec<(f64, f64)>], y_range: Y, x_range: (f64, f64), cfg: &PlotConfig) -> Result<()>
+fn draw<Y>(
+    buf: &mut [u8],
+    runs: &[Run],
+    all: &[Vec<(f64, f64)>],
+    y_range: Y,
+    x_range: (f64, f64),
+    cfg: &PlotConfig,
+) -> Result<()>
 where
     Y: AsRangedCoord<Value = f64>,
     Y::CoordDescType: ValueFormatter<f64>,
@@ -165,7 +205,9 @@ where
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
             .map_err(draw_err)?
             .label(run.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
     }
     chart
         .configure_series_labels()
@@ -185,7 +227,10 @@ pub fn render_png(runs: &[Run], cfg: &PlotConfig) -> Result<Vec<u8>> {
         return Err(ReportError::TooManyRuns(runs.len()));
     }
     if !(200..=8000).contains(&cfg.width) || !(200..=8000).contains(&cfg.height) {
-        return Err(ReportError::ImageSize { width: cfg.width, height: cfg.height });
+        return Err(ReportError::ImageSize {
+            width: cfg.width,
+            height: cfg.height,
+        });
     }
     register_font();
     let all = series(runs, cfg)?;
@@ -213,13 +258,21 @@ fn encode_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
 
 /// Writes `bytes` to `path` through a temporary file renamed into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let err = |source| ReportError::Write { path: path.to_path_buf(), source };
-    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e)
-    })
+    let err = |source| ReportError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e)
+        })
 }
 
 #[cfg(test)]

@@ -15,7 +15,11 @@ pub enum SampleError {
     #[error("{path}: {what}")]
     Prompts { path: PathBuf, what: String },
     #[error("{path}: {what}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, SampleError>;

@@ -50,7 +50,13 @@ struct RowState {
 impl RowState {
     /// Stores the distribution of `logits` for the current last position and, if `choose`,
     /// appends the next token drawn from it.
-    fn step(&mut self, logits: &[f32], params: &GenerationParams, choose: bool, scratch: &mut Vec<f32>) {
+    fn step(
+        &mut self,
+        logits: &[f32],
+        params: &GenerationParams,
+        choose: bool,
+        scratch: &mut Vec<f32>,
+    ) {
         sampler::log_softmax(logits, scratch);
         for id in sampler::top_k_indices(scratch, params.keep_top) {
             self.record.topk_ids.push(id);
@@ -73,14 +79,25 @@ impl RowState {
 
 /// Generates every spec in one batch; records come back in the order of `specs`.
 /// Prompts must be shorter than `params.max_len`.
-pub fn generate_batch(model: &Llama, specs: &[SequenceSpec], params: &GenerationParams) -> Result<(Vec<SequenceRecord>, GenerationStats)> {
+pub fn generate_batch(
+    model: &Llama,
+    specs: &[SequenceSpec],
+    params: &GenerationParams,
+) -> Result<(Vec<SequenceRecord>, GenerationStats)> {
     let dev = model.device().clone();
     let width = specs.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
     if specs.is_empty() {
         return Ok((Vec::new(), GenerationStats::default()));
     }
-    if specs.iter().any(|s| s.prompt.is_empty() || s.prompt.len() >= params.max_len) {
-        candle_core::bail!("every prompt needs 1..{} tokens (max_len {})", params.max_len - 1, params.max_len);
+    if specs
+        .iter()
+        .any(|s| s.prompt.is_empty() || s.prompt.len() >= params.max_len)
+    {
+        candle_core::bail!(
+            "every prompt needs 1..{} tokens (max_len {})",
+            params.max_len - 1,
+            params.max_len
+        );
     }
     let mut rows: Vec<RowState> = specs
         .iter()
@@ -112,8 +129,14 @@ pub fn generate_batch(model: &Llama, specs: &[SequenceSpec], params: &Generation
         input.extend(&s.prompt);
     }
     // Each row ends by max_len tokens, i.e. at column width - prompt_len + max_len at most.
-    let mut cache = model.new_decode_cache(pads.clone(), pads.iter().max().copied().unwrap_or(0) + params.max_len);
-    let hidden = model.forward_hidden(&Tensor::from_vec(input, (specs.len(), width), &dev)?, &mut cache)?;
+    let mut cache = model.new_decode_cache(
+        pads.clone(),
+        pads.iter().max().copied().unwrap_or(0) + params.max_len,
+    );
+    let hidden = model.forward_hidden(
+        &Tensor::from_vec(input, (specs.len(), width), &dev)?,
+        &mut cache,
+    )?;
     for (b, row) in rows.iter_mut().enumerate() {
         // One row's logits at a time bounds memory to width x vocab.
         let logits: Vec<Vec<f32>> = model.logits(&hidden.i((b, pads[b]..width))?)?.to_vec2()?;
@@ -130,8 +153,14 @@ pub fn generate_batch(model: &Llama, specs: &[SequenceSpec], params: &Generation
         cache.select_rows(&active)?;
     }
     while !active.is_empty() {
-        let last: Vec<u32> = active.iter().map(|&b| *rows[b].record.tokens.last().expect("non-empty")).collect();
-        let logits = model.forward(&Tensor::from_vec(last, (active.len(), 1), &dev)?, &mut cache)?;
+        let last: Vec<u32> = active
+            .iter()
+            .map(|&b| *rows[b].record.tokens.last().expect("non-empty"))
+            .collect();
+        let logits = model.forward(
+            &Tensor::from_vec(last, (active.len(), 1), &dev)?,
+            &mut cache,
+        )?;
         let logits: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
         let mut stepping: Vec<(&mut RowState, &Vec<f32>)> = Vec::with_capacity(active.len());
         {
@@ -140,8 +169,14 @@ pub fn generate_batch(model: &Llama, specs: &[SequenceSpec], params: &Generation
                 stepping.push((by_index[b].take().expect("row listed once"), &logits[slot]));
             }
         }
-        stepping.par_iter_mut().for_each_init(Vec::new, |scratch, (row, l)| row.step(l, params, true, scratch));
-        let keep: Vec<usize> = (0..active.len()).filter(|&slot| !rows[active[slot]].done).collect();
+        stepping
+            .par_iter_mut()
+            .for_each_init(Vec::new, |scratch, (row, l)| {
+                row.step(l, params, true, scratch)
+            });
+        let keep: Vec<usize> = (0..active.len())
+            .filter(|&slot| !rows[active[slot]].done)
+            .collect();
         if keep.len() < active.len() {
             cache.select_rows(&keep)?;
             active = keep.iter().map(|&slot| active[slot]).collect();

@@ -21,7 +21,12 @@ fn mix(mut z: u64) -> u64 {
 impl SequenceRng {
     /// The stream of sequence `seq_id` under master seed `seed`.
     pub fn new(seed: u64, seq_id: u64) -> Self {
-        Self { state: mix(seed.wrapping_add(GOLDEN)) ^ mix(seq_id.wrapping_mul(GOLDEN).wrapping_add(0x632B_E59B_D9B4_E019)) }
+        Self {
+            state: mix(seed.wrapping_add(GOLDEN))
+                ^ mix(seq_id
+                    .wrapping_mul(GOLDEN)
+                    .wrapping_add(0x632B_E59B_D9B4_E019)),
+        }
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -56,8 +61,14 @@ mod tests {
 
     #[test]
     fn streams_differ_by_seed_and_id_and_are_reproducible() {
-        let a: Vec<u64> = (0..4).map(|_| 0).scan(SequenceRng::new(7, 3), |r, _| Some(r.next_u64())).collect();
-        let b: Vec<u64> = (0..4).map(|_| 0).scan(SequenceRng::new(7, 3), |r, _| Some(r.next_u64())).collect();
+        let a: Vec<u64> = (0..4)
+            .map(|_| 0)
+            .scan(SequenceRng::new(7, 3), |r, _| Some(r.next_u64()))
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .map(|_| 0)
+            .scan(SequenceRng::new(7, 3), |r, _| Some(r.next_u64()))
+            .collect();
         let c = SequenceRng::new(7, 4).next_u64();
         let d = SequenceRng::new(8, 3).next_u64();
         assert_eq!(a, b);

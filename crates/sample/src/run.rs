@@ -8,7 +8,10 @@ use crate::prompts::read_prompts;
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qat_model::{sha256_files, special_token_ids, ModelDir};
-use qat_shards::{num_files_for, verify_entry, IdDtype, Manifest, ShardFileWriter, ShardSetHeader, TeacherIdentity, FORMAT_VERSION};
+use qat_shards::{
+    num_files_for, verify_entry, IdDtype, Manifest, ShardFileWriter, ShardSetHeader,
+    TeacherIdentity, FORMAT_VERSION,
+};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -68,27 +71,48 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
     let mc = &model_dir.config;
     let vocab = mc.vocab_size;
     if cfg.keep_top == 0 || cfg.keep_top as usize > vocab {
-        return Err(invalid(format!("--top-k-logprobs {} must be in 1..={vocab} (the model's vocab_size)", cfg.keep_top)));
+        return Err(invalid(format!(
+            "--top-k-logprobs {} must be in 1..={vocab} (the model's vocab_size)",
+            cfg.keep_top
+        )));
     }
     if cfg.max_len < 2 || cfg.max_len > mc.max_position_embeddings {
-        return Err(invalid(format!("--max-len {} must be in 2..={} (max_position_embeddings)", cfg.max_len, mc.max_position_embeddings)));
+        return Err(invalid(format!(
+            "--max-len {} must be in 2..={} (max_position_embeddings)",
+            cfg.max_len, mc.max_position_embeddings
+        )));
     }
     if cfg.batch_size == 0 || cfg.seqs_per_file == 0 {
-        return Err(invalid("--batch-size and --seqs-per-file must be >= 1".into()));
+        return Err(invalid(
+            "--batch-size and --seqs-per-file must be >= 1".into(),
+        ));
     }
     if cfg.greedy_min > cfg.greedy_max {
-        return Err(invalid(format!("greedy range {}..={} is empty", cfg.greedy_min, cfg.greedy_max)));
+        return Err(invalid(format!(
+            "greedy range {}..={} is empty",
+            cfg.greedy_min, cfg.greedy_max
+        )));
     }
     let s = &cfg.sampling;
     if !(s.temperature >= 0.0 && s.temperature.is_finite()) || !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(invalid(format!("--temperature must be >= 0 (got {}) and --top-p in (0, 1] (got {})", s.temperature, s.top_p)));
+        return Err(invalid(format!(
+            "--temperature must be >= 0 (got {}) and --top-p in (0, 1] (got {})",
+            s.temperature, s.top_p
+        )));
     }
     let device = qat_model::parse_device(&cfg.device).map_err(invalid)?;
     let dtype = qat_model::parse_dtype(&cfg.dtype).map_err(invalid)?;
     let bos = if cfg.bos {
-        Some(mc.bos_token_id.or_else(|| tokenizer.token_to_id("<s>")).ok_or_else(|| {
-            invalid(format!("{}: no bos_token_id in config.json and no <s> token; use --no-bos", model_dir.dir.display()))
-        })?)
+        Some(
+            mc.bos_token_id
+                .or_else(|| tokenizer.token_to_id("<s>"))
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "{}: no bos_token_id in config.json and no <s> token; use --no-bos",
+                        model_dir.dir.display()
+                    ))
+                })?,
+        )
     } else {
         None
     };
@@ -104,36 +128,69 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
             let n = tokenizer.get_vocab_size(true) as u32;
             let vocab_starts: Vec<u32> = (0..n).filter(|id| !special.contains(id)).collect();
             if vocab_starts.is_empty() {
-                return Err(invalid("the tokenizer has no non-special tokens to start from".into()));
+                return Err(invalid(
+                    "the tokenizer has no non-special tokens to start from".into(),
+                ));
             }
-            (Starts { prompts: None, vocab_starts, bos }, None, None, None)
+            (
+                Starts {
+                    prompts: None,
+                    vocab_starts,
+                    bos,
+                },
+                None,
+                None,
+                None,
+            )
         }
         StartMode::Prompts(path) => {
             let texts = read_prompts(path)?;
             let mut prompts = Vec::with_capacity(texts.len());
             for text in &texts {
-                let enc = tokenizer
-                    .encode(text.as_str(), false)
-                    .map_err(|e| SampleError::Prompts { path: path.clone(), what: format!("cannot tokenize: {e}") })?;
+                let enc =
+                    tokenizer
+                        .encode(text.as_str(), false)
+                        .map_err(|e| SampleError::Prompts {
+                            path: path.clone(),
+                            what: format!("cannot tokenize: {e}"),
+                        })?;
                 let mut ids: Vec<u32> = bos.into_iter().collect();
                 ids.extend(enc.get_ids());
                 ids.truncate(cfg.max_len - 1); // leave room for at least one generated token
                 if ids.is_empty() {
-                    return Err(SampleError::Prompts { path: path.clone(), what: format!("prompt {text:?} has no tokens (and --no-bos)") });
+                    return Err(SampleError::Prompts {
+                        path: path.clone(),
+                        what: format!("prompt {text:?} has no tokens (and --no-bos)"),
+                    });
                 }
                 prompts.push(ids);
             }
             let sha = sha256_files(&[path.clone()])?;
-            (Starts { prompts: Some(prompts), vocab_starts: Vec::new(), bos }, Some(path.display().to_string()), Some(sha), Some(texts.len()))
+            (
+                Starts {
+                    prompts: Some(prompts),
+                    vocab_starts: Vec::new(),
+                    bos,
+                },
+                Some(path.display().to_string()),
+                Some(sha),
+                Some(texts.len()),
+            )
         }
     };
-    let num_sequences = cfg.num_sequences.unwrap_or(num_prompts.map(|n| n as u64).unwrap_or(4096));
+    let num_sequences = cfg
+        .num_sequences
+        .unwrap_or(num_prompts.map(|n| n as u64).unwrap_or(4096));
     if num_sequences == 0 {
         return Err(invalid("--num-sequences must be >= 1".into()));
     }
 
     let record = SamplingRecord {
-        mode: if num_prompts.is_some() { "prompts" } else { "data-free" },
+        mode: if num_prompts.is_some() {
+            "prompts"
+        } else {
+            "data-free"
+        },
         prompts_file,
         prompts_sha256,
         num_prompts,
@@ -223,7 +280,10 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
             }
             sequences += records.len() as u64;
             bar.inc(records.len() as u64);
-            bar.set_message(format!("{:.0} tok/s", stats.generated_tokens as f64 / gen_started.elapsed().as_secs_f64()));
+            bar.set_message(format!(
+                "{:.0} tok/s",
+                stats.generated_tokens as f64 / gen_started.elapsed().as_secs_f64()
+            ));
         }
         let entry = writer.finish()?;
         bytes += entry.bytes;
@@ -246,7 +306,8 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
         bytes_written: bytes,
         files_written: todo.len(),
         files_resumed: resumed,
-        teacher_nll: (stats.generated_tokens > 0).then(|| stats.teacher_nll_sum / stats.generated_tokens as f64),
+        teacher_nll: (stats.generated_tokens > 0)
+            .then(|| stats.teacher_nll_sum / stats.generated_tokens as f64),
         top_k_logprobs: cfg.keep_top,
     })
 }
@@ -260,15 +321,26 @@ fn prepare_out_dir(out: &Path) -> Result<()> {
             source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
         });
     }
-    std::fs::create_dir_all(out).map_err(|source| SampleError::Io { path: out.to_path_buf(), what: "cannot create output directory", source })?;
+    std::fs::create_dir_all(out).map_err(|source| SampleError::Io {
+        path: out.to_path_buf(),
+        what: "cannot create output directory",
+        source,
+    })?;
     let probe = out.join(format!("{PROBE_PREFIX}{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|source| SampleError::Io { path: out.to_path_buf(), what: "output directory is not writable", source })?;
+    std::fs::write(&probe, b"").map_err(|source| SampleError::Io {
+        path: out.to_path_buf(),
+        what: "output directory is not writable",
+        source,
+    })?;
     let _ = std::fs::remove_file(probe);
     // A run killed between the write and the removal above left its probe behind: remove those
     // too. (A concurrent partition's probe may go with them; it ignores its own removal failing.)
     if let Ok(entries) = std::fs::read_dir(out) {
         for e in entries.flatten() {
-            if e.file_name().to_str().is_some_and(|n| n.starts_with(PROBE_PREFIX)) {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(PROBE_PREFIX))
+            {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -280,7 +352,14 @@ fn prepare_out_dir(out: &Path) -> Result<()> {
 const PROBE_PREFIX: &str = ".qat-sample-write-test.";
 
 fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(total), if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let bar = ProgressBar::with_draw_target(
+        Some(total),
+        if enabled {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
     bar.set_style(
         ProgressStyle::with_template("qat-sample {bar:30} {pos}/{len} sequences  {msg}  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),

@@ -17,7 +17,11 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_k: 0, top_p: 1.0 }
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 }
 
@@ -33,7 +37,11 @@ pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
 /// Indices of the `k` largest values, largest first; ties broken by the smaller index.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    let cmp = |a: &u32, b: &u32| {
+        values[*b as usize]
+            .total_cmp(&values[*a as usize])
+            .then(a.cmp(b))
+    };
     let k = k.min(values.len());
     if k < idx.len() {
         idx.select_nth_unstable_by(k, cmp);
@@ -77,7 +85,11 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut SequenceRng) ->
         }
         return argmax(logits);
     }
-    let k = if params.top_k > 0 { params.top_k.min(logits.len()) } else { logits.len() };
+    let k = if params.top_k > 0 {
+        params.top_k.min(logits.len())
+    } else {
+        logits.len()
+    };
     let order = top_k_indices(logits, k);
     let weights: Vec<f64> = order.iter().map(|&i| weight(logits[i as usize])).collect();
     let total: f64 = weights.iter().sum();
@@ -138,11 +150,29 @@ mod tests {
             assert!((f - p).abs() < 0.005, "token {i}: freq {f} vs p {p}");
         }
         // top-k 1 and temperature 0 are greedy.
-        let greedy = SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0 };
+        let greedy = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+        };
         assert_eq!(sample(&logits, &greedy, &mut rng), 2);
-        assert_eq!(sample(&logits, &SamplingParams { temperature: 0.0, ..Default::default() }, &mut rng), 2);
+        assert_eq!(
+            sample(
+                &logits,
+                &SamplingParams {
+                    temperature: 0.0,
+                    ..Default::default()
+                },
+                &mut rng
+            ),
+            2
+        );
         // top-p 0.7: softmax of [0,1,2] is [.090, .245, .665]; the set {2, 1} reaches 0.7.
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.7 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.7,
+        };
         let mut seen = [false; 4];
         for _ in 0..2000 {
             seen[sample(&logits, &p, &mut rng) as usize] = true;

@@ -138,7 +138,10 @@ impl ShardSetHeader {
             ));
         }
         if self.teacher.vocab_size as usize != vocab_size {
-            return Some(format!("vocab_size {vocab_size} differs from the shards' {}", self.teacher.vocab_size));
+            return Some(format!(
+                "vocab_size {vocab_size} differs from the shards' {}",
+                self.teacher.vocab_size
+            ));
         }
         None
     }

@@ -46,7 +46,8 @@ impl ShardFileReader {
             .len();
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| ShardError::parquet(path, e))?;
-        check_column_chunks(builder.metadata(), file_len).map_err(|m| ShardError::bad_file(path, m))?;
+        check_column_chunks(builder.metadata(), file_len)
+            .map_err(|m| ShardError::bad_file(path, m))?;
         let meta = builder.metadata().file_metadata();
         let kv: HashMap<&str, &str> = meta
             .key_value_metadata()

@@ -6,13 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::error::{Result, ShardError};
-use sha2::Digest;
 use crate::hash::sha256_file;
 use crate::header::{shard_file_name, ShardSetHeader};
 use crate::manifest::{list_manifests, FileEntry, Manifest};
 use crate::partition::Partition;
 use crate::reader::{FileRecords, ShardFileReader};
 use crate::record::SequenceRecord;
+use sha2::Digest;
 
 /// A complete, consistent shard set (all partitions present and complete, every file listed once).
 ///
@@ -46,7 +46,11 @@ impl FileStamp {
         };
         #[cfg(not(unix))]
         let dev_ino = (0, 0);
-        Some(FileStamp { len: m.len(), modified: m.modified().ok()?, dev_ino })
+        Some(FileStamp {
+            len: m.len(),
+            modified: m.modified().ok()?,
+            dev_ino,
+        })
     }
 }
 
@@ -220,11 +224,15 @@ impl ShardSet {
     /// sha256 over the set's manifest files (sorted by name): the identity of the shard set that
     /// provenance records.
     pub fn manifests_sha256(&self) -> Result<String> {
-        let mut files: Vec<PathBuf> = list_manifests(&self.dir)?.into_iter().map(|(p, _)| p).collect();
+        let mut files: Vec<PathBuf> = list_manifests(&self.dir)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         files.sort();
         let mut hasher = sha2::Sha256::new();
         for f in &files {
-            let bytes = std::fs::read(f).map_err(|e| ShardError::io(f, "cannot read manifest", e))?;
+            let bytes =
+                std::fs::read(f).map_err(|e| ShardError::io(f, "cannot read manifest", e))?;
             hasher.update(&bytes);
         }
         Ok(hex::encode(hasher.finalize()))

@@ -176,7 +176,10 @@ fn flipped_byte_is_caught_by_verify() {
     let e = set.read_file(entry).unwrap_err();
     assert!(matches!(e, ShardError::HashMismatch { .. }), "{e}");
     let errs: Vec<_> = set.records().filter_map(|r| r.err()).collect();
-    assert!(matches!(errs.as_slice(), [ShardError::HashMismatch { .. }]), "{errs:?}");
+    assert!(
+        matches!(errs.as_slice(), [ShardError::HashMismatch { .. }]),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -191,7 +194,11 @@ fn a_file_rewritten_after_its_first_read_is_hashed_again() {
     let entry = set.files()[1].clone();
     let first = set.read_file(&entry).unwrap();
     let clone = set.clone();
-    assert_eq!(clone.read_file(&entry).unwrap(), first, "an unchanged file reads the same");
+    assert_eq!(
+        clone.read_file(&entry).unwrap(),
+        first,
+        "an unchanged file reads the same"
+    );
     let path = dir.path().join(&entry.name);
     let before = std::fs::metadata(&path).unwrap().modified().unwrap();
     let mut bytes = std::fs::read(&path).unwrap();

@@ -32,7 +32,9 @@ impl QuantHooks for KvRanges {
         let (_, h, _, d) = x.dims4()?;
         let m: Vec<f32> = x.abs()?.max(2)?.max(0)?.reshape(h * d)?.to_vec1()?; // over batch and time
         let mut all = self.max.lock().expect("lock");
-        let e = all.entry((layer, kind == KvKind::Key)).or_insert_with(|| vec![0.0; h * d]);
+        let e = all
+            .entry((layer, kind == KvKind::Key))
+            .or_insert_with(|| vec![0.0; h * d]);
         for (a, b) in e.iter_mut().zip(m) {
             *a = a.max(b);
         }
@@ -65,16 +67,24 @@ pub fn balance_kv(student: &mut Student, calibration: &[Vec<u32>]) -> Result<Bal
     student.model.set_hooks(ranges.clone());
     for seq in calibration {
         let x = Tensor::from_vec(seq.clone(), (1, seq.len()), &dev)?;
-        student.model.forward_hidden(&x, &mut student.model.new_cache(vec![0]))?;
+        student
+            .model
+            .forward_hidden(&x, &mut student.model.new_cache(vec![0]))?;
     }
     student.model.set_hooks(saved);
     let maxima = ranges.max.lock().expect("lock").clone();
-    let (hd, nkv, rep) = (cfg.head_dim, cfg.num_kv_heads, cfg.num_heads / cfg.num_kv_heads);
+    let (hd, nkv, rep) = (
+        cfg.head_dim,
+        cfg.num_kv_heads,
+        cfg.num_heads / cfg.num_kv_heads,
+    );
     let mut tensors = student.tensors();
     let mut changed = Vec::new();
     let (mut kb, mut vb) = (0.0, 0.0);
     for layer in 0..cfg.num_layers {
-        let (Some(mk), Some(mv)) = (maxima.get(&(layer, true)), maxima.get(&(layer, false))) else { continue };
+        let (Some(mk), Some(mv)) = (maxima.get(&(layer, true)), maxima.get(&(layer, false))) else {
+            continue;
+        };
         kb += max_over_mean(mk) / cfg.num_layers as f64;
         vb += max_over_mean(mv) / cfg.num_layers as f64;
         let key = |p: &str| format!("model.layers.{layer}.self_attn.{p}.weight");
@@ -84,10 +94,12 @@ pub fn balance_kv(student: &mut Student, calibration: &[Vec<u32>]) -> Result<Bal
         let mut o: Vec<Vec<f32>> = tensors[&key("o_proj")].to_vec2()?;
         // K: one factor per RoPE pair, to the mean pair max.
         let half = hd / 2;
-        let pair_max: Vec<f32> = (0..nkv * half).map(|i| {
-            let (g, j) = (i / half, i % half);
-            mk[g * hd + j].max(mk[g * hd + j + half])
-        }).collect();
+        let pair_max: Vec<f32> = (0..nkv * half)
+            .map(|i| {
+                let (g, j) = (i / half, i % half);
+                mk[g * hd + j].max(mk[g * hd + j + half])
+            })
+            .collect();
         let k_target = pair_max.iter().map(|&x| x as f64).sum::<f64>() / pair_max.len() as f64;
         for g in 0..nkv {
             for j in 0..half {
@@ -130,5 +142,9 @@ pub fn balance_kv(student: &mut Student, calibration: &[Vec<u32>]) -> Result<Bal
             var.set(&tensors[&name])?;
         }
     }
-    Ok(BalanceReport { calibration_sequences: calibration.len(), k_max_over_mean_before: kb, v_max_over_mean_before: vb })
+    Ok(BalanceReport {
+        calibration_sequences: calibration.len(),
+        k_max_over_mean_before: kb,
+        v_max_over_mean_before: vb,
+    })
 }

@@ -13,8 +13,15 @@ use std::sync::mpsc::{sync_channel, Receiver};
 /// Streams every file of `set` through `per_file` (each file's sha256 and metadata checked by
 /// [`ShardSet::file_records`]), files in parallel on the rayon pool; returns the results in file
 /// order, or the error of the first bad file in file order (whichever thread finds it first).
-pub(crate) fn each_file_par<T: Send>(set: &ShardSet, per_file: impl Fn(FileRecords) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let results: Vec<Result<T>> = set.files().par_iter().map(|e| per_file(set.file_records(e)?)).collect();
+pub(crate) fn each_file_par<T: Send>(
+    set: &ShardSet,
+    per_file: impl Fn(FileRecords) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> = set
+        .files()
+        .par_iter()
+        .map(|e| per_file(set.file_records(e)?))
+        .collect();
     results.into_iter().collect()
 }
 
@@ -37,7 +44,9 @@ fn splitmix(mut z: u64) -> u64 {
 
 /// Fisher-Yates permutation of `0..n` from a stream keyed by `key`.
 pub fn permutation(n: usize, key: &[u64]) -> Vec<usize> {
-    let mut state = key.iter().fold(0x5EED_u64, |acc, &k| splitmix(acc ^ splitmix(k)));
+    let mut state = key
+        .iter()
+        .fold(0x5EED_u64, |acc, &k| splitmix(acc ^ splitmix(k)));
     let mut p: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         state = splitmix(state);
@@ -56,7 +65,12 @@ pub struct ShardBatches {
 
 impl ShardBatches {
     pub fn new(set: ShardSet, seed: u64, cursor: DataCursor) -> Self {
-        Self { set, seed, cursor, loaded: None }
+        Self {
+            set,
+            seed,
+            cursor,
+            loaded: None,
+        }
     }
 
     pub fn cursor(&self) -> DataCursor {
@@ -77,7 +91,11 @@ impl ShardBatches {
         while out.len() < n {
             let order = self.file_order(self.cursor.epoch);
             if self.cursor.file_pos >= order.len() {
-                self.cursor = DataCursor { epoch: self.cursor.epoch + 1, file_pos: 0, row_pos: 0 };
+                self.cursor = DataCursor {
+                    epoch: self.cursor.epoch + 1,
+                    file_pos: 0,
+                    row_pos: 0,
+                };
                 continue;
             }
             let file = order[self.cursor.file_pos];
@@ -118,7 +136,9 @@ impl Prefetch {
         let (tx, rx) = sync_channel::<Ahead>(depth.max(1));
         // The thread stops after an error, or when the receiver is dropped (its send fails).
         std::thread::spawn(move || loop {
-            let item = batches.next_batch(batch_size).map(|recs| (recs, batches.cursor()));
+            let item = batches
+                .next_batch(batch_size)
+                .map(|recs| (recs, batches.cursor()));
             let failed = item.is_err();
             if tx.send(item).is_err() || failed {
                 break;
@@ -129,7 +149,10 @@ impl Prefetch {
 
     /// The next batch (an error of the reader is returned here, in order).
     pub fn next_batch(&mut self) -> crate::Result<Vec<SequenceRecord>> {
-        let (recs, cursor) = self.rx.recv().map_err(|_| crate::TrainError::Config("the shard reader thread stopped".into()))??;
+        let (recs, cursor) = self
+            .rx
+            .recv()
+            .map_err(|_| crate::TrainError::Config("the shard reader thread stopped".into()))??;
         self.cursor = cursor;
         Ok(recs)
     }

@@ -125,7 +125,9 @@ struct PartOutcome {
 /// The settings of the checkpoint in `ckpt`, if there is a readable one.
 fn checkpoint_settings(ckpt: &Path) -> Option<TrainSettings> {
     let text = std::fs::read_to_string(ckpt.join("state.json")).ok()?;
-    serde_json::from_str::<CheckpointState>(&text).ok().map(|state| state.settings)
+    serde_json::from_str::<CheckpointState>(&text)
+        .ok()
+        .map(|state| state.settings)
 }
 
 /// One line of `train_log.jsonl`.
@@ -160,7 +162,12 @@ const TOOL: &str = concat!("qat-distill ", env!("CARGO_PKG_VERSION"));
 
 /// Tokens `[B, T]` right-padded, plus the flat row indices `b * T + i` of trained positions and
 /// their teacher targets.
-fn batch_tensors(recs: &[SequenceRecord], k: usize, vocab: usize, dev: &Device) -> Result<(Tensor, Tensor, TopKTargets, u64)> {
+fn batch_tensors(
+    recs: &[SequenceRecord],
+    k: usize,
+    vocab: usize,
+    dev: &Device,
+) -> Result<(Tensor, Tensor, TopKTargets, u64)> {
     let t = recs.iter().map(|r| r.tokens.len()).max().unwrap_or(1);
     let mut tokens = vec![0u32; recs.len() * t];
     let (mut rows, mut ids, mut logp) = (Vec::new(), Vec::new(), Vec::new());
@@ -176,7 +183,12 @@ fn batch_tensors(recs: &[SequenceRecord], k: usize, vocab: usize, dev: &Device) 
     }
     let n = rows.len();
     let targets = TopKTargets::new(ids, logp, n, k, vocab, dev)?;
-    Ok((Tensor::from_vec(tokens, (recs.len(), t), dev)?, Tensor::from_vec(rows, n, dev)?, targets, real))
+    Ok((
+        Tensor::from_vec(tokens, (recs.len(), t), dev)?,
+        Tensor::from_vec(rows, n, dev)?,
+        targets,
+        real,
+    ))
 }
 
 fn total_steps(budget: Budget, set: &ShardSet, per_step: usize) -> u64 {
@@ -206,17 +218,28 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     }
     let s = &settings;
     if s.batch_size == 0 || s.grad_accum == 0 {
-        return Err(TrainError::Config("--batch-size and --grad-accum must be >= 1".into()));
+        return Err(TrainError::Config(
+            "--batch-size and --grad-accum must be >= 1".into(),
+        ));
     }
     if !(s.lr > 0.0 && s.lr.is_finite()) {
-        return Err(TrainError::Config(format!("--lr must be > 0, got {}", s.lr)));
+        return Err(TrainError::Config(format!(
+            "--lr must be > 0, got {}",
+            s.lr
+        )));
     }
     match (s.loss, s.cakld_gamma) {
         (LossKind::Cakld, Some(g)) if !(0.0..=1.0).contains(&g) => {
-            return Err(TrainError::Config(format!("--cakld-gamma must be in 0..=1, got {g}")));
+            return Err(TrainError::Config(format!(
+                "--cakld-gamma must be in 0..=1, got {g}"
+            )));
         }
         (LossKind::Cakld, _) | (_, None) => {}
-        (other, Some(_)) => return Err(TrainError::Config(format!("--cakld-gamma applies only to --loss cakld, not --loss {other}"))),
+        (other, Some(_)) => {
+            return Err(TrainError::Config(format!(
+                "--cakld-gamma applies only to --loss cakld, not --loss {other}"
+            )))
+        }
     }
     let compute_dtype = qat_model::parse_dtype(&s.dtype).map_err(TrainError::Config)?;
     let model_dir = ModelDir::open(&cfg.model)?;
@@ -235,8 +258,14 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         }
     };
     let h = set.header().clone();
-    let mismatch = |what: String| TrainError::Mismatch { shards: cfg.shards.clone(), model: cfg.model.clone(), what };
-    if let Some(what) = h.teacher_mismatch(&model_dir.tokenizer_sha256()?, model_dir.config.vocab_size) {
+    let mismatch = |what: String| TrainError::Mismatch {
+        shards: cfg.shards.clone(),
+        model: cfg.model.clone(),
+        what,
+    };
+    if let Some(what) =
+        h.teacher_mismatch(&model_dir.tokenizer_sha256()?, model_dir.config.vocab_size)
+    {
         return Err(mismatch(what));
     }
     let shards_sha = set.manifests_sha256()?;
@@ -259,14 +288,22 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         } else {
             "output already exists (remove it to train again)"
         };
-        return Err(TrainError::Io { path: cfg.out.clone(), what, source: std::io::ErrorKind::AlreadyExists.into() });
+        return Err(TrainError::Io {
+            path: cfg.out.clone(),
+            what,
+            source: std::io::ErrorKind::AlreadyExists.into(),
+        });
     }
     let mut student = Student::load(&model_dir, &dev)?;
     student.model.set_fused_kernels(false);
     student.model.set_compute_dtype(compute_dtype);
-    student.model.set_hooks(Arc::new(FakeQuant::for_training(s.scheme.clone())));
+    student
+        .model
+        .set_hooks(Arc::new(FakeQuant::for_training(s.scheme.clone())));
     if cfg.teacher.is_some() != s.online_teacher {
-        return Err(TrainError::Config("settings.online_teacher must be set exactly when a teacher is given".into()));
+        return Err(TrainError::Config(
+            "settings.online_teacher must be set exactly when a teacher is given".into(),
+        ));
     }
     let teacher = match &cfg.teacher {
         Some(dir) => {
@@ -285,7 +322,11 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     // Rebalancing changes the initial weights; a resumed run loads the balanced ones instead.
     let resuming = cfg.resume && ckpt.join("state.json").is_file();
     let mut balance = if s.balance_kv > 0 && !resuming {
-        let calib: Vec<Vec<u32>> = set.records().take(s.balance_kv).map(|r| r.map(|r| r.tokens)).collect::<std::result::Result<_, _>>()?;
+        let calib: Vec<Vec<u32>> = set
+            .records()
+            .take(s.balance_kv)
+            .map(|r| r.map(|r| r.tokens))
+            .collect::<std::result::Result<_, _>>()?;
         Some(crate::balance::balance_kv(&mut student, &calib)?)
     } else {
         None
@@ -293,7 +334,13 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let mut opt = AdamW::new(student.vars(), s.adam)?;
     let per_step = s.batch_size * s.grad_accum;
     let total = total_steps(s.budget, &set, per_step);
-    let lr_cfg = LrConfig { lr: s.lr, schedule: s.schedule, warmup_steps: s.warmup_steps, total_steps: total, min_lr_ratio: s.min_lr_ratio };
+    let lr_cfg = LrConfig {
+        lr: s.lr,
+        schedule: s.schedule,
+        warmup_steps: s.warmup_steps,
+        total_steps: total,
+        min_lr_ratio: s.min_lr_ratio,
+    };
 
     let mut cursor = DataCursor::default();
     let (mut tokens_seen, mut log_lines, mut resumed_from) = (0u64, 0u64, None);
@@ -302,10 +349,21 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             return Err(TrainError::Checkpoint { path: ckpt.clone(), what: "a checkpoint of an earlier run exists: pass --resume to continue it, or delete it".into() });
         }
         let state_path = ckpt.join("state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(io(&state_path, "cannot read checkpoint"))?;
-        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint { path: state_path.clone(), what: format!("invalid: {e}") })?;
-        if state.settings != *s || state.shards_manifest_sha256 != shards_sha || state.init_weights_sha256 != init_sha {
-            return Err(TrainError::Checkpoint { path: state_path, what: "made with other settings, shards or initial model; cannot resume".into() });
+        let text = std::fs::read_to_string(&state_path)
+            .map_err(io(&state_path, "cannot read checkpoint"))?;
+        let state: CheckpointState =
+            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+                path: state_path.clone(),
+                what: format!("invalid: {e}"),
+            })?;
+        if state.settings != *s
+            || state.shards_manifest_sha256 != shards_sha
+            || state.init_weights_sha256 != init_sha
+        {
+            return Err(TrainError::Checkpoint {
+                path: state_path,
+                what: "made with other settings, shards or initial model; cannot resume".into(),
+            });
         }
         let w = candle_core::safetensors::load(ckpt.join("weights.safetensors"), &dev)?;
         student.set_tensors(&w, &ckpt)?;
@@ -321,19 +379,37 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         std::fs::create_dir_all(&work).map_err(io(&work, "cannot create work directory"))?;
         let _ = std::fs::remove_file(&log_path);
     }
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path, "cannot open training log"))?;
-    let pools = crate::parallel::PartPools::new(s.data_parallel).map_err(|e| TrainError::Config(format!("cannot start {} training threads: {e}", s.data_parallel)))?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(&log_path, "cannot open training log"))?;
+    let pools = crate::parallel::PartPools::new(s.data_parallel).map_err(|e| {
+        TrainError::Config(format!(
+            "cannot start {} training threads: {e}",
+            s.data_parallel
+        ))
+    })?;
     let mut data = Prefetch::new(ShardBatches::new(set, s.seed, cursor), s.batch_size, 2);
     let (k, vocab) = (h.top_k as usize, h.teacher.vocab_size as usize);
 
-    let bar = if cfg.progress { ProgressBar::new(total) } else { ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden()) };
-    bar.set_style(ProgressStyle::with_template("qat-distill {bar:30} {pos}/{len} steps  {msg}  eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let bar = if cfg.progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
+    };
+    bar.set_style(
+        ProgressStyle::with_template("qat-distill {bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     bar.set_position(opt.step);
     let vars = opt.vars().to_vec();
     let mut last_loss = f32::NAN;
     let loop_started = Instant::now();
     let tokens_at_start = tokens_seen;
-    let mut last_good = resumed_from.map_or("no checkpoint was written yet".to_string(), |s| format!("last good checkpoint: step {s} in {}", ckpt.display()));
+    let mut last_good = resumed_from.map_or("no checkpoint was written yet".to_string(), |s| {
+        format!("last good checkpoint: step {s} in {}", ckpt.display())
+    });
     while opt.step < total {
         let step_started = Instant::now();
         let mut grads = HashMap::new();
@@ -346,15 +422,26 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
                 let (tokens, rows, targets, real) = batch_tensors(part, k, vocab, &dev)?;
                 let positions = rows.dim(0)?;
                 if positions == 0 {
-                    return Ok(PartOutcome { loss: 0.0, positions, real, grads: None });
+                    return Ok(PartOutcome {
+                        loss: 0.0,
+                        positions,
+                        real,
+                        grads: None,
+                    });
                 }
                 let logits = student.model.forward_full(&tokens)?; // [B, T, V]
                 let (b, t, v) = logits.dims3()?;
                 let logits = logits.reshape((b * t, v))?.index_select(&rows, 0)?; // [N, V]
                 let mut loss = match &teacher {
                     Some(teacher) => {
-                        let tl = teacher.forward_full(&tokens)?.reshape((b * t, v))?.index_select(&rows, 0)?;
-                        objective.full_vocab(&logits, &candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach())?
+                        let tl = teacher
+                            .forward_full(&tokens)?
+                            .reshape((b * t, v))?
+                            .index_select(&rows, 0)?;
+                        objective.full_vocab(
+                            &logits,
+                            &candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach(),
+                        )?
                     }
                     None => objective.mean(&logits, &targets)?,
                 };
@@ -363,9 +450,18 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
                 }
                 let value = loss.to_scalar::<f32>()?;
                 if !value.is_finite() {
-                    return Err(TrainError::NonFinite { loss: value, step: opt.step, last_good: last_good.clone() });
+                    return Err(TrainError::NonFinite {
+                        loss: value,
+                        step: opt.step,
+                        last_good: last_good.clone(),
+                    });
                 }
-                Ok(PartOutcome { loss: value, positions, real, grads: Some(loss.backward()?) })
+                Ok(PartOutcome {
+                    loss: value,
+                    positions,
+                    real,
+                    grads: Some(loss.backward()?),
+                })
             });
             let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
             // The batch's loss is the mean over all its trained positions: each part's mean
@@ -382,22 +478,52 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         }
         let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            return Err(TrainError::NonFinite { loss: f32::NAN, step: opt.step, last_good });
+            return Err(TrainError::NonFinite {
+                loss: f32::NAN,
+                step: opt.step,
+                last_good,
+            });
         }
         let lr = lr_cfg.at(opt.step);
         opt.apply(&grads, lr)?;
         tokens_seen += step_tokens;
         last_loss = step_loss;
-        let line = LogLine { step: opt.step, loss: step_loss, lr, grad_norm, tokens: tokens_seen, tokens_per_s: step_tokens as f64 / step_started.elapsed().as_secs_f64() };
-        writeln!(log, "{}", serde_json::to_string(&line).expect("log line serializes")).map_err(io(&log_path, "cannot write training log"))?;
+        let line = LogLine {
+            step: opt.step,
+            loss: step_loss,
+            lr,
+            grad_norm,
+            tokens: tokens_seen,
+            tokens_per_s: step_tokens as f64 / step_started.elapsed().as_secs_f64(),
+        };
+        writeln!(
+            log,
+            "{}",
+            serde_json::to_string(&line).expect("log line serializes")
+        )
+        .map_err(io(&log_path, "cannot write training log"))?;
         log_lines += 1;
         bar.set_position(opt.step);
         bar.set_message(format!("loss {step_loss:.4}"));
         if cfg.checkpoint_every > 0 && opt.step % cfg.checkpoint_every == 0 && opt.step < total {
-            log.flush().map_err(io(&log_path, "cannot write training log"))?;
-            let state = CheckpointState { step: opt.step, cursor: data.cursor(), tokens_seen, log_lines, settings: s.clone(), shards_manifest_sha256: shards_sha.clone(), init_weights_sha256: init_sha.clone(), balance: balance.clone() };
+            log.flush()
+                .map_err(io(&log_path, "cannot write training log"))?;
+            let state = CheckpointState {
+                step: opt.step,
+                cursor: data.cursor(),
+                tokens_seen,
+                log_lines,
+                settings: s.clone(),
+                shards_manifest_sha256: shards_sha.clone(),
+                init_weights_sha256: init_sha.clone(),
+                balance: balance.clone(),
+            };
             write_checkpoint(&work, &student, &opt, &state)?;
-            last_good = format!("last good checkpoint: step {} in {}", opt.step, ckpt.display());
+            last_good = format!(
+                "last good checkpoint: step {} in {}",
+                opt.step,
+                ckpt.display()
+            );
         }
     }
     bar.finish_and_clear();
@@ -409,14 +535,21 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
     save_safetensors(&student.tensors(), &staging.join("model.safetensors"))?;
-    for f in ["config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         let src = model_dir.dir.join(f);
         if src.is_file() {
             std::fs::copy(&src, staging.join(f)).map_err(io(&src, "cannot copy"))?;
         }
     }
     s.scheme.save(staging.join(qat_quant::SCHEME_FILE))?;
-    std::fs::copy(&log_path, staging.join("train_log.jsonl")).map_err(io(&log_path, "cannot copy"))?;
+    std::fs::copy(&log_path, staging.join("train_log.jsonl"))
+        .map_err(io(&log_path, "cannot copy"))?;
     let provenance = serde_json::json!({
         "tool": TOOL,
         "settings": s,
@@ -442,8 +575,13 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         })),
     });
     let prov_path = staging.join("provenance.json");
-    std::fs::write(&prov_path, serde_json::to_string_pretty(&provenance).expect("json") + "\n").map_err(io(&prov_path, "cannot write"))?;
-    std::fs::rename(&staging, &cfg.out).map_err(io(&cfg.out, "cannot move the student into place"))?;
+    std::fs::write(
+        &prov_path,
+        serde_json::to_string_pretty(&provenance).expect("json") + "\n",
+    )
+    .map_err(io(&prov_path, "cannot write"))?;
+    std::fs::rename(&staging, &cfg.out)
+        .map_err(io(&cfg.out, "cannot move the student into place"))?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(DistillSummary {
         out: cfg.out.display().to_string(),
@@ -465,7 +603,10 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
 fn recover_interrupted_swap(work: &Path) -> Result<()> {
     let (fin, old) = (work.join("checkpoint"), work.join("checkpoint.old"));
     if !fin.exists() && old.join("state.json").is_file() {
-        std::fs::rename(&old, &fin).map_err(io(&old, "cannot restore the checkpoint of an interrupted swap"))?;
+        std::fs::rename(&old, &fin).map_err(io(
+            &old,
+            "cannot restore the checkpoint of an interrupted swap",
+        ))?;
     }
     Ok(())
 }
@@ -473,7 +614,12 @@ fn recover_interrupted_swap(work: &Path) -> Result<()> {
 /// Writes the checkpoint to `work/checkpoint.tmp`, then swaps it in for `work/checkpoint`. On
 /// failure (e.g. a full disk) the partial `checkpoint.tmp` is removed; the last good checkpoint
 /// stays as it was.
-fn write_checkpoint(work: &Path, student: &Student, opt: &AdamW, state: &CheckpointState) -> Result<()> {
+fn write_checkpoint(
+    work: &Path,
+    student: &Student,
+    opt: &AdamW,
+    state: &CheckpointState,
+) -> Result<()> {
     let tmp = work.join("checkpoint.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     let written = (|| {
@@ -481,7 +627,11 @@ fn write_checkpoint(work: &Path, student: &Student, opt: &AdamW, state: &Checkpo
         save_safetensors(&student.tensors(), &tmp.join("weights.safetensors"))?;
         save_safetensors(&opt.state_tensors(), &tmp.join("optimizer.safetensors"))?;
         let state_path = tmp.join("state.json");
-        std::fs::write(&state_path, serde_json::to_string_pretty(state).expect("json")).map_err(io(&state_path, "cannot write"))
+        std::fs::write(
+            &state_path,
+            serde_json::to_string_pretty(state).expect("json"),
+        )
+        .map_err(io(&state_path, "cannot write"))
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -505,9 +655,18 @@ fn truncate_lines(path: &Path, keep: u64) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let have = text.lines().count() as u64;
     if have < keep {
-        return Err(TrainError::Checkpoint { path: path.to_path_buf(), what: format!("has {have} lines, fewer than the {keep} its checkpoint counts; cannot resume") });
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            what: format!(
+                "has {have} lines, fewer than the {keep} its checkpoint counts; cannot resume"
+            ),
+        });
     }
-    let kept: String = text.lines().take(keep as usize).map(|l| format!("{l}\n")).collect();
+    let kept: String = text
+        .lines()
+        .take(keep as usize)
+        .map(|l| format!("{l}\n"))
+        .collect();
     let tmp = path.with_extension("jsonl.tmp");
     std::fs::write(&tmp, kept).map_err(io(&tmp, "cannot rewrite training log"))?;
     std::fs::rename(&tmp, path).map_err(io(path, "cannot rewrite training log"))

@@ -15,18 +15,33 @@ pub enum TrainError {
     #[error("invalid settings: {0}")]
     Config(String),
     #[error("{shards}: shards do not match the student model {model}: {what}")]
-    Mismatch { shards: PathBuf, model: PathBuf, what: String },
+    Mismatch {
+        shards: PathBuf,
+        model: PathBuf,
+        what: String,
+    },
     #[error("{path}: {what}")]
     Checkpoint { path: PathBuf, what: String },
     #[error("non-finite loss {loss} at step {step}; training stopped. {last_good}")]
-    NonFinite { loss: f32, step: u64, last_good: String },
+    NonFinite {
+        loss: f32,
+        step: u64,
+        last_good: String,
+    },
     #[error("{path}: {what}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
-pub(crate) fn io(path: &std::path::Path, what: &'static str) -> impl FnOnce(std::io::Error) -> TrainError {
+pub(crate) fn io(
+    path: &std::path::Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.to_path_buf();
     move |source| TrainError::Io { path, what, source }
 }

@@ -28,7 +28,14 @@ pub struct TeacherConfidence {
 pub fn record_confidence(rec: &SequenceRecord, k: usize) -> (f64, u64) {
     let range = rec.trained_positions();
     let n = range.len() as u64;
-    let sum = range.map(|i| rec.logprobs_at(i, k).iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))).map(|lp| f64::from(lp).exp()).sum();
+    let sum = range
+        .map(|i| {
+            rec.logprobs_at(i, k)
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+        })
+        .map(|lp| f64::from(lp).exp())
+        .sum();
     (sum, n)
 }
 
@@ -37,7 +44,9 @@ pub fn teacher_confidence(set: &ShardSet) -> Result<TeacherConfidence> {
     let started = Instant::now();
     let k = set.header().top_k as usize;
     let per_file = each_file_par(set, |records| {
-        records.map(|r| r.map(|r| record_confidence(&r, k))).try_fold((0.0, 0), |(s, n), x| x.map(|(a, b)| (s + a, n + b)))
+        records
+            .map(|r| r.map(|r| record_confidence(&r, k)))
+            .try_fold((0.0, 0), |(s, n), x| x.map(|(a, b)| (s + a, n + b)))
     })?;
     let (mut sum, mut positions) = (0.0, 0u64);
     for (s, n) in per_file {
@@ -45,7 +54,14 @@ pub fn teacher_confidence(set: &ShardSet) -> Result<TeacherConfidence> {
         positions += n;
     }
     if positions == 0 {
-        return Err(TrainError::Config(format!("{}: no trained positions, cannot compute the cakld gamma (pass --cakld-gamma)", set.dir().display())));
+        return Err(TrainError::Config(format!(
+            "{}: no trained positions, cannot compute the cakld gamma (pass --cakld-gamma)",
+            set.dir().display()
+        )));
     }
-    Ok(TeacherConfidence { gamma: sum / positions as f64, positions, seconds: started.elapsed().as_secs_f64() })
+    Ok(TeacherConfidence {
+        gamma: sum / positions as f64,
+        positions,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

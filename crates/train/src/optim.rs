@@ -51,7 +51,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -74,7 +79,13 @@ impl AdamW {
             m.insert(name.clone(), var.as_tensor().zeros_like()?);
             v.insert(name.clone(), var.as_tensor().zeros_like()?);
         }
-        Ok(Self { vars, m, v, step: 0, cfg })
+        Ok(Self {
+            vars,
+            m,
+            v,
+            step: 0,
+            cfg,
+        })
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -93,7 +104,11 @@ impl AdamW {
             let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let w = var.as_tensor();
-            let decayed = if c.weight_decay > 0.0 { (w * (1.0 - lr * c.weight_decay))? } else { w.clone() };
+            let decayed = if c.weight_decay > 0.0 {
+                (w * (1.0 - lr * c.weight_decay))?
+            } else {
+                w.clone()
+            };
             var.set(&(decayed - (update * lr)?)?)?;
             self.m.insert(name.clone(), m);
             self.v.insert(name.clone(), v);
@@ -116,7 +131,10 @@ impl AdamW {
     /// Restores moments saved by [`Self::state_tensors`].
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (name, _) in &self.vars {
-            let (Some(m), Some(v)) = (tensors.get(&format!("m.{name}")), tensors.get(&format!("v.{name}"))) else {
+            let (Some(m), Some(v)) = (
+                tensors.get(&format!("m.{name}")),
+                tensors.get(&format!("v.{name}")),
+            ) else {
                 candle_core::bail!("optimizer state lacks moments of {name}");
             };
             self.m.insert(name.clone(), m.clone());
@@ -128,7 +146,12 @@ impl AdamW {
 }
 
 /// Adds this micro-batch's gradients (times `scale`) into `acc`.
-pub fn accumulate(acc: &mut HashMap<String, Tensor>, vars: &[(String, Var)], grads: &GradStore, scale: f64) -> Result<()> {
+pub fn accumulate(
+    acc: &mut HashMap<String, Tensor>,
+    vars: &[(String, Var)],
+    grads: &GradStore,
+    scale: f64,
+) -> Result<()> {
     for (name, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
             let g = (g * scale)?;
@@ -149,7 +172,15 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
     names.sort();
     // Per-tensor sums of squares on the device, copied to the host in one transfer (on a GPU,
     // one synchronization per step instead of one per tensor), then summed in name order.
-    let parts = names.iter().map(|name| grads[*name].sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)).collect::<Result<Vec<_>>>()?;
+    let parts = names
+        .iter()
+        .map(|name| {
+            grads[*name]
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut sq = 0f64;
     if !parts.is_empty() {
         for part in Tensor::stack(&parts, 0)?.to_vec1::<f64>()? {
@@ -178,7 +209,10 @@ mod tests {
         let var = Var::new(&[1f32], &Device::Cpu).unwrap();
         let mut opt = AdamW::new(vec![("w".into(), var.clone())], AdamWConfig::default()).unwrap();
         let mut g = HashMap::new();
-        g.insert("w".to_string(), Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
+        g.insert(
+            "w".to_string(),
+            Tensor::new(&[0.5f32], &Device::Cpu).unwrap(),
+        );
         opt.apply(&g, 0.1).unwrap();
         let w = var.as_tensor().to_vec1::<f32>().unwrap()[0];
         assert!((w - 0.9).abs() < 1e-6, "{w}");
@@ -186,7 +220,13 @@ mod tests {
 
     #[test]
     fn cosine_schedule_with_warmup() {
-        let c = LrConfig { lr: 1.0, schedule: Schedule::Cosine, warmup_steps: 2, total_steps: 12, min_lr_ratio: 0.0 };
+        let c = LrConfig {
+            lr: 1.0,
+            schedule: Schedule::Cosine,
+            warmup_steps: 2,
+            total_steps: 12,
+            min_lr_ratio: 0.0,
+        };
         assert_eq!(c.at(0), 0.5);
         assert_eq!(c.at(1), 1.0);
         assert!((c.at(2) - 1.0).abs() < 1e-12);

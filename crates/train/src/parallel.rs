@@ -48,7 +48,9 @@ pub struct PartPools {
 
 impl std::fmt::Debug for PartPools {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartPools").field("parts", &self.pools.len()).finish()
+        f.debug_struct("PartPools")
+            .field("parts", &self.pools.len())
+            .finish()
     }
 }
 
@@ -60,7 +62,12 @@ impl PartPools {
             Vec::new()
         } else {
             (0..parts)
-                .map(|i| ThreadPoolBuilder::new().num_threads(1).thread_name(move |_| format!("qat-part-{i}")).build())
+                .map(|i| {
+                    ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .thread_name(move |_| format!("qat-part-{i}"))
+                        .build()
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(std::io::Error::other)?
         };
@@ -73,13 +80,27 @@ impl PartPools {
         if self.pools.is_empty() || parts.len() <= 1 {
             return parts.iter().map(&f).collect();
         }
-        assert!(parts.len() <= self.pools.len(), "{} parts for {} pools", parts.len(), self.pools.len());
+        assert!(
+            parts.len() <= self.pools.len(),
+            "{} parts for {} pools",
+            parts.len(),
+            self.pools.len()
+        );
         let f = &f;
         std::thread::scope(|scope| {
-            let handles: Vec<_> = parts.iter().zip(&self.pools).skip(1).map(|(part, pool)| scope.spawn(move || pool.install(|| f(part)))).collect();
+            let handles: Vec<_> = parts
+                .iter()
+                .zip(&self.pools)
+                .skip(1)
+                .map(|(part, pool)| scope.spawn(move || pool.install(|| f(part))))
+                .collect();
             let first = self.pools[0].install(|| f(&parts[0]));
             let mut out = vec![first];
-            out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))));
+            out.extend(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
+            );
             out
         })
     }
@@ -103,10 +124,25 @@ mod tests {
     fn runs_every_part_on_its_own_single_thread_pool_in_order() {
         let pools = PartPools::new(3).unwrap();
         let parts = [10usize, 20, 30];
-        let out = pools.run(&parts, |&x| (x + 1, rayon::current_num_threads(), std::thread::current().name().map(String::from)));
-        assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), vec![11, 21, 31]);
-        assert!(out.iter().all(|o| o.1 == 1), "each part sees a one-thread pool: {out:?}");
-        let names: Vec<_> = out.iter().map(|o| o.2.clone().unwrap_or_default()).collect();
+        let out = pools.run(&parts, |&x| {
+            (
+                x + 1,
+                rayon::current_num_threads(),
+                std::thread::current().name().map(String::from),
+            )
+        });
+        assert_eq!(
+            out.iter().map(|o| o.0).collect::<Vec<_>>(),
+            vec![11, 21, 31]
+        );
+        assert!(
+            out.iter().all(|o| o.1 == 1),
+            "each part sees a one-thread pool: {out:?}"
+        );
+        let names: Vec<_> = out
+            .iter()
+            .map(|o| o.2.clone().unwrap_or_default())
+            .collect();
         assert_eq!(names, vec!["qat-part-0", "qat-part-1", "qat-part-2"]);
     }
 

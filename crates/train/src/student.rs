@@ -23,7 +23,13 @@ impl Student {
         // SAFETY: weight files are mapped read-only while we copy out of them.
         let st = unsafe { MmapedSafetensors::multi(&dir.weight_files)? };
         let mut varmap = varmap;
-        let names: Vec<String> = varmap.data().lock().expect("varmap lock").keys().cloned().collect();
+        let names: Vec<String> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .keys()
+            .cloned()
+            .collect();
         for name in names {
             let t = st.load(&name, dev)?.to_dtype(DType::F32)?;
             varmap.set_one(&name, &t)?;
@@ -33,20 +39,35 @@ impl Student {
 
     /// Named variables, sorted by name.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        let mut v: Vec<(String, Var)> = self.varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut v: Vec<(String, Var)> = self
+            .varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
     /// Current weights as named tensors.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect()
+        self.vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
     }
 
     /// Replaces the weights with `tensors` (e.g. from a checkpoint).
     pub fn set_tensors(&mut self, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
         for (name, _) in self.vars() {
-            let t = tensors.get(&name).ok_or_else(|| crate::TrainError::Checkpoint { path: path.to_path_buf(), what: format!("tensor {name} is missing") })?;
+            let t = tensors
+                .get(&name)
+                .ok_or_else(|| crate::TrainError::Checkpoint {
+                    path: path.to_path_buf(),
+                    what: format!("tensor {name} is missing"),
+                })?;
             self.varmap.set_one(&name, t)?;
         }
         Ok(())
@@ -61,7 +82,10 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     if let Err(e) = safetensors::tensor::serialize_to_file(sorted, Some(meta), &tmp) {
         let _ = std::fs::remove_file(&tmp); // a full disk must not leave a partial file behind
-        return Err(crate::TrainError::Checkpoint { path: tmp, what: format!("cannot write: {e}") });
+        return Err(crate::TrainError::Checkpoint {
+            path: tmp,
+            what: format!("cannot write: {e}"),
+        });
     }
     std::fs::rename(&tmp, path).map_err(io(path, "cannot rename into place"))?;
     Ok(())

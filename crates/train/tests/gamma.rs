@@ -1,7 +1,10 @@
 //! CAKLD's gamma measured from a tiny hand-written shard set: the mean teacher top-1
 //! probability over the trained (non-prompt) positions only, across files.
 
-use qat_shards::{num_files_for, IdDtype, LogprobDtype, Manifest, Partition, SequenceRecord, ShardFileWriter, ShardSetHeader, TeacherIdentity, FORMAT_VERSION};
+use qat_shards::{
+    num_files_for, IdDtype, LogprobDtype, Manifest, Partition, SequenceRecord, ShardFileWriter,
+    ShardSetHeader, TeacherIdentity, FORMAT_VERSION,
+};
 use qat_train::teacher_confidence;
 
 const K: usize = 3;
@@ -63,7 +66,11 @@ fn write_set(dir: &std::path::Path, h: &ShardSetHeader, recs: &[SequenceRecord])
 fn gamma_is_the_mean_top1_probability_over_trained_positions() {
     let recs = vec![
         record(0, 1, &[[0.5, 0.2, 0.1], [0.9, 0.05, 0.01]]),
-        record(1, 2, &[[0.99, 0.005, 0.001], [0.2, 0.15, 0.1], [0.6, 0.3, 0.05]]),
+        record(
+            1,
+            2,
+            &[[0.99, 0.005, 0.001], [0.2, 0.15, 0.1], [0.6, 0.3, 0.05]],
+        ),
         record(2, 3, &[[0.01, 0.009, 0.008], [0.02, 0.01, 0.005]]),
         record(3, 1, &[]),
     ];
@@ -89,5 +96,8 @@ fn no_trained_positions_is_an_error() {
     write_set(tmp.path(), &h, &[record(0, 2, &[[0.5, 0.2, 0.1]])]);
     let set = qat_shards::ShardSet::open(tmp.path()).unwrap();
     let e = teacher_confidence(&set).unwrap_err().to_string();
-    assert!(e.contains("no trained positions") && e.contains("--cakld-gamma"), "{e}");
+    assert!(
+        e.contains("no trained positions") && e.contains("--cakld-gamma"),
+        "{e}"
+    );
 }

@@ -32,7 +32,11 @@ fn softmax(z: &[f64]) -> Vec<f64> {
 
 /// KL(a || b) in f64 with 0 log 0 = 0.
 fn kl(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).filter(|(x, _)| **x > 0.0).map(|(x, y)| x * (x / y).ln()).sum()
+    a.iter()
+        .zip(b)
+        .filter(|(x, _)| **x > 0.0)
+        .map(|(x, y)| x * (x / y).ln())
+        .sum()
 }
 
 /// The reference value of `loss` between distributions `p` (teacher) and `q` (student).
@@ -48,7 +52,13 @@ fn reference(loss: Loss, p: &[f64], q: &[f64]) -> f64 {
     }
 }
 
-const LOSSES: [Loss; 5] = [Loss::Fkl, Loss::Rkl, Loss::Jsd, Loss::Cakld { gamma: 0.3 }, Loss::Cakld { gamma: 0.85 }];
+const LOSSES: [Loss; 5] = [
+    Loss::Fkl,
+    Loss::Rkl,
+    Loss::Jsd,
+    Loss::Cakld { gamma: 0.3 },
+    Loss::Cakld { gamma: 0.85 },
+];
 
 /// Teacher ids of one position sorted by descending probability (as the shards store them).
 fn top_k(p: &[f64], k: usize) -> Vec<u32> {
@@ -95,13 +105,29 @@ fn k_equal_vocab_equals_the_exact_full_vocabulary_value() {
     let (p, z) = random_case(7, 6, 37);
     let t = targets(&p, 37, &dev);
     let logits = logits_tensor(&z, &dev);
-    let teacher_logp = logits_tensor(&p.iter().map(|r| r.iter().map(|x| x.ln()).collect()).collect::<Vec<_>>(), &dev);
+    let teacher_logp = logits_tensor(
+        &p.iter()
+            .map(|r| r.iter().map(|x| x.ln()).collect())
+            .collect::<Vec<_>>(),
+        &dev,
+    );
     for loss in LOSSES {
-        let want: f64 = p.iter().zip(&z).map(|(p, z)| reference(loss, p, &softmax(z))).sum::<f64>() / p.len() as f64;
+        let want: f64 = p
+            .iter()
+            .zip(&z)
+            .map(|(p, z)| reference(loss, p, &softmax(z)))
+            .sum::<f64>()
+            / p.len() as f64;
         let got = scalar(loss.mean(&logits, &t).unwrap());
-        assert!((got - want).abs() < 2e-6 * want.max(1.0), "{loss:?} top-K: {got} vs {want}");
+        assert!(
+            (got - want).abs() < 2e-6 * want.max(1.0),
+            "{loss:?} top-K: {got} vs {want}"
+        );
         let full = scalar(loss.full_vocab(&logits, &teacher_logp).unwrap());
-        assert!((full - want).abs() < 2e-6 * want.max(1.0), "{loss:?} full vocabulary: {full} vs {want}");
+        assert!(
+            (full - want).abs() < 2e-6 * want.max(1.0),
+            "{loss:?} full vocabulary: {full} vs {want}"
+        );
         assert!(want > 1e-2, "{loss:?}: test case too easy ({want})");
     }
 }
@@ -116,7 +142,12 @@ fn k_below_vocab_equals_the_bucketed_f64_value() {
     let logits = logits_tensor(&z, &dev);
     let bucket = |dist: &[f64], ids: &[u32]| -> Vec<f64> {
         let mut b: Vec<f64> = ids.iter().map(|&i| dist[i as usize]).collect();
-        b.push((0..dist.len()).filter(|i| !ids.contains(&(*i as u32))).map(|i| dist[i]).sum());
+        b.push(
+            (0..dist.len())
+                .filter(|i| !ids.contains(&(*i as u32)))
+                .map(|i| dist[i])
+                .sum(),
+        );
         b
     };
     for loss in LOSSES {
@@ -128,9 +159,16 @@ fn k_below_vocab_equals_the_bucketed_f64_value() {
                 reference(loss, &bucket(p, &ids), &bucket(&softmax(z), &ids))
             })
             .collect();
-        let got = loss.per_position(&logits, &t).unwrap().to_vec1::<f32>().unwrap();
+        let got = loss
+            .per_position(&logits, &t)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (g, w) in got.iter().zip(&per) {
-            assert!((*g as f64 - w).abs() < 2e-6 * w.max(1.0), "{loss:?}: {g} vs {w}");
+            assert!(
+                (*g as f64 - w).abs() < 2e-6 * w.max(1.0),
+                "{loss:?}: {g} vs {w}"
+            );
         }
     }
 }
@@ -165,7 +203,11 @@ fn three_token_vocabulary_by_hand() {
     ];
     for (loss, t, want) in cases {
         let got = scalar(loss.mean(&logits, t).unwrap());
-        assert!((got - want).abs() < 2e-6, "{loss:?} K={}: {got} vs {want}", t.k);
+        assert!(
+            (got - want).abs() < 2e-6,
+            "{loss:?} K={}: {got} vs {want}",
+            t.k
+        );
     }
 }
 
@@ -185,11 +227,20 @@ fn empty_teacher_tail_uses_the_floor_in_the_reverse_kl() {
     let rkl = 0.25 * ln(0.25 / 0.6) + 0.25 * ln(0.25 / 0.41) + 0.5 * ln(0.5 / TAIL_FLOOR);
     let fkl = 0.6 * ln(0.6 / 0.25) + 0.41 * ln(0.41 / 0.25);
     let (m0, m1) = (0.425, 0.33);
-    let jsd = 0.5 * (0.6 * ln(0.6 / m0) + 0.41 * ln(0.41 / m1)) + 0.5 * (0.25 * ln(0.25 / m0) + 0.25 * ln(0.25 / m1) + 0.5 * ln(2.0));
+    let jsd = 0.5 * (0.6 * ln(0.6 / m0) + 0.41 * ln(0.41 / m1))
+        + 0.5 * (0.25 * ln(0.25 / m0) + 0.25 * ln(0.25 / m1) + 0.5 * ln(2.0));
     assert!((rkl - 6.21864).abs() < 1e-5, "{rkl}");
-    for (loss, want) in [(Loss::Rkl, rkl), (Loss::Fkl, fkl), (Loss::Jsd, jsd), (Loss::Cakld { gamma: 0.5 }, 0.5 * rkl + 0.5 * fkl)] {
+    for (loss, want) in [
+        (Loss::Rkl, rkl),
+        (Loss::Fkl, fkl),
+        (Loss::Jsd, jsd),
+        (Loss::Cakld { gamma: 0.5 }, 0.5 * rkl + 0.5 * fkl),
+    ] {
         let got = scalar(loss.mean(&logits, &t).unwrap());
-        assert!(got.is_finite() && (got - want).abs() < 1e-5 * want.max(1.0), "{loss:?}: {got} vs {want}");
+        assert!(
+            got.is_finite() && (got - want).abs() < 1e-5 * want.max(1.0),
+            "{loss:?}: {got} vs {want}"
+        );
     }
 }
 
@@ -199,15 +250,35 @@ fn empty_teacher_tail_uses_the_floor_in_the_reverse_kl() {
 fn cakld_limits_are_rkl_and_fkl() {
     let dev = Device::Cpu;
     let (p, z) = random_case(3, 4, 21);
-    let empty_tail = TopKTargets::new(vec![0, 1], vec![0.6f32.ln(), 0.41f32.ln()], 1, 2, 3, &dev).unwrap();
-    for (t, z) in [(targets(&p, 5, &dev), z), (empty_tail, vec![vec![1.0, 0.5, 3.0]])] {
+    let empty_tail =
+        TopKTargets::new(vec![0, 1], vec![0.6f32.ln(), 0.41f32.ln()], 1, 2, 3, &dev).unwrap();
+    for (t, z) in [
+        (targets(&p, 5, &dev), z),
+        (empty_tail, vec![vec![1.0, 0.5, 3.0]]),
+    ] {
         let logits = Var::from_tensor(&logits_tensor(&z, &dev)).unwrap();
         for (gamma, plain) in [(1.0, Loss::Rkl), (0.0, Loss::Fkl)] {
             let a = Loss::Cakld { gamma }.mean(&logits, &t).unwrap();
             let b = plain.mean(&logits, &t).unwrap();
             assert_eq!(scalar(a.clone()), scalar(b.clone()), "gamma {gamma}");
-            let ga = a.backward().unwrap().get(&logits).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let gb = b.backward().unwrap().get(&logits).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ga = a
+                .backward()
+                .unwrap()
+                .get(&logits)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let gb = b
+                .backward()
+                .unwrap()
+                .get(&logits)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (x, y) in ga.iter().zip(&gb) {
                 assert!((x - y).abs() <= 1e-7, "gamma {gamma}: gradient {x} vs {y}");
             }
@@ -223,7 +294,8 @@ fn gradients_are_finite_and_match_finite_differences() {
     let dev = Device::Cpu;
     let (p, z) = random_case(5, 4, 16);
     let confident = TopKTargets::new(vec![0], vec![0.5f32.ln()], 1, 1, 3, &dev).unwrap();
-    let empty_tail = TopKTargets::new(vec![0, 1], vec![0.6f32.ln(), 0.41f32.ln()], 1, 2, 3, &dev).unwrap();
+    let empty_tail =
+        TopKTargets::new(vec![0, 1], vec![0.6f32.ln(), 0.41f32.ln()], 1, 2, 3, &dev).unwrap();
     let cases: Vec<(TopKTargets, Vec<Vec<f64>>)> = vec![
         (targets(&p, 4, &dev), z.clone()),
         (targets(&p, 16, &dev), z.clone()),
@@ -234,18 +306,40 @@ fn gradients_are_finite_and_match_finite_differences() {
     for (t, z) in &cases {
         let base = logits_tensor(z, &dev);
         let var = Var::from_tensor(&base).unwrap();
-        let dir = logits_tensor(&z.iter().map(|r| rng.logits(r.len(), 1.0)).collect::<Vec<_>>(), &dev);
+        let dir = logits_tensor(
+            &z.iter()
+                .map(|r| rng.logits(r.len(), 1.0))
+                .collect::<Vec<_>>(),
+            &dev,
+        );
         for loss in LOSSES {
             let l = loss.mean(&var, t).unwrap();
             let g = l.backward().unwrap().get(&var).unwrap().clone();
             let gv = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(gv.iter().all(|x| x.is_finite()), "{loss:?} K={}: {gv:?}", t.k);
-            assert!(gv.iter().any(|x| *x != 0.0), "{loss:?} K={}: zero gradient", t.k);
+            assert!(
+                gv.iter().all(|x| x.is_finite()),
+                "{loss:?} K={}: {gv:?}",
+                t.k
+            );
+            assert!(
+                gv.iter().any(|x| *x != 0.0),
+                "{loss:?} K={}: zero gradient",
+                t.k
+            );
             let eps = 1e-2;
-            let at = |s: f64| scalar(loss.mean(&(&base + (&dir * s).unwrap()).unwrap(), t).unwrap());
+            let at = |s: f64| {
+                scalar(
+                    loss.mean(&(&base + (&dir * s).unwrap()).unwrap(), t)
+                        .unwrap(),
+                )
+            };
             let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
             let analytic = scalar((g * &dir).unwrap().sum_all().unwrap());
-            assert!((numeric - analytic).abs() < 2e-3 * analytic.abs().max(0.1), "{loss:?} K={}: {numeric} vs {analytic}", t.k);
+            assert!(
+                (numeric - analytic).abs() < 2e-3 * analytic.abs().max(0.1),
+                "{loss:?} K={}: {numeric} vs {analytic}",
+                t.k
+            );
         }
     }
 }
@@ -257,7 +351,16 @@ fn student_buckets_sum_to_one() {
     let t = TopKTargets::new(vec![2, 0], vec![0.7f32.ln(), 0.2f32.ln()], 1, 2, 4, &dev).unwrap();
     let logits = Tensor::new(&[[30f32, -2.0, 1.0, 0.5]], &dev).unwrap();
     let (lq, lr) = student_buckets(&logits, &t).unwrap();
-    let s: f32 = lq.exp().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().sum::<f32>() + lr.unwrap().exp().unwrap().to_vec1::<f32>().unwrap()[0];
+    let s: f32 = lq
+        .exp()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .sum::<f32>()
+        + lr.unwrap().exp().unwrap().to_vec1::<f32>().unwrap()[0];
     assert!((s - 1.0).abs() < 1e-6, "{s}");
 }
 
@@ -266,15 +369,28 @@ fn student_buckets_sum_to_one() {
 fn loss_kinds_parse_and_gamma_is_validated() {
     for k in LossKind::ALL {
         assert_eq!(k.name().parse::<LossKind>().unwrap(), k);
-        assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{}\"", k.name()));
+        assert_eq!(
+            serde_json::to_string(&k).unwrap(),
+            format!("\"{}\"", k.name())
+        );
     }
-    assert!("kl".parse::<LossKind>().unwrap_err().to_string().contains("fkl, rkl, jsd, cakld"));
-    assert_eq!(Loss::new(LossKind::Cakld, Some(0.25)).unwrap(), Loss::Cakld { gamma: 0.25 });
+    assert!("kl"
+        .parse::<LossKind>()
+        .unwrap_err()
+        .to_string()
+        .contains("fkl, rkl, jsd, cakld"));
+    assert_eq!(
+        Loss::new(LossKind::Cakld, Some(0.25)).unwrap(),
+        Loss::Cakld { gamma: 0.25 }
+    );
     assert_eq!(Loss::new(LossKind::Jsd, None).unwrap(), Loss::Jsd);
     for g in [1.5, -0.1, f64::NAN] {
         let e = Loss::new(LossKind::Cakld, Some(g)).unwrap_err().to_string();
         assert!(e.contains("0..=1"), "{e}");
     }
-    assert!(Loss::new(LossKind::Fkl, Some(0.5)).unwrap_err().to_string().contains("only to the cakld loss"));
+    assert!(Loss::new(LossKind::Fkl, Some(0.5))
+        .unwrap_err()
+        .to_string()
+        .contains("only to the cakld loss"));
     assert!(Loss::new(LossKind::Cakld, None).is_err());
 }

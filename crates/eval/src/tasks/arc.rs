@@ -40,15 +40,39 @@ pub fn load(path: &Path) -> Result<Vec<McItem>> {
     read_jsonl::<Record>(path)?
         .into_iter()
         .map(|(line, r)| {
-            let labels: Vec<&str> = r.question.choices.iter().map(|c| c.label.as_str()).collect();
-            let gold = labels.iter().position(|&l| l == r.answer_key).ok_or_else(|| {
-                line_error(path, line, format!("answerKey {:?} is not one of the choice labels {labels:?}", r.answer_key))
-            })?;
+            let labels: Vec<&str> = r
+                .question
+                .choices
+                .iter()
+                .map(|c| c.label.as_str())
+                .collect();
+            let gold = labels
+                .iter()
+                .position(|&l| l == r.answer_key)
+                .ok_or_else(|| {
+                    line_error(
+                        path,
+                        line,
+                        format!(
+                            "answerKey {:?} is not one of the choice labels {labels:?}",
+                            r.answer_key
+                        ),
+                    )
+                })?;
             if labels.len() < 2 {
-                return Err(line_error(path, line, format!("{} choices, expected 2 or more", labels.len())));
+                return Err(line_error(
+                    path,
+                    line,
+                    format!("{} choices, expected 2 or more", labels.len()),
+                ));
             }
             let choices = r.question.choices.into_iter().map(|c| c.text).collect();
-            Ok(McItem::with_choices(context(&r.question.stem), choices, gold, line))
+            Ok(McItem::with_choices(
+                context(&r.question.stem),
+                choices,
+                gold,
+                line,
+            ))
         })
         .collect()
 }
@@ -64,7 +88,10 @@ mod tests {
         assert_eq!(items.len(), 2376);
         let it = &items[0]; // Mercury_417466, answerKey A
         assert_eq!(it.requests[0].0, "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:");
-        assert_eq!(it.requests[0].1, " Sunlight is the source of energy for nearly all ecosystems.");
+        assert_eq!(
+            it.requests[0].1,
+            " Sunlight is the source of energy for nearly all ecosystems."
+        );
         assert_eq!((it.gold, it.choices.len()), (0, 4));
         let items = load(&real_file(Task::ArcChallenge)).unwrap();
         assert_eq!(items.len(), 1170);
@@ -80,8 +107,16 @@ mod tests {
         let bad = ok.replace(r#""answerKey": "2""#, r#""answerKey": "E""#);
         std::fs::write(&p, format!("{ok}\n{bad}\n")).unwrap();
         let err = load(&p).unwrap_err().to_string();
-        assert!(err.ends_with(r#"arc.jsonl:2: answerKey "E" is not one of the choice labels ["1", "2"]"#), "{err}");
+        assert!(
+            err.ends_with(
+                r#"arc.jsonl:2: answerKey "E" is not one of the choice labels ["1", "2"]"#
+            ),
+            "{err}"
+        );
         std::fs::write(&p, format!("{ok}\n{{\"question\": 3}}\n")).unwrap();
-        assert!(load(&p).unwrap_err().to_string().contains("arc.jsonl:2: not a valid record"));
+        assert!(load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("arc.jsonl:2: not a valid record"));
     }
 }

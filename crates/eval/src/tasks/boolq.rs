@@ -25,7 +25,14 @@ pub fn context(passage: &str, question: &str) -> String {
 pub fn load(path: &Path) -> Result<Vec<McItem>> {
     Ok(read_jsonl::<Record>(path)?
         .into_iter()
-        .map(|(line, r)| McItem::with_choices(context(&r.passage, &r.question), vec!["no".into(), "yes".into()], r.answer as usize, line))
+        .map(|(line, r)| {
+            McItem::with_choices(
+                context(&r.passage, &r.question),
+                vec!["no".into(), "yes".into()],
+                r.answer as usize,
+                line,
+            )
+        })
         .collect())
 }
 
@@ -39,9 +46,20 @@ mod tests {
         let items = load(&real_file(Task::Boolq)).unwrap();
         assert_eq!(items.len(), 3270);
         let it = &items[0];
-        assert!(it.requests[0].0.starts_with("All biomass goes through at least some of these steps:"));
-        assert!(it.requests[0].0.ends_with("\nQuestion: does ethanol take more energy make that produces?\nAnswer:"), "{}", it.requests[0].0);
-        assert_eq!((it.requests[0].1.as_str(), it.requests[1].1.as_str()), (" no", " yes"));
+        assert!(it.requests[0]
+            .0
+            .starts_with("All biomass goes through at least some of these steps:"));
+        assert!(
+            it.requests[0].0.ends_with(
+                "\nQuestion: does ethanol take more energy make that produces?\nAnswer:"
+            ),
+            "{}",
+            it.requests[0].0
+        );
+        assert_eq!(
+            (it.requests[0].1.as_str(), it.requests[1].1.as_str()),
+            (" no", " yes")
+        );
         assert_eq!(it.gold, 0); // "answer": false
     }
 }

@@ -42,9 +42,20 @@ pub fn load(path: &Path) -> Result<Vec<McItem>> {
                 .parse()
                 .ok()
                 .filter(|&g| g < 4)
-                .ok_or_else(|| line_error(path, *label_line, format!("label {label:?} is not an integer in 0..4")))?;
+                .ok_or_else(|| {
+                    line_error(
+                        path,
+                        *label_line,
+                        format!("label {label:?} is not an integer in 0..4"),
+                    )
+                })?;
             let choices = chunk[2..].iter().map(|(_, e)| preprocess(e)).collect();
-            Ok(McItem::with_choices(harness_query(ctx), choices, gold, *ctx_line))
+            Ok(McItem::with_choices(
+                harness_query(ctx),
+                choices,
+                gold,
+                *ctx_line,
+            ))
         })
         .collect()
 }
@@ -56,8 +67,13 @@ pub fn harness_query(line: &str) -> String {
 
 /// Capitalizes the fragment after the last sentence end if it begins in lower case.
 pub fn capitalize_ctx_b(line: &str) -> String {
-    let start = [". ", "? ", "! "].iter().filter_map(|sep| line.rfind(sep).map(|i| i + sep.len())).max();
-    let Some(start) = start else { return line.to_string() };
+    let start = [". ", "? ", "! "]
+        .iter()
+        .filter_map(|sep| line.rfind(sep).map(|i| i + sep.len()))
+        .max();
+    let Some(start) = start else {
+        return line.to_string();
+    };
     let fragment = &line[start..];
     if !fragment.chars().next().is_some_and(char::is_lowercase) {
         return line.to_string();
@@ -70,7 +86,10 @@ pub fn py_capitalize(s: &str) -> String {
     let mut chars = s.chars();
     match chars.next() {
         None => String::new(),
-        Some(first) => first.to_uppercase().chain(chars.flat_map(char::to_lowercase)).collect(),
+        Some(first) => first
+            .to_uppercase()
+            .chain(chars.flat_map(char::to_lowercase))
+            .collect(),
     }
 }
 
@@ -105,24 +124,42 @@ mod tests {
         assert_eq!(items.len(), 1000);
         let it = &items[0];
         assert_eq!(it.gold, 3);
-        assert_eq!(it.requests[0].0, "Roof shingle removal: A man is sitting on a roof. He");
+        assert_eq!(
+            it.requests[0].0,
+            "Roof shingle removal: A man is sitting on a roof. He"
+        );
         assert_eq!(it.requests[3].1, " starts pulling up roofing on a roof.");
         assert_eq!(it.choices[1], "is ripping level tiles off.");
     }
 
     #[test]
     fn ctx_b_is_capitalized_like_python() {
-        assert_eq!(capitalize_ctx_b("Clean and jerk: A lady walks. She bends down. the lady"), "Clean and jerk: A lady walks. She bends down. The lady");
+        assert_eq!(
+            capitalize_ctx_b("Clean and jerk: A lady walks. She bends down. the lady"),
+            "Clean and jerk: A lady walks. She bends down. The lady"
+        );
         // capitalize() lowercases the rest of ctx_b.
-        assert_eq!(capitalize_ctx_b("X: A man. the man in Red"), "X: A man. The man in red");
+        assert_eq!(
+            capitalize_ctx_b("X: A man. the man in Red"),
+            "X: A man. The man in red"
+        );
         // An upper-case fragment belongs to ctx_a: untouched (ctx_b empty).
-        assert_eq!(capitalize_ctx_b("Family Life: How to play. Choose small games like Candy Land and"), "Family Life: How to play. Choose small games like Candy Land and");
-        assert_eq!(capitalize_ctx_b("no sentence end here"), "no sentence end here");
+        assert_eq!(
+            capitalize_ctx_b("Family Life: How to play. Choose small games like Candy Land and"),
+            "Family Life: How to play. Choose small games like Candy Land and"
+        );
+        assert_eq!(
+            capitalize_ctx_b("no sentence end here"),
+            "no sentence end here"
+        );
     }
 
     #[test]
     fn preprocess_follows_the_harness() {
-        assert_eq!(preprocess(" How to x [title] Do y. [step] Go  on "), "How to x. Do y. Go on");
+        assert_eq!(
+            preprocess(" How to x [title] Do y. [step] Go  on "),
+            "How to x. Do y. Go on"
+        );
         assert_eq!(preprocess("Visit [www.kiddio.org] now"), "Visit now");
         assert_eq!(preprocess("tap the \" [\" button"), "tap the \" [\" button");
         assert_eq!(preprocess("a   b"), "a  b");
@@ -132,9 +169,16 @@ mod tests {
     fn bad_label_names_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("hs.txt");
-        std::fs::write(&p, "A: b. c\n0\ne1\ne2\ne3\ne4\nA: b. c\n4\ne1\ne2\ne3\ne4\n").unwrap();
+        std::fs::write(
+            &p,
+            "A: b. c\n0\ne1\ne2\ne3\ne4\nA: b. c\n4\ne1\ne2\ne3\ne4\n",
+        )
+        .unwrap();
         let err = load(&p).unwrap_err().to_string();
-        assert!(err.ends_with("hs.txt:8: label \"4\" is not an integer in 0..4"), "{err}");
+        assert!(
+            err.ends_with("hs.txt:8: label \"4\" is not an integer in 0..4"),
+            "{err}"
+        );
         std::fs::write(&p, "A: b. c\n0\ne1\ne2\n").unwrap();
         let err = load(&p).unwrap_err().to_string();
         assert!(err.contains("4 lines, expected a multiple of 6"), "{err}");

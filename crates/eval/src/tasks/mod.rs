@@ -35,7 +35,14 @@ pub enum Task {
 }
 
 impl Task {
-    pub const ALL: [Task; 6] = [Task::Hellaswag, Task::Piqa, Task::ArcEasy, Task::ArcChallenge, Task::Boolq, Task::Winogrande];
+    pub const ALL: [Task; 6] = [
+        Task::Hellaswag,
+        Task::Piqa,
+        Task::ArcEasy,
+        Task::ArcChallenge,
+        Task::Boolq,
+        Task::Winogrande,
+    ];
 
     /// The name on the command line and in the JSON output.
     pub fn name(self) -> &'static str {
@@ -96,10 +103,22 @@ impl Task {
             items.truncate(n);
         }
         if items.is_empty() {
-            return Err(EvalError::Config(format!("--limit {} leaves no item of {}", limit.unwrap_or(0), self.name())));
+            return Err(EvalError::Config(format!(
+                "--limit {} leaves no item of {}",
+                limit.unwrap_or(0),
+                self.name()
+            )));
         }
-        let sha256 = files.iter().map(|f| sha256_files(&[f.clone()])).collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(TaskData { task: self, files, sha256, items })
+        let sha256 = files
+            .iter()
+            .map(|f| sha256_files(&[f.clone()]))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(TaskData {
+            task: self,
+            files,
+            sha256,
+            items,
+        })
     }
 }
 
@@ -119,8 +138,16 @@ pub struct McItem {
 impl McItem {
     /// An ordinary item: one context, continuation `" " + choice` for every choice.
     pub fn with_choices(context: String, choices: Vec<String>, gold: usize, line: usize) -> Self {
-        let requests = choices.iter().map(|c| (context.clone(), format!("{TARGET_DELIMITER}{c}"))).collect();
-        Self { requests, choices, gold, line }
+        let requests = choices
+            .iter()
+            .map(|c| (context.clone(), format!("{TARGET_DELIMITER}{c}")))
+            .collect();
+        Self {
+            requests,
+            choices,
+            gold,
+            line,
+        }
     }
 }
 
@@ -161,7 +188,18 @@ mod tests {
 
     #[test]
     fn ordinary_items_put_the_delimiter_before_each_choice() {
-        let it = McItem::with_choices("Q: x\nAnswer:".into(), vec!["no".into(), "yes".into()], 1, 7);
-        assert_eq!(it.requests, vec![("Q: x\nAnswer:".to_string(), " no".to_string()), ("Q: x\nAnswer:".to_string(), " yes".to_string())]);
+        let it = McItem::with_choices(
+            "Q: x\nAnswer:".into(),
+            vec!["no".into(), "yes".into()],
+            1,
+            7,
+        );
+        assert_eq!(
+            it.requests,
+            vec![
+                ("Q: x\nAnswer:".to_string(), " no".to_string()),
+                ("Q: x\nAnswer:".to_string(), " yes".to_string())
+            ]
+        );
     }
 }

@@ -30,7 +30,9 @@ pub fn load(path: &Path) -> Result<(Vec<McItem>, Vec<PathBuf>)> {
     let items = records
         .into_iter()
         .zip(labels)
-        .map(|((line, r), gold)| McItem::with_choices(context(&r.goal), vec![r.sol1, r.sol2], gold, line))
+        .map(|((line, r), gold)| {
+            McItem::with_choices(context(&r.goal), vec![r.sol1, r.sol2], gold, line)
+        })
         .collect();
     Ok((items, vec![path.to_path_buf(), labels_file]))
 }
@@ -46,10 +48,16 @@ mod tests {
         assert_eq!(items.len(), 1838);
         assert!(files[1].ends_with("piqa/valid-labels.lst"));
         let it = &items[0];
-        assert_eq!(it.requests[0].0, "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:");
+        assert_eq!(
+            it.requests[0].0,
+            "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+        );
         assert!(it.requests[0].1.starts_with(" Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips,"));
         assert!(it.choices[1].contains("ripped jeans material"));
         assert_eq!(it.gold, 0);
-        assert_eq!(items[1].requests[1].1, " finish, woodgrain with  bobby pin ");
+        assert_eq!(
+            items[1].requests[1].1,
+            " finish, woodgrain with  bobby pin "
+        );
     }
 }

@@ -59,7 +59,10 @@ impl std::fmt::Display for LossKind {
 impl std::str::FromStr for LossKind {
     type Err = TrainError;
     fn from_str(s: &str) -> std::result::Result<Self, TrainError> {
-        LossKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| TrainError::Config(format!("unknown loss {s:?} (fkl, rkl, jsd, cakld)")))
+        LossKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| TrainError::Config(format!("unknown loss {s:?} (fkl, rkl, jsd, cakld)")))
     }
 }
 
@@ -77,9 +80,15 @@ impl Loss {
     pub fn new(kind: LossKind, gamma: Option<f64>) -> crate::Result<Loss> {
         match (kind, gamma) {
             (LossKind::Cakld, Some(g)) if (0.0..=1.0).contains(&g) => Ok(Loss::Cakld { gamma: g }),
-            (LossKind::Cakld, Some(g)) => Err(TrainError::Config(format!("cakld gamma must be in 0..=1, got {g}"))),
-            (LossKind::Cakld, None) => Err(TrainError::Config("cakld needs gamma (computed from the shards or given)".into())),
-            (k, Some(g)) => Err(TrainError::Config(format!("gamma {g} applies only to the cakld loss, not {k}"))),
+            (LossKind::Cakld, Some(g)) => Err(TrainError::Config(format!(
+                "cakld gamma must be in 0..=1, got {g}"
+            ))),
+            (LossKind::Cakld, None) => Err(TrainError::Config(
+                "cakld needs gamma (computed from the shards or given)".into(),
+            )),
+            (k, Some(g)) => Err(TrainError::Config(format!(
+                "gamma {g} applies only to the cakld loss, not {k}"
+            ))),
             (LossKind::Fkl, None) => Ok(Loss::Fkl),
             (LossKind::Rkl, None) => Ok(Loss::Rkl),
             (LossKind::Jsd, None) => Ok(Loss::Jsd),
@@ -104,9 +113,21 @@ impl Loss {
                 let lq = Tensor::cat(&[&lq, &col(&log_rq)?], 1)?; // [N, K + 1]
                 let exact = Tensor::cat(&[&t.logp, &col(&t.log_tail)?], 1)?;
                 let floored = Tensor::cat(&[&t.logp, &col(&t.log_tail_floored)?], 1)?;
-                self.divergence(&TeacherLogProbs { exact: &exact, floored: &floored }, &lq)
+                self.divergence(
+                    &TeacherLogProbs {
+                        exact: &exact,
+                        floored: &floored,
+                    },
+                    &lq,
+                )
             }
-            None => self.divergence(&TeacherLogProbs { exact: &t.logp, floored: &t.logp }, &lq),
+            None => self.divergence(
+                &TeacherLogProbs {
+                    exact: &t.logp,
+                    floored: &t.logp,
+                },
+                &lq,
+            ),
         }
     }
 
@@ -119,7 +140,14 @@ impl Loss {
     /// `[N, V]` (student logits, teacher log-probabilities). Used with an online teacher.
     pub fn full_vocab(&self, logits: &Tensor, teacher_logp: &Tensor) -> Result<Tensor> {
         let lq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        self.divergence(&TeacherLogProbs { exact: teacher_logp, floored: teacher_logp }, &lq)?.mean_all()
+        self.divergence(
+            &TeacherLogProbs {
+                exact: teacher_logp,
+                floored: teacher_logp,
+            },
+            &lq,
+        )?
+        .mean_all()
     }
 }
 
@@ -143,12 +171,31 @@ pub struct TopKTargets {
 
 impl TopKTargets {
     /// Builds targets from host arrays: `ids`, `logp` are `[n * k]` row-major.
-    pub fn new(ids: Vec<u32>, logp: Vec<f32>, n: usize, k: usize, vocab: usize, dev: &Device) -> Result<Self> {
-        let (mut tail, mut log_tail, mut log_floored) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    pub fn new(
+        ids: Vec<u32>,
+        logp: Vec<f32>,
+        n: usize,
+        k: usize,
+        vocab: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let (mut tail, mut log_tail, mut log_floored) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for row in logp.chunks(k) {
-            let r = if k == vocab { 0.0 } else { qat_shards::tail_mass(row) };
+            let r = if k == vocab {
+                0.0
+            } else {
+                qat_shards::tail_mass(row)
+            };
             tail.push(r);
-            log_tail.push(if r > 0.0 { f64::from(r).ln() as f32 } else { LOG_ZERO });
+            log_tail.push(if r > 0.0 {
+                f64::from(r).ln() as f32
+            } else {
+                LOG_ZERO
+            });
             log_floored.push(f64::from(r).max(TAIL_FLOOR).ln() as f32);
         }
         let ids = Tensor::from_vec(ids, (n, k), dev)?;
@@ -156,7 +203,10 @@ impl TopKTargets {
         // n x vocab floats to fill and upload every step).
         let tail_mask = if k < vocab {
             let neg_inf = Tensor::full(f32::NEG_INFINITY, (n, k), dev)?;
-            Some(Tensor::zeros((n, vocab), candle_core::DType::F32, dev)?.scatter(&ids, &neg_inf, 1)?)
+            Some(
+                Tensor::zeros((n, vocab), candle_core::DType::F32, dev)?
+                    .scatter(&ids, &neg_inf, 1)?,
+            )
         } else {
             None
         };
@@ -183,7 +233,9 @@ impl TopKTargets {
 /// Student log-probabilities on the K+1 buckets: `([N, K] log q_i, [N] log r_q or None)`.
 pub fn student_buckets(logits: &Tensor, t: &TopKTargets) -> Result<(Tensor, Option<Tensor>)> {
     let logz = logits.log_sum_exp(D::Minus1)?; // [N]
-    let lq = logits.gather(&t.ids, D::Minus1)?.broadcast_sub(&logz.unsqueeze(1)?)?; // [N, K]
+    let lq = logits
+        .gather(&t.ids, D::Minus1)?
+        .broadcast_sub(&logz.unsqueeze(1)?)?; // [N, K]
     let log_rq = match &t.tail_mask {
         Some(mask) => Some((logits + mask)?.log_sum_exp(D::Minus1)?.sub(&logz)?),
         None => None,
@@ -224,7 +276,15 @@ mod tests {
         let lp = log_softmax_f64(&[2.0, 1.0, 0.0, -1.0]);
         let lq = log_softmax_f64(&[0.0, 1.0, 2.0, 3.0]);
         let exact: f64 = lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
-        let t = TopKTargets::new(vec![0, 1, 2, 3], lp.iter().map(|&x| x as f32).collect(), 1, 4, 4, &dev).unwrap();
+        let t = TopKTargets::new(
+            vec![0, 1, 2, 3],
+            lp.iter().map(|&x| x as f32).collect(),
+            1,
+            4,
+            4,
+            &dev,
+        )
+        .unwrap();
         let logits = Tensor::new(&[[0f32, 1.0, 2.0, 3.0]], &dev).unwrap();
         let got = forward_kl(&logits, &t).unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!((got - exact).abs() < 1e-6, "{got} vs {exact}");
@@ -238,15 +298,25 @@ mod tests {
         let lp = log_softmax_f64(&[2.0, 1.0, 0.0, -1.0]);
         let lq = log_softmax_f64(&[0.0, 1.0, 2.0, 3.0]);
         let (rp, rq) = (lp[2].exp() + lp[3].exp(), lq[2].exp() + lq[3].exp());
-        let want = lp[0].exp() * (lp[0] - lq[0]) + lp[1].exp() * (lp[1] - lq[1]) + rp * (rp.ln() - rq.ln());
+        let want = lp[0].exp() * (lp[0] - lq[0])
+            + lp[1].exp() * (lp[1] - lq[1])
+            + rp * (rp.ln() - rq.ln());
         // Teacher ids given in rank order (0 then 1).
-        let t = TopKTargets::new(vec![0, 1], vec![lp[0] as f32, lp[1] as f32], 1, 2, 4, &dev).unwrap();
+        let t =
+            TopKTargets::new(vec![0, 1], vec![lp[0] as f32, lp[1] as f32], 1, 2, 4, &dev).unwrap();
         let logits = Tensor::new(&[[0f32, 1.0, 2.0, 3.0]], &dev).unwrap();
         let got = forward_kl(&logits, &t).unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         // The student equal to the teacher gives zero loss.
         let same = Tensor::new(&[[2f32, 1.0, 0.0, -1.0]], &dev).unwrap();
-        assert!(forward_kl(&same, &t).unwrap().to_scalar::<f32>().unwrap().abs() < 1e-6);
+        assert!(
+            forward_kl(&same, &t)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .abs()
+                < 1e-6
+        );
     }
 
     /// The online-teacher loss equals the top-K loss with K = V.
@@ -254,11 +324,27 @@ mod tests {
     fn full_vocab_kl_matches_k_equal_vocab() {
         let dev = Device::Cpu;
         let lp = log_softmax_f64(&[0.3, -1.0, 2.0, 0.0, 1.5]);
-        let t = TopKTargets::new(vec![2, 4, 0, 3, 1], [2, 4, 0, 3, 1].iter().map(|&i| lp[i] as f32).collect(), 1, 5, 5, &dev).unwrap();
+        let t = TopKTargets::new(
+            vec![2, 4, 0, 3, 1],
+            [2, 4, 0, 3, 1].iter().map(|&i| lp[i] as f32).collect(),
+            1,
+            5,
+            5,
+            &dev,
+        )
+        .unwrap();
         let logits = Tensor::new(&[[1f32, 0.5, -0.2, 0.0, 2.0]], &dev).unwrap();
         let a = forward_kl(&logits, &t).unwrap().to_scalar::<f32>().unwrap();
-        let tl = Tensor::from_vec(lp.iter().map(|&x| x as f32).collect::<Vec<f32>>(), (1, 5), &dev).unwrap();
-        let b = forward_kl_full(&logits, &tl).unwrap().to_scalar::<f32>().unwrap();
+        let tl = Tensor::from_vec(
+            lp.iter().map(|&x| x as f32).collect::<Vec<f32>>(),
+            (1, 5),
+            &dev,
+        )
+        .unwrap();
+        let b = forward_kl_full(&logits, &tl)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((a - b).abs() < 1e-6, "{a} vs {b}");
     }
 
