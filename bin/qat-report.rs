@@ -144,7 +144,7 @@ fn plot(a: &PlotArgs) -> anyhow::Result<()> {
         height: a.height,
     };
     let png = qat_report::render_png(&runs, &cfg)?;
-    qat_report::write_atomic(&a.out, &png)?;
+    qat_shards::fsutil::write_atomic(&a.out, &png)?;
     let summary = serde_json::json!({
         "out": a.out.display().to_string(),
         "bytes": png.len(),
@@ -178,7 +178,7 @@ fn table(a: &TableArgs) -> anyhow::Result<()> {
     }
     let md = qat_report::markdown_table(&records, fp.as_ref());
     match &a.out {
-        Some(out) => qat_report::write_atomic(out, md.as_bytes())?,
+        Some(out) => qat_shards::fsutil::write_atomic(out, md.as_bytes())?,
         None => print!("{md}"),
     }
     Ok(())

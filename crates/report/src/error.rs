@@ -34,11 +34,6 @@ pub enum ReportError {
     TooManyRuns(usize),
     #[error("image size {width}x{height} out of range (expected 200..=8000 pixels each)")]
     ImageSize { width: u32, height: u32 },
-    #[error("{path}: cannot write: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("drawing the chart failed: {0}")]
     Draw(String),
 }

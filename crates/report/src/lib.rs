@@ -8,5 +8,5 @@ pub mod table;
 
 pub use error::{ReportError, Result};
 pub use log::{default_label, default_labels, read_log, Metric, Point, Run, XAxis};
-pub use plot::{render_png, write_atomic, PlotConfig, PALETTE};
+pub use plot::{render_png, PlotConfig, PALETTE};
 pub use table::{markdown_table, parse_eval, read_eval, EvalRecord, PplRecord, ZeroShotRecord};

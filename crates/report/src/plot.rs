@@ -6,7 +6,6 @@ use crate::error::{ReportError, Result};
 use crate::log::{Metric, Run, XAxis};
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
-use std::path::Path;
 use std::sync::Once;
 
 /// Series colours in run order (Tableau 10, chosen to be told apart, also in greyscale order).
@@ -254,25 +253,6 @@ fn encode_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>> {
     w.write_image_data(rgb).map_err(draw_err)?;
     w.finish().map_err(draw_err)?;
     Ok(out)
-}
-
-/// Writes `bytes` to `path` through a temporary file renamed into place.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let err = |source| ReportError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            err(e)
-        })
 }
 
 #[cfg(test)]
