@@ -236,7 +236,8 @@ fn kv_per_head_has_one_scale_per_position_and_head() {
     // (per token, h1 t0 would share h0's scale 1: [round(1.5) = 2, round(0.75) = 1])
     let x: Vec<f32> = vec![3.0, 1.0, 0.0, 0.0, 1.5, 0.75, -6.0, 2.5];
     let x = Tensor::from_vec(x, (1, 2, 2, 2), &Device::Cpu).unwrap();
-    for dtype in [DType::F32, DType::F64] {
+    // f32/f64 take the fused CPU kernel, f16/bf16 the composed ops (every value is exact in both).
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
         let out = fake_kv(&x.to_dtype(dtype).unwrap(), KvQuant::per_head(3)).unwrap();
         assert_eq!(
             flat(&out),
