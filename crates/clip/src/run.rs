@@ -204,18 +204,7 @@ fn write_staging(
 ) -> Result<()> {
     std::fs::create_dir_all(staging).map_err(io(staging, "cannot create"))?;
     qat_train::student::save_safetensors(tensors, &staging.join("model.safetensors"))?;
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        let src = dir.dir.join(f);
-        if src.is_file() {
-            std::fs::copy(&src, staging.join(f)).map_err(io(&src, "cannot copy"))?;
-        }
-    }
+    dir.copy_companions(staging)?;
     cfg.scheme.save(staging.join(qat_quant::SCHEME_FILE))?;
     let provenance = serde_json::json!({
         "tool": TOOL,

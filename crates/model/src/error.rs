@@ -11,6 +11,12 @@ pub enum ModelError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot copy {} to {}: {source}", from.display(), to.display())]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid JSON: {source}")]
     Json {
         path: PathBuf,

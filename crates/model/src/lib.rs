@@ -27,5 +27,5 @@ pub use hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
 pub use hub::{resolve_model, snapshot_source, HubError, HubSource, ResolvedModel};
 pub use linear::QLinear;
 pub use llama::Llama;
-pub use model_dir::{sha256_files, special_token_ids, ModelDir};
+pub use model_dir::{sha256_files, special_token_ids, ModelDir, COMPANION_FILES};
 pub use rope::RotaryEmbedding;

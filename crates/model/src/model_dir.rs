@@ -34,6 +34,17 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     })
 }
 
+/// The files of a model directory besides its weights that a model derived from it (a clipped,
+/// trained or packed student) carries over unchanged, when present (`config.json` always is).
+pub const COMPANION_FILES: [&str; 6] = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
 /// Streaming sha256 of one or more files concatenated in order, as lowercase hex.
 pub fn sha256_files(paths: &[PathBuf]) -> Result<String> {
     let mut hasher = Sha256::new();
@@ -216,6 +227,22 @@ impl ModelDir {
             });
         }
         Ok(tok)
+    }
+
+    /// Copies this directory's [`COMPANION_FILES`] that exist into the directory `to`.
+    pub fn copy_companions(&self, to: &Path) -> Result<()> {
+        for name in COMPANION_FILES {
+            let from = self.dir.join(name);
+            if from.is_file() {
+                let to = to.join(name);
+                std::fs::copy(&from, &to).map_err(|source| ModelError::Copy {
+                    from,
+                    to,
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// sha256 of the weight files' bytes, concatenated in `weight_files` order.

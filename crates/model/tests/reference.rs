@@ -234,3 +234,38 @@ fn left_padded_batch_matches_each_row_alone() {
         );
     }
 }
+
+#[test]
+fn companion_files_are_copied_when_present_and_a_failed_copy_names_both_paths() {
+    let md = ModelDir::open(data_dir().join("models/stories260K")).unwrap();
+    let to = tempfile::tempdir().unwrap();
+    md.copy_companions(to.path()).unwrap();
+    let mut copied: Vec<String> = std::fs::read_dir(to.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    copied.sort();
+    // stories260K has no special_tokens_map.json or generation_config.json; weights are not copied.
+    assert_eq!(
+        copied,
+        [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json"
+        ]
+    );
+    for name in &copied {
+        assert_eq!(
+            std::fs::read(to.path().join(name)).unwrap(),
+            std::fs::read(md.dir.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let missing = to.path().join("no-such-dir");
+    let e = md.copy_companions(&missing).unwrap_err().to_string();
+    assert!(
+        e.starts_with("cannot copy ") && e.contains("config.json to ") && e.contains("no-such-dir"),
+        "{e}"
+    );
+}

@@ -9,7 +9,7 @@ use crate::size::SizeReport;
 use crate::st::{self, OwnedTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::Device;
-use qat_model::{sha256_files, ModelDir};
+use qat_model::{sha256_files, ModelDir, COMPANION_FILES};
 use qat_quant::{quantize_codes, Scheme, SCHEME_FILE};
 use safetensors::Dtype;
 use serde::Serialize;
@@ -17,16 +17,6 @@ use std::path::{Path, PathBuf};
 
 /// `qat-pack <version>`, recorded in every packed file.
 pub const TOOL: &str = concat!("qat-pack ", env!("CARGO_PKG_VERSION"));
-
-/// Files copied from the student as they are, when present (`config.json` always is).
-pub const COPIED_FILES: [&str; 6] = [
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "generation_config.json",
-];
 
 /// What [`pack`] wrote.
 #[derive(Debug, Clone, Serialize)]
@@ -116,7 +106,7 @@ pub fn pack(student: &Path, out: &Path) -> Result<PackSummary> {
     // A failure from here on (e.g. a full disk) removes the partial directory: nothing
     // half-written is left behind.
     let written = (|| -> Result<PackSummary> {
-        for name in COPIED_FILES {
+        for name in COMPANION_FILES {
             let src = student.join(name);
             if src.is_file() {
                 copy_synced(&src, &partial.join(name))?;

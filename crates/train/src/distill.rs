@@ -535,18 +535,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
     save_safetensors(&student.tensors(), &staging.join("model.safetensors"))?;
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        let src = model_dir.dir.join(f);
-        if src.is_file() {
-            std::fs::copy(&src, staging.join(f)).map_err(io(&src, "cannot copy"))?;
-        }
-    }
+    model_dir.copy_companions(&staging)?;
     s.scheme.save(staging.join(qat_quant::SCHEME_FILE))?;
     std::fs::copy(&log_path, staging.join("train_log.jsonl"))
         .map_err(io(&log_path, "cannot copy"))?;
