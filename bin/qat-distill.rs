@@ -45,7 +45,7 @@ struct Args {
     /// Output student directory (must not exist; written atomically at the end).
     #[arg(long, short = 'o')]
     out: PathBuf,
-    /// Quantization scheme: a short name (W4A8KV4, W4A8KV8, W4, ...) or a JSON file (formats/scheme.md).
+    /// Quantization scheme: a short name (W4A8KV4, W4A8KV8, W4, W4A8KV4H = KV scales per head, ...) or a JSON file (formats/scheme.md).
     #[arg(long, default_value = "W4A8KV4")]
     scheme: String,
     /// Distillation loss over the teacher's top-K + tail buckets (or the full vocabulary with

@@ -67,14 +67,19 @@ $(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(CORPUS_STAMP)
 # student, each stage trains the previous stage's student at fewer KV bits.
 #   make -f pipelines/llm-qat.mk curriculum
 # Stages are scheme:epochs:lr; every stage gets its own directory, so an interrupted run resumes.
+# Another chain needs its own CURRICULUM_TAG (it names the directories and the report), e.g. the
+# per-head KV scales: CURRICULUM="W4A8KV6H:1:5e-4 W4A8KV5H:1:5e-4 W4A8KV4H:2:5e-4" CURRICULUM_TAG=kvh.
 CURRICULUM ?= W4A8KV6:1:5e-4 W4A8KV5:1:5e-4 W4A8KV4:2:5e-4 W4A8KV4:2:2e-4
-CURRICULUM_DIR := $(OUT)/students/$(RECIPE)-kvcurriculum
+CURRICULUM_TAG ?= kvcurriculum
+CURRICULUM_DIR := $(OUT)/students/$(RECIPE)-$(CURRICULUM_TAG)
 stage_field = $(word $(2),$(subst :, ,$(1)))
 stage_numbers := $(shell seq 1 $(words $(CURRICULUM)))
 stage_names := $(foreach i,$(stage_numbers),$(i)-$(call stage_field,$(word $(i),$(CURRICULUM)),1))
 stage_dirs := $(addprefix $(CURRICULUM_DIR)/,$(stage_names))
 stage_inits := $(STUDENT_DIR)/W4A8KV8 $(stage_dirs)
 CURRICULUM_FINAL := $(lastword $(stage_dirs))
+# The scheme of the last stage: the curriculum student's scheme (its row and RTN baseline).
+CURRICULUM_SCHEME := $(call stage_field,$(lastword $(CURRICULUM)),1)
 
 # $(1): stage directory, $(2): scheme:epochs:lr, $(3): directory of the student it starts from.
 define curriculum_stage
@@ -86,19 +91,19 @@ $(1)/model.safetensors: $(3)/model.safetensors $(SHARDS).summary.json
 endef
 $(foreach i,$(stage_numbers),$(eval $(call curriculum_stage,$(word $(i),$(stage_dirs)),$(word $(i),$(CURRICULUM)),$(word $(i),$(stage_inits)))))
 
-CURRICULUM_EVAL := $(EVAL)/qat-$(RECIPE)-kvcurriculum.json
+CURRICULUM_EVAL := $(EVAL)/qat-$(RECIPE)-$(CURRICULUM_TAG).json
 $(CURRICULUM_EVAL): $(CURRICULUM_FINAL)/model.safetensors $(CORPUS_STAMP)
 	@mkdir -p $(dir $@)
 	$(BIN)/qat-eval --model $(CURRICULUM_FINAL) $(EVAL_FLAGS) > $@.tmp
 	mv $@.tmp $@
 
 # report.py's row for the curriculum student: its stage directories, as named above.
-curriculum_row = --curriculum W4A8KV4 $(EVAL)/rtn-W4A8KV4.json $(CURRICULUM_EVAL) "$(stage_dirs)" "$(CURRICULUM)"
-CURRICULUM_REPORT := $(OUT)/report-$(RECIPE)-kvcurriculum.md
+curriculum_row = --curriculum $(CURRICULUM_SCHEME) $(EVAL)/rtn-$(CURRICULUM_SCHEME).json $(CURRICULUM_EVAL) "$(stage_dirs)" "$(CURRICULUM)"
+CURRICULUM_REPORT := $(OUT)/report-$(RECIPE)-$(CURRICULUM_TAG).md
 .PHONY: curriculum
 curriculum: $(CURRICULUM_REPORT)
 	@cat $(CURRICULUM_REPORT)
-$(CURRICULUM_REPORT): $(EVAL)/fp.json $(EVAL)/rtn-W4A8KV4.json $(CURRICULUM_EVAL)
+$(CURRICULUM_REPORT): $(EVAL)/fp.json $(EVAL)/rtn-$(CURRICULUM_SCHEME).json $(CURRICULUM_EVAL)
 	python3 pipelines/report.py --fp $(EVAL)/fp.json --shards $(SHARDS) \
 	    $(curriculum_row) > $@.tmp
 	mv $@.tmp $@
@@ -111,7 +116,7 @@ REPORT := $(OUT)/report-$(RECIPE).md
 report: $(REPORT)
 	@cat $(REPORT)
 $(REPORT): $(EVAL)/fp.json $(foreach s,$(STUDENTS),$(EVAL)/rtn-$(s).json $(EVAL)/qat-$(RECIPE)-$(s).json) \
-    $(if $(with_curriculum),$(CURRICULUM_EVAL))
+    $(if $(with_curriculum),$(EVAL)/rtn-$(CURRICULUM_SCHEME).json $(CURRICULUM_EVAL))
 	python3 pipelines/report.py --fp $(EVAL)/fp.json --shards $(SHARDS) \
 	    $(foreach s,$(STUDENTS),--student $(s) $(EVAL)/rtn-$(s).json $(EVAL)/qat-$(RECIPE)-$(s).json $(STUDENT_DIR)/$(s)) \
 	    $(if $(with_curriculum),$(curriculum_row)) > $@.tmp
