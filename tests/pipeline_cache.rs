@@ -1,5 +1,6 @@
-//! The Make pipelines' caching: a stage is redone when its inputs' bytes change, not when their
-//! dates do (a data directory copied or mounted anew must keep the cached teacher shards).
+//! The Make pipelines: caching (a stage is redone when its inputs' bytes change, not when their
+//! dates do: a data directory copied or mounted anew must keep the cached teacher shards), and
+//! the names of the bit curriculum's stages, report row and baseline.
 
 use std::path::Path;
 use std::process::Command;
@@ -73,4 +74,64 @@ fn shards_are_resampled_when_the_teacher_bytes_change_not_its_dates() {
     std::fs::write(model.join("model.safetensors"), "model.safetensors v2").unwrap();
     make_shards(&out, &model, &bin);
     assert_eq!(runs(&counter), 2, "changed teacher weights must resample");
+}
+
+/// The commands `make -n -f pipelines/llm-qat.mk curriculum ARGS` would run (nothing is run).
+fn curriculum_plan(out: &Path, args: &[&str]) -> String {
+    let output = Command::new("make")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["-n", "-f", "pipelines/llm-qat.mk", "curriculum", "BIN=bin"])
+        .arg(format!("OUT={}", out.display()))
+        .args(args)
+        .output()
+        .expect("make runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Joined continuation lines, single spaces: one command per line.
+    let text = String::from_utf8(output.stdout)
+        .unwrap()
+        .replace("\\\n", " ");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn a_curriculum_names_its_stages_row_and_baseline_after_its_stages_and_tag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().display().to_string();
+    let recipe = "stories260K-n4096-len256-k512-s0-e1-lr2e-4-bal64-clipqk";
+    let plan = curriculum_plan(
+        tmp.path(),
+        &[
+            "CURRICULUM=W4A8KV6H:1:5e-4 W4A8KV4H:2:2e-4",
+            "CURRICULUM_TAG=kvh",
+        ],
+    );
+    let stages = format!("{out}/students/{recipe}-kvh");
+    for want in [
+        format!("--model {out}/students/{recipe}/W4A8KV8 --shards"),
+        format!("--out {stages}/1-W4A8KV6H --scheme W4A8KV6H --epochs 1 --lr 5e-4"),
+        format!("--model {stages}/1-W4A8KV6H --shards"),
+        format!("--out {stages}/2-W4A8KV4H --scheme W4A8KV4H --epochs 2 --lr 2e-4"),
+        format!("bin/qat-eval --model {stages}/2-W4A8KV4H"),
+        format!("--scheme W4A8KV4H > {out}/eval/stories260K/rtn-W4A8KV4H.json.tmp"),
+        format!(
+            "--curriculum W4A8KV4H {out}/eval/stories260K/rtn-W4A8KV4H.json \
+             {out}/eval/stories260K/qat-{recipe}-kvh.json"
+        ),
+        format!("> {out}/report-{recipe}-kvh.md.tmp"),
+    ] {
+        assert!(plan.contains(&want), "missing {want:?} in:\n{plan}");
+    }
+    // The default chain keeps its names: W4A8KV4, kvcurriculum.
+    let plan = curriculum_plan(tmp.path(), &[]);
+    for want in [
+        format!("--out {out}/students/{recipe}-kvcurriculum/4-W4A8KV4 --scheme W4A8KV4 --epochs 2"),
+        format!("--curriculum W4A8KV4 {out}/eval/stories260K/rtn-W4A8KV4.json"),
+        format!("> {out}/report-{recipe}-kvcurriculum.md.tmp"),
+    ] {
+        assert!(plan.contains(&want), "missing {want:?} in:\n{plan}");
+    }
 }
