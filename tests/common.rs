@@ -119,26 +119,33 @@ pub fn qat_distill(args: &[&str]) -> Output {
         .expect("spawn qat-distill")
 }
 
-/// Small data-free shards of stories260K in `dir` (32 sequences of up to 48 tokens, K = 16).
+/// The `qat-sample` settings of [`small_shards`]: 32 sequences of up to 48 tokens, K = 16, in 4
+/// files of 8.
+pub const SMALL_SHARD_ARGS: &[&str] = &[
+    "-n",
+    "32",
+    "--max-len",
+    "48",
+    "-K",
+    "16",
+    "--batch-size",
+    "8",
+    "--seqs-per-file",
+    "8",
+    "-q",
+];
+
+/// Small data-free shards of stories260K in `dir` ([`SMALL_SHARD_ARGS`]).
 pub fn small_shards(dir: &Path) {
     let model = stories_dir();
-    ok_json(&qat_sample(&[
+    let mut args = vec![
         "--model",
         model.to_str().unwrap(),
         "--out",
         dir.to_str().unwrap(),
-        "-n",
-        "32",
-        "--max-len",
-        "48",
-        "-K",
-        "16",
-        "--batch-size",
-        "8",
-        "--seqs-per-file",
-        "8",
-        "-q",
-    ]));
+    ];
+    args.extend_from_slice(SMALL_SHARD_ARGS);
+    ok_json(&qat_sample(&args));
 }
 
 /// Runs `qat-clip` with `args`.

@@ -23,21 +23,6 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 
-/// The small data-free settings of `small_shards` (32 sequences, 4 files of 8, K = 16).
-const SMALL: &[&str] = &[
-    "-n",
-    "32",
-    "--max-len",
-    "48",
-    "-K",
-    "16",
-    "--batch-size",
-    "8",
-    "--seqs-per-file",
-    "8",
-    "-q",
-];
-
 fn sample(model: &Path, out: &Path, extra: &[&str]) {
     let mut a = vec![
         "--model",
@@ -45,7 +30,7 @@ fn sample(model: &Path, out: &Path, extra: &[&str]) {
         "--out",
         out.to_str().unwrap(),
     ];
-    a.extend_from_slice(SMALL);
+    a.extend_from_slice(SMALL_SHARD_ARGS);
     a.extend_from_slice(extra);
     ok_json(&qat_sample(&a));
 }
