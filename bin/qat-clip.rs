@@ -64,8 +64,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     main_with("qat-clip", || {
-        let scheme = qat_quant::Scheme::from_arg(&args.scheme)
-            .with_context(|| format!("--scheme {}", args.scheme))?;
+        let scheme = qat_quant::Scheme::from_arg(&args.scheme).context("--scheme")?;
         let cfg = ClipConfig {
             model: qat_model::resolve_model(&args.model)?.dir,
             shards: args.shards.clone(),

@@ -148,8 +148,7 @@ enum ScheduleArg {
 fn main() -> ExitCode {
     let args = Args::parse();
     main_with("qat-distill", || {
-        let scheme = qat_quant::Scheme::from_arg(&args.scheme)
-            .with_context(|| format!("--scheme {}", args.scheme))?;
+        let scheme = qat_quant::Scheme::from_arg(&args.scheme).context("--scheme")?;
         let budget = match (args.steps, args.epochs, args.max_tokens) {
             (Some(s), _, _) => Budget::Steps(s),
             (_, Some(e), _) => Budget::Epochs(e),

@@ -574,3 +574,69 @@ fn packed_dirs_whose_metadata_disagrees_with_their_tensors_are_refused() {
         "utf16.txt: not UTF-8: invalid byte at offset 0",
     );
 }
+
+/// A bad `--scheme` (a JSON file with an unknown field, or a short name that does not parse)
+/// is refused by every tool that takes one, naming the flag once and the file or value once:
+/// `tool: --scheme: FILE: invalid scheme JSON: ...` (it used to repeat the value,
+/// `--scheme FILE: FILE: ...`).
+#[test]
+fn bad_scheme_names_the_flag_and_the_file_once() {
+    let t = fast_tempdir();
+    let bad = t.path().join("bad-scheme.json");
+    std::fs::write(&bad, "{\"bogus\": 1}\n").unwrap();
+    let bad = bad.to_str().unwrap();
+    let model = stories_dir();
+    let m = model.to_str().unwrap();
+    let corpus = tinystories();
+    let out = t.path().join("out");
+    let o = out.to_str().unwrap();
+    let shards = t.path().join("no-shards");
+    let s = shards.to_str().unwrap();
+    for (arg, needle, repeated) in [
+        (
+            bad,
+            format!("--scheme: {bad}: invalid scheme JSON: unknown field `bogus`"),
+            bad,
+        ),
+        (
+            "W4X",
+            "--scheme: invalid scheme \"W4X\": unexpected \"X\" at position 2".to_string(),
+            "W4X",
+        ),
+    ] {
+        let runs = [
+            (
+                "qat-eval",
+                qat_eval(&[
+                    "--model",
+                    m,
+                    "--corpus",
+                    corpus.to_str().unwrap(),
+                    "--scheme",
+                    arg,
+                ]),
+            ),
+            (
+                "qat-distill",
+                qat_distill(&[
+                    "--model", m, "--shards", s, "--out", o, "--scheme", arg, "-q",
+                ]),
+            ),
+            (
+                "qat-clip",
+                qat_clip(&[
+                    "--model", m, "--shards", s, "--out", o, "--scheme", arg, "-q",
+                ]),
+            ),
+        ];
+        for (tool, r) in runs {
+            refused(&r, tool, &needle, &out);
+            assert_eq!(
+                stderr(&r).matches(repeated).count(),
+                1,
+                "{tool}: the value is repeated: {}",
+                stderr(&r)
+            );
+        }
+    }
+}

@@ -28,7 +28,7 @@ pub enum EvalError {
     /// The directory's `quant_scheme.json` cannot be read.
     #[error(transparent)]
     Quant(#[from] qat_quant::QuantError),
-    #[error("--scheme {arg}")]
+    #[error("--scheme")]
     SchemeArg {
         arg: String,
         #[source]
