@@ -69,27 +69,37 @@ $(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(CORPUS_STAMP)
 # Stages are scheme:epochs:lr; every stage gets its own directory, so an interrupted run resumes.
 # Another chain needs its own CURRICULUM_TAG (it names the directories and the report), e.g. the
 # per-head KV scales: CURRICULUM="W4A8KV6H:1:5e-4 W4A8KV5H:1:5e-4 W4A8KV4H:2:5e-4" CURRICULUM_TAG=kvh.
+# CURRICULUM_FROM names the student the chain starts from (default this recipe's W4A8KV8), or
+# `teacher`: the teacher itself, whose first stage then also gets DISTILL_FLAGS (the K/V
+# rebalancing the W4A8KV8 student had). E.g. the KV cache alone (README, "Session 7"):
+# CURRICULUM="KV6H:1:5e-4 KV5H:1:5e-4 KV4H:2:5e-4" CURRICULUM_FROM=teacher CURRICULUM_TAG=kvonly-h.
 CURRICULUM ?= W4A8KV6:1:5e-4 W4A8KV5:1:5e-4 W4A8KV4:2:5e-4 W4A8KV4:2:2e-4
 CURRICULUM_TAG ?= kvcurriculum
+CURRICULUM_FROM ?= W4A8KV8
+from_teacher := $(filter teacher,$(CURRICULUM_FROM))
 CURRICULUM_DIR := $(OUT)/students/$(RECIPE)-$(CURRICULUM_TAG)
 stage_field = $(word $(2),$(subst :, ,$(1)))
 stage_numbers := $(shell seq 1 $(words $(CURRICULUM)))
 stage_names := $(foreach i,$(stage_numbers),$(i)-$(call stage_field,$(word $(i),$(CURRICULUM)),1))
 stage_dirs := $(addprefix $(CURRICULUM_DIR)/,$(stage_names))
-stage_inits := $(STUDENT_DIR)/W4A8KV8 $(stage_dirs)
+stage_inits := $(if $(from_teacher),$(MODEL),$(STUDENT_DIR)/$(CURRICULUM_FROM)) $(stage_dirs)
+# What each stage waits for: the model it starts from (the teacher's stamp for the teacher).
+stage_init_deps := $(if $(from_teacher),$(MODEL_STAMP),$(STUDENT_DIR)/$(CURRICULUM_FROM)/model.safetensors) \
+    $(addsuffix /model.safetensors,$(stage_dirs))
 CURRICULUM_FINAL := $(lastword $(stage_dirs))
 # The scheme of the last stage: the curriculum student's scheme (its row and RTN baseline).
 CURRICULUM_SCHEME := $(call stage_field,$(lastword $(CURRICULUM)),1)
 
-# $(1): stage directory, $(2): scheme:epochs:lr, $(3): directory of the student it starts from.
+# $(1): stage directory, $(2): scheme:epochs:lr, $(3): directory of the model it starts from,
+# $(4): that model's completion file, $(5): extra qat-distill flags.
 define curriculum_stage
-$(1)/model.safetensors: $(3)/model.safetensors $(SHARDS).summary.json
+$(1)/model.safetensors: $(4) $(SHARDS).summary.json
 	@mkdir -p $(CURRICULUM_DIR)
 	$(BIN)/qat-distill --model $(3) --shards $(SHARDS) --out $(1) --scheme $(call stage_field,$(2),1) \
 	    --epochs $(call stage_field,$(2),2) --lr $(call stage_field,$(2),3) -b $(BATCH) --seed $(SEED) --resume \
-	    $(DEVICE_FLAGS) > $(1).distill.json
+	    $(5) $(DEVICE_FLAGS) > $(1).distill.json
 endef
-$(foreach i,$(stage_numbers),$(eval $(call curriculum_stage,$(word $(i),$(stage_dirs)),$(word $(i),$(CURRICULUM)),$(word $(i),$(stage_inits)))))
+$(foreach i,$(stage_numbers),$(eval $(call curriculum_stage,$(word $(i),$(stage_dirs)),$(word $(i),$(CURRICULUM)),$(word $(i),$(stage_inits)),$(word $(i),$(stage_init_deps)),$(if $(and $(from_teacher),$(filter 1,$(i))),$(DISTILL_FLAGS)))))
 
 CURRICULUM_EVAL := $(EVAL)/qat-$(RECIPE)-$(CURRICULUM_TAG).json
 $(CURRICULUM_EVAL): $(CURRICULUM_FINAL)/model.safetensors $(CORPUS_STAMP)
@@ -98,7 +108,8 @@ $(CURRICULUM_EVAL): $(CURRICULUM_FINAL)/model.safetensors $(CORPUS_STAMP)
 	mv $@.tmp $@
 
 # report.py's row for the curriculum student: its stage directories, as named above.
-curriculum_row = --curriculum $(CURRICULUM_SCHEME) $(EVAL)/rtn-$(CURRICULUM_SCHEME).json $(CURRICULUM_EVAL) "$(stage_dirs)" "$(CURRICULUM)"
+curriculum_row = --curriculum $(CURRICULUM_SCHEME) $(EVAL)/rtn-$(CURRICULUM_SCHEME).json $(CURRICULUM_EVAL) "$(stage_dirs)" "$(CURRICULUM)" \
+    --curriculum-from $(CURRICULUM_FROM)
 CURRICULUM_REPORT := $(OUT)/report-$(RECIPE)-$(CURRICULUM_TAG).md
 .PHONY: curriculum
 curriculum: $(CURRICULUM_REPORT)

@@ -20,6 +20,8 @@ def main():
     ap.add_argument("--packed", nargs=2, action="append", metavar=("SCHEME", "PACK_JSON"), default=[])
     ap.add_argument("--curriculum", nargs=5, metavar=("SCHEME", "RTN", "QAT", "STAGE_DIRS", "STAGES"),
                     help="a student trained in stages: their directories and scheme:epochs:lr, each space-separated")
+    ap.add_argument("--curriculum-from", default="W4A8KV8",
+                    help="the student the curriculum started from, or `teacher`")
     ap.add_argument("--clip-only", nargs=2, action="append", metavar=("SCHEME", "EVAL_JSON"), default=[])
     a = ap.parse_args()
     packed = {k: load(v) for k, v in a.packed}
@@ -60,7 +62,8 @@ def main():
         scheme, rtn_p, qat_p, sdirs, stages = a.curriculum
         stages = stages.split()
         # Not `scheme`'s clip-only or packed figures: those belong to its one-run student.
-        row(f"{scheme} (curriculum from W4A8KV8: {' → '.join(stages)})", None, load(rtn_p), load(qat_p), sdirs.split())
+        start = "the teacher" if a.curriculum_from == "teacher" else a.curriculum_from
+        row(f"{scheme} (curriculum from {start}: {' → '.join(stages)})", None, load(rtn_p), load(qat_p), sdirs.split())
         print(f"\nThe curriculum row sums steps, tokens and wall time over its {len(stages)} stages "
               "(stages are scheme:epochs:lr, each initialized from the previous student).")
 

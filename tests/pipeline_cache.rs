@@ -130,8 +130,46 @@ fn a_curriculum_names_its_stages_row_and_baseline_after_its_stages_and_tag() {
     for want in [
         format!("--out {out}/students/{recipe}-kvcurriculum/4-W4A8KV4 --scheme W4A8KV4 --epochs 2"),
         format!("--curriculum W4A8KV4 {out}/eval/stories260K/rtn-W4A8KV4.json"),
-        format!("> {out}/report-{recipe}-kvcurriculum.md.tmp"),
+        format!("--curriculum-from W4A8KV8 > {out}/report-{recipe}-kvcurriculum.md.tmp"),
     ] {
         assert!(plan.contains(&want), "missing {want:?} in:\n{plan}");
     }
+    // Its stages start from a rebalanced W4A8KV8 student and do not rebalance again.
+    let stage1 = "--scheme W4A8KV6 --epochs 1 --lr 5e-4 -b 16 --seed 0 --resume >";
+    assert!(plan.contains(stage1), "missing {stage1:?} in:\n{plan}");
+}
+
+/// `CURRICULUM_FROM=teacher` starts the chain from the teacher, and only its first stage gets
+/// the recipe's DISTILL_FLAGS (the K/V rebalancing a W4A8KV8 start already had).
+#[test]
+fn a_curriculum_from_the_teacher_rebalances_in_its_first_stage_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().display().to_string();
+    let recipe = "stories260K-n4096-len256-k512-s0-e1-lr2e-4-bal64-clipqk";
+    let teacher = "../shared/data/models/stories260K";
+    let plan = curriculum_plan(
+        tmp.path(),
+        &[
+            "CURRICULUM=KV6H:1:5e-4 KV4H:2:5e-4",
+            "CURRICULUM_FROM=teacher",
+            "CURRICULUM_TAG=kvonly-h",
+            "QAT_DATA=../shared/data",
+        ],
+    );
+    let stages = format!("{out}/students/{recipe}-kvonly-h");
+    for want in [
+        format!(
+            "bin/qat-distill --model {teacher} --shards {out}/shards/stories260K-n4096-len256-k512-s0 \
+             --out {stages}/1-KV6H --scheme KV6H --epochs 1 --lr 5e-4 -b 16 --seed 0 --resume --balance-kv 64 >"
+        ),
+        format!(
+            "bin/qat-distill --model {stages}/1-KV6H --shards {out}/shards/stories260K-n4096-len256-k512-s0 \
+             --out {stages}/2-KV4H --scheme KV4H --epochs 2 --lr 5e-4 -b 16 --seed 0 --resume >"
+        ),
+        format!("--curriculum KV4H {out}/eval/stories260K/rtn-KV4H.json"),
+        "--curriculum-from teacher >".to_string(),
+    ] {
+        assert!(plan.contains(&want), "missing {want:?} in:\n{plan}");
+    }
+    assert!(!plan.contains("/W4A8KV8"), "{plan}");
 }
