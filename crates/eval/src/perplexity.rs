@@ -123,7 +123,7 @@ pub fn nll(
         let mut input = Vec::with_capacity(batch.len() * width);
         for (&i, &pad) in batch.iter().zip(&pads) {
             let s = &seqs[i];
-            input.extend(std::iter::repeat(s[0]).take(pad));
+            input.extend(std::iter::repeat_n(s[0], pad));
             input.extend(&s[..s.len() - 1]);
         }
         let mut cache = model.new_cache(pads.clone());

@@ -148,7 +148,7 @@ fn tick(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
         "0".into()
-    } else if a < 1e-3 || a >= 1e12 {
+    } else if !(1e-3..1e12).contains(&a) {
         format!("{v:.1e}")
     } else if a >= 1e9 {
         format!("{}G", short(v / 1e9))

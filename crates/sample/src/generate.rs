@@ -125,7 +125,7 @@ pub fn generate_batch(
     let pads: Vec<usize> = specs.iter().map(|s| width - s.prompt.len()).collect();
     let mut input = Vec::with_capacity(specs.len() * width);
     for s in specs {
-        input.extend(std::iter::repeat(s.prompt[0]).take(width - s.prompt.len()));
+        input.extend(std::iter::repeat_n(s.prompt[0], width - s.prompt.len()));
         input.extend(&s.prompt);
     }
     // Each row ends by max_len tokens, i.e. at column width - prompt_len + max_len at most.

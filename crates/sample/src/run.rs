@@ -94,7 +94,9 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
         )));
     }
     let s = &cfg.sampling;
-    if !(s.temperature >= 0.0 && s.temperature.is_finite()) || !(s.top_p > 0.0 && s.top_p <= 1.0) {
+    let temperature_ok = s.temperature >= 0.0 && s.temperature.is_finite();
+    let top_p_ok = s.top_p > 0.0 && s.top_p <= 1.0;
+    if !(temperature_ok && top_p_ok) {
         return Err(invalid(format!(
             "--temperature must be >= 0 (got {}) and --top-p in (0, 1] (got {})",
             s.temperature, s.top_p
@@ -165,7 +167,7 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
                 }
                 prompts.push(ids);
             }
-            let sha = sha256_files(&[path.clone()])?;
+            let sha = sha256_files(std::slice::from_ref(path))?;
             (
                 Starts {
                     prompts: Some(prompts),

@@ -111,7 +111,7 @@ impl Task {
         }
         let sha256 = files
             .iter()
-            .map(|f| sha256_files(&[f.clone()]))
+            .map(|f| sha256_files(std::slice::from_ref(f)))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(TaskData {
             task: self,
