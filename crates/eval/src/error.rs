@@ -28,9 +28,9 @@ pub enum EvalError {
     /// The directory's `quant_scheme.json` cannot be read.
     #[error(transparent)]
     Quant(#[from] qat_quant::QuantError),
+    /// `--scheme` does not parse or load; the source names the value or the file.
     #[error("--scheme")]
     SchemeArg {
-        arg: String,
         #[source]
         source: qat_quant::QuantError,
     },

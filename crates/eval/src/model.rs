@@ -71,10 +71,7 @@ pub fn load_eval_model(dir: &Path, scheme_arg: Option<&str>, device: &Device) ->
             source: Box::new(source),
         })?;
     let scheme = match scheme_arg {
-        Some(arg) => Scheme::from_arg(arg).map_err(|source| EvalError::SchemeArg {
-            arg: arg.to_string(),
-            source,
-        })?,
+        Some(arg) => Scheme::from_arg(arg).map_err(|source| EvalError::SchemeArg { source })?,
         None if dir.join(SCHEME_FILE).is_file() => Scheme::load_from_dir(dir)?,
         None => Scheme::full_precision(),
     };
