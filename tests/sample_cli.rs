@@ -22,7 +22,8 @@ const SMALL: &[&str] = &[
     "-q",
 ];
 
-fn sample_into(out: &Path, extra: &[&str]) -> serde_json::Value {
+/// `qat-sample` of stories260K into `out` with [`SMALL`] settings and `extra` flags.
+fn run_sample(out: &Path, extra: &[&str]) -> std::process::Output {
     let model = stories_dir();
     let mut args = vec![
         "--model",
@@ -32,7 +33,11 @@ fn sample_into(out: &Path, extra: &[&str]) -> serde_json::Value {
     ];
     args.extend_from_slice(SMALL);
     args.extend_from_slice(extra);
-    ok_json(&qat_sample(&args))
+    qat_sample(&args)
+}
+
+fn sample_into(out: &Path, extra: &[&str]) -> serde_json::Value {
+    ok_json(&run_sample(out, extra))
 }
 
 #[test]
@@ -371,26 +376,7 @@ fn a_rerun_with_other_settings_is_refused() {
     let out = tmp.path().join("s");
     sample_into(&out, &[]);
     let before = dir_files(&out);
-    let model = stories_dir();
-    let r = qat_sample(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "-n",
-        "24",
-        "--max-len",
-        "40",
-        "-K",
-        "16",
-        "--batch-size",
-        "4",
-        "--seqs-per-file",
-        "8",
-        "-q",
-        "--temperature",
-        "0.7",
-    ]);
+    let r = run_sample(&out, &["--temperature", "0.7"]);
     assert_error(&r, "qat-sample", "different settings");
     assert_eq!(
         before,
