@@ -119,6 +119,20 @@ pub fn qat_distill(args: &[&str]) -> Output {
         .expect("spawn qat-distill")
 }
 
+/// The `qat-distill` settings the CLI and fault tests train with on [`small_shards`]: W4A8KV4,
+/// batch 4, 2 warmup steps, lr 1e-3, quiet (each test adds its budget and checkpoints).
+pub const SMALL_DISTILL_ARGS: &[&str] = &[
+    "--scheme",
+    "W4A8KV4",
+    "-b",
+    "4",
+    "--warmup-steps",
+    "2",
+    "--lr",
+    "1e-3",
+    "-q",
+];
+
 /// The `qat-sample` settings of [`small_shards`]: 32 sequences of up to 48 tokens, K = 16, in 4
 /// files of 8.
 pub const SMALL_SHARD_ARGS: &[&str] = &[

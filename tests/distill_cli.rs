@@ -12,25 +12,9 @@ fn distill_args<'a>(
     out: &'a str,
     extra: &[&'a str],
 ) -> Vec<&'a str> {
-    let mut v = vec![
-        "--model",
-        model,
-        "--shards",
-        shards,
-        "--out",
-        out,
-        "--scheme",
-        "W4A8KV4",
-        "-b",
-        "4",
-        "--warmup-steps",
-        "2",
-        "--lr",
-        "1e-3",
-        "--checkpoint-every",
-        "3",
-        "-q",
-    ];
+    let mut v = vec!["--model", model, "--shards", shards, "--out", out];
+    v.extend_from_slice(SMALL_DISTILL_ARGS);
+    v.extend_from_slice(&["--checkpoint-every", "3"]);
     if !extra.contains(&"--steps") {
         v.extend_from_slice(&["--steps", "12"]);
     }

@@ -196,16 +196,8 @@ fn distill_args(model: &Path, shards: &Path, out: &Path, extra: &[&str]) -> Vec<
         shards.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-        "--scheme",
-        "W4A8KV4",
-        "-b",
-        "4",
-        "--warmup-steps",
-        "2",
-        "--lr",
-        "1e-3",
-        "-q",
     ]);
+    v.extend(strings(SMALL_DISTILL_ARGS));
     v.extend(strings(extra));
     v
 }
@@ -401,6 +393,41 @@ fn resume_recovers_a_checkpoint_swap_interrupted_between_its_renames() {
     // Killed after the student was moved into place, before its work dir was removed.
     std::fs::create_dir_all(work.join("checkpoint")).unwrap();
     assert_error(&qat_distill(&strs(&args(&["--resume"]))), "qat-distill", "output already exists (remove it to train again); its .work directory is left over from a run stopped after it had finished, and can be removed");
+}
+
+/// Regression: with `--data-parallel` left to auto, `--resume` read the checkpoint's part count
+/// before restoring an interrupted swap's `checkpoint.old`, so on a machine with other cores it
+/// chose its own count and refused the checkpoint as "made with other settings".
+#[test]
+fn resume_with_auto_parts_on_other_cores_recovers_an_interrupted_swap() {
+    let tmp = fast_tempdir();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let model = stories_dir();
+    let run = |out: &Path, threads: &str, extra: &[&str]| {
+        let mut e = vec!["--steps", "8", "--checkpoint-every", "3"];
+        e.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_qat-distill"))
+            .args(distill_args(&model, &shards, out, &e))
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap()
+    };
+    // Auto parts with 3 threads (batch 4): 3 parts; stopped at step 5 (checkpoint at 3).
+    let out = tmp.path().join("s");
+    assert_error(
+        &run(&out, "3", &["--inject-nan-at", "5"]),
+        "qat-distill",
+        "last good checkpoint: step 3",
+    );
+    let work = work_dir(&out);
+    std::fs::rename(work.join("checkpoint"), work.join("checkpoint.old")).unwrap();
+    // Resumed where auto would choose 2 parts: it keeps the checkpoint's 3.
+    let r = ok_json(&run(&out, "2", &["--resume"]));
+    assert_eq!(r["resumed_from_step"], 3, "{r}");
+    let whole = tmp.path().join("whole");
+    ok_json(&run(&whole, "3", &[]));
+    assert_eq!(student_files(&out), student_files(&whole));
 }
 
 /// A training log shorter than its checkpoint says (it cannot happen through a kill any more:

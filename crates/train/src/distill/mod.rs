@@ -4,21 +4,24 @@
 //! Work happens in `<out>.work/` (checkpoint and log); the finished student directory is
 //! written there and renamed to `<out>` only at the end, so `<out>` is never half written.
 
+mod checkpoint;
+mod output;
+mod step;
+
 use crate::data::{each_file_par, DataCursor, Prefetch, ShardBatches};
 use crate::error::{io, Result, TrainError};
 use crate::gamma::{teacher_confidence, TeacherConfidence};
-use crate::loss::{Loss, LossKind, TopKTargets};
-use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, LrConfig, Schedule};
-use crate::student::{save_safetensors, Student};
-use candle_core::{Device, Tensor};
+use crate::loss::{Loss, LossKind};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrConfig, Schedule};
+use crate::student::Student;
+use checkpoint::CheckpointState;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qat_model::ModelDir;
 use qat_quant::{FakeQuant, Scheme};
-use qat_shards::{SequenceRecord, ShardSet};
+use qat_shards::ShardSet;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -97,39 +100,6 @@ pub struct DistillConfig {
     pub inject_nan_at: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CheckpointState {
-    step: u64,
-    cursor: DataCursor,
-    tokens_seen: u64,
-    log_lines: u64,
-    settings: TrainSettings,
-    shards_manifest_sha256: String,
-    init_weights_sha256: String,
-    /// The K/V rebalancing done before step 1 (already in the weights; not redone on resume).
-    #[serde(default)]
-    balance: Option<crate::balance::BalanceReport>,
-}
-
-/// What one part of a micro-batch contributes ([`crate::parallel`]).
-struct PartOutcome {
-    /// Mean loss over the part's trained positions.
-    loss: f32,
-    positions: usize,
-    /// Input tokens (padding excluded).
-    real: u64,
-    /// `None` when the part has no trained position.
-    grads: Option<candle_core::backprop::GradStore>,
-}
-
-/// The settings of the checkpoint in `ckpt`, if there is a readable one.
-fn checkpoint_settings(ckpt: &Path) -> Option<TrainSettings> {
-    let text = std::fs::read_to_string(ckpt.join("state.json")).ok()?;
-    serde_json::from_str::<CheckpointState>(&text)
-        .ok()
-        .map(|state| state.settings)
-}
-
 /// One line of `train_log.jsonl`.
 #[derive(Debug, Clone, Serialize)]
 struct LogLine {
@@ -160,37 +130,6 @@ pub struct DistillSummary {
 
 const TOOL: &str = concat!("qat-distill ", env!("CARGO_PKG_VERSION"));
 
-/// Tokens `[B, T]` right-padded, plus the flat row indices `b * T + i` of trained positions and
-/// their teacher targets.
-fn batch_tensors(
-    recs: &[SequenceRecord],
-    k: usize,
-    vocab: usize,
-    dev: &Device,
-) -> Result<(Tensor, Tensor, TopKTargets, u64)> {
-    let t = recs.iter().map(|r| r.tokens.len()).max().unwrap_or(1);
-    let mut tokens = vec![0u32; recs.len() * t];
-    let (mut rows, mut ids, mut logp) = (Vec::new(), Vec::new(), Vec::new());
-    let mut real = 0u64;
-    for (b, r) in recs.iter().enumerate() {
-        tokens[b * t..b * t + r.tokens.len()].copy_from_slice(&r.tokens);
-        real += r.tokens.len() as u64;
-        for i in (r.prompt_len as usize).saturating_sub(1)..r.tokens.len() - 1 {
-            rows.push((b * t + i) as u32);
-            ids.extend_from_slice(&r.topk_ids[i * k..(i + 1) * k]);
-            logp.extend_from_slice(&r.topk_logprobs[i * k..(i + 1) * k]);
-        }
-    }
-    let n = rows.len();
-    let targets = TopKTargets::new(ids, logp, n, k, vocab, dev)?;
-    Ok((
-        Tensor::from_vec(tokens, (recs.len(), t), dev)?,
-        Tensor::from_vec(rows, n, dev)?,
-        targets,
-        real,
-    ))
-}
-
 fn total_steps(budget: Budget, set: &ShardSet, per_step: usize) -> u64 {
     let h = set.header();
     match budget {
@@ -203,20 +142,8 @@ fn total_steps(budget: Budget, set: &ShardSet, per_step: usize) -> u64 {
     }
 }
 
-/// Runs the stage.
-pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
-    let started = Instant::now();
-    let dev = qat_model::parse_device(&cfg.device).map_err(TrainError::Config)?;
-    let work = PathBuf::from(format!("{}.work", cfg.out.display()));
-    let ckpt = work.join("checkpoint");
-    let mut settings = cfg.settings.clone();
-    if settings.data_parallel == 0 {
-        settings.data_parallel = match checkpoint_settings(&ckpt).filter(|_| cfg.resume) {
-            Some(saved) => saved.data_parallel,
-            None => crate::parallel::auto_parts(&dev, settings.batch_size),
-        };
-    }
-    let s = &settings;
+/// Refuses settings no run can use, naming the flag.
+fn validate(s: &TrainSettings) -> Result<()> {
     if s.batch_size == 0 || s.grad_accum == 0 {
         return Err(TrainError::Config(
             "--batch-size and --grad-accum must be >= 1".into(),
@@ -229,18 +156,38 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         )));
     }
     match (s.loss, s.cakld_gamma) {
-        (LossKind::Cakld, Some(g)) if !(0.0..=1.0).contains(&g) => {
-            return Err(TrainError::Config(format!(
-                "--cakld-gamma must be in 0..=1, got {g}"
-            )));
-        }
-        (LossKind::Cakld, _) | (_, None) => {}
-        (other, Some(_)) => {
-            return Err(TrainError::Config(format!(
-                "--cakld-gamma applies only to --loss cakld, not --loss {other}"
-            )))
-        }
+        (LossKind::Cakld, Some(g)) if !(0.0..=1.0).contains(&g) => Err(TrainError::Config(
+            format!("--cakld-gamma must be in 0..=1, got {g}"),
+        )),
+        (LossKind::Cakld, _) | (_, None) => Ok(()),
+        (other, Some(_)) => Err(TrainError::Config(format!(
+            "--cakld-gamma applies only to --loss cakld, not --loss {other}"
+        ))),
     }
+}
+
+/// Runs the stage.
+pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
+    let started = Instant::now();
+    let dev = qat_model::parse_device(&cfg.device).map_err(TrainError::Config)?;
+    let work = PathBuf::from(format!("{}.work", cfg.out.display()));
+    let ckpt = work.join("checkpoint");
+    // Before anything reads the checkpoint: a kill mid-swap leaves it in checkpoint.old.
+    checkpoint::recover_interrupted_swap(&work)?;
+    let saved = if cfg.resume {
+        checkpoint::read_state(&ckpt)?
+    } else {
+        None
+    };
+    let mut settings = cfg.settings.clone();
+    if settings.data_parallel == 0 {
+        settings.data_parallel = match &saved {
+            Some(state) => state.settings.data_parallel,
+            None => crate::parallel::auto_parts(&dev, settings.batch_size),
+        };
+    }
+    let s = &settings;
+    validate(s)?;
     let compute_dtype = qat_model::parse_dtype(&s.dtype).map_err(TrainError::Config)?;
     let model_dir = ModelDir::open(&cfg.model)?;
     s.scheme.validate_for(&model_dir.config)?;
@@ -318,10 +265,8 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         }
         None => None,
     };
-    recover_interrupted_swap(&work)?;
     // Rebalancing changes the initial weights; a resumed run loads the balanced ones instead.
-    let resuming = cfg.resume && ckpt.join("state.json").is_file();
-    let mut balance = if s.balance_kv > 0 && !resuming {
+    let mut balance = if s.balance_kv > 0 && saved.is_none() {
         let calib: Vec<Vec<u32>> = set
             .records()
             .take(s.balance_kv)
@@ -344,40 +289,35 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
 
     let mut cursor = DataCursor::default();
     let (mut tokens_seen, mut log_lines, mut resumed_from) = (0u64, 0u64, None);
-    if ckpt.join("state.json").is_file() {
-        if !cfg.resume {
+    match saved {
+        Some(state) => {
+            if state.settings != *s
+                || state.shards_manifest_sha256 != shards_sha
+                || state.init_weights_sha256 != init_sha
+            {
+                return Err(TrainError::Checkpoint {
+                    path: ckpt.join("state.json"),
+                    what: "made with other settings, shards or initial model; cannot resume".into(),
+                });
+            }
+            let w = candle_core::safetensors::load(ckpt.join("weights.safetensors"), &dev)?;
+            student.set_tensors(&w, &ckpt)?;
+            let o = candle_core::safetensors::load(ckpt.join("optimizer.safetensors"), &dev)?;
+            opt.load_state(&o, state.step)?;
+            cursor = state.cursor;
+            tokens_seen = state.tokens_seen;
+            log_lines = state.log_lines;
+            balance = state.balance;
+            resumed_from = Some(state.step);
+            checkpoint::truncate_lines(&log_path, log_lines)?;
+        }
+        None if checkpoint::exists(&ckpt) => {
             return Err(TrainError::Checkpoint { path: ckpt.clone(), what: "a checkpoint of an earlier run exists: pass --resume to continue it, or delete it".into() });
         }
-        let state_path = ckpt.join("state.json");
-        let text = std::fs::read_to_string(&state_path)
-            .map_err(io(&state_path, "cannot read checkpoint"))?;
-        let state: CheckpointState =
-            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
-                path: state_path.clone(),
-                what: format!("invalid: {e}"),
-            })?;
-        if state.settings != *s
-            || state.shards_manifest_sha256 != shards_sha
-            || state.init_weights_sha256 != init_sha
-        {
-            return Err(TrainError::Checkpoint {
-                path: state_path,
-                what: "made with other settings, shards or initial model; cannot resume".into(),
-            });
+        None => {
+            std::fs::create_dir_all(&work).map_err(io(&work, "cannot create work directory"))?;
+            let _ = std::fs::remove_file(&log_path);
         }
-        let w = candle_core::safetensors::load(ckpt.join("weights.safetensors"), &dev)?;
-        student.set_tensors(&w, &ckpt)?;
-        let o = candle_core::safetensors::load(ckpt.join("optimizer.safetensors"), &dev)?;
-        opt.load_state(&o, state.step)?;
-        cursor = state.cursor;
-        tokens_seen = state.tokens_seen;
-        log_lines = state.log_lines;
-        balance = state.balance;
-        resumed_from = Some(state.step);
-        truncate_lines(&log_path, log_lines)?;
-    } else {
-        std::fs::create_dir_all(&work).map_err(io(&work, "cannot create work directory"))?;
-        let _ = std::fs::remove_file(&log_path);
     }
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -391,7 +331,14 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         ))
     })?;
     let mut data = Prefetch::new(ShardBatches::new(set, s.seed, cursor), s.batch_size, 2);
-    let (k, vocab) = (h.top_k as usize, h.teacher.vocab_size as usize);
+    let models = step::StepModels {
+        student: &student,
+        teacher: teacher.as_ref(),
+        objective: &objective,
+        dev: &dev,
+        top_k: h.top_k as usize,
+        vocab: h.teacher.vocab_size as usize,
+    };
 
     let bar = if cfg.progress {
         ProgressBar::new(total)
@@ -412,71 +359,15 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     });
     while opt.step < total {
         let step_started = Instant::now();
-        let mut grads = HashMap::new();
-        let mut step_loss = 0f32;
-        let mut step_tokens = 0u64;
-        for _ in 0..s.grad_accum {
-            let recs = data.next_batch()?;
-            let parts = crate::parallel::split_even(&recs, s.data_parallel);
-            let outs = pools.run(&parts, |part| -> Result<PartOutcome> {
-                let (tokens, rows, targets, real) = batch_tensors(part, k, vocab, &dev)?;
-                let positions = rows.dim(0)?;
-                if positions == 0 {
-                    return Ok(PartOutcome {
-                        loss: 0.0,
-                        positions,
-                        real,
-                        grads: None,
-                    });
-                }
-                let logits = student.model.forward_full(&tokens)?; // [B, T, V]
-                let (b, t, v) = logits.dims3()?;
-                let logits = logits.reshape((b * t, v))?.index_select(&rows, 0)?; // [N, V]
-                let mut loss = match &teacher {
-                    Some(teacher) => {
-                        let tl = teacher
-                            .forward_full(&tokens)?
-                            .reshape((b * t, v))?
-                            .index_select(&rows, 0)?;
-                        objective.full_vocab(
-                            &logits,
-                            &candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach(),
-                        )?
-                    }
-                    None => objective.mean(&logits, &targets)?,
-                };
-                if cfg.inject_nan_at == Some(opt.step) {
-                    loss = (loss * f64::NAN)?;
-                }
-                let value = loss.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    return Err(TrainError::NonFinite {
-                        loss: value,
-                        step: opt.step,
-                        last_good: last_good.clone(),
-                    });
-                }
-                Ok(PartOutcome {
-                    loss: value,
-                    positions,
-                    real,
-                    grads: Some(loss.backward()?),
-                })
-            });
-            let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
-            // The batch's loss is the mean over all its trained positions: each part's mean
-            // weighs by its share of them.
-            let positions: usize = outs.iter().map(|o| o.positions).sum();
-            for o in outs {
-                step_tokens += o.real;
-                if let Some(g) = o.grads {
-                    let w = o.positions as f64 / positions as f64 / s.grad_accum as f64;
-                    step_loss += (o.loss as f64 * w) as f32;
-                    accumulate(&mut grads, &vars, &g, w)?;
-                }
-            }
-        }
-        let grad_norm = clip_grad_norm(&mut grads, s.max_grad_norm)?;
+        let plan = step::StepPlan {
+            grad_accum: s.grad_accum,
+            data_parallel: s.data_parallel,
+            step: opt.step,
+            poison: cfg.inject_nan_at == Some(opt.step),
+            last_good: &last_good,
+        };
+        let mut step = step::step_grads(&models, &mut data, &pools, &vars, &plan)?;
+        let grad_norm = clip_grad_norm(&mut step.grads, s.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
                 loss: f32::NAN,
@@ -485,16 +376,16 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             });
         }
         let lr = lr_cfg.at(opt.step);
-        opt.apply(&grads, lr)?;
-        tokens_seen += step_tokens;
-        last_loss = step_loss;
+        opt.apply(&step.grads, lr)?;
+        tokens_seen += step.tokens;
+        last_loss = step.loss;
         let line = LogLine {
             step: opt.step,
-            loss: step_loss,
+            loss: step.loss,
             lr,
             grad_norm,
             tokens: tokens_seen,
-            tokens_per_s: step_tokens as f64 / step_started.elapsed().as_secs_f64(),
+            tokens_per_s: step.tokens as f64 / step_started.elapsed().as_secs_f64(),
         };
         writeln!(
             log,
@@ -504,7 +395,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         .map_err(io(&log_path, "cannot write training log"))?;
         log_lines += 1;
         bar.set_position(opt.step);
-        bar.set_message(format!("loss {step_loss:.4}"));
+        bar.set_message(format!("loss {:.4}", step.loss));
         if cfg.checkpoint_every > 0 && opt.step % cfg.checkpoint_every == 0 && opt.step < total {
             log.flush()
                 .map_err(io(&log_path, "cannot write training log"))?;
@@ -518,7 +409,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
                 init_weights_sha256: init_sha.clone(),
                 balance: balance.clone(),
             };
-            write_checkpoint(&work, &student, &opt, &state)?;
+            checkpoint::write(&work, &student, &opt, &state)?;
             last_good = format!(
                 "last good checkpoint: step {} in {}",
                 opt.step,
@@ -530,15 +421,6 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     drop(log);
     let seconds = loop_started.elapsed().as_secs_f64();
 
-    // The finished student: an HF model dir + scheme + provenance, renamed into place.
-    let staging = work.join("student");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
-    save_safetensors(&student.tensors(), &staging.join("model.safetensors"))?;
-    model_dir.copy_companions(&staging)?;
-    s.scheme.save(staging.join(qat_quant::SCHEME_FILE))?;
-    std::fs::copy(&log_path, staging.join("train_log.jsonl"))
-        .map_err(io(&log_path, "cannot copy"))?;
     let provenance = serde_json::json!({
         "tool": TOOL,
         "settings": s,
@@ -563,14 +445,15 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             "measured": confidence,
         })),
     });
-    let prov_path = staging.join("provenance.json");
-    std::fs::write(
-        &prov_path,
-        serde_json::to_string_pretty(&provenance).expect("json") + "\n",
-    )
-    .map_err(io(&prov_path, "cannot write"))?;
-    std::fs::rename(&staging, &cfg.out)
-        .map_err(io(&cfg.out, "cannot move the student into place"))?;
+    output::install_student(
+        &work,
+        &cfg.out,
+        &student,
+        &model_dir,
+        &s.scheme,
+        &log_path,
+        &provenance,
+    )?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(DistillSummary {
         out: cfg.out.display().to_string(),
@@ -584,79 +467,4 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         loss: s.loss,
         cakld_gamma: gamma,
     })
-}
-
-/// A process killed between the two renames of [`write_checkpoint`]'s swap leaves
-/// `checkpoint.old` (complete) and no `checkpoint`: move it back, so that `--resume` continues
-/// from it instead of silently starting over from step 0.
-fn recover_interrupted_swap(work: &Path) -> Result<()> {
-    let (fin, old) = (work.join("checkpoint"), work.join("checkpoint.old"));
-    if !fin.exists() && old.join("state.json").is_file() {
-        std::fs::rename(&old, &fin).map_err(io(
-            &old,
-            "cannot restore the checkpoint of an interrupted swap",
-        ))?;
-    }
-    Ok(())
-}
-
-/// Writes the checkpoint to `work/checkpoint.tmp`, then swaps it in for `work/checkpoint`. On
-/// failure (e.g. a full disk) the partial `checkpoint.tmp` is removed; the last good checkpoint
-/// stays as it was.
-fn write_checkpoint(
-    work: &Path,
-    student: &Student,
-    opt: &AdamW,
-    state: &CheckpointState,
-) -> Result<()> {
-    let tmp = work.join("checkpoint.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    let written = (|| {
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp, "cannot create checkpoint"))?;
-        save_safetensors(&student.tensors(), &tmp.join("weights.safetensors"))?;
-        save_safetensors(&opt.state_tensors(), &tmp.join("optimizer.safetensors"))?;
-        let state_path = tmp.join("state.json");
-        std::fs::write(
-            &state_path,
-            serde_json::to_string_pretty(state).expect("json"),
-        )
-        .map_err(io(&state_path, "cannot write"))
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let fin = work.join("checkpoint");
-    let old = work.join("checkpoint.old");
-    // Swap: the old checkpoint stays valid until the new one is complete.
-    let _ = std::fs::remove_dir_all(&old);
-    if fin.exists() {
-        std::fs::rename(&fin, &old).map_err(io(&fin, "cannot move old checkpoint"))?;
-    }
-    std::fs::rename(&tmp, &fin).map_err(io(&fin, "cannot move checkpoint into place"))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-/// Cuts the log back to the checkpoint's `keep` lines, atomically (a kill mid-rewrite must not
-/// lose lines the checkpoint counts), and refuses a log shorter than that.
-fn truncate_lines(path: &Path, keep: u64) -> Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let have = text.lines().count() as u64;
-    if have < keep {
-        return Err(TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            what: format!(
-                "has {have} lines, fewer than the {keep} its checkpoint counts; cannot resume"
-            ),
-        });
-    }
-    let kept: String = text
-        .lines()
-        .take(keep as usize)
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, kept).map_err(io(&tmp, "cannot rewrite training log"))?;
-    std::fs::rename(&tmp, path).map_err(io(path, "cannot rewrite training log"))
 }

@@ -1,0 +1,174 @@
+//! One optimizer step's forward and backward passes: `grad_accum` micro-batches from the
+//! shards, each split into parts that train on their own threads, their gradients summed
+//! weighted by trained positions.
+
+use crate::data::Prefetch;
+use crate::error::{Result, TrainError};
+use crate::loss::{Loss, TopKTargets};
+use crate::optim::accumulate;
+use crate::parallel::{split_even, PartPools};
+use crate::student::Student;
+use candle_core::{Device, Tensor, Var};
+use qat_model::Llama;
+use qat_shards::SequenceRecord;
+use std::collections::HashMap;
+
+/// The models and objective of a step.
+pub(super) struct StepModels<'a> {
+    pub student: &'a Student,
+    /// The online teacher (`--teacher`); `None` = targets from the shards.
+    pub teacher: Option<&'a Llama>,
+    pub objective: &'a Loss,
+    pub dev: &'a Device,
+    /// The shards' top-K and the teacher's vocabulary size.
+    pub top_k: usize,
+    pub vocab: usize,
+}
+
+/// What a step computed, before the optimizer applies it.
+pub(super) struct StepGrads {
+    /// Per variable name, the gradient of the step's mean loss.
+    pub grads: HashMap<String, Tensor>,
+    /// Mean loss over the step's trained positions.
+    pub loss: f32,
+    /// Input tokens (padding excluded).
+    pub tokens: u64,
+}
+
+/// How the step runs and what a non-finite loss reports.
+pub(super) struct StepPlan<'a> {
+    pub grad_accum: usize,
+    pub data_parallel: usize,
+    pub step: u64,
+    /// Test hook: multiply the loss by NaN.
+    pub poison: bool,
+    /// Named in the error when the loss is not finite.
+    pub last_good: &'a str,
+}
+
+/// What one part of a micro-batch contributes.
+struct PartOutcome {
+    /// Mean loss over the part's trained positions.
+    loss: f32,
+    positions: usize,
+    /// Input tokens (padding excluded).
+    real: u64,
+    /// `None` when the part has no trained position.
+    grads: Option<candle_core::backprop::GradStore>,
+}
+
+/// Runs the step's micro-batches and returns their summed, weighted gradients for `vars`.
+pub(super) fn step_grads(
+    models: &StepModels,
+    data: &mut Prefetch,
+    pools: &PartPools,
+    vars: &[(String, Var)],
+    plan: &StepPlan,
+) -> Result<StepGrads> {
+    let mut out = StepGrads {
+        grads: HashMap::new(),
+        loss: 0.0,
+        tokens: 0,
+    };
+    for _ in 0..plan.grad_accum {
+        let recs = data.next_batch()?;
+        let parts = split_even(&recs, plan.data_parallel);
+        let outs = pools.run(&parts, |part| part_grads(models, part, plan));
+        let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
+        // The batch's loss is the mean over all its trained positions: each part's mean weighs
+        // by its share of them.
+        let positions: usize = outs.iter().map(|o| o.positions).sum();
+        for o in outs {
+            out.tokens += o.real;
+            if let Some(g) = o.grads {
+                let w = o.positions as f64 / positions as f64 / plan.grad_accum as f64;
+                out.loss += (o.loss as f64 * w) as f32;
+                accumulate(&mut out.grads, vars, &g, w)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Forward and backward pass of one part of a micro-batch.
+fn part_grads(
+    models: &StepModels,
+    part: &[SequenceRecord],
+    plan: &StepPlan,
+) -> Result<PartOutcome> {
+    let (tokens, rows, targets, real) =
+        batch_tensors(part, models.top_k, models.vocab, models.dev)?;
+    let positions = rows.dim(0)?;
+    if positions == 0 {
+        return Ok(PartOutcome {
+            loss: 0.0,
+            positions,
+            real,
+            grads: None,
+        });
+    }
+    let logits = models.student.model.forward_full(&tokens)?; // [B, T, V]
+    let (b, t, v) = logits.dims3()?;
+    let logits = logits.reshape((b * t, v))?.index_select(&rows, 0)?; // [N, V]
+    let mut loss = match models.teacher {
+        Some(teacher) => {
+            let tl = teacher
+                .forward_full(&tokens)?
+                .reshape((b * t, v))?
+                .index_select(&rows, 0)?;
+            models.objective.full_vocab(
+                &logits,
+                &candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach(),
+            )?
+        }
+        None => models.objective.mean(&logits, &targets)?,
+    };
+    if plan.poison {
+        loss = (loss * f64::NAN)?;
+    }
+    let value = loss.to_scalar::<f32>()?;
+    if !value.is_finite() {
+        return Err(TrainError::NonFinite {
+            loss: value,
+            step: plan.step,
+            last_good: plan.last_good.to_string(),
+        });
+    }
+    Ok(PartOutcome {
+        loss: value,
+        positions,
+        real,
+        grads: Some(loss.backward()?),
+    })
+}
+
+/// Tokens `[B, T]` right-padded, the flat row indices `b * T + i` of trained positions `[N]`,
+/// their teacher targets, and the input token count (padding excluded).
+fn batch_tensors(
+    recs: &[SequenceRecord],
+    k: usize,
+    vocab: usize,
+    dev: &Device,
+) -> Result<(Tensor, Tensor, TopKTargets, u64)> {
+    let t = recs.iter().map(|r| r.tokens.len()).max().unwrap_or(1);
+    let mut tokens = vec![0u32; recs.len() * t];
+    let (mut rows, mut ids, mut logp) = (Vec::new(), Vec::new(), Vec::new());
+    let mut real = 0u64;
+    for (b, r) in recs.iter().enumerate() {
+        tokens[b * t..b * t + r.tokens.len()].copy_from_slice(&r.tokens);
+        real += r.tokens.len() as u64;
+        for i in (r.prompt_len as usize).saturating_sub(1)..r.tokens.len() - 1 {
+            rows.push((b * t + i) as u32);
+            ids.extend_from_slice(&r.topk_ids[i * k..(i + 1) * k]);
+            logp.extend_from_slice(&r.topk_logprobs[i * k..(i + 1) * k]);
+        }
+    }
+    let n = rows.len();
+    let targets = TopKTargets::new(ids, logp, n, k, vocab, dev)?;
+    Ok((
+        Tensor::from_vec(tokens, (recs.len(), t), dev)?,
+        Tensor::from_vec(rows, n, dev)?,
+        targets,
+        real,
+    ))
+}
