@@ -76,15 +76,15 @@ fn shards_hold_the_teachers_own_distributions() {
             candle_nn::ops::log_softmax(&model.forward_full(&x).unwrap().squeeze(0).unwrap(), 1)
                 .unwrap();
         let logp: Vec<Vec<f32>> = logp.to_vec2().unwrap();
-        for i in 0..l - 1 {
+        for (i, row) in logp.iter().take(l - 1).enumerate() {
             for j in 0..k {
                 let id = rec.topk_ids[i * k + j] as usize;
-                let diff = (logp[i][id] - rec.topk_logprobs[i * k + j]).abs();
+                let diff = (row[id] - rec.topk_logprobs[i * k + j]).abs();
                 assert!(
                     diff < 1e-4,
                     "seq {} pos {i} rank {j}: {} vs {}",
                     rec.seq_id,
-                    logp[i][id],
+                    row[id],
                     rec.topk_logprobs[i * k + j]
                 );
             }
