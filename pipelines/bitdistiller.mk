@@ -27,7 +27,6 @@ DISTILL_FLAGS ?=
 TAG ?=
 CLIP_TAG := $(if $(filter 1,$(CLIP)),clip,noclip)
 RECIPE := $(SHARD_NAME)-$(LOSS)-$(CLIP_TAG)-e$(EPOCHS)-lr$(LR)$(TAG)
-CLIPPED := $(OUT)/clipped/$(SHARD_NAME)
 STUDENT_DIR := $(OUT)/students/$(RECIPE)
 PACKED_DIR := $(OUT)/packed/$(RECIPE)
 
@@ -40,11 +39,6 @@ shards: $(SHARDS).summary.json
 clipped: $(foreach s,$(STUDENTS),$(CLIPPED)/$(s)/model.safetensors)
 students: $(foreach s,$(STUDENTS),$(STUDENT_DIR)/$(s)/model.safetensors)
 packed: $(foreach s,$(STUDENTS),$(PACKED_DIR)/$(s)/quant_scheme.json)
-
-$(CLIPPED)/%/model.safetensors: $(SHARDS).summary.json
-	@mkdir -p $(CLIPPED)
-	$(BIN)/qat-clip --model $(MODEL) --shards $(SHARDS) --scheme $(call scheme_arg,$*) \
-	    --out $(CLIPPED)/$* -q > $(CLIPPED)/$*.clip.json
 
 .SECONDEXPANSION:
 $(STUDENT_DIR)/%/model.safetensors: $(SHARDS).summary.json $$(call init_dep,$$*)

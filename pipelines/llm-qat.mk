@@ -31,7 +31,6 @@ TAG ?= -bal64
 CLIP_TAG := $(if $(filter 1,$(CLIP)),-clipqk,)
 RECIPE := $(SHARD_NAME)-e$(EPOCHS)-lr$(LR)$(TAG)$(CLIP_TAG)
 STUDENT_DIR := $(OUT)/students/$(RECIPE)
-CLIPPED := $(OUT)/clipped/$(SHARD_NAME)
 
 init_model = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1)-qk,$(MODEL))
 init_dep = $(if $(filter 1,$(CLIP)),$(CLIPPED)/$(1)-qk/model.safetensors,$(MODEL_STAMP))
@@ -43,12 +42,6 @@ shards: $(SHARDS).summary.json
 # pattern rules (it would delete them after every run and clip again on the next).
 clipped: $(if $(filter 1,$(CLIP)),$(foreach s,$(STUDENTS),$(CLIPPED)/$(s)-qk/model.safetensors))
 students: $(foreach s,$(STUDENTS),$(STUDENT_DIR)/$(s)/model.safetensors)
-
-# BitDistiller's clipping search as LLM-QAT's initialization, every linear layer included.
-$(CLIPPED)/%-qk/model.safetensors: $(SHARDS).summary.json
-	@mkdir -p $(CLIPPED)
-	$(BIN)/qat-clip --model $(MODEL) --shards $(SHARDS) --scheme $(call scheme_arg,$*) --include-qk \
-	    --out $(CLIPPED)/$*-qk -q > $(CLIPPED)/$*-qk.clip.json
 
 # A student directory appears (renamed into place) only when training has finished.
 .SECONDEXPANSION:

@@ -69,3 +69,17 @@ $(EVAL)/rtn-%.json: $(MODEL_STAMP) $(CORPUS_STAMP)
 	@mkdir -p $(dir $@)
 	$(BIN)/qat-eval --model $(MODEL) $(EVAL_FLAGS) --scheme $(call scheme_arg,$*) > $@.tmp
 	mv $@.tmp $@
+
+# qat-clip's clipping search of the teacher for a scheme (BitDistiller's initialization), on
+# the shards' sequences: $(CLIPPED)/<scheme>/ clips BitDistiller's layers (q and k left as they
+# are), $(CLIPPED)/<scheme>-qk/ every linear layer (LLM-QAT's students start from it). Make
+# picks the rule with the shorter stem, so a `-qk` directory takes the first.
+CLIPPED := $(OUT)/clipped/$(SHARD_NAME)
+$(CLIPPED)/%-qk/model.safetensors: $(SHARDS).summary.json
+	@mkdir -p $(CLIPPED)
+	$(BIN)/qat-clip --model $(MODEL) --shards $(SHARDS) --scheme $(call scheme_arg,$*) --include-qk \
+	    --out $(CLIPPED)/$*-qk -q > $(CLIPPED)/$*-qk.clip.json
+$(CLIPPED)/%/model.safetensors: $(SHARDS).summary.json
+	@mkdir -p $(CLIPPED)
+	$(BIN)/qat-clip --model $(MODEL) --shards $(SHARDS) --scheme $(call scheme_arg,$*) \
+	    --out $(CLIPPED)/$* -q > $(CLIPPED)/$*.clip.json

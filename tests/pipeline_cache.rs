@@ -1,6 +1,7 @@
 //! The Make pipelines: caching (a stage is redone when its inputs' bytes change, not when their
 //! dates do: a data directory copied or mounted anew must keep the cached teacher shards), and
-//! the names of the bit curriculum's stages, report row and baseline.
+//! the names of the bit curriculum's stages, report row and baseline, and the clipping rule each
+//! pipeline's students start from.
 
 use std::path::Path;
 use std::process::Command;
@@ -78,9 +79,14 @@ fn shards_are_resampled_when_the_teacher_bytes_change_not_its_dates() {
 
 /// The commands `make -n -f pipelines/llm-qat.mk curriculum ARGS` would run (nothing is run).
 fn curriculum_plan(out: &Path, args: &[&str]) -> String {
+    plan("pipelines/llm-qat.mk", "curriculum", out, args)
+}
+
+/// The commands `make -n -f MAKEFILE GOAL ARGS` would run, with `BIN=bin` (nothing is run).
+fn plan(makefile: &str, goal: &str, out: &Path, args: &[&str]) -> String {
     let output = Command::new("make")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["-n", "-f", "pipelines/llm-qat.mk", "curriculum", "BIN=bin"])
+        .args(["-n", "-f", makefile, goal, "BIN=bin"])
         .arg(format!("OUT={}", out.display()))
         .args(args)
         .output()
@@ -172,4 +178,42 @@ fn a_curriculum_from_the_teacher_rebalances_in_its_first_stage_only() {
         assert!(plan.contains(&want), "missing {want:?} in:\n{plan}");
     }
     assert!(!plan.contains("/W4A8KV8"), "{plan}");
+}
+
+/// Both pipelines initialize students through shards.mk's qat-clip rules: LLM-QAT's from
+/// `<scheme>-qk` (q and k clipped too), BitDistiller's from `<scheme>` (q and k left as they are).
+#[test]
+fn llm_qat_clips_q_and_k_and_bitdistiller_does_not_through_the_shared_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().display().to_string();
+    let clips = |plan: &str| -> Vec<String> {
+        plan.split(" bin/")
+            .filter(|c| c.starts_with("qat-clip "))
+            .map(str::to_string)
+            .collect()
+    };
+    let llm = plan(
+        "pipelines/llm-qat.mk",
+        "clipped",
+        tmp.path(),
+        &["STUDENTS=W4 W4A8KV4"],
+    );
+    let clipped = format!("{out}/clipped/stories260K-n4096-len256-k512-s0");
+    assert_eq!(clips(&llm).len(), 2, "{llm}");
+    for s in ["W4", "W4A8KV4"] {
+        let want = format!("--scheme {s} --include-qk --out {clipped}/{s}-qk -q");
+        assert!(llm.contains(&want), "missing {want:?} in:\n{llm}");
+    }
+    let bd = plan(
+        "pipelines/bitdistiller.mk",
+        "clipped",
+        tmp.path(),
+        &["STUDENTS=W3G32"],
+    );
+    let clipped = format!("{out}/clipped/stories260K-n4096-len256-k64-s0");
+    let c = clips(&bd);
+    assert_eq!(c.len(), 1, "{bd}");
+    assert!(!c[0].contains("--include-qk"), "{bd}");
+    let want = format!("--out {clipped}/W3G32 -q > {clipped}/W3G32.clip.json");
+    assert!(bd.contains(&want), "missing {want:?} in:\n{bd}");
 }
