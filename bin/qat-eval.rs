@@ -22,6 +22,9 @@ use std::time::Instant;
   # WikiText-2 convention: whole file, non-overlapping 512-token windows
   qat-eval --model MODEL --corpus ../shared/data/corpora/wikitext-2-raw/wiki.test.raw --mode stream
 
+  # A long evaluation that can be interrupted (Ctrl-C, a kill) and resumed by the same command
+  qat-eval --model MODEL --corpus FILE --checkpoint ppl.ckpt > ppl.json
+
   # A packed model (qat-pack output): its codes are dequantized, only activations and KV quantized
   qat-eval --model packed/w3g32 --corpus FILE
 
@@ -74,6 +77,13 @@ struct Args {
     /// Evaluate only the first N documents (docs), windows (stream) or items (each --task).
     #[arg(long)]
     limit: Option<usize>,
+    /// Save the running perplexity totals to this file after every batch. A run that finds the
+    /// file (left by an interrupted run of the same evaluation: same sequences, weights, scheme,
+    /// dtype, device and batch size) continues after its last batch, to the result an
+    /// uninterrupted run gives; another evaluation's file is refused. Removed once the result
+    /// is printed.
+    #[arg(long, conflicts_with = "task")]
+    checkpoint: Option<PathBuf>,
     /// Sequences (documents, windows or task choices) per forward pass.
     #[arg(long, short = 'b', default_value_t = 16)]
     batch_size: usize,
@@ -122,9 +132,9 @@ fn main() -> ExitCode {
             .config
             .bos_token_id
             .or_else(|| m.tokenizer.token_to_id("<s>"));
-        let mut summary = match &args.corpus {
+        let (mut summary, checkpoint) = match &args.corpus {
             Some(corpus) => perplexity(&args, &m, bos, corpus, started)?,
-            None => zero_shot(&args, &m, bos)?,
+            None => (zero_shot(&args, &m, bos)?, None),
         };
         let fields = serde_json::json!({
             "dtype": qat_model::dtype_name(dtype),
@@ -142,6 +152,9 @@ fn main() -> ExitCode {
             out.extend(add);
         }
         println!("{summary}");
+        if let Some(c) = checkpoint {
+            c.remove()?;
+        }
         Ok(Outcome::Ok)
     })
 }
@@ -152,7 +165,7 @@ fn perplexity(
     bos: Option<u32>,
     corpus: &Path,
     started: Instant,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<(serde_json::Value, Option<qat_eval::NllCheckpoint>)> {
     let corpus = Corpus::read(corpus)?;
     let mode = match args.mode {
         ModeArg::Docs => PplMode::Docs,
@@ -167,8 +180,27 @@ fn perplexity(
         &args.delimiter,
         args.limit,
     )?;
-    let totals = qat_eval::nll(&m.model, &seqs, args.batch_size, !args.quiet)?;
-    Ok(serde_json::json!({
+    let checkpoint = args.checkpoint.as_deref().map(|path| {
+        let settings = serde_json::json!({
+            "tool": concat!("qat-eval ", env!("CARGO_PKG_VERSION")),
+            "weights_sha256": m.weights_sha256,
+            "quantization": m.quantization,
+            "scheme": m.scheme.to_json_pretty(),
+            "dtype": args.dtype,
+            "device": args.device,
+            "batch_size": args.batch_size,
+        });
+        qat_eval::NllCheckpoint::new(path, &seqs, &settings)
+    });
+    let run = qat_eval::nll(
+        &m.model,
+        &seqs,
+        args.batch_size,
+        !args.quiet,
+        checkpoint.as_ref(),
+    )?;
+    let (totals, resumed) = (run.totals, run.resumed.unwrap_or_default());
+    let summary = serde_json::json!({
         "ppl": totals.mean().exp(),
         "nll": totals.mean(),
         "tokens": totals.tokens,
@@ -177,8 +209,11 @@ fn perplexity(
         "seq_len": args.seq_len,
         "corpus": corpus.path.display().to_string(),
         "corpus_sha256": corpus.sha256,
-        "tokens_per_s": totals.tokens as f64 / started.elapsed().as_secs_f64(),
-    }))
+        // This run's tokens: a resumed run did not evaluate the checkpoint's.
+        "tokens_per_s": (totals.tokens - resumed.tokens) as f64 / started.elapsed().as_secs_f64(),
+        "resumed_sequences": resumed.sequences,
+    });
+    Ok((summary, checkpoint))
 }
 
 fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<serde_json::Value> {

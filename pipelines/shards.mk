@@ -25,7 +25,9 @@ SHARDS := $(OUT)/shards/$(SHARD_NAME)
 EVAL_CORPUS ?= $(QAT_DATA)/corpora/tinystories/TinyStories-valid.first800.txt
 SEQ_LEN ?= 512
 EVAL := $(OUT)/eval/$(MODEL_NAME)
-EVAL_FLAGS = --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) $(DEVICE_FLAGS)
+# `--checkpoint $@.ckpt`: an interrupted evaluation (hours for a large model on a CPU) continues
+# from its last batch when make runs the stage again.
+EVAL_FLAGS = --corpus $(EVAL_CORPUS) --mode docs --seq-len $(SEQ_LEN) --checkpoint $@.ckpt $(DEVICE_FLAGS)
 
 # Scheme argument for a student name: a JSON file pipelines/schemes/<model>/<name>.json if there
 # is one (e.g. group sizes adapted to the model's shapes), else the short name itself.

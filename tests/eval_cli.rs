@@ -1,4 +1,5 @@
-//! CLI tests of `qat-eval`: perplexity against HF transformers' numbers, and bad input.
+//! CLI tests of `qat-eval`: perplexity against HF transformers' numbers, bad input, and the
+//! checkpoint of a resumable evaluation.
 
 mod common;
 
@@ -122,4 +123,47 @@ fn bad_corpus_is_a_clear_error() {
         "qat-eval",
         "not a model directory",
     );
+}
+
+/// A `--checkpoint` file of another evaluation (other sequences here) or not a checkpoint at
+/// all is refused: exit 2, the file named, nothing on stdout, the file left as it was.
+#[test]
+fn a_checkpoint_of_another_evaluation_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, corpus) = (stories_dir(), tinystories());
+    let ckpt = tmp.path().join("ppl.ckpt");
+    let run = |limit: &str| {
+        qat_eval(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--limit",
+            limit,
+            "-q",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+        ])
+    };
+    // A saved state of a 4-document run, as a killed run leaves it.
+    let state = serde_json::json!({
+        "format": "qat-eval-checkpoint/1",
+        "key": "0".repeat(64),
+        "batches": 1,
+        "nll_sum_bits": 4607182418800017408u64,
+        "tokens": 10,
+        "sequences": 4,
+    });
+    std::fs::write(&ckpt, state.to_string()).unwrap();
+    let out = run("4");
+    assert_error(&out, "qat-eval", "ppl.ckpt: made by an evaluation of other sequences, weights or settings (key differs); delete it to start over");
+    assert!(out.stdout.is_empty());
+    assert_eq!(std::fs::read_to_string(&ckpt).unwrap(), state.to_string());
+    std::fs::write(&ckpt, "not json").unwrap();
+    assert_error(&run("4"), "qat-eval", "ppl.ckpt: not a qat-eval checkpoint");
+    // Removed, the run starts over and cleans up after itself.
+    std::fs::remove_file(&ckpt).unwrap();
+    let j = ok_json(&run("4"));
+    assert_eq!(j["resumed_sequences"], 0);
+    assert!(!ckpt.exists());
 }

@@ -165,6 +165,89 @@ fn qat_sample_killed_at_seeded_points_resumes_to_identical_bytes() {
     );
 }
 
+/// `qat-eval --checkpoint`: killed at seeded points, each rerun continuing from the file the
+/// last one left, the evaluation ends with the NLL bits of an uninterrupted run and removes
+/// its checkpoint.
+#[test]
+fn qat_eval_killed_at_seeded_points_resumes_to_the_identical_nll() {
+    let tmp = fast_tempdir();
+    let (model, corpus) = (stories_dir(), tinystories());
+    let ckpt = tmp.path().join("ppl.ckpt");
+    let args = |checkpoint: bool| {
+        let mut v = strings(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--limit",
+            "200",
+            "-b",
+            "2",
+            "-q",
+        ]);
+        if checkpoint {
+            v.extend(strings(&["--checkpoint", ckpt.to_str().unwrap()]));
+        }
+        v
+    };
+    let eval = env!("CARGO_BIN_EXE_qat-eval");
+    let t0 = Instant::now();
+    let whole = ok_json(&qat_eval(&strs(&args(false))));
+    let full_ms = t0.elapsed().as_millis() as u64;
+    let batches_done = || -> u64 {
+        let text = std::fs::read_to_string(&ckpt).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+        state["batches"].as_u64().unwrap()
+    };
+    let mut rng = Rng(0x1550_0e7a);
+    let (mut kills, mut restarts) = (Vec::new(), 0);
+    while kills.len() < 6 {
+        assert!(restarts < 10, "the runs keep finishing first: {kills:?}");
+        let before = if ckpt.exists() { batches_done() } else { 0 };
+        let (label, landed) = if rng.below(2) == 0 {
+            let ms = rng.below(full_ms / 3 + 1);
+            let label = format!("after {ms} ms");
+            (
+                label,
+                kill_when(eval, &args(true), |t| t >= Duration::from_millis(ms)),
+            )
+        } else {
+            // Just after this run's first own batch is saved.
+            let label = format!("at batch {}", before + 1);
+            let saved = || ckpt.exists() && batches_done() > before;
+            (label, kill_when(eval, &args(true), |_| saved()))
+        };
+        if landed {
+            // The file is absent (killed before its first batch) or complete; never torn.
+            if ckpt.exists() {
+                assert!(
+                    batches_done() >= before,
+                    "{label}: the checkpoint went back"
+                );
+            }
+            kills.push(label);
+        } else {
+            assert!(!ckpt.exists(), "a finished run left its checkpoint");
+            restarts += 1;
+        }
+    }
+    eprintln!("qat-eval kill points ({restarts} fresh restarts): {kills:#?}");
+    let resumed_from = batches_done();
+    let done = ok_json(&qat_eval(&strs(&args(true))));
+    let all = whole["sequences"].as_u64().unwrap();
+    assert_eq!(done["resumed_sequences"], (2 * resumed_from).min(all));
+    for field in ["nll", "ppl", "tokens", "sequences"] {
+        assert_eq!(
+            done[field], whole[field],
+            "{field} differs from an uninterrupted run"
+        );
+    }
+    assert!(
+        !ckpt.exists(),
+        "the checkpoint is removed after the result is printed"
+    );
+}
+
 /// A student directory compared across runs: every file's bytes, with the wall-clock field of
 /// `train_log.jsonl` (tokens_per_s) dropped.
 fn student_files(dir: &Path) -> Vec<(String, Vec<u8>)> {

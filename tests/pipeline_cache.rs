@@ -122,7 +122,10 @@ fn a_curriculum_names_its_stages_row_and_baseline_after_its_stages_and_tag() {
         format!("--model {stages}/1-W4A8KV6H --shards"),
         format!("--out {stages}/2-W4A8KV4H --scheme W4A8KV4H --epochs 2 --lr 2e-4"),
         format!("bin/qat-eval --model {stages}/2-W4A8KV4H"),
-        format!("--scheme W4A8KV4H > {out}/eval/stories260K/rtn-W4A8KV4H.json.tmp"),
+        format!(
+            "--checkpoint {out}/eval/stories260K/rtn-W4A8KV4H.json.ckpt \
+             --scheme W4A8KV4H > {out}/eval/stories260K/rtn-W4A8KV4H.json.tmp"
+        ),
         format!(
             "--curriculum W4A8KV4H {out}/eval/stories260K/rtn-W4A8KV4H.json \
              {out}/eval/stories260K/qat-{recipe}-kvh.json"

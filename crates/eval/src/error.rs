@@ -20,6 +20,9 @@ pub enum EvalError {
         line: usize,
         what: String,
     },
+    /// A `--checkpoint` file that cannot be read, written or used for this evaluation.
+    #[error("{}: {what}", path.display())]
+    Checkpoint { path: PathBuf, what: String },
     #[error("invalid settings: {0}")]
     Config(String),
     /// A packed model directory that cannot be loaded.

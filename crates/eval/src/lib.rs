@@ -2,6 +2,7 @@
 //! zero-shot multiple-choice tasks as lm-evaluation-harness scores them.
 
 pub mod accuracy;
+pub mod checkpoint;
 pub mod corpus;
 pub mod error;
 pub mod loglikelihood;
@@ -11,10 +12,11 @@ pub mod tasks;
 pub mod zeroshot;
 
 pub use accuracy::{argmax, mean_stderr, predict, ItemPrediction};
+pub use checkpoint::NllCheckpoint;
 pub use corpus::Corpus;
 pub use error::{EvalError, Result};
 pub use loglikelihood::{encode_pair, loglikelihoods, EncodedPair, Loglikelihood};
 pub use model::{load_eval_model, EvalModel, Quantization};
-pub use perplexity::{nll, tokenize, NllTotals, PplMode};
+pub use perplexity::{nll, tokenize, NllRun, NllTotals, PplMode};
 pub use tasks::{McItem, Task, TaskData};
 pub use zeroshot::{evaluate, ItemDetail, TaskScores};

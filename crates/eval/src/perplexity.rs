@@ -1,5 +1,6 @@
 //! Perplexity: mean next-token NLL of a model over token sequences, batched and left-padded.
 
+use crate::checkpoint::NllCheckpoint;
 use crate::corpus::Corpus;
 use crate::error::{EvalError, Result};
 use candle_core::{IndexOp, Tensor, D};
@@ -32,6 +33,15 @@ impl NllTotals {
     pub fn mean(&self) -> f64 {
         self.nll_sum / self.tokens.max(1) as f64
     }
+}
+
+/// What [`nll`] computed.
+#[derive(Debug, Clone, Copy)]
+pub struct NllRun {
+    /// Over all sequences, those of an interrupted run included.
+    pub totals: NllTotals,
+    /// The totals the checkpoint held when this run started (`None`: started from zero).
+    pub resumed: Option<NllTotals>,
 }
 
 /// Turns the corpus into token sequences under `mode`.
@@ -92,13 +102,17 @@ pub fn tokenize(
     Ok(seqs)
 }
 
-/// Mean NLL of `model` over `seqs`, `batch_size` sequences per forward pass.
+/// Mean NLL of `model` over `seqs`, `batch_size` sequences per forward pass. With a
+/// `checkpoint`, the totals are saved there after every batch, and a run that finds the file
+/// (from an interrupted run of the same evaluation) starts after its last saved batch; the
+/// caller removes it once the result is safe.
 pub fn nll(
     model: &Llama,
     seqs: &[Vec<u32>],
     batch_size: usize,
     progress: bool,
-) -> Result<NllTotals> {
+    checkpoint: Option<&NllCheckpoint>,
+) -> Result<NllRun> {
     if batch_size == 0 {
         return Err(EvalError::Config("--batch-size must be >= 1".into()));
     }
@@ -115,8 +129,20 @@ pub fn nll(
         ProgressStyle::with_template("qat-eval {bar:30} {pos}/{len} sequences  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let mut totals = NllTotals::default();
-    for batch in order.chunks(batch_size) {
+    let resumed = match checkpoint {
+        Some(c) => c.load()?,
+        None => None,
+    };
+    let (done, mut totals) = resumed.unwrap_or_default();
+    let batches = order.len().div_ceil(batch_size) as u64;
+    if done > batches {
+        return Err(EvalError::Checkpoint {
+            path: checkpoint.map(|c| c.path.clone()).unwrap_or_default(),
+            what: format!("says {done} batches are done, of {batches}"),
+        });
+    }
+    bar.set_position(totals.sequences);
+    for (b, batch) in order.chunks(batch_size).enumerate().skip(done as usize) {
         // Inputs are all tokens but the last; targets all but the first.
         let width = batch.iter().map(|&i| seqs[i].len() - 1).max().unwrap_or(0);
         let pads: Vec<usize> = batch.iter().map(|&i| width - (seqs[i].len() - 1)).collect();
@@ -141,8 +167,14 @@ pub fn nll(
             totals.tokens += picked.len() as u64;
         }
         totals.sequences += batch.len() as u64;
+        if let Some(c) = checkpoint {
+            c.save(b as u64 + 1, &totals)?;
+        }
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
-    Ok(totals)
+    Ok(NllRun {
+        totals,
+        resumed: resumed.map(|(_, t)| t),
+    })
 }
