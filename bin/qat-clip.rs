@@ -56,6 +56,10 @@ struct Args {
     /// Also clip q_proj and k_proj (BitDistiller skips them).
     #[arg(long)]
     include_qk: bool,
+    /// Device the model runs on to compute each block's calibration inputs: cpu, cuda or
+    /// cuda:N (the clipping search itself runs on the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
             calib_len: args.calib_len,
             calib_tokens: args.calib_tokens,
             include_qk: args.include_qk,
+            device: args.device.clone(),
             quiet: args.quiet,
         };
         let summary = qat_clip::run(&cfg).with_context(|| {

@@ -80,8 +80,8 @@ CLIPPED := $(OUT)/clipped/$(SHARD_NAME)
 $(CLIPPED)/%-qk/model.safetensors: $(SHARDS).summary.json
 	@mkdir -p $(CLIPPED)
 	$(BIN)/qat-clip --model $(MODEL) --shards $(SHARDS) --scheme $(call scheme_arg,$*) --include-qk \
-	    --out $(CLIPPED)/$*-qk -q > $(CLIPPED)/$*-qk.clip.json
+	    --out $(CLIPPED)/$*-qk -q $(DEVICE_FLAGS) > $(CLIPPED)/$*-qk.clip.json
 $(CLIPPED)/%/model.safetensors: $(SHARDS).summary.json
 	@mkdir -p $(CLIPPED)
 	$(BIN)/qat-clip --model $(MODEL) --shards $(SHARDS) --scheme $(call scheme_arg,$*) \
-	    --out $(CLIPPED)/$* -q > $(CLIPPED)/$*.clip.json
+	    --out $(CLIPPED)/$* -q $(DEVICE_FLAGS) > $(CLIPPED)/$*.clip.json

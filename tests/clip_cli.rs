@@ -115,6 +115,33 @@ fn a_group_size_that_does_not_divide_a_layer_is_a_clear_error() {
     assert!(!out.exists() && !tmp.path().join("clipped.partial").exists());
 }
 
+/// `--device`: a bad name, or CUDA in a build without it, exits 2 before any work.
+#[test]
+fn a_device_this_build_cannot_use_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let out = tmp.path().join("clipped");
+    let model = stories_dir();
+    let mut cases = vec![(
+        "gpu",
+        "invalid device \"gpu\": expected cpu, cuda or cuda:N",
+    )];
+    if !cfg!(feature = "cuda") {
+        cases.push(("cuda:0", "this build has no CUDA support"));
+    }
+    for (device, want) in cases {
+        let mut args = vec!["--model", model.to_str().unwrap(), "--device", device];
+        args.extend(clip_args(
+            shards.to_str().unwrap(),
+            "W2CH",
+            out.to_str().unwrap(),
+        ));
+        assert_error(&qat_clip(&args), "qat-clip", want);
+        assert!(!out.exists() && !tmp.path().join("clipped.partial").exists());
+    }
+}
+
 #[test]
 fn missing_shards_are_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();

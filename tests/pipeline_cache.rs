@@ -219,4 +219,13 @@ fn llm_qat_clips_q_and_k_and_bitdistiller_does_not_through_the_shared_rules() {
     assert!(!c[0].contains("--include-qk"), "{bd}");
     let want = format!("--out {clipped}/W3G32 -q > {clipped}/W3G32.clip.json");
     assert!(bd.contains(&want), "missing {want:?} in:\n{bd}");
+    // DEVICE_FLAGS reach qat-clip like every other tool.
+    let gpu = plan(
+        "pipelines/bitdistiller.mk",
+        "clipped",
+        tmp.path(),
+        &["STUDENTS=W3G32", "DEVICE_FLAGS=--device cuda"],
+    );
+    let want = format!("--out {clipped}/W3G32 -q --device cuda > {clipped}/W3G32.clip.json");
+    assert!(gpu.contains(&want), "missing {want:?} in:\n{gpu}");
 }

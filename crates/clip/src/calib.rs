@@ -2,7 +2,7 @@
 //! model's quantization hooks while it runs on token sequences from a shard set.
 
 use crate::error::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use qat_model::{LinearId, LinearKind, Llama, QuantHooks};
 use qat_shards::ShardSet;
 use std::collections::BTreeMap;
@@ -44,12 +44,31 @@ pub struct LayerInputs {
     pub data: Vec<f32>,
 }
 
-/// Runs `model` (full precision) on each sequence and returns, for every linear layer of block
-/// `layer`, its inputs at every position subsampled with stride `max(1, total / max_tokens)`
-/// (BitDistiller's `input_feat[:, 0::n // n_sample_token]`).
+/// The inputs of block 0 for each sequence: its token embeddings, `[1, t, hidden]`.
+pub fn embeddings(model: &Llama, sequences: &[Vec<u32>]) -> Result<Vec<Tensor>> {
+    sequences
+        .iter()
+        .map(|seq| Ok(model.embed(&Tensor::new(seq.as_slice(), model.device())?.unsqueeze(0)?)?))
+        .collect()
+}
+
+/// Replaces each of `hidden` (the inputs of block `layer`, `[1, t, hidden]`) by the block's
+/// output under `model`: the inputs of block `layer + 1`.
+pub fn advance(model: &Llama, hidden: &mut [Tensor], layer: usize) -> Result<()> {
+    for x in hidden.iter_mut() {
+        let mut cache = model.new_cache(vec![0]);
+        *x = model.forward_blocks(x.clone(), layer..layer + 1, &mut cache)?;
+    }
+    Ok(())
+}
+
+/// Runs block `layer` of `model` (full precision) on `hidden`, its input for each sequence
+/// (`[1, t, hidden]`), and returns the inputs of each of its linear layers at every position,
+/// subsampled with stride `max(1, total / max_tokens)` (BitDistiller's
+/// `input_feat[:, 0::n // n_sample_token]`).
 pub fn block_inputs(
     model: &Llama,
-    sequences: &[Vec<u32>],
+    hidden: &[Tensor],
     layer: usize,
     max_tokens: usize,
 ) -> Result<BTreeMap<LinearKind, LayerInputs>> {
@@ -59,11 +78,9 @@ pub fn block_inputs(
     });
     let mut model = model.clone();
     model.set_hooks(capture.clone());
-    let dev: &Device = model.device();
-    for seq in sequences {
-        let tokens = Tensor::new(seq.as_slice(), dev)?.unsqueeze(0)?;
+    for x in hidden {
         let mut cache = model.new_cache(vec![0]);
-        model.forward_hidden(&tokens, &mut cache)?;
+        model.forward_blocks(x.clone(), layer..layer + 1, &mut cache)?;
     }
     drop(model);
     let seen = std::mem::take(&mut *capture.seen.lock().expect("capture lock"));

@@ -2,10 +2,14 @@
 //! to the searched per-group ranges, with the scheme, provenance and a per-layer report.
 //!
 //! Blocks are processed in order, as BitDistiller's `run_clip` does: the inputs of block `l` are
-//! computed by the full-precision model whose blocks `0..l` are already clipped. The output
-//! directory is written under `<out>.partial/` and renamed into place at the end.
+//! computed by the full-precision model whose blocks `0..l` are already clipped. Like the
+//! reference, the hidden states of the calibration sequences are carried from block to block
+//! (each block runs twice: once to capture its inputs, once clipped to make the next block's),
+//! instead of running the whole model again for every block. The model runs on the chosen
+//! device; the search itself runs on the CPU. The output directory is written under
+//! `<out>.partial/` and renamed into place at the end.
 
-use crate::calib::{block_inputs, calibration_sequences};
+use crate::calib::{advance, block_inputs, calibration_sequences, embeddings};
 use crate::error::{io, ClipError, Result};
 use crate::search::search_layer;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
@@ -37,6 +41,8 @@ pub struct ClipConfig {
     /// Also clip q_proj and k_proj (skipped by default, as in BitDistiller: q·kᵀ is hard to
     /// clip for).
     pub include_qk: bool,
+    /// Device the model runs on to compute block inputs: cpu, cuda or cuda:N.
+    pub device: String,
     #[serde(skip)]
     pub quiet: bool,
 }
@@ -99,7 +105,7 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
             cfg.calib_sequences, cfg.calib_len, cfg.calib_tokens
         )));
     }
-    let dev = Device::Cpu;
+    let dev = qat_model::parse_device(&cfg.device).map_err(ClipError::Config)?;
     let dir = ModelDir::open(&cfg.model)?;
     cfg.scheme.validate_for(&dir.config)?;
     let set = ShardSet::open(&cfg.shards)?;
@@ -113,14 +119,16 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
         ProgressBar::new(n)
     };
     bar.set_message("blocks clipped");
-    let mut layers = Vec::new();
-    for layer in 0..dir.config.num_layers {
-        let model = Llama::load(
+    let load = |tensors: &HashMap<String, Tensor>| {
+        Llama::load(
             VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev),
             &dir.config,
-        )?;
-        let inputs = block_inputs(&model, &sequences, layer, cfg.calib_tokens)?;
-        drop(model);
+        )
+    };
+    let mut hidden = embeddings(&load(&tensors)?, &sequences)?;
+    let mut layers = Vec::new();
+    for layer in 0..dir.config.num_layers {
+        let inputs = block_inputs(&load(&tensors)?, &hidden, layer, cfg.calib_tokens)?;
         for kind in LinearKind::ALL {
             let skip_qk = matches!(kind, LinearKind::Q | LinearKind::K) && !cfg.include_qk;
             let id = LinearId { layer, kind };
@@ -140,7 +148,7 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
             let x = &inputs[&kind];
             let mut data = w.flatten_all()?.to_vec1::<f32>()?;
             let fq = |w: &[f32]| -> Result<Vec<f32>> {
-                let t = Tensor::from_slice(w, (out_f, in_f), &dev)?;
+                let t = Tensor::from_slice(w, (out_f, in_f), &Device::Cpu)?;
                 Ok(fake_weight(&t, &wq)?.flatten_all()?.to_vec1::<f32>()?)
             };
             let clip = search_layer(&data, in_f, &x.data, group, &fq)?;
@@ -160,6 +168,10 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
                 reduction,
                 clipped_groups: clip.clipped_fraction(),
             });
+        }
+        // The clipped block makes the next block's inputs.
+        if layer + 1 < dir.config.num_layers {
+            advance(&load(&tensors)?, &mut hidden, layer)?;
         }
         bar.inc(1);
     }

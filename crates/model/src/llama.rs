@@ -377,11 +377,43 @@ impl Llama {
 
     /// The final normalized hidden states `[b, t, hidden]` (before the LM head).
     pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.embed(tokens)?;
+        let x = self.forward_blocks(x, 0..self.blocks.len(), cache)?;
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, self.fused_ops())
+    }
+
+    /// Token embeddings: `tokens: [b, t]` (u32) → `[b, t, hidden]` in the compute dtype, the
+    /// input of block 0.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
+        self.embed_tokens
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?
+            .to_dtype(self.compute_dtype)
+    }
+
+    /// Runs decoder blocks `blocks` on `x: [b, t, hidden]`, the input of block `blocks.start`,
+    /// after what `cache` holds; returns the output of block `blocks.end - 1` (`[b, t, hidden]`,
+    /// not normalized) and advances the cache by `t`. `forward_hidden` is `embed`, all blocks,
+    /// then the final norm; running the blocks in several calls (each with its own cache)
+    /// gives the same values.
+    pub fn forward_blocks(
+        &self,
+        x: Tensor,
+        blocks: std::ops::Range<usize>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         if b != cache.batch_size() {
             candle_core::bail!(
                 "batch of {b} rows but the KV cache has {} rows",
                 cache.batch_size()
+            );
+        }
+        if blocks.end > self.blocks.len() {
+            candle_core::bail!(
+                "blocks {blocks:?} of a model with {} blocks",
+                self.blocks.len()
             );
         }
         let end = cache.columns() + t;
@@ -397,8 +429,7 @@ impl Llama {
         let dt = self.compute_dtype;
         let (cos, sin) = self.rope.tables(&positions)?;
         let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
-        // candle's fused kernels have no f64 version; f64 (used by exactness tests) composes ops.
-        let fused = self.fused && self.dtype() != DType::F64;
+        let fused = self.fused_ops();
         let (mask, fused_attention_pads) =
             if self.fused_attention && fused_attention_supported(dev, self.dtype()) {
                 (None, Some(cache.pads().to_vec()))
@@ -419,12 +450,8 @@ impl Llama {
             fused_attention_pads,
         };
         let hooks = self.hooks.as_ref();
-        let x = self
-            .embed_tokens
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
-        let mut x = x.to_dtype(dt)?;
-        for block in &self.blocks {
+        let mut x = x;
+        for block in &self.blocks[blocks] {
             let h = rms_norm(&x, &block.input_layernorm, self.cfg.rms_norm_eps, fused)?;
             x = (x + block.self_attn.forward(&h, &ctx, cache, hooks)?)?;
             let h = rms_norm(
@@ -436,7 +463,13 @@ impl Llama {
             x = (x + block.mlp.forward(&h, hooks)?)?;
         }
         cache.advance(t);
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, fused)
+        Ok(x)
+    }
+
+    /// Whether candle's fused kernels (rms norm, softmax) run: they have no f64 version, and
+    /// f64 (used by exactness tests) composes ops.
+    fn fused_ops(&self) -> bool {
+        self.fused && self.dtype() != DType::F64
     }
 
     /// LM head: `hidden: [.., hidden]` → f32 logits `[.., vocab]` (never quantized).

@@ -269,3 +269,41 @@ fn companion_files_are_copied_when_present_and_a_failed_copy_names_both_paths() 
         "{e}"
     );
 }
+
+/// `embed` + `forward_blocks` one block at a time, each with a fresh cache (as qat-clip carries
+/// hidden states from block to block), gives the bits of one call over all blocks, which is
+/// what `forward_hidden` runs before its final norm; the last position's logits match too.
+#[test]
+fn blocks_run_one_at_a_time_give_the_bits_of_one_call() {
+    let (_, model, reference) = stories();
+    let prompt = ids(&reference["prompt_ids"]);
+    let tokens = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let layers = model.config().num_layers;
+    let x = model.embed(&tokens).unwrap();
+    let whole = model
+        .forward_blocks(x.clone(), 0..layers, &mut model.new_cache(vec![0]))
+        .unwrap();
+    let mut step = x;
+    for l in 0..layers {
+        step = model
+            .forward_blocks(step, l..l + 1, &mut model.new_cache(vec![0]))
+            .unwrap();
+    }
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    assert_eq!(bits(&whole), bits(&step));
+    let err = model
+        .forward_blocks(step, layers..layers + 1, &mut model.new_cache(vec![0]))
+        .unwrap_err();
+    assert!(err.to_string().contains("blocks"), "{err}");
+}
