@@ -13,4 +13,4 @@ pub mod search;
 
 pub use error::{ClipError, Result};
 pub use run::{run, ClipConfig, ClipSummary, LayerReport};
-pub use search::{search_layer, LayerClip, SHRINK_RATIOS};
+pub use search::{search_layer, search_layer_with, ErrorModel, LayerClip, SHRINK_RATIOS};

@@ -13,8 +13,15 @@
 //!
 //! Every pair of [`SHRINK_RATIOS`] for max and for min is tried (10 × 10); the first pair with
 //! the smallest error wins (strict `<`, so ties keep the smaller shrink, as the reference does).
+//!
+//! The Gram form costs `group` multiply-adds per weight and pair; computing the partial outputs
+//! `x_n,g · d` themselves (as the reference does) costs `N`. So groups of up to `N` inputs use
+//! the Gram matrices, and wider ones (per-channel formats on layers wider than the calibration
+//! token count: hours instead of weeks for a billion-parameter model) one batched f64 matmul
+//! per pair ([`ErrorModel`]).
 
 use crate::error::Result;
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 /// Shrink ratios tried for the max and, independently, for the min: 1 − i/20, i = 0..10.
@@ -108,9 +115,72 @@ fn group_errors(
     err
 }
 
+/// How the search measures the error of a clamped-then-quantized layer.
+pub enum ErrorModel {
+    /// The groups' Gram matrices `[groups, group, group]` ([`gram`]).
+    Gram(Vec<f64>),
+    /// The calibration inputs as `[groups, n, group]` f64: the partial outputs of every token.
+    Direct(Tensor),
+}
+
+impl ErrorModel {
+    /// The cheaper of the two for `x: [n, in]` (row-major) and groups of `group` inputs.
+    pub fn for_inputs(x: &[f32], in_features: usize, group: usize) -> Result<Self> {
+        let n = x.len() / in_features;
+        if group <= n {
+            Self::gram_of(x, in_features, group)
+        } else {
+            Self::direct_of(x, in_features, group)
+        }
+    }
+
+    pub fn gram_of(x: &[f32], in_features: usize, group: usize) -> Result<Self> {
+        Ok(Self::Gram(gram(x, in_features, group)))
+    }
+
+    pub fn direct_of(x: &[f32], in_features: usize, group: usize) -> Result<Self> {
+        let n = x.len() / in_features;
+        let groups = in_features / group;
+        let x = Tensor::from_slice(x, (n, groups, group), &Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        Ok(Self::Direct(x))
+    }
+
+    /// `[out, groups]` mean squared changes of the groups' partial outputs, `wq` against `w`.
+    fn errors(
+        &self,
+        w: &[f32],
+        wq: &[f32],
+        n: usize,
+        in_features: usize,
+        group: usize,
+    ) -> Result<Vec<f64>> {
+        match self {
+            Self::Gram(c) => Ok(group_errors(w, wq, c, n, in_features, group)),
+            Self::Direct(x) => {
+                let (out, groups) = (w.len() / in_features, in_features / group);
+                let d: Vec<f64> = wq
+                    .iter()
+                    .zip(w)
+                    .map(|(&q, &v)| f64::from(q) - f64::from(v))
+                    .collect();
+                // [out, groups, group] → [groups, group, out]; x [groups, n, group] · d → [groups, n, out].
+                let d = Tensor::from_vec(d, (out, groups, group), &Device::Cpu)?
+                    .permute((1, 2, 0))?
+                    .contiguous()?;
+                let err = (x.matmul(&d)?.sqr()?.sum(1)? / n as f64)?; // [groups, out]
+                Ok(err.t()?.contiguous()?.flatten_all()?.to_vec1::<f64>()?)
+            }
+        }
+    }
+}
+
 /// Searches the clipping of one layer. `w: [out, in]` and `x: [n, in]` are row-major; `group`
 /// divides `in`; `fake_quant` quantize-dequantizes a whole `[out, in]` matrix with the layer's
-/// weight format (min/max taken per group, as training will).
+/// weight format (min/max taken per group, as training will). The error is measured the
+/// cheaper way for the shapes ([`ErrorModel::for_inputs`]).
 pub fn search_layer(
     w: &[f32],
     in_features: usize,
@@ -118,10 +188,28 @@ pub fn search_layer(
     group: usize,
     fake_quant: &dyn Fn(&[f32]) -> Result<Vec<f32>>,
 ) -> Result<LayerClip> {
-    let n = x.len() / in_features;
+    let model = ErrorModel::for_inputs(x, in_features, group)?;
+    search_layer_with(
+        w,
+        in_features,
+        x.len() / in_features,
+        group,
+        &model,
+        fake_quant,
+    )
+}
+
+/// [`search_layer`] with the error measured by `errors` (of `n` calibration rows).
+pub fn search_layer_with(
+    w: &[f32],
+    in_features: usize,
+    n: usize,
+    group: usize,
+    errors: &ErrorModel,
+    fake_quant: &dyn Fn(&[f32]) -> Result<Vec<f32>>,
+) -> Result<LayerClip> {
     let groups = in_features / group;
     let cells = w.len() / group;
-    let c = gram(x, in_features, group);
     let mut org_max = vec![0f32; cells];
     let mut org_min = vec![0f32; cells];
     for (i, chunk) in w.chunks(group).enumerate() {
@@ -141,7 +229,7 @@ pub fn search_layer(
                 }
             }
             let wq = fake_quant(&clamped)?;
-            let err = group_errors(w, &wq, &c, n, in_features, group);
+            let err = errors.errors(w, &wq, n, in_features, group)?;
             if (i, j) == (0, 0) {
                 mse_before = err.iter().sum::<f64>() / cells as f64;
             }
@@ -256,6 +344,34 @@ mod tests {
         assert_eq!(clip.choice[cell], (best.1 as u8, best.2 as u8));
         assert_eq!(clip.max[cell], mx * SHRINK_RATIOS[best.1]);
         assert_eq!(clip.min[cell], mn * SHRINK_RATIOS[best.2]);
+        Ok(())
+    }
+
+    /// The two error models agree (to f64 rounding) on every pair, so the search picks the same
+    /// clipping with either; groups wider than the token count go the direct way.
+    #[test]
+    fn gram_and_direct_errors_agree_and_wide_groups_go_direct() -> Result<()> {
+        for (out, inp, group, n) in [(8, 64, 64, 16), (6, 96, 32, 20), (4, 48, 16, 40)] {
+            let w = normals(out * inp, 3);
+            let x = normals(n * inp, 4);
+            let q = |w: &[f32]| Ok(asym2(w, group));
+            let gram = ErrorModel::gram_of(&x, inp, group)?;
+            let direct = ErrorModel::direct_of(&x, inp, group)?;
+            let wq = asym2(&w, group);
+            let (a, b) = (
+                gram.errors(&w, &wq, n, inp, group)?,
+                direct.errors(&w, &wq, n, inp, group)?,
+            );
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-9 * x.abs().max(1e-12), "{a:?} vs {b:?}");
+            }
+            let by_gram = search_layer_with(&w, inp, n, group, &gram, &q)?;
+            let by_direct = search_layer_with(&w, inp, n, group, &direct, &q)?;
+            assert_eq!(by_gram.choice, by_direct.choice);
+            assert!((by_gram.mse_after - by_direct.mse_after).abs() <= 1e-9 * by_gram.mse_after);
+            let auto = ErrorModel::for_inputs(&x, inp, group)?;
+            assert_eq!(matches!(auto, ErrorModel::Direct(_)), group > n);
+        }
         Ok(())
     }
 
