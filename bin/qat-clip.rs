@@ -56,8 +56,9 @@ struct Args {
     /// Also clip q_proj and k_proj (BitDistiller skips them).
     #[arg(long)]
     include_qk: bool,
-    /// Device the model runs on to compute each block's calibration inputs: cpu, cuda or
-    /// cuda:N (the clipping search itself runs on the CPU).
+    /// Device the model runs on to compute each block's calibration inputs, and the search's
+    /// matmuls for groups wider than the calibration rows: cpu, cuda or cuda:N (the rest of the
+    /// search runs on the CPU).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// No progress bar.

@@ -52,7 +52,7 @@ fn main() -> qat_clip::Result<()> {
         let gram_setup = t.elapsed().as_secs_f64();
         let (gram_s, gram_choice) = run(gram)?;
         let t = Instant::now();
-        let direct = ErrorModel::direct_of(&x, inp, group)?;
+        let direct = ErrorModel::direct_of(&x, inp, group, &candle_core::Device::Cpu)?;
         let direct_setup = t.elapsed().as_secs_f64();
         let (direct_s, direct_choice) = run(direct)?;
         let (g, d) = (gram_s + gram_setup, direct_s + direct_setup);

@@ -5,9 +5,9 @@
 //! computed by the full-precision model whose blocks `0..l` are already clipped. Like the
 //! reference, the hidden states of the calibration sequences are carried from block to block
 //! (each block runs twice: once to capture its inputs, once clipped to make the next block's),
-//! instead of running the whole model again for every block. The model runs on the chosen
-//! device; the search itself runs on the CPU. The output directory is written under
-//! `<out>.partial/` and renamed into place at the end.
+//! instead of running the whole model again for every block. The model, and the search's
+//! matmuls for wide groups, run on the chosen device; the rest of the search on the CPU. The
+//! output directory is written under `<out>.partial/` and renamed into place at the end.
 
 use crate::calib::{advance, block_inputs, calibration_sequences, embeddings};
 use crate::error::{io, ClipError, Result};
@@ -151,7 +151,7 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
                 let t = Tensor::from_slice(w, (out_f, in_f), &Device::Cpu)?;
                 Ok(fake_weight(&t, &wq)?.flatten_all()?.to_vec1::<f32>()?)
             };
-            let clip = search_layer(&data, in_f, &x.data, group, &fq)?;
+            let clip = search_layer(&data, in_f, &x.data, group, &dev, &fq)?;
             clip.apply(&mut data, in_f, group);
             tensors.insert(key, Tensor::from_vec(data, (out_f, in_f), &dev)?);
             let reduction = if clip.mse_before > 0.0 {

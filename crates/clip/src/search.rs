@@ -124,13 +124,14 @@ pub enum ErrorModel {
 }
 
 impl ErrorModel {
-    /// The cheaper of the two for `x: [n, in]` (row-major) and groups of `group` inputs.
-    pub fn for_inputs(x: &[f32], in_features: usize, group: usize) -> Result<Self> {
+    /// The cheaper of the two for `x: [n, in]` (row-major) and groups of `group` inputs; the
+    /// direct form's matmuls run on `dev`.
+    pub fn for_inputs(x: &[f32], in_features: usize, group: usize, dev: &Device) -> Result<Self> {
         let n = x.len() / in_features;
         if group <= n {
             Self::gram_of(x, in_features, group)
         } else {
-            Self::direct_of(x, in_features, group)
+            Self::direct_of(x, in_features, group, dev)
         }
     }
 
@@ -138,10 +139,10 @@ impl ErrorModel {
         Ok(Self::Gram(gram(x, in_features, group)))
     }
 
-    pub fn direct_of(x: &[f32], in_features: usize, group: usize) -> Result<Self> {
+    pub fn direct_of(x: &[f32], in_features: usize, group: usize, dev: &Device) -> Result<Self> {
         let n = x.len() / in_features;
         let groups = in_features / group;
-        let x = Tensor::from_slice(x, (n, groups, group), &Device::Cpu)?
+        let x = Tensor::from_slice(x, (n, groups, group), dev)?
             .to_dtype(DType::F64)?
             .transpose(0, 1)?
             .contiguous()?;
@@ -167,7 +168,7 @@ impl ErrorModel {
                     .map(|(&q, &v)| f64::from(q) - f64::from(v))
                     .collect();
                 // [out, groups, group] → [groups, group, out]; x [groups, n, group] · d → [groups, n, out].
-                let d = Tensor::from_vec(d, (out, groups, group), &Device::Cpu)?
+                let d = Tensor::from_vec(d, (out, groups, group), x.device())?
                     .permute((1, 2, 0))?
                     .contiguous()?;
                 let err = (x.matmul(&d)?.sqr()?.sum(1)? / n as f64)?; // [groups, out]
@@ -180,15 +181,16 @@ impl ErrorModel {
 /// Searches the clipping of one layer. `w: [out, in]` and `x: [n, in]` are row-major; `group`
 /// divides `in`; `fake_quant` quantize-dequantizes a whole `[out, in]` matrix with the layer's
 /// weight format (min/max taken per group, as training will). The error is measured the
-/// cheaper way for the shapes ([`ErrorModel::for_inputs`]).
+/// cheaper way for the shapes ([`ErrorModel::for_inputs`]), its matmuls on `dev`.
 pub fn search_layer(
     w: &[f32],
     in_features: usize,
     x: &[f32],
     group: usize,
+    dev: &Device,
     fake_quant: &dyn Fn(&[f32]) -> Result<Vec<f32>>,
 ) -> Result<LayerClip> {
-    let model = ErrorModel::for_inputs(x, in_features, group)?;
+    let model = ErrorModel::for_inputs(x, in_features, group, dev)?;
     search_layer_with(
         w,
         in_features,
@@ -299,7 +301,7 @@ mod tests {
         let (out, inp, group, n) = (8, 64, 32, 96);
         let w = normals(out * inp, 1);
         let x = normals(n * inp, 2);
-        let clip = search_layer(&w, inp, &x, group, &|w| Ok(asym2(w, group)))?;
+        let clip = search_layer(&w, inp, &x, group, &Device::Cpu, &|w| Ok(asym2(w, group)))?;
         // 2-bit MinMax of Gaussian groups wastes levels on the tails: clipping must help a lot.
         assert!(
             clip.mse_after < 0.8 * clip.mse_before,
@@ -356,7 +358,7 @@ mod tests {
             let x = normals(n * inp, 4);
             let q = |w: &[f32]| Ok(asym2(w, group));
             let gram = ErrorModel::gram_of(&x, inp, group)?;
-            let direct = ErrorModel::direct_of(&x, inp, group)?;
+            let direct = ErrorModel::direct_of(&x, inp, group, &Device::Cpu)?;
             let wq = asym2(&w, group);
             let (a, b) = (
                 gram.errors(&w, &wq, n, inp, group)?,
@@ -369,7 +371,7 @@ mod tests {
             let by_direct = search_layer_with(&w, inp, n, group, &direct, &q)?;
             assert_eq!(by_gram.choice, by_direct.choice);
             assert!((by_gram.mse_after - by_direct.mse_after).abs() <= 1e-9 * by_gram.mse_after);
-            let auto = ErrorModel::for_inputs(&x, inp, group)?;
+            let auto = ErrorModel::for_inputs(&x, inp, group, &Device::Cpu)?;
             assert_eq!(matches!(auto, ErrorModel::Direct(_)), group > n);
         }
         Ok(())
