@@ -77,12 +77,12 @@ struct Args {
     /// Evaluate only the first N documents (docs), windows (stream) or items (each --task).
     #[arg(long)]
     limit: Option<usize>,
-    /// Save the running perplexity totals to this file after every batch. A run that finds the
-    /// file (left by an interrupted run of the same evaluation: same sequences, weights, scheme,
-    /// dtype, device and batch size) continues after its last batch, to the result an
-    /// uninterrupted run gives; another evaluation's file is refused. Removed once the result
-    /// is printed.
-    #[arg(long, conflicts_with = "task")]
+    /// Save progress to this file after every batch: the running perplexity totals, or each
+    /// task's scored requests. A run that finds the file (left by an interrupted run of the same
+    /// evaluation: same sequences, weights, scheme, dtype, device and batch size) continues
+    /// after its last saved batch, to the result an uninterrupted run gives; another
+    /// evaluation's file is refused. Removed once the result is printed.
+    #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Sequences (documents, windows or task choices) per forward pass.
     #[arg(long, short = 'b', default_value_t = 16)]
@@ -134,7 +134,7 @@ fn main() -> ExitCode {
             .or_else(|| m.tokenizer.token_to_id("<s>"));
         let (mut summary, checkpoint) = match &args.corpus {
             Some(corpus) => perplexity(&args, &m, bos, corpus, started)?,
-            None => (zero_shot(&args, &m, bos)?, None),
+            None => zero_shot(&args, &m, bos)?,
         };
         let fields = serde_json::json!({
             "dtype": qat_model::dtype_name(dtype),
@@ -152,10 +152,32 @@ fn main() -> ExitCode {
             out.extend(add);
         }
         println!("{summary}");
-        if let Some(c) = checkpoint {
-            c.remove()?;
+        match checkpoint {
+            Some(Checkpoint::Perplexity(c)) => c.remove()?,
+            Some(Checkpoint::Tasks(c)) => c.remove()?,
+            None => {}
         }
         Ok(Outcome::Ok)
+    })
+}
+
+/// The `--checkpoint` of the evaluation that ran, removed once its result is printed.
+enum Checkpoint {
+    Perplexity(qat_eval::NllCheckpoint),
+    Tasks(qat_eval::TaskCheckpoint),
+}
+
+/// Everything besides the data that changes the scores, for a checkpoint's key.
+fn checkpoint_settings(args: &Args, m: &EvalModel) -> serde_json::Value {
+    serde_json::json!({
+        "tool": concat!("qat-eval ", env!("CARGO_PKG_VERSION")),
+        "weights_sha256": m.weights_sha256,
+        "quantization": m.quantization,
+        "scheme": m.scheme.to_json_pretty(),
+        "dtype": args.dtype,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "max_len": m.config.max_position_embeddings,
     })
 }
 
@@ -165,7 +187,7 @@ fn perplexity(
     bos: Option<u32>,
     corpus: &Path,
     started: Instant,
-) -> anyhow::Result<(serde_json::Value, Option<qat_eval::NllCheckpoint>)> {
+) -> anyhow::Result<(serde_json::Value, Option<Checkpoint>)> {
     let corpus = Corpus::read(corpus)?;
     let mode = match args.mode {
         ModeArg::Docs => PplMode::Docs,
@@ -180,18 +202,10 @@ fn perplexity(
         &args.delimiter,
         args.limit,
     )?;
-    let checkpoint = args.checkpoint.as_deref().map(|path| {
-        let settings = serde_json::json!({
-            "tool": concat!("qat-eval ", env!("CARGO_PKG_VERSION")),
-            "weights_sha256": m.weights_sha256,
-            "quantization": m.quantization,
-            "scheme": m.scheme.to_json_pretty(),
-            "dtype": args.dtype,
-            "device": args.device,
-            "batch_size": args.batch_size,
-        });
-        qat_eval::NllCheckpoint::new(path, &seqs, &settings)
-    });
+    let checkpoint = args
+        .checkpoint
+        .as_deref()
+        .map(|path| qat_eval::NllCheckpoint::new(path, &seqs, &checkpoint_settings(args, m)));
     let run = qat_eval::nll(
         &m.model,
         &seqs,
@@ -213,10 +227,14 @@ fn perplexity(
         "tokens_per_s": (totals.tokens - resumed.tokens) as f64 / started.elapsed().as_secs_f64(),
         "resumed_sequences": resumed.sequences,
     });
-    Ok((summary, checkpoint))
+    Ok((summary, checkpoint.map(Checkpoint::Perplexity)))
 }
 
-fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<serde_json::Value> {
+fn zero_shot(
+    args: &Args,
+    m: &EvalModel,
+    bos: Option<u32>,
+) -> anyhow::Result<(serde_json::Value, Option<Checkpoint>)> {
     if args.task_file.is_some() && args.task.len() != 1 {
         anyhow::bail!(
             "--task-file needs exactly one --task, got {}",
@@ -256,6 +274,13 @@ fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<ser
             );
         }
     }
+    let checkpoint = match &args.checkpoint {
+        Some(path) => Some(qat_eval::TaskCheckpoint::open(
+            path,
+            &checkpoint_settings(args, m),
+        )?),
+        None => None,
+    };
     let mut per_item: Vec<u8> = Vec::new();
     let max_len = m.config.max_position_embeddings;
     let mut tasks = serde_json::Map::new();
@@ -268,6 +293,7 @@ fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<ser
             max_len,
             args.batch_size,
             !args.quiet,
+            checkpoint.as_ref(),
         )?;
         if !args.quiet {
             let norm = scores
@@ -300,7 +326,8 @@ fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<ser
     if let Some(path) = &args.per_item {
         qat_shards::fsutil::write_atomic(path, &per_item)?;
     }
-    Ok(
+    Ok((
         serde_json::json!({ "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_len": max_len }),
-    )
+        checkpoint.map(Checkpoint::Tasks),
+    ))
 }

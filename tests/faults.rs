@@ -248,6 +248,105 @@ fn qat_eval_killed_at_seeded_points_resumes_to_the_identical_nll() {
     );
 }
 
+/// `qat-eval --task ... --checkpoint`: killed at seeded points (two tasks, so kills land in
+/// either), the rerun ends with the per-item scores of an uninterrupted run, bit for bit, and
+/// removes its checkpoint.
+#[test]
+fn qat_eval_tasks_killed_at_seeded_points_resume_to_identical_scores() {
+    let tmp = fast_tempdir();
+    let model = stories_dir();
+    let ckpt = tmp.path().join("tasks.ckpt");
+    let args = |items: &Path, checkpoint: bool| {
+        let mut v = strings(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--task",
+            "piqa,arc-easy",
+            "--limit",
+            "60",
+            "-b",
+            "2",
+            "-q",
+            "--per-item",
+            items.to_str().unwrap(),
+        ]);
+        if checkpoint {
+            v.extend(strings(&["--checkpoint", ckpt.to_str().unwrap()]));
+        }
+        v
+    };
+    let eval = env!("CARGO_BIN_EXE_qat-eval");
+    let (whole_items, items) = (
+        tmp.path().join("whole.jsonl"),
+        tmp.path().join("items.jsonl"),
+    );
+    let t0 = Instant::now();
+    let whole = ok_json(&qat_eval(&strs(&args(&whole_items, false))));
+    let full_ms = t0.elapsed().as_millis() as u64;
+    let lines = || std::fs::read_to_string(&ckpt).map_or(0, |t| t.lines().count());
+    let mut rng = Rng(0x1550_7a5c);
+    let (mut kills, mut restarts) = (Vec::new(), 0);
+    while kills.len() < 6 {
+        assert!(restarts < 10, "the runs keep finishing first: {kills:?}");
+        let before = lines();
+        let (label, landed) = if rng.below(2) == 0 {
+            let ms = rng.below(full_ms + 1);
+            let label = format!("after {ms} ms");
+            (
+                label,
+                kill_when(eval, &args(&items, true), |t| {
+                    t >= Duration::from_millis(ms)
+                }),
+            )
+        } else {
+            let label = format!("after saved line {}", before + 1);
+            (
+                label,
+                kill_when(eval, &args(&items, true), |_| lines() > before.max(1)),
+            )
+        };
+        if landed {
+            kills.push(label);
+        } else {
+            assert!(!ckpt.exists(), "a finished run left its checkpoint");
+            restarts += 1;
+        }
+    }
+    eprintln!("qat-eval --task kill points ({restarts} fresh restarts): {kills:#?}");
+    // The requests the file holds (complete lines after the header) are not scored again.
+    let text = std::fs::read_to_string(&ckpt).unwrap();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let saved: usize = complete
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["scores"].as_array().unwrap().len()
+        })
+        .sum();
+    assert!(saved > 0, "no batch was saved before the last kill");
+    let done = ok_json(&qat_eval(&strs(&args(&items, true))));
+    let resumed = |t: &str| done["tasks"][t]["resumed_requests"].as_u64().unwrap() as usize;
+    assert_eq!(resumed("piqa") + resumed("arc-easy"), saved);
+    for task in ["piqa", "arc-easy"] {
+        for field in ["acc", "acc_norm", "items", "requests", "tokens"] {
+            assert_eq!(
+                done["tasks"][task][field], whole["tasks"][task][field],
+                "{task} {field}"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read(&items).unwrap(),
+        std::fs::read(&whole_items).unwrap(),
+        "per-item scores differ from an uninterrupted run"
+    );
+    assert!(
+        !ckpt.exists(),
+        "the checkpoint is removed after the result is printed"
+    );
+}
+
 /// A student directory compared across runs: every file's bytes, with the wall-clock field of
 /// `train_log.jsonl` (tokens_per_s) dropped.
 fn student_files(dir: &Path) -> Vec<(String, Vec<u8>)> {

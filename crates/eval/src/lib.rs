@@ -8,6 +8,7 @@ pub mod error;
 pub mod loglikelihood;
 pub mod model;
 pub mod perplexity;
+pub mod task_checkpoint;
 pub mod tasks;
 pub mod zeroshot;
 
@@ -18,5 +19,6 @@ pub use error::{EvalError, Result};
 pub use loglikelihood::{encode_pair, loglikelihoods, EncodedPair, Loglikelihood};
 pub use model::{load_eval_model, EvalModel, Quantization};
 pub use perplexity::{nll, tokenize, NllRun, NllTotals, PplMode};
+pub use task_checkpoint::TaskCheckpoint;
 pub use tasks::{McItem, Task, TaskData};
 pub use zeroshot::{evaluate, ItemDetail, TaskScores};

@@ -15,6 +15,7 @@
 //! contexts only (stories260K: 512 tokens, and a few PIQA solutions are longer).
 
 use crate::error::{EvalError, Result};
+use crate::task_checkpoint::{requests_sha256, TaskCheckpoint};
 use candle_core::{IndexOp, Tensor, D};
 use indicatif::ProgressBar;
 use qat_model::Llama;
@@ -75,13 +76,16 @@ pub fn encode_pair(
 
 /// Scores `pairs` with `model`, `batch_size` sequences per forward pass (longest first, left
 /// padded); `max_len` is the model's context length. Results are in the order of `pairs`.
+/// With a `checkpoint` (and the task's name), the batches it holds are taken from it and every
+/// new batch is appended to it; the second value counts the requests taken from it.
 pub fn loglikelihoods(
     model: &Llama,
     pairs: &[EncodedPair],
     max_len: usize,
     batch_size: usize,
     bar: &ProgressBar,
-) -> Result<Vec<Loglikelihood>> {
+    checkpoint: Option<(&TaskCheckpoint, &str)>,
+) -> Result<(Vec<Loglikelihood>, usize)> {
     if batch_size == 0 {
         return Err(EvalError::Config("--batch-size must be >= 1".into()));
     }
@@ -110,7 +114,32 @@ pub fn loglikelihoods(
         };
         seqs.len()
     ];
-    for batch in order.chunks(batch_size) {
+    let requests: Vec<(&[u32], &[u32])> = pairs
+        .iter()
+        .map(|p| (p.context.as_slice(), p.continuation.as_slice()))
+        .collect();
+    let sha = checkpoint.map(|_| requests_sha256(&requests));
+    let saved = match (checkpoint, &sha) {
+        (Some((c, task)), Some(sha)) => c.saved(task, sha)?,
+        _ => Vec::new(),
+    };
+    for (b, batch) in order.chunks(batch_size).enumerate() {
+        if let Some(scores) = saved.get(b) {
+            let same = scores.len() == batch.len()
+                && scores.iter().zip(batch).all(|(&(i, _), &want)| i == want);
+            if !same {
+                let (c, task) = checkpoint.expect("saved batches come from a checkpoint");
+                return Err(EvalError::Checkpoint {
+                    path: c.path.clone(),
+                    what: format!("batch {b} of {task} holds other requests than this run's"),
+                });
+            }
+            for &(i, score) in scores {
+                out[i] = score;
+            }
+            bar.inc(batch.len() as u64);
+            continue;
+        }
         let width = batch
             .iter()
             .map(|&i| seqs[i].0.len() - 1)
@@ -162,9 +191,14 @@ pub fn loglikelihoods(
             };
             at += n;
         }
+        if let (Some((c, task)), Some(sha)) = (checkpoint, &sha) {
+            let scores: Vec<(usize, Loglikelihood)> = batch.iter().map(|&i| (i, out[i])).collect();
+            c.append(task, sha, b, &scores)?;
+        }
         bar.inc(batch.len() as u64);
     }
-    Ok(out)
+    let resumed = saved.iter().map(Vec::len).sum();
+    Ok((out, resumed))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use crate::accuracy::{mean_stderr, predict};
 use crate::error::Result;
 use crate::loglikelihood::{encode_pair, loglikelihoods, EncodedPair, Loglikelihood};
+use crate::task_checkpoint::TaskCheckpoint;
 use crate::tasks::{Task, TaskData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qat_model::Llama;
@@ -34,6 +35,8 @@ pub struct TaskScores {
     pub truncated_continuations: usize,
     pub files: Vec<String>,
     pub sha256: Vec<String>,
+    /// Requests whose scores came from `--checkpoint` (an interrupted run's) instead of the model.
+    pub resumed_requests: usize,
     pub seconds: f64,
 }
 
@@ -65,7 +68,9 @@ pub struct ItemDetail {
 }
 
 /// Evaluates `data` with `model`; `bos` starts every sequence, `max_len` is the model's
-/// context length. Shows a progress bar on stderr if `progress`.
+/// context length. Shows a progress bar on stderr if `progress`. With a `checkpoint`, scored
+/// batches are saved there and the ones it holds are not scored again.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -74,6 +79,7 @@ pub fn evaluate(
     max_len: usize,
     batch_size: usize,
     progress: bool,
+    checkpoint: Option<&TaskCheckpoint>,
 ) -> Result<(TaskScores, Vec<ItemDetail>)> {
     let started = Instant::now();
     let mut pairs: Vec<EncodedPair> = Vec::new();
@@ -94,7 +100,9 @@ pub fn evaluate(
     bar.set_style(
         ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let scores = loglikelihoods(model, &pairs, max_len, batch_size, &bar)?;
+    let checkpoint = checkpoint.map(|c| (c, data.task.name()));
+    let (scores, resumed_requests) =
+        loglikelihoods(model, &pairs, max_len, batch_size, &bar, checkpoint)?;
     bar.finish_and_clear();
 
     let mut details = Vec::with_capacity(data.items.len());
@@ -170,6 +178,7 @@ pub fn evaluate(
             .count(),
         files: data.files.iter().map(|f| f.display().to_string()).collect(),
         sha256: data.sha256.clone(),
+        resumed_requests,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((scores, details))
