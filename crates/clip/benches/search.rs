@@ -48,7 +48,7 @@ fn main() -> qat_clip::Result<()> {
             Ok((t.elapsed().as_secs_f64(), clip.choice))
         };
         let t = Instant::now();
-        let gram = ErrorModel::gram_of(&x, inp, group)?;
+        let gram = ErrorModel::gram_of(&x, inp, group, &candle_core::Device::Cpu)?;
         let gram_setup = t.elapsed().as_secs_f64();
         let (gram_s, gram_choice) = run(gram)?;
         let t = Instant::now();

@@ -17,8 +17,8 @@
 //! The Gram form costs `group` multiply-adds per weight and pair; computing the partial outputs
 //! `x_n,g · d` themselves (as the reference does) costs `N`. So groups of up to `N` inputs use
 //! the Gram matrices, and wider ones (per-channel formats on layers wider than the calibration
-//! token count: hours instead of weeks for a billion-parameter model) one batched f64 matmul
-//! per pair ([`ErrorModel`]).
+//! token count) the partial outputs ([`ErrorModel`]). Either way a pair costs one batched f64
+//! matmul over the groups, on the model's device.
 
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
@@ -82,43 +82,10 @@ fn gram(x: &[f32], in_features: usize, group: usize) -> Vec<f64> {
     c
 }
 
-/// `[out, groups]` errors `dᵀ C_g d / n` of `wq` against `w`.
-fn group_errors(
-    w: &[f32],
-    wq: &[f32],
-    c: &[f64],
-    n: usize,
-    in_features: usize,
-    group: usize,
-) -> Vec<f64> {
-    let groups = in_features / group;
-    let mut err = vec![0f64; w.len() / group];
-    err.par_chunks_mut(groups).enumerate().for_each(|(o, err)| {
-        let mut d = vec![0f64; group];
-        for (g, e) in err.iter_mut().enumerate() {
-            let at = o * in_features + g * group;
-            for a in 0..group {
-                d[a] = f64::from(wq[at + a]) - f64::from(w[at + a]);
-            }
-            let cg = &c[g * group * group..(g + 1) * group * group];
-            let mut sum = 0.0;
-            for a in 0..group {
-                let mut row = 0.0;
-                for b in 0..group {
-                    row += cg[a * group + b] * d[b];
-                }
-                sum += d[a] * row;
-            }
-            *e = sum / n as f64;
-        }
-    });
-    err
-}
-
 /// How the search measures the error of a clamped-then-quantized layer.
 pub enum ErrorModel {
-    /// The groups' Gram matrices `[groups, group, group]` ([`gram`]).
-    Gram(Vec<f64>),
+    /// The groups' Gram matrices `[groups, group, group]` f64 ([`gram`]).
+    Gram(Tensor),
     /// The calibration inputs as `[groups, n, group]` f64: the partial outputs of every token.
     Direct(Tensor),
 }
@@ -129,14 +96,16 @@ impl ErrorModel {
     pub fn for_inputs(x: &[f32], in_features: usize, group: usize, dev: &Device) -> Result<Self> {
         let n = x.len() / in_features;
         if group <= n {
-            Self::gram_of(x, in_features, group)
+            Self::gram_of(x, in_features, group, dev)
         } else {
             Self::direct_of(x, in_features, group, dev)
         }
     }
 
-    pub fn gram_of(x: &[f32], in_features: usize, group: usize) -> Result<Self> {
-        Ok(Self::Gram(gram(x, in_features, group)))
+    pub fn gram_of(x: &[f32], in_features: usize, group: usize, dev: &Device) -> Result<Self> {
+        let groups = in_features / group;
+        let c = Tensor::from_vec(gram(x, in_features, group), (groups, group, group), dev)?;
+        Ok(Self::Gram(c))
     }
 
     pub fn direct_of(x: &[f32], in_features: usize, group: usize, dev: &Device) -> Result<Self> {
@@ -158,23 +127,30 @@ impl ErrorModel {
         in_features: usize,
         group: usize,
     ) -> Result<Vec<f64>> {
-        match self {
-            Self::Gram(c) => Ok(group_errors(w, wq, c, n, in_features, group)),
+        let (out, groups) = (w.len() / in_features, in_features / group);
+        let d: Vec<f64> = wq
+            .iter()
+            .zip(w)
+            .map(|(&q, &v)| f64::from(q) - f64::from(v))
+            .collect();
+        let err = match self {
+            Self::Gram(c) => {
+                // d [out, groups, group] → [groups, out, group]; Σ_b (d C_g)_a d_a per row.
+                let d = Tensor::from_vec(d, (out, groups, group), c.device())?
+                    .transpose(0, 1)?
+                    .contiguous()?;
+                (d.matmul(c)? * &d)?.sum(2)? // [groups, out]
+            }
             Self::Direct(x) => {
-                let (out, groups) = (w.len() / in_features, in_features / group);
-                let d: Vec<f64> = wq
-                    .iter()
-                    .zip(w)
-                    .map(|(&q, &v)| f64::from(q) - f64::from(v))
-                    .collect();
-                // [out, groups, group] → [groups, group, out]; x [groups, n, group] · d → [groups, n, out].
+                // d [out, groups, group] → [groups, group, out]; x [groups, n, group] · d → [groups, n, out].
                 let d = Tensor::from_vec(d, (out, groups, group), x.device())?
                     .permute((1, 2, 0))?
                     .contiguous()?;
-                let err = (x.matmul(&d)?.sqr()?.sum(1)? / n as f64)?; // [groups, out]
-                Ok(err.t()?.contiguous()?.flatten_all()?.to_vec1::<f64>()?)
+                x.matmul(&d)?.sqr()?.sum(1)? // [groups, out]
             }
-        }
+        };
+        let err = (err / n as f64)?;
+        Ok(err.t()?.contiguous()?.flatten_all()?.to_vec1::<f64>()?)
     }
 }
 
@@ -357,7 +333,7 @@ mod tests {
             let w = normals(out * inp, 3);
             let x = normals(n * inp, 4);
             let q = |w: &[f32]| Ok(asym2(w, group));
-            let gram = ErrorModel::gram_of(&x, inp, group)?;
+            let gram = ErrorModel::gram_of(&x, inp, group, &Device::Cpu)?;
             let direct = ErrorModel::direct_of(&x, inp, group, &Device::Cpu)?;
             let wq = asym2(&w, group);
             let (a, b) = (
@@ -381,10 +357,15 @@ mod tests {
     fn error_is_exact_for_a_hand_worked_case() {
         // x = [[1, 2], [3, 4]] → C = [[10, 14], [14, 20]]; d = (0.5, -0.25):
         // dᵀCd = 10·0.25 − 2·14·0.125 + 20·0.0625 = 2.5 − 3.5 + 1.25 = 0.25; / n=2 → 0.125.
-        let c = gram(&[1.0, 2.0, 3.0, 4.0], 2, 2);
-        assert_eq!(c, vec![10.0, 14.0, 14.0, 20.0]);
-        let err = group_errors(&[0.0, 0.0], &[0.5, -0.25], &c, 2, 2, 2);
-        assert_eq!(err, vec![0.125]);
+        let x = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(gram(&x, 2, 2), vec![10.0, 14.0, 14.0, 20.0]);
+        for model in [
+            ErrorModel::gram_of(&x, 2, 2, &Device::Cpu).unwrap(),
+            ErrorModel::direct_of(&x, 2, 2, &Device::Cpu).unwrap(),
+        ] {
+            let err = model.errors(&[0.0, 0.0], &[0.5, -0.25], 2, 2, 2).unwrap();
+            assert_eq!(err, vec![0.125]);
+        }
     }
 
     #[test]
