@@ -347,6 +347,103 @@ fn qat_eval_tasks_killed_at_seeded_points_resume_to_identical_scores() {
     );
 }
 
+/// `qat-clip` killed at seeded points (between blocks, while writing one, while writing the
+/// output) continues from `<out>.work/` and ends with the weights and per-layer report of an
+/// uninterrupted run; another search's progress directory is refused.
+#[test]
+fn qat_clip_killed_at_seeded_points_resumes_to_identical_weights() {
+    let tmp = fast_tempdir();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let model = stories_dir();
+    let args = |out: &Path, calib: &str| {
+        strings(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--shards",
+            shards.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--scheme",
+            "W4A8KV4",
+            "--include-qk",
+            "--calib-sequences",
+            calib,
+            "--calib-len",
+            "48",
+            "-q",
+        ])
+    };
+    let clip = env!("CARGO_BIN_EXE_qat-clip");
+    let whole = tmp.path().join("whole");
+    let t0 = Instant::now();
+    let reference = ok_json(&qat_clip(&strs(&args(&whole, "16"))));
+    let full_ms = t0.elapsed().as_millis() as u64;
+    let out = tmp.path().join("killed");
+    let work = tmp.path().join("killed.work");
+    let blocks_done = || -> u64 {
+        std::fs::read_to_string(work.join("state.json")).map_or(0, |t| {
+            serde_json::from_str::<serde_json::Value>(&t).unwrap()["blocks_done"]
+                .as_u64()
+                .unwrap()
+        })
+    };
+    let mut rng = Rng(0x1550_c11b);
+    let (mut kills, mut restarts) = (Vec::new(), 0);
+    while kills.len() < 6 {
+        assert!(restarts < 10, "the runs keep finishing first: {kills:?}");
+        let before = blocks_done();
+        let (label, landed) = if rng.below(2) == 0 {
+            let ms = rng.below(full_ms + 1);
+            let label = format!("after {ms} ms");
+            (
+                label,
+                kill_when(clip, &args(&out, "16"), |t| t >= Duration::from_millis(ms)),
+            )
+        } else {
+            let label = format!("after block {}", before + 1);
+            (
+                label,
+                kill_when(clip, &args(&out, "16"), |_| blocks_done() > before),
+            )
+        };
+        if landed {
+            kills.push(label);
+        } else {
+            assert!(!work.exists(), "a finished run left its progress directory");
+            assert_eq!(
+                std::fs::read(out.join("model.safetensors")).unwrap(),
+                std::fs::read(whole.join("model.safetensors")).unwrap()
+            );
+            std::fs::remove_dir_all(&out).unwrap();
+            restarts += 1;
+        }
+    }
+    eprintln!("qat-clip kill points ({restarts} fresh restarts): {kills:#?}");
+    if work.join("state.json").exists() {
+        // Other settings: the progress of this search is not used for that one.
+        assert_error(
+            &qat_clip(&strs(&args(&out, "8"))),
+            "qat-clip",
+            "made by another search",
+        );
+    }
+    let done = ok_json(&qat_clip(&strs(&args(&out, "16"))));
+    assert_eq!(
+        done["layers"], reference["layers"],
+        "per-layer report differs"
+    );
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        "clipped weights differ from an uninterrupted run"
+    );
+    assert!(
+        !work.exists(),
+        "the progress directory is removed at the end"
+    );
+}
+
 /// A student directory compared across runs: every file's bytes, with the wall-clock field of
 /// `train_log.jsonl` (tokens_per_s) dropped.
 fn student_files(dir: &Path) -> Vec<(String, Vec<u8>)> {

@@ -22,6 +22,9 @@ pub enum ClipError {
         model: PathBuf,
         what: String,
     },
+    /// The progress directory of an interrupted run cannot be used.
+    #[error("{}: {what}", path.display())]
+    Progress { path: PathBuf, what: String },
     #[error("{path}: {what}: {source}")]
     Io {
         path: PathBuf,

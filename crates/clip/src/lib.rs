@@ -8,6 +8,7 @@
 
 pub mod calib;
 pub mod error;
+mod progress;
 pub mod run;
 pub mod search;
 

@@ -11,6 +11,7 @@
 
 use crate::calib::{advance, block_inputs, calibration_sequences, embeddings};
 use crate::error::{io, ClipError, Result};
+use crate::progress::Progress;
 use crate::search::search_layer;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -19,6 +20,7 @@ use qat_model::{LinearId, LinearKind, Llama, ModelDir};
 use qat_quant::{fake::fake_weight, Scheme};
 use qat_shards::ShardSet;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -48,7 +50,7 @@ pub struct ClipConfig {
 }
 
 /// The outcome for one linear layer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LayerReport {
     pub layer: String,
     pub group_size: usize,
@@ -69,6 +71,8 @@ pub struct ClipSummary {
     pub layers: Vec<LayerReport>,
     /// Mean over clipped layers of `reduction`.
     pub mean_reduction: f64,
+    /// Blocks taken from an interrupted run's progress directory instead of searched again.
+    pub resumed_blocks: usize,
     pub seconds: f64,
 }
 
@@ -111,7 +115,26 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
     let set = ShardSet::open(&cfg.shards)?;
     check_shards(cfg, &set, &dir)?;
     let sequences = calibration_sequences(&set, cfg.calib_sequences, cfg.calib_len)?;
+    let (init_sha, shards_sha) = (dir.weights_sha256()?, set.manifests_sha256()?);
+    let key = serde_json::json!({
+        "tool": TOOL,
+        "config": cfg,
+        "init_weights_sha256": init_sha,
+        "shards_manifest_sha256": shards_sha,
+    });
+    let progress = Progress::new(
+        &cfg.out,
+        hex::encode(Sha256::digest(key.to_string().as_bytes())),
+    );
     let mut tensors = load_tensors(&dir, &dev)?;
+    // An interrupted run of this search: its clipped blocks are not searched again.
+    let (start, mut layers) = match progress.load(&dev)? {
+        Some(done) => {
+            tensors.extend(done.tensors);
+            (done.blocks, done.layers)
+        }
+        None => (0, Vec::new()),
+    };
     let n = dir.config.num_layers as u64;
     let bar = if cfg.quiet {
         ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::hidden())
@@ -119,6 +142,7 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
         ProgressBar::new(n)
     };
     bar.set_message("blocks clipped");
+    bar.set_position(start as u64);
     let load = |tensors: &HashMap<String, Tensor>| {
         Llama::load(
             VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev),
@@ -126,9 +150,16 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
         )
     };
     let mut hidden = embeddings(&load(&tensors)?, &sequences)?;
-    let mut layers = Vec::new();
-    for layer in 0..dir.config.num_layers {
+    if start > 0 {
+        let model = load(&tensors)?;
+        for x in hidden.iter_mut() {
+            let mut cache = model.new_cache(vec![0]);
+            *x = model.forward_blocks(x.clone(), 0..start, &mut cache)?;
+        }
+    }
+    for layer in start..dir.config.num_layers {
         let inputs = block_inputs(&load(&tensors)?, &hidden, layer, cfg.calib_tokens)?;
+        let mut clipped = HashMap::new();
         for kind in LinearKind::ALL {
             let skip_qk = matches!(kind, LinearKind::Q | LinearKind::K) && !cfg.include_qk;
             let id = LinearId { layer, kind };
@@ -153,7 +184,9 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
             };
             let clip = search_layer(&data, in_f, &x.data, group, &dev, &fq)?;
             clip.apply(&mut data, in_f, group);
-            tensors.insert(key, Tensor::from_vec(data, (out_f, in_f), &dev)?);
+            let w = Tensor::from_vec(data, (out_f, in_f), &dev)?;
+            clipped.insert(key.clone(), w.clone());
+            tensors.insert(key, w);
             let reduction = if clip.mse_before > 0.0 {
                 1.0 - clip.mse_after / clip.mse_before
             } else {
@@ -169,6 +202,7 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
                 clipped_groups: clip.clipped_fraction(),
             });
         }
+        progress.save_block(layer, &clipped, &layers)?;
         // The clipped block makes the next block's inputs.
         if layer + 1 < dir.config.num_layers {
             advance(&load(&tensors)?, &mut hidden, layer)?;
@@ -183,9 +217,11 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
         scheme: cfg.scheme.short_name().unwrap_or_else(|| "custom".into()),
         layers,
         mean_reduction,
+        resumed_blocks: start,
         seconds: started.elapsed().as_secs_f64(),
     };
-    write_output(cfg, &dir, &tensors, &summary, &set.manifests_sha256()?)?;
+    write_output(cfg, &dir, &tensors, &summary, &init_sha, &shards_sha)?;
+    progress.remove();
     Ok(summary)
 }
 
@@ -194,11 +230,12 @@ fn write_output(
     dir: &ModelDir,
     tensors: &HashMap<String, Tensor>,
     summary: &ClipSummary,
+    init_sha: &str,
     shards_sha: &str,
 ) -> Result<()> {
     let staging = PathBuf::from(format!("{}.partial", cfg.out.display()));
     let _ = std::fs::remove_dir_all(&staging);
-    let written = write_staging(cfg, dir, tensors, summary, shards_sha, &staging);
+    let written = write_staging(cfg, dir, tensors, summary, init_sha, shards_sha, &staging);
     if written.is_err() {
         // Nothing half written stays behind (e.g. a full disk).
         let _ = std::fs::remove_dir_all(&staging);
@@ -211,6 +248,7 @@ fn write_staging(
     dir: &ModelDir,
     tensors: &HashMap<String, Tensor>,
     summary: &ClipSummary,
+    init_sha: &str,
     shards_sha: &str,
     staging: &Path,
 ) -> Result<()> {
@@ -221,7 +259,7 @@ fn write_staging(
     let provenance = serde_json::json!({
         "tool": TOOL,
         "config": cfg,
-        "init_weights_sha256": dir.weights_sha256()?,
+        "init_weights_sha256": init_sha,
         "model_hub": qat_model::snapshot_source(&dir.dir),
         "shards_manifest_sha256": shards_sha,
         "report": summary,
