@@ -165,6 +165,54 @@ fn qat_sample_killed_at_seeded_points_resumes_to_identical_bytes() {
     );
 }
 
+/// Kills `bin args` at `kills` seeded points, each run continuing what the last one left: at a
+/// random moment within `window_ms`, or (seeded, alternately) as soon as `progress()` (what the
+/// run has saved: batches, lines, blocks) exceeds its value at the start. Progress must never go
+/// back (but to 0, when a kill lands after the run removed it at its very end). A run that
+/// finishes before its kill point is passed to `finished` (which checks it and clears its
+/// output, so the next run starts over). Returns the kill points, for the log.
+fn kill_at_seeded_points(
+    bin: &str,
+    args: &[String],
+    seed: u64,
+    window_ms: u64,
+    kills: usize,
+    progress: impl Fn() -> u64,
+    mut finished: impl FnMut(),
+) -> Vec<String> {
+    let mut rng = Rng(seed);
+    let (mut points, mut restarts) = (Vec::new(), 0);
+    while points.len() < kills {
+        assert!(restarts < 10, "the runs keep finishing first: {points:?}");
+        let before = progress();
+        let (label, landed) = if rng.below(2) == 0 {
+            let ms = rng.below(window_ms + 1);
+            let fire = |t: Duration| t >= Duration::from_millis(ms);
+            (format!("after {ms} ms"), kill_when(bin, args, fire))
+        } else {
+            let fire = |_| progress() > before;
+            (
+                format!("after progress {}", before + 1),
+                kill_when(bin, args, fire),
+            )
+        };
+        if landed {
+            // 0: killed after the run removed its progress at the very end.
+            let after = progress();
+            assert!(
+                after >= before || after == 0,
+                "{label}: the saved progress went back"
+            );
+            points.push(label);
+        } else {
+            finished();
+            restarts += 1;
+        }
+    }
+    eprintln!("{bin}: kill points ({restarts} fresh restarts): {points:#?}");
+    points
+}
+
 /// `qat-eval --checkpoint`: killed at seeded points, each rerun continuing from the file the
 /// last one left, the evaluation ends with the NLL bits of an uninterrupted run and removes
 /// its checkpoint.
@@ -194,44 +242,24 @@ fn qat_eval_killed_at_seeded_points_resumes_to_the_identical_nll() {
     let t0 = Instant::now();
     let whole = ok_json(&qat_eval(&strs(&args(false))));
     let full_ms = t0.elapsed().as_millis() as u64;
+    // The file is absent (before the first batch, after the end) or complete; never torn.
     let batches_done = || -> u64 {
-        let text = std::fs::read_to_string(&ckpt).unwrap();
-        let state: serde_json::Value = serde_json::from_str(&text).unwrap();
-        state["batches"].as_u64().unwrap()
+        std::fs::read_to_string(&ckpt).map_or(0, |text| {
+            let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+            state["batches"].as_u64().unwrap()
+        })
     };
-    let mut rng = Rng(0x1550_0e7a);
-    let (mut kills, mut restarts) = (Vec::new(), 0);
-    while kills.len() < 6 {
-        assert!(restarts < 10, "the runs keep finishing first: {kills:?}");
-        let before = if ckpt.exists() { batches_done() } else { 0 };
-        let (label, landed) = if rng.below(2) == 0 {
-            let ms = rng.below(full_ms / 3 + 1);
-            let label = format!("after {ms} ms");
-            (
-                label,
-                kill_when(eval, &args(true), |t| t >= Duration::from_millis(ms)),
-            )
-        } else {
-            // Just after this run's first own batch is saved.
-            let label = format!("at batch {}", before + 1);
-            let saved = || ckpt.exists() && batches_done() > before;
-            (label, kill_when(eval, &args(true), |_| saved()))
-        };
-        if landed {
-            // The file is absent (killed before its first batch) or complete; never torn.
-            if ckpt.exists() {
-                assert!(
-                    batches_done() >= before,
-                    "{label}: the checkpoint went back"
-                );
-            }
-            kills.push(label);
-        } else {
-            assert!(!ckpt.exists(), "a finished run left its checkpoint");
-            restarts += 1;
-        }
-    }
-    eprintln!("qat-eval kill points ({restarts} fresh restarts): {kills:#?}");
+    let finished = || assert!(!ckpt.exists(), "a finished run left its checkpoint");
+    let window = full_ms / 3;
+    kill_at_seeded_points(
+        eval,
+        &args(true),
+        0x1550_0e7a,
+        window,
+        6,
+        batches_done,
+        finished,
+    );
     let resumed_from = batches_done();
     let done = ok_json(&qat_eval(&strs(&args(true))));
     let all = whole["sequences"].as_u64().unwrap();
@@ -283,36 +311,10 @@ fn qat_eval_tasks_killed_at_seeded_points_resume_to_identical_scores() {
     let t0 = Instant::now();
     let whole = ok_json(&qat_eval(&strs(&args(&whole_items, false))));
     let full_ms = t0.elapsed().as_millis() as u64;
-    let lines = || std::fs::read_to_string(&ckpt).map_or(0, |t| t.lines().count());
-    let mut rng = Rng(0x1550_7a5c);
-    let (mut kills, mut restarts) = (Vec::new(), 0);
-    while kills.len() < 6 {
-        assert!(restarts < 10, "the runs keep finishing first: {kills:?}");
-        let before = lines();
-        let (label, landed) = if rng.below(2) == 0 {
-            let ms = rng.below(full_ms + 1);
-            let label = format!("after {ms} ms");
-            (
-                label,
-                kill_when(eval, &args(&items, true), |t| {
-                    t >= Duration::from_millis(ms)
-                }),
-            )
-        } else {
-            let label = format!("after saved line {}", before + 1);
-            (
-                label,
-                kill_when(eval, &args(&items, true), |_| lines() > before.max(1)),
-            )
-        };
-        if landed {
-            kills.push(label);
-        } else {
-            assert!(!ckpt.exists(), "a finished run left its checkpoint");
-            restarts += 1;
-        }
-    }
-    eprintln!("qat-eval --task kill points ({restarts} fresh restarts): {kills:#?}");
+    let lines = || std::fs::read_to_string(&ckpt).map_or(0, |t| t.lines().count() as u64);
+    let finished = || assert!(!ckpt.exists(), "a finished run left its checkpoint");
+    let run = args(&items, true);
+    kill_at_seeded_points(eval, &run, 0x1550_7a5c, full_ms, 6, lines, finished);
     // The requests the file holds (complete lines after the header) are not scored again.
     let text = std::fs::read_to_string(&ckpt).unwrap();
     let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
@@ -388,38 +390,16 @@ fn qat_clip_killed_at_seeded_points_resumes_to_identical_weights() {
                 .unwrap()
         })
     };
-    let mut rng = Rng(0x1550_c11b);
-    let (mut kills, mut restarts) = (Vec::new(), 0);
-    while kills.len() < 6 {
-        assert!(restarts < 10, "the runs keep finishing first: {kills:?}");
-        let before = blocks_done();
-        let (label, landed) = if rng.below(2) == 0 {
-            let ms = rng.below(full_ms + 1);
-            let label = format!("after {ms} ms");
-            (
-                label,
-                kill_when(clip, &args(&out, "16"), |t| t >= Duration::from_millis(ms)),
-            )
-        } else {
-            let label = format!("after block {}", before + 1);
-            (
-                label,
-                kill_when(clip, &args(&out, "16"), |_| blocks_done() > before),
-            )
-        };
-        if landed {
-            kills.push(label);
-        } else {
-            assert!(!work.exists(), "a finished run left its progress directory");
-            assert_eq!(
-                std::fs::read(out.join("model.safetensors")).unwrap(),
-                std::fs::read(whole.join("model.safetensors")).unwrap()
-            );
-            std::fs::remove_dir_all(&out).unwrap();
-            restarts += 1;
-        }
-    }
-    eprintln!("qat-clip kill points ({restarts} fresh restarts): {kills:#?}");
+    let finished = || {
+        assert!(!work.exists(), "a finished run left its progress directory");
+        assert_eq!(
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+            std::fs::read(whole.join("model.safetensors")).unwrap()
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+    };
+    let run = args(&out, "16");
+    kill_at_seeded_points(clip, &run, 0x1550_c11b, full_ms, 6, blocks_done, finished);
     if work.join("state.json").exists() {
         // Other settings: the progress of this search is not used for that one.
         assert_error(
