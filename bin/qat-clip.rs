@@ -21,13 +21,17 @@ use std::process::ExitCode;
   # NF3 with q_proj/k_proj included, more calibration data
   qat-clip -m MODEL -s SHARDS --scheme NF3g32 --include-qk --calib-sequences 128 --out clipped/nf3
 
+  # On a GPU (the model and the search's matmuls); rerun the same command after an interruption
+  qat-clip -m MODEL -s SHARDS --scheme W3g128 --device cuda --out clipped/w3g128
+
   # Then train from the clipped model with the same scheme
   qat-distill --model clipped/w2g32 --shards shards/s260k --scheme W2g32 --loss cakld --out students/w2g32
 
 For every linear layer and group, the 10 x 10 shrink ratios 1.0, 0.95, ..., 0.55 of the group's max
 and min are tried; the pair that least changes the group's partial outputs x.w (mean squared error
 over the calibration tokens) is kept and the weights are clamped to it. A JSON report (MSE before and
-after per layer) goes to stdout and into the output's provenance.json."
+after per layer) goes to stdout and into the output's provenance.json. Each finished block is saved in
+OUT.work/; the same command after an interruption continues from there, to the same output."
 )]
 struct Args {
     /// Model directory to clip (usually the teacher).
