@@ -132,7 +132,7 @@ fn main() -> ExitCode {
             .config
             .bos_token_id
             .or_else(|| m.tokenizer.token_to_id("<s>"));
-        let (mut summary, checkpoint) = match &args.corpus {
+        let mut summary = match &args.corpus {
             Some(corpus) => perplexity(&args, &m, bos, corpus, started)?,
             None => zero_shot(&args, &m, bos)?,
         };
@@ -152,19 +152,12 @@ fn main() -> ExitCode {
             out.extend(add);
         }
         println!("{summary}");
-        match checkpoint {
-            Some(Checkpoint::Perplexity(c)) => c.remove()?,
-            Some(Checkpoint::Tasks(c)) => c.remove()?,
-            None => {}
+        // The result is out: the checkpoint has served.
+        if let Some(path) = &args.checkpoint {
+            qat_eval::checkpoint::remove(path)?;
         }
         Ok(Outcome::Ok)
     })
-}
-
-/// The `--checkpoint` of the evaluation that ran, removed once its result is printed.
-enum Checkpoint {
-    Perplexity(qat_eval::NllCheckpoint),
-    Tasks(qat_eval::TaskCheckpoint),
 }
 
 /// Everything besides the data that changes the scores, for a checkpoint's key.
@@ -187,7 +180,7 @@ fn perplexity(
     bos: Option<u32>,
     corpus: &Path,
     started: Instant,
-) -> anyhow::Result<(serde_json::Value, Option<Checkpoint>)> {
+) -> anyhow::Result<serde_json::Value> {
     let corpus = Corpus::read(corpus)?;
     let mode = match args.mode {
         ModeArg::Docs => PplMode::Docs,
@@ -227,14 +220,10 @@ fn perplexity(
         "tokens_per_s": (totals.tokens - resumed.tokens) as f64 / started.elapsed().as_secs_f64(),
         "resumed_sequences": resumed.sequences,
     });
-    Ok((summary, checkpoint.map(Checkpoint::Perplexity)))
+    Ok(summary)
 }
 
-fn zero_shot(
-    args: &Args,
-    m: &EvalModel,
-    bos: Option<u32>,
-) -> anyhow::Result<(serde_json::Value, Option<Checkpoint>)> {
+fn zero_shot(args: &Args, m: &EvalModel, bos: Option<u32>) -> anyhow::Result<serde_json::Value> {
     if args.task_file.is_some() && args.task.len() != 1 {
         anyhow::bail!(
             "--task-file needs exactly one --task, got {}",
@@ -326,8 +315,7 @@ fn zero_shot(
     if let Some(path) = &args.per_item {
         qat_shards::fsutil::write_atomic(path, &per_item)?;
     }
-    Ok((
+    Ok(
         serde_json::json!({ "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "max_len": max_len }),
-        checkpoint.map(Checkpoint::Tasks),
-    ))
+    )
 }

@@ -2,13 +2,14 @@
 //! batch, so that an interrupted evaluation of a large model continues where it stopped and
 //! ends with the bits of an uninterrupted run.
 //!
-//! The file is JSON, replaced atomically (written beside it, then renamed) after every batch,
-//! and removed when the evaluation finishes. It holds a key, the sha256 of everything that
+//! The file is JSON, replaced atomically (`qat_shards::fsutil::write_atomic`) after every
+//! batch, and removed when the evaluation finishes ([`remove`]). It holds a key, the sha256 of everything that
 //! determines the result (the sequences' tokens, the weights, scheme, dtype, device and batch
 //! size); a checkpoint with another key is refused rather than mixed into this run's totals.
 
 use crate::error::{EvalError, Result};
 use crate::perplexity::NllTotals;
+use qat_shards::fsutil::write_atomic;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -62,9 +63,9 @@ impl NllCheckpoint {
         }
     }
 
-    /// The batches done and their totals, if the file exists; an error if it cannot be read or
-    /// belongs to another evaluation.
-    pub(crate) fn load(&self) -> Result<Option<(u64, NllTotals)>> {
+    /// The batches done (of `batches`) and their totals, if the file exists; an error if it
+    /// cannot be read or belongs to another evaluation.
+    pub(crate) fn load(&self, batches: u64) -> Result<Option<(u64, NllTotals)>> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -80,6 +81,12 @@ impl NllCheckpoint {
                 "made by an evaluation of other sequences, weights or settings (key differs); delete it to start over",
             ));
         }
+        if state.batches > batches {
+            return Err(self.error(format!(
+                "says {} batches are done, of {batches}",
+                state.batches
+            )));
+        }
         Ok(Some((
             state.batches,
             NllTotals {
@@ -90,7 +97,7 @@ impl NllCheckpoint {
         )))
     }
 
-    /// Replaces the file by `batches` and `totals`: written to `<path>.tmp`, then renamed.
+    /// Replaces the file by `batches` and `totals`, atomically.
     pub(crate) fn save(&self, batches: u64, totals: &NllTotals) -> Result<()> {
         let state = State {
             format: FORMAT.into(),
@@ -100,26 +107,20 @@ impl NllCheckpoint {
             tokens: totals.tokens,
             sequences: totals.sequences,
         };
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
         let json = serde_json::to_string_pretty(&state).expect("state serializes") + "\n";
-        std::fs::write(&tmp, json)
-            .and_then(|()| std::fs::rename(&tmp, &self.path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                self.error(format!("cannot write: {e}"))
-            })
+        Ok(write_atomic(&self.path, json.as_bytes())?)
     }
+}
 
-    /// Removes the file (once the evaluation's result is written).
-    pub fn remove(&self) -> Result<()> {
-        match std::fs::remove_file(&self.path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(self.error(format!("cannot remove: {e}")))
-            }
-            _ => Ok(()),
-        }
+/// Removes a `--checkpoint` file, perplexity's or the tasks' (once the evaluation's result is
+/// written); a missing file is not an error.
+pub fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(EvalError::Checkpoint {
+            path: path.to_path_buf(),
+            what: format!("cannot remove: {e}"),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -140,16 +141,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let settings = serde_json::json!({"batch_size": 2});
         let ck = NllCheckpoint::new(&dir.path().join("c.json"), &[vec![1, 2, 3]], &settings);
-        assert!(ck.load().unwrap().is_none());
+        assert!(ck.load(3).unwrap().is_none());
         // 0.1 + 0.2 has no short decimal form that every parser rounds back to the same bits.
         let sum = 0.1f64 + 0.2 + 1e-17;
         ck.save(3, &totals(sum)).unwrap();
-        let (batches, t) = ck.load().unwrap().unwrap();
+        let (batches, t) = ck.load(3).unwrap().unwrap();
+        let err = ck.load(2).unwrap_err().to_string();
+        assert!(err.contains("says 3 batches are done, of 2"), "{err}");
         assert_eq!((batches, t.tokens, t.sequences), (3, 7, 2));
         assert_eq!(t.nll_sum.to_bits(), sum.to_bits());
-        ck.remove().unwrap();
+        remove(&ck.path).unwrap();
         assert!(!ck.path.exists());
-        ck.remove().unwrap();
+        remove(&ck.path).unwrap();
     }
 
     #[test]
@@ -166,12 +169,12 @@ mod tests {
             (vec![vec![1, 2], vec![3]], settings.clone()),
             (vec![vec![1, 2, 3]], serde_json::json!({"batch_size": 4})),
         ] {
-            let err = NllCheckpoint::new(&path, &seqs, &s).load().unwrap_err();
+            let err = NllCheckpoint::new(&path, &seqs, &s).load(1).unwrap_err();
             assert!(err.to_string().contains("key differs"), "{err}");
         }
         std::fs::write(&path, "{").unwrap();
         let err = NllCheckpoint::new(&path, &[vec![1, 2, 3]], &settings)
-            .load()
+            .load(1)
             .unwrap_err();
         assert!(
             err.to_string().contains("not a qat-eval checkpoint"),

@@ -20,6 +20,9 @@ pub enum EvalError {
         line: usize,
         what: String,
     },
+    /// A file that cannot be written (`--checkpoint`), from the shared atomic writer.
+    #[error(transparent)]
+    Write(#[from] qat_shards::ShardError),
     /// A `--checkpoint` file that cannot be read, written or used for this evaluation.
     #[error("{}: {what}", path.display())]
     Checkpoint { path: PathBuf, what: String },

@@ -114,11 +114,7 @@ pub fn loglikelihoods(
         };
         seqs.len()
     ];
-    let requests: Vec<(&[u32], &[u32])> = pairs
-        .iter()
-        .map(|p| (p.context.as_slice(), p.continuation.as_slice()))
-        .collect();
-    let sha = checkpoint.map(|_| requests_sha256(&requests));
+    let sha = checkpoint.map(|_| requests_sha256(pairs));
     let saved = match (checkpoint, &sha) {
         (Some((c, task)), Some(sha)) => c.saved(task, sha)?,
         _ => Vec::new(),

@@ -130,17 +130,10 @@ pub fn nll(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let resumed = match checkpoint {
-        Some(c) => c.load()?,
+        Some(c) => c.load(order.len().div_ceil(batch_size) as u64)?,
         None => None,
     };
     let (done, mut totals) = resumed.unwrap_or_default();
-    let batches = order.len().div_ceil(batch_size) as u64;
-    if done > batches {
-        return Err(EvalError::Checkpoint {
-            path: checkpoint.map(|c| c.path.clone()).unwrap_or_default(),
-            what: format!("says {done} batches are done, of {batches}"),
-        });
-    }
     bar.set_position(totals.sequences);
     for (b, batch) in order.chunks(batch_size).enumerate().skip(done as usize) {
         // Inputs are all tokens but the last; targets all but the first.

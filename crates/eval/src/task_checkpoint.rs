@@ -11,7 +11,8 @@
 //! file: they are applied to the scores afterwards.
 
 use crate::error::{EvalError, Result};
-use crate::loglikelihood::Loglikelihood;
+use crate::loglikelihood::{EncodedPair, Loglikelihood};
+use qat_shards::fsutil::write_atomic;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -59,13 +60,13 @@ pub struct TaskCheckpoint {
 }
 
 /// sha256 (hex) of a task's requests: every request's context and continuation tokens.
-pub fn requests_sha256(requests: &[(&[u32], &[u32])]) -> String {
+pub fn requests_sha256(requests: &[EncodedPair]) -> String {
     let mut h = Sha256::new();
     h.update((requests.len() as u64).to_le_bytes());
-    for (context, continuation) in requests {
-        for part in [context, continuation] {
+    for r in requests {
+        for part in [&r.context, &r.continuation] {
             h.update((part.len() as u64).to_le_bytes());
-            for t in part.iter() {
+            for t in part {
                 h.update(t.to_le_bytes());
             }
         }
@@ -141,12 +142,7 @@ impl TaskCheckpoint {
         }
         // (Re)write the complete lines atomically, then append from there.
         if text.as_deref() != Some(kept.as_str()) {
-            let mut tmp = path.as_os_str().to_owned();
-            tmp.push(".tmp");
-            let tmp = PathBuf::from(tmp);
-            std::fs::write(&tmp, &kept)
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(|e| error(format!("cannot write: {e}")))?;
+            write_atomic(path, kept.as_bytes())?;
         }
         let file = std::fs::OpenOptions::new()
             .append(true)
@@ -205,17 +201,6 @@ impl TaskCheckpoint {
                 what: format!("cannot append: {e}"),
             })
     }
-
-    /// Removes the file (once the evaluation's result is written).
-    pub fn remove(&self) -> Result<()> {
-        match std::fs::remove_file(&self.path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(EvalError::Checkpoint {
-                path: self.path.clone(),
-                what: format!("cannot remove: {e}"),
-            }),
-            _ => Ok(()),
-        }
-    }
 }
 
 impl SavedScore {
@@ -247,7 +232,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.ckpt");
         let settings = serde_json::json!({"batch_size": 2});
-        let sha = requests_sha256(&[(&[1, 2], &[3])]);
+        let pair = |cont: u32| EncodedPair {
+            context: vec![1, 2],
+            continuation: vec![cont],
+        };
+        let sha = requests_sha256(&[pair(3)]);
         let ck = TaskCheckpoint::open(&path, &settings).unwrap();
         assert!(ck.saved("piqa", &sha).unwrap().is_empty());
         let ll = 0.1f64 + 0.2;
@@ -268,14 +257,14 @@ mod tests {
         assert_eq!(saved[1][0], (1, score(-2.5)));
         assert!(!std::fs::read_to_string(&path).unwrap().contains("requ\""));
         // The same task with other requests, or other settings: refused.
-        let other = requests_sha256(&[(&[1, 2], &[4])]);
+        let other = requests_sha256(&[pair(4)]);
         let err = ck.saved("piqa", &other).unwrap_err().to_string();
         assert!(err.contains("other requests"), "{err}");
         let err = TaskCheckpoint::open(&path, &serde_json::json!({"batch_size": 4}))
             .unwrap_err()
             .to_string();
         assert!(err.contains("key differs"), "{err}");
-        ck.remove().unwrap();
+        crate::checkpoint::remove(&path).unwrap();
         assert!(!path.exists());
     }
 }
