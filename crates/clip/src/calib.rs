@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use qat_model::{LinearId, LinearKind, Llama, QuantHooks};
 use qat_shards::ShardSet;
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// Hooks that record (and do not change) the inputs of the linear layers of one block.
@@ -52,14 +53,21 @@ pub fn embeddings(model: &Llama, sequences: &[Vec<u32>]) -> Result<Vec<Tensor>> 
         .collect()
 }
 
-/// Replaces each of `hidden` (the inputs of block `layer`, `[1, t, hidden]`) by the block's
-/// output under `model`: the inputs of block `layer + 1`.
-pub fn advance(model: &Llama, hidden: &mut [Tensor], layer: usize) -> Result<()> {
-    for x in hidden.iter_mut() {
-        let mut cache = model.new_cache(vec![0]);
-        *x = model.forward_blocks(x.clone(), layer..layer + 1, &mut cache)?;
-    }
-    Ok(())
+/// Runs blocks `blocks` of `model` on each of `hidden` (the inputs of block `blocks.start`,
+/// `[1, t, hidden]`, each with a cache of its own) and returns their outputs: the inputs of
+/// block `blocks.end`.
+pub fn forward_blocks(
+    model: &Llama,
+    hidden: &[Tensor],
+    blocks: Range<usize>,
+) -> Result<Vec<Tensor>> {
+    hidden
+        .iter()
+        .map(|x| {
+            let mut cache = model.new_cache(vec![0]);
+            Ok(model.forward_blocks(x.clone(), blocks.clone(), &mut cache)?)
+        })
+        .collect()
 }
 
 /// Runs block `layer` of `model` (full precision) on `hidden`, its input for each sequence
@@ -78,10 +86,7 @@ pub fn block_inputs(
     });
     let mut model = model.clone();
     model.set_hooks(capture.clone());
-    for x in hidden {
-        let mut cache = model.new_cache(vec![0]);
-        model.forward_blocks(x.clone(), layer..layer + 1, &mut cache)?;
-    }
+    forward_blocks(&model, hidden, layer..layer + 1)?;
     drop(model);
     let seen = std::mem::take(&mut *capture.seen.lock().expect("capture lock"));
     let mut out = BTreeMap::new();

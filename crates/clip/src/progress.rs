@@ -7,6 +7,7 @@
 use crate::error::{io, ClipError, Result};
 use crate::run::LayerReport;
 use candle_core::{Device, Tensor};
+use qat_shards::fsutil::write_atomic;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,7 +43,7 @@ pub(crate) struct Done {
 }
 
 pub(crate) struct Progress {
-    pub dir: PathBuf,
+    dir: PathBuf,
     key: String,
 }
 
@@ -134,10 +135,8 @@ impl Progress {
                 })
                 .collect(),
         };
-        let (path, tmp) = (self.dir.join("state.json"), self.dir.join("state.json.tmp"));
-        std::fs::write(&tmp, serde_json::to_string_pretty(&state).expect("json"))
-            .map_err(io(&tmp, "cannot write"))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path, "cannot move into place"))
+        let json = serde_json::to_string_pretty(&state).expect("json");
+        Ok(write_atomic(&self.dir.join("state.json"), json.as_bytes())?)
     }
 
     /// Removes the directory (the output is in place).

@@ -9,7 +9,7 @@
 //! matmuls for wide groups, run on the chosen device; the rest of the search on the CPU. The
 //! output directory is written under `<out>.partial/` and renamed into place at the end.
 
-use crate::calib::{advance, block_inputs, calibration_sequences, embeddings};
+use crate::calib::{block_inputs, calibration_sequences, embeddings, forward_blocks};
 use crate::error::{io, ClipError, Result};
 use crate::progress::Progress;
 use crate::search::search_layer;
@@ -149,14 +149,10 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
             &dir.config,
         )
     };
-    let mut hidden = embeddings(&load(&tensors)?, &sequences)?;
-    if start > 0 {
-        let model = load(&tensors)?;
-        for x in hidden.iter_mut() {
-            let mut cache = model.new_cache(vec![0]);
-            *x = model.forward_blocks(x.clone(), 0..start, &mut cache)?;
-        }
-    }
+    // The inputs of the first block to search: the embeddings through the blocks already done.
+    let model = load(&tensors)?;
+    let mut hidden = forward_blocks(&model, &embeddings(&model, &sequences)?, 0..start)?;
+    drop(model);
     for layer in start..dir.config.num_layers {
         let inputs = block_inputs(&load(&tensors)?, &hidden, layer, cfg.calib_tokens)?;
         let mut clipped = HashMap::new();
@@ -205,7 +201,7 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
         progress.save_block(layer, &clipped, &layers)?;
         // The clipped block makes the next block's inputs.
         if layer + 1 < dir.config.num_layers {
-            advance(&load(&tensors)?, &mut hidden, layer)?;
+            hidden = forward_blocks(&load(&tensors)?, &hidden, layer..layer + 1)?;
         }
         bar.inc(1);
     }
