@@ -60,9 +60,8 @@ struct Args {
     /// Also clip q_proj and k_proj (BitDistiller skips them).
     #[arg(long)]
     include_qk: bool,
-    /// Device the model runs on to compute each block's calibration inputs, and the search's
-    /// matmuls for groups wider than the calibration rows: cpu, cuda or cuda:N (the rest of the
-    /// search runs on the CPU).
+    /// Device the model and the clipping search run on: cpu, cuda or cuda:N (only the Gram
+    /// matrices of the calibration inputs are built on the CPU, once per layer).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// No progress bar.

@@ -3,6 +3,7 @@
 //! (in 2048) with BitDistiller's 512 calibration tokens: per-channel (a group of 2048 inputs,
 //! where `search_layer` goes direct) and groups of 128 (where it keeps the Gram matrices).
 
+use candle_core::{Device, Tensor};
 use qat_clip::search::{search_layer_with, ErrorModel};
 use std::time::Instant;
 
@@ -41,18 +42,22 @@ fn main() -> qat_clip::Result<()> {
     for (group, out) in [(inp, 64), (128, 256), (64, 256), (32, 256)] {
         let w = normals(out * inp, 1);
         let x = normals(n * inp, 2);
-        let q = |w: &[f32]| Ok(sym4(w, group));
+        let q = |w: &Tensor| -> qat_clip::Result<Tensor> {
+            let q = sym4(&w.flatten_all()?.to_vec1::<f32>()?, group);
+            Ok(Tensor::from_vec(q, w.shape(), w.device())?)
+        };
+        let w = Tensor::from_vec(w, (out, inp), &Device::Cpu)?;
         let run = |model: ErrorModel| -> qat_clip::Result<(f64, Vec<(u8, u8)>)> {
             let t = Instant::now();
-            let clip = search_layer_with(&w, inp, n, group, &model, &q)?;
+            let clip = search_layer_with(&w, n, group, &model, &q)?;
             Ok((t.elapsed().as_secs_f64(), clip.choice))
         };
         let t = Instant::now();
-        let gram = ErrorModel::gram_of(&x, inp, group, &candle_core::Device::Cpu)?;
+        let gram = ErrorModel::gram_of(&x, inp, group, &Device::Cpu)?;
         let gram_setup = t.elapsed().as_secs_f64();
         let (gram_s, gram_choice) = run(gram)?;
         let t = Instant::now();
-        let direct = ErrorModel::direct_of(&x, inp, group, &candle_core::Device::Cpu)?;
+        let direct = ErrorModel::direct_of(&x, inp, group, &Device::Cpu)?;
         let direct_setup = t.elapsed().as_secs_f64();
         let (direct_s, direct_choice) = run(direct)?;
         let (g, d) = (gram_s + gram_setup, direct_s + direct_setup);

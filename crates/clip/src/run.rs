@@ -5,8 +5,9 @@
 //! computed by the full-precision model whose blocks `0..l` are already clipped. Like the
 //! reference, the hidden states of the calibration sequences are carried from block to block
 //! (each block runs twice: once to capture its inputs, once clipped to make the next block's),
-//! instead of running the whole model again for every block. The model, and the search's
-//! matmuls for wide groups, run on the chosen device; the rest of the search on the CPU. The
+//! instead of running the whole model again for every block. The model and the whole search
+//! (clamping, fake quantization, error matmuls, the running best per group) run on the chosen
+//! device; only the calibration inputs' Gram matrices are built on the CPU, once per layer. The
 //! output directory is written under `<out>.partial/` and renamed into place at the end.
 
 use crate::calib::{block_inputs, calibration_sequences, embeddings, forward_blocks};
@@ -43,7 +44,7 @@ pub struct ClipConfig {
     /// Also clip q_proj and k_proj (skipped by default, as in BitDistiller: q·kᵀ is hard to
     /// clip for).
     pub include_qk: bool,
-    /// Device the model runs on to compute block inputs: cpu, cuda or cuda:N.
+    /// Device the model and the search run on: cpu, cuda or cuda:N.
     pub device: String,
     #[serde(skip)]
     pub quiet: bool,
@@ -116,9 +117,12 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
     check_shards(cfg, &set, &dir)?;
     let sequences = calibration_sequences(&set, cfg.calib_sequences, cfg.calib_len)?;
     let (init_sha, shards_sha) = (dir.weights_sha256()?, set.manifests_sha256()?);
+    // The resolved config: `cuda` and `cuda:0` are one device.
+    let mut config = serde_json::to_value(cfg).expect("json");
+    config["device"] = qat_model::device_name(&dev).into();
     let key = serde_json::json!({
         "tool": TOOL,
-        "config": cfg,
+        "config": config,
         "init_weights_sha256": init_sha,
         "shards_manifest_sha256": shards_sha,
     });
@@ -167,20 +171,15 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
             }
             let key = id.weight_key();
             let w = &tensors[&key];
-            let (out_f, in_f) = w.dims2()?;
+            let in_f = w.dim(1)?;
             let group = wq
                 .format
                 .group_len(in_f)
                 .map_err(|e| ClipError::Config(format!("{id}: {e}")))?;
             let x = &inputs[&kind];
-            let mut data = w.flatten_all()?.to_vec1::<f32>()?;
-            let fq = |w: &[f32]| -> Result<Vec<f32>> {
-                let t = Tensor::from_slice(w, (out_f, in_f), &Device::Cpu)?;
-                Ok(fake_weight(&t, &wq)?.flatten_all()?.to_vec1::<f32>()?)
-            };
-            let clip = search_layer(&data, in_f, &x.data, group, &dev, &fq)?;
-            clip.apply(&mut data, in_f, group);
-            let w = Tensor::from_vec(data, (out_f, in_f), &dev)?;
+            let fq = |w: &Tensor| -> Result<Tensor> { Ok(fake_weight(w, &wq)?) };
+            let clip = search_layer(w, &x.data, group, &dev, &fq)?;
+            let w = clip.apply(w, group)?;
             clipped.insert(key.clone(), w.clone());
             tensors.insert(key, w);
             let reduction = if clip.mse_before > 0.0 {
@@ -216,7 +215,15 @@ pub fn run(cfg: &ClipConfig) -> Result<ClipSummary> {
         resumed_blocks: start,
         seconds: started.elapsed().as_secs_f64(),
     };
-    write_output(cfg, &dir, &tensors, &summary, &init_sha, &shards_sha)?;
+    let provenance = serde_json::json!({
+        "tool": TOOL,
+        "config": config,
+        "init_weights_sha256": init_sha,
+        "model_hub": qat_model::snapshot_source(&dir.dir),
+        "shards_manifest_sha256": shards_sha,
+        "report": summary,
+    });
+    write_output(cfg, &dir, &tensors, &provenance)?;
     progress.remove();
     Ok(summary)
 }
@@ -225,13 +232,11 @@ fn write_output(
     cfg: &ClipConfig,
     dir: &ModelDir,
     tensors: &HashMap<String, Tensor>,
-    summary: &ClipSummary,
-    init_sha: &str,
-    shards_sha: &str,
+    provenance: &serde_json::Value,
 ) -> Result<()> {
     let staging = PathBuf::from(format!("{}.partial", cfg.out.display()));
     let _ = std::fs::remove_dir_all(&staging);
-    let written = write_staging(cfg, dir, tensors, summary, init_sha, shards_sha, &staging);
+    let written = write_staging(cfg, dir, tensors, provenance, &staging);
     if written.is_err() {
         // Nothing half written stays behind (e.g. a full disk).
         let _ = std::fs::remove_dir_all(&staging);
@@ -243,27 +248,17 @@ fn write_staging(
     cfg: &ClipConfig,
     dir: &ModelDir,
     tensors: &HashMap<String, Tensor>,
-    summary: &ClipSummary,
-    init_sha: &str,
-    shards_sha: &str,
+    provenance: &serde_json::Value,
     staging: &Path,
 ) -> Result<()> {
     std::fs::create_dir_all(staging).map_err(io(staging, "cannot create"))?;
     qat_train::student::save_safetensors(tensors, &staging.join("model.safetensors"))?;
     dir.copy_companions(staging)?;
     cfg.scheme.save(staging.join(qat_quant::SCHEME_FILE))?;
-    let provenance = serde_json::json!({
-        "tool": TOOL,
-        "config": cfg,
-        "init_weights_sha256": init_sha,
-        "model_hub": qat_model::snapshot_source(&dir.dir),
-        "shards_manifest_sha256": shards_sha,
-        "report": summary,
-    });
     let prov = staging.join("provenance.json");
     std::fs::write(
         &prov,
-        serde_json::to_string_pretty(&provenance).expect("json") + "\n",
+        serde_json::to_string_pretty(provenance).expect("json") + "\n",
     )
     .map_err(io(&prov, "cannot write"))?;
     if cfg.out.exists() {

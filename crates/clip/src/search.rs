@@ -42,17 +42,15 @@ pub struct LayerClip {
 }
 
 impl LayerClip {
-    /// Clamps `w: [out, in]` (row-major) to the chosen per-group ranges, in place.
-    pub fn apply(&self, w: &mut [f32], in_features: usize, group: usize) {
-        let groups = in_features / group;
-        for (o, row) in w.chunks_mut(in_features).enumerate() {
-            for (g, chunk) in row.chunks_mut(group).enumerate() {
-                let (lo, hi) = (self.min[o * groups + g], self.max[o * groups + g]);
-                for v in chunk {
-                    *v = v.max(lo).min(hi);
-                }
-            }
-        }
+    /// `w: [out, in]` clamped to the chosen per-group ranges, on `w`'s device and in its dtype.
+    pub fn apply(&self, w: &Tensor, group: usize) -> Result<Tensor> {
+        let (dev, cells) = (w.device(), self.max.len());
+        let hi = Tensor::from_slice(&self.max, (cells, 1), dev)?.to_dtype(w.dtype())?;
+        let lo = Tensor::from_slice(&self.min, (cells, 1), dev)?.to_dtype(w.dtype())?;
+        Ok(w.reshape((cells, group))?
+            .broadcast_maximum(&lo)?
+            .broadcast_minimum(&hi)?
+            .reshape(w.shape())?)
     }
 
     /// Fraction of groups whose range was shrunk at all.
@@ -118,115 +116,116 @@ impl ErrorModel {
         Ok(Self::Direct(x))
     }
 
-    /// `[out, groups]` mean squared changes of the groups' partial outputs, `wq` against `w`.
-    fn errors(
-        &self,
-        w: &[f32],
-        wq: &[f32],
-        n: usize,
-        in_features: usize,
-        group: usize,
-    ) -> Result<Vec<f64>> {
-        let (out, groups) = (w.len() / in_features, in_features / group);
-        let d: Vec<f64> = wq
-            .iter()
-            .zip(w)
-            .map(|(&q, &v)| f64::from(q) - f64::from(v))
-            .collect();
+    /// `[out · groups]` mean squared changes of the groups' partial outputs for the weight
+    /// change `d: [out, groups, group]` f64 (quantized minus original), on the model's device.
+    fn errors(&self, d: &Tensor, n: usize) -> Result<Tensor> {
+        let (out, groups, _) = d.dims3()?;
         let err = match self {
             Self::Gram(c) => {
-                // d [out, groups, group] → [groups, out, group]; Σ_b (d C_g)_a d_a per row.
-                let d = Tensor::from_vec(d, (out, groups, group), c.device())?
-                    .transpose(0, 1)?
-                    .contiguous()?;
+                // d → [groups, out, group]; Σ_b (d C_g)_a d_a per row.
+                let d = d.transpose(0, 1)?.contiguous()?;
                 (d.matmul(c)? * &d)?.sum(2)? // [groups, out]
             }
             Self::Direct(x) => {
-                // d [out, groups, group] → [groups, group, out]; x [groups, n, group] · d → [groups, n, out].
-                let d = Tensor::from_vec(d, (out, groups, group), x.device())?
-                    .permute((1, 2, 0))?
-                    .contiguous()?;
+                // d → [groups, group, out]; x [groups, n, group] · d → [groups, n, out].
+                let d = d.permute((1, 2, 0))?.contiguous()?;
                 x.matmul(&d)?.sqr()?.sum(1)? // [groups, out]
             }
         };
-        let err = (err / n as f64)?;
-        Ok(err.t()?.contiguous()?.flatten_all()?.to_vec1::<f64>()?)
+        Ok((err / n as f64)?.t()?.contiguous()?.reshape(out * groups)?)
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Self::Gram(c) => c.device(),
+            Self::Direct(x) => x.device(),
+        }
     }
 }
 
-/// Searches the clipping of one layer. `w: [out, in]` and `x: [n, in]` are row-major; `group`
-/// divides `in`; `fake_quant` quantize-dequantizes a whole `[out, in]` matrix with the layer's
-/// weight format (min/max taken per group, as training will). The error is measured the
-/// cheaper way for the shapes ([`ErrorModel::for_inputs`]), its matmuls on `dev`.
+/// Searches the clipping of one layer. `w: [out, in]` f32 is on `dev`, `x: [n, in]` the
+/// calibration inputs (row-major, host); `group` divides `in`; `fake_quant` quantize-dequantizes
+/// a whole `[out, in]` matrix with the layer's weight format (min/max taken per group, as
+/// training will). The error is measured the cheaper way for the shapes
+/// ([`ErrorModel::for_inputs`]); clamping, quantizing and measuring all stay on `dev`.
 pub fn search_layer(
-    w: &[f32],
-    in_features: usize,
+    w: &Tensor,
     x: &[f32],
     group: usize,
     dev: &Device,
-    fake_quant: &dyn Fn(&[f32]) -> Result<Vec<f32>>,
+    fake_quant: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<LayerClip> {
+    let in_features = w.dim(1)?;
     let model = ErrorModel::for_inputs(x, in_features, group, dev)?;
-    search_layer_with(
-        w,
-        in_features,
-        x.len() / in_features,
-        group,
-        &model,
-        fake_quant,
-    )
+    search_layer_with(w, x.len() / in_features, group, &model, fake_quant)
 }
 
-/// [`search_layer`] with the error measured by `errors` (of `n` calibration rows).
+/// [`search_layer`] with the error measured by `errors` (of `n` calibration rows), on its device.
+/// Each of the 100 pairs costs a clamp, a fake quantization and one batched matmul there, and
+/// the running best of every group stays there too: nothing crosses to the host but the final
+/// choices.
 pub fn search_layer_with(
-    w: &[f32],
-    in_features: usize,
+    w: &Tensor,
     n: usize,
     group: usize,
     errors: &ErrorModel,
-    fake_quant: &dyn Fn(&[f32]) -> Result<Vec<f32>>,
+    fake_quant: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<LayerClip> {
-    let groups = in_features / group;
-    let cells = w.len() / group;
-    let mut org_max = vec![0f32; cells];
-    let mut org_min = vec![0f32; cells];
-    for (i, chunk) in w.chunks(group).enumerate() {
-        org_max[i] = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        org_min[i] = chunk.iter().copied().fold(f32::INFINITY, f32::min);
-    }
-    let mut best_err = vec![f64::INFINITY; cells];
-    let mut choice = vec![(0u8, 0u8); cells];
+    let dev = errors.device();
+    let (out, in_features) = w.dims2()?;
+    let (groups, cells) = (in_features / group, w.elem_count() / group);
+    let cells_view = w
+        .to_device(dev)?
+        .to_dtype(DType::F32)?
+        .reshape((cells, group))?;
+    let org_max = cells_view.max_keepdim(1)?; // [cells, 1]
+    let org_min = cells_view.min_keepdim(1)?;
+    let original = cells_view.to_dtype(DType::F64)?;
+    let ratio = |r: f32| Tensor::new(&[r], dev);
+    let mut best_err = Tensor::full(f64::INFINITY, cells, dev)?;
+    let mut best_pair = Tensor::zeros(cells, DType::U32, dev)?;
     let mut mse_before = 0.0;
-    let mut clamped = vec![0f32; w.len()];
     for (i, &r_max) in SHRINK_RATIOS.iter().enumerate() {
+        let hi = org_max.broadcast_mul(&ratio(r_max)?)?;
         for (j, &r_min) in SHRINK_RATIOS.iter().enumerate() {
-            for (cell, (dst, src)) in clamped.chunks_mut(group).zip(w.chunks(group)).enumerate() {
-                let (lo, hi) = (org_min[cell] * r_min, org_max[cell] * r_max);
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = s.max(lo).min(hi);
-                }
-            }
-            let wq = fake_quant(&clamped)?;
-            let err = errors.errors(w, &wq, n, in_features, group)?;
+            let lo = org_min.broadcast_mul(&ratio(r_min)?)?;
+            let clamped = cells_view
+                .broadcast_maximum(&lo)?
+                .broadcast_minimum(&hi)?
+                .reshape((out, in_features))?;
+            let wq = fake_quant(&clamped)?.reshape((cells, group))?;
+            let d = (wq.to_dtype(DType::F64)? - &original)?.reshape((out, groups, group))?;
+            let err = errors.errors(&d, n)?;
             if (i, j) == (0, 0) {
-                mse_before = err.iter().sum::<f64>() / cells as f64;
+                mse_before = err.sum_all()?.to_scalar::<f64>()? / cells as f64;
             }
-            for cell in 0..cells {
-                if err[cell] < best_err[cell] {
-                    best_err[cell] = err[cell];
-                    choice[cell] = (i as u8, j as u8);
-                }
-            }
+            // Strict `<`: the first pair with the smallest error wins (NaN never does).
+            let better = err.lt(&best_err)?;
+            best_err = better.where_cond(&err, &best_err)?;
+            let pair = Tensor::full((i * SHRINK_RATIOS.len() + j) as u32, cells, dev)?;
+            best_pair = better.where_cond(&pair, &best_pair)?;
         }
     }
+    let mse_after = best_err.sum_all()?.to_scalar::<f64>()? / cells as f64;
+    let org_max = org_max.flatten_all()?.to_vec1::<f32>()?;
+    let org_min = org_min.flatten_all()?.to_vec1::<f32>()?;
+    let choice: Vec<(u8, u8)> = best_pair
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|p| {
+            let p = p as usize;
+            (
+                (p / SHRINK_RATIOS.len()) as u8,
+                (p % SHRINK_RATIOS.len()) as u8,
+            )
+        })
+        .collect();
     let max = (0..cells)
         .map(|c| org_max[c] * SHRINK_RATIOS[choice[c].0 as usize])
         .collect();
     let min = (0..cells)
         .map(|c| org_min[c] * SHRINK_RATIOS[choice[c].1 as usize])
         .collect();
-    let mse_after = best_err.iter().sum::<f64>() / cells as f64;
-    debug_assert_eq!(cells, w.len() / in_features * groups);
     Ok(LayerClip {
         max,
         min,
@@ -272,12 +271,34 @@ mod tests {
             .collect()
     }
 
+    /// [`asym2`] of a tensor, as `search_layer` calls it.
+    fn asym2_tensor(w: &Tensor, group: usize) -> Result<Tensor> {
+        let q = asym2(&w.flatten_all()?.to_vec1::<f32>()?, group);
+        Ok(Tensor::from_vec(q, w.shape(), w.device())?)
+    }
+
+    fn matrix(v: &[f32], cols: usize) -> Tensor {
+        Tensor::from_slice(v, (v.len() / cols, cols), &Device::Cpu).unwrap()
+    }
+
+    /// `[out, groups, group]` f64 change from `w` to `wq`.
+    fn change(w: &[f32], wq: &[f32], inp: usize, group: usize) -> Tensor {
+        let d: Vec<f64> = wq
+            .iter()
+            .zip(w)
+            .map(|(&q, &v)| f64::from(q) - f64::from(v))
+            .collect();
+        let n = d.len();
+        Tensor::from_vec(d, (n / inp, inp / group, group), &Device::Cpu).unwrap()
+    }
+
     #[test]
     fn two_bit_gaussian_groups_gain_from_clipping_and_match_brute_force() -> Result<()> {
         let (out, inp, group, n) = (8, 64, 32, 96);
         let w = normals(out * inp, 1);
         let x = normals(n * inp, 2);
-        let clip = search_layer(&w, inp, &x, group, &Device::Cpu, &|w| Ok(asym2(w, group)))?;
+        let q = |w: &Tensor| asym2_tensor(w, group);
+        let clip = search_layer(&matrix(&w, inp), &x, group, &Device::Cpu, &q)?;
         // 2-bit MinMax of Gaussian groups wastes levels on the tails: clipping must help a lot.
         assert!(
             clip.mse_after < 0.8 * clip.mse_before,
@@ -332,19 +353,20 @@ mod tests {
         for (out, inp, group, n) in [(8, 64, 64, 16), (6, 96, 32, 20), (4, 48, 16, 40)] {
             let w = normals(out * inp, 3);
             let x = normals(n * inp, 4);
-            let q = |w: &[f32]| Ok(asym2(w, group));
+            let q = |w: &Tensor| asym2_tensor(w, group);
             let gram = ErrorModel::gram_of(&x, inp, group, &Device::Cpu)?;
             let direct = ErrorModel::direct_of(&x, inp, group, &Device::Cpu)?;
             let wq = asym2(&w, group);
+            let d = change(&w, &wq, inp, group);
             let (a, b) = (
-                gram.errors(&w, &wq, n, inp, group)?,
-                direct.errors(&w, &wq, n, inp, group)?,
+                gram.errors(&d, n)?.to_vec1::<f64>()?,
+                direct.errors(&d, n)?.to_vec1::<f64>()?,
             );
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() <= 1e-9 * x.abs().max(1e-12), "{a:?} vs {b:?}");
             }
-            let by_gram = search_layer_with(&w, inp, n, group, &gram, &q)?;
-            let by_direct = search_layer_with(&w, inp, n, group, &direct, &q)?;
+            let by_gram = search_layer_with(&matrix(&w, inp), n, group, &gram, &q)?;
+            let by_direct = search_layer_with(&matrix(&w, inp), n, group, &direct, &q)?;
             assert_eq!(by_gram.choice, by_direct.choice);
             assert!((by_gram.mse_after - by_direct.mse_after).abs() <= 1e-9 * by_gram.mse_after);
             let auto = ErrorModel::for_inputs(&x, inp, group, &Device::Cpu)?;
@@ -363,8 +385,10 @@ mod tests {
             ErrorModel::gram_of(&x, 2, 2, &Device::Cpu).unwrap(),
             ErrorModel::direct_of(&x, 2, 2, &Device::Cpu).unwrap(),
         ] {
-            let err = model.errors(&[0.0, 0.0], &[0.5, -0.25], 2, 2, 2).unwrap();
-            assert_eq!(err, vec![0.125]);
+            let err = model
+                .errors(&change(&[0.0, 0.0], &[0.5, -0.25], 2, 2), 2)
+                .unwrap();
+            assert_eq!(err.to_vec1::<f64>().unwrap(), vec![0.125]);
         }
     }
 
@@ -377,9 +401,13 @@ mod tests {
             mse_before: 0.0,
             mse_after: 0.0,
         };
-        let mut w = vec![-3.0f32, 2.0, -3.0, 2.0];
-        clip.apply(&mut w, 4, 2);
-        assert_eq!(w, vec![-1.0, 1.0, 0.0, 2.0]);
+        let w = matrix(&[-3.0f32, 2.0, -3.0, 2.0], 4);
+        let clamped = clip.apply(&w, 2).unwrap();
+        assert_eq!(clamped.dims(), [1, 4]);
+        assert_eq!(
+            clamped.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![-1.0, 1.0, 0.0, 2.0]
+        );
         assert_eq!(clip.clipped_fraction(), 0.5);
     }
 }

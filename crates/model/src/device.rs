@@ -1,6 +1,6 @@
 //! Parsing of `--device` values (`cpu` or `cuda:N`; CUDA needs the `cuda` feature) and `--dtype` values.
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, DeviceLocation};
 
 /// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device, String> {
@@ -24,6 +24,16 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
         return Err(format!("device {spec:?}: this build has no CUDA support (rebuild with `--features cuda`, see README)"));
     }
     Device::new_cuda(ordinal).map_err(|e| format!("device {spec:?}: {e}"))
+}
+
+/// The canonical name of a device, `cpu` or `cuda:N`: what outputs record and checkpoints are
+/// keyed by, so that `--device cuda` and `--device cuda:0` are the same device.
+pub fn device_name(dev: &Device) -> String {
+    match dev.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// Parses `--dtype` values: the dtype the forward pass computes in. `f32` (default everywhere),
@@ -67,11 +77,17 @@ mod tests {
     #[test]
     fn cpu_parses_and_cuda_needs_the_feature() {
         assert!(parse_device("cpu").unwrap().is_cpu());
+        assert_eq!(device_name(&parse_device(" cpu ").unwrap()), "cpu");
         assert!(parse_device("gpu").is_err());
         if !candle_core::utils::cuda_is_available() {
             assert!(parse_device("cuda:0")
                 .unwrap_err()
                 .contains("--features cuda"));
+        } else if Device::new_cuda(0).is_ok() {
+            // A `--features cuda` build on a machine with a GPU.
+            for spec in ["cuda", "cuda:0"] {
+                assert_eq!(device_name(&parse_device(spec).unwrap()), "cuda:0");
+            }
         }
     }
 }

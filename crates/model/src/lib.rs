@@ -21,7 +21,7 @@ pub mod softmax;
 pub use attention::{causal_attention, fused_attention_supported};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, LlamaConfigFile};
-pub use device::{dtype_name, parse_device, parse_dtype};
+pub use device::{device_name, dtype_name, parse_device, parse_dtype};
 pub use error::{ModelError, Result};
 pub use hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
 pub use hub::{resolve_model, snapshot_source, HubError, HubSource, ResolvedModel};
