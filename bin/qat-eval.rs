@@ -138,7 +138,7 @@ fn main() -> ExitCode {
         };
         let fields = serde_json::json!({
             "dtype": qat_model::dtype_name(dtype),
-            "device": args.device,
+            "device": qat_model::device_name(&device),
             "quantization": m.quantization,
             "scheme": m.scheme.to_string(),
             "scheme_json": serde_json::from_str::<serde_json::Value>(&m.scheme.to_json_pretty())?,
@@ -167,8 +167,8 @@ fn checkpoint_settings(args: &Args, m: &EvalModel) -> serde_json::Value {
         "weights_sha256": m.weights_sha256,
         "quantization": m.quantization,
         "scheme": m.scheme.to_json_pretty(),
-        "dtype": args.dtype,
-        "device": args.device,
+        "dtype": qat_model::dtype_name(m.model.dtype()),
+        "device": qat_model::device_name(m.model.device()),
         "batch_size": args.batch_size,
         "max_len": m.config.max_position_embeddings,
     })

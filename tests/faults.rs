@@ -261,7 +261,10 @@ fn qat_eval_killed_at_seeded_points_resumes_to_the_identical_nll() {
         finished,
     );
     let resumed_from = batches_done();
-    let done = ok_json(&qat_eval(&strs(&args(true))));
+    // The checkpoint is keyed by the resolved dtype, not by how the flag spells it.
+    let mut last = args(true);
+    last.extend(strings(&["--dtype", "fp32"]));
+    let done = ok_json(&qat_eval(&strs(&last)));
     let all = whole["sequences"].as_u64().unwrap();
     assert_eq!(done["resumed_sequences"], (2 * resumed_from).min(all));
     for field in ["nll", "ppl", "tokens", "sequences"] {

@@ -115,7 +115,5 @@ pub(super) fn truncate_lines(path: &Path, keep: u64) -> Result<()> {
         .take(keep as usize)
         .map(|l| format!("{l}\n"))
         .collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, kept).map_err(io(&tmp, "cannot rewrite training log"))?;
-    std::fs::rename(&tmp, path).map_err(io(path, "cannot rewrite training log"))
+    Ok(qat_shards::fsutil::write_atomic(path, kept.as_bytes())?)
 }

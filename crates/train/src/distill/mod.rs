@@ -435,7 +435,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         "steps": opt.step,
         "tokens": tokens_seen,
         "final_loss": last_loss,
-        "device": cfg.device,
+        "device": qat_model::device_name(&dev),
         "balance_kv": balance,
         "online_teacher": cfg.teacher.as_ref().map(|p| p.display().to_string()),
         "online_teacher_hub": cfg.teacher.as_deref().and_then(qat_model::snapshot_source),
