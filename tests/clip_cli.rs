@@ -37,6 +37,7 @@ fn clipping_lowers_every_layer_error_and_beats_round_to_nearest() {
     let mut args = vec!["--model", model.to_str().unwrap()];
     args.extend(clip_args(s, sc, o));
     let report = ok_json(&qat_clip(&args));
+    assert_documented("qat-clip", &report);
     let layers = report["layers"].as_array().unwrap();
     // q_proj and k_proj are skipped by default: v, o, gate, up, down of 5 blocks.
     assert_eq!(layers.len(), 25);

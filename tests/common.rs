@@ -318,3 +318,115 @@ pub fn run_with_file_size_limit(bin: &str, args: &[&str], bytes: u64) -> Output 
     }
     cmd.output().expect("spawn")
 }
+
+/// One documented field of a summary: its path (`a`, `a[].b`, `a.<key>.b`), JSON type column and
+/// whether it may be absent.
+struct DocumentedField {
+    path: String,
+    ty: String,
+    optional: bool,
+}
+
+/// The rows of section `## {section}` of formats/summaries.md.
+fn documented_fields(section: &str) -> Vec<DocumentedField> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("formats/summaries.md");
+    let text = std::fs::read_to_string(&path).expect("read formats/summaries.md");
+    let mut in_section = false;
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            in_section = heading.trim() == section;
+        } else if in_section && line.starts_with("| `") {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            rows.push(DocumentedField {
+                path: cells[1].trim_matches('`').to_string(),
+                ty: cells[2].to_string(),
+                optional: cells[3].starts_with("optional"),
+            });
+        }
+    }
+    assert!(
+        !rows.is_empty(),
+        "formats/summaries.md has no fields under `## {section}`"
+    );
+    rows
+}
+
+/// Whether `v` has the documented JSON type (`string`, `integer`, `number`, `object`, `array`,
+/// `array of strings`, each optionally `or null`).
+fn has_documented_type(v: &serde_json::Value, ty: &str) -> bool {
+    let (ty, nullable) = match ty.strip_suffix(" or null") {
+        Some(t) => (t, true),
+        None => (ty, false),
+    };
+    match ty {
+        _ if v.is_null() => nullable,
+        "string" => v.is_string(),
+        "integer" => v.is_u64() || v.is_i64(),
+        "number" => v.is_number(),
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "array of strings" => v
+            .as_array()
+            .is_some_and(|a| a.iter().all(|s| s.is_string())),
+        other => panic!("formats/summaries.md: unknown type {other:?}"),
+    }
+}
+
+/// Checks `summary` (a tool's stdout JSON) against section `## {section}` of
+/// formats/summaries.md: every field it has is documented with the right type, every field
+/// documented as always present is there; nested `a[].b` and `a.<key>.b` rows likewise for
+/// every element.
+pub fn assert_documented(section: &str, summary: &serde_json::Value) {
+    let rows = documented_fields(section);
+    check_documented(section, "", summary, &rows);
+}
+
+fn check_documented(
+    section: &str,
+    prefix: &str,
+    obj: &serde_json::Value,
+    rows: &[DocumentedField],
+) {
+    let obj = obj
+        .as_object()
+        .unwrap_or_else(|| panic!("{section}: `{prefix}` is not an object: {obj}"));
+    // The rows of this level: below `prefix`, with no further nesting.
+    let here: Vec<(&str, &DocumentedField)> = rows
+        .iter()
+        .filter_map(|r| {
+            let name = r.path.strip_prefix(prefix)?;
+            (!name.contains('.') && !name.contains("[]")).then_some((name, r))
+        })
+        .collect();
+    for (key, value) in obj {
+        let Some((_, row)) = here.iter().find(|(name, _)| name == key) else {
+            panic!("{section}: the summary has `{prefix}{key}`, which formats/summaries.md does not document");
+        };
+        assert!(
+            has_documented_type(value, &row.ty),
+            "{section}: `{prefix}{key}` is {value}, documented as {}",
+            row.ty
+        );
+        let in_array = format!("{prefix}{key}[].");
+        if rows.iter().any(|r| r.path.starts_with(&in_array)) {
+            for element in value.as_array().expect("documented array") {
+                check_documented(section, &in_array, element, rows);
+            }
+        }
+        let in_map = format!("{prefix}{key}.<");
+        if let Some(r) = rows.iter().find(|r| r.path.starts_with(&in_map)) {
+            let end = in_map.len() + r.path[in_map.len()..].find(">.").expect("`<key>.`") + 2;
+            for entry in value.as_object().expect("documented object").values() {
+                check_documented(section, &r.path[..end], entry, rows);
+            }
+        }
+    }
+    for (name, row) in here {
+        assert!(
+            row.optional || obj.contains_key(name),
+            "{section}: `{prefix}{name}` is documented as always present but the summary has none: {}",
+            serde_json::Value::Object(obj.clone())
+        );
+    }
+}

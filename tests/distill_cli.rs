@@ -48,6 +48,7 @@ fn training_lowers_the_loss_and_writes_a_student_dir() {
         &[],
     )));
     assert_eq!(s["steps"], 12);
+    assert_documented("qat-distill", &s);
     for f in [
         "config.json",
         "model.safetensors",
@@ -128,6 +129,7 @@ fn resume_after_kill_gives_the_identical_loss_curve_and_weights() {
     );
     let r = ok_json(&qat_distill(&distill_args(&m, &s, &k, &["--resume"])));
     assert!(r["resumed_from_step"].as_u64().unwrap() >= 3);
+    assert_documented("qat-distill", &r);
     assert_eq!(log_losses(&whole), log_losses(&killed));
     assert_eq!(
         std::fs::read(whole.join("model.safetensors")).unwrap(),
@@ -279,6 +281,7 @@ fn cakld_measures_gamma_from_the_shards_and_records_it() {
         &["--loss", "cakld", "--steps", "2"],
     )));
     assert_eq!(j["loss"], "cakld");
+    assert_documented("qat-distill", &j);
     let gamma = j["cakld_gamma"].as_f64().unwrap();
     assert!(gamma > 0.2 && gamma < 1.0, "gamma {gamma}");
     let prov: serde_json::Value =

@@ -31,6 +31,7 @@ fn docs_perplexity_matches_hf_reference() {
         "-q",
     ]);
     let j = ok_json(&out);
+    assert_documented("qat-eval", &j);
     assert_eq!(j["tokens"], want["pred_tokens"]);
     let nll = j["nll"].as_f64().unwrap();
     assert!(

@@ -128,6 +128,7 @@ fn distilled_students_export_to_gguf_bit_for_bit() {
             "-o",
             file.to_str().unwrap(),
         ]));
+        assert_documented("qat-pack --format gguf", &s);
         let size = std::fs::metadata(&file).unwrap().len();
         eprintln!(
             "{name}: {size} bytes, {} bits per quantized weight, {} quantized weights",

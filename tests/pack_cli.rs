@@ -13,17 +13,19 @@ use std::process::Command;
 
 /// A "student" made from the teacher: its files plus `scheme` as quant_scheme.json.
 fn pack_ok(student: &Path, out: &Path) -> serde_json::Value {
-    ok_json(&qat_pack(&[
+    let summary = ok_json(&qat_pack(&[
         "--model",
         student.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ]))
+    ]));
+    assert_documented("qat-pack", &summary);
+    summary
 }
 
 fn eval(model: &Path) -> serde_json::Value {
     let corpus = tinystories();
-    ok_json(&qat_eval(&[
+    let summary = ok_json(&qat_eval(&[
         "--model",
         model.to_str().unwrap(),
         "--corpus",
@@ -33,7 +35,9 @@ fn eval(model: &Path) -> serde_json::Value {
         "--seq-len",
         "256",
         "-q",
-    ]))
+    ]));
+    assert_documented("qat-eval", &summary);
+    summary
 }
 
 /// Bits per weight in theory for stories260K (5 blocks; in_features 64 for every layer but

@@ -211,6 +211,7 @@ fn rerun_resumes_after_a_killed_run_with_identical_bytes() {
         &args(&killed).iter().map(|s| s.as_str()).collect::<Vec<_>>(),
     ));
     assert!(summary["files_resumed"].as_u64().unwrap() >= 2);
+    assert_documented("qat-sample", &summary);
     let keep = |d: &Path| {
         dir_files(d)
             .into_iter()

@@ -260,6 +260,7 @@ fn run_all(
     }
     args.extend(extra);
     let j = ok_json(&qat_eval(&args));
+    assert_documented("qat-eval --task", &j);
     (j, read_items(&items))
 }
 
