@@ -10,7 +10,7 @@
 # With QAT_DATA, also copies the few data files the GPU runs read (~4 MB: the Llama-2 tokenizer,
 # stories260K, the TinyStories dev file) into DIST_DIR/data: ../shared does not travel.
 # TESTS: a file listing unit-test executables (`name path` lines, scripts/test-executables.py) of
-# the crates with CUDA kernels; they are packed as bin/test-NAME, for the kernel checks that
+# the crates with CUDA code paths; they are packed as bin/test-NAME, for the CUDA checks that
 # bench/gpu/run.sh runs on the GPU machine (where there is no cargo).
 # Carry DIST_DIR/qat-cuda-bin.tar.xz and DIST_DIR/data (not DIST_DIR/bin: ~0.2 GB unpacked).
 set -euo pipefail

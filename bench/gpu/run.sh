@@ -40,7 +40,8 @@ else
 fi
 [ -x "$bin/qat-sample" ] || { echo "run.sh: no qat binaries in $bin (make build-cuda, then carry dist/cuda)" >&2; exit 2; }
 
-# The unit tests of the crates with CUDA kernels, filtered to their CUDA cases.
+# The unit tests of the crates with CUDA code paths (kernels, the clipping search), filtered to
+# their CUDA cases.
 kernels() {
     local t rc=0
     for t in "$bin"/test-*; do

@@ -392,6 +392,54 @@ mod tests {
         }
     }
 
+    /// The search on a GPU picks the clipping the CPU picks, with the quantizer training uses
+    /// (asymmetric 2-bit groups, composed ops) and the fused symmetric per-channel one (the
+    /// CUDA kernel), by either error model. Runs only in a `--features cuda` build on a machine
+    /// with a GPU (`make pipeline-gpu` runs it first); skipped otherwise.
+    #[test]
+    fn cuda_search_picks_the_clipping_of_the_cpu() -> Result<()> {
+        use qat_quant::{WeightFormat, WeightGrad, WeightQuant};
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        };
+        let (out, inp, n) = (48, 128, 40);
+        let w = normals(out * inp, 5);
+        let x = normals(n * inp, 6);
+        for (format, bits, group) in [
+            (
+                WeightFormat::AsymGroup {
+                    group_size: Some(32),
+                },
+                2,
+                32,
+            ),
+            (WeightFormat::SymPerChannel, 4, inp),
+        ] {
+            let wq = WeightQuant {
+                bits,
+                format,
+                grad: WeightGrad::Ste,
+            };
+            let q = |w: &Tensor| Ok(qat_quant::fake::fake_weight(w, &wq)?);
+            let on = |dev: &Device| -> Result<LayerClip> {
+                let w = Tensor::from_slice(&w, (out, inp), dev)?;
+                search_layer(&w, &x, group, dev, &q)
+            };
+            let (cpu, cuda) = (on(&Device::Cpu)?, on(&gpu)?);
+            assert_eq!(cpu.choice, cuda.choice, "{format:?}");
+            assert_eq!((&cpu.max, &cpu.min), (&cuda.max, &cuda.min));
+            let rel = (cpu.mse_after - cuda.mse_after).abs() / cpu.mse_after;
+            assert!(
+                rel < 1e-9,
+                "{format:?}: {} vs {}",
+                cpu.mse_after,
+                cuda.mse_after
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn apply_clamps_per_group() {
         let clip = LayerClip {
