@@ -3,7 +3,7 @@
 //! (`exp` of the largest stored log-prob). See formats/distill-loss.md.
 //!
 //! The shards are streamed file by file (one row group in memory per worker); files are read in
-//! parallel ([`each_file_par`]), and the per-file sums are added in file order, so the value does
+//! parallel (`data::each_file_par`), and the per-file sums are added in file order, so the value does
 //! not depend on the thread count. The same pass checks every file and record, as distill's
 //! up-front check does.
 
