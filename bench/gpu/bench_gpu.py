@@ -179,6 +179,24 @@ def main():
     stages = a.stages.split(",")
     failed = {}
 
+    head = ["| stage | qat tokens/s | PyTorch tokens/s | ratio | MFU qat / PyTorch | peak memory qat / PyTorch | notes |",
+            "|---|---|---|---|---|---|---|"]
+    dev_name = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.strip() if gpu else "cpu (smoke test)"
+    chosen = {"batch": c["distill_batch"]}
+
+    def save():
+        """Writes WORK/results.json and WORK/table.md as they stand (after every stage, so that a
+        run stopped by a device time limit keeps what it measured)."""
+        meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=dev_name, params=N, config=c, smoke=a.smoke,
+                    seconds=time.time() - started, peak_tflops=peak_flops / 1e12, distill_batch_run=chosen["batch"],
+                    failed=failed, stages_done=[r for r in stages if r in results or r in failed])
+        with open(os.path.join(work, "results.json"), "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+        with open(os.path.join(work, "table.md"), "w") as f:
+            f.write("\n".join(head + rows) + "\n")
+        return meta
+
     def attempt(stage, fn):
         """Runs one stage; a failure is reported in the table instead of ending the run."""
         try:
@@ -187,6 +205,7 @@ def main():
             failed[stage] = str(e)
             say(f"{stage} FAILED: {str(e)[-1500:]}")
             rows.append(f"| {stage} | failed | | | | | {str(e).splitlines()[0][:200]} (log: {logs}) |")
+        save()
 
     B, new = c["sample_batch"], c["sample_new"]
 
@@ -231,7 +250,6 @@ def main():
 
     targs = lambda DB: ["--model", model, "--shards", shards, "--batch", str(DB), "--steps", str(steps),
                         "--warmup", str(warm), "--threads", threads, "--online-teacher"]
-    chosen = {"batch": DB}
 
     def stage_distill():
         # The batch halves while qat-distill runs out of GPU memory (composed attention keeps
@@ -287,17 +305,8 @@ def main():
     if "eval" in stages:
         attempt("eval", stage_eval)
 
-    head = ["| stage | qat tokens/s | PyTorch tokens/s | ratio | MFU qat / PyTorch | peak memory qat / PyTorch | notes |",
-            "|---|---|---|---|---|---|---|"]
     table = "\n".join(head + rows)
-    dev_name = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True).stdout.strip() if gpu else "cpu (smoke test)"
-    meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=dev_name, params=N, config=c, smoke=a.smoke,
-                seconds=time.time() - started, peak_tflops=peak_flops / 1e12, distill_batch_run=chosen["batch"], failed=failed)
-    with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
-    with open(os.path.join(work, "table.md"), "w") as f:
-        f.write(table + "\n")
+    meta = save()
     print(f"\nbench-gpu {meta['date']} on {dev_name}: {c['config']} ({N:,} parameters), {c['dtype']}, "
           f"{meta['seconds']:.0f} s in all\n")
     print(table)

@@ -3,7 +3,7 @@
 //! clamp the weights to the chosen range.
 //!
 //! [`calib`] captures the inputs of every linear layer on tokens from a shard set, [`search`]
-//! runs the 10 × 10 grid of (max, min) shrink ratios per group, [`run`] ties them into the
+//! runs the 10 × 10 grid of (max, min) shrink ratios per group, [`run()`] ties them into the
 //! `qat-clip` stage (model dir in, clipped model dir out, per-layer report).
 
 pub mod calib;

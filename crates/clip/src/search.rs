@@ -82,7 +82,7 @@ fn gram(x: &[f32], in_features: usize, group: usize) -> Vec<f64> {
 
 /// How the search measures the error of a clamped-then-quantized layer.
 pub enum ErrorModel {
-    /// The groups' Gram matrices `[groups, group, group]` f64 ([`gram`]).
+    /// The groups' Gram matrices `[groups, group, group]` f64 (built on the host, once per layer).
     Gram(Tensor),
     /// The calibration inputs as `[groups, n, group]` f64: the partial outputs of every token.
     Direct(Tensor),

@@ -11,7 +11,7 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    /// `inv_freq[i] = theta^(-2i / head_dim)`; angle(pos, i) = pos * inv_freq[i].
+    /// `inv_freq[i] = theta^(-2i / head_dim)`; `angle(pos, i) = pos * inv_freq[i]`.
     pub fn new(
         head_dim: usize,
         max_positions: usize,

@@ -1,6 +1,6 @@
 //! Real bit-packing of quantized students: the packed model directory of `formats/packed.md`.
 //!
-//! [`pack`] turns a student (a model directory with a `quant_scheme.json`) into integer codes,
+//! [`pack()`] turns a student (a model directory with a `quant_scheme.json`) into integer codes,
 //! densely bit-packed ([`bits`]), with f16 scales and u8 zero points, in one safetensors file
 //! ([`st`], [`meta`], [`layout`]); [`load_packed`] checks such a directory ([`unpack`]),
 //! dequantizes it and builds a `qat_model::Llama` that runs the scheme's activation and KV

@@ -1,5 +1,5 @@
 //! Loading a packed model directory: every check of `formats/packed.md` section 6, then the
-//! codes dequantized ([`WeightCodes::dequantize`]) into a [`Llama`] whose hooks apply only the
+//! codes dequantized ([`qat_quant::dequantize_codes`]) into a [`Llama`] whose hooks apply only the
 //! scheme's activation and KV quantizers (its weights are quantized already).
 
 use crate::error::{PackError, Result};

@@ -17,7 +17,7 @@
 //!
 //! Codes are computed with the f32 `d` (and `min`) while values use the stored f16 ones, as in
 //! llama.cpp; so the fake-quantized weight is bit for bit what llama.cpp dequantizes (including
-//! `-0` for a `Q4_0` code 8 in a block whose `d` is negative). [`fake_ggml`] computes on the host
+//! `-0` for a `Q4_0` code 8 in a block whose `d` is negative). `fake_ggml` (below) computes on the host
 //! (the weight is copied to the CPU and back), with the straight-through gradient.
 
 use crate::fake::ste;

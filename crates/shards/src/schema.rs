@@ -10,7 +10,7 @@ use crate::header::{IdDtype, LogprobDtype};
 pub const COL_SEQ_ID: &str = "seq_id";
 /// Column: number of leading prompt tokens (UInt32).
 pub const COL_PROMPT_LEN: &str = "prompt_len";
-/// Column: the `L` tokens (List<UInt32>).
+/// Column: the `L` tokens (`List<UInt32>`).
 pub const COL_TOKENS: &str = "tokens";
 /// Column: flattened `[(L-1)*K]` top-K ids (List<UInt16|UInt32>).
 pub const COL_TOPK_IDS: &str = "topk_ids";
