@@ -26,7 +26,7 @@ all: build
 help:
 	@echo "make pipeline   build, then run pipelines/llm-qat.mk on $(QAT_DATA)/models/stories260K"
 	@echo "make test       the test suite (CI runs exactly this)"
-	@echo "make lint       rustfmt check and clippy (warnings are errors) of the workspace"
+	@echo "make lint       rustfmt check, clippy and rustdoc (warnings are errors) of the workspace"
 	@echo "make pipeline-bitdistiller   clip -> CAKLD QAT -> pack -> eval (pipelines/bitdistiller.mk)"
 	@echo "make plots      FKL vs CAKLD loss curves of the BitDistiller students (PNG, qat-report)"
 	@echo "make bench      CPU speed against PyTorch references (bench/RESULTS.md)"
@@ -54,6 +54,7 @@ test: test-deps
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --locked --workspace --no-deps
 
 pipeline: build
 	$(MAKE) -f pipelines/llm-qat.mk BIN=$(BIN) QAT_DATA=$(QAT_DATA) OUT=$(OUT)
