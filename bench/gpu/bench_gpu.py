@@ -24,8 +24,9 @@ teacher's 2N is not counted), 2N for sampling and evaluation; N = all parameters
 
 BENCH_GPU_SMOKE=1 (or --smoke): the same pipeline on the CPU with a 2-layer random model and tiny
 shapes, to test the harness without a GPU (no RESULTS.md entry).
-Prints a Markdown table; writes WORK/results.json, WORK/table.md, and with --record appends the
-table to bench/RESULTS.md.
+Prints a Markdown table; writes results.json and table.md (into --results, default WORK) after
+every stage, and with --record appends the table to bench/RESULTS.md. --deadline-s N starts no
+stage after N seconds, so that a run under a device time limit still ends with its table.
 """
 
 import argparse
@@ -122,6 +123,12 @@ def main():
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
     ap.add_argument("--stages", default="sample,distill,distill-teacher,eval")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--results", default=None,
+                    help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
+                         "e.g. the device tool's $OUT, so that a run it stops still returns them")
+    ap.add_argument("--deadline-s", type=float, default=0,
+                    help="start no stage after this many seconds of the run (0: no limit); skipped stages are "
+                         "listed in the table, so a run under a device time limit ends with a table")
     for k, v in FULL.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=f"default {v} ({SMOKE[k]} with --smoke)")
     a = ap.parse_args()
@@ -185,20 +192,31 @@ def main():
                               capture_output=True, text=True).stdout.strip() if gpu else "cpu (smoke test)"
     chosen = {"batch": c["distill_batch"]}
 
+    results_dir = os.path.abspath(a.results or work)
+    os.makedirs(results_dir, exist_ok=True)
+    skipped = []
+
     def save():
-        """Writes WORK/results.json and WORK/table.md as they stand (after every stage, so that a
+        """Writes results.json and table.md as they stand (after every stage, so that a
         run stopped by a device time limit keeps what it measured)."""
         meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=dev_name, params=N, config=c, smoke=a.smoke,
                     seconds=time.time() - started, peak_tflops=peak_flops / 1e12, distill_batch_run=chosen["batch"],
-                    failed=failed, stages_done=[r for r in stages if r in results or r in failed])
-        with open(os.path.join(work, "results.json"), "w") as f:
+                    failed=failed, skipped=skipped, stages_done=[r for r in stages if r in results or r in failed])
+        with open(os.path.join(results_dir, "results.json"), "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)
-        with open(os.path.join(work, "table.md"), "w") as f:
+        with open(os.path.join(results_dir, "table.md"), "w") as f:
             f.write("\n".join(head + rows) + "\n")
         return meta
 
     def attempt(stage, fn):
         """Runs one stage; a failure is reported in the table instead of ending the run."""
+        elapsed = time.time() - started
+        if a.deadline_s and elapsed > a.deadline_s:
+            skipped.append(stage)
+            say(f"{stage} SKIPPED: {elapsed:.0f} s into the run, past --deadline-s {a.deadline_s:.0f}")
+            rows.append(f"| {stage} | skipped | | | | | not started: {elapsed:.0f} s into the run, past --deadline-s {a.deadline_s:.0f} |")
+            save()
+            return
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - any failure of a stage is reported, the rest still runs
