@@ -163,7 +163,7 @@ pub fn search_layer(
 /// [`search_layer`] with the error measured by `errors` (of `n` calibration rows), on its device.
 /// Each of the 100 pairs costs a clamp, a fake quantization and one batched matmul there, and
 /// the running best of every group stays there too: nothing crosses to the host but the final
-/// choices.
+/// choices and the two mean errors.
 pub fn search_layer_with(
     w: &Tensor,
     n: usize,
