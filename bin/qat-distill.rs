@@ -113,6 +113,11 @@ struct Args {
     /// Compute dtype: f32, or bf16 / f16 (for GPUs) with f32 master weights and AdamW state.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Storage of the trained weights between steps: f32 (default), or bf16 / f16 to measure
+    /// what rounding every update to that dtype costs (AdamW moments stay f32). README's "bf16
+    /// compute, f32 master weights" gives the measurement that made f32 the default.
+    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    master_weights: String,
     /// Split every micro-batch into N parts that train concurrently, one thread each, their
     /// gradients summed (changes only floating-point rounding). 0 = one per thread
     /// (RAYON_NUM_THREADS, else the cores), at most one per sequence; 1 on CUDA. A resumed run
@@ -187,6 +192,7 @@ fn main() -> ExitCode {
                 online_teacher: args.teacher.is_some(),
                 balance_kv: args.balance_kv,
                 dtype: args.dtype.clone(),
+                master_weights: args.master_weights.clone(),
                 data_parallel: args.data_parallel,
             },
             checkpoint_every: args.checkpoint_every,

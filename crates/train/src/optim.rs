@@ -116,6 +116,18 @@ impl AdamW {
         Ok(())
     }
 
+    /// Rounds every variable to `dtype` and back (in place): the weights a run that stores them
+    /// in `dtype` would have. A no-op for the variables' own dtype.
+    pub fn round_vars_to(&self, dtype: candle_core::DType) -> Result<()> {
+        for (_, var) in &self.vars {
+            let w = var.as_tensor();
+            if w.dtype() != dtype {
+                var.set(&w.to_dtype(dtype)?.to_dtype(w.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Moments as named tensors (`m.<name>`, `v.<name>`) for checkpoints.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();

@@ -170,6 +170,10 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         None
     };
     let mut opt = AdamW::new(student.vars(), s.adam)?;
+    let master_dtype = qat_model::parse_dtype(&s.master_weights).map_err(TrainError::Config)?;
+    if saved.is_none() {
+        opt.round_vars_to(master_dtype)?;
+    }
     let per_step = s.batch_size * s.grad_accum;
     let total = total_steps(s.budget, &set, per_step);
     let lr_cfg = LrConfig {
@@ -270,6 +274,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         }
         let lr = lr_cfg.at(opt.step);
         opt.apply(&step.grads, lr)?;
+        opt.round_vars_to(master_dtype)?;
         tokens_seen += step.tokens;
         last_loss = step.loss;
         let line = LogLine {

@@ -50,6 +50,11 @@ pub struct TrainSettings {
     /// every forward pass; an online teacher is loaded in this dtype).
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// What the trained weights are stored in between steps (`--master-weights`): "f32", or
+    /// "bf16" / "f16" to measure what rounding every update to that dtype costs (the weights are
+    /// rounded before the first step and after every update; AdamW moments stay f32).
+    #[serde(default = "default_dtype")]
+    pub master_weights: String,
     /// Each micro-batch is split into this many parts that train concurrently, one thread each
     /// (parallel.rs); their gradients are summed weighted by trained positions, so this only
     /// changes floating-point rounding. 0 = auto ([`crate::parallel::auto_parts`]; a resumed run
@@ -98,6 +103,8 @@ pub(super) fn total_steps(budget: Budget, set: &ShardSet, per_step: usize) -> u6
 
 /// Refuses settings no run can use, naming the flag.
 pub(super) fn validate(s: &TrainSettings) -> Result<()> {
+    qat_model::parse_dtype(&s.master_weights)
+        .map_err(|e| TrainError::Config(format!("--master-weights: {e}")))?;
     if s.batch_size == 0 || s.grad_accum == 0 {
         return Err(TrainError::Config(
             "--batch-size and --grad-accum must be >= 1".into(),
