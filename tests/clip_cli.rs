@@ -62,6 +62,11 @@ fn clipping_lowers_every_layer_error_and_beats_round_to_nearest() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert!(!tmp.path().join("clipped.partial").exists());
+    let provenance: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("provenance.json")).unwrap())
+            .unwrap();
+    assert_documented_in("formats/provenance.md", "qat-clip", &provenance);
+    assert_eq!(provenance["report"]["layers"], report["layers"]);
     // 2-bit round-to-nearest of the teacher vs the clipped teacher, same scheme, no training.
     let corpus = tinystories();
     let eval = |m: &str, extra: &[&str]| {

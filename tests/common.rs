@@ -327,10 +327,10 @@ struct DocumentedField {
     optional: bool,
 }
 
-/// The rows of section `## {section}` of formats/summaries.md.
-fn documented_fields(section: &str) -> Vec<DocumentedField> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("formats/summaries.md");
-    let text = std::fs::read_to_string(&path).expect("read formats/summaries.md");
+/// The rows of section `## {section}` of `spec` (a file of formats/).
+fn documented_fields(spec: &str, section: &str) -> Vec<DocumentedField> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(spec);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{spec}: {e}"));
     let mut in_section = false;
     let mut rows = Vec::new();
     for line in text.lines() {
@@ -347,13 +347,13 @@ fn documented_fields(section: &str) -> Vec<DocumentedField> {
     }
     assert!(
         !rows.is_empty(),
-        "formats/summaries.md has no fields under `## {section}`"
+        "{spec} has no fields under `## {section}`"
     );
     rows
 }
 
-/// Whether `v` has the documented JSON type (`string`, `integer`, `number`, `object`, `array`,
-/// `array of strings`, each optionally `or null`).
+/// Whether `v` has the documented JSON type (`string`, `integer`, `number`, `boolean`,
+/// `object`, `array`, `array of strings`, each optionally `or null`).
 fn has_documented_type(v: &serde_json::Value, ty: &str) -> bool {
     let (ty, nullable) = match ty.strip_suffix(" or null") {
         Some(t) => (t, true),
@@ -364,22 +364,28 @@ fn has_documented_type(v: &serde_json::Value, ty: &str) -> bool {
         "string" => v.is_string(),
         "integer" => v.is_u64() || v.is_i64(),
         "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
         "object" => v.is_object(),
         "array" => v.is_array(),
         "array of strings" => v
             .as_array()
             .is_some_and(|a| a.iter().all(|s| s.is_string())),
-        other => panic!("formats/summaries.md: unknown type {other:?}"),
+        other => panic!("formats/: unknown type {other:?}"),
     }
 }
 
 /// Checks `summary` (a tool's stdout JSON) against section `## {section}` of
-/// formats/summaries.md: every field it has is documented with the right type, every field
-/// documented as always present is there; nested `a[].b` and `a.<key>.b` rows likewise for
-/// every element.
+/// formats/summaries.md (see [`assert_documented_in`]).
 pub fn assert_documented(section: &str, summary: &serde_json::Value) {
-    let rows = documented_fields(section);
-    check_documented(section, "", summary, &rows);
+    assert_documented_in("formats/summaries.md", section, summary);
+}
+
+/// Checks `value` against section `## {section}` of `spec` (a file of formats/): every field
+/// it has is documented with the right type, every field documented as always present is
+/// there; nested `a.b`, `a[].b` and `a.<key>.b` rows likewise, for every element.
+pub fn assert_documented_in(spec: &str, section: &str, value: &serde_json::Value) {
+    let rows = documented_fields(spec, section);
+    check_documented(&format!("{spec} `## {section}`"), "", value, &rows);
 }
 
 fn check_documented(
@@ -401,7 +407,7 @@ fn check_documented(
         .collect();
     for (key, value) in obj {
         let Some((_, row)) = here.iter().find(|(name, _)| name == key) else {
-            panic!("{section}: the summary has `{prefix}{key}`, which formats/summaries.md does not document");
+            panic!("{section}: the JSON has `{prefix}{key}`, which is not documented");
         };
         assert!(
             has_documented_type(value, &row.ty),
@@ -410,22 +416,30 @@ fn check_documented(
         );
         let in_array = format!("{prefix}{key}[].");
         if rows.iter().any(|r| r.path.starts_with(&in_array)) {
-            for element in value.as_array().expect("documented array") {
+            for element in value.as_array().into_iter().flatten() {
                 check_documented(section, &in_array, element, rows);
             }
         }
-        let in_map = format!("{prefix}{key}.<");
-        if let Some(r) = rows.iter().find(|r| r.path.starts_with(&in_map)) {
-            let end = in_map.len() + r.path[in_map.len()..].find(">.").expect("`<key>.`") + 2;
-            for entry in value.as_object().expect("documented object").values() {
-                check_documented(section, &r.path[..end], entry, rows);
+        let in_object = format!("{prefix}{key}.");
+        let nested = rows.iter().find(|r| r.path.starts_with(&in_object));
+        match nested.map(|r| &r.path[in_object.len()..]) {
+            // `a.<key>.b`: every value of the map.
+            Some(rest) if rest.starts_with('<') => {
+                let end = in_object.len() + rest.find(">.").expect("`<key>.`") + 2;
+                let path = &nested.unwrap().path[..end];
+                for entry in value.as_object().into_iter().flat_map(|m| m.values()) {
+                    check_documented(section, path, entry, rows);
+                }
             }
+            // `a.b`: the object itself (when not null).
+            Some(_) if value.is_object() => check_documented(section, &in_object, value, rows),
+            _ => {}
         }
     }
     for (name, row) in here {
         assert!(
             row.optional || obj.contains_key(name),
-            "{section}: `{prefix}{name}` is documented as always present but the summary has none: {}",
+            "{section}: `{prefix}{name}` is documented as always present but the JSON has none: {}",
             serde_json::Value::Object(obj.clone())
         );
     }

@@ -290,6 +290,7 @@ fn cakld_measures_gamma_from_the_shards_and_records_it() {
     assert_eq!(prov["settings"]["loss"], "cakld");
     assert_eq!(prov["settings"]["cakld_gamma"], serde_json::Value::Null);
     assert_eq!(prov["cakld_gamma"]["source"], "shards");
+    assert_documented_in("formats/provenance.md", "qat-distill", &prov);
     assert_eq!(prov["cakld_gamma"]["gamma"].as_f64(), Some(gamma));
     // Data-free shards: prompt = BOS + start token, so every sequence of L tokens has L - 2
     // trained positions; the manifest's token count gives their total independently.
@@ -411,6 +412,7 @@ fn resume_with_balance_kv_keeps_the_first_balancing() {
         prov(&out)
     );
     assert_eq!(prov(&out)["balance_kv"], prov(&whole)["balance_kv"]);
+    assert_documented_in("formats/provenance.md", "qat-distill", &prov(&out));
 }
 
 /// Issue 7: a batch split into parts that train on their own threads gives the loss curve of the
@@ -559,6 +561,7 @@ fn master_weights_bf16_rounds_every_update_to_bf16() {
         serde_json::from_str(&std::fs::read_to_string(bf16.join("provenance.json")).unwrap())
             .unwrap();
     assert_eq!(prov["settings"]["master_weights"], "bf16");
+    assert_documented_in("formats/provenance.md", "qat-distill", &prov);
     let f32_run = tmp.path().join("f32");
     ok_json(&qat_distill(&distill_args(
         m,
