@@ -49,6 +49,13 @@ fn training_lowers_the_loss_and_writes_a_student_dir() {
     )));
     assert_eq!(s["steps"], 12);
     assert_documented("qat-distill", &s);
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    for (i, line) in log.lines().enumerate() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_documented_in("formats/provenance.md", "train_log.jsonl", &line);
+        assert_eq!(line["step"], i + 1);
+    }
+    assert_eq!(log.lines().count(), 12);
     for f in [
         "config.json",
         "model.safetensors",
