@@ -89,7 +89,9 @@ def run(cmd, env, log, gpu):
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n--- stdout\n" + out + "--- stderr\n" + err)
     if p.returncode != 0:
-        raise RuntimeError(f"exit {p.returncode}: {' '.join(cmd)}\n{err[-2000:]}")
+        # The whole stderr is searched: a backtrace after the message could push it out of the tail.
+        oom = "out of memory" in err.lower() or "out_of_memory" in err.lower()
+        raise RuntimeError(f"exit {p.returncode}{' (out of memory)' if oom else ''}: {' '.join(cmd)}\n{err[-2000:]}")
     return out, poll.peak, wall
 
 
@@ -140,7 +142,9 @@ def main():
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     bins = {n: os.path.join(os.path.abspath(a.bin), n) for n in ("qat-sample", "qat-distill", "qat-eval")}
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    # RUST_LIB_BACKTRACE=0: candle errors without a captured backtrace, whatever RUST_BACKTRACE is.
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               RUST_LIB_BACKTRACE="0")
     dev = ["--device", c["device"], "--dtype", c["dtype"]]
     threads = str(os.cpu_count() or 1)  # PyTorch's CPU threads (host-side work on a GPU run)
     say = lambda msg: print(f"bench-gpu: {msg}", file=sys.stderr, flush=True)
