@@ -47,10 +47,7 @@ impl LayerClip {
         let (dev, cells) = (w.device(), self.max.len());
         let hi = Tensor::from_slice(&self.max, (cells, 1), dev)?.to_dtype(w.dtype())?;
         let lo = Tensor::from_slice(&self.min, (cells, 1), dev)?.to_dtype(w.dtype())?;
-        Ok(w.reshape((cells, group))?
-            .broadcast_maximum(&lo)?
-            .broadcast_minimum(&hi)?
-            .reshape(w.shape())?)
+        Ok(clamp_groups(&w.reshape((cells, group))?, &lo, &hi)?.reshape(w.shape())?)
     }
 
     /// Fraction of groups whose range was shrunk at all.
@@ -58,6 +55,12 @@ impl LayerClip {
         let n = self.choice.iter().filter(|&&c| c != (0, 0)).count();
         n as f64 / self.choice.len().max(1) as f64
     }
+}
+
+/// `groups: [cells, group]` clamped to `[lo, hi]` per row (`lo`, `hi`: `[cells, 1]`): the clamp
+/// the search measures and the one [`LayerClip::apply`] keeps, so they are the same op.
+fn clamp_groups(groups: &Tensor, lo: &Tensor, hi: &Tensor) -> Result<Tensor> {
+    Ok(groups.broadcast_maximum(lo)?.broadcast_minimum(hi)?)
 }
 
 /// Per-group Gram matrices `C_g = Σ_n x_n,g x_n,gᵀ` of `x: [n, in]`, `[groups, group, group]`.
@@ -182,17 +185,18 @@ pub fn search_layer_with(
     let org_min = cells_view.min_keepdim(1)?;
     let original = cells_view.to_dtype(DType::F64)?;
     let ratio = |r: f32| Tensor::new(&[r], dev);
+    // The 10 lower bounds, shared by the 10 upper ones.
+    let los = SHRINK_RATIOS
+        .iter()
+        .map(|&r| Ok(org_min.broadcast_mul(&ratio(r)?)?))
+        .collect::<Result<Vec<_>>>()?;
     let mut best_err = Tensor::full(f64::INFINITY, cells, dev)?;
     let mut best_pair = Tensor::zeros(cells, DType::U32, dev)?;
     let mut mse_before = 0.0;
     for (i, &r_max) in SHRINK_RATIOS.iter().enumerate() {
         let hi = org_max.broadcast_mul(&ratio(r_max)?)?;
-        for (j, &r_min) in SHRINK_RATIOS.iter().enumerate() {
-            let lo = org_min.broadcast_mul(&ratio(r_min)?)?;
-            let clamped = cells_view
-                .broadcast_maximum(&lo)?
-                .broadcast_minimum(&hi)?
-                .reshape((out, in_features))?;
+        for (j, lo) in los.iter().enumerate() {
+            let clamped = clamp_groups(&cells_view, lo, &hi)?.reshape((out, in_features))?;
             let wq = fake_quant(&clamped)?.reshape((cells, group))?;
             let d = (wq.to_dtype(DType::F64)? - &original)?.reshape((out, groups, group))?;
             let err = errors.errors(&d, n)?;

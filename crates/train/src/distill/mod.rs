@@ -82,6 +82,8 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let s = &settings;
     validate(s)?;
     let compute_dtype = qat_model::parse_dtype(&s.dtype).map_err(TrainError::Config)?;
+    let master_dtype = qat_model::parse_dtype(&s.master_weights)
+        .map_err(|e| TrainError::Config(format!("--master-weights: {e}")))?;
     let model_dir = ModelDir::open(&cfg.model)?;
     s.scheme.validate_for(&model_dir.config)?;
     let set = ShardSet::open(&cfg.shards)?;
@@ -170,7 +172,6 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         None
     };
     let mut opt = AdamW::new(student.vars(), s.adam)?;
-    let master_dtype = qat_model::parse_dtype(&s.master_weights).map_err(TrainError::Config)?;
     if saved.is_none() {
         opt.round_vars_to(master_dtype)?;
     }

@@ -103,8 +103,6 @@ pub(super) fn total_steps(budget: Budget, set: &ShardSet, per_step: usize) -> u6
 
 /// Refuses settings no run can use, naming the flag.
 pub(super) fn validate(s: &TrainSettings) -> Result<()> {
-    qat_model::parse_dtype(&s.master_weights)
-        .map_err(|e| TrainError::Config(format!("--master-weights: {e}")))?;
     if s.batch_size == 0 || s.grad_accum == 0 {
         return Err(TrainError::Config(
             "--batch-size and --grad-accum must be >= 1".into(),
