@@ -14,9 +14,15 @@ PYARROW_VERSION := 26.0.1
 SAFETENSORS_VERSION := 0.8.0
 NUMPY_VERSION := 2.3.5
 GGUF_VERSION := 0.19.0
-PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy==$(NUMPY_VERSION) gguf==$(GGUF_VERSION)
+# llama.cpp itself (as vendored by llama-cpp-python 0.3.36: ggml 0.25.3), built from the PyPI source archive
+# (~4 min on 2 cores, once): tests/gguf_cli.rs runs the exported GGUF files in it.
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy==$(NUMPY_VERSION) gguf==$(GGUF_VERSION) \
+	llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION) diskcache==5.6.3 jinja2==3.1.6 MarkupSafe==3.0.4 typing-extensions==4.16.0
+# Only the library: no llava, examples, tests or curl; for this machine's CPU.
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DGGML_OPENMP=OFF
 # The stamp names every pinned version, so changing one reinstalls.
-PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)-gguf-$(GGUF_VERSION)
+PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)-gguf-$(GGUF_VERSION)-llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)
 OUT ?= out
 
 .PHONY: all setup build test test-deps lint pipeline pipeline-bitdistiller plots fuzz clean help
@@ -40,12 +46,13 @@ setup: build test-deps
 build:
 	$(CARGO) build --release --locked --bins
 
-# Python with pyarrow (shards), safetensors + numpy (packed models) and llama.cpp's gguf package
-# (GGUF export), used by the foreign-reader tests of the file formats.
+# Python with pyarrow (shards), safetensors + numpy (packed models), llama.cpp's gguf package
+# and llama.cpp itself (GGUF export), used by the foreign-reader tests of the file formats.
 test-deps: $(PY_STAMP)
 $(PY_STAMP):
-	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q --disable-pip-version-check $(PY_DEPS)
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PYTHON) -m pip install -q --disable-pip-version-check $(PY_DEPS)
 	touch $@
 
 test: test-deps

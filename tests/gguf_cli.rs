@@ -2,11 +2,14 @@
 //! Q4_0 / Q4_1 / Q8_0 grids are exported, then read by `tests/foreign/read_gguf.py` with
 //! llama.cpp's own `gguf` Python package, whose dequantization must equal qat's fake-quantized
 //! weights bit for bit (and whose reference quantizer must give the same block bytes), and which
-//! run with llama.cpp's conventions (`tests/foreign/gguf_forward.py`) give qat-eval's NLL; bad
-//! students are refused with exit 2, naming the layer.
+//! run with llama.cpp's conventions (`tests/foreign/gguf_forward.py`) give qat-eval's NLL; the
+//! exported files run in llama.cpp itself (`tests/foreign/llama_cpp_nll.py`, llama-cpp-python)
+//! with qat's tokenization and qat-eval's NLL; bad students are refused with exit 2, naming the
+//! layer.
 //!
 //! The interpreter is `$QAT_PYTHON`, default `<workspace>/.venv/bin/python` (`make test-deps`
-//! installs gguf, safetensors and numpy there); without it the test fails and says so.
+//! installs gguf, safetensors, numpy and llama-cpp-python there); without it the test fails and
+//! says so.
 
 mod common;
 
@@ -34,6 +37,23 @@ fn python() -> PathBuf {
     assert!(
         out.status.success(),
         "{} cannot import gguf: {}: {hint}",
+        py.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    py
+}
+
+/// [`python`], which must also import llama_cpp (llama-cpp-python, built from source by
+/// `make test-deps`).
+fn python_with_llama_cpp() -> PathBuf {
+    let py = python();
+    let out = Command::new(&py)
+        .args(["-c", "import llama_cpp"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} cannot import llama_cpp: {}: run `make test-deps` (builds llama-cpp-python, ~4 min on 2 cores)",
         py.display(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
@@ -168,33 +188,8 @@ fn distilled_students_export_to_gguf_bit_for_bit() {
 /// RoPE on the permuted q/k rows, GQA, tied output; float64) predicts the first TinyStories
 /// documents with the NLL `qat-eval` measures on the fake-quantized student (float32), to 1e-5.
 fn forward_matches_qat_eval(student: &Path, file: &Path, tmp: &Path) {
-    let (limit, seq_len) = (3, 64);
-    let e = ok_json(&qat_eval(&[
-        "--model",
-        student.to_str().unwrap(),
-        "--corpus",
-        tinystories().to_str().unwrap(),
-        "--limit",
-        &limit.to_string(),
-        "--seq-len",
-        &seq_len.to_string(),
-        "-q",
-    ]));
+    let (e, ids_path) = qat_eval_nll(student, 3, 64, tmp);
     assert_eq!(e["quantization"], "fake_quant");
-    let dir = qat_model::ModelDir::open(student).unwrap();
-    let corpus = qat_eval::Corpus::read(&tinystories()).unwrap();
-    let ids = qat_eval::tokenize(
-        &corpus,
-        &dir.tokenizer().unwrap(),
-        dir.config.bos_token_id,
-        qat_eval::PplMode::Docs,
-        seq_len,
-        "<|endoftext|>",
-        Some(limit),
-    )
-    .unwrap();
-    let ids_path = tmp.join("ids.json");
-    std::fs::write(&ids_path, serde_json::to_string(&ids).unwrap()).unwrap();
     let out = Command::new(python())
         .arg(workspace().join("tests/foreign/gguf_forward.py"))
         .arg(file)
@@ -218,6 +213,112 @@ fn forward_matches_qat_eval(student: &Path, file: &Path, tmp: &Path) {
         (py - qat).abs() < 1e-5 * qat,
         "GGUF forward {py} vs qat-eval {qat}"
     );
+}
+
+/// llama.cpp itself (llama-cpp-python, pinned in the Makefile's test deps; its loader, tokenizer
+/// and CPU kernels) runs the exported files: the teacher as F32 and round-to-nearest Q4_0, Q4_1
+/// and Q8_0 students, with the vocabulary from tokenizer.model and from tokenizer.json. On the
+/// first 20 TinyStories documents (seq-len 512, 6,496 tokens) its tokenization of every document
+/// must equal qat's ids, and its NLL qat-eval's: to 2e-5 (relative) for F32 weights, and to 2e-4
+/// for the block formats, whose CPU dot products also round the activations to 8 bits per block
+/// of 32. Measured with llama-cpp-python 0.3.36 on an AMD EPYC: F32 +4.6e-6, Q4_0 -3.7e-5, Q4_1
+/// +8.3e-5, Q8_0 +2.6e-5; the files' own NLLs differ by more (Q8_0 vs F32 +2.9e-4, Q4_0 vs Q4_1
+/// +2.6e-3, Q4_0 vs F32 +5.4e-2).
+#[test]
+fn llama_cpp_runs_the_exported_files_with_qat_evals_nll() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fp = r#"{"format_version": 1, "weight": null}"#.to_string();
+    let grid = |name: &str| std::fs::read_to_string(scheme_file(name)).unwrap();
+    for (name, scheme, vocab, tolerance) in [
+        ("FP", fp, SP, 2e-5),
+        ("Q4_0", grid("Q4_0"), SP, 2e-4),
+        ("Q4_1", grid("Q4_1"), SP, 2e-4),
+        ("Q8_0", grid("Q8_0"), SP, 2e-4),
+        ("Q8_0-json-vocab", grid("Q8_0"), JSON_ONLY, 2e-4),
+    ] {
+        let student = tmp.path().join(name);
+        teacher_student(&student, &scheme, vocab);
+        let file = tmp.path().join(format!("{name}.gguf"));
+        ok_json(&qat_pack(&[
+            "--format",
+            "gguf",
+            "-m",
+            student.to_str().unwrap(),
+            "-o",
+            file.to_str().unwrap(),
+        ]));
+        let (limit, seq_len) = (20, 512);
+        let (qat, ids_path) = qat_eval_nll(&student, limit, seq_len, tmp.path());
+        let out = Command::new(python_with_llama_cpp())
+            .arg(workspace().join("tests/foreign/llama_cpp_nll.py"))
+            .arg(&file)
+            .arg(tinystories())
+            .args([
+                "--limit",
+                &limit.to_string(),
+                "--seq-len",
+                &seq_len.to_string(),
+            ])
+            .arg("--ids")
+            .arg(&ids_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "llama_cpp_nll.py on {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let l: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let llama = l["nll"].as_f64().unwrap();
+        let relative = (llama - qat["nll"].as_f64().unwrap()) / qat["nll"].as_f64().unwrap();
+        eprintln!(
+            "{name}: llama.cpp {} NLL {llama:.8} vs qat-eval {} ({relative:+.2e}), {} tokens",
+            l["llama_cpp"], qat["nll"], l["tokens"]
+        );
+        assert_eq!(l["tokenization_equal"], true, "{name}");
+        assert_eq!(l["tokens"], qat["tokens"], "{name}");
+        assert!(
+            relative.abs() < tolerance,
+            "{name}: llama.cpp NLL {llama} vs qat-eval {} (relative {relative:e}, allowed {tolerance:e})",
+            qat["nll"]
+        );
+    }
+}
+
+/// `qat-eval`'s docs-mode result on the first `limit` TinyStories documents, and the ids it
+/// scored (as JSON lists, each starting with BOS) written to `tmp/ids-<limit>-<seq_len>.json`.
+fn qat_eval_nll(
+    student: &Path,
+    limit: usize,
+    seq_len: usize,
+    tmp: &Path,
+) -> (serde_json::Value, PathBuf) {
+    let e = ok_json(&qat_eval(&[
+        "--model",
+        student.to_str().unwrap(),
+        "--corpus",
+        tinystories().to_str().unwrap(),
+        "--limit",
+        &limit.to_string(),
+        "--seq-len",
+        &seq_len.to_string(),
+        "-q",
+    ]));
+    let dir = qat_model::ModelDir::open(student).unwrap();
+    let corpus = qat_eval::Corpus::read(&tinystories()).unwrap();
+    let ids = qat_eval::tokenize(
+        &corpus,
+        &dir.tokenizer().unwrap(),
+        dir.config.bos_token_id,
+        qat_eval::PplMode::Docs,
+        seq_len,
+        "<|endoftext|>",
+        Some(limit),
+    )
+    .unwrap();
+    let ids_path = tmp.join(format!("ids-{limit}-{seq_len}.json"));
+    std::fs::write(&ids_path, serde_json::to_string(&ids).unwrap()).unwrap();
+    (e, ids_path)
 }
 
 #[test]
