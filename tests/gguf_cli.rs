@@ -60,6 +60,18 @@ fn python_with_llama_cpp() -> PathBuf {
     py
 }
 
+/// `qat-pack --format gguf -m student -o file`, which must succeed; its JSON summary.
+fn export_gguf(student: &Path, file: &Path) -> serde_json::Value {
+    ok_json(&qat_pack(&[
+        "--format",
+        "gguf",
+        "-m",
+        student.to_str().unwrap(),
+        "-o",
+        file.to_str().unwrap(),
+    ]))
+}
+
 fn scheme_file(name: &str) -> PathBuf {
     workspace().join(format!("pipelines/schemes/stories260K/{name}.json"))
 }
@@ -140,14 +152,7 @@ fn distilled_students_export_to_gguf_bit_for_bit() {
             "-q",
         ]));
         let file = tmp.path().join(format!("{name}.gguf"));
-        let s = ok_json(&qat_pack(&[
-            "--format",
-            "gguf",
-            "-m",
-            student.to_str().unwrap(),
-            "-o",
-            file.to_str().unwrap(),
-        ]));
+        let s = export_gguf(&student, &file);
         assert_documented("qat-pack --format gguf", &s);
         let size = std::fs::metadata(&file).unwrap().len();
         eprintln!(
@@ -239,14 +244,7 @@ fn llama_cpp_runs_the_exported_files_with_qat_evals_nll() {
         let student = tmp.path().join(name);
         teacher_student(&student, &scheme, vocab);
         let file = tmp.path().join(format!("{name}.gguf"));
-        ok_json(&qat_pack(&[
-            "--format",
-            "gguf",
-            "-m",
-            student.to_str().unwrap(),
-            "-o",
-            file.to_str().unwrap(),
-        ]));
+        export_gguf(&student, &file);
         let (limit, seq_len) = (20, 512);
         let (qat, ids_path) = qat_eval_nll(&student, limit, seq_len, tmp.path());
         let out = Command::new(python_with_llama_cpp())
@@ -333,14 +331,7 @@ fn the_vocabulary_falls_back_to_tokenizer_json() {
             if sp { SP } else { JSON_ONLY },
         );
         let file = tmp.path().join(format!("{sp}.gguf"));
-        summaries.push(ok_json(&qat_pack(&[
-            "--format",
-            "gguf",
-            "-m",
-            student.to_str().unwrap(),
-            "-o",
-            file.to_str().unwrap(),
-        ])));
+        summaries.push(export_gguf(&student, &file));
         let expected = tmp.path().join(format!("{sp}.safetensors"));
         write_expected(&student, &expected);
         assert_eq!(read_gguf(&file, &expected)["bit_equal"], 47);
