@@ -31,6 +31,9 @@ use std::process::ExitCode;
   # Interrupted? The same command with --resume continues from the last checkpoint
   qat-distill ... --resume
 
+  # Where the step time goes (on cuda: forward, backward, optimizer, ...), 20 steps
+  qat-distill ... --device cuda --steps 20 --checkpoint-every 0 --profile
+
 The student directory holds config.json, model.safetensors (full-precision master weights),
 tokenizer.json, quant_scheme.json, train_log.jsonl and provenance.json."
 )]
@@ -124,6 +127,12 @@ struct Args {
     /// keeps its checkpoint's value. Pass a number for results independent of the core count.
     #[arg(long, default_value_t = 0, value_name = "N")]
     data_parallel: usize,
+    /// Time each phase of every step after the first (data, batch to device, teacher and
+    /// student forward, loss, backward, accumulate, clip, optimizer, log and checkpoint),
+    /// synchronizing the device around each: the summary's `profile` and a line on stderr.
+    /// Slows the run a little; measure speed without it.
+    #[arg(long)]
+    profile: bool,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -205,10 +214,14 @@ fn main() -> ExitCode {
                 .map(|t| t.dir),
             device: args.device.clone(),
             progress: !args.quiet,
+            profile: args.profile,
             inject_nan_at: args.inject_nan_at,
         };
         let summary =
             qat_train::run(&cfg).with_context(|| format!("training {}", args.out.display()))?;
+        if let Some(p) = &summary.profile {
+            eprintln!("qat-distill: {}", p.line());
+        }
         println!("{}", serde_json::to_string(&summary)?);
         Ok(Outcome::Ok)
     })

@@ -590,3 +590,57 @@ fn master_weights_bf16_rounds_every_update_to_bf16() {
     );
     assert!(!bad.exists());
 }
+
+/// `--profile` times every phase of the steps after the first (formats/summaries.md), prints
+/// the shares on stderr, and changes nothing that is trained: the same weights and training log
+/// as a run without it, from shards and with an online teacher (whose forward is its own phase).
+#[test]
+fn profile_times_the_phases_and_leaves_the_weights_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    small_shards(&shards);
+    let model = stories_dir();
+    let (m, s) = (model.to_str().unwrap(), shards.to_str().unwrap());
+    for teacher in [false, true] {
+        let mut extra = vec!["--steps", "4", "--data-parallel", "2"];
+        if teacher {
+            extra.extend_from_slice(&["--teacher", m]);
+        }
+        let plain = tmp.path().join(format!("plain-{teacher}"));
+        let j = ok_json(&qat_distill(&distill_args(
+            m,
+            s,
+            plain.to_str().unwrap(),
+            &extra,
+        )));
+        assert!(j.get("profile").is_none(), "{j}");
+        let profiled = tmp.path().join(format!("profiled-{teacher}"));
+        extra.push("--profile");
+        let o = qat_distill(&distill_args(m, s, profiled.to_str().unwrap(), &extra));
+        let j = ok_json(&o);
+        assert_documented("qat-distill", &j);
+        let p = &j["profile"];
+        assert_eq!(p["steps"], 3, "the first of 4 steps is not counted: {p}");
+        let phase = |name: &str| p["phases"][name].as_f64().unwrap();
+        for name in [
+            "data",
+            "batch_to_device",
+            "student_forward",
+            "loss",
+            "backward",
+            "optimizer",
+        ] {
+            assert!(phase(name) > 0.0, "{name}: {p}");
+        }
+        assert_eq!(phase("teacher_forward") > 0.0, teacher, "{p}");
+        assert!(phase("backward") > phase("optimizer"), "{p}");
+        assert!(
+            stderr(&o).contains("qat-distill: profile of 3 steps: "),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(log_losses(&plain), log_losses(&profiled));
+        let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+        assert!(weights(&plain) == weights(&profiled), "the weights differ");
+    }
+}

@@ -10,6 +10,9 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            seq 1024 (shards sampled by qat-sample first), AdamW; steady-state steps only
   distill-teacher  qat-distill --teacher (online teacher, full-vocab FKL), for goal 3
   eval     qat-eval vs HF forward: perplexity of the TinyStories file, stream mode, 1024 tokens
+  profile  where qat-distill's step time goes (`--profile`: each phase timed with the device
+           synchronized around it), from cached shards, with the online teacher, and without fake
+           quantization (scheme FP), same batch; a second table, seconds per step and shares
 
 qat's fixed costs (process start, model load, PTX JIT, cuBLAS init) are excluded the way HF's
 warm-up is excluded on the PyTorch side: qat-sample and qat-eval run twice, with N and 2N
@@ -44,9 +47,11 @@ BENCH = os.path.dirname(HERE)
 PY = sys.executable
 
 FULL = dict(config="tinyllama", device="cuda", dtype="bf16", sample_batch=64, sample_new=512, seq_len=1024,
-            distill_batch=4, distill_steps=10, distill_warmup=3, shard_seqs=64, eval_windows=48, eval_batch=16)
+            distill_batch=4, distill_steps=10, distill_warmup=3, shard_seqs=64, eval_windows=48, eval_batch=16,
+            profile_steps=3)
 SMOKE = dict(config="tiny", device="cpu", dtype="f32", sample_batch=8, sample_new=32, seq_len=128,
-             distill_batch=2, distill_steps=3, distill_warmup=2, shard_seqs=16, eval_windows=8, eval_batch=4)
+             distill_batch=2, distill_steps=3, distill_warmup=2, shard_seqs=16, eval_windows=8, eval_batch=4,
+             profile_steps=2)
 
 
 class MemPoll:
@@ -123,7 +128,7 @@ def main():
     ap.add_argument("--data", required=True, help="QAT_DATA: models/llama2-tokenizer, corpora/tinystories")
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
-    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval")
+    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,profile")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
                     help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
@@ -199,6 +204,7 @@ def main():
     results_dir = os.path.abspath(a.results or work)
     os.makedirs(results_dir, exist_ok=True)
     skipped = []
+    profile_table = []
 
     def save():
         """Writes results.json and table.md as they stand (after every stage, so that a
@@ -209,7 +215,7 @@ def main():
         with open(os.path.join(results_dir, "results.json"), "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)
         with open(os.path.join(results_dir, "table.md"), "w") as f:
-            f.write("\n".join(head + rows) + "\n")
+            f.write("\n".join(head + rows + profile_table) + "\n")
         return meta
 
     def attempt(stage, fn):
@@ -257,18 +263,18 @@ def main():
         j, _, wall, _ = qat_sample(f"distill-{L}", n, L - 2, min(64, n), keep=True)  # BOS + start + L-2
         say(f"shards: {j['generated_tokens']:,} tokens in {wall:.0f} s ({j['tokens_per_s']:,.0f} tokens/s)")
 
-    if "distill" in stages or "distill-teacher" in stages:
+    if "distill" in stages or "distill-teacher" in stages or "profile" in stages:
         attempt("shards", stage_shards)
 
-    def qat_distill(tag, extra, DB):
+    def qat_distill(tag, extra, DB, scheme="W4A8KV4", n_steps=None):
         out = fresh(os.path.join(work, f"student-{tag}"))
-        stdout, mem, wall = run([bins["qat-distill"], "-m", model, "-s", shards, "-o", out, "--scheme", "W4A8KV4",
-                                 "-b", str(DB), "--steps", str(steps + warm), "--warmup-steps", "1", "--checkpoint-every", "0",
-                                 "-q"] + extra + dev, env, os.path.join(logs, f"distill-{tag}.log"), gpu)
+        stdout, mem, wall = run([bins["qat-distill"], "-m", model, "-s", shards, "-o", out, "--scheme", scheme,
+                                 "-b", str(DB), "--steps", str(n_steps or steps + warm), "--warmup-steps", "1",
+                                 "--checkpoint-every", "0", "-q"] + extra + dev, env, os.path.join(logs, f"distill-{tag}.log"), gpu)
         j = last_json(stdout)
-        tps = distill_steady(os.path.join(out, "train_log.jsonl"), warm)
+        tps = distill_steady(os.path.join(out, "train_log.jsonl"), warm) if n_steps is None else None
         shutil.rmtree(out, ignore_errors=True)
-        return dict(tps=tps, mem=mem, wall=wall, final_loss=j["final_loss"])
+        return dict(tps=tps, mem=mem, wall=wall, final_loss=j["final_loss"], profile=j.get("profile"))
 
     targs = lambda DB: ["--model", model, "--shards", shards, "--batch", str(DB), "--steps", str(steps),
                         "--warmup", str(warm), "--threads", threads, "--online-teacher"]
@@ -307,6 +313,37 @@ def main():
         results["additional_student_gpu_seconds_ratio"] = r
         rows.append(f"| GPU-seconds per additional student: cached shards / online teacher (qat) | | | **{r:.2f}x** | | | goal <= 0.7x |")
 
+    PS = c["profile_steps"]
+
+    def stage_profile():
+        b = chosen["batch"]
+        runs = {}
+        for tag, extra, scheme in (("cached", [], "W4A8KV4"), ("teacher", ["--teacher", model], "W4A8KV4"),
+                                   ("fp", [], "FP")):
+            if runs and a.deadline_s and time.time() - started > a.deadline_s:
+                say(f"profile {tag} SKIPPED: past --deadline-s {a.deadline_s:.0f}")
+                break
+            say(f"profile: qat-distill --profile {tag} ({scheme}), batch {b} x {L}, {PS} steps after the first")
+            runs[tag] = qat_distill(f"profile-{tag}", extra + ["--profile"], b, scheme, PS + 1)["profile"]
+        results["profile"] = dict(batch=b, seq_len=L, runs=runs)
+        names = {"cached": "W4A8KV4, cached shards", "teacher": "W4A8KV4, online teacher", "fp": "FP (no fake quant), cached"}
+        profile_table[:] = ["", f"qat-distill --profile, batch {b} x {L}: seconds per step (share of the phases' sum)", "",
+                            "| phase | " + " | ".join(names[t] for t in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+        order = ["data", "batch_to_device", "teacher_forward", "student_forward", "loss", "backward", "accumulate",
+                 "clip_grad", "optimizer", "log_checkpoint"]  # step order (crates/train/src/profile.rs)
+        seen = list(next(iter(runs.values()))["phases"]) if runs else []
+        phases = [p for p in order if p in seen] + [p for p in seen if p not in order]
+        per_step = lambda r, v: v / max(r["steps"], 1)
+        for ph in phases + ["wall"]:
+            cells = []
+            for r in runs.values():
+                v = r["wall_s"] if ph == "wall" else r["phases"][ph]
+                share = "" if ph == "wall" else f" ({v / max(sum(r['phases'].values()), 1e-12):.0%})"
+                cells.append(f"{per_step(r, v):.4f}{share}")
+            profile_table.append(f"| {ph} | " + " | ".join(cells) + " |")
+        for line in profile_table:
+            say(line)
+
     W, EB = c["eval_windows"], c["eval_batch"]
 
     def stage_eval():
@@ -326,8 +363,10 @@ def main():
 
     if "eval" in stages:
         attempt("eval", stage_eval)
+    if "profile" in stages and "shards" not in failed:
+        attempt("profile", stage_profile)
 
-    table = "\n".join(head + rows)
+    table = "\n".join(head + rows + profile_table)
     meta = save()
     print(f"\nbench-gpu {meta['date']} on {dev_name}: {c['config']} ({N:,} parameters), {c['dtype']}, "
           f"{meta['seconds']:.0f} s in all\n")

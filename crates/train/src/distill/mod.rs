@@ -17,6 +17,7 @@ use crate::error::{io, Result, TrainError};
 use crate::gamma::{teacher_confidence, TeacherConfidence};
 use crate::loss::{Loss, LossKind};
 use crate::optim::{clip_grad_norm, AdamW, LrConfig};
+use crate::profile::{ProfileSummary, StepProfile};
 use crate::student::Student;
 use checkpoint::CheckpointState;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -55,6 +56,9 @@ pub struct DistillSummary {
     /// The gamma CAKLD trained with (measured or given); absent for the other losses.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cakld_gamma: Option<f64>,
+    /// With `--profile`: seconds per step phase (crate::profile); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileSummary>,
 }
 
 const TOOL: &str = concat!("qat-distill ", env!("CARGO_PKG_VERSION"));
@@ -229,6 +233,11 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         ))
     })?;
     let mut data = Prefetch::new(ShardBatches::new(set, s.seed, cursor), s.batch_size, 2);
+    let profile = if cfg.profile {
+        StepProfile::new(&dev)
+    } else {
+        StepProfile::disabled()
+    };
     let models = step::StepModels {
         student: &student,
         teacher: teacher.as_ref(),
@@ -236,6 +245,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         dev: &dev,
         top_k: h.top_k as usize,
         vocab: h.teacher.vocab_size as usize,
+        profile: &profile,
     };
 
     let bar = if cfg.progress {
@@ -255,8 +265,10 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let mut last_good = resumed_from.map_or("no checkpoint was written yet".to_string(), |s| {
         format!("last good checkpoint: step {s} in {}", ckpt.display())
     });
+    let mut profiled_wall = 0.0;
     while opt.step < total {
         let step_started = Instant::now();
+        let counted = profile.counting();
         let plan = step::StepPlan {
             grad_accum: s.grad_accum,
             data_parallel: s.data_parallel,
@@ -265,7 +277,9 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             last_good: &last_good,
         };
         let mut step = step::step_grads(&models, &mut data, &pools, &vars, &plan)?;
-        let grad_norm = clip_grad_norm(&mut step.grads, s.max_grad_norm)?;
+        let grad_norm = profile.time("clip_grad", || {
+            Ok(clip_grad_norm(&mut step.grads, s.max_grad_norm)?)
+        })?;
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
                 loss: f32::NAN,
@@ -274,47 +288,57 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             });
         }
         let lr = lr_cfg.at(opt.step);
-        opt.apply(&step.grads, lr)?;
-        opt.round_vars_to(master_dtype)?;
+        profile.time("optimizer", || {
+            opt.apply(&step.grads, lr)?;
+            Ok(opt.round_vars_to(master_dtype)?)
+        })?;
         tokens_seen += step.tokens;
         last_loss = step.loss;
-        let line = LogLine {
-            step: opt.step,
-            loss: step.loss,
-            lr,
-            grad_norm,
-            tokens: tokens_seen,
-            tokens_per_s: step.tokens as f64 / step_started.elapsed().as_secs_f64(),
-        };
-        writeln!(
-            log,
-            "{}",
-            serde_json::to_string(&line).expect("log line serializes")
-        )
-        .map_err(io(&log_path, "cannot write training log"))?;
-        log_lines += 1;
-        bar.set_position(opt.step);
-        bar.set_message(format!("loss {:.4}", step.loss));
-        if cfg.checkpoint_every > 0 && opt.step % cfg.checkpoint_every == 0 && opt.step < total {
-            log.flush()
-                .map_err(io(&log_path, "cannot write training log"))?;
-            let state = CheckpointState {
+        profile.time("log_checkpoint", || {
+            let line = LogLine {
                 step: opt.step,
-                cursor: data.cursor(),
-                tokens_seen,
-                log_lines,
-                settings: s.clone(),
-                shards_manifest_sha256: shards_sha.clone(),
-                init_weights_sha256: init_sha.clone(),
-                balance: balance.clone(),
+                loss: step.loss,
+                lr,
+                grad_norm,
+                tokens: tokens_seen,
+                tokens_per_s: step.tokens as f64 / step_started.elapsed().as_secs_f64(),
             };
-            checkpoint::write(&work, &student, &opt, &state)?;
-            last_good = format!(
-                "last good checkpoint: step {} in {}",
-                opt.step,
-                ckpt.display()
-            );
+            writeln!(
+                log,
+                "{}",
+                serde_json::to_string(&line).expect("log line serializes")
+            )
+            .map_err(io(&log_path, "cannot write training log"))?;
+            log_lines += 1;
+            bar.set_position(opt.step);
+            bar.set_message(format!("loss {:.4}", step.loss));
+            if cfg.checkpoint_every > 0 && opt.step % cfg.checkpoint_every == 0 && opt.step < total
+            {
+                log.flush()
+                    .map_err(io(&log_path, "cannot write training log"))?;
+                let state = CheckpointState {
+                    step: opt.step,
+                    cursor: data.cursor(),
+                    tokens_seen,
+                    log_lines,
+                    settings: s.clone(),
+                    shards_manifest_sha256: shards_sha.clone(),
+                    init_weights_sha256: init_sha.clone(),
+                    balance: balance.clone(),
+                };
+                checkpoint::write(&work, &student, &opt, &state)?;
+                last_good = format!(
+                    "last good checkpoint: step {} in {}",
+                    opt.step,
+                    ckpt.display()
+                );
+            }
+            Ok(())
+        })?;
+        if counted {
+            profiled_wall += step_started.elapsed().as_secs_f64();
         }
+        profile.end_step();
     }
     bar.finish_and_clear();
     drop(log);
@@ -365,5 +389,6 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         scheme: s.scheme.short_name().unwrap_or_else(|| "custom".into()),
         loss: s.loss,
         cakld_gamma: gamma,
+        profile: profile.summary(profiled_wall),
     })
 }

@@ -85,6 +85,9 @@ pub struct DistillConfig {
     pub teacher: Option<PathBuf>,
     pub device: String,
     pub progress: bool,
+    /// Time the phases of every step after the first, synchronizing the device around each
+    /// (crate::profile); reported in the summary.
+    pub profile: bool,
     /// Test hook: poison the loss at this step (simulates a NaN).
     pub inject_nan_at: Option<u64>,
 }

@@ -7,6 +7,7 @@ use crate::error::{Result, TrainError};
 use crate::loss::{Loss, TopKTargets};
 use crate::optim::accumulate;
 use crate::parallel::{split_even, PartPools};
+use crate::profile::StepProfile;
 use crate::student::Student;
 use candle_core::{Device, Tensor, Var};
 use qat_model::Llama;
@@ -23,6 +24,8 @@ pub(super) struct StepModels<'a> {
     /// The shards' top-K and the teacher's vocabulary size.
     pub top_k: usize,
     pub vocab: usize,
+    /// `--profile`: times the phases (disabled: times nothing).
+    pub profile: &'a StepProfile,
 }
 
 /// What a step computed, before the optimizer applies it.
@@ -70,22 +73,26 @@ pub(super) fn step_grads(
         loss: 0.0,
         tokens: 0,
     };
+    let profile = models.profile;
     for _ in 0..plan.grad_accum {
-        let recs = data.next_batch()?;
+        let recs = profile.time("data", || data.next_batch())?;
         let parts = split_even(&recs, plan.data_parallel);
         let outs = pools.run(&parts, |part| part_grads(models, part, plan));
         let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
         // The batch's loss is the mean over all its trained positions: each part's mean weighs
         // by its share of them.
         let positions: usize = outs.iter().map(|o| o.positions).sum();
-        for o in outs {
-            out.tokens += o.real;
-            if let Some(g) = o.grads {
-                let w = o.positions as f64 / positions as f64 / plan.grad_accum as f64;
-                out.loss += (o.loss as f64 * w) as f32;
-                accumulate(&mut out.grads, vars, &g, w)?;
+        profile.time("accumulate", || {
+            for o in outs {
+                out.tokens += o.real;
+                if let Some(g) = o.grads {
+                    let w = o.positions as f64 / positions as f64 / plan.grad_accum as f64;
+                    out.loss += (o.loss as f64 * w) as f32;
+                    accumulate(&mut out.grads, vars, &g, w)?;
+                }
             }
-        }
+            Ok(())
+        })?;
     }
     Ok(out)
 }
@@ -96,8 +103,10 @@ fn part_grads(
     part: &[SequenceRecord],
     plan: &StepPlan,
 ) -> Result<PartOutcome> {
-    let (tokens, rows, targets, real) =
-        batch_tensors(part, models.top_k, models.vocab, models.dev)?;
+    let profile = models.profile;
+    let (tokens, rows, targets, real) = profile.time("batch_to_device", || {
+        batch_tensors(part, models.top_k, models.vocab, models.dev)
+    })?;
     let positions = rows.dim(0)?;
     if positions == 0 {
         return Ok(PartOutcome {
@@ -107,26 +116,32 @@ fn part_grads(
             grads: None,
         });
     }
-    let logits = models.student.model.forward_full(&tokens)?; // [B, T, V]
-    let (b, t, v) = logits.dims3()?;
-    let logits = logits.reshape((b * t, v))?.index_select(&rows, 0)?; // [N, V]
-    let mut loss = match models.teacher {
-        Some(teacher) => {
-            let tl = teacher
-                .forward_full(&tokens)?
-                .reshape((b * t, v))?
-                .index_select(&rows, 0)?;
-            models.objective.full_vocab(
-                &logits,
-                &candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach(),
-            )?
-        }
-        None => models.objective.mean(&logits, &targets)?,
+    // [N, V] at the trained positions, from [B, T, V].
+    let at_rows = |logits: Tensor| -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        Ok(logits.reshape((b * t, v))?.index_select(&rows, 0)?)
     };
-    if plan.poison {
-        loss = (loss * f64::NAN)?;
-    }
-    let value = loss.to_scalar::<f32>()?;
+    let teacher_logp = match models.teacher {
+        Some(teacher) => Some(profile.time("teacher_forward", || {
+            let tl = at_rows(teacher.forward_full(&tokens)?)?;
+            Ok(candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach())
+        })?),
+        None => None,
+    };
+    let logits = profile.time("student_forward", || {
+        at_rows(models.student.model.forward_full(&tokens)?)
+    })?;
+    let (loss, value) = profile.time("loss", || {
+        let mut loss = match &teacher_logp {
+            Some(tlp) => models.objective.full_vocab(&logits, tlp)?,
+            None => models.objective.mean(&logits, &targets)?,
+        };
+        if plan.poison {
+            loss = (loss * f64::NAN)?;
+        }
+        let value = loss.to_scalar::<f32>()?;
+        Ok((loss, value))
+    })?;
     if !value.is_finite() {
         return Err(TrainError::NonFinite {
             loss: value,
@@ -134,11 +149,12 @@ fn part_grads(
             last_good: plan.last_good.to_string(),
         });
     }
+    let grads = profile.time("backward", || Ok(loss.backward()?))?;
     Ok(PartOutcome {
         loss: value,
         positions,
         real,
-        grads: Some(loss.backward()?),
+        grads: Some(grads),
     })
 }
 

@@ -1,0 +1,197 @@
+//! Where a training step's time goes (`qat-distill --profile`): the wall time of each phase of
+//! the step, with the device synchronized before and after the phase, so that asynchronous work
+//! (CUDA kernels queued by the phase) is charged to the phase that queued it.
+//!
+//! The synchronizations remove the overlap between the host queuing work and the device running
+//! it, so a profiled run is a little slower than a plain one: measure speed without `--profile`,
+//! and read the profile for the shares. Phases inside the parts of a micro-batch (which run on
+//! their own threads with `--data-parallel` on the CPU) add up thread-seconds. The first step of
+//! a process is not counted: it holds one-time costs (cuBLAS handles, kernel loading, the
+//! allocator's growth).
+
+use crate::error::Result;
+use candle_core::Device;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The phases, in step order.
+pub const PHASES: [&str; 10] = [
+    "data",
+    "batch_to_device",
+    "teacher_forward",
+    "student_forward",
+    "loss",
+    "backward",
+    "accumulate",
+    "clip_grad",
+    "optimizer",
+    "log_checkpoint",
+];
+
+/// Accumulated phase times of the profiled steps; a disabled profile times nothing and costs
+/// nothing.
+#[derive(Debug)]
+pub struct StepProfile {
+    device: Option<Device>,
+    counting: Mutex<bool>,
+    seconds: Mutex<BTreeMap<&'static str, f64>>,
+    steps: Mutex<u64>,
+}
+
+/// The profile in the JSON summary: seconds per phase over `steps` steps, and the steps' wall
+/// time (phases and what lies between them, such as the progress bar).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProfileSummary {
+    pub steps: u64,
+    pub wall_s: f64,
+    pub phases: BTreeMap<&'static str, f64>,
+}
+
+impl StepProfile {
+    /// A profile that times nothing.
+    pub fn disabled() -> Self {
+        Self::with_device(None)
+    }
+
+    /// A profile of steps on `device`.
+    pub fn new(device: &Device) -> Self {
+        Self::with_device(Some(device.clone()))
+    }
+
+    fn with_device(device: Option<Device>) -> Self {
+        Self {
+            device,
+            counting: Mutex::new(false),
+            seconds: Mutex::new(BTreeMap::new()),
+            steps: Mutex::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// Runs `f` as `phase` (one of [`PHASES`]), timing it when the profile is enabled.
+    pub fn time<T>(&self, phase: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(dev) = &self.device else {
+            return f();
+        };
+        debug_assert!(PHASES.contains(&phase), "unknown phase {phase}");
+        dev.synchronize()?;
+        let started = Instant::now();
+        let out = f()?;
+        dev.synchronize()?;
+        let elapsed = started.elapsed().as_secs_f64();
+        if *self.counting.lock().expect("profile lock") {
+            *self
+                .seconds
+                .lock()
+                .expect("profile lock")
+                .entry(phase)
+                .or_default() += elapsed;
+        }
+        Ok(out)
+    }
+
+    /// Marks the end of a step: the steps after the first are counted.
+    pub fn end_step(&self) {
+        if self.device.is_none() {
+            return;
+        }
+        let mut counting = self.counting.lock().expect("profile lock");
+        if *counting {
+            *self.steps.lock().expect("profile lock") += 1;
+        }
+        *counting = true;
+    }
+
+    /// The counted steps' phase times (every phase named, 0 when it did not run), given the
+    /// counted steps' wall time; `None` when disabled.
+    pub fn summary(&self, wall_s: f64) -> Option<ProfileSummary> {
+        self.device.as_ref()?;
+        let seconds = self.seconds.lock().expect("profile lock");
+        Some(ProfileSummary {
+            steps: *self.steps.lock().expect("profile lock"),
+            wall_s,
+            phases: PHASES
+                .iter()
+                .map(|p| (*p, seconds.get(p).copied().unwrap_or(0.0)))
+                .collect(),
+        })
+    }
+
+    /// Whether the current step is counted (not the process's first).
+    pub fn counting(&self) -> bool {
+        *self.counting.lock().expect("profile lock")
+    }
+}
+
+impl ProfileSummary {
+    /// One line for stderr: each phase's share of the phases' total, largest first. (The
+    /// total exceeds the wall time when parts of a micro-batch run on several threads.)
+    pub fn line(&self) -> String {
+        let mut phases: Vec<_> = self.phases.iter().filter(|(_, s)| **s > 0.0).collect();
+        phases.sort_by(|a, b| b.1.total_cmp(a.1));
+        let total: f64 = self.phases.values().sum();
+        let shares: Vec<String> = phases
+            .iter()
+            .map(|(p, s)| format!("{p} {:.1}% ({s:.3} s)", 100.0 * **s / total.max(1e-12)))
+            .collect();
+        format!(
+            "profile of {} steps: {:.3} s wall, {:.3} s in phases: {}",
+            self.steps,
+            self.wall_s,
+            total,
+            shares.join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_step_is_not_counted_and_every_phase_is_named() -> Result<()> {
+        let p = StepProfile::new(&Device::Cpu);
+        let sleep = |ms| {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(())
+        };
+        p.time("teacher_forward", || sleep(1))?; // the first step: not counted
+        p.end_step();
+        for _ in 0..2 {
+            p.time("student_forward", || sleep(10))?;
+            p.time("backward", || sleep(40))?;
+            p.end_step();
+        }
+        let s = p.summary(0.1).unwrap();
+        assert_eq!(s.steps, 2);
+        assert_eq!(s.phases.len(), PHASES.len());
+        // Sleeps last at least as long as asked (longer on a loaded machine).
+        assert!(s.phases["student_forward"] >= 0.020, "{s:?}");
+        assert!(s.phases["backward"] >= 0.080, "{s:?}");
+        assert_eq!(
+            s.phases["teacher_forward"], 0.0,
+            "the first step is not counted"
+        );
+        assert!(
+            s.line().starts_with("profile of 2 steps: 0.100 s wall, "),
+            "{}",
+            s.line()
+        );
+        assert!(s.line().contains("s in phases: backward "), "{}", s.line());
+        Ok(())
+    }
+
+    #[test]
+    fn a_disabled_profile_runs_the_phase_and_reports_nothing() -> Result<()> {
+        let p = StepProfile::disabled();
+        assert_eq!(p.time("loss", || Ok(7))?, 7);
+        p.end_step();
+        assert!(p.summary(1.0).is_none());
+        Ok(())
+    }
+}
