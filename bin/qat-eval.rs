@@ -2,6 +2,7 @@
 //! on a text corpus, or its zero-shot multiple-choice accuracy on lm-evaluation-harness tasks,
 //! printed as one JSON object.
 
+use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use qat_cli::{main_with, Outcome};
 use qat_eval::{Corpus, EvalModel, PplMode, Task};
@@ -74,6 +75,11 @@ struct Args {
     /// Document delimiter for --mode docs.
     #[arg(long, default_value = "<|endoftext|>")]
     delimiter: String,
+    /// Write the scored token ids to this file (a JSON array of arrays, one per document or
+    /// window, BOS first), e.g. to score the same tokens with another runtime
+    /// (tests/foreign/llama_cpp_nll.py --ids FILE --score-ids).
+    #[arg(long, requires = "corpus", value_name = "FILE")]
+    ids_out: Option<PathBuf>,
     /// Evaluate only the first N documents (docs), windows (stream) or items (each --task).
     #[arg(long)]
     limit: Option<usize>,
@@ -195,6 +201,10 @@ fn perplexity(
         &args.delimiter,
         args.limit,
     )?;
+    if let Some(path) = &args.ids_out {
+        qat_shards::fsutil::write_atomic(path, serde_json::to_string(&seqs)?.as_bytes())
+            .with_context(|| format!("writing --ids-out {}", path.display()))?;
+    }
     let checkpoint = args
         .checkpoint
         .as_deref()

@@ -23,6 +23,9 @@ use std::time::Instant;
   cp -r ../shared/data/models/stories260K rtn && cp pipelines/schemes/stories260K/W3G32.json rtn/quant_scheme.json
   qat-pack -m rtn -o packed/rtn-w3g32
 
+  # The LLM-QAT W4 student of `make pipeline` for llama.cpp (per-channel scales in Q4_0 blocks)
+  qat-pack --format gguf -m out/students/s260k-n4096-L256-K512-e1-lr2e-4-bal64-clipqk/W4 -o w4.gguf
+
   # A student trained on llama.cpp's Q4_0 grid, exported losslessly as GGUF
   qat-distill -m ../shared/data/models/stories260K -s shards/s260k --scheme pipelines/schemes/stories260K/Q4_0.json -o students/q4_0
   qat-pack --format gguf -m students/q4_0 -o q4_0.gguf
@@ -34,10 +37,13 @@ measured and in theory (b + 16/g, nf3 b + 32/g, asym + 8/g). The output appears 
 (written to OUT.partial/, then renamed); an existing OUT is refused.
 
 --format gguf writes one GGUF v3 file (written to OUT.tmp, then renamed): q4_0 / q4_1 / q8_0 layers
-as those ggml types (llama.cpp dequantizes them to the student's fake-quantized weights bit for
-bit), unquantized layers, embeddings and norms as F32, q/k rows permuted to llama.cpp's RoPE order,
-the vocabulary from tokenizer.model (else tokenizer.json). Refused (exit 2, naming the layer): any
-other weight format, and activation or KV quantization unless --drop-act-kv."
+as those ggml types, sym_per_channel layers (LLM-QAT's W2..W8) as Q4_0 (up to 4 bits) or Q8_0
+blocks that all carry the row's scale (llama.cpp dequantizes both to the student's fake-quantized
+weights bit for bit; a per-channel layer whose inputs are not a multiple of 32 is stored as F32 of
+those values, with a warning), unquantized layers, embeddings and norms as F32, q/k rows permuted
+to llama.cpp's RoPE order, the vocabulary from tokenizer.model (else tokenizer.json). Refused
+(exit 2, naming the layer): any other weight format, and activation or KV quantization unless
+--drop-act-kv."
 )]
 struct Args {
     /// Student model directory: config.json, model.safetensors, tokenizer.json and
@@ -89,6 +95,16 @@ fn main() -> ExitCode {
                 let s = qat_pack::export_gguf(&model, &args.out, opts).with_context(context)?;
                 for d in &s.dropped {
                     eprintln!("qat-pack: warning: llama.cpp will not quantize {d}");
+                }
+                for d in &s.dequantized {
+                    eprintln!("qat-pack: warning: {d}");
+                }
+                if s.remove_extra_whitespaces {
+                    eprintln!(
+                        "qat-pack: warning: the tokenizer collapses runs of spaces \
+                         (remove_extra_whitespaces), llama.cpp's llama tokenizer does not: \
+                         collapse them in text given to llama.cpp to get the same tokens"
+                    );
                 }
                 serde_json::to_value(&s)?
             }

@@ -12,12 +12,15 @@ written by the test from qat's fake quantization, Hugging Face names and row ord
 
 Checks: every tensor bit for bit equal to <hf name>; every quantized tensor's bytes equal to
 gguf.quants.quantize of the permuted master weight (gguf-py's port of llama.cpp's reference
-quantizer). Prints a JSON summary; any mismatch exits 1 with a message on stderr.
+quantizer), except for layers whose scheme (qat.provenance) is sym_per_channel: there every block
+of a row must carry the row's scale f16(max|row| / qmax) of the master weight as `d`. Prints a JSON
+summary; any mismatch exits 1 with a message on stderr.
 
 Usage: read_gguf.py FILE EXPECTED CONFIG_JSON
 """
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -34,6 +37,29 @@ NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 def fail(msg):
     print(f"read_gguf.py: {msg}", file=sys.stderr)
     sys.exit(1)
+
+
+def layer_weight(scheme, layer_name):
+    """The weight quantizer of a linear layer (e.g. layers.0.mlp.down_proj) under qat's scheme:
+    the default, then every override whose glob (`*` = any run) matches, in order."""
+    weight = scheme.get("weight")
+    for o in scheme.get("overrides") or []:
+        if re.fullmatch(".*".join(map(re.escape, o["pattern"].split("*"))), layer_name) and "weight" in o:
+            weight = o["weight"]
+    return weight
+
+
+def check_row_scales(name, data, master, bits, qtype):
+    """Every block of row r has d = f16(max|master row r| / qmax), qmax = 2^(bits-1) - 1."""
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    amax = np.abs(master.astype(np.float32)).max(axis=1)
+    want = np.minimum(amax / qmax, np.float32(65504)).astype(np.float16)
+    block_bytes = {T.Q4_0: 18, T.Q8_0: 34}[qtype]
+    raw = np.asarray(data, dtype=np.uint8).reshape(master.shape[0], -1, block_bytes)
+    d = raw[:, :, :2].copy().view(np.float16)[:, :, 0]
+    if not (d == want[:, None]).all():
+        r = int(np.argwhere(d != want[:, None])[0][0])
+        fail(f"{name}: row {r} has block scales {d[r].tolist()[:4]}..., expected its scale {float(want[r])}")
 
 
 def field(r, key):
@@ -115,7 +141,7 @@ def main():
         fail(f"tensor names {sorted(set(names) ^ set(want_names))} differ from llama.cpp's")
 
     summary = {"tensors": len(names), "compared": 0, "weights_compared": 0, "bit_equal": 0,
-               "requantized_equal": 0, "types": {}, "quantized_weights": 0, "quantized_bytes": 0,
+               "requantized_equal": 0, "row_scale_equal": 0, "types": {}, "quantized_weights": 0, "quantized_bytes": 0,
                "tool": provenance["tool"], "vocab": len(tokens), "alignment": int(r.alignment)}
     for t in r.tensors:
         hf, linear = hf_name(t.name)
@@ -146,10 +172,15 @@ def main():
             master = expected[hf + ".master"]
             if n_head is not None:
                 master = permute(master, n_head)
-            again = quantize(master, qtype)
-            if again.tobytes() != np.asarray(t.data).tobytes():
-                fail(f"{t.name}: bytes differ from gguf.quants.quantize of the master weight")
-            summary["requantized_equal"] += 1
+            wq = layer_weight(provenance["scheme"], hf[len("model."):-len(".weight")])
+            if wq and wq["format"]["kind"] == "sym_per_channel":
+                check_row_scales(t.name, t.data, master, wq["bits"], qtype)
+                summary["row_scale_equal"] += 1
+            else:
+                again = quantize(master, qtype)
+                if again.tobytes() != np.asarray(t.data).tobytes():
+                    fail(f"{t.name}: bytes differ from gguf.quants.quantize of the master weight")
+                summary["requantized_equal"] += 1
             summary["quantized_weights"] += int(value.size)
             summary["quantized_bytes"] += int(t.n_bytes)
     print(json.dumps(summary))

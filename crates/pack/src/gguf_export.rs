@@ -1,5 +1,6 @@
 //! [`export_gguf`]: a student whose weight grids are llama.cpp's block formats (`q4_0`, `q4_1`,
-//! `q8_0`, or unquantized) in, one GGUF file that llama.cpp loads unchanged out
+//! `q8_0`), symmetric per channel (LLM-QAT's, any bits: `Q4_0` / `Q8_0` blocks that all carry
+//! the row's scale), or unquantized in, one GGUF file that llama.cpp loads unchanged out
 //! (`formats/gguf.md`). The export is lossless: llama.cpp dequantizes every weight to exactly
 //! the student's fake-quantized value.
 //!
@@ -16,7 +17,9 @@ use crate::vocab::Vocab;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use qat_model::{sha256_files, LinearId, LinearKind, ModelDir};
-use qat_quant::{Scheme, WeightFormat, SCHEME_FILE};
+use qat_quant::fake::{sym_dequant, sym_row_codes};
+use qat_quant::ggml::BLOCK;
+use qat_quant::{sym_channel_blocks, sym_channel_type, Scheme, WeightFormat, SCHEME_FILE};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -41,13 +44,19 @@ pub struct GgufSummary {
     pub quantized_bytes: u64,
     /// `8 · quantized_bytes / quantized_weights` (q4_0: 4.5, q4_1: 5, q8_0: 8.5).
     pub bits_per_weight: f64,
-    /// Linear layers the scheme leaves unquantized (stored F32).
+    /// Linear layers stored F32: unquantized by the scheme, or per-channel ones in `dequantized`.
     pub f32_layers: usize,
     /// Quantized layers per GGUF type, e.g. `{"Q4_0": 30}`.
     pub types: std::collections::BTreeMap<String, usize>,
     pub vocab_source: &'static str,
+    /// The tokenizer collapses runs of spaces (SentencePiece's `remove_extra_whitespaces`),
+    /// which llama.cpp's `llama` tokenizer does not: text with them tokenizes differently there.
+    pub remove_extra_whitespaces: bool,
     /// Activation / KV quantizers that llama.cpp does not run (only with `drop_act_kv`).
     pub dropped: Vec<String>,
+    /// Per-channel layers whose inputs are not a multiple of 32 (no block fits): stored F32,
+    /// their fake-quantized values (exact, not compressed), one line each.
+    pub dequantized: Vec<String>,
     pub scheme: String,
     pub sha256: String,
     pub source_weights_sha256: String,
@@ -107,10 +116,13 @@ fn check_scheme(
             let id = LinearId { layer, kind };
             let lq = scheme.resolve(id);
             if let Some(wq) = lq.weight {
-                if !matches!(wq.format, WeightFormat::Ggml(_)) {
+                if !matches!(
+                    wq.format,
+                    WeightFormat::Ggml(_) | WeightFormat::SymPerChannel
+                ) {
                     return Err(refuse(format!(
                         "{id}: weight format {} ({} bits) is not a GGUF block format \
-                         (expected q4_0, q4_1 or q8_0, or null for F32); pack it with --format packed",
+                         (expected q4_0, q4_1, q8_0 or sym_per_channel, or null for F32); pack it with --format packed",
                         wq.format, wq.bits
                     )));
                 }
@@ -145,6 +157,18 @@ fn check_scheme(
         });
     }
     Ok(dropped)
+}
+
+/// The fake-quantized values of a symmetric per-channel weight, row-major `[rows, n]`.
+fn sym_channel_values(w: &[f32], n: usize, bits: u8) -> Result<Vec<f32>> {
+    let qmax = qat_quant::sym_qmax(bits).map_err(candle_core::Error::wrap)?;
+    let (mut out, mut codes) = (Vec::with_capacity(w.len()), Vec::with_capacity(n));
+    for row in w.chunks(n) {
+        codes.clear();
+        let scale = sym_row_codes(row, bits, &mut codes).map_err(candle_core::Error::wrap)?;
+        out.extend(codes.iter().map(|&c| sym_dequant(c, qmax, scale)));
+    }
+    Ok(out)
 }
 
 fn f32_tensor(name: String, dims: Vec<u64>, v: &[f32]) -> Tensor {
@@ -204,6 +228,7 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
     let mut summary = GgufSummary {
         file: out.to_path_buf(),
         vocab_source: vocab.source,
+        remove_extra_whitespaces: vocab.remove_extra_whitespaces,
         dropped,
         scheme: scheme.to_string(),
         source_weights_sha256,
@@ -237,9 +262,28 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
                 _ => {}
             }
             let dims = vec![i as u64, o as u64];
-            match scheme.resolve(id).weight.map(|wq| wq.format) {
-                Some(WeightFormat::Ggml(t)) => {
-                    let data = t.quantize_rows(&w);
+            let blocks = match scheme.resolve(id).weight {
+                Some(wq) => match wq.format {
+                    WeightFormat::Ggml(t) => Some((t, t.quantize_rows(&w))),
+                    WeightFormat::SymPerChannel if i % BLOCK == 0 => Some((
+                        sym_channel_type(wq.bits),
+                        sym_channel_blocks(&w, i, wq.bits)?,
+                    )),
+                    WeightFormat::SymPerChannel => {
+                        summary.dequantized.push(format!(
+                            "{id}: {i} inputs are not a multiple of {BLOCK}: F32 of its {}-bit \
+                             fake-quantized values",
+                            wq.bits
+                        ));
+                        w = sym_channel_values(&w, i, wq.bits)?;
+                        None
+                    }
+                    other => unreachable!("refused by check_scheme: {other}"),
+                },
+                None => None,
+            };
+            match blocks {
+                Some((t, data)) => {
                     summary.quantized_layers += 1;
                     summary.quantized_weights += (o * i) as u64;
                     summary.quantized_bytes += data.len() as u64;
@@ -251,7 +295,7 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
                         data,
                     });
                 }
-                _ => {
+                None => {
                     summary.f32_layers += 1;
                     tensors.push(f32_tensor(linear_name(id), dims, &w));
                 }

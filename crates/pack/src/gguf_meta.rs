@@ -105,6 +105,10 @@ pub(crate) fn metadata(
         Value::Bool(vocab.add_space_prefix),
     ));
     kvs.push((
+        "tokenizer.ggml.remove_extra_whitespaces",
+        Value::Bool(vocab.remove_extra_whitespaces),
+    ));
+    kvs.push((
         "qat.scheme",
         Value::Str(serde_json::to_string(scheme).unwrap_or_default()),
     ));

@@ -22,6 +22,10 @@ pub struct Vocab {
     /// SentencePiece's `normalizer_spec.add_dummy_prefix` (a space before the text); `true`
     /// when read from `tokenizer.json` with a `Prepend "▁"` normalizer or without a normalizer spec.
     pub add_space_prefix: bool,
+    /// SentencePiece's `normalizer_spec.remove_extra_whitespaces` (runs of spaces collapse to
+    /// one, leading and trailing ones go; protobuf default `true`); from `tokenizer.json`: a
+    /// normalizer replacing the regex ` {2,}`. llama.cpp's `llama` tokenizer does not apply it.
+    pub remove_extra_whitespaces: bool,
     /// Where it came from: `tokenizer.model` or `tokenizer.json`.
     pub source: &'static str,
 }
@@ -122,13 +126,15 @@ impl<'a> Pb<'a> {
 }
 
 /// `ModelProto`: field 1 = repeated `SentencePiece { piece = 1 (string), score = 2 (float),
-/// type = 3 (enum, default NORMAL) }`; field 3 = `NormalizerSpec { add_dummy_prefix = 3 }`.
+/// type = 3 (enum, default NORMAL) }`; field 3 = `NormalizerSpec { add_dummy_prefix = 3,
+/// remove_extra_whitespaces = 4 }` (both default true).
 pub fn parse_sentencepiece(bytes: &[u8]) -> std::result::Result<Vocab, String> {
     let mut v = Vocab {
         tokens: Vec::new(),
         scores: Vec::new(),
         types: Vec::new(),
         add_space_prefix: true,
+        remove_extra_whitespaces: true,
         source: "tokenizer.model",
     };
     let mut pb = Pb { b: bytes, pos: 0 };
@@ -158,8 +164,10 @@ pub fn parse_sentencepiece(bytes: &[u8]) -> std::result::Result<Vocab, String> {
             (3, Field::Bytes(spec)) => {
                 let mut p = Pb { b: spec, pos: 0 };
                 while let Some((n, f)) = p.next()? {
-                    if let (3, Field::Varint(x)) = (n, f) {
-                        v.add_space_prefix = x != 0;
+                    match (n, f) {
+                        (3, Field::Varint(x)) => v.add_space_prefix = x != 0,
+                        (4, Field::Varint(x)) => v.remove_extra_whitespaces = x != 0,
+                        _ => {}
                     }
                 }
             }
@@ -254,13 +262,27 @@ pub fn parse_tokenizer_json(text: &str) -> std::result::Result<Vocab, String> {
     }
     let prepends = j["normalizer"].to_string().contains("\"Prepend\"");
     let add_space_prefix = prepends || j["normalizer"].is_null();
+    let remove_extra_whitespaces = collapses_spaces(&j["normalizer"]);
     Ok(Vocab {
         scores: pieces.iter().map(|p| p.1).collect(),
         tokens: pieces.into_iter().map(|p| p.0).collect(),
         types,
         add_space_prefix,
+        remove_extra_whitespaces,
         source: "tokenizer.json",
     })
+}
+
+/// Whether a `tokenizer.json` normalizer (or a `Sequence` of them) replaces runs of two or more
+/// spaces by one, as converted SentencePiece models with `remove_extra_whitespaces` do.
+fn collapses_spaces(n: &serde_json::Value) -> bool {
+    match n["type"].as_str() {
+        Some("Sequence") => n["normalizers"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(collapses_spaces)),
+        Some("Replace") => n["pattern"]["Regex"].as_str() == Some(" {2,}") && n["content"] == " ",
+        _ => false,
+    }
 }
 
 fn is_byte_piece(t: &str) -> bool {
@@ -289,6 +311,15 @@ mod tests {
         assert_eq!(v.scores, [-1.5, 0.0]);
         assert_eq!(v.types, [TYPE_BYTE, TYPE_NORMAL]);
         assert!(!v.add_space_prefix);
+        assert!(
+            v.remove_extra_whitespaces,
+            "absent: the protobuf default, true"
+        );
+        // normalizer_spec { remove_extra_whitespaces: false } (field 4, varint 0).
+        let n = b.len();
+        b.extend([0x1A, 2, 0x20, 0x00]);
+        assert!(!parse_sentencepiece(&b).unwrap().remove_extra_whitespaces);
+        b.truncate(n);
         let e = parse_sentencepiece(&[0x0A, 5, 0x0A]).unwrap_err();
         assert!(e.contains("runs past the end"), "{e}");
     }
@@ -315,5 +346,17 @@ mod tests {
         let bits: Vec<u32> = v.scores.iter().map(|s| s.to_bits()).collect();
         assert_eq!(bits, [0, 0, 0, (-0.0f32).to_bits(), (-1.0f32).to_bits()]);
         assert!(v.add_space_prefix);
+        assert!(!v.remove_extra_whitespaces);
+        // stories260K's converted normalizer: trim, collapse runs of spaces, prepend, escape.
+        let collapsing = j.replace(
+            r#""normalizer": {"type": "Prepend", "prepend": "▁"}"#,
+            r#""normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Replace", "pattern": {"Regex": "\\A +| +\\z"}, "content": ""},
+                {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+                {"type": "Prepend", "prepend": "▁"}]}"#,
+        );
+        assert_ne!(collapsing, j);
+        let v = parse_tokenizer_json(&collapsing).unwrap();
+        assert!(v.remove_extra_whitespaces && v.add_space_prefix);
     }
 }

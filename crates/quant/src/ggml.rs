@@ -208,6 +208,49 @@ impl GgmlType {
     }
 }
 
+/// The GGUF type that holds a symmetric per-channel weight of `bits` bits exactly (codes
+/// `-qmax..=qmax`): `Q4_0` (codes `-8..=7`) up to 4 bits, `Q8_0` (`-127..=127`) up to 8.
+pub fn sym_channel_type(bits: u8) -> GgmlType {
+    if bits <= 4 {
+        GgmlType::Q4_0
+    } else {
+        GgmlType::Q8_0
+    }
+}
+
+/// A symmetric per-channel weight (`sym_per_channel`, `bits` bits) of row-major `[rows, n]`
+/// (`n` a multiple of [`BLOCK`]) as blocks of [`sym_channel_type`]`(bits)`: every block of a row
+/// has the row's f16 scale as `d`, and code `q` is stored as `Q4_0` code `q + 8` or as `Q8_0`'s
+/// `q`. llama.cpp's value `(code - 8)·d` or `q·d` is then `q · scale`, the fake-quantized value
+/// (`fake::sym_dequant`) bit for bit. The codes and scales are `fake::sym_row_codes`'s.
+pub fn sym_channel_blocks(data: &[f32], n: usize, bits: u8) -> Result<Vec<u8>> {
+    let ty = sym_channel_type(bits);
+    let qmax = i16::from(crate::fake::sym_qmax(bits).map_err(candle_core::Error::wrap)?);
+    let offset = match ty {
+        GgmlType::Q8_0 => 128,
+        _ => 8,
+    };
+    let mut out = Vec::with_capacity(data.len() / BLOCK * ty.block_bytes());
+    let mut codes = Vec::with_capacity(n);
+    for row in data.chunks(n) {
+        codes.clear();
+        let d =
+            crate::fake::sym_row_codes(row, bits, &mut codes).map_err(candle_core::Error::wrap)?;
+        for block in codes.chunks(BLOCK) {
+            let mut b = GgmlBlock {
+                d,
+                m: f16::from_f32(0.0),
+                codes: [0; BLOCK],
+            };
+            for (slot, &c) in b.codes.iter_mut().zip(block) {
+                *slot = (i16::from(c) - qmax + offset) as u8;
+            }
+            ty.encode(&b, &mut out);
+        }
+    }
+    Ok(out)
+}
+
 /// Fake-quantizes `w: [out, in]` (`in` a multiple of [`BLOCK`], checked by the caller) on the
 /// `ty` grid: value = what llama.cpp dequantizes, in `w`'s dtype (computed in f32 for every
 /// dtype, as llama.cpp quantizes f32); gradient = identity (straight-through).

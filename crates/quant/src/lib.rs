@@ -28,7 +28,7 @@ pub use fake::{
     fake_act, fake_kv, fake_weight, round_half_even, ste, sym_qmax, sym_quant_dequant,
     sym_quantize, ScaleRounding,
 };
-pub use ggml::{GgmlBlock, GgmlType};
+pub use ggml::{sym_channel_blocks, sym_channel_type, GgmlBlock, GgmlType};
 pub use glob::glob_match;
 pub use hooks::FakeQuant;
 pub use nf::{NfGrid, NF3_LEVELS, NF3_THRESHOLDS, NF4_LEVELS, NF4_THRESHOLDS};

@@ -277,3 +277,79 @@ fn names_json_and_shapes() {
         "{e}"
     );
 }
+
+/// Decodes `Q4_0` / `Q8_0` blocks as llama.cpp's `dequantize_row_*` does (independently of
+/// `GgmlType::value`): `Q4_0` `(nibble - 8)·d` with code `j` in the low nibble of byte `j` and
+/// code `j + 16` in the high nibble; `Q8_0` `q·d` with `q` a signed byte.
+fn decode_blocks(bytes: &[u8], t: GgmlType) -> Vec<f32> {
+    let mut out = Vec::new();
+    for b in bytes.chunks(t.block_bytes()) {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        match t {
+            GgmlType::Q4_0 => {
+                let q = |c: u8| (f32::from(c) - 8.0) * d;
+                out.extend(b[2..18].iter().map(|&x| q(x & 0x0f)));
+                out.extend(b[2..18].iter().map(|&x| q(x >> 4)));
+            }
+            _ => out.extend(b[2..34].iter().map(|&x| f32::from(x as i8) * d)),
+        }
+    }
+    out
+}
+
+/// A symmetric per-channel student (LLM-QAT's weights, any bits) fits llama.cpp's blocks
+/// exactly: every block of a row gets the row's f16 scale as `d`. Hand-worked row (4 bits):
+/// max|x| = 1, scale = f16(1/7) = 1170·2^-13 = 0.142822265625; 1 → q = rint(7.0017) = 7, code 15;
+/// -0.5 → rint(-3.5008) = -4, code 4; 0.25 → rint(1.7504) = 2, code 10; 0 → code 8.
+#[test]
+fn sym_per_channel_weights_are_q4_0_or_q8_0_blocks_bit_for_bit() {
+    let row = block(&[1.0, -0.5, 0.25]);
+    let bytes = qat_quant::sym_channel_blocks(&row, 32, 4).unwrap();
+    assert_eq!(qat_quant::sym_channel_type(4), GgmlType::Q4_0);
+    assert_eq!(bytes.len(), 18);
+    assert_eq!(
+        f16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
+        0.142822265625
+    );
+    // Bytes j = code j | code j+16 << 4; codes 16.. are all 8 (zeros).
+    assert_eq!(
+        &bytes[2..6],
+        &[15 | 8 << 4, 4 | 8 << 4, 10 | 8 << 4, 8 | 8 << 4]
+    );
+    let values = decode_blocks(&bytes, GgmlType::Q4_0);
+    assert_eq!(
+        &values[..3],
+        &[
+            7.0 * 0.142822265625,
+            -4.0 * 0.142822265625,
+            2.0 * 0.142822265625
+        ]
+    );
+
+    // Every width 2..=8 on rows of 64 (two blocks, one scale), one of them all zeros.
+    let mut w: Vec<f32> = (0..3 * 64)
+        .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 97.0)
+        .collect();
+    w[128..].fill(0.0);
+    let tensor = Tensor::from_vec(w.clone(), (3, 64), &Device::Cpu).unwrap();
+    for b in 2..=8u8 {
+        let t = qat_quant::sym_channel_type(b);
+        assert_eq!(
+            t,
+            if b <= 4 {
+                GgmlType::Q4_0
+            } else {
+                GgmlType::Q8_0
+            }
+        );
+        let expected: Vec<f32> =
+            fake_weight(&tensor, &WeightQuant::new(b, WeightFormat::SymPerChannel))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        let got = decode_blocks(&qat_quant::sym_channel_blocks(&w, 64, b).unwrap(), t);
+        assert_eq!(bits(&got), bits(&expected), "{b} bits");
+    }
+}
