@@ -25,7 +25,7 @@ LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_
 PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)-gguf-$(GGUF_VERSION)-llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)
 OUT ?= out
 
-.PHONY: all setup build test test-deps lint pipeline pipeline-bitdistiller plots fuzz clean help
+.PHONY: all setup build test test-deps lint pipeline pipeline-gguf pipeline-bitdistiller plots fuzz clean help
 
 all: build
 
@@ -33,6 +33,7 @@ help:
 	@echo "make pipeline   build, then run pipelines/llm-qat.mk on $(QAT_DATA)/models/stories260K"
 	@echo "make test       the test suite (CI runs exactly this)"
 	@echo "make lint       rustfmt check, clippy and rustdoc (warnings are errors) of the workspace"
+	@echo "make pipeline-gguf   the pipeline's weight-only students as GGUF, perplexity in llama.cpp itself"
 	@echo "make pipeline-bitdistiller   clip -> CAKLD QAT -> pack -> eval (pipelines/bitdistiller.mk)"
 	@echo "make plots      FKL vs CAKLD loss curves of the BitDistiller students (PNG, qat-report)"
 	@echo "make bench      CPU speed against PyTorch references (bench/RESULTS.md)"
@@ -65,6 +66,11 @@ lint:
 
 pipeline: build
 	$(MAKE) -f pipelines/llm-qat.mk BIN=$(BIN) QAT_DATA=$(QAT_DATA) OUT=$(OUT)
+
+# The pipeline's weight-only students as GGUF files, run in llama.cpp itself (perplexity next to
+# qat-eval's); needs the test venv (llama-cpp-python, built by test-deps).
+pipeline-gguf: build test-deps
+	$(MAKE) -f pipelines/llm-qat.mk gguf BIN=$(BIN) QAT_DATA=$(QAT_DATA) OUT=$(OUT) LLAMA_CPP_PYTHON=$(abspath $(PYTHON))
 
 # BitDistiller: the same cached shards -> qat-clip -> qat-distill --loss cakld -> qat-pack -> qat-eval.
 pipeline-bitdistiller: build

@@ -56,6 +56,39 @@ $(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(CORPUS_STAMP)
 	$(BIN)/qat-eval --model $(STUDENT_DIR)/$* $(EVAL_FLAGS) > $@.tmp
 	mv $@.tmp $@
 
+# llama.cpp (`make pipeline-gguf`, or `make -f pipelines/llm-qat.mk gguf`): the weight-only
+# students (per channel, or on a GGUF grid) as GGUF files, and their perplexity in llama.cpp itself
+# on the tokens qat-eval scores (tests/foreign/llama_cpp_nll.py --score-ids; llama.cpp's own
+# tokenizer ignores the tokenizer's remove_extra_whitespaces, formats/gguf.md). Needs the test
+# venv with llama-cpp-python (`make test-deps`).
+GGUF_STUDENTS ?= $(foreach s,$(STUDENTS),$(if $(findstring A,$(s))$(findstring KV,$(s)),,$(s)))
+GGUF_DIR := $(OUT)/gguf/$(RECIPE)
+LLAMA_CPP_PYTHON ?= .venv/bin/python
+.PHONY: gguf
+gguf: $(foreach s,$(GGUF_STUDENTS),$(EVAL)/llama-cpp-$(RECIPE)-$(s).json)
+	@for s in $(GGUF_STUDENTS); do printf '%s: qat-eval ppl %s, llama.cpp ppl %s (%s)\n' $$s \
+	    "$$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["ppl"], 4))' $(EVAL)/qat-$(RECIPE)-$$s.json)" \
+	    "$$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["ppl"], 4))' $(EVAL)/llama-cpp-$(RECIPE)-$$s.json)" \
+	    $(GGUF_DIR)/$$s.gguf; done
+
+# (Kept: not an intermediate file of the perplexity rule below.)
+.PRECIOUS: $(GGUF_DIR)/%.gguf
+$(GGUF_DIR)/%.gguf: $(STUDENT_DIR)/%/model.safetensors
+	@mkdir -p $(GGUF_DIR)
+	rm -f $@
+	$(BIN)/qat-pack --format gguf -m $(STUDENT_DIR)/$* -o $@ > $@.json
+
+# The token ids every perplexity of this corpus scores (the same for every model of this
+# tokenizer), from a full-precision qat-eval run.
+$(EVAL)/ids.json: $(MODEL_STAMP) $(CORPUS_STAMP)
+	@mkdir -p $(dir $@)
+	$(BIN)/qat-eval --model $(MODEL) $(EVAL_FLAGS) --scheme FP --ids-out $@ > $@.eval.json
+
+$(EVAL)/llama-cpp-$(RECIPE)-%.json: $(GGUF_DIR)/%.gguf $(EVAL)/ids.json $(EVAL)/qat-$(RECIPE)-%.json
+	$(LLAMA_CPP_PYTHON) tests/foreign/llama_cpp_nll.py $< $(EVAL_CORPUS) --seq-len $(SEQ_LEN) \
+	    --ids $(EVAL)/ids.json --score-ids > $@.tmp
+	mv $@.tmp $@
+
 # W4A8KV4 by a bit curriculum (README, "What mattered"): starting from this recipe's W4A8KV8
 # student, each stage trains the previous stage's student at fewer KV bits.
 #   make -f pipelines/llm-qat.mk curriculum

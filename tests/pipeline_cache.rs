@@ -229,3 +229,43 @@ fn llm_qat_clips_q_and_k_and_bitdistiller_does_not_through_the_shared_rules() {
     let want = format!("--out {clipped}/W3G32 -q --device cuda > {clipped}/W3G32.clip.json");
     assert!(gpu.contains(&want), "missing {want:?} in:\n{gpu}");
 }
+
+/// `gguf` exports only the weight-only students (activation or KV quantization is not llama.cpp's)
+/// and scores each file in llama.cpp on the ids qat-eval scores.
+#[test]
+fn gguf_exports_the_weight_only_students_and_scores_qat_evals_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().display().to_string();
+    let p = plan(
+        "pipelines/llm-qat.mk",
+        "gguf",
+        tmp.path(),
+        &["STUDENTS=W4 W4A8KV8 W8 W4A8KV4"],
+    );
+    let recipe = "stories260K-n4096-len256-k512-s0-e1-lr2e-4-bal64-clipqk";
+    let packs: Vec<&str> = p
+        .split(" bin/")
+        .filter(|c| c.starts_with("qat-pack "))
+        .collect();
+    assert_eq!(packs.len(), 2, "{p}");
+    for s in ["W4", "W8"] {
+        let want = format!(
+            "qat-pack --format gguf -m {out}/students/{recipe}/{s} -o {out}/gguf/{recipe}/{s}.gguf"
+        );
+        assert!(p.contains(&want), "missing {want:?} in:\n{p}");
+        let want = format!("tests/foreign/llama_cpp_nll.py {out}/gguf/{recipe}/{s}.gguf");
+        assert!(p.contains(&want), "missing {want:?} in:\n{p}");
+    }
+    assert!(
+        !p.contains("W4A8KV8.gguf") && !p.contains("W4A8KV4.gguf"),
+        "{p}"
+    );
+    let ids = format!("--ids-out {out}/eval/stories260K/ids.json");
+    assert!(p.contains(&ids), "missing {ids:?} in:\n{p}");
+    assert!(
+        p.contains(&format!(
+            "--ids {out}/eval/stories260K/ids.json --score-ids"
+        )),
+        "{p}"
+    );
+}
