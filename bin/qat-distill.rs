@@ -220,7 +220,7 @@ fn main() -> ExitCode {
         let summary =
             qat_train::run(&cfg).with_context(|| format!("training {}", args.out.display()))?;
         if let Some(p) = &summary.profile {
-            eprintln!("qat-distill: {}", p.line());
+            eprintln!("qat-distill: {}", p.line("steps"));
         }
         println!("{}", serde_json::to_string(&summary)?);
         Ok(Outcome::Ok)

@@ -78,7 +78,7 @@ struct Args {
     /// Write the scored token ids to this file (a JSON array of arrays, one per document or
     /// window, BOS first), e.g. to score the same tokens with another runtime
     /// (tests/foreign/llama_cpp_nll.py --ids FILE --score-ids).
-    #[arg(long, requires = "corpus", value_name = "FILE")]
+    #[arg(long, conflicts_with = "task", value_name = "FILE")]
     ids_out: Option<PathBuf>,
     /// Evaluate only the first N documents (docs), windows (stream) or items (each --task).
     #[arg(long)]
@@ -105,6 +105,11 @@ struct Args {
     /// in f32 under the scheme, then cast once.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Time each phase of every batch after the first (batch to device, forward, logits and
+    /// NLL, checkpoint), synchronizing the device around each: the summary's `profile` and a
+    /// line on stderr. Slows the run a little; measure speed without it. Perplexity only.
+    #[arg(long, conflicts_with = "task")]
+    profile: bool,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -209,12 +214,15 @@ fn perplexity(
         .checkpoint
         .as_deref()
         .map(|path| qat_eval::NllCheckpoint::new(path, &seqs, &checkpoint_settings(args, m)));
+    let profile =
+        qat_model::StepProfile::new_if(args.profile, m.model.device(), &qat_eval::PROFILE_PHASES);
     let run = qat_eval::nll(
         &m.model,
         &seqs,
         args.batch_size,
         !args.quiet,
         checkpoint.as_ref(),
+        &profile,
     )?;
     let (totals, resumed) = (run.totals, run.resumed.unwrap_or_default());
     let summary = serde_json::json!({
@@ -230,6 +238,11 @@ fn perplexity(
         "tokens_per_s": (totals.tokens - resumed.tokens) as f64 / started.elapsed().as_secs_f64(),
         "resumed_sequences": resumed.sequences,
     });
+    let mut summary = summary;
+    if let Some(p) = profile.summary() {
+        eprintln!("qat-eval: {}", p.line("batches"));
+        summary["profile"] = serde_json::to_value(p)?;
+    }
     Ok(summary)
 }
 

@@ -85,6 +85,12 @@ struct Args {
     /// Compute dtype of the teacher: f32, or bf16 / f16 (for GPUs; recorded in the shards).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Time each phase of every batch after the first (prefill, decode forward, logits to the
+    /// host, log-softmax + top-K + sampling, KV cache row selection, Parquet write),
+    /// synchronizing the device around each: the summary's `profile` and a line on stderr.
+    /// Slows the run a little; measure speed without it.
+    #[arg(long)]
+    profile: bool,
     /// No progress bar.
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -149,9 +155,13 @@ fn main() -> ExitCode {
             device: args.device.clone(),
             dtype: args.dtype.clone(),
             progress: !args.quiet,
+            profile: args.profile,
         };
         let summary = qat_sample::run(&cfg)
             .with_context(|| format!("sampling into {}", args.out.display()))?;
+        if let Some(p) = &summary.profile {
+            eprintln!("qat-sample: {}", p.line("batches"));
+        }
         println!("{}", serde_json::to_string(&summary)?);
         Ok(Outcome::Ok)
     })

@@ -168,3 +168,57 @@ fn a_checkpoint_of_another_evaluation_is_refused() {
     assert_eq!(j["resumed_sequences"], 0);
     assert!(!ckpt.exists());
 }
+
+/// `--profile` times every batch after the first (formats/summaries.md), prints the shares on
+/// stderr, and changes no result: the same NLL to the last bit as without it.
+#[test]
+fn profile_times_the_batches_and_changes_no_result() {
+    let (model, corpus) = (stories_dir(), tinystories());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--limit",
+            "12",
+            "-b",
+            "4",
+            "-q",
+        ];
+        args.extend_from_slice(extra);
+        qat_eval(&args)
+    };
+    let plain = ok_json(&run(&[]));
+    assert!(plain.get("profile").is_none(), "{plain}");
+    let o = run(&["--profile"]);
+    let j = ok_json(&o);
+    assert_documented("qat-eval", &j);
+    assert_eq!(j["nll"], plain["nll"]);
+    assert_eq!(j["tokens"], plain["tokens"]);
+    let p = &j["profile"];
+    assert_eq!(p["steps"], 12 / 4 - 1, "batches after the first: {p}");
+    for phase in ["forward", "logits_nll"] {
+        assert!(p["phases"][phase].as_f64().unwrap() > 0.0, "{phase}: {p}");
+    }
+    assert_eq!(p["phases"]["checkpoint"], 0.0, "no --checkpoint: {p}");
+    assert!(
+        stderr(&o).contains("qat-eval: profile of 2 batches: "),
+        "{}",
+        stderr(&o)
+    );
+    // Perplexity only: a usage error (clap's, exit 2).
+    let o = qat_eval(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "piqa",
+        "--profile",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("'--task <TASK>' cannot be used with '--profile'"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -385,3 +385,33 @@ fn a_rerun_with_other_settings_is_refused() {
         "a refused run changed the shard directory"
     );
 }
+
+/// `--profile` times every batch after the first (formats/summaries.md), prints the shares on
+/// stderr, and changes no byte of the shards or the manifest.
+#[test]
+fn profile_times_the_batches_and_changes_no_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, profiled) = (tmp.path().join("plain"), tmp.path().join("profiled"));
+    let s = sample_into(&plain, &[]);
+    assert!(s.get("profile").is_none(), "{s}");
+    let o = run_sample(&profiled, &["--profile"]);
+    let s = ok_json(&o);
+    assert_documented("qat-sample", &s);
+    let p = &s["profile"];
+    assert_eq!(p["steps"], 24 / 4 - 1, "batches after the first: {p}");
+    for phase in [
+        "prefill",
+        "decode_forward",
+        "logits_to_host",
+        "log_softmax_topk_sample",
+        "write",
+    ] {
+        assert!(p["phases"][phase].as_f64().unwrap() > 0.0, "{phase}: {p}");
+    }
+    assert!(
+        stderr(&o).contains("qat-sample: profile of 5 batches: "),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(dir_files(&plain), dir_files(&profiled));
+}

@@ -10,9 +10,10 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            seq 1024 (shards sampled by qat-sample first), AdamW; steady-state steps only
   distill-teacher  qat-distill --teacher (online teacher, full-vocab FKL), for goal 3
   eval     qat-eval vs HF forward: perplexity of the TinyStories file, stream mode, 1024 tokens
-  profile  where qat-distill's step time goes (`--profile`: each phase timed with the device
-           synchronized around it), from cached shards, with the online teacher, and without fake
-           quantization (scheme FP), same batch; a second table, seconds per step and shares
+  profile  where the time goes (`--profile`: each phase timed with the device synchronized
+           around it): qat-distill from cached shards, with the online teacher, and without fake
+           quantization (scheme FP), same batch; qat-sample and qat-eval at the shapes above;
+           more tables, seconds per step or batch and shares
 
 qat's fixed costs (process start, model load, PTX JIT, cuBLAS init) are excluded the way HF's
 warm-up is excluded on the PyTorch side: qat-sample and qat-eval run twice, with N and 2N
@@ -315,32 +316,66 @@ def main():
 
     PS = c["profile_steps"]
 
-    def stage_profile():
-        b = chosen["batch"]
-        runs = {}
-        for tag, extra, scheme in (("cached", [], "W4A8KV4"), ("teacher", ["--teacher", model], "W4A8KV4"),
-                                   ("fp", [], "FP")):
-            if runs and a.deadline_s and time.time() - started > a.deadline_s:
-                say(f"profile {tag} SKIPPED: past --deadline-s {a.deadline_s:.0f}")
-                break
-            say(f"profile: qat-distill --profile {tag} ({scheme}), batch {b} x {L}, {PS} steps after the first")
-            runs[tag] = qat_distill(f"profile-{tag}", extra + ["--profile"], b, scheme, PS + 1)["profile"]
-        results["profile"] = dict(batch=b, seq_len=L, runs=runs)
-        names = {"cached": "W4A8KV4, cached shards", "teacher": "W4A8KV4, online teacher", "fp": "FP (no fake quant), cached"}
-        profile_table[:] = ["", f"qat-distill --profile, batch {b} x {L}: seconds per step (share of the phases' sum)", "",
-                            "| phase | " + " | ".join(names[t] for t in runs) + " |", "|---" * (len(runs) + 1) + "|"]
-        order = ["data", "batch_to_device", "teacher_forward", "student_forward", "loss", "backward", "accumulate",
-                 "clip_grad", "optimizer", "log_checkpoint"]  # step order (crates/train/src/profile.rs)
+    def profile_rows(title, unit, order, runs, names):
+        """A Markdown table of `--profile` summaries: seconds per step (share of the phases' sum)."""
+        lines = ["", f"{title}: seconds per {unit} (share of the phases' sum)", "",
+                 "| phase | " + " | ".join(names[t] for t in runs) + " |", "|---" * (len(runs) + 1) + "|"]
         seen = list(next(iter(runs.values()))["phases"]) if runs else []
         phases = [p for p in order if p in seen] + [p for p in seen if p not in order]
-        per_step = lambda r, v: v / max(r["steps"], 1)
         for ph in phases + ["wall"]:
             cells = []
             for r in runs.values():
                 v = r["wall_s"] if ph == "wall" else r["phases"][ph]
                 share = "" if ph == "wall" else f" ({v / max(sum(r['phases'].values()), 1e-12):.0%})"
-                cells.append(f"{per_step(r, v):.4f}{share}")
-            profile_table.append(f"| {ph} | " + " | ".join(cells) + " |")
+                cells.append(f"{v / max(r['steps'], 1):.4f}{share}")
+            lines.append(f"| {ph} | " + " | ".join(cells) + " |")
+        return lines
+
+    def past_deadline(what):
+        if a.deadline_s and time.time() - started > a.deadline_s:
+            say(f"profile {what} SKIPPED: past --deadline-s {a.deadline_s:.0f}")
+            return True
+        return False
+
+    def stage_profile():
+        # Phase orders: crates/train/src/distill/step.rs, crates/sample/src/generate.rs,
+        # crates/eval/src/perplexity.rs (PHASES / PROFILE_PHASES).
+        b = chosen["batch"]
+        runs = {}
+        for tag, extra, scheme in (("cached", [], "W4A8KV4"), ("teacher", ["--teacher", model], "W4A8KV4"),
+                                   ("fp", [], "FP")):
+            if runs and past_deadline(f"distill {tag}"):
+                break
+            say(f"profile: qat-distill --profile {tag} ({scheme}), batch {b} x {L}, {PS} steps after the first")
+            runs[tag] = qat_distill(f"profile-{tag}", extra + ["--profile"], b, scheme, PS + 1)["profile"]
+        results["profile"] = dict(batch=b, seq_len=L, runs=runs)
+        names = {"cached": "W4A8KV4, cached shards", "teacher": "W4A8KV4, online teacher", "fp": "FP (no fake quant), cached"}
+        profile_table[:] = profile_rows(f"qat-distill --profile, batch {b} x {L}", "step",
+                                        ["data", "batch_to_device", "teacher_forward", "student_forward", "loss", "backward",
+                                         "accumulate", "clip_grad", "optimizer", "log_checkpoint"], runs, names)
+        save()
+        if not past_deadline("sample"):
+            say(f"profile: qat-sample --profile, {2 * B} sequences of {new} new tokens, batch {B} (the second batch counted)")
+            out = fresh(os.path.join(work, "shards-profile"))
+            stdout, _, _ = run([bins["qat-sample"], "-m", model, "-o", out, "-n", str(2 * B), "--max-len", str(new + 2),
+                                "-K", "64", "-b", str(B), "--profile", "-q"] + dev, env, os.path.join(logs, "profile-sample.log"), gpu)
+            shutil.rmtree(out, ignore_errors=True)
+            p = last_json(stdout)["profile"]
+            results["profile"]["sample"] = p
+            profile_table.extend(profile_rows(f"qat-sample --profile, batch {B}, {new} new tokens", "batch",
+                                              ["prefill", "decode_forward", "logits_to_host", "log_softmax_topk_sample",
+                                               "kv_cache_select", "write"], {"sample": p}, {"sample": "qat-sample"}))
+            save()
+        if not past_deadline("eval"):
+            say(f"profile: qat-eval --profile, {2 * W} windows of {L}, batch {EB}")
+            stdout, _, _ = run([bins["qat-eval"], "-m", model, "-c", corpus, "--mode", "stream", "--seq-len", str(L),
+                                "--limit", str(2 * W), "-b", str(EB), "--profile", "-q"] + dev, env,
+                               os.path.join(logs, "profile-eval.log"), gpu)
+            p = last_json(stdout)["profile"]
+            results["profile"]["eval"] = p
+            profile_table.extend(profile_rows(f"qat-eval --profile, stream windows of {L}, batch {EB}", "batch",
+                                              ["batch_to_device", "forward", "logits_nll", "checkpoint"], {"eval": p},
+                                              {"eval": "qat-eval"}))
         for line in profile_table:
             say(line)
 

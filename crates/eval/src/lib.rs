@@ -18,7 +18,7 @@ pub use corpus::Corpus;
 pub use error::{EvalError, Result};
 pub use loglikelihood::{encode_pair, loglikelihoods, EncodedPair, Loglikelihood};
 pub use model::{load_eval_model, EvalModel, Quantization};
-pub use perplexity::{nll, tokenize, NllRun, NllTotals, PplMode};
+pub use perplexity::{nll, tokenize, NllRun, NllTotals, PplMode, PROFILE_PHASES};
 pub use task_checkpoint::TaskCheckpoint;
 pub use tasks::{McItem, Task, TaskData};
 pub use zeroshot::{evaluate, ItemDetail, TaskScores};

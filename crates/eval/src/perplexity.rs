@@ -5,7 +5,7 @@ use crate::corpus::Corpus;
 use crate::error::{EvalError, Result};
 use candle_core::{IndexOp, Tensor, D};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use qat_model::Llama;
+use qat_model::{Llama, StepProfile};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
@@ -102,16 +102,21 @@ pub fn tokenize(
     Ok(seqs)
 }
 
+/// The phases `qat-eval --profile` times per batch (qat_model::profile), in order.
+pub const PROFILE_PHASES: [&str; 4] = ["batch_to_device", "forward", "logits_nll", "checkpoint"];
+
 /// Mean NLL of `model` over `seqs`, `batch_size` sequences per forward pass. With a
 /// `checkpoint`, the totals are saved there after every batch, and a run that finds the file
 /// (from an interrupted run of the same evaluation) starts after its last saved batch; the
-/// caller removes it once the result is safe.
+/// caller removes it once the result is safe. `profile` times each batch's
+/// [`PROFILE_PHASES`] (a disabled profile times nothing).
 pub fn nll(
     model: &Llama,
     seqs: &[Vec<u32>],
     batch_size: usize,
     progress: bool,
     checkpoint: Option<&NllCheckpoint>,
+    profile: &StepProfile,
 ) -> Result<NllRun> {
     if batch_size == 0 {
         return Err(EvalError::Config("--batch-size must be >= 1".into()));
@@ -145,24 +150,30 @@ pub fn nll(
             input.extend(std::iter::repeat_n(s[0], pad));
             input.extend(&s[..s.len() - 1]);
         }
-        let mut cache = model.new_cache(pads.clone());
-        let hidden = model.forward_hidden(
-            &Tensor::from_vec(input, (batch.len(), width), &dev)?,
-            &mut cache,
-        )?;
-        for (row, (&i, &pad)) in batch.iter().zip(&pads).enumerate() {
-            let s = &seqs[i];
-            let logits = model.logits(&hidden.i((row, pad..width))?)?; // [len-1, vocab]
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let targets = Tensor::from_vec(s[1..].to_vec(), (s.len() - 1, 1), &dev)?;
-            let picked: Vec<f32> = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
-            totals.nll_sum -= picked.iter().map(|&x| x as f64).sum::<f64>();
-            totals.tokens += picked.len() as u64;
-        }
+        let input = profile.time("batch_to_device", || {
+            Tensor::from_vec(input, (batch.len(), width), &dev)
+        })?;
+        let hidden = profile.time("forward", || {
+            let mut cache = model.new_cache(pads.clone());
+            model.forward_hidden(&input, &mut cache)
+        })?;
+        profile.time("logits_nll", || {
+            for (row, (&i, &pad)) in batch.iter().zip(&pads).enumerate() {
+                let s = &seqs[i];
+                let logits = model.logits(&hidden.i((row, pad..width))?)?; // [len-1, vocab]
+                let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                let targets = Tensor::from_vec(s[1..].to_vec(), (s.len() - 1, 1), &dev)?;
+                let picked: Vec<f32> = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
+                totals.nll_sum -= picked.iter().map(|&x| x as f64).sum::<f64>();
+                totals.tokens += picked.len() as u64;
+            }
+            candle_core::Result::Ok(())
+        })?;
         totals.sequences += batch.len() as u64;
         if let Some(c) = checkpoint {
-            c.save(b as u64 + 1, &totals)?;
+            profile.time("checkpoint", || c.save(b as u64 + 1, &totals))?;
         }
+        profile.end_step();
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();

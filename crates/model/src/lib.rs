@@ -15,6 +15,7 @@ pub mod hub;
 pub mod linear;
 pub mod llama;
 pub mod model_dir;
+pub mod profile;
 pub mod rope;
 pub mod softmax;
 
@@ -28,4 +29,5 @@ pub use hub::{resolve_model, snapshot_source, HubError, HubSource, ResolvedModel
 pub use linear::QLinear;
 pub use llama::Llama;
 pub use model_dir::{sha256_files, special_token_ids, ModelDir, COMPANION_FILES};
+pub use profile::{ProfileSummary, StepProfile};
 pub use rope::RotaryEmbedding;

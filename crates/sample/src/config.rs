@@ -43,6 +43,9 @@ pub struct SampleConfig {
     pub dtype: String,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// Time the phases of every batch after the first, synchronizing the device around each
+    /// (qat_model::profile); reported in the summary.
+    pub profile: bool,
 }
 
 /// The resolved settings that determine the shards' content, stored in the shard header's

@@ -4,7 +4,7 @@
 use crate::rng::SequenceRng;
 use crate::sampler::{self, SamplingParams};
 use candle_core::{IndexOp, Result, Tensor};
-use qat_model::Llama;
+use qat_model::{Llama, StepProfile};
 use qat_shards::SequenceRecord;
 use rayon::prelude::*;
 
@@ -77,12 +77,25 @@ impl RowState {
     }
 }
 
+/// The phases `qat-sample --profile` times per batch (qat_model::profile), in order; `write`
+/// (the batch's records into the Parquet writer) is timed by the caller.
+pub const PROFILE_PHASES: [&str; 6] = [
+    "prefill",
+    "decode_forward",
+    "logits_to_host",
+    "log_softmax_topk_sample",
+    "kv_cache_select",
+    "write",
+];
+
 /// Generates every spec in one batch; records come back in the order of `specs`.
-/// Prompts must be shorter than `params.max_len`.
+/// Prompts must be shorter than `params.max_len`. `profile` times the [`PROFILE_PHASES`] (a
+/// disabled profile times nothing).
 pub fn generate_batch(
     model: &Llama,
     specs: &[SequenceSpec],
     params: &GenerationParams,
+    profile: &StepProfile,
 ) -> Result<(Vec<SequenceRecord>, GenerationStats)> {
     let dev = model.device().clone();
     let width = specs.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
@@ -133,35 +146,45 @@ pub fn generate_batch(
         pads.clone(),
         pads.iter().max().copied().unwrap_or(0) + params.max_len,
     );
-    let hidden = model.forward_hidden(
-        &Tensor::from_vec(input, (specs.len(), width), &dev)?,
-        &mut cache,
-    )?;
+    let hidden = profile.time("prefill", || {
+        model.forward_hidden(
+            &Tensor::from_vec(input, (specs.len(), width), &dev)?,
+            &mut cache,
+        )
+    })?;
     for (b, row) in rows.iter_mut().enumerate() {
         // One row's logits at a time bounds memory to width x vocab.
-        let logits: Vec<Vec<f32>> = model.logits(&hidden.i((b, pads[b]..width))?)?.to_vec2()?;
-        let mut scratch = Vec::new();
-        let last = logits.len() - 1;
-        for (j, row_logits) in logits.iter().enumerate() {
-            row.step(row_logits, params, j == last, &mut scratch);
-        }
+        let logits: Vec<Vec<f32>> = profile.time("logits_to_host", || {
+            model.logits(&hidden.i((b, pads[b]..width))?)?.to_vec2()
+        })?;
+        profile.time("log_softmax_topk_sample", || {
+            let mut scratch = Vec::new();
+            let last = logits.len() - 1;
+            for (j, row_logits) in logits.iter().enumerate() {
+                row.step(row_logits, params, j == last, &mut scratch);
+            }
+            candle_core::Result::Ok(())
+        })?;
     }
 
     // Decode one token per step for the rows still running.
     let mut active: Vec<usize> = (0..rows.len()).filter(|&b| !rows[b].done).collect();
     if active.len() < rows.len() {
-        cache.select_rows(&active)?;
+        profile.time("kv_cache_select", || cache.select_rows(&active))?;
     }
     while !active.is_empty() {
         let last: Vec<u32> = active
             .iter()
             .map(|&b| *rows[b].record.tokens.last().expect("non-empty"))
             .collect();
-        let logits = model.forward(
-            &Tensor::from_vec(last, (active.len(), 1), &dev)?,
-            &mut cache,
-        )?;
-        let logits: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
+        let logits = profile.time("decode_forward", || {
+            model.forward(
+                &Tensor::from_vec(last, (active.len(), 1), &dev)?,
+                &mut cache,
+            )
+        })?;
+        let logits: Vec<Vec<f32>> =
+            profile.time("logits_to_host", || logits.squeeze(1)?.to_vec2())?;
         let mut stepping: Vec<(&mut RowState, &Vec<f32>)> = Vec::with_capacity(active.len());
         {
             let mut by_index: Vec<Option<&mut RowState>> = rows.iter_mut().map(Some).collect();
@@ -169,16 +192,19 @@ pub fn generate_batch(
                 stepping.push((by_index[b].take().expect("row listed once"), &logits[slot]));
             }
         }
-        stepping
-            .par_iter_mut()
-            .for_each_init(Vec::new, |scratch, (row, l)| {
-                row.step(l, params, true, scratch)
-            });
+        profile.time("log_softmax_topk_sample", || {
+            stepping
+                .par_iter_mut()
+                .for_each_init(Vec::new, |scratch, (row, l)| {
+                    row.step(l, params, true, scratch)
+                });
+            candle_core::Result::Ok(())
+        })?;
         let keep: Vec<usize> = (0..active.len())
             .filter(|&slot| !rows[active[slot]].done)
             .collect();
         if keep.len() < active.len() {
-            cache.select_rows(&keep)?;
+            profile.time("kv_cache_select", || cache.select_rows(&keep))?;
             active = keep.iter().map(|&slot| active[slot]).collect();
         }
     }

@@ -3,11 +3,13 @@
 
 use crate::config::{SampleConfig, SamplingRecord, StartMode};
 use crate::error::{Result, SampleError};
-use crate::generate::{generate_batch, GenerationParams, GenerationStats, SequenceSpec};
+use crate::generate::{
+    generate_batch, GenerationParams, GenerationStats, SequenceSpec, PROFILE_PHASES,
+};
 use crate::prompts::read_prompts;
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use qat_model::{sha256_files, special_token_ids, ModelDir};
+use qat_model::{sha256_files, special_token_ids, ModelDir, ProfileSummary, StepProfile};
 use qat_shards::{
     num_files_for, verify_entry, IdDtype, Manifest, ShardFileWriter, ShardSetHeader,
     TeacherIdentity, FORMAT_VERSION,
@@ -34,6 +36,9 @@ pub struct SampleSummary {
     /// Teacher NLL (temperature 1) of the tokens it generated in this run, per token.
     pub teacher_nll: Option<f64>,
     pub top_k_logprobs: u32,
+    /// With `--profile`: seconds per batch phase (qat_model::profile); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileSummary>,
 }
 
 const TOOL: &str = concat!("qat-sample ", env!("CARGO_PKG_VERSION"));
@@ -268,18 +273,23 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
     let mut stats = GenerationStats::default();
     let (mut sequences, mut tokens, mut bytes) = (0u64, 0u64, 0u64);
     let gen_started = Instant::now();
+    let profile = StepProfile::new_if(cfg.profile, &device, &PROFILE_PHASES);
     for &f in &todo {
         let mut writer = ShardFileWriter::create(&cfg.out, f, &header)?;
         let ids: Vec<u64> = header.file_seq_range(f).collect();
         for chunk in ids.chunks(cfg.batch_size) {
             let specs: Vec<SequenceSpec> = chunk.iter().map(|&id| starts.spec(id)).collect();
-            let (records, batch_stats) = generate_batch(&model, &specs, &params)?;
+            let (records, batch_stats) = generate_batch(&model, &specs, &params, &profile)?;
             stats.generated_tokens += batch_stats.generated_tokens;
             stats.teacher_nll_sum += batch_stats.teacher_nll_sum;
-            for r in &records {
-                writer.push(r)?;
-                tokens += r.tokens.len() as u64;
-            }
+            profile.time("write", || {
+                for r in &records {
+                    writer.push(r)?;
+                    tokens += r.tokens.len() as u64;
+                }
+                Ok::<_, SampleError>(())
+            })?;
+            profile.end_step();
             sequences += records.len() as u64;
             bar.inc(records.len() as u64);
             bar.set_message(format!(
@@ -311,6 +321,7 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
         teacher_nll: (stats.generated_tokens > 0)
             .then(|| stats.teacher_nll_sum / stats.generated_tokens as f64),
         top_k_logprobs: cfg.keep_top,
+        profile: profile.summary(),
     })
 }
 

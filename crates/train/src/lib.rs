@@ -8,7 +8,6 @@ pub mod gamma;
 pub mod loss;
 pub mod optim;
 pub mod parallel;
-pub mod profile;
 pub mod student;
 
 pub use data::{DataCursor, Prefetch, ShardBatches};
@@ -17,5 +16,4 @@ pub use error::{Result, TrainError};
 pub use gamma::{teacher_confidence, TeacherConfidence};
 pub use loss::{forward_kl, Loss, LossKind, TopKTargets};
 pub use optim::{AdamW, AdamWConfig, LrConfig, Schedule};
-pub use profile::{ProfileSummary, StepProfile};
 pub use student::Student;

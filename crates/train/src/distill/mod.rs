@@ -17,11 +17,11 @@ use crate::error::{io, Result, TrainError};
 use crate::gamma::{teacher_confidence, TeacherConfidence};
 use crate::loss::{Loss, LossKind};
 use crate::optim::{clip_grad_norm, AdamW, LrConfig};
-use crate::profile::{ProfileSummary, StepProfile};
 use crate::student::Student;
 use checkpoint::CheckpointState;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qat_model::ModelDir;
+use qat_model::{ProfileSummary, StepProfile};
 use qat_quant::FakeQuant;
 use qat_shards::ShardSet;
 use serde::Serialize;
@@ -233,11 +233,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         ))
     })?;
     let mut data = Prefetch::new(ShardBatches::new(set, s.seed, cursor), s.batch_size, 2);
-    let profile = if cfg.profile {
-        StepProfile::new(&dev)
-    } else {
-        StepProfile::disabled()
-    };
+    let profile = StepProfile::new_if(cfg.profile, &dev, &step::PHASES);
     let models = step::StepModels {
         student: &student,
         teacher: teacher.as_ref(),
@@ -265,10 +261,8 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
     let mut last_good = resumed_from.map_or("no checkpoint was written yet".to_string(), |s| {
         format!("last good checkpoint: step {s} in {}", ckpt.display())
     });
-    let mut profiled_wall = 0.0;
     while opt.step < total {
         let step_started = Instant::now();
-        let counted = profile.counting();
         let plan = step::StepPlan {
             grad_accum: s.grad_accum,
             data_parallel: s.data_parallel,
@@ -278,7 +272,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         };
         let mut step = step::step_grads(&models, &mut data, &pools, &vars, &plan)?;
         let grad_norm = profile.time("clip_grad", || {
-            Ok(clip_grad_norm(&mut step.grads, s.max_grad_norm)?)
+            clip_grad_norm(&mut step.grads, s.max_grad_norm)
         })?;
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
@@ -290,7 +284,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         let lr = lr_cfg.at(opt.step);
         profile.time("optimizer", || {
             opt.apply(&step.grads, lr)?;
-            Ok(opt.round_vars_to(master_dtype)?)
+            opt.round_vars_to(master_dtype)
         })?;
         tokens_seen += step.tokens;
         last_loss = step.loss;
@@ -333,11 +327,8 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
                     ckpt.display()
                 );
             }
-            Ok(())
+            Ok::<_, TrainError>(())
         })?;
-        if counted {
-            profiled_wall += step_started.elapsed().as_secs_f64();
-        }
         profile.end_step();
     }
     bar.finish_and_clear();
@@ -389,6 +380,6 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         scheme: s.scheme.short_name().unwrap_or_else(|| "custom".into()),
         loss: s.loss,
         cakld_gamma: gamma,
-        profile: profile.summary(profiled_wall),
+        profile: profile.summary(),
     })
 }

@@ -7,12 +7,25 @@ use crate::error::{Result, TrainError};
 use crate::loss::{Loss, TopKTargets};
 use crate::optim::accumulate;
 use crate::parallel::{split_even, PartPools};
-use crate::profile::StepProfile;
 use crate::student::Student;
 use candle_core::{Device, Tensor, Var};
-use qat_model::Llama;
+use qat_model::{Llama, StepProfile};
 use qat_shards::SequenceRecord;
 use std::collections::HashMap;
+
+/// The phases `--profile` times (qat_model::profile), in step order.
+pub(super) const PHASES: [&str; 10] = [
+    "data",
+    "batch_to_device",
+    "teacher_forward",
+    "student_forward",
+    "loss",
+    "backward",
+    "accumulate",
+    "clip_grad",
+    "optimizer",
+    "log_checkpoint",
+];
 
 /// The models and objective of a step.
 pub(super) struct StepModels<'a> {
@@ -91,7 +104,7 @@ pub(super) fn step_grads(
                     accumulate(&mut out.grads, vars, &g, w)?;
                 }
             }
-            Ok(())
+            Ok::<_, TrainError>(())
         })?;
     }
     Ok(out)
@@ -124,7 +137,7 @@ fn part_grads(
     let teacher_logp = match models.teacher {
         Some(teacher) => Some(profile.time("teacher_forward", || {
             let tl = at_rows(teacher.forward_full(&tokens)?)?;
-            Ok(candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach())
+            Ok::<_, TrainError>(candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach())
         })?),
         None => None,
     };
@@ -140,7 +153,7 @@ fn part_grads(
             loss = (loss * f64::NAN)?;
         }
         let value = loss.to_scalar::<f32>()?;
-        Ok((loss, value))
+        Ok::<_, TrainError>((loss, value))
     })?;
     if !value.is_finite() {
         return Err(TrainError::NonFinite {
@@ -149,7 +162,7 @@ fn part_grads(
             last_good: plan.last_good.to_string(),
         });
     }
-    let grads = profile.time("backward", || Ok(loss.backward()?))?;
+    let grads = profile.time("backward", || loss.backward())?;
     Ok(PartOutcome {
         loss: value,
         positions,

@@ -1,41 +1,31 @@
-//! Where a training step's time goes (`qat-distill --profile`): the wall time of each phase of
-//! the step, with the device synchronized before and after the phase, so that asynchronous work
-//! (CUDA kernels queued by the phase) is charged to the phase that queued it.
+//! Where a tool's time goes (`--profile` of `qat-distill`, `qat-sample`, `qat-eval`): the wall
+//! time of each phase of a step (a training step, a batch of sequences), with the device
+//! synchronized before and after the phase, so that asynchronous work (CUDA kernels queued by
+//! the phase) is charged to the phase that queued it. Each tool names its phases.
 //!
 //! The synchronizations remove the overlap between the host queuing work and the device running
 //! it, so a profiled run is a little slower than a plain one: measure speed without `--profile`,
-//! and read the profile for the shares. Phases inside the parts of a micro-batch (which run on
-//! their own threads with `--data-parallel` on the CPU) add up thread-seconds. The first step of
-//! a process is not counted: it holds one-time costs (cuBLAS handles, kernel loading, the
+//! and read the profile for the shares. Phases timed on several threads at once (the parts of a
+//! micro-batch with `--data-parallel` on the CPU) add up thread-seconds. The first step of a
+//! process is not counted: it holds one-time costs (cuBLAS handles, kernel loading, the
 //! allocator's growth).
 
-use crate::error::Result;
 use candle_core::Device;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// The phases, in step order.
-pub const PHASES: [&str; 10] = [
-    "data",
-    "batch_to_device",
-    "teacher_forward",
-    "student_forward",
-    "loss",
-    "backward",
-    "accumulate",
-    "clip_grad",
-    "optimizer",
-    "log_checkpoint",
-];
-
 /// Accumulated phase times of the profiled steps; a disabled profile times nothing and costs
 /// nothing.
 #[derive(Debug)]
 pub struct StepProfile {
     device: Option<Device>,
+    /// The phases, in step order.
+    phases: &'static [&'static str],
     counting: Mutex<bool>,
+    /// The end of the first step, and of the latest one.
+    span: Mutex<Option<(Instant, Instant)>>,
     seconds: Mutex<BTreeMap<&'static str, f64>>,
     steps: Mutex<u64>,
 }
@@ -52,18 +42,29 @@ pub struct ProfileSummary {
 impl StepProfile {
     /// A profile that times nothing.
     pub fn disabled() -> Self {
-        Self::with_device(None)
+        Self::with_device(None, &[])
     }
 
-    /// A profile of steps on `device`.
-    pub fn new(device: &Device) -> Self {
-        Self::with_device(Some(device.clone()))
+    /// A profile of steps on `device`, with these phases (in step order).
+    pub fn new(device: &Device, phases: &'static [&'static str]) -> Self {
+        Self::with_device(Some(device.clone()), phases)
     }
 
-    fn with_device(device: Option<Device>) -> Self {
+    /// [`Self::new`] when `enabled`, else [`Self::disabled`].
+    pub fn new_if(enabled: bool, device: &Device, phases: &'static [&'static str]) -> Self {
+        if enabled {
+            Self::new(device, phases)
+        } else {
+            Self::disabled()
+        }
+    }
+
+    fn with_device(device: Option<Device>, phases: &'static [&'static str]) -> Self {
         Self {
             device,
+            phases,
             counting: Mutex::new(false),
+            span: Mutex::new(None),
             seconds: Mutex::new(BTreeMap::new()),
             steps: Mutex::new(0),
         }
@@ -73,12 +74,16 @@ impl StepProfile {
         self.device.is_some()
     }
 
-    /// Runs `f` as `phase` (one of [`PHASES`]), timing it when the profile is enabled.
-    pub fn time<T>(&self, phase: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Runs `f` as `phase` (one of the profile's phases), timing it when the profile is enabled.
+    pub fn time<T, E: From<candle_core::Error>>(
+        &self,
+        phase: &'static str,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
         let Some(dev) = &self.device else {
             return f();
         };
-        debug_assert!(PHASES.contains(&phase), "unknown phase {phase}");
+        debug_assert!(self.phases.contains(&phase), "unknown phase {phase}");
         dev.synchronize()?;
         let started = Instant::now();
         let out = f()?;
@@ -105,33 +110,33 @@ impl StepProfile {
             *self.steps.lock().expect("profile lock") += 1;
         }
         *counting = true;
+        let now = Instant::now();
+        let mut span = self.span.lock().expect("profile lock");
+        *span = Some(span.map_or((now, now), |(first, _)| (first, now)));
     }
 
-    /// The counted steps' phase times (every phase named, 0 when it did not run), given the
-    /// counted steps' wall time; `None` when disabled.
-    pub fn summary(&self, wall_s: f64) -> Option<ProfileSummary> {
+    /// The counted steps' phase times (every phase named, 0 when it did not run) and wall time
+    /// (from the end of the first step to the end of the last); `None` when disabled.
+    pub fn summary(&self) -> Option<ProfileSummary> {
         self.device.as_ref()?;
         let seconds = self.seconds.lock().expect("profile lock");
+        let span = *self.span.lock().expect("profile lock");
         Some(ProfileSummary {
             steps: *self.steps.lock().expect("profile lock"),
-            wall_s,
-            phases: PHASES
+            wall_s: span.map_or(0.0, |(first, last)| (last - first).as_secs_f64()),
+            phases: self
+                .phases
                 .iter()
                 .map(|p| (*p, seconds.get(p).copied().unwrap_or(0.0)))
                 .collect(),
         })
-    }
-
-    /// Whether the current step is counted (not the process's first).
-    pub fn counting(&self) -> bool {
-        *self.counting.lock().expect("profile lock")
     }
 }
 
 impl ProfileSummary {
     /// One line for stderr: each phase's share of the phases' total, largest first. (The
     /// total exceeds the wall time when parts of a micro-batch run on several threads.)
-    pub fn line(&self) -> String {
+    pub fn line(&self, unit: &str) -> String {
         let mut phases: Vec<_> = self.phases.iter().filter(|(_, s)| **s > 0.0).collect();
         phases.sort_by(|a, b| b.1.total_cmp(a.1));
         let total: f64 = self.phases.values().sum();
@@ -140,7 +145,7 @@ impl ProfileSummary {
             .map(|(p, s)| format!("{p} {:.1}% ({s:.3} s)", 100.0 * **s / total.max(1e-12)))
             .collect();
         format!(
-            "profile of {} steps: {:.3} s wall, {:.3} s in phases: {}",
+            "profile of {} {unit}: {:.3} s wall, {:.3} s in phases: {}",
             self.steps,
             self.wall_s,
             total,
@@ -153,10 +158,13 @@ impl ProfileSummary {
 mod tests {
     use super::*;
 
+    type Result<T> = candle_core::Result<T>;
+    const PHASES: &[&str] = &["student_forward", "backward", "teacher_forward"];
+
     #[test]
     fn the_first_step_is_not_counted_and_every_phase_is_named() -> Result<()> {
-        let p = StepProfile::new(&Device::Cpu);
-        let sleep = |ms| {
+        let p = StepProfile::new(&Device::Cpu, PHASES);
+        let sleep = |ms| -> Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(ms));
             Ok(())
         };
@@ -167,9 +175,9 @@ mod tests {
             p.time("backward", || sleep(40))?;
             p.end_step();
         }
-        let s = p.summary(0.1).unwrap();
+        let s = p.summary().unwrap();
         assert_eq!(s.steps, 2);
-        assert_eq!(s.phases.len(), PHASES.len());
+        assert_eq!(s.phases.len(), 3);
         // Sleeps last at least as long as asked (longer on a loaded machine).
         assert!(s.phases["student_forward"] >= 0.020, "{s:?}");
         assert!(s.phases["backward"] >= 0.080, "{s:?}");
@@ -178,20 +186,24 @@ mod tests {
             "the first step is not counted"
         );
         assert!(
-            s.line().starts_with("profile of 2 steps: 0.100 s wall, "),
+            s.line("steps").starts_with("profile of 2 steps: 0.1"),
             "{}",
-            s.line()
+            s.line("steps")
         );
-        assert!(s.line().contains("s in phases: backward "), "{}", s.line());
+        assert!(
+            s.line("steps").contains("s in phases: backward "),
+            "{}",
+            s.line("steps")
+        );
         Ok(())
     }
 
     #[test]
     fn a_disabled_profile_runs_the_phase_and_reports_nothing() -> Result<()> {
         let p = StepProfile::disabled();
-        assert_eq!(p.time("loss", || Ok(7))?, 7);
+        assert_eq!(p.time("loss", || Result::Ok(7))?, 7);
         p.end_step();
-        assert!(p.summary(1.0).is_none());
+        assert!(p.summary().is_none());
         Ok(())
     }
 }
