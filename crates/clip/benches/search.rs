@@ -1,7 +1,8 @@
 //! Benchmark: the clipping search of one layer with the Gram-matrix error against the direct
 //! (partial outputs per token) error, both measured in this run, at TinyLlama-1.1B widths
 //! (in 2048) with BitDistiller's 512 calibration tokens: per-channel (a group of 2048 inputs,
-//! where `search_layer` goes direct) and groups of 128 (where it keeps the Gram matrices).
+//! where `search_layer` goes direct) and groups of 128 (where it keeps the Gram matrices). With the
+//! binaries' allocator options (`qat_cli::tune_allocator`).
 
 use candle_core::{Device, Tensor};
 use qat_clip::search::{search_layer_with, ErrorModel};
@@ -35,6 +36,8 @@ fn sym4(w: &[f32], group: usize) -> Vec<f32> {
 }
 
 fn main() -> qat_clip::Result<()> {
+    // As the qat-* binaries do: large tensor buffers stay on the heap instead of mmap/munmap.
+    qat_cli::tune_allocator();
     let (inp, n) = (2048, 512);
     println!("clip search of one [out, {inp}] layer, {n} calibration tokens, 10 x 10 shrink pairs");
     println!("| groups | out rows | Gram s | direct s | Gram / direct | same choices |");
