@@ -55,9 +55,10 @@ impl RowState {
         logits: &[f32],
         params: &GenerationParams,
         choose: bool,
-        scratch: &mut Vec<f32>,
+        scratch: &mut (Vec<f32>, Vec<f64>),
     ) {
-        sampler::log_softmax(logits, scratch);
+        let (scratch, exps) = scratch;
+        sampler::log_softmax_exps(logits, scratch, exps);
         for id in sampler::top_k_indices(scratch, params.keep_top) {
             self.record.topk_ids.push(id);
             self.record.topk_logprobs.push(scratch[id as usize]);
@@ -69,7 +70,7 @@ impl RowState {
             self.greedy_left -= 1;
             sampler::argmax(logits)
         } else {
-            sampler::sample(logits, &params.sampling, &mut self.rng)
+            sampler::sample_with_exps(logits, Some(exps), &params.sampling, &mut self.rng)
         };
         self.nll -= scratch[next as usize] as f64;
         self.record.tokens.push(next);
@@ -158,7 +159,7 @@ pub fn generate_batch(
             model.logits(&hidden.i((b, pads[b]..width))?)?.to_vec2()
         })?;
         profile.time("log_softmax_topk_sample", || {
-            let mut scratch = Vec::new();
+            let mut scratch = (Vec::new(), Vec::new());
             let last = logits.len() - 1;
             for (j, row_logits) in logits.iter().enumerate() {
                 row.step(row_logits, params, j == last, &mut scratch);
@@ -195,7 +196,7 @@ pub fn generate_batch(
         profile.time("log_softmax_topk_sample", || {
             stepping
                 .par_iter_mut()
-                .for_each_init(Vec::new, |scratch, (row, l)| {
+                .for_each_init(Default::default, |scratch, (row, l)| {
                     row.step(l, params, true, scratch)
                 });
             candle_core::Result::Ok(())

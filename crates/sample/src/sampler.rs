@@ -27,8 +27,18 @@ impl Default for SamplingParams {
 
 /// Log-softmax of `logits` in f64 accumulation, written into `out` (same length).
 pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
+    let mut exps = Vec::new();
+    log_softmax_exps(logits, out, &mut exps);
+}
+
+/// [`log_softmax`], also leaving each `exp(z - max)` (f64, the terms of its sum) in `exps`:
+/// with temperature 1 they are exactly the weights [`sample_with_exps`] draws from, so a row's
+/// exponentials are computed once.
+pub fn log_softmax_exps(logits: &[f32], out: &mut Vec<f32>, exps: &mut Vec<f64>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&z| (z as f64 - max).exp()).sum();
+    exps.clear();
+    exps.extend(logits.iter().map(|&z| (z as f64 - max).exp()));
+    let sum: f64 = exps.iter().sum();
     let log_z = max + sum.ln();
     out.clear();
     out.extend(logits.iter().map(|&z| (z as f64 - log_z) as f32));
@@ -65,6 +75,18 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// Draws the next token from `logits` under `params`, consuming exactly one uniform from `rng`
 /// (none when greedy), so a sequence's stream does not depend on the truncation settings.
 pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut SequenceRng) -> u32 {
+    sample_with_exps(logits, None, params, rng)
+}
+
+/// [`sample`], given the row's `exp(z - max)` from [`log_softmax_exps`]: used as the weights
+/// when the temperature is 1 and nothing is truncated (the same f64 values `sample` computes,
+/// `x / 1.0` being `x`), so the same token for the same uniform, with no exponential computed.
+pub fn sample_with_exps(
+    logits: &[f32],
+    exps: Option<&[f64]>,
+    params: &SamplingParams,
+    rng: &mut SequenceRng,
+) -> u32 {
     if params.temperature <= 0.0 {
         return argmax(logits);
     }
@@ -74,11 +96,19 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut SequenceRng) ->
     let truncated = params.top_k > 0 && params.top_k < logits.len() || params.top_p < 1.0;
     if !truncated {
         // Scan in id order: no sort needed.
-        let total: f64 = logits.iter().map(|&z| weight(z)).sum();
+        let computed: Vec<f64>;
+        let weights = match exps {
+            Some(e) if params.temperature == 1.0 && e.len() == logits.len() => e,
+            _ => {
+                computed = logits.iter().map(|&z| weight(z)).collect();
+                &computed
+            }
+        };
+        let total: f64 = weights.iter().sum();
         let target = u * total;
         let mut acc = 0.0;
-        for (i, &z) in logits.iter().enumerate() {
-            acc += weight(z);
+        for (i, w) in weights.iter().enumerate() {
+            acc += w;
             if acc > target {
                 return i as u32;
             }
@@ -128,10 +158,71 @@ mod tests {
         assert!((out[0] - 0.25f32.ln()).abs() < 1e-6 && (out[1] - 0.75f32.ln()).abs() < 1e-6);
     }
 
+    /// With temperature 1, sampling from log-softmax's exponentials draws the token `sample`
+    /// draws, uniform for uniform (also past where the sum's rounding matters: wide rows of
+    /// near-equal logits); other temperatures ignore them.
+    #[test]
+    fn sampling_with_the_log_softmax_exps_draws_the_same_tokens() {
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let (mut out, mut exps) = (Vec::new(), Vec::new());
+        for (row, width) in [(0u64, 4usize), (1, 512), (2, 32000), (3, 32000)] {
+            let spread = if row == 3 { 1e-3 } else { 8.0 };
+            let logits: Vec<f32> = (0..width).map(|_| (next() - 0.5) * spread).collect();
+            log_softmax_exps(&logits, &mut out, &mut exps);
+            for temperature in [1.0, 0.7] {
+                let p = SamplingParams {
+                    temperature,
+                    ..Default::default()
+                };
+                let (mut a, mut b) = (SequenceRng::new(3, row), SequenceRng::new(3, row));
+                for _ in 0..300 {
+                    assert_eq!(
+                        sample(&logits, &p, &mut a),
+                        sample_with_exps(&logits, Some(&exps), &p, &mut b),
+                        "row {row}, T {temperature}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn top_k_orders_by_value_then_index() {
         assert_eq!(top_k_indices(&[1.0, 3.0, 3.0, 2.0, -1.0], 3), vec![1, 2, 3]);
         assert_eq!(top_k_indices(&[1.0, 2.0], 5), vec![1, 0]);
+        assert_eq!(top_k_indices(&[1.0, 2.0], 0), Vec::<u32>::new());
+        // Ties at the cut: the smaller indices stay; -0 ranks below +0 (total order).
+        assert_eq!(
+            top_k_indices(&[5.0, 1.0, 5.0, 1.0, 1.0, 7.0], 4),
+            vec![5, 0, 2, 1]
+        );
+        assert_eq!(top_k_indices(&[-0.0, 0.0, -1.0], 2), vec![1, 0]);
+        // Against a full sort by (value desc, index asc), on rows with many ties.
+        let mut state = 11u64;
+        for k in [1, 7, 64, 300] {
+            let values: Vec<f32> = (0..1000)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) % 50) as f32 - 25.0
+                })
+                .collect();
+            let mut all: Vec<u32> = (0..1000).collect();
+            all.sort_by(|a, b| {
+                values[*b as usize]
+                    .total_cmp(&values[*a as usize])
+                    .then(a.cmp(b))
+            });
+            all.truncate(k);
+            assert_eq!(top_k_indices(&values, k), all, "k {k}");
+        }
     }
 
     #[test]
