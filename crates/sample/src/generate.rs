@@ -79,7 +79,7 @@ impl RowState {
 }
 
 /// The phases `qat-sample --profile` times per batch (qat_model::profile), in order; `write`
-/// (the batch's records into the Parquet writer) is timed by the caller.
+/// (handing the batch's records to the file's writer thread) is timed by the caller.
 pub const PROFILE_PHASES: [&str; 6] = [
     "prefill",
     "decode_forward",

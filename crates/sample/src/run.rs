@@ -11,8 +11,8 @@ use candle_core::DType;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use qat_model::{sha256_files, special_token_ids, ModelDir, ProfileSummary, StepProfile};
 use qat_shards::{
-    num_files_for, verify_entry, IdDtype, Manifest, ShardFileWriter, ShardSetHeader,
-    TeacherIdentity, FORMAT_VERSION,
+    num_files_for, verify_entry, FileEntry, IdDtype, Manifest, SequenceRecord, ShardFileWriter,
+    ShardSetHeader, TeacherIdentity, FORMAT_VERSION,
 };
 use serde::Serialize;
 use std::path::Path;
@@ -275,29 +275,46 @@ pub fn run(cfg: &SampleConfig) -> Result<SampleSummary> {
     let gen_started = Instant::now();
     let profile = StepProfile::new_if(cfg.profile, &device, &PROFILE_PHASES);
     for &f in &todo {
-        let mut writer = ShardFileWriter::create(&cfg.out, f, &header)?;
+        let writer = ShardFileWriter::create(&cfg.out, f, &header)?;
         let ids: Vec<u64> = header.file_seq_range(f).collect();
-        for chunk in ids.chunks(cfg.batch_size) {
-            let specs: Vec<SequenceSpec> = chunk.iter().map(|&id| starts.spec(id)).collect();
-            let (records, batch_stats) = generate_batch(&model, &specs, &params, &profile)?;
-            stats.generated_tokens += batch_stats.generated_tokens;
-            stats.teacher_nll_sum += batch_stats.teacher_nll_sum;
-            profile.time("write", || {
-                for r in &records {
-                    writer.push(r)?;
-                    tokens += r.tokens.len() as u64;
+        // The file's writer runs on its own thread: Parquet encoding and compression of one batch
+        // overlap the generation of the next (the records go in the same order: the same bytes).
+        let entry = std::thread::scope(|scope| -> Result<FileEntry> {
+            let (to_writer, batches) = std::sync::mpsc::sync_channel::<Vec<SequenceRecord>>(1);
+            let writing = scope.spawn(move || -> Result<FileEntry> {
+                let mut writer = writer;
+                for batch in batches {
+                    for r in &batch {
+                        writer.push(r)?;
+                    }
                 }
-                Ok::<_, SampleError>(())
-            })?;
-            profile.end_step();
-            sequences += records.len() as u64;
-            bar.inc(records.len() as u64);
-            bar.set_message(format!(
-                "{:.0} tok/s",
-                stats.generated_tokens as f64 / gen_started.elapsed().as_secs_f64()
-            ));
-        }
-        let entry = writer.finish()?;
+                Ok(writer.finish()?)
+            });
+            for chunk in ids.chunks(cfg.batch_size) {
+                let specs: Vec<SequenceSpec> = chunk.iter().map(|&id| starts.spec(id)).collect();
+                let (records, batch_stats) = generate_batch(&model, &specs, &params, &profile)?;
+                stats.generated_tokens += batch_stats.generated_tokens;
+                stats.teacher_nll_sum += batch_stats.teacher_nll_sum;
+                tokens += records.iter().map(|r| r.tokens.len() as u64).sum::<u64>();
+                sequences += records.len() as u64;
+                let n = records.len() as u64;
+                // A closed channel means the writer failed: its error comes from the join below.
+                let sent = profile.time("write", || {
+                    Ok::<_, SampleError>(to_writer.send(records).is_ok())
+                })?;
+                profile.end_step();
+                if !sent {
+                    break;
+                }
+                bar.inc(n);
+                bar.set_message(format!(
+                    "{:.0} tok/s",
+                    stats.generated_tokens as f64 / gen_started.elapsed().as_secs_f64()
+                ));
+            }
+            drop(to_writer);
+            writing.join().expect("the shard writer thread panicked")
+        })?;
         bytes += entry.bytes;
         manifest.upsert_file(entry);
         manifest.write(&cfg.out)?;
