@@ -86,7 +86,8 @@ struct Args {
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Time each phase of every batch after the first (prefill, decode forward, logits to the
-    /// host, log-softmax + top-K + sampling, KV cache row selection, Parquet write),
+    /// host, log-softmax + top-K + sampling, KV cache row selection, waiting for the Parquet
+    /// writer thread),
     /// synchronizing the device around each: the summary's `profile` and a line on stderr.
     /// Slows the run a little; measure speed without it.
     #[arg(long)]
