@@ -6,18 +6,7 @@ mod common;
 use common::*;
 
 fn ppl(extra: &[&str]) -> f64 {
-    let (model, corpus) = (stories_dir(), tinystories());
-    let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--limit",
-        "20",
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    let j = ok_json(&qat_eval(&args));
+    let j = ok_json(&eval_tinystories(&stories_dir(), 20, extra));
     assert_documented("qat-eval", &j);
     j["ppl"].as_f64().unwrap()
 }

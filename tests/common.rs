@@ -89,6 +89,23 @@ pub fn tinystories() -> PathBuf {
     data_dir().join("corpora/tinystories/TinyStories-valid.first800.txt")
 }
 
+/// `qat-eval` (quiet) of `model` on the first `limit` documents of [`tinystories`], with
+/// `extra` flags; returns the process output.
+pub fn eval_tinystories(model: &Path, limit: usize, extra: &[&str]) -> Output {
+    let (corpus, limit) = (tinystories(), limit.to_string());
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--limit",
+        &limit,
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    qat_eval(&args)
+}
+
 /// Runs `qat-pack` with `args`.
 pub fn qat_pack(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qat-pack"))

@@ -16,20 +16,7 @@ fn docs_perplexity_matches_hf_reference() {
     .unwrap();
     let want = &reference["tinystories_first10"];
     let model = stories_dir();
-    let corpus = tinystories();
-    let out = qat_eval(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--mode",
-        "docs",
-        "--seq-len",
-        "512",
-        "--limit",
-        "10",
-        "-q",
-    ]);
+    let out = eval_tinystories(&model, 10, &["--mode", "docs", "--seq-len", "512"]);
     let j = ok_json(&out);
     assert_documented("qat-eval", &j);
     assert_eq!(j["tokens"], want["pred_tokens"]);
@@ -45,17 +32,7 @@ fn docs_perplexity_matches_hf_reference() {
         "b1097f1cca750cb706160d9820bd4d6c4bbcca3e05c8dfc051d2b76b3cfca444"
     );
     // Batch composition must not change the result beyond float rounding.
-    let one = ok_json(&qat_eval(&[
-        "--model",
-        model.to_str().unwrap(),
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--limit",
-        "10",
-        "-b",
-        "1",
-        "-q",
-    ]));
+    let one = ok_json(&eval_tinystories(&model, 10, &["-b", "1"]));
     assert!((one["nll"].as_f64().unwrap() - nll).abs() < 1e-5);
 }
 
@@ -173,22 +150,8 @@ fn a_checkpoint_of_another_evaluation_is_refused() {
 /// stderr, and changes no result: the same NLL to the last bit as without it.
 #[test]
 fn profile_times_the_batches_and_changes_no_result() {
-    let (model, corpus) = (stories_dir(), tinystories());
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "--model",
-            model.to_str().unwrap(),
-            "--corpus",
-            corpus.to_str().unwrap(),
-            "--limit",
-            "12",
-            "-b",
-            "4",
-            "-q",
-        ];
-        args.extend_from_slice(extra);
-        qat_eval(&args)
-    };
+    let model = stories_dir();
+    let run = |extra: &[&str]| eval_tinystories(&model, 12, &[&["-b", "4"], extra].concat());
     let plain = ok_json(&run(&[]));
     assert!(plain.get("profile").is_none(), "{plain}");
     let o = run(&["--profile"]);

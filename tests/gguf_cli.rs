@@ -60,16 +60,23 @@ fn python_with_llama_cpp() -> PathBuf {
     py
 }
 
-/// `qat-pack --format gguf -m student -o file`, which must succeed; its JSON summary.
-fn export_gguf(student: &Path, file: &Path) -> serde_json::Value {
-    ok_json(&qat_pack(&[
+/// Runs `qat-pack --format gguf -m student -o file` with `extra` flags.
+fn pack_gguf(student: &Path, file: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
         "--format",
         "gguf",
         "-m",
         student.to_str().unwrap(),
         "-o",
         file.to_str().unwrap(),
-    ]))
+    ];
+    args.extend_from_slice(extra);
+    qat_pack(&args)
+}
+
+/// [`pack_gguf`] without extra flags, which must succeed; its JSON summary.
+fn export_gguf(student: &Path, file: &Path) -> serde_json::Value {
+    ok_json(&pack_gguf(student, file, &[]))
 }
 
 fn scheme_file(name: &str) -> PathBuf {
@@ -308,14 +315,7 @@ fn per_channel_students_export_as_row_scaled_blocks() {
         let student = tmp.path().join(name);
         teacher_student(&student, &scheme, SP);
         let file = tmp.path().join(format!("{name}.gguf"));
-        let o = qat_pack(&[
-            "--format",
-            "gguf",
-            "-m",
-            student.to_str().unwrap(),
-            "-o",
-            file.to_str().unwrap(),
-        ]);
+        let o = pack_gguf(&student, &file, &[]);
         let s = ok_json(&o);
         assert_documented("qat-pack --format gguf", &s);
         assert_eq!(s["types"][ty], 30, "{name}: {s}");
@@ -356,19 +356,16 @@ fn qat_eval_nll(
     tmp: &Path,
 ) -> (serde_json::Value, PathBuf) {
     let ids_path = tmp.join(format!("ids-{limit}-{seq_len}.json"));
-    let e = ok_json(&qat_eval(&[
-        "--model",
-        student.to_str().unwrap(),
-        "--corpus",
-        tinystories().to_str().unwrap(),
-        "--limit",
-        &limit.to_string(),
-        "--seq-len",
-        &seq_len.to_string(),
-        "--ids-out",
-        ids_path.to_str().unwrap(),
-        "-q",
-    ]));
+    let e = ok_json(&eval_tinystories(
+        student,
+        limit,
+        &[
+            "--seq-len",
+            &seq_len.to_string(),
+            "--ids-out",
+            ids_path.to_str().unwrap(),
+        ],
+    ));
     let ids: Vec<Vec<u32>> =
         serde_json::from_str(&std::fs::read_to_string(&ids_path).unwrap()).unwrap();
     let scored: usize = ids.iter().map(|s| s.len() - 1).sum();
@@ -413,16 +410,7 @@ fn bad_students_are_refused_with_exit_2() {
         teacher_student(&student, scheme, SP);
         let out = tmp.path().join("out.gguf");
         let _ = std::fs::remove_file(&out);
-        let mut args = vec![
-            "--format",
-            "gguf",
-            "-m",
-            student.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let o = qat_pack(&args);
+        let o = pack_gguf(&student, &out, extra);
         if !o.status.success() {
             assert!(
                 !out.exists() && !tmp.path().join("out.gguf.tmp").exists(),
@@ -462,18 +450,7 @@ fn bad_students_are_refused_with_exit_2() {
     let out = tmp.path().join("exists.gguf");
     std::fs::write(&out, b"x").unwrap();
     let s2 = tmp.path().join("s2");
-    assert_error(
-        &qat_pack(&[
-            "--format",
-            "gguf",
-            "-m",
-            s2.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]),
-        "qat-pack",
-        "already exists",
-    );
+    assert_error(&pack_gguf(&s2, &out, &[]), "qat-pack", "already exists");
     assert_eq!(std::fs::read(&out).unwrap(), b"x");
     let packed = tmp.path().join("packed");
     assert_error(&qat_pack(&["-m", s2.to_str().unwrap(), "-o", packed.to_str().unwrap()]), "qat-pack", "layers.0.self_attn.q_proj: weight format q4_0 is a GGUF block format, which the packed format does not store; export it with qat-pack --format gguf");
