@@ -17,9 +17,10 @@ use crate::vocab::Vocab;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use qat_model::{sha256_files, LinearId, LinearKind, ModelDir};
-use qat_quant::fake::{sym_dequant, sym_row_codes};
 use qat_quant::ggml::BLOCK;
-use qat_quant::{sym_channel_blocks, sym_channel_type, Scheme, WeightFormat, SCHEME_FILE};
+use qat_quant::{
+    quantize_codes, sym_channel_blocks, sym_channel_type, Scheme, WeightFormat, SCHEME_FILE,
+};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -159,18 +160,6 @@ fn check_scheme(
     Ok(dropped)
 }
 
-/// The fake-quantized values of a symmetric per-channel weight, row-major `[rows, n]`.
-fn sym_channel_values(w: &[f32], n: usize, bits: u8) -> Result<Vec<f32>> {
-    let qmax = qat_quant::sym_qmax(bits).map_err(candle_core::Error::wrap)?;
-    let (mut out, mut codes) = (Vec::with_capacity(w.len()), Vec::with_capacity(n));
-    for row in w.chunks(n) {
-        codes.clear();
-        let scale = sym_row_codes(row, bits, &mut codes).map_err(candle_core::Error::wrap)?;
-        out.extend(codes.iter().map(|&c| sym_dequant(c, qmax, scale)));
-    }
-    Ok(out)
-}
-
 fn f32_tensor(name: String, dims: Vec<u64>, v: &[f32]) -> Tensor {
     Tensor {
         name,
@@ -265,18 +254,21 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
             let blocks = match scheme.resolve(id).weight {
                 Some(wq) => match wq.format {
                     WeightFormat::Ggml(t) => Some((t, t.quantize_rows(&w))),
-                    WeightFormat::SymPerChannel if i % BLOCK == 0 => Some((
-                        sym_channel_type(wq.bits),
-                        sym_channel_blocks(&w, i, wq.bits)?,
-                    )),
                     WeightFormat::SymPerChannel => {
-                        summary.dequantized.push(format!(
-                            "{id}: {i} inputs are not a multiple of {BLOCK}: F32 of its {}-bit \
-                             fake-quantized values",
-                            wq.bits
-                        ));
-                        w = sym_channel_values(&w, i, wq.bits)?;
-                        None
+                        let t = candle_core::Tensor::from_slice(&w, (o, i), &Device::Cpu)?;
+                        let codes = quantize_codes(&t, &wq)?;
+                        if i % BLOCK == 0 {
+                            let t = sym_channel_type(wq.bits);
+                            Some((t, sym_channel_blocks(&codes, wq.bits)?))
+                        } else {
+                            summary.dequantized.push(format!(
+                                "{id}: {i} inputs are not a multiple of {BLOCK}: F32 of its {}-bit \
+                                 fake-quantized values",
+                                wq.bits
+                            ));
+                            w = codes.dequantize(&wq)?;
+                            None
+                        }
                     }
                     other => unreachable!("refused by check_scheme: {other}"),
                 },

@@ -20,6 +20,7 @@
 //! `-0` for a `Q4_0` code 8 in a block whose `d` is negative). `fake_ggml` (below) computes on the host
 //! (the weight is copied to the CPU and back), with the straight-through gradient.
 
+use crate::codes::WeightCodes;
 use crate::fake::ste;
 use candle_core::{DType, Result, Tensor};
 use half::f16;
@@ -218,32 +219,39 @@ pub fn sym_channel_type(bits: u8) -> GgmlType {
     }
 }
 
-/// A symmetric per-channel weight (`sym_per_channel`, `bits` bits) of row-major `[rows, n]`
-/// (`n` a multiple of [`BLOCK`]) as blocks of [`sym_channel_type`]`(bits)`: every block of a row
-/// has the row's f16 scale as `d`, and code `q` is stored as `Q4_0` code `q + 8` or as `Q8_0`'s
-/// `q`. llama.cpp's value `(code - 8)·d` or `q·d` is then `q · scale`, the fake-quantized value
-/// (`fake::sym_dequant`) bit for bit. The codes and scales are `fake::sym_row_codes`'s.
-pub fn sym_channel_blocks(data: &[f32], n: usize, bits: u8) -> Result<Vec<u8>> {
+/// The codes of a symmetric per-channel weight (`sym_per_channel`, `bits` bits:
+/// [`crate::quantize_codes`], offset binary `q + qmax`, one f16 scale per row; `in_features` a
+/// multiple of [`BLOCK`]) as blocks of [`sym_channel_type`]`(bits)`: every block of a row has the
+/// row's scale as `d`, and code `q` is stored as `Q4_0` code `q + 8` or as `Q8_0`'s `q`.
+/// llama.cpp's value `(code - 8)·d` or `q·d` is then `q · scale`, the fake-quantized value
+/// ([`crate::WeightCodes::dequantize`]) bit for bit.
+pub fn sym_channel_blocks(c: &WeightCodes, bits: u8) -> Result<Vec<u8>> {
+    let n = c.in_features;
+    if c.group_size != n || !n.is_multiple_of(BLOCK) || c.scales.len() != c.out_features {
+        candle_core::bail!(
+            "sym_channel_blocks: codes of [{}, {n}] in groups of {} with {} scales, expected one \
+             scale per row and rows of a multiple of {BLOCK}",
+            c.out_features,
+            c.group_size,
+            c.scales.len()
+        );
+    }
     let ty = sym_channel_type(bits);
     let qmax = i16::from(crate::fake::sym_qmax(bits).map_err(candle_core::Error::wrap)?);
     let offset = match ty {
         GgmlType::Q8_0 => 128,
         _ => 8,
     };
-    let mut out = Vec::with_capacity(data.len() / BLOCK * ty.block_bytes());
-    let mut codes = Vec::with_capacity(n);
-    for row in data.chunks(n) {
-        codes.clear();
-        let d =
-            crate::fake::sym_row_codes(row, bits, &mut codes).map_err(candle_core::Error::wrap)?;
-        for block in codes.chunks(BLOCK) {
+    let mut out = Vec::with_capacity(c.codes.len() / BLOCK * ty.block_bytes());
+    for (row, &d) in c.codes.chunks(n).zip(&c.scales) {
+        for block in row.chunks(BLOCK) {
             let mut b = GgmlBlock {
                 d,
                 m: f16::from_f32(0.0),
                 codes: [0; BLOCK],
             };
-            for (slot, &c) in b.codes.iter_mut().zip(block) {
-                *slot = (i16::from(c) - qmax + offset) as u8;
+            for (slot, &code) in b.codes.iter_mut().zip(block) {
+                *slot = (i16::from(code) - qmax + offset) as u8;
             }
             ty.encode(&b, &mut out);
         }

@@ -303,8 +303,10 @@ fn decode_blocks(bytes: &[u8], t: GgmlType) -> Vec<f32> {
 /// -0.5 → rint(-3.5008) = -4, code 4; 0.25 → rint(1.7504) = 2, code 10; 0 → code 8.
 #[test]
 fn sym_per_channel_weights_are_q4_0_or_q8_0_blocks_bit_for_bit() {
-    let row = block(&[1.0, -0.5, 0.25]);
-    let bytes = qat_quant::sym_channel_blocks(&row, 32, 4).unwrap();
+    let sym = |b: u8| WeightQuant::new(b, WeightFormat::SymPerChannel);
+    let row = Tensor::from_vec(block(&[1.0, -0.5, 0.25]), (1, 32), &Device::Cpu).unwrap();
+    let codes = quantize_codes(&row, &sym(4)).unwrap();
+    let bytes = qat_quant::sym_channel_blocks(&codes, 4).unwrap();
     assert_eq!(qat_quant::sym_channel_type(4), GgmlType::Q4_0);
     assert_eq!(bytes.len(), 18);
     assert_eq!(
@@ -331,7 +333,7 @@ fn sym_per_channel_weights_are_q4_0_or_q8_0_blocks_bit_for_bit() {
         .map(|i| ((i * 7919 % 211) as f32 - 105.0) / 97.0)
         .collect();
     w[128..].fill(0.0);
-    let tensor = Tensor::from_vec(w.clone(), (3, 64), &Device::Cpu).unwrap();
+    let tensor = Tensor::from_vec(w, (3, 64), &Device::Cpu).unwrap();
     for b in 2..=8u8 {
         let t = qat_quant::sym_channel_type(b);
         assert_eq!(
@@ -342,14 +344,14 @@ fn sym_per_channel_weights_are_q4_0_or_q8_0_blocks_bit_for_bit() {
                 GgmlType::Q8_0
             }
         );
-        let expected: Vec<f32> =
-            fake_weight(&tensor, &WeightQuant::new(b, WeightFormat::SymPerChannel))
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-        let got = decode_blocks(&qat_quant::sym_channel_blocks(&w, 64, b).unwrap(), t);
+        let expected: Vec<f32> = fake_weight(&tensor, &sym(b))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let codes = quantize_codes(&tensor, &sym(b)).unwrap();
+        let got = decode_blocks(&qat_quant::sym_channel_blocks(&codes, b).unwrap(), t);
         assert_eq!(bits(&got), bits(&expected), "{b} bits");
     }
 }
