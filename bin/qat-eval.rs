@@ -225,7 +225,7 @@ fn perplexity(
         &profile,
     )?;
     let (totals, resumed) = (run.totals, run.resumed.unwrap_or_default());
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "ppl": totals.mean().exp(),
         "nll": totals.mean(),
         "tokens": totals.tokens,
@@ -238,7 +238,6 @@ fn perplexity(
         "tokens_per_s": (totals.tokens - resumed.tokens) as f64 / started.elapsed().as_secs_f64(),
         "resumed_sequences": resumed.sequences,
     });
-    let mut summary = summary;
     if let Some(p) = profile.summary() {
         eprintln!("qat-eval: {}", p.line("batches"));
         summary["profile"] = serde_json::to_value(p)?;

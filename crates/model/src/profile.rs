@@ -23,11 +23,17 @@ pub struct StepProfile {
     device: Option<Device>,
     /// The phases, in step order.
     phases: &'static [&'static str],
-    counting: Mutex<bool>,
-    /// The end of the first step, and of the latest one.
-    span: Mutex<Option<(Instant, Instant)>>,
-    seconds: Mutex<BTreeMap<&'static str, f64>>,
-    steps: Mutex<u64>,
+    counts: Mutex<Counts>,
+}
+
+/// What the counted steps (all after the first) add up to.
+#[derive(Debug, Default)]
+struct Counts {
+    /// The end of the first step and of the latest one; `None` during the first step, which
+    /// is not counted.
+    span: Option<(Instant, Instant)>,
+    seconds: BTreeMap<&'static str, f64>,
+    steps: u64,
 }
 
 /// The profile in the JSON summary: seconds per phase over `steps` steps, and the steps' wall
@@ -63,15 +69,8 @@ impl StepProfile {
         Self {
             device,
             phases,
-            counting: Mutex::new(false),
-            span: Mutex::new(None),
-            seconds: Mutex::new(BTreeMap::new()),
-            steps: Mutex::new(0),
+            counts: Mutex::default(),
         }
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.device.is_some()
     }
 
     /// Runs `f` as `phase` (one of the profile's phases), timing it when the profile is enabled.
@@ -89,13 +88,9 @@ impl StepProfile {
         let out = f()?;
         dev.synchronize()?;
         let elapsed = started.elapsed().as_secs_f64();
-        if *self.counting.lock().expect("profile lock") {
-            *self
-                .seconds
-                .lock()
-                .expect("profile lock")
-                .entry(phase)
-                .or_default() += elapsed;
+        let mut counts = self.counts.lock().expect("profile lock");
+        if counts.span.is_some() {
+            *counts.seconds.entry(phase).or_default() += elapsed;
         }
         Ok(out)
     }
@@ -105,29 +100,31 @@ impl StepProfile {
         if self.device.is_none() {
             return;
         }
-        let mut counting = self.counting.lock().expect("profile lock");
-        if *counting {
-            *self.steps.lock().expect("profile lock") += 1;
-        }
-        *counting = true;
         let now = Instant::now();
-        let mut span = self.span.lock().expect("profile lock");
-        *span = Some(span.map_or((now, now), |(first, _)| (first, now)));
+        let mut counts = self.counts.lock().expect("profile lock");
+        counts.span = Some(match counts.span {
+            Some((first, _)) => {
+                counts.steps += 1;
+                (first, now)
+            }
+            None => (now, now),
+        });
     }
 
     /// The counted steps' phase times (every phase named, 0 when it did not run) and wall time
     /// (from the end of the first step to the end of the last); `None` when disabled.
     pub fn summary(&self) -> Option<ProfileSummary> {
         self.device.as_ref()?;
-        let seconds = self.seconds.lock().expect("profile lock");
-        let span = *self.span.lock().expect("profile lock");
+        let counts = self.counts.lock().expect("profile lock");
         Some(ProfileSummary {
-            steps: *self.steps.lock().expect("profile lock"),
-            wall_s: span.map_or(0.0, |(first, last)| (last - first).as_secs_f64()),
+            steps: counts.steps,
+            wall_s: counts
+                .span
+                .map_or(0.0, |(first, last)| (last - first).as_secs_f64()),
             phases: self
                 .phases
                 .iter()
-                .map(|p| (*p, seconds.get(p).copied().unwrap_or(0.0)))
+                .map(|p| (*p, counts.seconds.get(p).copied().unwrap_or(0.0)))
                 .collect(),
         })
     }
