@@ -25,15 +25,9 @@ impl Default for SamplingParams {
     }
 }
 
-/// Log-softmax of `logits` in f64 accumulation, written into `out` (same length).
-pub fn log_softmax(logits: &[f32], out: &mut Vec<f32>) {
-    let mut exps = Vec::new();
-    log_softmax_exps(logits, out, &mut exps);
-}
-
-/// [`log_softmax`], also leaving each `exp(z - max)` (f64, the terms of its sum) in `exps`:
-/// with temperature 1 they are exactly the weights [`sample_with_exps`] draws from, so a row's
-/// exponentials are computed once.
+/// Log-softmax of `logits` in f64 accumulation, written into `out` (same length), leaving each
+/// `exp(z - max)` (f64, the terms of its sum) in `exps`: with temperature 1 they are exactly the
+/// weights [`sample_with_exps`] draws from, so a row's exponentials are computed once.
 pub fn log_softmax_exps(logits: &[f32], out: &mut Vec<f32>, exps: &mut Vec<f64>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     exps.clear();
@@ -152,10 +146,14 @@ mod tests {
 
     #[test]
     fn log_softmax_hand_worked() {
-        // logits [0, ln 3] → probabilities [1/4, 3/4].
-        let mut out = Vec::new();
-        log_softmax(&[0.0, 3f32.ln()], &mut out);
+        // logits [0, ln 3] → probabilities [1/4, 3/4]; exp(z - max) = [1/3, 1].
+        let (mut out, mut exps) = (Vec::new(), Vec::new());
+        log_softmax_exps(&[0.0, 3f32.ln()], &mut out, &mut exps);
         assert!((out[0] - 0.25f32.ln()).abs() < 1e-6 && (out[1] - 0.75f32.ln()).abs() < 1e-6);
+        assert!(
+            (exps[0] - 1.0 / 3.0).abs() < 1e-7 && exps[1] == 1.0,
+            "{exps:?}"
+        );
     }
 
     /// With temperature 1, sampling from log-softmax's exponentials draws the token `sample`
