@@ -219,13 +219,22 @@ def main():
             f.write("\n".join(head + rows + profile_table) + "\n")
         return meta
 
-    def attempt(stage, fn):
-        """Runs one stage; a failure is reported in the table instead of ending the run."""
+    def past_deadline(what):
+        """Whether --deadline-s has passed (then `what` is not started, and says so); the
+        reason, or None."""
         elapsed = time.time() - started
         if a.deadline_s and elapsed > a.deadline_s:
+            why = f"{elapsed:.0f} s into the run, past --deadline-s {a.deadline_s:.0f}"
+            say(f"{what} SKIPPED: {why}")
+            return why
+        return None
+
+    def attempt(stage, fn):
+        """Runs one stage; a failure is reported in the table instead of ending the run."""
+        why = past_deadline(stage)
+        if why:
             skipped.append(stage)
-            say(f"{stage} SKIPPED: {elapsed:.0f} s into the run, past --deadline-s {a.deadline_s:.0f}")
-            rows.append(f"| {stage} | skipped | | | | | not started: {elapsed:.0f} s into the run, past --deadline-s {a.deadline_s:.0f} |")
+            rows.append(f"| {stage} | skipped | | | | | not started: {why} |")
             save()
             return
         try:
@@ -331,12 +340,6 @@ def main():
             lines.append(f"| {ph} | " + " | ".join(cells) + " |")
         return lines
 
-    def past_deadline(what):
-        if a.deadline_s and time.time() - started > a.deadline_s:
-            say(f"profile {what} SKIPPED: past --deadline-s {a.deadline_s:.0f}")
-            return True
-        return False
-
     def stage_profile():
         # Phase orders: crates/train/src/distill/step.rs, crates/sample/src/generate.rs,
         # crates/eval/src/perplexity.rs (PHASES / PROFILE_PHASES).
@@ -344,7 +347,7 @@ def main():
         runs = {}
         for tag, extra, scheme in (("cached", [], "W4A8KV4"), ("teacher", ["--teacher", model], "W4A8KV4"),
                                    ("fp", [], "FP")):
-            if runs and past_deadline(f"distill {tag}"):
+            if runs and past_deadline(f"profile distill {tag}"):
                 break
             say(f"profile: qat-distill --profile {tag} ({scheme}), batch {b} x {L}, {PS} steps after the first")
             runs[tag] = qat_distill(f"profile-{tag}", extra + ["--profile"], b, scheme, PS + 1)["profile"]
@@ -354,7 +357,7 @@ def main():
                                         ["data", "batch_to_device", "teacher_forward", "student_forward", "loss", "backward",
                                          "accumulate", "clip_grad", "optimizer", "log_checkpoint"], runs, names)
         save()
-        if not past_deadline("sample"):
+        if not past_deadline("profile sample"):
             say(f"profile: qat-sample --profile, {2 * B} sequences of {new} new tokens, batch {B} (the second batch counted)")
             out = fresh(os.path.join(work, "shards-profile"))
             stdout, _, _ = run([bins["qat-sample"], "-m", model, "-o", out, "-n", str(2 * B), "--max-len", str(new + 2),
@@ -366,7 +369,7 @@ def main():
                                               ["prefill", "decode_forward", "logits_to_host", "log_softmax_topk_sample",
                                                "kv_cache_select", "write"], {"sample": p}, {"sample": "qat-sample"}))
             save()
-        if not past_deadline("eval"):
+        if not past_deadline("profile eval"):
             say(f"profile: qat-eval --profile, {2 * W} windows of {L}, batch {EB}")
             stdout, _, _ = run([bins["qat-eval"], "-m", model, "-c", corpus, "--mode", "stream", "--seq-len", str(L),
                                 "--limit", str(2 * W), "-b", str(EB), "--profile", "-q"] + dev, env,
