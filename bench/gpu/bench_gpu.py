@@ -10,6 +10,11 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            seq 1024 (shards sampled by qat-sample first), AdamW; steady-state steps only
   distill-teacher  qat-distill --teacher (online teacher, full-vocab FKL), for goal 3
   eval     qat-eval vs HF forward: perplexity of the TinyStories file, stream mode, 1024 tokens
+  eval-flash  the same with QAT_CUDA_FLASH_ATTENTION=1: qat's flash-attention kernel
+           (crates/model/kernels/flash_attention.cu, opt-in until measured here); its NLL must
+           equal the eval row's within bf16 rounding
+  distill-flash  (not in the default stages) the distill row's qat side with the flash kernel:
+           forward fused, backward recomputed per layer with composed ops
   profile  where the time goes (`--profile`: each phase timed with the device synchronized
            around it): qat-distill from cached shards, with the online teacher, and without fake
            quantization (scheme FP), same batch; qat-sample and qat-eval at the shapes above;
@@ -129,7 +134,8 @@ def main():
     ap.add_argument("--data", required=True, help="QAT_DATA: models/llama2-tokenizer, corpora/tinystories")
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
-    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,profile")
+    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,eval-flash,profile",
+                    help="comma-separated; also distill-flash")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
                     help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
@@ -276,11 +282,12 @@ def main():
     if "distill" in stages or "distill-teacher" in stages or "profile" in stages:
         attempt("shards", stage_shards)
 
-    def qat_distill(tag, extra, DB, scheme="W4A8KV4", n_steps=None):
+    def qat_distill(tag, extra, DB, scheme="W4A8KV4", n_steps=None, run_env=None):
         out = fresh(os.path.join(work, f"student-{tag}"))
         stdout, mem, wall = run([bins["qat-distill"], "-m", model, "-s", shards, "-o", out, "--scheme", scheme,
                                  "-b", str(DB), "--steps", str(n_steps or steps + warm), "--warmup-steps", "1",
-                                 "--checkpoint-every", "0", "-q"] + extra + dev, env, os.path.join(logs, f"distill-{tag}.log"), gpu)
+                                 "--checkpoint-every", "0", "-q"] + extra + dev, run_env or env,
+                                os.path.join(logs, f"distill-{tag}.log"), gpu)
         j = last_json(stdout)
         tps = distill_steady(os.path.join(out, "train_log.jsonl"), warm) if n_steps is None else None
         shutil.rmtree(out, ignore_errors=True)
@@ -314,10 +321,23 @@ def main():
         t = results["distill"]["torch"] if "distill" in results else torch_side("torch_qat.py", targs(b), "distill-teacher")
         row("distill-teacher", f"distill W4A8KV4, both with an online teacher, batch {b} x {L}", q, t, 6 * N, "teacher forward not counted in MFU")
 
+    flash_env = dict(env, QAT_CUDA_FLASH_ATTENTION="1")
+
+    def stage_distill_flash():
+        b = chosen["batch"]
+        say(f"distill-flash: qat-distill (cached top-64) with QAT_CUDA_FLASH_ATTENTION=1, {b} x {L}")
+        q = qat_distill("flash", [], b, run_env=flash_env)
+        t = results["distill"]["torch"] if "distill" in results else torch_side("torch_qat.py", targs(b), "distill-flash")
+        base = results.get("distill", {}).get("qat")
+        row("distill-flash", f"distill W4A8KV4 as above, qat with the flash-attention kernel, batch {b} x {L}", q, t, 6 * N,
+            f"loss qat {q['final_loss']:.3f}" + (f" (composed attention: {base['final_loss']:.3f})" if base else ""))
+
     if "distill" in stages:
         attempt("distill", stage_distill)
     if "distill-teacher" in stages:
         attempt("distill-teacher", stage_distill_teacher)
+    if "distill-flash" in stages:
+        attempt("distill-flash", stage_distill_flash)
     if "distill" in results and "distill-teacher" in results:
         r = results["distill-teacher"]["qat"]["tps"] / results["distill"]["qat"]["tps"]
         results["additional_student_gpu_seconds_ratio"] = r
@@ -369,38 +389,58 @@ def main():
                                               ["prefill", "decode_forward", "logits_to_host", "log_softmax_topk_sample",
                                                "kv_cache_select", "write"], {"sample": p}, {"sample": "qat-sample"}))
             save()
-        if not past_deadline("profile eval"):
-            say(f"profile: qat-eval --profile, {2 * W} windows of {L}, batch {EB}")
+        evals = {}
+        for tag, run_env in (("eval", env), ("eval-flash", flash_env)):
+            if past_deadline(f"profile {tag}"):
+                break
+            say(f"profile: qat-eval --profile ({tag}), {2 * W} windows of {L}, batch {EB}")
             stdout, _, _ = run([bins["qat-eval"], "-m", model, "-c", corpus, "--mode", "stream", "--seq-len", str(L),
-                                "--limit", str(2 * W), "-b", str(EB), "--profile", "-q"] + dev, env,
-                               os.path.join(logs, "profile-eval.log"), gpu)
-            p = last_json(stdout)["profile"]
-            results["profile"]["eval"] = p
+                                "--limit", str(2 * W), "-b", str(EB), "--profile", "-q"] + dev, run_env,
+                               os.path.join(logs, f"profile-{tag}.log"), gpu)
+            evals[tag] = results["profile"][tag] = last_json(stdout)["profile"]
+        if evals:
             profile_table.extend(profile_rows(f"qat-eval --profile, stream windows of {L}, batch {EB}", "batch",
-                                              ["batch_to_device", "forward", "logits_nll", "checkpoint"], {"eval": p},
-                                              {"eval": "qat-eval"}))
+                                              ["batch_to_device", "forward", "logits_nll", "checkpoint"], evals,
+                                              {"eval": "qat-eval", "eval-flash": "qat-eval, flash attention"}))
         for line in profile_table:
             say(line)
 
     W, EB = c["eval_windows"], c["eval_batch"]
 
-    def stage_eval():
-        say(f"eval: qat-eval {W} and {2 * W} windows of {L} tokens vs HF forward {2 * W}")
+    def qat_eval_rate(tag, run_env):
+        """qat-eval over W and 2W windows: the rate of the extra windows, peak memory, the NLL."""
         runs = []
-        for k, w in (("e1", W), ("e2", 2 * W)):
+        for k, w in ((f"{tag}1", W), (f"{tag}2", 2 * W)):
             stdout, mem, _ = run([bins["qat-eval"], "-m", model, "-c", corpus, "--mode", "stream", "--seq-len", str(L),
-                                  "--limit", str(w), "-b", str(EB), "-q"] + dev, env, os.path.join(logs, f"eval-{k}.log"), gpu)
+                                  "--limit", str(w), "-b", str(EB), "-q"] + dev, run_env, os.path.join(logs, f"eval-{k}.log"), gpu)
             runs.append((last_json(stdout), mem))
         (j1, m1), (j2, m2) = runs
-        q = dict(tps=(j2["tokens"] - j1["tokens"]) / (j2["seconds"] - j1["seconds"]), mem=max(m1, m2), nll=j2["nll"],
-                 single_run_tps=j2["tokens_per_s"])
-        t = torch_side("hf_forward.py", ["--model", model, "--corpus", corpus, "--mode", "stream", "--seq-len", str(L),
-                                         "--limit", str(2 * W), "--batch", str(EB), "--threads", threads], "eval")
+        return dict(tps=(j2["tokens"] - j1["tokens"]) / (j2["seconds"] - j1["seconds"]), mem=max(m1, m2), nll=j2["nll"],
+                    single_run_tps=j2["tokens_per_s"])
+
+    hf_eval = lambda tag: torch_side("hf_forward.py", ["--model", model, "--corpus", corpus, "--mode", "stream",
+                                                       "--seq-len", str(L), "--limit", str(2 * W), "--batch", str(EB),
+                                                       "--threads", threads], tag)
+
+    def stage_eval():
+        say(f"eval: qat-eval {W} and {2 * W} windows of {L} tokens vs HF forward {2 * W}")
+        q = qat_eval_rate("e", env)
+        t = hf_eval("eval")
         row("eval", f"eval: perplexity, stream windows of {L}, batch {EB}", q, t, 2 * N,
             f"NLL qat {q['nll']:.5f}, HF {t['nll']:.5f}; qat one-process rate {q['single_run_tps']:,.0f}/s")
 
+    def stage_eval_flash():
+        say(f"eval-flash: qat-eval with QAT_CUDA_FLASH_ATTENTION=1, {W} and {2 * W} windows of {L} tokens")
+        q = qat_eval_rate("flash", flash_env)
+        t = results["eval"]["torch"] if "eval" in results else hf_eval("eval-flash")
+        base = results.get("eval", {}).get("qat")
+        row("eval-flash", "eval as above, qat with the flash-attention kernel", q, t, 2 * N,
+            f"NLL qat {q['nll']:.5f}" + (f" (composed attention: {base['nll']:.5f})" if base else "") + f", HF {t['nll']:.5f}")
+
     if "eval" in stages:
         attempt("eval", stage_eval)
+    if "eval-flash" in stages:
+        attempt("eval-flash", stage_eval_flash)
     if "profile" in stages and "shards" not in failed:
         attempt("profile", stage_profile)
 

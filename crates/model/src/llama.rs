@@ -326,8 +326,9 @@ impl Llama {
         self.fused = fused;
     }
 
-    /// The fused attention op ([`crate::attention`], default on CPU; differentiable, so also
-    /// used in training) or candle's composed ops (matmul + mask + softmax; other devices).
+    /// The fused attention op ([`crate::attention`]; differentiable, so also used in training)
+    /// where [`crate::fused_attention_supported`] says (the CPU; CUDA in bf16/f16 when opted in),
+    /// or candle's composed ops (matmul + mask + softmax). Default: on.
     pub fn set_fused_attention(&mut self, fused: bool) {
         self.fused_attention = fused;
     }
@@ -430,18 +431,19 @@ impl Llama {
         let (cos, sin) = self.rope.tables(&positions)?;
         let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
         let fused = self.fused_ops();
-        let (mask, fused_attention_pads) =
-            if self.fused_attention && fused_attention_supported(dev, self.dtype()) {
-                (None, Some(cache.pads().to_vec()))
-            } else {
-                (
-                    cache
-                        .next_mask(t, dev)?
-                        .map(|m| m.to_dtype(self.dtype()))
-                        .transpose()?,
-                    None,
-                )
-            };
+        let (mask, fused_attention_pads) = if self.fused_attention
+            && fused_attention_supported(dev, self.dtype(), self.cfg.head_dim)
+        {
+            (None, Some(cache.pads().to_vec()))
+        } else {
+            (
+                cache
+                    .next_mask(t, dev)?
+                    .map(|m| m.to_dtype(self.dtype()))
+                    .transpose()?,
+                None,
+            )
+        };
         let ctx = StepContext {
             cos,
             sin,

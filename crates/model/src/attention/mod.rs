@@ -5,18 +5,25 @@
 //! most of a training step streaming `[batch, heads, t, s]` score tensors through memory; for
 //! small head dims (stories260K: 8) the arithmetic is tiny in comparison. This op computes each
 //! query row's softmax in a scratch vector instead and recomputes it in the backward pass (the
-//! flash-attention recipe). Other devices use the composed ops.
+//! flash-attention recipe). On CUDA (`cuda` feature, bf16/f16, head dims [`HEAD_DIMS`], opt-in
+//! with `QAT_CUDA_FLASH_ATTENTION=1` until it has been measured on a GPU) the forward is a flash
+//! attention kernel on tensor cores (`cuda.rs`), and the backward recomputes the masked softmax
+//! with composed candle ops, one layer at a time. Elsewhere the model composes candle ops.
 //!
 //! Masking matches [`crate::KvCache::next_mask`]: the `t` query columns are the last `t` of the
 //! `s` key columns; query column `c` of batch row `b` sees key columns `pad[b]..=c`, or `0..=c`
 //! when `c` is itself a padding column (its output is discarded; this keeps the softmax finite).
 
 mod blocks;
+mod composed;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod kernel;
 
 use blocks::{block_layout, KvBlocks};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use composed::composed_backward;
 use kernel::{backward, forward, Dims};
 
 /// The op: per-row left paddings and the score scale (usually `1/√head_dim`).
@@ -87,6 +94,19 @@ impl CustomOp3 for CausalAttention {
         }
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -97,6 +117,10 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = Dims::of(q.dims(), k.dims(), v.dims(), self.pads.len())?;
         let dev = q.device();
+        if !dev.is_cpu() {
+            let (dq, dk, dv) = composed_backward(q, k, v, dout, &self.pads, self.scale)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let (dq, dk, dv) = match q.dtype() {
             DType::F32 => {
                 let (dq, dk, dv) = backward(
@@ -138,18 +162,39 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
-/// Whether [`causal_attention`] runs on tensors of this device and dtype (CPU, f32 or f64).
-pub fn fused_attention_supported(dev: &Device, dtype: DType) -> bool {
-    dev.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+/// Head dims the CUDA kernel is built for.
+pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+
+/// Whether [`causal_attention`] runs on tensors of this device, dtype and head dim: the CPU in
+/// f32 or f64; CUDA (a `cuda` build) in bf16 or f16 with a head dim in [`HEAD_DIMS`], when the
+/// environment has `QAT_CUDA_FLASH_ATTENTION=1` (read once; off by default until the kernel has
+/// been measured on a GPU).
+pub fn fused_attention_supported(dev: &Device, dtype: DType, head_dim: usize) -> bool {
+    match dev {
+        Device::Cpu => matches!(dtype, DType::F32 | DType::F64),
+        Device::Cuda(_) => {
+            cfg!(feature = "cuda")
+                && matches!(dtype, DType::BF16 | DType::F16)
+                && HEAD_DIMS.contains(&head_dim)
+                && cuda_flash_attention_enabled()
+        }
+        _ => false,
+    }
+}
+
+/// `QAT_CUDA_FLASH_ATTENTION=1` turns the CUDA kernel on, read once.
+fn cuda_flash_attention_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QAT_CUDA_FLASH_ATTENTION").is_ok_and(|v| v == "1"))
 }
 
 /// Causal grouped-query attention with left padding: `q: [b, heads, t, head_dim]`,
 /// `k, v: [b, kv_heads, s, head_dim]` (s ≥ t; the queries are the last t columns),
 /// `pads[b]` padding columns at the left of row b → `[b, heads, t, head_dim]`.
 /// Query head `h` attends kv head `h / (heads / kv_heads)`. Differentiable in q, k and v.
-/// CPU only (see [`fused_attention_supported`]). k and v may be views whose `[s, head_dim]`
-/// blocks are contiguous or transposed (as [`crate::KvCache`] hands out); anything else is
-/// copied first.
+/// Runs where [`fused_attention_supported`] says. On the CPU, k and v may be views whose
+/// `[s, head_dim]` blocks are contiguous or transposed (as [`crate::KvCache`] hands out); on
+/// CUDA, views with row-major, 16-byte aligned blocks; anything else is copied first.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -161,8 +206,26 @@ pub fn causal_attention(
         pads: pads.to_vec(),
         scale,
     };
+    if q.device().is_cuda() {
+        let q = if q.is_contiguous() && q.layout().start_offset().is_multiple_of(8) {
+            q.clone()
+        } else {
+            q.force_contiguous()?
+        };
+        return q.apply_op3(&cuda_ready(k)?, &cuda_ready(v)?, op);
+    }
     q.contiguous()?
         .apply_op3(&blocks_contiguous(k)?, &blocks_contiguous(v)?, op)
+}
+
+/// `x` itself if the CUDA kernel reads its `[s, head_dim]` blocks as they are (row-major, 16-byte
+/// aligned), else a fresh contiguous copy.
+fn cuda_ready(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda::kernel_strides(x.layout()).is_some() {
+        return Ok(x.clone());
+    }
+    x.force_contiguous()
 }
 
 /// `x` itself if the kernel reads its `[s, hd]` blocks as they are, else a contiguous copy.
@@ -264,6 +327,141 @@ mod tests {
                     "d{name} t={t} s={s}: {}",
                     max_abs_diff(a, b)
                 );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn device_mask_follows_the_visibility_rule() -> Result<()> {
+        let (pads, t, s) = (vec![0, 2, 5], 4, 7);
+        let mask = composed::additive_mask(&pads, t, s, &Device::Cpu)?;
+        assert_eq!(mask.dims(), &[3, 1, 1, t, s]);
+        let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+        let mut at = 0;
+        for &pad in &pads {
+            for query in s - t..s {
+                for key in 0..s {
+                    // By hand: a real query sees pad..=query; a padding query sees 0..=query.
+                    let visible = key <= query && (key >= pad || query < pad);
+                    let expected = if visible { 0.0 } else { f32::NEG_INFINITY };
+                    assert_eq!(mask[at], expected, "pad {pad} query {query} key {key}");
+                    at += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward that CUDA runs (composed ops, f32) against the CPU kernel's own (f64).
+    #[test]
+    fn composed_backward_matches_the_cpu_kernels_gradient() -> Result<()> {
+        for (t, s, pads) in [(5, 5, vec![0, 2]), (3, 8, vec![4, 0]), (1, 6, vec![0, 5])] {
+            let (q, k, v) = (
+                random((2, 4, t, 16), 11)?,
+                random((2, 2, s, 16), 12)?,
+                random((2, 2, s, 16), 13)?,
+            );
+            let dout = random((2, 4, t, 16), 14)?;
+            let op = CausalAttention {
+                pads: pads.clone(),
+                scale: 0.25,
+            };
+            let out = causal_attention(&q, &k, &v, &pads, 0.25)?;
+            let (Some(dq), Some(dk), Some(dv)) = op.bwd(&q, &k, &v, &out, &dout)? else {
+                panic!("the CPU backward gives every gradient")
+            };
+            let (cq, ck, cv) = composed::composed_backward(&q, &k, &v, &dout, &pads, 0.25)?;
+            assert_eq!(cq.dtype(), DType::F64);
+            for (name, a, b) in [("q", &dq, &cq), ("k", &dk, &ck), ("v", &dv, &cv)] {
+                let diff = max_abs_diff(a, b);
+                assert!(diff < 1e-5, "d{name} t={t} s={s}: {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The CUDA kernel (bf16, f16) against the CPU op in f64 on the same (rounded) inputs, in
+    /// value and gradient (the composed backward), with GQA, left padding, chunks with t < s,
+    /// every head dim built, and k, v as views into a larger cache buffer. Runs only in a
+    /// `--features cuda` build on a machine with a GPU (skipped otherwise).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernel_matches_the_cpu_op() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        };
+        let cases = [
+            (2, 4, 2, 70, 70, 64, vec![0, 5]),
+            (2, 4, 1, 40, 100, 128, vec![3, 37]),
+            (2, 2, 2, 1, 45, 32, vec![0, 44]),
+            (1, 2, 1, 130, 130, 96, vec![70]),
+            (1, 32, 4, 300, 300, 64, vec![0]),
+        ];
+        for dtype in [DType::BF16, DType::F16] {
+            for (seed, (b, nh, nkv, t, s, hd, pads)) in cases.iter().cloned().enumerate() {
+                let seed = 100 + 10 * seed as u64;
+                let exact = |x: Tensor| x.to_dtype(dtype)?.to_dtype(DType::F64);
+                let cap = s + 8; // a cache buffer with spare columns: k and v are views
+                let q = exact(random((b, nh, t, hd), seed)?)?;
+                let kbuf = exact(random((b, nkv, cap, hd), seed + 1)?)?;
+                let vbuf = exact(random((b, nkv, cap, hd), seed + 2)?)?;
+                let (k, v) = (kbuf.narrow(2, 0, s)?, vbuf.narrow(2, 0, s)?);
+                let weights = random((b, nh, t, hd), seed + 3)?;
+                let scale = 1.0 / (hd as f64).sqrt();
+                let on_gpu = |x: &Tensor| x.to_dtype(dtype)?.to_device(&gpu);
+                let (gq, gk, gv) = (
+                    candle_core::Var::from_tensor(&on_gpu(&q)?)?,
+                    on_gpu(&kbuf)?.narrow(2, 0, s)?,
+                    on_gpu(&vbuf)?.narrow(2, 0, s)?,
+                );
+                let (gk, gv) = (
+                    candle_core::Var::from_tensor(&gk)?,
+                    candle_core::Var::from_tensor(&gv)?,
+                );
+                let out = causal_attention(&gq, &gk, &gv, &pads, scale)?;
+                let got = out.to_dtype(DType::F64)?.to_device(&Device::Cpu)?;
+                let (cq, ck, cv) = (
+                    candle_core::Var::from_tensor(&q)?,
+                    candle_core::Var::from_tensor(&k.contiguous()?)?,
+                    candle_core::Var::from_tensor(&v.contiguous()?)?,
+                );
+                let reference = causal_attention(&cq, &ck, &cv, &pads, scale)?;
+                // Outputs are convex combinations of rows of v (|v| ≤ 2): P and the output are
+                // rounded to the dtype (8 or 11 significant bits).
+                // (The same bounds as the emulated test, tests/flash_attention_emulated.rs.)
+                let (tol, grad_tol) = if dtype == DType::BF16 {
+                    (0.012, 0.03)
+                } else {
+                    (0.002, 0.004)
+                };
+                let diff = max_abs_diff(&got, &reference);
+                assert!(
+                    diff < tol,
+                    "{dtype:?} forward {b}x{nh}/{nkv}x{t}/{s}x{hd}: {diff}"
+                );
+                let g_gpu = (out.to_dtype(DType::F32)?
+                    * weights.to_dtype(DType::F32)?.to_device(&gpu)?)?
+                .sum_all()?
+                .backward()?;
+                let g_cpu = (&reference * &weights)?.sum_all()?.backward()?;
+                for (name, on_gpu, on_cpu) in [("q", &gq, &cq), ("k", &gk, &ck), ("v", &gv, &cv)] {
+                    let got = g_gpu.get(on_gpu).expect("grad");
+                    let got = got.to_dtype(DType::F64)?.to_device(&Device::Cpu)?;
+                    let want = g_cpu.get(on_cpu).expect("grad");
+                    let size = want
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f64>()?
+                        .max(1.0);
+                    let diff = max_abs_diff(&got, want) / size;
+                    assert!(
+                        diff < grad_tol,
+                        "{dtype:?} d{name} {b}x{nh}/{nkv}x{t}/{s}x{hd}: {diff}"
+                    );
+                }
             }
         }
         Ok(())

@@ -1,0 +1,174 @@
+// Just enough of CUDA, in host C++20, to run qat's kernels without a GPU, for tests: one host
+// thread per CUDA thread of a block (blocks run one after another), std::barrier for
+// __syncthreads / __syncwarp, warp shuffles through a per-warp exchange array, bf16 / f16 as
+// 16-bit storage types rounded to nearest even, and the WMMA 16x16x16 fragments by their
+// documented semantics (every lane holds the whole tile; each element is written once on store).
+// Shared memory (`__shared__`) becomes function-static storage, shared by the block's threads.
+// What it cannot show: timing, races that barriers would hide, the hardware's accumulation order.
+
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __device__
+#define __global__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(n)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+#define CUDART_INF_F INFINITY
+
+using std::min;
+using std::max;
+
+struct alignas(16) uint4 {
+  uint32_t x, y, z, w;
+};
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);  // nearest, ties to even (inputs here are finite)
+  return {static_cast<uint16_t>(u >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct __half {
+  _Float16 value;
+};
+inline __half __float2half(float f) { return {static_cast<_Float16>(f)}; }
+inline float __half2float(__half h) { return static_cast<float>(h.value); }
+
+inline float emu_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+inline float emu_to_float(__half x) { return __half2float(x); }
+inline float emu_to_float(float x) { return x; }
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+// The running thread's coordinates and its block's synchronization state.
+struct EmuBlock {
+  explicit EmuBlock(unsigned threads)
+      : block(threads), exchange((threads + 31) / 32 * 32) {
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
+      warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+    }
+  }
+  std::barrier<> block;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<float> exchange;
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline thread_local EmuBlock* emu_block = nullptr;
+
+inline void __syncthreads() { emu_block->block.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_block->warps[threadIdx.x / 32]->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  const unsigned base = threadIdx.x / 32 * 32, lane = threadIdx.x % 32;
+  emu_block->exchange[base + lane] = value;
+  __syncwarp();
+  const float other = emu_block->exchange[base + (lane ^ static_cast<unsigned>(lane_mask))];
+  __syncwarp();
+  return other;
+}
+
+// Runs `kernel` over the grid, one host thread per CUDA thread, one block at a time.
+inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
+  gridDim = grid;
+  blockDim = block;
+  const unsigned threads = block.x * block.y * block.z;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        EmuBlock state(threads);
+        std::vector<std::thread> pool;
+        for (unsigned i = 0; i < threads; ++i) {
+          pool.emplace_back([&, i] {
+            threadIdx = {i, 0, 0};
+            blockIdx = {x, y, z};
+            emu_block = &state;
+            kernel();
+          });
+        }
+        for (auto& th : pool) th.join();
+      }
+}
+
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+// Element [r][c] of the tile: for matrix_a r indexes M and c K, for matrix_b r indexes K and c N,
+// for the accumulator r indexes M and c N.
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation has the 16x16x16 shape only");
+  float x[16][16];
+};
+
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.x[r][c] = emu_to_float(std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <typename T>
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T value) {
+  for (auto& row : f.x)
+    for (auto& e : row) e = value;
+}
+
+template <typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[16][16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float sum = c.x[i][j];
+      for (int k = 0; k < 16; ++k) sum += a.x[i][k] * b.x[k][j];
+      out[i][j] = sum;
+    }
+  std::memcpy(d.x, out, sizeof out);
+}
+
+// Each element is written by one lane (the hardware writes each once, too).
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+  const unsigned lane = threadIdx.x % 32;
+  for (unsigned e = lane; e < 256; e += 32) {
+    const unsigned r = e / 16, c = e % 16;
+    p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r][c];
+  }
+}
+}  // namespace wmma
+}  // namespace nvcuda
