@@ -7,10 +7,14 @@
 // an all-zero row (scale 0) gives zeros. bf16 rows are computed in f32 and rounded back to bf16
 // (nearest even), as the composed path's to_dtype does. Built without --use_fast_math, so `/`
 // is IEEE division. NOT YET RUN ON HARDWARE at the time of writing: `make pipeline-gpu` checks it
-// end to end (RTN perplexities on cuda must equal the CPU ones).
+// end to end (RTN perplexities on cuda must equal the CPU ones). Without a GPU,
+// crates/quant/tests/fake_quant_emulated.rs compiles this file as C++ against
+// crates/model/kernels/emulation/cuda_emulation.h and checks it bit for bit against the CPU kernel.
+#ifndef QAT_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#endif
 
 #define BLOCK 256
 

@@ -1,8 +1,9 @@
 //! CPU kernel for symmetric per-row fake quantization: one pass over each row instead of the
 //! ~20 composed candle ops of [`crate::fake::sym_quantize`], with the STE (identity) backward.
 //! With the `cuda` feature, the same op on CUDA tensors (f32 and bf16) runs kernels/fake_quant.cu
-//! (one block per row; compiled to PTX by build.rs) — written without a GPU at hand and first
-//! checked on one by `make pipeline-gpu` (RTN perplexities on cuda equal the CPU ones);
+//! (one block per row; compiled to PTX by build.rs) — written without a GPU at hand: checked bit
+//! for bit against this CPU kernel through a CUDA emulation (tests/fake_quant_emulated.rs), and
+//! first run on a GPU by `make pipeline-gpu` (RTN perplexities on cuda equal the CPU ones);
 //! `QAT_CUDA_FUSED_QUANT=0` falls back to the composed ops.
 //!
 //! Bit-identical to the composed path (tested): the same f32/f64 arithmetic in the same order —

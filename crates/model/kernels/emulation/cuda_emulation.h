@@ -1,4 +1,5 @@
-// Just enough of CUDA, in host C++20, to run qat's kernels without a GPU, for tests: one host
+// Just enough of CUDA, in host C++20, to run qat's kernels without a GPU, for tests (used by
+// crates/model/tests/flash_attention_emulated.rs and crates/quant/tests/fake_quant_emulated.rs): one host
 // thread per CUDA thread of a block (blocks run one after another), std::barrier for
 // __syncthreads / __syncwarp, warp shuffles through a per-warp exchange array, bf16 / f16 as
 // 16-bit storage types rounded to nearest even, and the WMMA 16x16x16 fragments by their
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <math.h>  // fabsf, fminf, fmaxf, rintf, expf in the global namespace, as CUDA has them
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -46,6 +48,7 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);  // nearest, ties to even (inputs here are finite)
   return {static_cast<uint16_t>(u >> 16)};
 }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
 inline float __bfloat162float(__nv_bfloat16 h) {
   uint32_t u = static_cast<uint32_t>(h.bits) << 16;
   float f;
@@ -56,7 +59,8 @@ inline float __bfloat162float(__nv_bfloat16 h) {
 struct __half {
   _Float16 value;
 };
-inline __half __float2half(float f) { return {static_cast<_Float16>(f)}; }
+inline __half __float2half(float f) { return {static_cast<_Float16>(f)}; }  // nearest, ties to even
+inline __half __float2half_rn(float f) { return __float2half(f); }
 inline float __half2float(__half h) { return static_cast<float>(h.value); }
 
 inline float emu_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
