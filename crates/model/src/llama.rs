@@ -431,9 +431,13 @@ impl Llama {
         let (cos, sin) = self.rope.tables(&positions)?;
         let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
         let fused = self.fused_ops();
-        let (mask, fused_attention_pads) = if self.fused_attention
+        // On CUDA, decoding (one query row per sequence) stays with the composed ops: the
+        // kernel's thread blocks are 64 query rows of one head and would read every cached key
+        // once per query head.
+        let fused_attention = self.fused_attention
             && fused_attention_supported(dev, self.dtype(), self.cfg.head_dim)
-        {
+            && (dev.is_cpu() || t > 1);
+        let (mask, fused_attention_pads) = if fused_attention {
             (None, Some(cache.pads().to_vec()))
         } else {
             (
