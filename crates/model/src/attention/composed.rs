@@ -27,9 +27,11 @@ pub(super) fn additive_mask(pads: &[usize], t: usize, s: usize, dev: &Device) ->
 }
 
 /// Gradients `(dq, dk, dv)` of `softmax(q·kᵀ·scale + mask)·v` for the output gradient `dout`,
-/// shapes as in [`super::causal_attention`], in the inputs' dtype; computed in f32:
-/// `p` recomputed, `dv = pᵀ·dout`, `dp = dout·vᵀ`, `ds = p ∘ (dp − rowsum(dp ∘ p))`,
-/// `dq = ds·k·scale`, `dk = dsᵀ·q·scale`, summed over the query heads of each kv head.
+/// shapes as in [`super::causal_attention`], in the inputs' dtype: `p` recomputed,
+/// `dv = pᵀ·dout`, `dp = dout·vᵀ`, `ds = p ∘ (dp − rowsum(dp ∘ p))`, `dq = ds·k·scale`,
+/// `dk = dsᵀ·q·scale`, summed over the query heads of each kv head. The matmuls run in the
+/// inputs' dtype (tensor cores for bf16, as the composed attention's own backward does), the
+/// masked softmax and `ds` in f32 (f64 for f64 inputs).
 pub(super) fn composed_backward(
     q: &Tensor,
     k: &Tensor,
@@ -41,23 +43,30 @@ pub(super) fn composed_backward(
     let (b, nh, t, hd) = q.dims4()?;
     let (_, nkv, s, _) = k.dims4()?;
     let rep = nh / nkv;
-    let f32_of = |x: &Tensor| x.to_dtype(DType::F32)?.contiguous();
+    let dt = q.dtype();
+    let acc = if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     // Query heads of one kv head stacked, as in the model's composed attention.
-    let q32 = f32_of(q)?.reshape((b, nkv, rep * t, hd))?;
-    let dout32 = f32_of(dout)?.reshape((b, nkv, rep * t, hd))?;
-    let (k32, v32) = (f32_of(k)?, f32_of(v)?);
-    let mask = additive_mask(pads, t, s, q.device())?;
-    let scores = (q32.matmul(&k32.t()?)? * scale)?
+    let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+    let dout = dout
+        .to_dtype(dt)?
+        .contiguous()?
+        .reshape((b, nkv, rep * t, hd))?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let mask = additive_mask(pads, t, s, q.device())?.to_dtype(acc)?;
+    let scores = (q.matmul(&k.t()?)?.to_dtype(acc)? * scale)?
         .reshape((b, nkv, rep, t, s))?
         .broadcast_add(&mask)?
         .reshape((b, nkv, rep * t, s))?;
     let p = candle_nn::ops::softmax_last_dim(&scores)?;
-    let dv = p.t()?.matmul(&dout32)?;
-    let dp = dout32.matmul(&v32.t()?)?;
+    let dv = p.to_dtype(dt)?.t()?.matmul(&dout)?;
+    let dp = dout.matmul(&v.t()?)?.to_dtype(acc)?;
     let row = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-    let ds = (&p * dp.broadcast_sub(&row)?)?;
-    let dq = (ds.matmul(&k32)? * scale)?.reshape((b, nh, t, hd))?;
-    let dk = (ds.t()?.matmul(&q32)? * scale)?;
-    let dt = q.dtype();
-    Ok((dq.to_dtype(dt)?, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
+    let ds = (&p * dp.broadcast_sub(&row)?)?.to_dtype(dt)?;
+    let dq = (ds.matmul(&k)? * scale)?.reshape((b, nh, t, hd))?;
+    let dk = (ds.t()?.matmul(&q)? * scale)?;
+    Ok((dq, dk, dv))
 }
