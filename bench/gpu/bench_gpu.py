@@ -13,8 +13,8 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
   eval-flash  the same with QAT_CUDA_FLASH_ATTENTION=1: qat's flash-attention kernel
            (crates/model/kernels/flash_attention.cu, opt-in until measured here); its NLL must
            equal the eval row's within bf16 rounding
-  distill-flash  (not in the default stages) the distill row's qat side with the flash kernel:
-           forward fused, backward recomputed per layer with composed ops
+  distill-flash  the distill row's qat side with the flash kernels (forward and backward), after
+           eval-flash
   profile  where the time goes (`--profile`: each phase timed with the device synchronized
            around it): qat-distill from cached shards, with the online teacher, and without fake
            quantization (scheme FP), same batch; qat-sample and qat-eval at the shapes above;
@@ -134,8 +134,7 @@ def main():
     ap.add_argument("--data", required=True, help="QAT_DATA: models/llama2-tokenizer, corpora/tinystories")
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
-    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,eval-flash,profile",
-                    help="comma-separated; also distill-flash")
+    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,eval-flash,distill-flash,profile")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
                     help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
@@ -279,7 +278,7 @@ def main():
         j, _, wall, _ = qat_sample(f"distill-{L}", n, L - 2, min(64, n), keep=True)  # BOS + start + L-2
         say(f"shards: {j['generated_tokens']:,} tokens in {wall:.0f} s ({j['tokens_per_s']:,.0f} tokens/s)")
 
-    if "distill" in stages or "distill-teacher" in stages or "profile" in stages:
+    if any(st in stages for st in ("distill", "distill-teacher", "distill-flash", "profile")):
         attempt("shards", stage_shards)
 
     def qat_distill(tag, extra, DB, scheme="W4A8KV4", n_steps=None, run_env=None):
@@ -329,15 +328,13 @@ def main():
         q = qat_distill("flash", [], b, run_env=flash_env)
         t = results["distill"]["torch"] if "distill" in results else torch_side("torch_qat.py", targs(b), "distill-flash")
         base = results.get("distill", {}).get("qat")
-        row("distill-flash", f"distill W4A8KV4 as above, qat with the flash-attention kernel, batch {b} x {L}", q, t, 6 * N,
+        row("distill-flash", f"distill W4A8KV4 as above, qat with the flash-attention kernels, batch {b} x {L}", q, t, 6 * N,
             f"loss qat {q['final_loss']:.3f}" + (f" (composed attention: {base['final_loss']:.3f})" if base else ""))
 
     if "distill" in stages:
         attempt("distill", stage_distill)
     if "distill-teacher" in stages:
         attempt("distill-teacher", stage_distill_teacher)
-    if "distill-flash" in stages:
-        attempt("distill-flash", stage_distill_flash)
     if "distill" in results and "distill-teacher" in results:
         r = results["distill-teacher"]["qat"]["tps"] / results["distill"]["qat"]["tps"]
         results["additional_student_gpu_seconds_ratio"] = r
@@ -434,13 +431,15 @@ def main():
         q = qat_eval_rate("flash", flash_env)
         t = results["eval"]["torch"] if "eval" in results else hf_eval("eval-flash")
         base = results.get("eval", {}).get("qat")
-        row("eval-flash", "eval as above, qat with the flash-attention kernel", q, t, 2 * N,
+        row("eval-flash", "eval as above, qat with the flash-attention kernels", q, t, 2 * N,
             f"NLL qat {q['nll']:.5f}" + (f" (composed attention: {base['nll']:.5f})" if base else "") + f", HF {t['nll']:.5f}")
 
     if "eval" in stages:
         attempt("eval", stage_eval)
     if "eval-flash" in stages:
         attempt("eval-flash", stage_eval_flash)
+    if "distill-flash" in stages and "shards" not in failed:
+        attempt("distill-flash", stage_distill_flash)
     if "profile" in stages and "shards" not in failed:
         attempt("profile", stage_profile)
 

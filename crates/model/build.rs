@@ -1,9 +1,15 @@
-//! With the `cuda` feature: compiles kernels/flash_attention.cu to PTX (scripts/nvcc_ptx.rs).
+//! With the `cuda` feature: compiles the flash-attention kernels (kernels/flash_attention.cu,
+//! kernels/flash_attention_backward.cu) to PTX (scripts/nvcc_ptx.rs).
 //! Without the feature: nothing.
 
 #[path = "../../scripts/nvcc_ptx.rs"]
 mod nvcc_ptx;
 
 fn main() {
+    println!("cargo:rerun-if-changed=kernels/flash_common.cuh");
     nvcc_ptx::compile_ptx("kernels/flash_attention.cu", "flash_attention.ptx");
+    nvcc_ptx::compile_ptx(
+        "kernels/flash_attention_backward.cu",
+        "flash_attention_backward.ptx",
+    );
 }

@@ -6,7 +6,8 @@
 //   q   [b, heads, t, HD]      contiguous
 //   k,v [b, kv_heads, s, HD]   each (batch, kv head) block row-major [s, HD], blocks at strides
 //                              (k_sb, k_sh) / (v_sb, v_sh) elements; 16-byte aligned
-//   out [b, heads, t, HD]      contiguous
+//   out [b, heads, t, HD]      contiguous (may be null: not written)
+//   lse [b, heads, t] f32      log Σ exp(scaled scores) per query row (may be null: not written)
 // Query row i is key column c = s - t + i. It sees key columns pads[b]..=c, or 0..=c when c is
 // itself a padding column (c < pads[b]; its output is discarded by callers, this keeps the
 // softmax finite). Query head h reads kv head h / (heads / kv_heads).
@@ -18,40 +19,22 @@
 // HD / 2 of its row's output accumulators in registers: within every 16-column slice of the
 // output, lane 2r + half owns columns half * 8 .. half * 8 + 8 of row r.
 
-#ifndef QAT_CUDA_EMULATION
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <math_constants.h>
-#include <mma.h>
-#include <stdint.h>
-#endif
-// Without a GPU, tests compile this file as C++ against kernels/emulation/cuda_emulation.h (one
-// host thread per CUDA thread, WMMA by its documented semantics) and compare its output with the
-// CPU op: crates/model/tests/flash_attention_emulated.rs.
-
-using namespace nvcuda;
+#include "flash_common.cuh"
 
 namespace {
+
+using flash::from_float;
 
 constexpr int WARPS = 4;
 constexpr int BR = 16 * WARPS;  // query rows per block
 constexpr int BC = 32;          // key columns per tile
-constexpr int VEC = 8;          // 16-bit elements per 16-byte load
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);  // round to nearest, ties to even
-}
-template <> __device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half(x);  // round to nearest, ties to even
-}
 
 template <typename T, int HD>
 __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
                               const T* __restrict__ v, T* __restrict__ out,
-                              const uint32_t* __restrict__ pads, int heads, int kv_heads, int t,
-                              int s, long long k_sb, long long k_sh, long long v_sb,
-                              long long v_sh, float scale) {
+                              float* __restrict__ lse, const uint32_t* __restrict__ pads,
+                              int heads, int kv_heads, int t, int s, long long k_sb,
+                              long long k_sh, long long v_sb, long long v_sh, float scale) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, at most 128");
   __shared__ __align__(32) T q_s[BR][HD];
   __shared__ __align__(32) T k_s[BC][HD];
@@ -71,14 +54,7 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
   const T* v_block = v + batch * v_sb + kv_head * v_sh;
 
   // This block's query rows into shared memory (zeros past t), then into fragments.
-  for (int i = threadIdx.x; i < BR * HD / VEC; i += blockDim.x) {
-    const int row = i / (HD / VEC), col = (i % (HD / VEC)) * VEC;
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (q0 + row < t) {
-      x = *reinterpret_cast<const uint4*>(q_block + static_cast<long long>(q0 + row) * HD + col);
-    }
-    *reinterpret_cast<uint4*>(&q_s[row][col]) = x;
-  }
+  flash::load_rows<T, HD, BR>(q_s, q_block, q0, t);
   __syncthreads();
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag[HD / 16];
 #pragma unroll
@@ -101,16 +77,8 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
 
   for (int k0 = key_begin; k0 < key_end; k0 += BC) {
     __syncthreads();  // every warp is done with the previous tile
-    for (int i = threadIdx.x; i < BC * HD / VEC; i += blockDim.x) {
-      const int r = i / (HD / VEC), col = (i % (HD / VEC)) * VEC;
-      uint4 kx = make_uint4(0, 0, 0, 0), vx = make_uint4(0, 0, 0, 0);
-      if (k0 + r < s) {
-        kx = *reinterpret_cast<const uint4*>(k_block + static_cast<long long>(k0 + r) * HD + col);
-        vx = *reinterpret_cast<const uint4*>(v_block + static_cast<long long>(k0 + r) * HD + col);
-      }
-      *reinterpret_cast<uint4*>(&k_s[r][col]) = kx;
-      *reinterpret_cast<uint4*>(&v_s[r][col]) = vx;
-    }
+    flash::load_rows<T, HD, BC>(k_s, k_block, k0, s);
+    flash::load_rows<T, HD, BC>(v_s, v_block, k0, s);
     __syncthreads();
 
     // S = Q Kᵀ for this warp's 16 rows: B[d][n] = K[n][d] is K read column-major.
@@ -135,8 +103,7 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
     for (int c = 0; c < BC / 2; ++c) {
       const int col = half * (BC / 2) + c;
       const int key = k0 + col;
-      const bool visible = key < s && key <= query_col && (key >= pad || query_col < pad);
-      x[c] = visible ? s_s[warp][row][col] * scale : -CUDART_INF_F;
+      x[c] = flash::visible(key, query_col, pad, s) ? s_s[warp][row][col] * scale : -CUDART_INF_F;
       tile_max = fmaxf(tile_max, x[c]);
     }
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
@@ -183,7 +150,11 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
   }
 
   const int query = q0 + warp * 16 + row;
-  if (query < t) {
+  if (lse != nullptr && query < t && half == 0) {
+    // The log of the softmax denominator, in units of the scaled scores (for the backward pass).
+    lse[(static_cast<long long>(batch) * heads + head) * t + query] = m + logf(l);
+  }
+  if (out != nullptr && query < t) {
     const float inv = l > 0.f ? 1.f / l : 0.f;
     T* out_row = out + ((static_cast<long long>(batch) * heads + head) * t + query) * HD;
 #pragma unroll
@@ -200,11 +171,11 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
 
 #define FLASH_FORWARD(NAME, T, HD)                                                              \
   extern "C" __global__ void __launch_bounds__(WARPS * 32)                                     \
-      NAME(const T* q, const T* k, const T* v, T* out, const uint32_t* pads, int heads,        \
-           int kv_heads, int t, int s, long long k_sb, long long k_sh, long long v_sb,         \
-           long long v_sh, float scale) {                                                      \
-    flash_forward<T, HD>(q, k, v, out, pads, heads, kv_heads, t, s, k_sb, k_sh, v_sb, v_sh,    \
-                         scale);                                                               \
+      NAME(const T* q, const T* k, const T* v, T* out, float* lse, const uint32_t* pads,       \
+           int heads, int kv_heads, int t, int s, long long k_sb, long long k_sh,              \
+           long long v_sb, long long v_sh, float scale) {                                      \
+    flash_forward<T, HD>(q, k, v, out, lse, pads, heads, kv_heads, t, s, k_sb, k_sh, v_sb,     \
+                         v_sh, scale);                                                         \
   }
 
 FLASH_FORWARD(flash_attention_fwd_bf16_hd32, __nv_bfloat16, 32)

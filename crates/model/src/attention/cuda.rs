@@ -1,20 +1,29 @@
-//! The CUDA forward of the fused attention: kernels/flash_attention.cu (flash attention on tensor
-//! cores, bf16 and f16, head dims in [`HEAD_DIMS`]), loaded once per device as a PTX module.
-//! Written without a GPU at hand: its arithmetic is checked on the CPU through an emulation of
-//! CUDA (crates/model/tests/flash_attention_emulated.rs), and on a GPU by this crate's CUDA test
-//! (`make build-cuda CUDA_TESTS=1`, then the packed tests on the GPU machine).
+//! The CUDA side of the fused attention: the flash-attention kernels (tensor cores, bf16 and f16,
+//! head dims in [`super::HEAD_DIMS`]) of kernels/flash_attention.cu (forward, and the log-sum-exp
+//! the backward needs) and kernels/flash_attention_backward.cu (dK/dV and dQ), loaded once per
+//! device as PTX modules. Written without a GPU at hand: their arithmetic is checked on the CPU
+//! through an emulation of CUDA (crates/model/tests/flash_attention_emulated.rs), and on a GPU by
+//! this crate's CUDA test (`make build-cuda CUDA_TESTS=1`, then the packed tests there).
 
 use super::kernel::Dims;
 use super::CausalAttention;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{Layout, Result, Shape};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::CudaDevice;
+use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, D};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
-/// Query rows per thread block (`BR` in the kernel) and threads per block.
+const FORWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
+const BACKWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_backward.ptx"));
+/// Query rows per forward (and dq) thread block, and its threads.
 const ROWS_PER_BLOCK: usize = 64;
 const THREADS: u32 = 128;
+/// Keys per dkdv thread block, and its threads.
+const KEYS_PER_BLOCK: usize = 32;
+const DKDV_THREADS: u32 = 64;
 
 /// `[batch, heads, seq, head_dim]` strides of `l` in elements, if every `[seq, head_dim]` block
 /// is row-major and every block start is 16-byte aligned (the kernel's vector loads), given in
@@ -31,96 +40,199 @@ pub(super) fn kernel_strides(l: &Layout) -> Option<(usize, usize)> {
     (row_major && aligned).then_some((sb, sh))
 }
 
+/// The checked shapes and strides of one call.
+struct Geometry {
+    d: Dims,
+    q_range: (usize, usize),
+    k_start: usize,
+    v_start: usize,
+    strides: [i64; 4], // k_sb, k_sh, v_sb, v_sh
+}
+
+impl Geometry {
+    fn of(op: &CausalAttention, lq: &Layout, lk: &Layout, lv: &Layout) -> Result<Self> {
+        let d = Dims::of(lq.dims(), lk.dims(), lv.dims(), op.pads.len())?;
+        if !super::HEAD_DIMS.contains(&d.hd) {
+            candle_core::bail!(
+                "causal_attention on cuda: head_dim {}, expected one of {:?}",
+                d.hd,
+                super::HEAD_DIMS
+            );
+        }
+        let Some(q_range) = aligned_contiguous(lq) else {
+            candle_core::bail!(
+                "causal_attention on cuda: q must be contiguous and 16-byte aligned"
+            );
+        };
+        let (Some((k_sb, k_sh)), Some((v_sb, v_sh))) = (kernel_strides(lk), kernel_strides(lv))
+        else {
+            candle_core::bail!(
+                "causal_attention on cuda: the [seq, head_dim] blocks of k and v must be row-major \
+                 and 16-byte aligned (k strides {:?}, v strides {:?})",
+                lk.stride(),
+                lv.stride()
+            );
+        };
+        Ok(Self {
+            d,
+            q_range,
+            k_start: lk.start_offset(),
+            v_start: lv.start_offset(),
+            strides: [k_sb as i64, k_sh as i64, v_sb as i64, v_sh as i64],
+        })
+    }
+
+    /// One past the last element of k (or v) the kernels read, from the block start.
+    fn kv_extent(&self, sb: i64, sh: i64) -> usize {
+        let d = &self.d;
+        (d.b.max(1) - 1) * sb as usize + (d.nkv.max(1) - 1) * sh as usize + d.s * d.hd
+    }
+
+    fn grid(&self, per_block: usize, over: usize, y: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (over.div_ceil(per_block) as u32, y as u32, self.d.b as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0, // static shared memory, at most 45 KiB
+        }
+    }
+}
+
+/// The element range of a contiguous layout whose start is 16-byte aligned (16-bit elements).
+fn aligned_contiguous(l: &Layout) -> Option<(usize, usize)> {
+    l.contiguous_offsets()
+        .filter(|(start, _)| start.is_multiple_of(8))
+}
+
+/// q, k and v as typed views at their layouts' starts, checked against their storages.
+#[allow(clippy::type_complexity)]
+fn views<'a, T: CudaDType>(
+    g: &Geometry,
+    q: &'a CudaStorage,
+    k: &'a CudaStorage,
+    v: &'a CudaStorage,
+) -> Result<(CudaView<'a, T>, CudaView<'a, T>, CudaView<'a, T>)> {
+    let (qs, ks, vs) = (
+        q.as_cuda_slice::<T>()?,
+        k.as_cuda_slice::<T>()?,
+        v.as_cuda_slice::<T>()?,
+    );
+    let [k_sb, k_sh, v_sb, v_sh] = g.strides;
+    let (k_end, v_end) = (
+        g.k_start + g.kv_extent(k_sb, k_sh),
+        g.v_start + g.kv_extent(v_sb, v_sh),
+    );
+    if ks.len() < k_end || vs.len() < v_end {
+        candle_core::bail!(
+            "causal_attention on cuda: k or v reaches past its storage ({k_end}, {v_end} \
+             elements of {}, {})",
+            ks.len(),
+            vs.len()
+        );
+    }
+    Ok((
+        qs.slice(g.q_range.0..g.q_range.1),
+        ks.slice(g.k_start..),
+        vs.slice(g.v_start..),
+    ))
+}
+
+/// The kernels' names end in the dtype and the head dim.
+fn kernel_name(prefix: &str, dtype: DType, hd: usize) -> Result<String> {
+    let ty = match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => {
+            candle_core::bail!("causal_attention on cuda: dtype {other:?}, expected BF16 or F16")
+        }
+    };
+    Ok(format!("{prefix}_{ty}_hd{hd}"))
+}
+
+/// Launches the forward kernel: writes `out` and/or `lse` (a null pointer where `None`).
+#[allow(clippy::too_many_arguments)]
+fn launch_forward<T: CudaDType + DeviceRepr>(
+    g: &Geometry,
+    dev: &CudaDevice,
+    dtype: DType,
+    (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+    out: Option<&CudaSlice<T>>,
+    lse: Option<&CudaSlice<f32>>,
+    pads: &CudaSlice<u32>,
+    scale: f32,
+) -> Result<()> {
+    let d = &g.d;
+    let name = kernel_name("flash_attention_fwd", dtype, d.hd)?;
+    let func = dev.get_or_load_custom_func(&name, "qat_flash_attention", FORWARD_PTX)?;
+    let null = 0u64;
+    let (heads, kv_heads, t, s) = (d.nh as i32, d.nkv as i32, d.t as i32, d.s as i32);
+    let mut b = func.builder();
+    b.arg(q).arg(k).arg(v);
+    match out {
+        Some(out) => b.arg(out),
+        None => b.arg(&null),
+    };
+    match lse {
+        Some(lse) => b.arg(lse),
+        None => b.arg(&null),
+    };
+    b.arg(pads).arg(&heads).arg(&kv_heads).arg(&t).arg(&s);
+    for x in &g.strides {
+        b.arg(x);
+    }
+    b.arg(&scale);
+    // SAFETY: shapes, strides and extents were checked against the storages (Geometry, views);
+    // out holds b·heads·t·hd elements and lse b·heads·t.
+    unsafe { b.launch(g.grid(ROWS_PER_BLOCK, d.t, d.nh)) }.w()?;
+    Ok(())
+}
+
 pub(super) fn forward(
     op: &CausalAttention,
     (q, lq): (&CudaStorage, &Layout),
     (k, lk): (&CudaStorage, &Layout),
     (v, lv): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
-    let d = Dims::of(lq.dims(), lk.dims(), lv.dims(), op.pads.len())?;
-    if !super::HEAD_DIMS.contains(&d.hd) {
-        candle_core::bail!(
-            "causal_attention on cuda: head_dim {}, expected one of {:?}",
-            d.hd,
-            super::HEAD_DIMS
-        );
-    }
-    let Some((q_start, q_end)) = lq
-        .contiguous_offsets()
-        .filter(|(start, _)| start.is_multiple_of(8))
-    else {
-        candle_core::bail!("causal_attention on cuda: q must be contiguous and 16-byte aligned");
-    };
-    let (Some((k_sb, k_sh)), Some((v_sb, v_sh))) = (kernel_strides(lk), kernel_strides(lv)) else {
-        candle_core::bail!(
-            "causal_attention on cuda: the [seq, head_dim] blocks of k and v must be row-major and \
-             16-byte aligned (k strides {:?}, v strides {:?})",
-            lk.stride(),
-            lv.stride()
-        );
-    };
-    let extent = |l: &Layout, sb: usize, sh: usize| {
-        l.start_offset() + (d.b - 1) * sb + (d.nkv - 1) * sh + d.s * d.hd
-    };
-    let (k_end, v_end) = (extent(lk, k_sb, k_sh), extent(lv, v_sb, v_sh));
+    let g = Geometry::of(op, lq, lk, lv)?;
     let dev = &q.device;
-    let pads: Vec<u32> = op.pads.iter().map(|&p| p as u32).collect();
-    let pads = dev.clone_htod(&pads)?;
-    let el = d.b * d.nh * d.t * d.hd;
-    let cfg = LaunchConfig {
-        grid_dim: (d.t.div_ceil(ROWS_PER_BLOCK) as u32, d.nh as u32, d.b as u32),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0, // static shared memory, at most 44 KiB
-    };
-    let (heads, kv_heads, t, s) = (d.nh as i32, d.nkv as i32, d.t as i32, d.s as i32);
-    let (k_sb, k_sh, v_sb, v_sh) = (k_sb as i64, k_sh as i64, v_sb as i64, v_sh as i64);
+    let pads = dev.clone_htod(&op.pads.iter().map(|&p| p as u32).collect::<Vec<_>>())?;
+    let el = g.d.b * g.d.nh * g.d.t * g.d.hd;
     let scale = op.scale as f32;
-    macro_rules! launch {
-        ($variant:ident, $ty:ty, $name:literal) => {{
-            let (
-                CudaStorageSlice::$variant(qs),
-                CudaStorageSlice::$variant(ks),
-                CudaStorageSlice::$variant(vs),
-            ) = (&q.slice, &k.slice, &v.slice)
-            else {
-                candle_core::bail!("causal_attention on cuda: q, k and v must have one dtype")
-            };
-            if ks.len() < k_end || vs.len() < v_end {
-                candle_core::bail!(
-                    "causal_attention on cuda: k or v reaches past its storage ({k_end}, {v_end} \
-                     elements of {}, {})",
-                    ks.len(),
-                    vs.len()
-                );
-            }
-            let (qs, ks, vs) = (
-                qs.slice(q_start..q_end),
-                ks.slice(lk.start_offset()..),
-                vs.slice(lv.start_offset()..),
-            );
-            let func = dev.get_or_load_custom_func(
-                &format!("{}_hd{}", $name, d.hd),
-                "qat_flash_attention",
-                PTX,
-            )?;
+    let slice = match q.dtype() {
+        DType::BF16 => {
             // SAFETY: the kernel writes every output element.
-            let out = unsafe { dev.alloc::<$ty>(el)? };
-            let mut b = func.builder();
-            b.arg(&qs).arg(&ks).arg(&vs).arg(&out).arg(&pads);
-            b.arg(&heads).arg(&kv_heads).arg(&t).arg(&s);
-            b.arg(&k_sb).arg(&k_sh).arg(&v_sb).arg(&v_sh).arg(&scale);
-            // SAFETY: shapes, strides and extents were checked above against the storages.
-            unsafe { b.launch(cfg) }.w()?;
-            CudaStorageSlice::$variant(out)
-        }};
-    }
-    let slice = match &q.slice {
-        CudaStorageSlice::BF16(_) => launch!(BF16, half::bf16, "flash_attention_fwd_bf16"),
-        CudaStorageSlice::F16(_) => launch!(F16, half::f16, "flash_attention_fwd_f16"),
-        _ => candle_core::bail!(
-            "causal_attention on cuda: dtype {:?}, expected BF16 or F16",
-            q.dtype()
-        ),
+            let out = unsafe { dev.alloc::<half::bf16>(el)? };
+            let qkv = views::<half::bf16>(&g, q, k, v)?;
+            launch_forward(
+                &g,
+                dev,
+                DType::BF16,
+                (&qkv.0, &qkv.1, &qkv.2),
+                Some(&out),
+                None,
+                &pads,
+                scale,
+            )?;
+            CudaStorageSlice::BF16(out)
+        }
+        DType::F16 => {
+            // SAFETY: as above.
+            let out = unsafe { dev.alloc::<half::f16>(el)? };
+            let qkv = views::<half::f16>(&g, q, k, v)?;
+            launch_forward(
+                &g,
+                dev,
+                DType::F16,
+                (&qkv.0, &qkv.1, &qkv.2),
+                Some(&out),
+                None,
+                &pads,
+                scale,
+            )?;
+            CudaStorageSlice::F16(out)
+        }
+        other => {
+            candle_core::bail!("causal_attention on cuda: dtype {other:?}, expected BF16 or F16")
+        }
     };
     Ok((
         CudaStorage {
@@ -128,5 +240,140 @@ pub(super) fn forward(
             device: dev.clone(),
         },
         lq.shape().clone(),
+    ))
+}
+
+/// `(dq, dk, dv)` for the output gradient `dout` of `out = causal_attention(q, k, v)` (the
+/// tensors the op was applied to), in q's dtype: the log-sum-exp of every query row from the
+/// forward kernel, `delta = rowsum(dout ∘ out)` in f32, then the dK/dV and dQ kernels (f32
+/// accumulation, fixed summation order).
+pub(super) fn backward(
+    op: &CausalAttention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    dout: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = q.dtype();
+    let dout = dout.to_dtype(dtype)?;
+    let dout = match aligned_contiguous(dout.layout()) {
+        Some(_) => dout,
+        None => dout.force_contiguous()?,
+    };
+    let delta = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?
+        .sum_keepdim(D::Minus1)?
+        .contiguous()?;
+    let (qs, lq) = q.storage_and_layout();
+    let (ks, lk) = k.storage_and_layout();
+    let (vs, lv) = v.storage_and_layout();
+    let (dos, ldo) = dout.storage_and_layout();
+    let (des, lde) = delta.storage_and_layout();
+    let (
+        Storage::Cuda(qs),
+        Storage::Cuda(ks),
+        Storage::Cuda(vs),
+        Storage::Cuda(dos),
+        Storage::Cuda(des),
+    ) = (&*qs, &*ks, &*vs, &*dos, &*des)
+    else {
+        candle_core::bail!("causal_attention backward on cuda: every input must be on the GPU")
+    };
+    let g = Geometry::of(op, lq, lk, lv)?;
+    let d = &g.d;
+    let (Some(do_range), Some(de_range)) = (aligned_contiguous(ldo), lde.contiguous_offsets())
+    else {
+        candle_core::bail!("causal_attention backward on cuda: dout and delta must be contiguous")
+    };
+    let dev = qs.device.clone();
+    let pads = dev.clone_htod(&op.pads.iter().map(|&p| p as u32).collect::<Vec<_>>())?;
+    let (rows, q_el, kv_el) = (
+        d.b * d.nh * d.t,
+        d.b * d.nh * d.t * d.hd,
+        d.b * d.nkv * d.s * d.hd,
+    );
+    // SAFETY: the kernels write every element of lse, dq, dk and dv.
+    let (lse, dq, dk, dv) = unsafe {
+        (
+            dev.alloc::<f32>(rows)?,
+            dev.alloc::<f32>(q_el)?,
+            dev.alloc::<f32>(kv_el)?,
+            dev.alloc::<f32>(kv_el)?,
+        )
+    };
+    let delta_view = des.as_cuda_slice::<f32>()?.slice(de_range.0..de_range.1);
+    let scale = op.scale as f32;
+    macro_rules! run {
+        ($ty:ty) => {{
+            let (qv, kv, vv) = views::<$ty>(&g, qs, ks, vs)?;
+            launch_forward::<$ty>(
+                &g,
+                &dev,
+                dtype,
+                (&qv, &kv, &vv),
+                None,
+                Some(&lse),
+                &pads,
+                scale,
+            )?;
+            let dov = dos.as_cuda_slice::<$ty>()?.slice(do_range.0..do_range.1);
+            let (heads, kv_heads, t, s) = (d.nh as i32, d.nkv as i32, d.t as i32, d.s as i32);
+            for (prefix, outputs, cfg) in [
+                (
+                    "flash_attention_bwd_dkdv",
+                    vec![&dk, &dv],
+                    LaunchConfig {
+                        block_dim: (DKDV_THREADS, 1, 1),
+                        ..g.grid(KEYS_PER_BLOCK, d.s, d.nkv)
+                    },
+                ),
+                (
+                    "flash_attention_bwd_dq",
+                    vec![&dq],
+                    g.grid(ROWS_PER_BLOCK, d.t, d.nh),
+                ),
+            ] {
+                let name = kernel_name(prefix, dtype, d.hd)?;
+                let func = dev.get_or_load_custom_func(
+                    &name,
+                    "qat_flash_attention_backward",
+                    BACKWARD_PTX,
+                )?;
+                let mut b = func.builder();
+                b.arg(&qv)
+                    .arg(&kv)
+                    .arg(&vv)
+                    .arg(&dov)
+                    .arg(&lse)
+                    .arg(&delta_view);
+                for o in outputs {
+                    b.arg(o);
+                }
+                b.arg(&pads).arg(&heads).arg(&kv_heads).arg(&t).arg(&s);
+                for x in &g.strides {
+                    b.arg(x);
+                }
+                b.arg(&scale);
+                // SAFETY: inputs checked as for the forward; dout and delta are contiguous with
+                // q's row count; dq holds b·heads·t·hd elements, dk and dv b·kv_heads·s·hd.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }};
+    }
+    match dtype {
+        DType::BF16 => run!(half::bf16),
+        DType::F16 => run!(half::f16),
+        other => candle_core::bail!(
+            "causal_attention backward on cuda: dtype {other:?}, expected BF16 or F16"
+        ),
+    }
+    let tensor = |slice, shape: (usize, usize, usize, usize)| {
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+        Tensor::from_storage(storage, shape, BackpropOp::none(), false).to_dtype(dtype)
+    };
+    Ok((
+        tensor(dq, (d.b, d.nh, d.t, d.hd))?,
+        tensor(dk, (d.b, d.nkv, d.s, d.hd))?,
+        tensor(dv, (d.b, d.nkv, d.s, d.hd))?,
     ))
 }
