@@ -56,7 +56,7 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
   // This block's query rows into shared memory (zeros past t), then into fragments.
   flash::load_rows<T, HD, BR>(q_s, q_block, q0, t);
   __syncthreads();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag[HD / 16];
+  flash::RowsFrag<T> q_frag[HD / 16];
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
     wmma::load_matrix_sync(q_frag[kk], &q_s[warp * 16][kk * 16], HD);
@@ -69,31 +69,15 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
 #pragma unroll
   for (int i = 0; i < HD / 2; ++i) acc[i] = 0.f;
 
-  // Key columns any row of the block can see: from the first non-padding one (unless the block
-  // holds padding rows, which see column 0) through the block's last query column.
-  const int first_col = s - t + q0;
-  const int key_begin = first_col >= pad ? (pad / BC) * BC : 0;
-  const int key_end = s - t + min(q0 + BR, t);
-
-  for (int k0 = key_begin; k0 < key_end; k0 += BC) {
+  const flash::KeyRange keys = flash::key_range(s, t, q0, BR, pad, BC);
+  for (int k0 = keys.begin; k0 < keys.end; k0 += BC) {
     __syncthreads();  // every warp is done with the previous tile
     flash::load_rows<T, HD, BC>(k_s, k_block, k0, s);
     flash::load_rows<T, HD, BC>(v_s, v_block, k0, s);
     __syncthreads();
 
-    // S = Q Kᵀ for this warp's 16 rows: B[d][n] = K[n][d] is K read column-major.
-#pragma unroll
-    for (int j = 0; j < BC / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag;
-      wmma::fill_fragment(s_frag, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> k_frag;
-        wmma::load_matrix_sync(k_frag, &k_s[j * 16][kk * 16], HD);
-        wmma::mma_sync(s_frag, q_frag[kk], k_frag, s_frag);
-      }
-      wmma::store_matrix_sync(&s_s[warp][0][j * 16], s_frag, BC, wmma::mem_row_major);
-    }
+    // S = Q Kᵀ for this warp's 16 rows.
+    flash::rows_times_tile_t<T, HD, BC>(&s_s[warp][0][0], q_frag, k_s);
     __syncwarp();
 
     // Online softmax: this lane takes columns half * BC/2 .. of its row.

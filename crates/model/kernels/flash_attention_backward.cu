@@ -53,7 +53,7 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
   flash::load_rows<T, HD, DKDV_KEYS>(k_s, k + batch * k_sb + kv_head * k_sh, k0, s);
   flash::load_rows<T, HD, DKDV_KEYS>(v_s, v + batch * v_sb + kv_head * v_sh, k0, s);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk_acc[HD / 16], dv_acc[HD / 16];
+  flash::AccFrag dk_acc[HD / 16], dv_acc[HD / 16];
 #pragma unroll
   for (int j = 0; j < HD / 16; ++j) {
     wmma::fill_fragment(dk_acc[j], 0.f);
@@ -79,21 +79,8 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
       }
       __syncthreads();
 
-      // Sᵀ = K_w Qᵀ: [16 keys, DKDV_QUERIES queries]; B[d][n] = Q[n][d] is Q read column-major.
-#pragma unroll
-      for (int j = 0; j < DKDV_QUERIES / 16; ++j) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-          wmma::load_matrix_sync(a, &k_s[warp * 16][kk * 16], HD);
-          wmma::load_matrix_sync(b, &q_s[j * 16][kk * 16], HD);
-          wmma::mma_sync(acc, a, b, acc);
-        }
-        wmma::store_matrix_sync(&s_s[warp][0][j * 16], acc, DKDV_QUERIES, wmma::mem_row_major);
-      }
+      // Sᵀ = K_w Qᵀ: [16 keys, DKDV_QUERIES queries].
+      flash::rows_times_tile_t<T, HD, DKDV_QUERIES>(&s_s[warp][0][0], &k_s[warp * 16], q_s);
       __syncwarp();
 
       // Pᵀ = exp(scale · Sᵀ − lse) where visible, else 0.
@@ -109,33 +96,10 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
       __syncwarp();
 
       // dV += Pᵀ dO: [16 keys, HD].
-#pragma unroll
-      for (int kk = 0; kk < DKDV_QUERIES / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &p_s[warp][0][kk * 16], DKDV_QUERIES);
-#pragma unroll
-        for (int j = 0; j < HD / 16; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, &do_s[kk * 16][j * 16], HD);
-          wmma::mma_sync(dv_acc[j], a, b, dv_acc[j]);
-        }
-      }
+      flash::accumulate_times_tile<T, HD, DKDV_QUERIES>(dv_acc, &p_s[warp][0][0], do_s);
 
       // dPᵀ = V_w dOᵀ: [16 keys, DKDV_QUERIES queries], into s_s (Sᵀ was read into p above).
-#pragma unroll
-      for (int j = 0; j < DKDV_QUERIES / 16; ++j) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-          wmma::load_matrix_sync(a, &v_s[warp * 16][kk * 16], HD);
-          wmma::load_matrix_sync(b, &do_s[j * 16][kk * 16], HD);
-          wmma::mma_sync(acc, a, b, acc);
-        }
-        wmma::store_matrix_sync(&s_s[warp][0][j * 16], acc, DKDV_QUERIES, wmma::mem_row_major);
-      }
+      flash::rows_times_tile_t<T, HD, DKDV_QUERIES>(&s_s[warp][0][0], &v_s[warp * 16], do_s);
       __syncwarp();
 
       // dSᵀ = Pᵀ ∘ (dPᵀ − delta).
@@ -147,34 +111,15 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
       __syncwarp();
 
       // dK += dSᵀ Q: [16 keys, HD] (times scale at the end).
-#pragma unroll
-      for (int kk = 0; kk < DKDV_QUERIES / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &ds_s[warp][0][kk * 16], DKDV_QUERIES);
-#pragma unroll
-        for (int j = 0; j < HD / 16; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, &q_s[kk * 16][j * 16], HD);
-          wmma::mma_sync(dk_acc[j], a, b, dk_acc[j]);
-        }
-      }
+      flash::accumulate_times_tile<T, HD, DKDV_QUERIES>(dk_acc, &ds_s[warp][0][0], q_s);
     }
   }
 
   // dk, dv rows of this warp's keys (those < s), through s_s as 16 x 16 scratch.
   const long long out_base = (static_cast<long long>(batch) * kv_heads + kv_head) * s * HD;
-  float* scratch = &s_s[warp][0][0];
-#pragma unroll
-  for (int j = 0; j < HD / 16; ++j) {
-    __syncwarp();
-    wmma::store_matrix_sync(scratch, dk_acc[j], 16, wmma::mem_row_major);
-    __syncwarp();
-    flash::store_slice<HD>(dk + out_base, scratch, k0 + warp * 16, j * 16, s, scale);
-    __syncwarp();
-    wmma::store_matrix_sync(scratch, dv_acc[j], 16, wmma::mem_row_major);
-    __syncwarp();
-    flash::store_slice<HD>(dv + out_base, scratch, k0 + warp * 16, j * 16, s, 1.f);
-  }
+  const int row0 = k0 + warp * 16;
+  flash::store_rows<HD>(dk + out_base, dk_acc, &s_s[warp][0][0], row0, s, scale);
+  flash::store_rows<HD>(dv + out_base, dv_acc, &s_s[warp][0][0], row0, s, 1.f);
 }
 
 template <typename T, int HD>
@@ -203,7 +148,7 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
   const T* k_block = k + batch * k_sb + kv_head * k_sh;
   const T* v_block = v + batch * v_sb + kv_head * v_sh;
 
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag[HD / 16], do_frag[HD / 16];
+  flash::RowsFrag<T> q_frag[HD / 16], do_frag[HD / 16];
   flash::load_rows<T, HD, DQ_ROWS>(stage, q + row_base * HD, q0, t);
   for (int i = threadIdx.x; i < DQ_ROWS; i += blockDim.x) {
     lse_s[i] = q0 + i < t ? lse[row_base + q0 + i] : 0.f;
@@ -218,7 +163,7 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(do_frag[kk], &stage[warp * 16][kk * 16], HD);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq_acc[HD / 16];
+  flash::AccFrag dq_acc[HD / 16];
 #pragma unroll
   for (int j = 0; j < HD / 16; ++j) wmma::fill_fragment(dq_acc[j], 0.f);
 
@@ -226,29 +171,15 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
   const int row = warp * 16 + r;  // within the block
   const int query_col = s - t + q0 + row;
   const float row_lse = lse_s[row], row_delta = delta_s[row];
-  const int first_col = s - t + q0;
-  const int key_begin = first_col >= pad ? (pad / DQ_COLS) * DQ_COLS : 0;
-  const int key_end = s - t + min(q0 + DQ_ROWS, t);
-
-  for (int k0 = key_begin; k0 < key_end; k0 += DQ_COLS) {
+  const flash::KeyRange keys = flash::key_range(s, t, q0, DQ_ROWS, pad, DQ_COLS);
+  for (int k0 = keys.begin; k0 < keys.end; k0 += DQ_COLS) {
     __syncthreads();  // every warp is done with the previous key tile
     flash::load_rows<T, HD, DQ_COLS>(k_s, k_block, k0, s);
     flash::load_rows<T, HD, DQ_COLS>(v_s, v_block, k0, s);
     __syncthreads();
 
     // S = Q Kᵀ: [16 queries, DQ_COLS keys].
-#pragma unroll
-    for (int j = 0; j < DQ_COLS / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, &k_s[j * 16][kk * 16], HD);
-        wmma::mma_sync(acc, q_frag[kk], b, acc);
-      }
-      wmma::store_matrix_sync(&s_s[warp][0][j * 16], acc, DQ_COLS, wmma::mem_row_major);
-    }
+    flash::rows_times_tile_t<T, HD, DQ_COLS>(&s_s[warp][0][0], q_frag, k_s);
     __syncwarp();
     float p[DQ_COLS / 2];
 #pragma unroll
@@ -260,18 +191,7 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
     __syncwarp();
 
     // dP = dO Vᵀ: [16 queries, DQ_COLS keys], into s_s.
-#pragma unroll
-    for (int j = 0; j < DQ_COLS / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, &v_s[j * 16][kk * 16], HD);
-        wmma::mma_sync(acc, do_frag[kk], b, acc);
-      }
-      wmma::store_matrix_sync(&s_s[warp][0][j * 16], acc, DQ_COLS, wmma::mem_row_major);
-    }
+    flash::rows_times_tile_t<T, HD, DQ_COLS>(&s_s[warp][0][0], do_frag, v_s);
     __syncwarp();
 #pragma unroll
     for (int c = 0; c < DQ_COLS / 2; ++c) {
@@ -281,27 +201,10 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
     __syncwarp();
 
     // dQ += dS K: [16 queries, HD] (times scale at the end).
-#pragma unroll
-    for (int kk = 0; kk < DQ_COLS / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, &ds_s[warp][0][kk * 16], DQ_COLS);
-#pragma unroll
-      for (int j = 0; j < HD / 16; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(b, &k_s[kk * 16][j * 16], HD);
-        wmma::mma_sync(dq_acc[j], a, b, dq_acc[j]);
-      }
-    }
+    flash::accumulate_times_tile<T, HD, DQ_COLS>(dq_acc, &ds_s[warp][0][0], k_s);
   }
 
-  float* scratch = &s_s[warp][0][0];
-#pragma unroll
-  for (int j = 0; j < HD / 16; ++j) {
-    __syncwarp();
-    wmma::store_matrix_sync(scratch, dq_acc[j], 16, wmma::mem_row_major);
-    __syncwarp();
-    flash::store_slice<HD>(dq + row_base * HD, scratch, q0 + warp * 16, j * 16, t, scale);
-  }
+  flash::store_rows<HD>(dq + row_base * HD, dq_acc, &s_s[warp][0][0], q0 + warp * 16, t, scale);
 }
 
 }  // namespace

@@ -35,6 +35,17 @@ __device__ __forceinline__ bool visible(int key, int query_col, int pad, int s) 
   return key < s && key <= query_col && (key >= pad || query_col < pad);
 }
 
+// The key columns [begin, end) that query rows q0 .. q0 + rows (of t) can see, begin a multiple
+// of `cols`: from the first non-padding column (unless a row is itself a padding column: those
+// see column 0) through the last row's column.
+struct KeyRange {
+  int begin, end;
+};
+__device__ __forceinline__ KeyRange key_range(int s, int t, int q0, int rows, int pad, int cols) {
+  const int first_col = s - t + q0;
+  return {first_col >= pad ? (pad / cols) * cols : 0, s - t + min(q0 + rows, t)};
+}
+
 // Rows row0 .. row0 + ROWS of a row-major [*, HD] matrix at `src` into `dst` (shared memory),
 // zeros for rows at or past `limit`, with 16-byte loads by all the block's threads.
 template <typename T, int HD, int ROWS>
@@ -61,6 +72,76 @@ __device__ __forceinline__ void store_slice(float* dst, const float* scratch, in
 #pragma unroll
     for (int c = 0; c < 8; ++c) out[c] = scratch[r * 16 + h * 8 + c] * scale;
   }
+}
+
+template <typename T>
+using RowsFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// Column block kk of a warp's 16 rows of HD values: held as HD / 16 fragments, or read from
+// shared memory ([16][HD] row-major) into `tmp`.
+template <typename T, int HD>
+__device__ __forceinline__ const RowsFrag<T>& rows_block(const RowsFrag<T> (&rows)[HD / 16], int kk,
+                                                         RowsFrag<T>&) {
+  return rows[kk];
+}
+template <typename T, int HD>
+__device__ __forceinline__ const RowsFrag<T>& rows_block(const T (*rows)[HD], int kk,
+                                                         RowsFrag<T>& tmp) {
+  wmma::load_matrix_sync(tmp, &rows[0][kk * 16], HD);
+  return tmp;
+}
+
+// dst = A tileᵀ, f32 [16][COLS] row-major: A a warp's 16 rows of HD values (see rows_block),
+// tile [COLS][HD] in shared memory, read column-major so that B[d][n] = tile[n][d].
+template <typename T, int HD, int COLS, typename Rows>
+__device__ __forceinline__ void rows_times_tile_t(float* dst, const Rows& a, const T (*tile)[HD]) {
+#pragma unroll
+  for (int j = 0; j < COLS / 16; ++j) {
+    AccFrag acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      RowsFrag<T> tmp;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+      wmma::load_matrix_sync(b, &tile[j * 16][kk * 16], HD);
+      wmma::mma_sync(acc, rows_block<T, HD>(a, kk, tmp), b, acc);
+    }
+    wmma::store_matrix_sync(dst + j * 16, acc, COLS, wmma::mem_row_major);
+  }
+}
+
+// acc[j] += A tile[:, 16j .. 16j + 16] for every j < HD / 16: A a warp's [16][K] in shared
+// memory (row-major, leading dimension K), tile [K][HD] in shared memory.
+template <typename T, int HD, int K>
+__device__ __forceinline__ void accumulate_times_tile(AccFrag (&acc)[HD / 16], const T* a,
+                                                      const T (*tile)[HD]) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    RowsFrag<T> a_frag;
+    wmma::load_matrix_sync(a_frag, a + kk * 16, K);
+#pragma unroll
+    for (int j = 0; j < HD / 16; ++j) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+      wmma::load_matrix_sync(b, &tile[kk * 16][j * 16], HD);
+      wmma::mma_sync(acc[j], a_frag, b, acc[j]);
+    }
+  }
+}
+
+// Writes `scale` times a warp's 16 rows of HD accumulators into the row-major [*, HD] f32 matrix
+// `dst` at rows row0.. (those below `limit`), through `scratch` (16 x 16 f32 of the warp's own).
+template <int HD>
+__device__ __forceinline__ void store_rows(float* dst, const AccFrag (&acc)[HD / 16],
+                                           float* scratch, int row0, int limit, float scale) {
+#pragma unroll
+  for (int j = 0; j < HD / 16; ++j) {
+    __syncwarp();
+    wmma::store_matrix_sync(scratch, acc[j], 16, wmma::mem_row_major);
+    __syncwarp();
+    store_slice<HD>(dst, scratch, row0, j * 16, limit, scale);
+  }
+  __syncwarp();
 }
 
 }  // namespace flash

@@ -15,24 +15,13 @@
 #include "../flash_attention.cu"
 #include "../flash_attention_backward.cu"
 
-#include <cstdio>
-#include <stdexcept>
-#include <string>
+#include "harness_io.h"
 
 namespace {
 
-template <typename V>
-V read_one(FILE* f) {
-  V x;
-  if (std::fread(&x, sizeof x, 1, f) != 1) throw std::runtime_error("input file too short");
-  return x;
-}
-
 template <typename T>
 std::vector<T> read_as(FILE* f, size_t n) {
-  std::vector<T> out(n);
-  for (auto& x : out) x = from_float<T>(read_one<float>(f));
-  return out;
+  return read_floats<T>(f, n, from_float<T>);
 }
 
 template <typename T, int HD>
@@ -57,9 +46,7 @@ void run_head_dim(FILE* in, FILE* out, const long long* h) {
     flash_forward<T, HD>(q.data(), k.data(), v.data(), o.data(), lse.data(), pads.data(), ih,
                          ikv, it, is, h[8], h[9], h[10], h[11], scale);
   });
-  const auto write = [&](const std::vector<float>& x) {
-    std::fwrite(x.data(), sizeof(float), x.size(), out);
-  };
+  const auto write = [&](const std::vector<float>& x) { write_floats(out, x); };
   std::vector<float> of(o.size());
   for (size_t i = 0; i < o.size(); ++i) of[i] = emu_to_float(o[i]);
   write(of);
@@ -99,14 +86,7 @@ void run(FILE* in, FILE* out, const long long* h) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
-    return 2;
-  }
-  try {
-    FILE* in = std::fopen(argv[1], "rb");
-    FILE* out = std::fopen(argv[2], "wb");
-    if (!in || !out) throw std::runtime_error("cannot open the input or the output file");
+  return harness_main(argc, argv, "flash_attention_emulated", [](FILE* in, FILE* out) {
     long long h[12];
     for (auto& x : h) x = read_one<long long>(in);
     if (h[1] == 0) {
@@ -114,11 +94,5 @@ int main(int argc, char** argv) {
     } else {
       run<__half>(in, out, h);
     }
-    std::fclose(in);
-    if (std::fclose(out) != 0) throw std::runtime_error("cannot write the output file");
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "flash_attention_emulated: %s\n", e.what());
-    return 2;
-  }
-  return 0;
+  });
 }

@@ -197,39 +197,28 @@ pub(super) fn forward(
     let pads = dev.clone_htod(&op.pads.iter().map(|&p| p as u32).collect::<Vec<_>>())?;
     let el = g.d.b * g.d.nh * g.d.t * g.d.hd;
     let scale = op.scale as f32;
-    let slice = match q.dtype() {
-        DType::BF16 => {
+    macro_rules! run {
+        ($variant:ident, $ty:ty) => {{
             // SAFETY: the kernel writes every output element.
-            let out = unsafe { dev.alloc::<half::bf16>(el)? };
-            let qkv = views::<half::bf16>(&g, q, k, v)?;
+            let out = unsafe { dev.alloc::<$ty>(el)? };
+            let (qv, kv, vv) = views::<$ty>(&g, q, k, v)?;
+            let dtype = q.dtype();
             launch_forward(
                 &g,
                 dev,
-                DType::BF16,
-                (&qkv.0, &qkv.1, &qkv.2),
+                dtype,
+                (&qv, &kv, &vv),
                 Some(&out),
                 None,
                 &pads,
                 scale,
             )?;
-            CudaStorageSlice::BF16(out)
-        }
-        DType::F16 => {
-            // SAFETY: as above.
-            let out = unsafe { dev.alloc::<half::f16>(el)? };
-            let qkv = views::<half::f16>(&g, q, k, v)?;
-            launch_forward(
-                &g,
-                dev,
-                DType::F16,
-                (&qkv.0, &qkv.1, &qkv.2),
-                Some(&out),
-                None,
-                &pads,
-                scale,
-            )?;
-            CudaStorageSlice::F16(out)
-        }
+            CudaStorageSlice::$variant(out)
+        }};
+    }
+    let slice = match q.dtype() {
+        DType::BF16 => run!(BF16, half::bf16),
+        DType::F16 => run!(F16, half::f16),
         other => {
             candle_core::bail!("causal_attention on cuda: dtype {other:?}, expected BF16 or F16")
         }
