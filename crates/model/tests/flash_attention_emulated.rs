@@ -20,6 +20,7 @@ fn build_harness(dir: &Path) -> PathBuf {
             "-std=c++20",
             "-O2",
             "-fno-strict-aliasing",
+            "-ffp-contract=off",
             "-pthread",
             "-Wno-unknown-pragmas",
         ])

@@ -15,7 +15,13 @@ fn build_harness(dir: &Path) -> PathBuf {
     let exe = dir.join("fake_quant_emulated");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread"])
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-fno-strict-aliasing",
+            "-ffp-contract=off",
+            "-pthread",
+        ])
         .arg("-I")
         .arg(root.join("../model/kernels/emulation"))
         .arg(root.join("kernels/emulation/fake_quant_main.cpp"))

@@ -1,5 +1,6 @@
 //! Quantization-aware training by distillation from cached teacher shards.
 
+mod adamw_kernels;
 pub mod balance;
 pub mod data;
 pub mod distill;

@@ -1,6 +1,7 @@
 //! AdamW (decoupled weight decay, as torch.optim.AdamW), learning-rate schedules and global
 //! gradient-norm clipping. The optimizer state is plain tensors so checkpoints can hold it.
 
+use crate::adamw_kernels;
 use candle_core::{backprop::GradStore, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -60,7 +61,8 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW over named variables.
+/// AdamW over named variables. Updates run as in-place kernels where they apply (see
+/// [`Self::set_fused_kernels`]), else as composed candle ops; both give the same bits.
 pub struct AdamW {
     vars: Vec<(String, Var)>,
     m: HashMap<String, Tensor>,
@@ -68,6 +70,7 @@ pub struct AdamW {
     /// Optimizer steps taken.
     pub step: u64,
     cfg: AdamWConfig,
+    fused: bool,
 }
 
 impl AdamW {
@@ -85,7 +88,15 @@ impl AdamW {
             v,
             step: 0,
             cfg,
+            fused: true,
         })
+    }
+
+    /// Whether updates use the in-place kernels (crate `adamw_kernels`: one pass per moment and
+    /// one for the weight; CPU f32/f64, CUDA f32) where they apply; default on. Off: composed
+    /// candle ops only, the reference the kernels are tested against.
+    pub fn set_fused_kernels(&mut self, on: bool) {
+        self.fused = on;
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -100,6 +111,28 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (name, var) in &self.vars {
             let Some(g) = grads.get(name) else { continue };
+            let (w, m, v) = (var.as_tensor(), &self.m[name], &self.v[name]);
+            if self.fused && adamw_kernels::supported(w, g, m, v) {
+                // In place: the moments here are this optimizer's own tensors (checkpoints copy
+                // them out before the next step), the weight is the variable's storage, as
+                // `Var::set` writes it.
+                let moment = |decay: f64, square| adamw_kernels::MomentUpdate {
+                    decay,
+                    gain: 1.0 - decay,
+                    square,
+                };
+                m.inplace_op2(g, &moment(c.beta1, false))?;
+                v.inplace_op2(g, &moment(c.beta2, true))?;
+                let update = adamw_kernels::WeightUpdate {
+                    inv_bc1: 1.0 / bc1,
+                    inv_bc2: 1.0 / bc2,
+                    eps: c.eps,
+                    lr,
+                    decay: (c.weight_decay > 0.0).then_some(1.0 - lr * c.weight_decay),
+                };
+                w.inplace_op3(m, v, &update)?;
+                continue;
+            }
             let m = ((&self.m[name] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
@@ -255,5 +288,128 @@ mod tests {
         assert!((n - 5.0).abs() < 1e-9);
         let a = g["a"].to_vec1::<f32>().unwrap()[0];
         assert!((a - 0.6).abs() < 1e-5);
+    }
+
+    /// Values with every rounding case of the update: zeros of both signs, tiny and huge
+    /// magnitudes, and plain random ones.
+    fn edge_values(n: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed;
+        (0..n)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let r = ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0;
+                match i % 8 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => r * 1e-30,
+                    3 => r * 3e7,
+                    4 => r * 1e-7,
+                    _ => r,
+                }
+            })
+            .collect()
+    }
+
+    /// The in-place kernels (f32 and f64) give the composed ops' bits for the weights and both
+    /// moments, step after step, with and without weight decay.
+    #[test]
+    fn fused_kernels_give_the_composed_ops_bits() -> Result<()> {
+        let bits = |t: &Tensor| -> Result<Vec<u64>> {
+            Ok(match t.dtype() {
+                candle_core::DType::F32 => t
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|x| u64::from(x.to_bits()))
+                    .collect(),
+                _ => t
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+            })
+        };
+        for dtype in [candle_core::DType::F32, candle_core::DType::F64] {
+            for weight_decay in [0.0, 0.1] {
+                let w0 = Tensor::from_vec(edge_values(1000, 1), (40, 25), &Device::Cpu)?
+                    .to_dtype(dtype)?;
+                let make = |fused| -> Result<AdamW> {
+                    let var = Var::from_tensor(&w0.copy()?)?;
+                    let cfg = AdamWConfig {
+                        weight_decay,
+                        ..AdamWConfig::default()
+                    };
+                    let mut opt = AdamW::new(vec![("w".into(), var)], cfg)?;
+                    opt.set_fused_kernels(fused);
+                    Ok(opt)
+                };
+                let (mut fused, mut composed) = (make(true)?, make(false)?);
+                for step in 0..6u64 {
+                    let g = Tensor::from_vec(edge_values(1000, 10 + step), (40, 25), &Device::Cpu)?
+                        .to_dtype(dtype)?;
+                    let grads = HashMap::from([("w".to_string(), g)]);
+                    let lr = 1e-3 * (step + 1) as f64;
+                    fused.apply(&grads, lr)?;
+                    composed.apply(&grads, lr)?;
+                    let what = format!("{dtype:?}, weight decay {weight_decay}, step {step}");
+                    let (a, b) = (&fused.vars()[0].1, &composed.vars()[0].1);
+                    assert_eq!(bits(a.as_tensor())?, bits(b.as_tensor())?, "w, {what}");
+                    let (sa, sb) = (fused.state_tensors(), composed.state_tensors());
+                    for key in ["m.w", "v.w"] {
+                        assert_eq!(bits(&sa[key])?, bits(&sb[key])?, "{key}, {what}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The CUDA kernels (f32) against the composed ops on the CPU, bit for bit. Runs only in a
+    /// `--features cuda` build on a machine with a GPU (skipped otherwise).
+    #[test]
+    fn cuda_kernels_give_the_composed_ops_bits() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            return Ok(());
+        };
+        for weight_decay in [0.0, 0.1] {
+            let cfg = AdamWConfig {
+                weight_decay,
+                ..AdamWConfig::default()
+            };
+            let w0 = Tensor::from_vec(edge_values(5000, 1), 5000, &Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?;
+            let on = |dev: &Device| -> Result<AdamW> {
+                let var = Var::from_tensor(&w0.to_device(dev)?)?;
+                AdamW::new(vec![("w".into(), var)], cfg)
+            };
+            let (mut cuda, mut cpu) = (on(&gpu)?, on(&Device::Cpu)?);
+            cpu.set_fused_kernels(false);
+            for step in 0..4u64 {
+                let g = Tensor::from_vec(edge_values(5000, 10 + step), 5000, &Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?;
+                let lr = 1e-3 * (step + 1) as f64;
+                cuda.apply(&HashMap::from([("w".into(), g.to_device(&gpu)?)]), lr)?;
+                cpu.apply(&HashMap::from([("w".into(), g)]), lr)?;
+            }
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                let v = t.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+                Ok(v.iter().map(|x| x.to_bits()).collect())
+            };
+            let (a, b) = (cuda.vars()[0].1.as_tensor(), cpu.vars()[0].1.as_tensor());
+            assert_eq!(bits(a)?, bits(b)?, "w, weight decay {weight_decay}");
+            let (sa, sb) = (cuda.state_tensors(), cpu.state_tensors());
+            for key in ["m.w", "v.w"] {
+                assert_eq!(
+                    bits(&sa[key])?,
+                    bits(&sb[key])?,
+                    "{key}, weight decay {weight_decay}"
+                );
+            }
+        }
+        Ok(())
     }
 }

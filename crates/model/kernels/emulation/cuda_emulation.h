@@ -1,9 +1,10 @@
-// Just enough of CUDA, in host C++20, to run qat's kernels without a GPU, for tests (used by
-// crates/model/tests/flash_attention_emulated.rs and crates/quant/tests/fake_quant_emulated.rs): one host
-// thread per CUDA thread of a block (blocks run one after another), std::barrier for
-// __syncthreads / __syncwarp, warp shuffles through a per-warp exchange array, bf16 / f16 as
-// 16-bit storage types rounded to nearest even, and the WMMA 16x16x16 fragments by their
-// documented semantics (every lane holds the whole tile; each element is written once on store).
+// Just enough of CUDA, in host C++20, to run qat's kernels without a GPU, for tests
+// (crates/model/tests/flash_attention_emulated.rs, crates/quant/tests/fake_quant_emulated.rs,
+// crates/train/tests/adamw_emulated.rs): one host thread per CUDA thread of a block (blocks run
+// one after another), std::barrier for __syncthreads / __syncwarp, warp shuffles through a
+// per-warp exchange array, bf16 / f16 as 16-bit storage types rounded to nearest even, IEEE
+// intrinsics as plain operations, and the WMMA 16x16x16 fragments by their documented semantics
+// (every lane holds the whole tile; each element is written once on store).
 // Shared memory (`__shared__`) becomes function-static storage, shared by the block's threads.
 // What it cannot show: timing, races that barriers would hide, the hardware's accumulation order.
 
@@ -66,6 +67,14 @@ inline float __half2float(__half h) { return static_cast<float>(h.value); }
 inline float emu_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 inline float emu_to_float(__half x) { return __half2float(x); }
 inline float emu_to_float(float x) { return x; }
+
+// IEEE operations rounded to nearest (the host compiles them as they are written: the harnesses
+// are built with -ffp-contract=off, so no FMA contraction either).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;

@@ -1,0 +1,37 @@
+// crates/train/kernels/adamw.cu: AdamW's update as in-place kernels (crates/train/src/adamw_kernels.rs),
+// compiled to PTX by crates/train/build.rs with the `cuda` feature.
+//
+// The same f32 operations in the same order as the composed candle ops of the reference path
+// (and the CPU kernels), so the same bits: every product and sum is an IEEE intrinsic rounded to
+// nearest (`__fmul_rn`, `__fadd_rn`, ...), which nvcc never contracts into an FMA; `+ 0.0f` where
+// candle's affine ops add 0 (it turns -0 into +0). Grid-stride loops over `n` elements.
+// Without a GPU, crates/train/tests/adamw_emulated.rs compiles this file as C++ against
+// crates/model/kernels/emulation/cuda_emulation.h and checks its bits against the composed ops.
+#ifndef QAT_CUDA_EMULATION
+#include <stdint.h>
+#endif
+
+// m <- (m * decay + 0) + (g * gain + 0), with g * g for g when `square` (the second moment).
+extern "C" __global__ void adamw_moment_f32(float *m, const float *g, unsigned long long n,
+                                            float decay, float gain, int square) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
+        const float gi = square ? __fmul_rn(g[i], g[i]) : g[i];
+        m[i] = __fadd_rn(__fadd_rn(__fmul_rn(m[i], decay), 0.0f), __fadd_rn(__fmul_rn(gi, gain), 0.0f));
+    }
+}
+
+// w <- [w * decay + 0 if decayed] - ((m * inv_bc1 + 0) / (sqrt(v * inv_bc2 + 0) * 1 + eps)) * lr + 0.
+extern "C" __global__ void adamw_weight_f32(float *w, const float *m, const float *v,
+                                            unsigned long long n, float inv_bc1, float inv_bc2,
+                                            float eps, float lr, float decay, int decayed) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)blockDim.x * gridDim.x) {
+        const float m_hat = __fadd_rn(__fmul_rn(m[i], inv_bc1), 0.0f);
+        const float v_hat = __fadd_rn(__fmul_rn(v[i], inv_bc2), 0.0f);
+        const float denominator = __fadd_rn(__fmul_rn(__fsqrt_rn(v_hat), 1.0f), eps);
+        const float update = __fdiv_rn(m_hat, denominator);
+        const float kept = decayed ? __fadd_rn(__fmul_rn(w[i], decay), 0.0f) : w[i];
+        w[i] = __fsub_rn(kept, __fadd_rn(__fmul_rn(update, lr), 0.0f));
+    }
+}

@@ -1,0 +1,142 @@
+//! The CUDA AdamW kernels (kernels/adamw.cu) run on the CPU through the CUDA emulation in
+//! crates/model/kernels/emulation, bit for bit against qat's composed AdamW (the reference path,
+//! `set_fused_kernels(false)`): weights and both moments after several steps, with and without
+//! weight decay, on values with every rounding case (zeros of both signs, tiny and huge
+//! magnitudes). Needs a C++20 compiler (`CXX`, default `c++`).
+
+use candle_core::{Device, Result, Tensor, Var};
+use qat_train::optim::{AdamW, AdamWConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn build_harness(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = dir.join("adamw_emulated");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = Command::new(&cxx)
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-fno-strict-aliasing",
+            "-ffp-contract=off",
+            "-pthread",
+        ])
+        .arg("-I")
+        .arg(root.join("../model/kernels/emulation"))
+        .arg(root.join("kernels/emulation/adamw_main.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx:?} (set CXX): {e}"));
+    assert!(
+        out.status.success(),
+        "{cxx} failed on the emulation harness:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// Zeros of both signs, tiny and huge magnitudes, and plain random values.
+fn edge_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|i| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            match i % 8 {
+                0 => 0.0,
+                1 => -0.0,
+                2 => r * 1e-30,
+                3 => r * 3e7,
+                4 => r * 1e-7,
+                _ => r,
+            }
+        })
+        .collect()
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let exe = build_harness(dir.path());
+    let (n, steps) = (1000usize, 6u64);
+    for weight_decay in [0.0, 0.1] {
+        let cfg = AdamWConfig {
+            weight_decay,
+            ..AdamWConfig::default()
+        };
+        let w0 = edge_values(n, 1);
+        let var = Var::from_tensor(&Tensor::from_vec(w0.clone(), n, &Device::Cpu)?)?;
+        let mut reference = AdamW::new(vec![("w".into(), var.clone())], cfg)?;
+        reference.set_fused_kernels(false);
+
+        let mut input = Vec::new();
+        input.extend((n as u64).to_le_bytes());
+        input.extend(steps.to_le_bytes());
+        w0.iter().for_each(|x| input.extend(x.to_le_bytes()));
+        for step in 1..=steps {
+            let g = edge_values(n, 10 + step);
+            let lr = 1e-3 * step as f64;
+            let grads = HashMap::from([(
+                "w".to_string(),
+                Tensor::from_vec(g.clone(), n, &Device::Cpu)?,
+            )]);
+            reference.apply(&grads, lr)?;
+            // The constants as AdamW::apply derives them for this step.
+            let (b1, b2) = (cfg.beta1, cfg.beta2);
+            let (bc1, bc2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
+            let constants = [
+                b1,
+                1.0 - b1,
+                b2,
+                1.0 - b2,
+                1.0 / bc1,
+                1.0 / bc2,
+                cfg.eps,
+                lr,
+                1.0 - lr * weight_decay,
+            ];
+            constants.iter().for_each(|x| input.extend(x.to_le_bytes()));
+            input.extend(i32::from(weight_decay > 0.0).to_le_bytes());
+            g.iter().for_each(|x| input.extend(x.to_le_bytes()));
+        }
+        let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
+        std::fs::write(&in_path, input)?;
+        let status = Command::new(&exe).arg(&in_path).arg(&out_path).status()?;
+        assert!(status.success(), "the emulation harness failed ({status})");
+        let got: Vec<f32> = std::fs::read(&out_path)?
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(got.len(), 3 * n, "output length");
+        let state = reference.state_tensors();
+        let want_w = var.as_tensor().to_vec1::<f32>()?;
+        let (want_m, want_v) = (
+            state["m.w"].to_vec1::<f32>()?,
+            state["v.w"].to_vec1::<f32>()?,
+        );
+        assert_eq!(
+            bits(&got[..n]),
+            bits(&want_w),
+            "w, weight decay {weight_decay}"
+        );
+        assert_eq!(
+            bits(&got[n..2 * n]),
+            bits(&want_m),
+            "m, weight decay {weight_decay}"
+        );
+        assert_eq!(
+            bits(&got[2 * n..]),
+            bits(&want_v),
+            "v, weight decay {weight_decay}"
+        );
+    }
+    Ok(())
+}
