@@ -190,7 +190,10 @@ impl AdamW {
     }
 }
 
-/// Adds this micro-batch's gradients (times `scale`) into `acc`.
+/// Adds this micro-batch's gradients (times `scale`) into `acc`. With `scale` 1 (one
+/// micro-batch in one part, the usual case) the gradients are taken as they are, without a pass
+/// over them: `g · 1 + 0` differs from `g` only in the sign of zeros, which nothing downstream
+/// (clipping, AdamW) can see.
 pub fn accumulate(
     acc: &mut HashMap<String, Tensor>,
     vars: &[(String, Var)],
@@ -199,7 +202,7 @@ pub fn accumulate(
 ) -> Result<()> {
     for (name, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            let g = (g * scale)?;
+            let g = if scale == 1.0 { g.clone() } else { (g * scale)? };
             let sum = match acc.remove(name) {
                 Some(prev) => (prev + g)?,
                 None => g,
