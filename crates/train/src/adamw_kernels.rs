@@ -182,7 +182,8 @@ impl InplaceOp3 for WeightUpdate {
 }
 
 /// Whether the in-place kernels take this weight, its gradient and its moments: all
-/// contiguous, of one shape and dtype, f32 or f64 on the CPU, f32 on CUDA (`cuda` builds).
+/// contiguous, of one shape and dtype, f32 or f64 on the CPU, f32 on CUDA (`cuda` builds,
+/// unless `QAT_CUDA_FUSED_ADAMW=0`).
 pub(crate) fn supported(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
     let same = [g, m, v].iter().all(|x| {
         x.shape() == w.shape() && x.dtype() == w.dtype() && x.device().same_device(w.device())
@@ -190,10 +191,18 @@ pub(crate) fn supported(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> bool 
     let contiguous = [w, g, m, v].iter().all(|x| x.is_contiguous());
     let dtype_ok = match w.device() {
         candle_core::Device::Cpu => matches!(w.dtype(), DType::F32 | DType::F64),
-        candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && w.dtype() == DType::F32,
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda") && w.dtype() == DType::F32 && cuda_kernels_enabled()
+        }
         _ => false,
     };
     same && contiguous && dtype_ok
+}
+
+/// `QAT_CUDA_FUSED_ADAMW=0` turns the CUDA kernels off (composed candle ops instead), read once.
+fn cuda_kernels_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QAT_CUDA_FUSED_ADAMW").map_or(true, |v| v != "0"))
 }
 
 /// The CUDA side: kernels/adamw.cu, loaded once per device as a custom PTX module.

@@ -202,7 +202,11 @@ pub fn accumulate(
 ) -> Result<()> {
     for (name, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            let g = if scale == 1.0 { g.clone() } else { (g * scale)? };
+            let g = if scale == 1.0 {
+                g.clone()
+            } else {
+                (g * scale)?
+            };
             let sum = match acc.remove(name) {
                 Some(prev) => (prev + g)?,
                 None => g,
