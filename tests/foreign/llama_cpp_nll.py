@@ -13,11 +13,17 @@ naming the first document that differs; with --score-ids as well it instead scor
 (llama.cpp's SentencePiece tokenizer does not collapse runs of spaces, which tokenizers with
 `remove_extra_whitespaces`, such as stories260K's, do.)
 
+--kv-cache: the KV cache's type, f16 (llama.cpp's default, what its users get) or f32. Its f16
+rounding moves the NLL by a few 1e-4 either way (stories260K, 20 documents: from -4.8e-4 to
++7.1e-4 relative, depending on the file); with f32 only the weights and llama.cpp's 8-bit
+activation blocks differ from qat-eval (F32 files within 1e-7, block files up to +2.3e-4), which
+is what the CI test compares.
+
 Prints {"tokens": N, "nll": mean NLL, "ppl": exp(nll), "docs": D, "llama_cpp": version,
 "tokenization_equal": true|false|null, "tokenized_differently": [document indices]}.
 
 Usage: llama_cpp_nll.py FILE CORPUS [--limit N] [--seq-len L] [--delimiter S] [--ids IDS_JSON
-                        [--score-ids]] [--threads T]
+                        [--score-ids]] [--threads T] [--kv-cache f16|f32]
 """
 
 import argparse
@@ -46,11 +52,13 @@ def main():
     p.add_argument("--ids")
     p.add_argument("--score-ids", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default="f16")
     a = p.parse_args()
 
+    kv = llama_cpp.GGML_TYPE_F32 if a.kv_cache == "f32" else llama_cpp.GGML_TYPE_F16
     llm = llama_cpp.Llama(model_path=a.file, n_ctx=a.seq_len, n_batch=a.seq_len, n_ubatch=a.seq_len,
                           logits_all=True, n_threads=a.threads, n_threads_batch=a.threads,
-                          verbose=False)
+                          type_k=kv, type_v=kv, verbose=False)
     bos = llm.token_bos()
     seqs = []
     for d in documents(a.corpus, a.delimiter, a.limit):
@@ -85,7 +93,7 @@ def main():
         count += len(ids) - 1
     nll = total / count
     print(json.dumps({"tokens": count, "nll": nll, "ppl": math.exp(nll), "docs": len(seqs),
-                      "llama_cpp": llama_cpp.__version__, "tokenization_equal": equal,
+                      "llama_cpp": llama_cpp.__version__, "kv_cache": a.kv_cache, "tokenization_equal": equal,
                       "tokenized_differently": differ}))
 
 
