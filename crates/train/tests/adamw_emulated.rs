@@ -10,31 +10,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "../../model/kernels/emulation/build_harness.rs"]
+mod emulation_harness;
+
+/// Compiles the emulation harness into `dir` and returns its path.
 fn build_harness(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = dir.join("adamw_emulated");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let out = Command::new(&cxx)
-        .args([
-            "-std=c++20",
-            "-O2",
-            "-fno-strict-aliasing",
-            "-ffp-contract=off",
-            "-pthread",
-        ])
-        .arg("-I")
-        .arg(root.join("../model/kernels/emulation"))
-        .arg(root.join("kernels/emulation/adamw_main.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx:?} (set CXX): {e}"));
-    assert!(
-        out.status.success(),
-        "{cxx} failed on the emulation harness:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
+    emulation_harness::build_harness(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "kernels/emulation/adamw_main.cpp",
+        dir,
+    )
 }
 
 /// Zeros of both signs, tiny and huge magnitudes, and plain random values.
