@@ -1,5 +1,6 @@
 //! With the `cuda` feature: compiles the flash-attention kernels (kernels/flash_attention.cu,
-//! kernels/flash_attention_backward.cu) to PTX (scripts/nvcc_ptx.rs).
+//! kernels/flash_attention_backward.cu) and the token NLL kernel (kernels/token_nll.cu) to PTX
+//! (scripts/nvcc_ptx.rs).
 //! Without the feature: nothing.
 
 #[path = "../../scripts/nvcc_ptx.rs"]
@@ -12,4 +13,5 @@ fn main() {
         "kernels/flash_attention_backward.cu",
         "flash_attention_backward.ptx",
     );
+    nvcc_ptx::compile_ptx("kernels/token_nll.cu", "token_nll.ptx");
 }

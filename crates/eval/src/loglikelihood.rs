@@ -16,9 +16,9 @@
 
 use crate::error::{EvalError, Result};
 use crate::task_checkpoint::{requests_sha256, TaskCheckpoint};
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::{DType, IndexOp, Tensor};
 use indicatif::ProgressBar;
-use qat_model::Llama;
+use qat_model::{token_nll, Llama};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
@@ -162,23 +162,20 @@ pub fn loglikelihoods(
             .enumerate()
             .map(|(row, &i)| hidden.i((row, width - seqs[i].1..width)))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let logits = model.logits(&Tensor::cat(&rows, 0)?)?; // [sum n, vocab]
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let logits = model.logits_in_dtype(&Tensor::cat(&rows, 0)?)?; // [sum n, vocab]
         let targets: Vec<u32> = batch
             .iter()
             .flat_map(|&i| seqs[i].0[seqs[i].0.len() - seqs[i].1..].to_vec())
             .collect();
-        let n_all = targets.len();
-        let picked: Vec<f32> = logp
-            .gather(&Tensor::from_vec(targets.clone(), (n_all, 1), &dev)?, 1)?
-            .squeeze(1)?
-            .to_vec1()?;
-        let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        // Per target: its NLL and its rank (0: the greedy choice), in one pass over the logits.
+        let scored: Vec<Vec<f64>> = token_nll(&logits, &targets)?
+            .to_dtype(DType::F64)?
+            .to_vec2()?;
         let mut at = 0;
         for &i in batch {
             let n = seqs[i].1;
-            let ll = picked[at..at + n].iter().map(|&x| x as f64).sum();
-            let greedy = argmax[at..at + n] == targets[at..at + n];
+            let ll = -scored[at..at + n].iter().map(|x| x[0]).sum::<f64>();
+            let greedy = scored[at..at + n].iter().all(|x| x[1] == 0.0);
             out[i] = Loglikelihood {
                 ll,
                 tokens: n,

@@ -3,9 +3,9 @@
 use crate::checkpoint::NllCheckpoint;
 use crate::corpus::Corpus;
 use crate::error::{EvalError, Result};
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::{DType, IndexOp, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use qat_model::{Llama, StepProfile};
+use qat_model::{token_nll, Llama, StepProfile};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
@@ -158,15 +158,23 @@ pub fn nll(
             model.forward_hidden(&input, &mut cache)
         })?;
         profile.time("logits_nll", || {
-            for (row, (&i, &pad)) in batch.iter().zip(&pads).enumerate() {
-                let s = &seqs[i];
-                let logits = model.logits(&hidden.i((row, pad..width))?)?; // [len-1, vocab]
-                let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-                let targets = Tensor::from_vec(s[1..].to_vec(), (s.len() - 1, 1), &dev)?;
-                let picked: Vec<f32> = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1()?;
-                totals.nll_sum -= picked.iter().map(|&x| x as f64).sum::<f64>();
-                totals.tokens += picked.len() as u64;
-            }
+            // Per sequence (no LM head on padding), the NLL of every target in one pass over
+            // its logits; one copy to the host per batch.
+            let per_row = batch
+                .iter()
+                .zip(&pads)
+                .enumerate()
+                .map(|(row, (&i, &pad))| {
+                    let logits = model.logits_in_dtype(&hidden.i((row, pad..width))?)?;
+                    token_nll(&logits, &seqs[i][1..]) // [len-1, 2]: nll, rank
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let nll: Vec<f64> = Tensor::cat(&per_row, 0)?
+                .i((.., 0))?
+                .to_dtype(DType::F64)?
+                .to_vec1()?;
+            totals.nll_sum += nll.iter().sum::<f64>();
+            totals.tokens += nll.len() as u64;
             candle_core::Result::Ok(())
         })?;
         totals.sequences += batch.len() as u64;

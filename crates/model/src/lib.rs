@@ -18,6 +18,7 @@ pub mod model_dir;
 pub mod profile;
 pub mod rope;
 pub mod softmax;
+pub mod token_nll;
 
 pub use attention::{causal_attention, fused_attention_supported};
 pub use cache::KvCache;
@@ -31,3 +32,4 @@ pub use llama::Llama;
 pub use model_dir::{sha256_files, special_token_ids, ModelDir, COMPANION_FILES};
 pub use profile::{ProfileSummary, StepProfile};
 pub use rope::RotaryEmbedding;
+pub use token_nll::token_nll;

@@ -480,6 +480,12 @@ impl Llama {
 
     /// LM head: `hidden: [.., hidden]` → f32 logits `[.., vocab]` (never quantized).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.logits_in_dtype(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// [`Self::logits`] in the compute dtype (no f32 copy), for consumers that read each logit
+    /// once in f32 themselves ([`crate::token_nll()`]).
+    pub fn logits_in_dtype(&self, hidden: &Tensor) -> Result<Tensor> {
         let dims = hidden.dims().to_vec();
         let rows = hidden.elem_count() / self.cfg.hidden_size;
         let lm_head = self.lm_head.to_dtype(hidden.dtype())?;
@@ -488,6 +494,6 @@ impl Llama {
             .matmul(&lm_head.t()?)?;
         let mut out = dims;
         *out.last_mut().expect("hidden has dims") = self.cfg.vocab_size;
-        logits.reshape(out)?.to_dtype(DType::F32)
+        logits.reshape(out)
     }
 }

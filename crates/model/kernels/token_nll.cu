@@ -1,0 +1,113 @@
+// Next-token negative log-likelihood and rank straight from logits (crates/model/src/token_nll.rs),
+// for CUDA, in one read of the logits and with no [rows, vocab] intermediate (the composed path
+// casts to f32, then log_softmax takes about eight passes over each row before the gather):
+//   out[r, 0] = logsumexp(logits[r, :]) - logits[r, t]                 (f32)
+//   out[r, 1] = #{ j : logits[r, j] > logits[r, t], or equal with j < t }  (0: t is the argmax)
+// where t = targets[r].
+//
+//   logits  [rows, vocab]  f32, bf16 or f16, contiguous
+//   targets [rows]         u32; a target >= vocab gives NaN (the Rust side checks them first)
+//   out     [rows, 2]      f32
+//
+// One block of NLL_BLOCK threads per row. Each thread keeps an online (max m, sum s of exp(x - m))
+// and its rank count over its strided columns, in f32; the block merges them in a fixed tree
+// order, so results are deterministic. NaN logits give a NaN NLL. Without a GPU,
+// crates/model/tests/token_nll_emulated.rs compiles this file against
+// kernels/emulation/cuda_emulation.h and checks it against an f64 computation.
+
+#ifndef QAT_CUDA_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+#include <stdint.h>
+#endif
+
+namespace {
+
+constexpr unsigned NLL_BLOCK = 256;
+
+__device__ __forceinline__ float nll_load(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float nll_load(const __nv_bfloat16* p, size_t i) {
+  return __bfloat162float(p[i]);
+}
+__device__ __forceinline__ float nll_load(const __half* p, size_t i) { return __half2float(p[i]); }
+
+// (m, s) <- the pair for the union of the columns behind (m, s) and (m2, s2). A pair with
+// m = -inf stands for no columns (or only -inf ones): s is 0 there.
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+  if (m2 == -CUDART_INF_F) return;
+  if (m == -CUDART_INF_F) {
+    m = m2;
+    s = s2;
+  } else if (m2 > m) {
+    s = s * expf(m - m2) + s2;
+    m = m2;
+  } else {
+    s = s + s2 * expf(m2 - m);
+  }
+}
+
+template <typename T>
+__device__ void token_nll_row(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
+                              float* __restrict__ out, uint32_t vocab) {
+  __shared__ float red_m[NLL_BLOCK];
+  __shared__ float red_s[NLL_BLOCK];
+  __shared__ uint32_t red_rank[NLL_BLOCK];
+  const size_t row = blockIdx.x;
+  const T* z = logits + row * vocab;
+  const uint32_t t = targets[row];
+  const float zt = t < vocab ? nll_load(z, t) : CUDART_NAN_F;
+  float m = -CUDART_INF_F, s = 0.0f;
+  uint32_t rank = 0;
+  for (uint32_t i = threadIdx.x; i < vocab; i += NLL_BLOCK) {
+    const float x = nll_load(z, i);
+    rank += (x > zt || (x == zt && i < t)) ? 1u : 0u;
+    if (x != x) {  // NaN: poisons the row
+      m = x;
+      s = x;
+      continue;
+    }
+    if (m == m) merge(m, s, x, 1.0f);
+  }
+  red_m[threadIdx.x] = m;
+  red_s[threadIdx.x] = s;
+  red_rank[threadIdx.x] = rank;
+  __syncthreads();
+  for (unsigned k = NLL_BLOCK / 2; k > 0; k >>= 1) {
+    if (threadIdx.x < k) {
+      float a = red_m[threadIdx.x], b = red_s[threadIdx.x];
+      const float a2 = red_m[threadIdx.x + k], b2 = red_s[threadIdx.x + k];
+      if (a != a || b2 != b2) {
+        a = a + a2;  // NaN stays NaN
+        b = b + b2;
+      } else {
+        merge(a, b, a2, b2);
+      }
+      red_m[threadIdx.x] = a;
+      red_s[threadIdx.x] = b;
+      red_rank[threadIdx.x] += red_rank[threadIdx.x + k];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    out[2 * row] = red_m[0] + logf(red_s[0]) - zt;
+    out[2 * row + 1] = static_cast<float>(red_rank[0]);
+  }
+}
+
+}  // namespace
+
+extern "C" __global__ void token_nll_f32(const float* logits, const uint32_t* targets, float* out,
+                                         uint32_t vocab) {
+  token_nll_row(logits, targets, out, vocab);
+}
+
+extern "C" __global__ void token_nll_bf16(const __nv_bfloat16* logits, const uint32_t* targets,
+                                          float* out, uint32_t vocab) {
+  token_nll_row(logits, targets, out, vocab);
+}
+
+extern "C" __global__ void token_nll_f16(const __half* logits, const uint32_t* targets, float* out,
+                                         uint32_t vocab) {
+  token_nll_row(logits, targets, out, vocab);
+}
