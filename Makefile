@@ -41,6 +41,7 @@ help:
 	@echo "make build      release binaries into $(BIN)"
 	@echo "make cuda-toolkit build-cuda   CUDA binaries (no GPU needed), packed into $(CUDA_DIST)"
 	@echo "make bench-gpu / pipeline-gpu  on a GPU machine: speed vs PyTorch, stories260K on cuda"
+	@echo "make sanitize-gpu              on a GPU machine: the CUDA kernel tests under compute-sanitizer"
 
 setup: build test-deps
 
@@ -111,7 +112,7 @@ CUDA_TARGET_DIR ?= target-cuda
 CUDA_COMPUTE_CAP ?= 90
 CUDA_DIST ?= dist/cuda
 CUDA_BIN ?= $(CUDA_DIST)/bin
-.PHONY: cuda-toolkit build-cuda bench-gpu pipeline-gpu
+.PHONY: cuda-toolkit build-cuda bench-gpu pipeline-gpu sanitize-gpu
 
 cuda-toolkit:
 	$(CARGO) fetch --locked
@@ -141,3 +142,7 @@ bench-gpu:
 
 pipeline-gpu:
 	bash bench/gpu/run.sh pipeline
+
+# The packed CUDA kernel tests (CUDA_TESTS=1) under compute-sanitizer memcheck and racecheck.
+sanitize-gpu:
+	bash bench/gpu/run.sh sanitize

@@ -1,3 +1,5 @@
+//! Checks of the GPU harness (bench/gpu) that need no GPU.
+//!
 //! The CPU perplexities `make pipeline-gpu` compares the GPU run with (bench/gpu/compare_ppl.py)
 //! are README's: FP from the LLM-QAT section, RTN and QAT from the first row of each scheme in its
 //! table, the rows of `make pipeline` as it is now. A new recipe that updates README but not the
@@ -76,4 +78,24 @@ fn gpu_comparison_uses_readmes_cpu_perplexities() {
         };
         assert_eq!(value, want, "compare_ppl.py {key} vs README");
     }
+}
+
+/// `make bench-gpu`'s kernel table (bench/gpu/ncu_kernels.py): its parser of Nsight Compute's CSV
+/// log, the table's sums and shares, and the ncu command line, through the script's self-test
+/// (a sample log and a stand-in ncu). Uses `python3` (or `QAT_PYTHON`), standard library only.
+#[test]
+fn ncu_kernel_table_self_test() {
+    let python = std::env::var("QAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/gpu/ncu_kernels.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg("--self-test")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        out.status.success(),
+        "{} --self-test failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

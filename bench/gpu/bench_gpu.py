@@ -19,6 +19,9 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            around it): qat-distill from cached shards, with the online teacher, and without fake
            quantization (scheme FP), same batch; qat-sample and qat-eval at the shapes above;
            more tables, seconds per step or batch and shares
+  kernels  GPU time by kernel (Nsight Compute, bench/gpu/ncu_kernels.py): qat-eval (one batch,
+           composed and flash attention) and qat-distill W4A8KV4 (2 steps at the distill row's
+           batch); the 15 largest kernels of each, for the next round of tuning (GPU only)
 
 qat's fixed costs (process start, model load, PTX JIT, cuBLAS init) are excluded the way HF's
 warm-up is excluded on the PyTorch side: qat-sample and qat-eval run twice, with N and 2N
@@ -50,6 +53,8 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import ncu_kernels  # noqa: E402 - bench/gpu/ncu_kernels.py, beside this file
 BENCH = os.path.dirname(HERE)
 PY = sys.executable
 
@@ -135,7 +140,7 @@ def main():
     ap.add_argument("--data", required=True, help="QAT_DATA: models/llama2-tokenizer, corpora/tinystories")
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
-    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,eval-flash,distill-flash,profile")
+    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,eval-flash,distill-flash,profile,kernels")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
                     help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
@@ -446,6 +451,38 @@ def main():
         attempt("distill-flash", stage_distill_flash)
     if "profile" in stages and "shards" not in failed:
         attempt("profile", stage_profile)
+
+    def stage_kernels():
+        ncu = ncu_kernels.find_ncu()
+        if ncu is None:
+            raise RuntimeError("ncu (Nsight Compute) not found on PATH, under /opt/nvidia or in /usr/local/cuda*")
+        b = chosen["batch"]
+        runs = []  # cheapest first: ncu serializes every kernel and adds its own time to each
+        for tag, run_env, what in (("eval", env, "composed attention"), ("eval-flash", flash_env, "flash attention")):
+            runs.append((tag, f"qat-eval, stream windows of {L}, batch {EB}, {what}", 1, "batch", run_env, 90,
+                         [bins["qat-eval"], "-m", model, "-c", corpus, "--mode", "stream", "--seq-len", str(L),
+                          "--limit", str(EB), "-b", str(EB), "-q"] + dev))
+        runs.append(("distill", f"qat-distill W4A8KV4, cached top-64, batch {b} x {L} (2 steps, model load included)",
+                     2, "step", env, 150,
+                     [bins["qat-distill"], "-m", model, "-s", shards, "-o", fresh(os.path.join(work, "student-ncu")),
+                      "--scheme", "W4A8KV4", "-b", str(b), "--steps", "2", "--warmup-steps", "1",
+                      "--checkpoint-every", "0", "-q"] + dev))
+        results["kernels"] = {}
+        for tag, title, per, unit, run_env, timeout, cmd in runs:
+            if past_deadline(f"kernels {tag}"):
+                break
+            say(f"kernels: {title} under ncu (at most {timeout} s)")
+            k = ncu_kernels.profile(ncu, cmd, os.path.join(logs, f"ncu-{tag}.csv"), run_env, timeout=timeout)
+            results["kernels"][tag] = dict(per=per, unit=unit, kernels=k)
+            profile_table.extend(ncu_kernels.table(k, title, per=per, unit=unit))
+            save()
+        shutil.rmtree(os.path.join(work, "student-ncu"), ignore_errors=True)
+
+    if "kernels" in stages and "shards" not in failed:
+        if gpu:
+            attempt("kernels", stage_kernels)
+        else:
+            say("kernels: skipped (Nsight Compute needs a GPU)")
 
     table = "\n".join(head + rows + profile_table)
     meta = save()

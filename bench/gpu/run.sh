@@ -5,6 +5,8 @@
 #   bash bench/gpu/run.sh bench [bench_gpu.py flags]     # the speed table (bench/gpu/bench_gpu.py)
 #   bash bench/gpu/run.sh pipeline [make variables]      # stories260K pipeline on cuda vs CPU numbers
 #   bash bench/gpu/run.sh kernels                        # only the CUDA kernel unit tests
+#   bash bench/gpu/run.sh sanitize                       # those under compute-sanitizer (memcheck,
+#                                                        # racecheck): what the emulation cannot see
 # bench and pipeline start with the kernel tests (packed by build-cuda as bin/test-*; their
 # CUDA cases compare the kernels with the CPU on the GPU) and go on whatever they report.
 #
@@ -52,8 +54,28 @@ kernels() {
     return $rc
 }
 
+# The CUDA cases of the packed tests under compute-sanitizer: out-of-bounds and misaligned
+# accesses (memcheck) and shared-memory races (racecheck) in qat's own kernels, which the CPU
+# emulation of the kernel tests cannot show. Each tool run is capped (SANITIZE_TIMEOUT, default
+# 150 s), since the sanitizer slows kernels down many times.
+sanitize() {
+    local cs t tool rc=0
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | tail -1 || true)
+    [ -n "$cs" ] || { echo "run.sh: compute-sanitizer not found" >&2; return 2; }
+    for tool in memcheck racecheck; do
+        for t in "$bin"/test-*; do
+            [ -x "$t" ] || continue
+            echo "run.sh: compute-sanitizer --tool $tool $(basename "$t") cuda" >&2
+            timeout "${SANITIZE_TIMEOUT:-150}" "$cs" --tool "$tool" --error-exitcode 1 \
+                "$t" cuda --test-threads 1 >&2 || { echo "run.sh: $tool FAILED on $(basename "$t")" >&2; rc=1; }
+        done
+    done
+    return $rc
+}
+
 case $what in
 kernels) kernels ;;
+sanitize) sanitize ;;
 bench)
     [ -n "$smoke" ] || kernels || echo "run.sh: CUDA KERNEL TESTS FAILED (see above); benchmarking anyway" >&2
     exec "$py" bench/gpu/bench_gpu.py --bin "$bin" --data "$data" "$@" ;;
@@ -74,5 +96,5 @@ pipeline)
             --corpus "$data/corpora/tinystories/TinyStories-valid.first800.txt" --mode docs --seq-len 512 > "$ref/$name.json"
     done
     exec "$py" bench/gpu/compare_ppl.py "$out/eval/stories260K" "$ref" ;;
-*) echo "run.sh: unknown $what (bench or pipeline)" >&2; exit 2 ;;
+*) echo "run.sh: unknown $what (bench, pipeline, kernels or sanitize)" >&2; exit 2 ;;
 esac

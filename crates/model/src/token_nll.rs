@@ -8,10 +8,11 @@
 //! of it; with a 32k vocabulary at seq-len 1024 those are 131 MB per sequence. This op reads the
 //! logits once, in their own dtype. Not differentiable (evaluation only).
 //!
-//! CPU: f64 arithmetic per row (rayon over rows). CUDA: kernels/token_nll.cu, f32 with a fixed
-//! reduction order (checked without a GPU through the CUDA emulation,
+//! CPU (rayon over rows): f32 `exp` that vectorizes, summed in f64 (f64 logits: f64 throughout).
+//! CUDA: kernels/token_nll.cu, f32 with a fixed reduction order (checked without a GPU through the CUDA emulation,
 //! tests/token_nll_emulated.rs, and on a GPU by this module's CUDA test).
 
+use crate::fastmath::exp_nonpositive;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -19,7 +20,7 @@ use rayon::prelude::*;
 #[derive(Debug, Clone, Copy)]
 struct TokenNll;
 
-/// `[nll, rank]` of one row in f64.
+/// `[nll, rank]` of one row in f64 (f64 logits, and rows with a NaN or an infinite maximum).
 fn row_nll_rank(z: impl Iterator<Item = f64> + Clone, target: usize) -> [f64; 2] {
     let zt = z.clone().nth(target).unwrap_or(f64::NAN);
     let max = z.clone().fold(f64::NEG_INFINITY, f64::max);
@@ -34,16 +35,73 @@ fn row_nll_rank(z: impl Iterator<Item = f64> + Clone, target: usize) -> [f64; 2]
     [max + sum.ln() - zt, rank as f64]
 }
 
-/// Every row of a contiguous `[rows, vocab]` slice, converted to f64 by `to_f64`.
-fn cpu_rows<T: Sync>(
+/// [`row_nll_rank`] of a row of f32 values (f32 logits, or bf16 / f16 ones widened exactly),
+/// with `exp` in f32 ([`exp_nonpositive`], which vectorizes: within 2 ulp of libm) summed in
+/// blocks of 8 per lane and the blocks in f64 (a NaN logit makes the sum NaN). Rows without a
+/// finite maximum, or with a NaN target logit, take the f64 path.
+fn row_nll_rank_f32(z: &[f32], target: usize) -> [f64; 2] {
+    let zt = z[target];
+    // Max over 8 lanes (vectorizes; skips NaN, which the sum below propagates).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let exact = z.chunks_exact(8);
+    let mut max = exact
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for c in exact {
+        for (lane, &x) in lanes.iter_mut().zip(c) {
+            *lane = if x > *lane { x } else { *lane };
+        }
+    }
+    for m in lanes {
+        max = if m > max { m } else { max };
+    }
+    if !max.is_finite() || zt.is_nan() {
+        return row_nll_rank(z.iter().map(|&x| f64::from(x)), target);
+    }
+    let rank =
+        z.iter().filter(|&&x| x > zt).count() + z[..target].iter().filter(|&&x| x == zt).count();
+    let mut sum = 0f64;
+    for block in z.chunks(64) {
+        let mut lanes = [0f32; 8];
+        let exact = block.chunks_exact(8);
+        let rest = exact.remainder();
+        for c in exact {
+            for (lane, &x) in lanes.iter_mut().zip(c) {
+                *lane += exp_nonpositive(x - max);
+            }
+        }
+        sum += lanes.iter().map(|&l| f64::from(l)).sum::<f64>()
+            + rest
+                .iter()
+                .map(|&x| f64::from(exp_nonpositive(x - max)))
+                .sum::<f64>();
+    }
+    [f64::from(max) + sum.ln() - f64::from(zt), rank as f64]
+}
+
+/// Every row of a contiguous `[rows, vocab]` slice of f32 values.
+fn cpu_rows_f32(z: &[f32], targets: &[u32], vocab: usize) -> Vec<[f64; 2]> {
+    z.par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| row_nll_rank_f32(row, t as usize))
+        .collect()
+}
+
+/// Every row of a contiguous `[rows, vocab]` slice of 16-bit floats, widened to f32 per row.
+fn cpu_rows_16<T: Copy + Sync>(
     z: &[T],
     targets: &[u32],
     vocab: usize,
-    to_f64: impl Fn(&T) -> f64 + Sync,
+    to_f32: impl Fn(T) -> f32 + Sync,
 ) -> Vec<[f64; 2]> {
     z.par_chunks(vocab)
         .zip(targets.par_iter())
-        .map(|(row, &t)| row_nll_rank(row.iter().map(&to_f64), t as usize))
+        .map_init(Vec::new, |wide, (row, &t)| {
+            wide.clear();
+            wide.extend(row.iter().map(|&x| to_f32(x)));
+            row_nll_rank_f32(wide, t as usize)
+        })
         .collect()
 }
 
@@ -72,10 +130,14 @@ impl CustomOp2 for TokenNll {
         };
         let targets = &targets[t1..t2];
         let pairs = match logits {
-            CpuStorage::F32(z) => cpu_rows(&z[z1..z2], targets, vocab, |&x| f64::from(x)),
-            CpuStorage::F64(z) => cpu_rows(&z[z1..z2], targets, vocab, |&x| x),
-            CpuStorage::BF16(z) => cpu_rows(&z[z1..z2], targets, vocab, |x| x.to_f64()),
-            CpuStorage::F16(z) => cpu_rows(&z[z1..z2], targets, vocab, |x| x.to_f64()),
+            CpuStorage::F32(z) => cpu_rows_f32(&z[z1..z2], targets, vocab),
+            CpuStorage::F64(z) => z[z1..z2]
+                .par_chunks(vocab)
+                .zip(targets.par_iter())
+                .map(|(row, &t)| row_nll_rank(row.iter().copied(), t as usize))
+                .collect(),
+            CpuStorage::BF16(z) => cpu_rows_16(&z[z1..z2], targets, vocab, half::bf16::to_f32),
+            CpuStorage::F16(z) => cpu_rows_16(&z[z1..z2], targets, vocab, half::f16::to_f32),
             other => candle_core::bail!(
                 "token_nll: logits dtype {:?}, expected a float type",
                 other.dtype()
