@@ -10,8 +10,8 @@
 //   out     [rows, 2]      f32
 //
 // One block of NLL_BLOCK threads per row. Each thread keeps an online (max m, sum s of exp(x - m))
-// and its rank count over its strided columns, in f32; the block merges them in a fixed tree
-// order, so results are deterministic. NaN logits give a NaN NLL. Without a GPU,
+// (logsumexp.cuh) and its rank count over its strided columns, in f32; the block merges them in
+// a fixed tree order, so results are deterministic. NaN logits give a NaN NLL. Without a GPU,
 // crates/model/tests/token_nll_emulated.rs compiles this file against
 // kernels/emulation/cuda_emulation.h and checks it against an f64 computation.
 
@@ -22,6 +22,8 @@
 #include <stdint.h>
 #endif
 
+#include "logsumexp.cuh"
+
 namespace {
 
 constexpr unsigned NLL_BLOCK = 256;
@@ -31,21 +33,6 @@ __device__ __forceinline__ float nll_load(const __nv_bfloat16* p, size_t i) {
   return __bfloat162float(p[i]);
 }
 __device__ __forceinline__ float nll_load(const __half* p, size_t i) { return __half2float(p[i]); }
-
-// (m, s) <- the pair for the union of the columns behind (m, s) and (m2, s2). A pair with
-// m = -inf stands for no columns (or only -inf ones): s is 0 there.
-__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
-  if (m2 == -CUDART_INF_F) return;
-  if (m == -CUDART_INF_F) {
-    m = m2;
-    s = s2;
-  } else if (m2 > m) {
-    s = s * expf(m - m2) + s2;
-    m = m2;
-  } else {
-    s = s + s2 * expf(m2 - m);
-  }
-}
 
 template <typename T>
 __device__ void token_nll_row(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
@@ -62,35 +49,16 @@ __device__ void token_nll_row(const T* __restrict__ logits, const uint32_t* __re
   for (uint32_t i = threadIdx.x; i < vocab; i += NLL_BLOCK) {
     const float x = nll_load(z, i);
     rank += (x > zt || (x == zt && i < t)) ? 1u : 0u;
-    if (x != x) {  // NaN: poisons the row
-      m = x;
-      s = x;
-      continue;
-    }
-    if (m == m) merge(m, s, x, 1.0f);
+    lse::fold(m, s, x);
   }
-  red_m[threadIdx.x] = m;
-  red_s[threadIdx.x] = s;
   red_rank[threadIdx.x] = rank;
-  __syncthreads();
+  const float logz = lse::block_logsumexp<NLL_BLOCK>(red_m, red_s, m, s);  // ends with a barrier
   for (unsigned k = NLL_BLOCK / 2; k > 0; k >>= 1) {
-    if (threadIdx.x < k) {
-      float a = red_m[threadIdx.x], b = red_s[threadIdx.x];
-      const float a2 = red_m[threadIdx.x + k], b2 = red_s[threadIdx.x + k];
-      if (a != a || b2 != b2) {
-        a = a + a2;  // NaN stays NaN
-        b = b + b2;
-      } else {
-        merge(a, b, a2, b2);
-      }
-      red_m[threadIdx.x] = a;
-      red_s[threadIdx.x] = b;
-      red_rank[threadIdx.x] += red_rank[threadIdx.x + k];
-    }
+    if (threadIdx.x < k) red_rank[threadIdx.x] += red_rank[threadIdx.x + k];
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    out[2 * row] = red_m[0] + logf(red_s[0]) - zt;
+    out[2 * row] = logz - zt;
     out[2 * row + 1] = static_cast<float>(red_rank[0]);
   }
 }
