@@ -1,9 +1,11 @@
-//! With the `cuda` feature: compiles kernels/adamw.cu to PTX (scripts/nvcc_ptx.rs).
-//! Without the feature: nothing.
+//! With the `cuda` feature: compiles kernels/adamw.cu and kernels/bucket_lse.cu to PTX
+//! (scripts/nvcc_ptx.rs).
 
 #[path = "../../scripts/nvcc_ptx.rs"]
 mod nvcc_ptx;
 
 fn main() {
+    println!("cargo:rerun-if-changed=../model/kernels/logsumexp.cuh");
     nvcc_ptx::compile_ptx("kernels/adamw.cu", "adamw.ptx");
+    nvcc_ptx::compile_ptx("kernels/bucket_lse.cu", "bucket_lse.ptx");
 }

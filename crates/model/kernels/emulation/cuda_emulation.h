@@ -1,6 +1,7 @@
 // Just enough of CUDA, in host C++20, to run qat's kernels without a GPU, for tests
 // (crates/model/tests/flash_attention_emulated.rs and token_nll_emulated.rs,
-// crates/quant/tests/fake_quant_emulated.rs, crates/train/tests/adamw_emulated.rs): one host
+// crates/quant/tests/fake_quant_emulated.rs, crates/train/tests/adamw_emulated.rs and
+// bucket_lse_emulated.rs): one host
 // thread per CUDA thread of a block (blocks run one after another), std::barrier for
 // __syncthreads / __syncwarp, warp shuffles through a per-warp exchange array, bf16 / f16 as
 // 16-bit storage types rounded to nearest even, IEEE intrinsics as plain operations, and the
@@ -12,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <math.h>  // fabsf, fminf, fmaxf, rintf, expf in the global namespace, as CUDA has them
@@ -107,6 +109,11 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   const float other = emu_block->exchange[base + (lane ^ static_cast<unsigned>(lane_mask))];
   __syncwarp();
   return other;
+}
+
+// Shared-memory atomics: a real atomic on the host too (the block's threads are host threads).
+inline unsigned atomicOr(unsigned* address, unsigned value) {
+  return std::atomic_ref<unsigned>(*address).fetch_or(value);
 }
 
 // Runs `kernel` over the grid, one host thread per CUDA thread, one block at a time.

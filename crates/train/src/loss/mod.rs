@@ -9,6 +9,7 @@
 //! equals its exact full-vocabulary value, which is also what an online teacher gives
 //! ([`Loss::full_vocab`]).
 
+pub mod bucket_lse;
 pub mod divergence;
 
 use crate::error::TrainError;
@@ -164,8 +165,8 @@ pub struct TopKTargets {
     pub log_tail: Tensor,
     /// `[N]` `log max(r_p, TAIL_FLOOR)`, the teacher tail the reverse KL uses.
     pub log_tail_floored: Tensor,
-    /// `[N, V]` additive mask, -inf at the K ids, 0 elsewhere (None when K = V).
-    pub tail_mask: Option<Tensor>,
+    /// Whether there is a tail bucket (K < V).
+    pub has_tail: bool,
     pub k: usize,
 }
 
@@ -199,24 +200,13 @@ impl TopKTargets {
             log_floored.push(f64::from(r).max(TAIL_FLOOR).ln() as f32);
         }
         let ids = Tensor::from_vec(ids, (n, k), dev)?;
-        // The [n, vocab] mask is made on the device from the ids (on a GPU, no host buffer of
-        // n x vocab floats to fill and upload every step).
-        let tail_mask = if k < vocab {
-            let neg_inf = Tensor::full(f32::NEG_INFINITY, (n, k), dev)?;
-            Some(
-                Tensor::zeros((n, vocab), candle_core::DType::F32, dev)?
-                    .scatter(&ids, &neg_inf, 1)?,
-            )
-        } else {
-            None
-        };
         Ok(Self {
             ids,
             logp: Tensor::from_vec(logp, (n, k), dev)?,
             tail: Tensor::from_vec(tail, n, dev)?,
             log_tail: Tensor::from_vec(log_tail, n, dev)?,
             log_tail_floored: Tensor::from_vec(log_floored, n, dev)?,
-            tail_mask,
+            has_tail: k < vocab,
             k,
         })
     }
@@ -231,14 +221,35 @@ impl TopKTargets {
 }
 
 /// Student log-probabilities on the K+1 buckets: `([N, K] log q_i, [N] log r_q or None)`.
+/// On CUDA (f32 logits) both log-sum-exps come from one fused op ([`bucket_lse`]); elsewhere
+/// from composed ops, the tail's through a `[N, V]` mask that is -inf at the K ids.
 pub fn student_buckets(logits: &Tensor, t: &TopKTargets) -> Result<(Tensor, Option<Tensor>)> {
+    let gathered = logits.gather(&t.ids, D::Minus1)?; // [N, K]
+    if bucket_lse::fused_on(logits) {
+        let lse = bucket_lse::bucket_logsumexp(logits, &t.ids, t.has_tail)?; // [N, 1 + tail]
+        let logz = lse.narrow(1, 0, 1)?;
+        let lq = gathered.broadcast_sub(&logz)?;
+        let log_rq = match t.has_tail {
+            true => Some(lse.narrow(1, 1, 1)?.sub(&logz)?.squeeze(1)?),
+            false => None,
+        };
+        return Ok((lq, log_rq));
+    }
     let logz = logits.log_sum_exp(D::Minus1)?; // [N]
-    let lq = logits
-        .gather(&t.ids, D::Minus1)?
-        .broadcast_sub(&logz.unsqueeze(1)?)?; // [N, K]
-    let log_rq = match &t.tail_mask {
-        Some(mask) => Some((logits + mask)?.log_sum_exp(D::Minus1)?.sub(&logz)?),
-        None => None,
+    let lq = gathered.broadcast_sub(&logz.unsqueeze(1)?)?;
+    let log_rq = match t.has_tail {
+        true => {
+            // Made on the device from the ids (no host buffer of N x V floats per step).
+            let (n, v) = logits.dims2()?;
+            let neg_inf = Tensor::full(f32::NEG_INFINITY, (n, t.k), logits.device())?;
+            let mask = Tensor::zeros((n, v), logits.dtype(), logits.device())?.scatter(
+                &t.ids,
+                &neg_inf.to_dtype(logits.dtype())?,
+                1,
+            )?;
+            Some((logits + mask)?.log_sum_exp(D::Minus1)?.sub(&logz)?)
+        }
+        false => None,
     };
     Ok((lq, log_rq))
 }
