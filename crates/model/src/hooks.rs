@@ -86,6 +86,11 @@ pub trait QuantHooks: Send + Sync + fmt::Debug {
     fn weight(&self, _id: LinearId, w: &Tensor) -> Result<Tensor> {
         Ok(w.clone())
     }
+    /// [`QuantHooks::weight`] in the compute dtype `dtype`. The default casts the hook's
+    /// result; a hook may do both in one pass, with the same values and gradient.
+    fn weight_in(&self, id: LinearId, w: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+        self.weight(id, w)?.to_dtype(dtype)
+    }
     /// The layer's input `x: [.., in]` as the layer sees it (activation quantization).
     fn activation(&self, _id: LinearId, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())

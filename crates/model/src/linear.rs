@@ -35,7 +35,7 @@ impl QLinear {
             return Ok(());
         }
         if static_weights {
-            self.weight = hooks.weight(self.id, &self.weight)?.to_dtype(dtype)?;
+            self.weight = hooks.weight_in(self.id, &self.weight, dtype)?;
             self.frozen = true;
         } else {
             self.weight = self.weight.to_dtype(dtype)?;
@@ -60,13 +60,12 @@ impl QLinear {
     /// `x: [.., in] -> [.., out]`, computed in `x`'s dtype (the weight, quantized by the hook
     /// in its own dtype, is cast to it: a no-op when they agree).
     pub fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
-        let w = if self.frozen {
-            self.weight.clone()
-        } else {
-            hooks.weight(self.id, &self.weight)?
-        };
         let x = hooks.activation(self.id, x)?;
-        let w = w.to_dtype(x.dtype())?;
+        let w = if self.frozen {
+            self.weight.to_dtype(x.dtype())?
+        } else {
+            hooks.weight_in(self.id, &self.weight, x.dtype())?
+        };
         let (rows, in_dim) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, w.dim(1)?);
         let mut out_shape = x.dims().to_vec();
         *out_shape.last_mut().expect("x has at least one dim") = w.dim(0)?;

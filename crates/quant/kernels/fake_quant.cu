@@ -5,8 +5,9 @@
 // f32 division), optionally rounded to the nearest f16 (ties to even, saturating at 65504);
 // q = clamp(rint(x / scale), -qmax, qmax) (rint: ties to even); out = q * scale + 0 (zeros +0);
 // an all-zero row (scale 0) gives zeros. bf16 rows are computed in f32 and rounded back to bf16
-// (nearest even), as the composed path's to_dtype does. Built without --use_fast_math, so `/`
-// is IEEE division. NOT YET RUN ON HARDWARE at the time of writing: `make pipeline-gpu` checks it
+// (nearest even), as the composed path's to_dtype does; so are f32 rows whose output is bf16
+// (sym_row_fake_quant_f32_bf16: quantize, then cast, in one pass). Built without
+// --use_fast_math, so `/` is IEEE division. NOT YET RUN ON HARDWARE at the time of writing: `make pipeline-gpu` checks it
 // end to end (RTN perplexities on cuda must equal the CPU ones). Without a GPU,
 // crates/quant/tests/fake_quant_emulated.rs compiles this file as C++ against
 // crates/model/kernels/emulation/cuda_emulation.h and checks it bit for bit against the CPU kernel.
@@ -23,12 +24,14 @@ __device__ __forceinline__ float load_f(const __nv_bfloat16 *p, size_t i) { retu
 __device__ __forceinline__ void store_f(float *p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void store_f(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
-// One block of BLOCK threads per row of `cols` elements; grid = rows.
-template <typename T>
-__device__ void sym_row_fake_quant(const T *x, T *out, uint32_t cols, float qmax, int f16_scale) {
+// One block of BLOCK threads per row of `cols` elements; grid = rows. Out may be a narrower type
+// than In (f32 master weights quantized straight into bf16 compute weights): the f32 result is
+// rounded once, on the store.
+template <typename In, typename Out>
+__device__ void sym_row_fake_quant(const In *x, Out *out, uint32_t cols, float qmax, int f16_scale) {
     const size_t row = blockIdx.x;
-    const T *xr = x + row * cols;
-    T *outr = out + row * cols;
+    const In *xr = x + row * cols;
+    Out *outr = out + row * cols;
     __shared__ float red[BLOCK];
     float amax = 0.0f;
     for (uint32_t i = threadIdx.x; i < cols; i += BLOCK) {
@@ -60,5 +63,11 @@ extern "C" __global__ void sym_row_fake_quant_f32(const float *x, float *out, ui
 }
 
 extern "C" __global__ void sym_row_fake_quant_bf16(const __nv_bfloat16 *x, __nv_bfloat16 *out, uint32_t cols, float qmax, int f16_scale) {
+    sym_row_fake_quant(x, out, cols, qmax, f16_scale);
+}
+
+// f32 master weights to bf16 compute weights in one pass: the values of the f32 kernel followed
+// by candle's f32 -> bf16 cast (nearest, ties to even).
+extern "C" __global__ void sym_row_fake_quant_f32_bf16(const float *x, __nv_bfloat16 *out, uint32_t cols, float qmax, int f16_scale) {
     sym_row_fake_quant(x, out, cols, qmax, f16_scale);
 }

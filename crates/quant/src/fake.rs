@@ -199,6 +199,22 @@ pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
     ste(w, &q)
 }
 
+/// [`fake_weight`] in the compute dtype `dtype` (the layer's input dtype). Symmetric
+/// per-channel weights go from f32 master weights to bf16 in one fused pass where
+/// [`fused::supported_to`] holds, with the bits of quantizing and then casting (and the cast's
+/// gradient); anything else is `fake_weight(w, wq)?.to_dtype(dtype)`.
+pub fn fake_weight_in(w: &Tensor, wq: &WeightQuant, dtype: DType) -> Result<Tensor> {
+    let fused_cast = matches!(wq.format, WeightFormat::SymPerChannel)
+        && w.dtype() != dtype
+        && w.rank() == 2
+        && fused::supported_to(w, dtype);
+    if fused_cast {
+        wq.check("")?;
+        return fused::sym_fake_quant_rows_to(w, sym_qmax(wq.bits)?, ScaleRounding::F16, dtype);
+    }
+    fake_weight(w, wq)?.to_dtype(dtype)
+}
+
 /// One row's symmetric codes on the host, in f32 exactly as [`sym_quantize`] computes them for
 /// weights (f16 scale): appends `q + qmax` (offset binary, `0..=2·qmax`) for each element of `xs`
 /// to `codes` and returns the row's scale; the value of code `c` is [`sym_dequant`].

@@ -24,6 +24,8 @@ const ROWS_PER_TASK: usize = 64;
 struct SymRowFakeQuant {
     qmax: u8,
     rounding: ScaleRounding,
+    /// BF16 for f32 input: the result rounded to bf16 in the same pass (the cast's bits).
+    to_bf16: bool,
 }
 
 trait RowFloat: Copy + Send + Sync + PartialOrd + std::ops::Add<Output = Self> + 'static {
@@ -147,8 +149,16 @@ impl CustomOp1 for SymRowFakeQuant {
         };
         let row_len = layout.dims().last().copied().unwrap_or(1).max(1);
         let out = match storage {
+            CpuStorage::F32(x) if self.to_bf16 => CpuStorage::BF16(
+                quantize_rows(&x[start..end], row_len, *self)
+                    .into_par_iter()
+                    .map(half::bf16::from_f32) // nearest, ties to even: candle's cast
+                    .collect(),
+            ),
             CpuStorage::F32(x) => CpuStorage::F32(quantize_rows(&x[start..end], row_len, *self)),
-            CpuStorage::F64(x) => CpuStorage::F64(quantize_rows(&x[start..end], row_len, *self)),
+            CpuStorage::F64(x) if !self.to_bf16 => {
+                CpuStorage::F64(quantize_rows(&x[start..end], row_len, *self))
+            }
             other => candle_core::bail!(
                 "sym_fake_quant_rows: dtype {:?}, expected F32 or F64",
                 other.dtype()
@@ -166,8 +176,9 @@ impl CustomOp1 for SymRowFakeQuant {
         cuda::forward(*self, storage, layout)
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.clone())) // straight-through estimator
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // Straight-through estimator (and, with a bf16 output, the cast's backward).
+        Ok(Some(grad_res.to_dtype(arg.dtype())?))
     }
 }
 
@@ -206,6 +217,21 @@ mod cuda {
         );
         let cols = cols as u32;
         let slice = match &storage.slice {
+            CudaStorageSlice::F32(x) if op.to_bf16 => {
+                let x = x.slice(o1..o2);
+                let func = dev.get_or_load_custom_func(
+                    "sym_row_fake_quant_f32_bf16",
+                    "qat_fake_quant",
+                    PTX,
+                )?;
+                // SAFETY: every element is written by the kernel.
+                let out = unsafe { dev.alloc::<half::bf16>(el)? };
+                let mut b = func.builder();
+                b.arg(&x).arg(&out).arg(&cols).arg(&qmax).arg(&f16_scale);
+                // SAFETY: the kernel reads `rows * cols` f32 and writes as many bf16.
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::BF16(out)
+            }
             CudaStorageSlice::F32(x) => {
                 let x = x.slice(o1..o2);
                 let func =
@@ -218,7 +244,7 @@ mod cuda {
                 unsafe { b.launch(cfg) }.w()?;
                 CudaStorageSlice::F32(out)
             }
-            CudaStorageSlice::BF16(x) => {
+            CudaStorageSlice::BF16(x) if !op.to_bf16 => {
                 let x = x.slice(o1..o2);
                 let func =
                     dev.get_or_load_custom_func("sym_row_fake_quant_bf16", "qat_fake_quant", PTX)?;
@@ -267,14 +293,52 @@ fn cuda_kernel_enabled() -> bool {
 
 /// Symmetric fake quantization of `x: [.., n]` with one scale per row of the last dim; value =
 /// `q · scale`, gradient = identity (STE). `qmax = 2^(bits-1) - 1` (from `fake::sym_qmax`).
-/// CPU only, f32/f64 (see [`supported`]).
+/// Dtypes as [`supported`] says.
 pub fn sym_fake_quant_rows(x: &Tensor, qmax: u8, rounding: ScaleRounding) -> Result<Tensor> {
-    let op = SymRowFakeQuant { qmax, rounding };
+    apply(
+        x,
+        SymRowFakeQuant {
+            qmax,
+            rounding,
+            to_bf16: false,
+        },
+    )
+}
+
+/// [`sym_fake_quant_rows`] followed by `to_dtype(dtype)`, in one pass where [`supported_to`]
+/// holds (f32 in, bf16 out: the bits of the two ops, gradient cast back to f32); otherwise
+/// the two ops.
+pub fn sym_fake_quant_rows_to(
+    x: &Tensor,
+    qmax: u8,
+    rounding: ScaleRounding,
+    dtype: DType,
+) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && dtype == DType::BF16 {
+        return apply(
+            x,
+            SymRowFakeQuant {
+                qmax,
+                rounding,
+                to_bf16: true,
+            },
+        );
+    }
+    sym_fake_quant_rows(x, qmax, rounding)?.to_dtype(dtype)
+}
+
+fn apply(x: &Tensor, op: SymRowFakeQuant) -> Result<Tensor> {
     if x.track_op() {
         x.contiguous()?.apply_op1(op)
     } else {
         x.contiguous()?.apply_op1_no_bwd(&op)
     }
+}
+
+/// Whether [`sym_fake_quant_rows_to`] runs on `x` with output `dtype`: where
+/// [`supported`] holds, for its own dtype or from f32 to bf16.
+pub fn supported_to(x: &Tensor, dtype: DType) -> bool {
+    supported(x) && (dtype == x.dtype() || (x.dtype() == DType::F32 && dtype == DType::BF16))
 }
 
 #[cfg(test)]
@@ -368,7 +432,53 @@ mod tests {
                     .to_dtype(DType::F32)?
                     .to_vec2::<f32>()?;
                 assert_eq!(composed, cuda, "bf16 bits {bits} {rounding:?}");
+                // f32 in, bf16 out: the CPU kernel's values cast to bf16, bit for bit.
+                let want = sym_fake_quant_rows(&x, qmax, rounding)?
+                    .to_dtype(DType::BF16)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?;
+                let cuda =
+                    sym_fake_quant_rows_to(&x.to_device(&gpu)?, qmax, rounding, DType::BF16)?;
+                assert_eq!(cuda.dtype(), DType::BF16);
+                let cuda = cuda.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                assert_eq!(want, cuda, "f32 -> bf16 bits {bits} {rounding:?}");
             }
+        }
+        Ok(())
+    }
+
+    /// f32 in, bf16 out on the CPU: the bits of quantizing then casting, and the gradient of
+    /// the two ops (identity, cast back to f32).
+    #[test]
+    fn bf16_output_equals_quantize_then_cast() -> Result<()> {
+        let (rows, cols) = (6, 300);
+        let x = Var::from_tensor(&Tensor::from_vec(
+            sample(rows, cols),
+            (rows, cols),
+            &Device::Cpu,
+        )?)?;
+        let w = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)?
+            .reshape((rows, cols))?
+            .sin()?
+            .to_dtype(DType::BF16)?;
+        for bits in 2..=8u8 {
+            let qmax = sym_qmax(bits).expect("bits");
+            let fused = sym_fake_quant_rows_to(&x, qmax, ScaleRounding::F16, DType::BF16)?;
+            let two = sym_fake_quant_rows(&x, qmax, ScaleRounding::F16)?.to_dtype(DType::BF16)?;
+            assert_eq!(fused.dtype(), DType::BF16);
+            let bits_of = |t: &Tensor| -> Result<Vec<u16>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            assert_eq!(bits_of(&fused)?, bits_of(&two)?, "bits {bits}");
+            let g1 = (fused * &w)?.sum_all()?.backward()?;
+            let g2 = (two * &w)?.sum_all()?.backward()?;
+            let (g1, g2) = (g1.get(&x).expect("grad"), g2.get(&x).expect("grad"));
+            assert_eq!(g1.dtype(), DType::F32);
+            assert_eq!(g1.to_vec2::<f32>()?, g2.to_vec2::<f32>()?, "bits {bits}");
         }
         Ok(())
     }

@@ -1,8 +1,8 @@
 //! [`FakeQuant`]: a [`Scheme`] applied to a model through its [`QuantHooks`].
 
-use crate::fake::{fake_act, fake_kv, fake_weight};
+use crate::fake::{fake_act, fake_kv, fake_weight, fake_weight_in};
 use crate::scheme::{LayerQuant, Scheme};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use qat_model::{KvKind, LinearId, QuantHooks};
 
 /// Fake quantization of every linear layer's weight and input and of the KV cache, as the
@@ -56,6 +56,15 @@ impl QuantHooks for FakeQuant {
         match self.scheme.resolve(id).weight {
             Some(wq) => fake_weight(w, &wq),
             None => Ok(w.clone()),
+        }
+    }
+
+    /// [`QuantHooks::weight`] in `dtype`: f32 master weights quantized straight into bf16
+    /// where the fused kernel runs ([`crate::fake::fake_weight_in`]).
+    fn weight_in(&self, id: LinearId, w: &Tensor, dtype: DType) -> Result<Tensor> {
+        match self.scheme.resolve(id).weight {
+            Some(wq) => fake_weight_in(w, &wq, dtype),
+            None => w.to_dtype(dtype),
         }
     }
 

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use qat_quant::fake::{sym_qmax, ScaleRounding};
-use qat_quant::fused::sym_fake_quant_rows;
+use qat_quant::fused::{sym_fake_quant_rows, sym_fake_quant_rows_to};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -49,12 +49,12 @@ fn emulate(
     dir: &Path,
     x: &[f32],
     shape: (usize, usize),
-    bf16: bool,
+    dtype: u32, // 0 f32, 1 bf16, 2 f32 in and bf16 out
     qmax: u8,
     f16: bool,
 ) -> Vec<f32> {
     let mut input = Vec::new();
-    for v in [shape.0 as u32, shape.1 as u32, u32::from(bf16)] {
+    for v in [shape.0 as u32, shape.1 as u32, dtype] {
         input.extend(v.to_le_bytes());
     }
     input.extend(f32::from(qmax).to_le_bytes());
@@ -97,11 +97,33 @@ fn emulated_cuda_kernel_equals_the_cpu_kernel_bit_for_bit() -> Result<()> {
                 let f16 = rounding == ScaleRounding::F16;
                 let cpu = sym_fake_quant_rows(&xf, qmax, rounding)?;
                 let cpu = cpu.flatten_all()?.to_vec1::<f32>()?;
-                let got = emulate(&exe, dir.path(), &x, shape, false, qmax, f16);
+                let got = emulate(&exe, dir.path(), &x, shape, 0, qmax, f16);
                 assert_eq!(
                     bits_of(&got),
                     bits_of(&cpu),
                     "f32, {cols} cols, bits {bits}, {rounding:?}"
+                );
+                // f32 in, bf16 out: the f32 kernel's values, then the cast (the fused path of
+                // f32 master weights and bf16 compute), also through the CPU op's bf16 output.
+                let cast =
+                    Tensor::from_vec(cpu.clone(), shape, &Device::Cpu)?.to_dtype(DType::BF16)?;
+                let fused = sym_fake_quant_rows_to(&xf, qmax, rounding, DType::BF16)?;
+                assert_eq!(fused.dtype(), DType::BF16);
+                let cast = cast.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let fused = fused
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                assert_eq!(
+                    bits_of(&fused),
+                    bits_of(&cast),
+                    "cpu f32 -> bf16, {cols} cols"
+                );
+                let got = emulate(&exe, dir.path(), &x, shape, 2, qmax, f16);
+                assert_eq!(
+                    bits_of(&got),
+                    bits_of(&cast),
+                    "f32 -> bf16, {cols} cols, bits {bits}, {rounding:?}"
                 );
 
                 let cpu = sym_fake_quant_rows(&xb, qmax, rounding)?
@@ -110,7 +132,7 @@ fn emulated_cuda_kernel_equals_the_cpu_kernel_bit_for_bit() -> Result<()> {
                     .flatten_all()?
                     .to_vec1::<f32>()?;
                 let xb = xb.flatten_all()?.to_vec1::<f32>()?;
-                let got = emulate(&exe, dir.path(), &xb, shape, true, qmax, f16);
+                let got = emulate(&exe, dir.path(), &xb, shape, 1, qmax, f16);
                 assert_eq!(
                     bits_of(&got),
                     bits_of(&cpu),
