@@ -1,6 +1,6 @@
 //! With the `cuda` feature: compiles the flash-attention kernels (kernels/flash_attention.cu,
-//! kernels/flash_attention_backward.cu) and the token NLL kernel (kernels/token_nll.cu) to PTX
-//! (scripts/nvcc_ptx.rs).
+//! kernels/flash_attention_backward.cu), the token NLL kernel (kernels/token_nll.cu) and the
+//! RMSNorm kernels (kernels/rms_norm.cu) to PTX (scripts/nvcc_ptx.rs).
 //! Without the feature: nothing.
 
 #[path = "../../scripts/nvcc_ptx.rs"]
@@ -15,4 +15,5 @@ fn main() {
         "flash_attention_backward.ptx",
     );
     nvcc_ptx::compile_ptx("kernels/token_nll.cu", "token_nll.ptx");
+    nvcc_ptx::compile_ptx("kernels/rms_norm.cu", "rms_norm.ptx");
 }

@@ -15,6 +15,7 @@ pub mod hub;
 pub mod linear;
 pub mod llama;
 pub mod model_dir;
+pub mod norm;
 pub mod profile;
 pub mod rope;
 pub mod softmax;

@@ -16,11 +16,15 @@ fn is_half(dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16)
 }
 
-/// RMSNorm; `fused` selects candle's kernel (no gradient) over the differentiable composition.
+/// RMSNorm; `fused` selects candle's kernel (no gradient) over the differentiable composition,
+/// which training on CUDA runs as one op with its own backward ([`crate::norm`], same values).
 /// `weight` is cast to `x`'s dtype (a no-op unless the model computes in a narrower dtype than
 /// its weights). The composition runs in f32 for 16-bit `x`, as HF's LlamaRMSNorm does (candle's
 /// fused kernel accumulates in f32 by itself).
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, fused: bool) -> Result<Tensor> {
+    if !fused && crate::norm::fused_norm_on(x) {
+        return crate::norm::rms_norm_with_grad(x, weight, eps);
+    }
     let weight = weight.to_dtype(x.dtype())?;
     if fused {
         return candle_nn::ops::rms_norm(&x.contiguous()?, &weight, eps as f32);

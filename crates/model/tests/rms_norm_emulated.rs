@@ -1,0 +1,148 @@
+//! The CUDA RMSNorm kernels with their backward (kernels/rms_norm.cu) run on the CPU through the
+//! CUDA emulation in kernels/emulation, against the CPU op (`qat_model::norm`, f64 arithmetic)
+//! in value and both gradients: f32, bf16 and f16, rows fewer than and more than a dw chunk,
+//! widths below, at and above a block. Needs a C++20 compiler (`CXX`, default `c++`).
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use qat_model::norm::rms_norm_with_grad;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[path = "../kernels/emulation/build_harness.rs"]
+mod emulation_harness;
+
+/// Compiles the emulation harness into `dir` and returns its path.
+fn build_harness(dir: &Path) -> PathBuf {
+    emulation_harness::build_harness(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "kernels/emulation/rms_norm_main.cpp",
+        dir,
+    )
+}
+
+fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+/// `(y, dx, dw)` of the emulated kernels.
+fn run_emulated(
+    exe: &Path,
+    dir: &Path,
+    (rows, n, code, eps): (usize, usize, u32, f32),
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
+    let mut bytes = Vec::new();
+    for v in [rows as u32, n as u32, code] {
+        bytes.extend(v.to_le_bytes());
+    }
+    bytes.extend(eps.to_le_bytes());
+    x.iter()
+        .chain(w)
+        .chain(dy)
+        .for_each(|v| bytes.extend(v.to_le_bytes()));
+    std::fs::write(&in_path, bytes).expect("write the harness input");
+    let status = Command::new(exe)
+        .arg(&in_path)
+        .arg(&out_path)
+        .status()
+        .expect("run the harness");
+    assert!(status.success(), "the emulation harness failed ({status})");
+    let all: Vec<f32> = std::fs::read(&out_path)
+        .expect("read the harness output")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let el = rows * n;
+    (
+        all[..el].to_vec(),
+        all[el..2 * el].to_vec(),
+        all[2 * el..].to_vec(),
+    )
+}
+
+/// Largest |a - b| over the largest |b|.
+fn rel(a: &[f32], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0f64, |m, (&a, &b)| m.max((f64::from(a) - b).abs()))
+        / scale
+}
+
+#[test]
+fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let exe = build_harness(dir.path());
+    let eps = 1e-5f32;
+    for (rows, n, seed) in [(3usize, 8usize, 1u64), (70, 256, 2), (130, 300, 3)] {
+        for (code, dtype, tol) in [
+            (0u32, DType::F32, 2e-6),
+            (1, DType::BF16, 1e-2),
+            (2, DType::F16, 2e-3),
+        ] {
+            // Inputs exact in the dtype.
+            let exact = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
+                Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+            };
+            let x = exact(random(rows * n, seed, 6.0), &[rows, n])?;
+            let w = exact(random(n, seed + 1, 2.0), &[n])?;
+            let dy = exact(random(rows * n, seed + 2, 2.0), &[rows, n])?;
+            let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+            };
+            let (y, dx, dw) = run_emulated(
+                &exe,
+                dir.path(),
+                (rows, n, code, eps),
+                &flat(&x)?,
+                &flat(&w)?,
+                &flat(&dy)?,
+            );
+            // The CPU op in f64 on the same values (with the dtype's rounding of x / d for y).
+            let xv = Var::from_tensor(&x.to_dtype(DType::F64)?)?;
+            let wv = Var::from_tensor(&w.to_dtype(DType::F64)?)?;
+            let want_y = rms_norm_with_grad(&x, &w, f64::from(eps))?;
+            let g = (rms_norm_with_grad(&xv, &wv, f64::from(eps))? * dy.to_dtype(DType::F64)?)?
+                .sum_all()?
+                .backward()?;
+            let f64s = |t: &Tensor| -> Result<Vec<f64>> {
+                t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()
+            };
+            let (wy, wdx, wdw) = (
+                f64s(&want_y)?,
+                f64s(g.get(&xv).expect("dx"))?,
+                f64s(g.get(&wv).expect("dw"))?,
+            );
+            let case = format!("{rows}x{n} {dtype:?}");
+            assert!(rel(&y, &wy) <= tol, "{case} y: {}", rel(&y, &wy));
+            // 16-bit y is rounded to the dtype twice, as the composed ops do (x / d, then · w):
+            // it differs from the CPU op's only where f32 and f64 arithmetic round apart.
+            if dtype != DType::F32 {
+                let differ = y
+                    .iter()
+                    .zip(&wy)
+                    .filter(|(&a, &b)| f64::from(a) != b)
+                    .count();
+                assert!(
+                    differ * 100 <= y.len(),
+                    "{case}: y differs in {differ} of {}",
+                    y.len()
+                );
+            }
+            assert!(rel(&dx, &wdx) <= tol, "{case} dx: {}", rel(&dx, &wdx));
+            assert!(rel(&dw, &wdw) <= tol, "{case} dw: {}", rel(&dw, &wdw));
+        }
+    }
+    Ok(())
+}
