@@ -19,6 +19,7 @@ pub mod norm;
 pub mod profile;
 pub mod rope;
 pub mod softmax;
+pub mod swiglu;
 pub mod token_nll;
 
 pub use attention::{causal_attention, fused_attention_supported};

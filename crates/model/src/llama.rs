@@ -171,11 +171,17 @@ impl Mlp {
         })
     }
 
-    /// `x: [b, t, hidden]` → `[b, t, hidden]`.
-    fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, hooks)?.silu()?;
+    /// `x: [b, t, hidden]` → `[b, t, hidden]`. Training (not `fused`) on CUDA computes
+    /// `silu(gate) · up` as one op with its own backward ([`crate::swiglu`]).
+    fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks, fused: bool) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, hooks)?;
         let up = self.up_proj.forward(x, hooks)?;
-        self.down_proj.forward(&(gate * up)?, hooks)
+        let h = if !fused && crate::swiglu::fused_swiglu_on(&gate) {
+            crate::swiglu::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        self.down_proj.forward(&h, hooks)
     }
 }
 
@@ -470,7 +476,7 @@ impl Llama {
                 self.cfg.rms_norm_eps,
                 fused,
             )?;
-            x = (x + block.mlp.forward(&h, hooks)?)?;
+            x = (x + block.mlp.forward(&h, hooks, fused)?)?;
         }
         cache.advance(t);
         Ok(x)

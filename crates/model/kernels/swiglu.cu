@@ -1,0 +1,72 @@
+// SwiGLU, silu(gate) · up, with its backward, for training on CUDA (crates/model/src/swiglu.rs):
+// one pass forward and one backward over the [rows, intermediate] activations, where candle's
+// composed silu, multiply and their backward make about ten.
+//
+//   forward   y = T(silu(g) · u),                silu(g) = g / (1 + exp(-g))
+//   backward  dg = T(dy · u · σ(g) · (1 + g · (1 - σ(g)))),  du = T(dy · silu(g))
+//
+//   g, u, dy, y  [n] T (contiguous; f32, bf16 or f16)     out  [2n] T: dg, then du
+// f32 arithmetic inside, one rounding to T per output. Without a GPU,
+// tests/swiglu_emulated.rs compiles this file against kernels/emulation/cuda_emulation.h and
+// checks it against the CPU op.
+
+#ifndef QAT_CUDA_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#endif
+
+namespace {
+
+constexpr unsigned SWIGLU_BLOCK = 256;
+
+__device__ __forceinline__ float sw_load(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float sw_load(const __nv_bfloat16* p, size_t i) {
+  return __bfloat162float(p[i]);
+}
+__device__ __forceinline__ float sw_load(const __half* p, size_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void sw_store(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void sw_store(__nv_bfloat16* p, size_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
+}
+__device__ __forceinline__ void sw_store(__half* p, size_t i, float v) { p[i] = __float2half_rn(v); }
+
+__device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+// Grid-stride over the n elements.
+template <typename T>
+__device__ void swiglu_forward(const T* __restrict__ g, const T* __restrict__ u,
+                               T* __restrict__ y, size_t n) {
+  for (size_t i = static_cast<size_t>(blockIdx.x) * SWIGLU_BLOCK + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * SWIGLU_BLOCK) {
+    const float gv = sw_load(g, i);
+    sw_store(y, i, gv * sigmoid(gv) * sw_load(u, i));
+  }
+}
+
+template <typename T>
+__device__ void swiglu_backward(const T* __restrict__ g, const T* __restrict__ u,
+                                const T* __restrict__ dy, T* __restrict__ out, size_t n) {
+  for (size_t i = static_cast<size_t>(blockIdx.x) * SWIGLU_BLOCK + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * SWIGLU_BLOCK) {
+    const float gv = sw_load(g, i), d = sw_load(dy, i);
+    const float s = sigmoid(gv);
+    sw_store(out, i, d * sw_load(u, i) * s * (1.0f + gv * (1.0f - s)));
+    sw_store(out, n + i, d * gv * s);
+  }
+}
+
+}  // namespace
+
+#define QAT_SWIGLU_KERNELS(SUFFIX, T)                                                             \
+  extern "C" __global__ void swiglu_fwd_##SUFFIX(const T* g, const T* u, T* y, size_t n) {       \
+    swiglu_forward(g, u, y, n);                                                                   \
+  }                                                                                               \
+  extern "C" __global__ void swiglu_bwd_##SUFFIX(const T* g, const T* u, const T* dy, T* out,    \
+                                                 size_t n) {                                     \
+    swiglu_backward(g, u, dy, out, n);                                                            \
+  }
+
+QAT_SWIGLU_KERNELS(f32, float)
+QAT_SWIGLU_KERNELS(bf16, __nv_bfloat16)
+QAT_SWIGLU_KERNELS(f16, __half)

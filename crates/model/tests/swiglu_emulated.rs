@@ -1,0 +1,111 @@
+//! The CUDA SwiGLU kernels with their backward (kernels/swiglu.cu) run on the CPU through the
+//! CUDA emulation in kernels/emulation, against the CPU op (`qat_model::swiglu`, f64
+//! arithmetic) in value and both gradients: f32, bf16 and f16, grids smaller than the data (the
+//! kernels' grid stride) and larger, gates from −30 to 30. Needs a C++20 compiler (`CXX`,
+//! default `c++`).
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use qat_model::swiglu::swiglu;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[path = "../kernels/emulation/build_harness.rs"]
+mod emulation_harness;
+
+/// Compiles the emulation harness into `dir` and returns its path.
+fn build_harness(dir: &Path) -> PathBuf {
+    emulation_harness::build_harness(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "kernels/emulation/swiglu_main.cpp",
+        dir,
+    )
+}
+
+fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+fn run_emulated(exe: &Path, dir: &Path, code: u32, blocks: u32, inputs: [&[f32]; 3]) -> Vec<f32> {
+    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
+    let mut bytes = Vec::new();
+    for v in [inputs[0].len() as u32, code, blocks] {
+        bytes.extend(v.to_le_bytes());
+    }
+    inputs
+        .iter()
+        .flat_map(|x| x.iter())
+        .for_each(|v| bytes.extend(v.to_le_bytes()));
+    std::fs::write(&in_path, bytes).expect("write the harness input");
+    let status = Command::new(exe)
+        .arg(&in_path)
+        .arg(&out_path)
+        .status()
+        .expect("run the harness");
+    assert!(status.success(), "the emulation harness failed ({status})");
+    std::fs::read(&out_path)
+        .expect("read the harness output")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let exe = build_harness(dir.path());
+    for (n, blocks) in [(1000usize, 2u32), (700, 5)] {
+        for (code, dtype, tol) in [
+            (0u32, DType::F32, 1e-6),
+            (1, DType::BF16, 8e-3),
+            (2, DType::F16, 1e-3),
+        ] {
+            let exact = |v: Vec<f32>| -> Result<Tensor> {
+                Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(dtype)
+            };
+            let (g, u, dy) = (
+                exact(random(n, 1, 60.0))?,
+                exact(random(n, 2, 4.0))?,
+                exact(random(n, 3, 2.0))?,
+            );
+            let flat = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.to_vec1() };
+            let got = run_emulated(
+                &exe,
+                dir.path(),
+                code,
+                blocks,
+                [&flat(&g)?, &flat(&u)?, &flat(&dy)?],
+            );
+            let gv = Var::from_tensor(&g.to_dtype(DType::F64)?)?;
+            let uv = Var::from_tensor(&u.to_dtype(DType::F64)?)?;
+            let y = swiglu(&gv, &uv)?;
+            let grads = (&y * dy.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+            let want: Vec<f64> = [&y, grads.get(&gv).expect("dg"), grads.get(&uv).expect("du")]
+                .iter()
+                .map(|t| t.to_vec1::<f64>())
+                .collect::<Result<Vec<_>>>()?
+                .concat();
+            assert_eq!(got.len(), want.len());
+            for (part, name) in ["y", "d gate", "d up"].iter().enumerate() {
+                let (a, b) = (
+                    &got[part * n..(part + 1) * n],
+                    &want[part * n..(part + 1) * n],
+                );
+                for (i, (&a, &b)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        (f64::from(a) - b).abs() <= tol * b.abs().max(1e-3),
+                        "n {n} {dtype:?} {name}[{i}]: kernel {a}, cpu {b}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
