@@ -1,6 +1,6 @@
 //! With the `cuda` feature: compiles the flash-attention kernels (kernels/flash_attention.cu,
 //! kernels/flash_attention_backward.cu), the token NLL kernel (kernels/token_nll.cu) and the
-//! training kernels with a backward (kernels/rms_norm.cu, kernels/swiglu.cu) to PTX
+//! training kernels with a backward (kernels/rms_norm.cu, kernels/swiglu.cu, kernels/rope.cu) to PTX
 //! (scripts/nvcc_ptx.rs).
 //! Without the feature: nothing.
 
@@ -18,4 +18,5 @@ fn main() {
     nvcc_ptx::compile_ptx("kernels/token_nll.cu", "token_nll.ptx");
     nvcc_ptx::compile_ptx("kernels/rms_norm.cu", "rms_norm.ptx");
     nvcc_ptx::compile_ptx("kernels/swiglu.cu", "swiglu.ptx");
+    nvcc_ptx::compile_ptx("kernels/rope.cu", "rope.ptx");
 }

@@ -1,6 +1,11 @@
 //! Rotary position embeddings (the Hugging Face "rotate half" layout) with per-row positions.
+//!
+//! Training on CUDA rotates q and k with one kernel per tensor whose backward is the same kernel
+//! on the gradient with the angle negated (kernels/rope.cu, [`rope_with_grad`]); elsewhere the
+//! composition of candle ops, or candle's own kernel (no gradient) in inference.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 
 /// Precomputed cos/sin tables, `[max_positions, head_dim / 2]` each.
 #[derive(Debug, Clone)]
@@ -51,10 +56,14 @@ impl RotaryEmbedding {
     }
 
     /// Rotates `x: [batch, heads, seq, head_dim]` with tables from [`Self::tables`].
-    /// `fused` uses candle's single kernel (no gradient); otherwise a differentiable composition.
+    /// `fused` uses candle's single kernel (no gradient); otherwise a differentiable composition,
+    /// which training on CUDA runs as one op with its own backward ([`rope_with_grad`]).
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Tensor> {
         if fused {
             return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+        }
+        if fused_rope_on(x) {
+            return rope_with_grad(x, cos, sin);
         }
         let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?; // [b, 1, seq, head_dim]
         let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
@@ -63,5 +72,282 @@ impl RotaryEmbedding {
         let x2 = x.narrow(D::Minus1, half, half)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// The rotation as a custom op: `sign` +1 rotates by the table's angles, −1 by their negation
+/// (the backward of the +1 rotation).
+#[derive(Debug, Clone, Copy)]
+struct RopeWithGrad {
+    sign: f32,
+}
+
+fn rope_f64(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("rope_with_grad: operands must be contiguous")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
+        CpuStorage::F64(v) => v[a..b].to_vec(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
+        other => candle_core::bail!("rope_with_grad: dtype {:?}", other.dtype()),
+    })
+}
+
+impl CustomOp3 for RopeWithGrad {
+    fn name(&self) -> &'static str {
+        "rope-with-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        cos: &CpuStorage,
+        lc: &Layout,
+        sin: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, t, d) = lx.shape().dims4()?;
+        let (xs, cs, ss) = (rope_f64(x, lx)?, rope_f64(cos, lc)?, rope_f64(sin, ls)?);
+        let half = d / 2;
+        let sign = f64::from(self.sign);
+        let mut y = vec![0f64; xs.len()];
+        for row in 0..b * h * t {
+            let (batch, pos) = (row / (h * t), row % t);
+            for i in 0..half {
+                let table = (batch * t + pos) * half + i;
+                let (c, s) = (cs[table], sign * ss[table]);
+                let (x1, x2) = (xs[row * d + i], xs[row * d + half + i]);
+                y[row * d + i] = x1 * c - x2 * s;
+                y[row * d + half + i] = x2 * c + x1 * s;
+            }
+        }
+        let out = match x.dtype() {
+            DType::F64 => CpuStorage::F64(y),
+            DType::BF16 => CpuStorage::BF16(y.into_iter().map(half::bf16::from_f64).collect()),
+            DType::F16 => CpuStorage::F16(y.into_iter().map(half::f16::from_f64).collect()),
+            _ => CpuStorage::F32(y.into_iter().map(|v| v as f32).collect()),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+        cos: &candle_core::CudaStorage,
+        lc: &Layout,
+        sin: &candle_core::CudaStorage,
+        ls: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = cuda::rope(self.sign, (x, lx), (cos, lc), (sin, ls))?;
+        Ok((y, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.to_dtype(cos.dtype())?.contiguous()?;
+        let dx = dy.apply_op3_no_bwd(cos, sin, &RopeWithGrad { sign: -self.sign })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotates `x: [batch, heads, seq, head_dim]` (any float dtype; `head_dim` even) with `cos`,
+/// `sin: [batch, seq, head_dim / 2]` in `x`'s dtype, differentiable in `x` (the tables are
+/// constants): the values of [`RotaryEmbedding::apply`]'s composition, computed in f32 (f64 on
+/// the CPU) with one rounding per output.
+pub fn rope_with_grad(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, _, t, d) = x.dims4()?;
+    let want = [b, t, d / 2];
+    if d % 2 != 0 || cos.dims() != want || sin.dims() != want {
+        candle_core::bail!(
+            "rope_with_grad: x {:?}, cos {:?}, sin {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        RopeWithGrad { sign: 1.0 },
+    )
+}
+
+/// Whether training rotates with [`rope_with_grad`]: CUDA tensors of f32, bf16 or f16 with
+/// fewer than 2^31 rotated pairs, in `cuda` builds, unless `QAT_CUDA_FUSED_ROPE=0`.
+pub fn fused_rope_on(x: &Tensor) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled =
+        *ON.get_or_init(|| std::env::var("QAT_CUDA_FUSED_ROPE").map_or(true, |v| v != "0"));
+    cfg!(feature = "cuda")
+        && enabled
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && x.rank() == 4
+        && x.elem_count() / 2 < (1 << 31)
+}
+
+/// The CUDA side: kernels/rope.cu, loaded once per device as a custom PTX module.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+    use candle_core::{DType, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+
+    type Operand<'a> = (&'a CudaStorage, &'a Layout);
+
+    pub(super) fn rope(
+        sign: f32,
+        x: Operand<'_>,
+        cos: Operand<'_>,
+        sin: Operand<'_>,
+    ) -> Result<CudaStorage> {
+        fn run<T: CudaDType + DeviceRepr>(
+            name: &str,
+            sign: f32,
+            (x, lx): Operand<'_>,
+            (cos, lc): Operand<'_>,
+            (sin, ls): Operand<'_>,
+        ) -> Result<CudaStorage> {
+            let range = |l: &Layout| {
+                l.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("rope_with_grad: operands must be contiguous".into())
+                })
+            };
+            let (b, h, t, d) = lx.shape().dims4()?;
+            let ((x0, x1), (c0, c1), (s0, s1)) = (range(lx)?, range(lc)?, range(ls)?);
+            if c1 - c0 != b * t * (d / 2) || s1 - s0 != c1 - c0 {
+                candle_core::bail!(
+                    "rope_with_grad: tables of {} and {} elements for x {:?}",
+                    c1 - c0,
+                    s1 - s0,
+                    lx.dims()
+                );
+            }
+            let dev = x.device().clone();
+            let func = dev.get_or_load_custom_func(name, "qat_rope", PTX)?;
+            let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
+            let cs = cos.as_cuda_slice::<T>()?.slice(c0..c1);
+            let ss = sin.as_cuda_slice::<T>()?.slice(s0..s1);
+            // SAFETY: every element is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(x1 - x0)? };
+            let pairs = (b * h * t * (d / 2)) as u32;
+            let (h32, t32, half32) = (h as u32, t as u32, (d / 2) as u32);
+            let mut bld = func.builder();
+            bld.arg(&xs).arg(&cs).arg(&ss).arg(&y);
+            bld.arg(&h32).arg(&t32).arg(&half32).arg(&pairs).arg(&sign);
+            let cfg = LaunchConfig {
+                grid_dim: (pairs.div_ceil(256).clamp(1, 1 << 20), 1, 1),
+                block_dim: (256, 1, 1), // ROPE_BLOCK
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: x and y hold b · h · t · d elements, the tables b · t · d/2 (checked).
+            unsafe { bld.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev))
+        }
+        match x.0.dtype() {
+            DType::F32 => run::<f32>("rope_f32", sign, x, cos, sin),
+            DType::BF16 => run::<half::bf16>("rope_bf16", sign, x, cos, sin),
+            DType::F16 => run::<half::f16>("rope_f16", sign, x, cos, sin),
+            other => candle_core::bail!("rope_with_grad on cuda: dtype {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f64>()
+    }
+
+    /// Tables for per-row positions (row 1 left-padded by 2), `[b, t, head_dim / 2]`.
+    fn tables(dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let rope = RotaryEmbedding::new(16, 64, 10_000.0, dtype, dev)?;
+        let positions = Tensor::new(&[[3u32, 4, 5, 6, 7], [0, 0, 0, 1, 2]], dev)?;
+        rope.tables(&positions)
+    }
+
+    #[test]
+    fn value_and_gradient_match_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let (cos, sin) = tables(DType::F64, &dev)?;
+        let x = Var::from_tensor(
+            &(Tensor::arange(0f64, 2.0 * 3.0 * 5.0 * 16.0, &dev)?
+                .reshape((2, 3, 5, 16))?
+                .affine(0.37, 0.0)?
+                .sin()?
+                * 2.0)?,
+        )?;
+        let w = Tensor::arange(0f64, 480.0, &dev)?
+            .reshape((2, 3, 5, 16))?
+            .cos()?;
+        let a = rope_with_grad(&x, &cos, &sin)?;
+        let b = RotaryEmbedding::apply(&x, &cos, &sin, false)?;
+        assert!(max_diff(&a, &b)? < 1e-14, "{}", max_diff(&a, &b)?);
+        let ga = (a * &w)?.sum_all()?.backward()?;
+        let gb = (b * &w)?.sum_all()?.backward()?;
+        let (p, q) = (ga.get(&x).expect("grad"), gb.get(&x).expect("grad"));
+        assert!(max_diff(p, q)? < 1e-14, "{}", max_diff(p, q)?);
+        // A rotation keeps each pair's norm (to the f32 tables' cos² + sin² = 1).
+        let pair_norms = |t: &Tensor| -> Result<Tensor> {
+            t.narrow(3, 0, 8)?.sqr()? + t.narrow(3, 8, 8)?.sqr()?
+        };
+        let y = rope_with_grad(&x, &cos, &sin)?;
+        assert!(max_diff(&pair_norms(&y)?, &pair_norms(&x)?)? < 1e-5);
+        Ok(())
+    }
+
+    /// The CUDA kernel against the CPU op (f64), value and gradient, f32 / bf16 / f16. Runs only
+    /// in a `--features cuda` build on a machine with a GPU.
+    #[test]
+    fn cuda_matches_the_cpu_op() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            return Ok(());
+        };
+        let x = (Tensor::arange(0f32, 480.0, &Device::Cpu)?
+            .reshape((2, 3, 5, 16))?
+            .affine(0.37, 0.0)?
+            .sin()?
+            * 2.0)?;
+        let w = Tensor::arange(0f32, 480.0, &Device::Cpu)?
+            .reshape((2, 3, 5, 16))?
+            .cos()?;
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let run = |dev: &Device, fdtype: DType| -> Result<(Tensor, Tensor)> {
+                let (cos, sin) = tables(dtype, &Device::Cpu)?;
+                let cast = |t: &Tensor| t.to_dtype(dtype)?.to_dtype(fdtype)?.to_device(dev);
+                let xv = Var::from_tensor(&cast(&x)?)?;
+                let y = rope_with_grad(&xv, &cast(&cos)?, &cast(&sin)?)?;
+                let g = (&y * cast(&w)?)?.sum_all()?.backward()?;
+                let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+                Ok((back(&y)?, back(g.get(&xv).expect("grad"))?))
+            };
+            let ((y, g), (y0, g0)) = (run(&gpu, dtype)?, run(&Device::Cpu, DType::F64)?);
+            assert!(max_diff(&y, &y0)? <= tol * 2.0, "{dtype:?} y");
+            assert!(max_diff(&g, &g0)? <= tol * 2.0, "{dtype:?} dx");
+        }
+        Ok(())
     }
 }
