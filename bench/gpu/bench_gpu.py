@@ -15,6 +15,9 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            equal the eval row's within bf16 rounding
   distill-flash  the distill row's qat side with the flash kernels (forward and backward), after
            eval-flash
+  distill-composed  the distill row's qat side with the fused training ops off (RMSNorm, SwiGLU,
+           RoPE and the top-K loss as composed candle ops, QAT_CUDA_FUSED_*=0): what they gain,
+           and the loss they must match
   profile  where the time goes (`--profile`: each phase timed with the device synchronized
            around it): qat-distill from cached shards, with the online teacher, and without fake
            quantization (scheme FP), same batch; qat-sample and qat-eval at the shapes above;
@@ -140,7 +143,8 @@ def main():
     ap.add_argument("--data", required=True, help="QAT_DATA: models/llama2-tokenizer, corpora/tinystories")
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
-    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,eval-flash,distill-flash,profile,kernels")
+    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,eval-flash,distill-flash,distill-composed,"
+                                        "profile,kernels")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
                     help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
@@ -340,6 +344,18 @@ def main():
         row("distill-flash", f"distill W4A8KV4 as above, qat with the flash-attention kernels, batch {b} x {L}", q, t, 6 * N,
             f"loss qat {q['final_loss']:.3f}" + (f" (composed attention: {base['final_loss']:.3f})" if base else ""))
 
+    composed_env = dict(env, QAT_CUDA_FUSED_NORM="0", QAT_CUDA_FUSED_SWIGLU="0", QAT_CUDA_FUSED_ROPE="0",
+                        QAT_CUDA_FUSED_LOSS="0")
+
+    def stage_distill_composed():
+        b = chosen["batch"]
+        say(f"distill-composed: qat-distill (cached top-64) with the fused training ops off, {b} x {L}")
+        q = qat_distill("composed", [], b, run_env=composed_env)
+        t = results["distill"]["torch"] if "distill" in results else torch_side("torch_qat.py", targs(b), "distill-composed")
+        base = results.get("distill", {}).get("qat")
+        row("distill-composed", f"distill W4A8KV4 as above, qat with composed norm/SwiGLU/RoPE/loss, batch {b} x {L}", q, t,
+            6 * N, f"loss qat {q['final_loss']:.3f}" + (f" (fused ops: {base['final_loss']:.3f})" if base else ""))
+
     if "distill" in stages:
         attempt("distill", stage_distill)
     if "distill-teacher" in stages:
@@ -449,6 +465,8 @@ def main():
         attempt("eval-flash", stage_eval_flash)
     if "distill-flash" in stages and "shards" not in failed:
         attempt("distill-flash", stage_distill_flash)
+    if "distill-composed" in stages and "shards" not in failed:
+        attempt("distill-composed", stage_distill_composed)
     if "profile" in stages and "shards" not in failed:
         attempt("profile", stage_profile)
 
