@@ -11,12 +11,15 @@
 #include <stdint.h>
 #endif
 
-// m <- (m * decay + 0) + (g * gain + 0), with g * g for g when `square` (the second moment).
+// m <- (m * decay + 0) + (g * gain + 0), with g * g for g when `square` (the second moment);
+// with `scaled`, g is first g * grad_scale + 0 (gradient clipping's scaling, folded in).
 extern "C" __global__ void adamw_moment_f32(float *m, const float *g, unsigned long long n,
-                                            float decay, float gain, int square) {
+                                            float decay, float gain, int square, float grad_scale,
+                                            int scaled) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)blockDim.x * gridDim.x) {
-        const float gi = square ? __fmul_rn(g[i], g[i]) : g[i];
+        const float g0 = scaled ? __fadd_rn(__fmul_rn(g[i], grad_scale), 0.0f) : g[i];
+        const float gi = square ? __fmul_rn(g0, g0) : g0;
         m[i] = __fadd_rn(__fadd_rn(__fmul_rn(m[i], decay), 0.0f), __fadd_rn(__fmul_rn(gi, gain), 0.0f));
     }
 }

@@ -15,12 +15,15 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
-/// `m ← m·decay + g·gain` (each product `+ 0`), or with `g²` for the second moment.
+/// `m ← m·decay + g·gain` (each product `+ 0`), or with `g²` for the second moment; with a
+/// `grad_scale`, `g` is first `g·grad_scale + 0`, the bits of candle's `g * s` (clipping's
+/// scaling, folded into the pass instead of a pass of its own).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MomentUpdate {
     pub decay: f64,
     pub gain: f64,
     pub square: bool,
+    pub grad_scale: Option<f64>,
 }
 
 /// `w ← w·decay − (m·inv_bc1 / (√(v·inv_bc2) + eps))·lr` (`decay` only with weight decay).
@@ -67,7 +70,12 @@ float!(f64);
 impl MomentUpdate {
     fn run<T: Float>(&self, m: &mut [T], g: &[T]) {
         let (decay, gain) = (T::of(self.decay), T::of(self.gain));
+        let scale = self.grad_scale.map(T::of);
         for (m, &g) in m.iter_mut().zip(g) {
+            let g = match scale {
+                Some(s) => g.mul(s) + T::ZERO,
+                None => g,
+            };
             let g = if self.square { g.mul(g) } else { g };
             *m = (m.mul(decay) + T::ZERO) + (g.mul(gain) + T::ZERO);
         }
@@ -244,13 +252,19 @@ mod cuda {
             i32::from(op.square),
             n as u64,
         );
+        let (grad_scale, scaled) = (
+            op.grad_scale.unwrap_or(1.0) as f32,
+            i32::from(op.grad_scale.is_some()),
+        );
         let mut b = func.builder();
         b.arg(&mut m)
             .arg(&g)
             .arg(&len)
             .arg(&decay)
             .arg(&gain)
-            .arg(&square);
+            .arg(&square)
+            .arg(&grad_scale)
+            .arg(&scaled);
         // SAFETY: both views hold `len` f32 elements; the kernel touches no others.
         unsafe { b.launch(config(n)) }.w()?;
         Ok(())

@@ -105,6 +105,18 @@ impl AdamW {
 
     /// One update with gradients `grads` (already averaged) at learning rate `lr`.
     pub fn apply(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.apply_scaled(grads, lr, None)
+    }
+
+    /// [`Self::apply`] with every gradient first multiplied by `grad_scale` (gradient clipping,
+    /// [`clip_scale`]): the bits of scaling the gradients with candle's `g * s` and then
+    /// applying them, without a pass of its own where the in-place kernels run.
+    pub fn apply_scaled(
+        &mut self,
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: Option<f64>,
+    ) -> Result<()> {
         self.step += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -120,6 +132,7 @@ impl AdamW {
                     decay,
                     gain: 1.0 - decay,
                     square,
+                    grad_scale,
                 };
                 m.inplace_op2(g, &moment(c.beta1, false))?;
                 v.inplace_op2(g, &moment(c.beta2, true))?;
@@ -133,6 +146,10 @@ impl AdamW {
                 w.inplace_op3(m, v, &update)?;
                 continue;
             }
+            let g = &match grad_scale {
+                Some(s) => (g * s)?,
+                None => g.clone(),
+            };
             let m = ((&self.m[name] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[name] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
@@ -218,8 +235,27 @@ pub fn accumulate(
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max_norm`; returns the norm
-/// before clipping.
+/// before clipping. (Training folds the scaling into AdamW instead: [`grad_norm`],
+/// [`clip_scale`], [`AdamW::apply_scaled`].)
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
+    if let Some(s) = clip_scale(norm, max_norm) {
+        for g in grads.values_mut() {
+            *g = (&*g * s)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// The factor gradient clipping scales the gradients by: `max_norm / (norm + 1e-6)` when
+/// `max_norm > 0` and the norm exceeds it, else none.
+pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6))
+}
+
+/// The global L2 norm of `grads`: per-tensor sums of squares on the device, copied to the host
+/// in one transfer, summed there in name order.
+pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
     // Per-tensor sums of squares on the device, copied to the host in one transfer (on a GPU,
@@ -239,14 +275,7 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
             sq += part;
         }
     }
-    let norm = sq.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
-        for g in grads.values_mut() {
-            *g = (&*g * s)?;
-        }
-    }
-    Ok(norm)
+    Ok(sq.sqrt())
 }
 
 #[cfg(test)]
@@ -359,8 +388,10 @@ mod tests {
                         .to_dtype(dtype)?;
                     let grads = HashMap::from([("w".to_string(), g)]);
                     let lr = 1e-3 * (step + 1) as f64;
-                    fused.apply(&grads, lr)?;
-                    composed.apply(&grads, lr)?;
+                    // Odd steps scale the gradients (clipping), folded into the moment passes.
+                    let scale = (step % 2 == 1).then_some(0.61 / (step + 1) as f64);
+                    fused.apply_scaled(&grads, lr, scale)?;
+                    composed.apply_scaled(&grads, lr, scale)?;
                     let what = format!("{dtype:?}, weight decay {weight_decay}, step {step}");
                     let (a, b) = (&fused.vars()[0].1, &composed.vars()[0].1);
                     assert_eq!(bits(a.as_tensor())?, bits(b.as_tensor())?, "w, {what}");

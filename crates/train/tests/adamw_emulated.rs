@@ -73,7 +73,9 @@ fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
                 "w".to_string(),
                 Tensor::from_vec(g.clone(), n, &Device::Cpu)?,
             )]);
-            reference.apply(&grads, lr)?;
+            // With weight decay, every other step also scales the gradients (clipping).
+            let grad_scale = (weight_decay > 0.0 && step % 2 == 0).then_some(0.37 / step as f64);
+            reference.apply_scaled(&grads, lr, grad_scale)?;
             // The constants as AdamW::apply derives them for this step.
             let (b1, b2) = (cfg.beta1, cfg.beta2);
             let (bc1, bc2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
@@ -87,9 +89,11 @@ fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
                 cfg.eps,
                 lr,
                 1.0 - lr * weight_decay,
+                grad_scale.unwrap_or(1.0),
             ];
             constants.iter().for_each(|x| input.extend(x.to_le_bytes()));
             input.extend(i32::from(weight_decay > 0.0).to_le_bytes());
+            input.extend(i32::from(grad_scale.is_some()).to_le_bytes());
             g.iter().for_each(|x| input.extend(x.to_le_bytes()));
         }
         let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));

@@ -16,7 +16,7 @@ use crate::data::{each_file_par, DataCursor, Prefetch, ShardBatches};
 use crate::error::{io, Result, TrainError};
 use crate::gamma::{teacher_confidence, TeacherConfidence};
 use crate::loss::{Loss, LossKind};
-use crate::optim::{clip_grad_norm, AdamW, LrConfig};
+use crate::optim::{clip_scale, grad_norm, AdamW, LrConfig};
 use crate::student::Student;
 use checkpoint::CheckpointState;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -270,10 +270,9 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
             poison: cfg.inject_nan_at == Some(opt.step),
             last_good: &last_good,
         };
-        let mut step = step::step_grads(&models, &mut data, &pools, &vars, &plan)?;
-        let grad_norm = profile.time("clip_grad", || {
-            clip_grad_norm(&mut step.grads, s.max_grad_norm)
-        })?;
+        let step = step::step_grads(&models, &mut data, &pools, &vars, &plan)?;
+        // Clipping's scale goes into AdamW's moment passes (the bits of scaling first).
+        let grad_norm = profile.time("clip_grad", || grad_norm(&step.grads))?;
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
                 loss: f32::NAN,
@@ -283,7 +282,7 @@ pub fn run(cfg: &DistillConfig) -> Result<DistillSummary> {
         }
         let lr = lr_cfg.at(opt.step);
         profile.time("optimizer", || {
-            opt.apply(&step.grads, lr)?;
+            opt.apply_scaled(&step.grads, lr, clip_scale(grad_norm, s.max_grad_norm))?;
             opt.round_vars_to(master_dtype)
         })?;
         tokens_seen += step.tokens;
