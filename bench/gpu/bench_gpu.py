@@ -16,8 +16,8 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
   distill-flash  the distill row's qat side with the flash kernels (forward and backward), after
            eval-flash
   distill-composed  the distill row's qat side with the fused training ops off (RMSNorm, SwiGLU,
-           RoPE and the top-K loss as composed candle ops, QAT_CUDA_FUSED_*=0): what they gain,
-           and the loss they must match
+           RoPE, the top-K loss and the gradient norm as composed candle ops,
+           QAT_CUDA_FUSED_*=0): what they gain, and the loss they must match
   profile  where the time goes (`--profile`: each phase timed with the device synchronized
            around it): qat-distill from cached shards, with the online teacher, and without fake
            quantization (scheme FP), same batch; qat-sample and qat-eval at the shapes above;
@@ -345,7 +345,7 @@ def main():
             f"loss qat {q['final_loss']:.3f}" + (f" (composed attention: {base['final_loss']:.3f})" if base else ""))
 
     composed_env = dict(env, QAT_CUDA_FUSED_NORM="0", QAT_CUDA_FUSED_SWIGLU="0", QAT_CUDA_FUSED_ROPE="0",
-                        QAT_CUDA_FUSED_LOSS="0")
+                        QAT_CUDA_FUSED_LOSS="0", QAT_CUDA_FUSED_GRAD_NORM="0")
 
     def stage_distill_composed():
         b = chosen["batch"]

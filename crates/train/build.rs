@@ -1,5 +1,5 @@
-//! With the `cuda` feature: compiles kernels/adamw.cu and kernels/bucket_lse.cu to PTX
-//! (scripts/nvcc_ptx.rs).
+//! With the `cuda` feature: compiles kernels/adamw.cu, kernels/bucket_lse.cu and
+//! kernels/sum_squares.cu to PTX (scripts/nvcc_ptx.rs).
 
 #[path = "../../scripts/nvcc_ptx.rs"]
 mod nvcc_ptx;
@@ -8,4 +8,5 @@ fn main() {
     println!("cargo:rerun-if-changed=../model/kernels/logsumexp.cuh");
     nvcc_ptx::compile_ptx("kernels/adamw.cu", "adamw.ptx");
     nvcc_ptx::compile_ptx("kernels/bucket_lse.cu", "bucket_lse.ptx");
+    nvcc_ptx::compile_ptx("kernels/sum_squares.cu", "sum_squares.ptx");
 }

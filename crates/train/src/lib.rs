@@ -10,6 +10,7 @@ pub mod loss;
 pub mod optim;
 pub mod parallel;
 pub mod student;
+pub mod sum_squares;
 
 pub use data::{DataCursor, Prefetch, ShardBatches};
 pub use distill::{run, Budget, DistillConfig, DistillSummary, TrainSettings};

@@ -254,10 +254,23 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
 }
 
 /// The global L2 norm of `grads`: per-tensor sums of squares on the device, copied to the host
-/// in one transfer, summed there in name order.
+/// in one transfer, summed there in name order. f32 gradients on CUDA are read once each
+/// ([`crate::sum_squares`]); elsewhere `g.sqr().sum_all()`.
 pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
+    if !names.is_empty()
+        && names
+            .iter()
+            .all(|n| crate::sum_squares::fused_on(&grads[*n]))
+    {
+        let dev = grads[names[0]].device();
+        let out = Tensor::zeros(names.len(), candle_core::DType::F64, dev)?;
+        for (slot, name) in names.iter().enumerate() {
+            crate::sum_squares::sum_squares_into(&out, slot, &grads[*name])?;
+        }
+        return Ok(out.to_vec1::<f64>()?.iter().sum::<f64>().sqrt());
+    }
     // Per-tensor sums of squares on the device, copied to the host in one transfer (on a GPU,
     // one synchronization per step instead of one per tensor), then summed in name order.
     let parts = names

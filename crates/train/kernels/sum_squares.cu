@@ -1,0 +1,61 @@
+// Σ g² of one gradient tensor into one slot of a per-step f64 buffer (crates/train/src/
+// sum_squares.rs), for the global gradient norm on CUDA: one read of the gradient, where the
+// composed `g.sqr().sum_all()` writes and reads an f32 copy of it.
+//
+//   sum_squares_partial_f32  grid of at most PARTIALS blocks; each thread sums x² of a grid-stride
+//                            slice in f64; each block writes its f64 sum to partial[block]
+//   sum_squares_final        one block: out[slot] = Σ partial[0 .. blocks], in a fixed order
+// Both reductions are fixed trees: deterministic. Without a GPU, tests/sum_squares_emulated.rs
+// compiles this file against crates/model/kernels/emulation/cuda_emulation.h.
+
+#ifndef QAT_CUDA_EMULATION
+#include <stdint.h>
+#endif
+
+namespace {
+
+constexpr unsigned SQ_BLOCK = 256;
+
+// Σ of every thread's v over the block, in a fixed tree order; the result in red[0].
+__device__ void block_sum_f64(double* red, double v) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (unsigned k = SQ_BLOCK / 2; k > 0; k >>= 1) {
+    if (threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
+    __syncthreads();
+  }
+}
+
+__device__ void sum_squares_partial(const float* __restrict__ g, unsigned long long n,
+                                    double* __restrict__ partial) {
+  __shared__ double red[SQ_BLOCK];
+  double acc = 0.0;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)SQ_BLOCK + threadIdx.x; i < n;
+       i += (unsigned long long)SQ_BLOCK * gridDim.x) {
+    const double x = g[i];
+    acc += x * x;
+  }
+  block_sum_f64(red, acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
+}
+
+__device__ void sum_squares_final(const double* __restrict__ partial, unsigned blocks,
+                                  double* __restrict__ out, unsigned slot) {
+  __shared__ double red[SQ_BLOCK];
+  double acc = 0.0;
+  for (unsigned i = threadIdx.x; i < blocks; i += SQ_BLOCK) acc += partial[i];
+  block_sum_f64(red, acc);
+  if (threadIdx.x == 0) out[slot] = red[0];
+}
+
+}  // namespace
+
+extern "C" __global__ void sum_squares_partial_f32(const float* g, unsigned long long n,
+                                                   double* partial) {
+  sum_squares_partial(g, n, partial);
+}
+
+extern "C" __global__ void sum_squares_final_f64(const double* partial, unsigned blocks,
+                                                 double* out, unsigned slot) {
+  sum_squares_final(partial, blocks, out, slot);
+}

@@ -1,0 +1,65 @@
+//! The CUDA sum-of-squares kernels of the gradient norm (kernels/sum_squares.cu) run on the CPU
+//! through the CUDA emulation in crates/model/kernels/emulation, against the CPU op
+//! (`qat_train::sum_squares`, f64) and a hand-worked case: grids smaller than the data (the grid
+//! stride), more partial sums than a block's threads, tensors shorter than a block, and only
+//! the named slot of the output written. Needs a C++20 compiler (`CXX`, default `c++`).
+
+use candle_core::{DType, Device, Result, Tensor};
+use qat_train::sum_squares::sum_squares_into;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[path = "../../model/kernels/emulation/build_harness.rs"]
+mod emulation_harness;
+
+/// Compiles the emulation harness into `dir` and returns its path.
+fn build_harness(dir: &Path) -> PathBuf {
+    emulation_harness::build_harness(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "kernels/emulation/sum_squares_main.cpp",
+        dir,
+    )
+}
+
+fn run_emulated(exe: &Path, dir: &Path, g: &[f32], blocks: u32, slot: u32, slots: u32) -> Vec<f64> {
+    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
+    let mut bytes = Vec::new();
+    bytes.extend((g.len() as u64).to_le_bytes());
+    for v in [blocks, slot, slots] {
+        bytes.extend(v.to_le_bytes());
+    }
+    g.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
+    std::fs::write(&in_path, bytes).expect("write the harness input");
+    let status = Command::new(exe)
+        .arg(&in_path)
+        .arg(&out_path)
+        .status()
+        .expect("run the harness");
+    assert!(status.success(), "the emulation harness failed ({status})");
+    std::fs::read(&out_path)
+        .expect("read the harness output")
+        .chunks_exact(8)
+        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let exe = build_harness(dir.path());
+    // Hand-worked: 3² + 4² + (−12)² = 169, in slot 1 of 3.
+    let got = run_emulated(&exe, dir.path(), &[3.0, 4.0, -12.0], 1, 1, 3);
+    assert_eq!(got, [-1.0, 169.0, -1.0]);
+    for (n, blocks) in [(5usize, 1u32), (10_000, 3), (70_001, 300)] {
+        let g: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+        let out = Tensor::zeros(1, DType::F64, &Device::Cpu)?;
+        sum_squares_into(&out, 0, &Tensor::from_vec(g.clone(), n, &Device::Cpu)?)?;
+        let want = out.to_vec1::<f64>()?[0];
+        let got = run_emulated(&exe, dir.path(), &g, blocks, 0, 1)[0];
+        assert!(
+            (got - want).abs() <= 1e-12 * want,
+            "n {n}, {blocks} blocks: {got} vs {want}"
+        );
+    }
+    Ok(())
+}
