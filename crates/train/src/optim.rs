@@ -134,8 +134,6 @@ impl AdamW {
                     square,
                     grad_scale,
                 };
-                m.inplace_op2(g, &moment(c.beta1, false))?;
-                v.inplace_op2(g, &moment(c.beta2, true))?;
                 let update = adamw_kernels::WeightUpdate {
                     inv_bc1: 1.0 / bc1,
                     inv_bc2: 1.0 / bc2,
@@ -143,6 +141,18 @@ impl AdamW {
                     lr,
                     decay: (c.weight_decay > 0.0).then_some(1.0 - lr * c.weight_decay),
                 };
+                if adamw_kernels::single_pass(w, g, m, v) {
+                    let step = adamw_kernels::StepUpdate {
+                        first: moment(c.beta1, false),
+                        second: moment(c.beta2, true),
+                        weight: update,
+                        grad: g.clone(),
+                    };
+                    w.inplace_op3(m, v, &step)?;
+                    continue;
+                }
+                m.inplace_op2(g, &moment(c.beta1, false))?;
+                v.inplace_op2(g, &moment(c.beta2, true))?;
                 w.inplace_op3(m, v, &update)?;
                 continue;
             }

@@ -52,7 +52,8 @@ fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exe = build_harness(dir.path());
     let (n, steps) = (1000usize, 6u64);
-    for weight_decay in [0.0, 0.1] {
+    // mode 0: the moment and weight kernels one after another; 1: adamw_step_f32, in one pass.
+    for (mode, weight_decay) in [(0u32, 0.0), (0, 0.1), (1, 0.0), (1, 0.1)] {
         let cfg = AdamWConfig {
             weight_decay,
             ..AdamWConfig::default()
@@ -65,6 +66,7 @@ fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
         let mut input = Vec::new();
         input.extend((n as u64).to_le_bytes());
         input.extend(steps.to_le_bytes());
+        input.extend(mode.to_le_bytes());
         w0.iter().for_each(|x| input.extend(x.to_le_bytes()));
         for step in 1..=steps {
             let g = edge_values(n, 10 + step);
@@ -114,17 +116,17 @@ fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
         assert_eq!(
             bits(&got[..n]),
             bits(&want_w),
-            "w, weight decay {weight_decay}"
+            "w, mode {mode}, weight decay {weight_decay}"
         );
         assert_eq!(
             bits(&got[n..2 * n]),
             bits(&want_m),
-            "m, weight decay {weight_decay}"
+            "m, mode {mode}, weight decay {weight_decay}"
         );
         assert_eq!(
             bits(&got[2 * n..]),
             bits(&want_v),
-            "v, weight decay {weight_decay}"
+            "v, mode {mode}, weight decay {weight_decay}"
         );
     }
     Ok(())
