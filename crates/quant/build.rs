@@ -5,5 +5,6 @@
 mod nvcc_ptx;
 
 fn main() {
+    println!("cargo:rerun-if-changed=../model/kernels/float_io.cuh");
     nvcc_ptx::compile_ptx("kernels/fake_quant.cu", "fake_quant.ptx");
 }

@@ -24,34 +24,13 @@
 #include <stdint.h>
 #endif
 
+#include "float_io.cuh"
+
 namespace {
 
 constexpr unsigned NORM_BLOCK = 256;
 constexpr unsigned DW_ROWS = 64;     // rows per partial dw sum
 constexpr unsigned DW_COLS = 256;    // columns per dw block (one per thread)
-
-__device__ __forceinline__ float norm_load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float norm_load(const __nv_bfloat16* p, size_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ float norm_load(const __half* p, size_t i) { return __half2float(p[i]); }
-
-// Rounds an f32 to T and back (the identity for f32).
-__device__ __forceinline__ float norm_round(float v, const float*) { return v; }
-__device__ __forceinline__ float norm_round(float v, const __nv_bfloat16*) {
-  return __bfloat162float(__float2bfloat16_rn(v));
-}
-__device__ __forceinline__ float norm_round(float v, const __half*) {
-  return __half2float(__float2half_rn(v));
-}
-
-__device__ __forceinline__ void norm_store(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void norm_store(__nv_bfloat16* p, size_t i, float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
-__device__ __forceinline__ void norm_store(__half* p, size_t i, float v) {
-  p[i] = __float2half_rn(v);
-}
 
 // Σ of every thread's v over the block, in a fixed tree order (red: NORM_BLOCK floats of shared
 // memory). Call with every thread; ends with a barrier.
@@ -72,7 +51,7 @@ template <typename T>
 __device__ float row_denominator(const T* xr, uint32_t n, float eps, float* red) {
   float sq = 0.0f;
   for (uint32_t i = threadIdx.x; i < n; i += NORM_BLOCK) {
-    const float v = norm_load(xr, i);
+    const float v = fio::load(xr, i);
     sq = __fadd_rn(sq, __fmul_rn(v, v));
   }
   const float sum = block_sum(red, sq);
@@ -87,8 +66,8 @@ __device__ void rms_norm_forward_row(const T* __restrict__ x, const T* __restric
   const T* xr = x + row * n;
   const float d = row_denominator(xr, n, eps, red);
   for (uint32_t i = threadIdx.x; i < n; i += NORM_BLOCK) {
-    const float normed = norm_round(__fdiv_rn(norm_load(xr, i), d), x);
-    norm_store(y, row * n + i, __fmul_rn(normed, norm_load(w, i)));
+    const float normed = fio::round_as(__fdiv_rn(fio::load(xr, i), d), x);
+    fio::store(y, row * n + i, __fmul_rn(normed, fio::load(w, i)));
   }
 }
 
@@ -103,14 +82,14 @@ __device__ void rms_norm_backward_row(const T* __restrict__ x, const T* __restri
   const float d = row_denominator(xr, n, eps, red);
   float dot = 0.0f;
   for (uint32_t i = threadIdx.x; i < n; i += NORM_BLOCK) {
-    const float xh = __fdiv_rn(norm_load(xr, i), d);
-    dot = __fadd_rn(dot, __fmul_rn(__fmul_rn(norm_load(dyr, i), norm_load(w, i)), xh));
+    const float xh = __fdiv_rn(fio::load(xr, i), d);
+    dot = __fadd_rn(dot, __fmul_rn(__fmul_rn(fio::load(dyr, i), fio::load(w, i)), xh));
   }
   const float mean_dot = __fmul_rn(block_sum(red, dot), 1.0f / static_cast<float>(n));
   for (uint32_t i = threadIdx.x; i < n; i += NORM_BLOCK) {
-    const float xh = __fdiv_rn(norm_load(xr, i), d);
-    const float g = __fmul_rn(norm_load(dyr, i), norm_load(w, i));
-    norm_store(dx, row * n + i, __fdiv_rn(__fsub_rn(g, __fmul_rn(xh, mean_dot)), d));
+    const float xh = __fdiv_rn(fio::load(xr, i), d);
+    const float g = __fmul_rn(fio::load(dyr, i), fio::load(w, i));
+    fio::store(dx, row * n + i, __fdiv_rn(__fsub_rn(g, __fmul_rn(xh, mean_dot)), d));
   }
   if (threadIdx.x == 0) row_d[row] = d;
 }
@@ -127,7 +106,7 @@ __device__ void rms_norm_dw_partial(const T* __restrict__ x, const T* __restrict
   const uint32_t end = min(rows, (chunk + 1) * DW_ROWS);
   for (uint32_t r = chunk * DW_ROWS; r < end; ++r) {
     const size_t at = static_cast<size_t>(r) * n + i;
-    acc = __fadd_rn(acc, __fmul_rn(norm_load(dy, at), __fdiv_rn(norm_load(x, at), row_d[r])));
+    acc = __fadd_rn(acc, __fmul_rn(fio::load(dy, at), __fdiv_rn(fio::load(x, at), row_d[r])));
   }
   partial[static_cast<size_t>(chunk) * n + i] = acc;
 }
@@ -140,7 +119,7 @@ __device__ void rms_norm_dw_final(const float* __restrict__ partial, T* __restri
   if (i >= n) return;
   float acc = 0.0f;
   for (uint32_t c = 0; c < chunks; ++c) acc = __fadd_rn(acc, partial[static_cast<size_t>(c) * n + i]);
-  norm_store(dw, i, acc);
+  fio::store(dw, i, acc);
 }
 
 }  // namespace

@@ -17,22 +17,11 @@
 #include <stdint.h>
 #endif
 
+#include "float_io.cuh"
+
 namespace {
 
 constexpr unsigned ROPE_BLOCK = 256;
-
-__device__ __forceinline__ float rope_load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float rope_load(const __nv_bfloat16* p, size_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ float rope_load(const __half* p, size_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ void rope_store(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void rope_store(__nv_bfloat16* p, size_t i, float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
-__device__ __forceinline__ void rope_store(__half* p, size_t i, float v) {
-  p[i] = __float2half_rn(v);
-}
 
 // One thread per pair (i, i + d/2), grid-stride over b · heads · t · d/2 pairs (fewer than 2^32,
 // so the index arithmetic is 32-bit; the caller checks).
@@ -44,11 +33,11 @@ __device__ void rope_rows(const T* __restrict__ x, const T* __restrict__ cos_t,
     const uint32_t i = p % half, row = p / half;  // row: (batch, head, position)
     const uint32_t pos = row % t, batch = row / (heads * t);
     const size_t table = (static_cast<size_t>(batch) * t + pos) * half + i;
-    const float c = rope_load(cos_t, table), s = sign * rope_load(sin_t, table);
+    const float c = fio::load(cos_t, table), s = sign * fio::load(sin_t, table);
     const size_t at = static_cast<size_t>(row) * 2 * half + i;
-    const float x1 = rope_load(x, at), x2 = rope_load(x, at + half);
-    rope_store(y, at, x1 * c - x2 * s);
-    rope_store(y, at + half, x2 * c + x1 * s);
+    const float x1 = fio::load(x, at), x2 = fio::load(x, at + half);
+    fio::store(y, at, x1 * c - x2 * s);
+    fio::store(y, at + half, x2 * c + x1 * s);
   }
 }
 

@@ -16,20 +16,11 @@
 #include <stdint.h>
 #endif
 
+#include "float_io.cuh"
+
 namespace {
 
 constexpr unsigned SWIGLU_BLOCK = 256;
-
-__device__ __forceinline__ float sw_load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float sw_load(const __nv_bfloat16* p, size_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ float sw_load(const __half* p, size_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ void sw_store(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void sw_store(__nv_bfloat16* p, size_t i, float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
-__device__ __forceinline__ void sw_store(__half* p, size_t i, float v) { p[i] = __float2half_rn(v); }
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
 
@@ -39,8 +30,8 @@ __device__ void swiglu_forward(const T* __restrict__ g, const T* __restrict__ u,
                                T* __restrict__ y, size_t n) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * SWIGLU_BLOCK + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * SWIGLU_BLOCK) {
-    const float gv = sw_load(g, i);
-    sw_store(y, i, gv * sigmoid(gv) * sw_load(u, i));
+    const float gv = fio::load(g, i);
+    fio::store(y, i, gv * sigmoid(gv) * fio::load(u, i));
   }
 }
 
@@ -49,10 +40,10 @@ __device__ void swiglu_backward(const T* __restrict__ g, const T* __restrict__ u
                                 const T* __restrict__ dy, T* __restrict__ out, size_t n) {
   for (size_t i = static_cast<size_t>(blockIdx.x) * SWIGLU_BLOCK + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * SWIGLU_BLOCK) {
-    const float gv = sw_load(g, i), d = sw_load(dy, i);
+    const float gv = fio::load(g, i), d = fio::load(dy, i);
     const float s = sigmoid(gv);
-    sw_store(out, i, d * sw_load(u, i) * s * (1.0f + gv * (1.0f - s)));
-    sw_store(out, n + i, d * gv * s);
+    fio::store(out, i, d * fio::load(u, i) * s * (1.0f + gv * (1.0f - s)));
+    fio::store(out, n + i, d * gv * s);
   }
 }
 

@@ -22,17 +22,12 @@
 #include <stdint.h>
 #endif
 
+#include "float_io.cuh"
 #include "logsumexp.cuh"
 
 namespace {
 
 constexpr unsigned NLL_BLOCK = 256;
-
-__device__ __forceinline__ float nll_load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float nll_load(const __nv_bfloat16* p, size_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ float nll_load(const __half* p, size_t i) { return __half2float(p[i]); }
 
 template <typename T>
 __device__ void token_nll_row(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
@@ -43,11 +38,11 @@ __device__ void token_nll_row(const T* __restrict__ logits, const uint32_t* __re
   const size_t row = blockIdx.x;
   const T* z = logits + row * vocab;
   const uint32_t t = targets[row];
-  const float zt = t < vocab ? nll_load(z, t) : CUDART_NAN_F;
+  const float zt = t < vocab ? fio::load(z, t) : CUDART_NAN_F;
   float m = -CUDART_INF_F, s = 0.0f;
   uint32_t rank = 0;
   for (uint32_t i = threadIdx.x; i < vocab; i += NLL_BLOCK) {
-    const float x = nll_load(z, i);
+    const float x = fio::load(z, i);
     rank += (x > zt || (x == zt && i < t)) ? 1u : 0u;
     lse::fold(m, s, x);
   }

@@ -7,11 +7,13 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+pub mod cpu_f64;
 pub mod device;
 pub mod error;
 pub mod fastmath;
 pub mod hooks;
 pub mod hub;
+pub mod kernel_switch;
 pub mod linear;
 pub mod llama;
 pub mod model_dir;

@@ -13,6 +13,7 @@
 //! gradient, and the kernels against it (through the CUDA emulation,
 //! tests/rms_norm_emulated.rs, and on a GPU).
 
+use crate::cpu_f64::{storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -37,32 +38,13 @@ fn round_to(dtype: DType, v: f64) -> f64 {
     }
 }
 
-fn to_f64(s: &CpuStorage, (a, b): (usize, usize)) -> Result<Vec<f64>> {
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
-        CpuStorage::F64(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
-        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
-        other => candle_core::bail!(
-            "rms_norm_with_grad: dtype {:?}, expected a float type",
-            other.dtype()
-        ),
-    })
-}
+const OP: &str = "rms_norm_with_grad";
 
-fn from_f64(dtype: DType, v: Vec<f64>) -> CpuStorage {
-    match dtype {
-        DType::F64 => CpuStorage::F64(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f64).collect()),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f64).collect()),
-        _ => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
-    }
-}
-
+/// The element range of a contiguous layout (the CUDA kernels take contiguous operands).
+#[cfg(feature = "cuda")]
 fn contiguous(l: &Layout) -> Result<(usize, usize)> {
-    l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("rms_norm_with_grad: operands must be contiguous".into())
-    })
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{OP}: operands must be contiguous")))
 }
 
 /// `d = sqrt(mean(x²) + eps)` of one row, in f64.
@@ -82,7 +64,7 @@ impl CustomOp2 for RmsNormWithGrad {
         w: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (xs, ws) = (to_f64(x, contiguous(lx)?)?, to_f64(w, contiguous(lw)?)?);
+        let (xs, ws) = (storage_to_f64(x, lx, OP)?, storage_to_f64(w, lw, OP)?);
         let dtype = x.dtype();
         let n = ws.len().max(1);
         let mut y = Vec::with_capacity(xs.len());
@@ -90,7 +72,7 @@ impl CustomOp2 for RmsNormWithGrad {
             let d = denominator(row, self.eps);
             y.extend(row.iter().zip(&ws).map(|(v, w)| round_to(dtype, v / d) * w));
         }
-        Ok((from_f64(dtype, y), lx.shape().clone()))
+        Ok((storage_from_f64(dtype, y), lx.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -136,9 +118,9 @@ impl CustomOp3 for RmsNormBackward {
         ldy: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (xs, ws, dys) = (
-            to_f64(x, contiguous(lx)?)?,
-            to_f64(w, contiguous(lw)?)?,
-            to_f64(dy, contiguous(ldy)?)?,
+            storage_to_f64(x, lx, OP)?,
+            storage_to_f64(w, lw, OP)?,
+            storage_to_f64(dy, ldy, OP)?,
         );
         let n = ws.len().max(1);
         let mut out = Vec::with_capacity(xs.len() + n);
@@ -154,7 +136,7 @@ impl CustomOp3 for RmsNormBackward {
         }
         out.extend(dw);
         let len = out.len();
-        Ok((from_f64(x.dtype(), out), Shape::from(len)))
+        Ok((storage_from_f64(x.dtype(), out), Shape::from(len)))
     }
 
     #[cfg(feature = "cuda")]
@@ -195,12 +177,12 @@ pub fn rms_norm_with_grad(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// kernels take (f32, bf16, f16), in `cuda` builds, unless `QAT_CUDA_FUSED_NORM=0`.
 pub fn fused_norm_on(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ON.get_or_init(|| std::env::var("QAT_CUDA_FUSED_NORM").map_or(true, |v| v != "0"));
-    cfg!(feature = "cuda")
-        && enabled
-        && x.device().is_cuda()
-        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    crate::kernel_switch::cuda_kernel_on(
+        &ON,
+        "QAT_CUDA_FUSED_NORM",
+        x,
+        &crate::kernel_switch::FLOAT_DTYPES,
+    )
 }
 
 /// The CUDA side: kernels/rms_norm.cu, loaded once per device as a custom PTX module.

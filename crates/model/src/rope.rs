@@ -4,6 +4,7 @@
 //! on the gradient with the angle negated (kernels/rope.cu, [`rope_with_grad`]); elsewhere the
 //! composition of candle ops, or candle's own kernel (no gradient) in inference.
 
+use crate::cpu_f64::{storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 
@@ -82,19 +83,6 @@ struct RopeWithGrad {
     sign: f32,
 }
 
-fn rope_f64(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("rope_with_grad: operands must be contiguous")
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
-        CpuStorage::F64(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
-        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
-        other => candle_core::bail!("rope_with_grad: dtype {:?}", other.dtype()),
-    })
-}
-
 impl CustomOp3 for RopeWithGrad {
     fn name(&self) -> &'static str {
         "rope-with-grad"
@@ -110,7 +98,11 @@ impl CustomOp3 for RopeWithGrad {
         ls: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, h, t, d) = lx.shape().dims4()?;
-        let (xs, cs, ss) = (rope_f64(x, lx)?, rope_f64(cos, lc)?, rope_f64(sin, ls)?);
+        let (xs, cs, ss) = (
+            storage_to_f64(x, lx, "rope_with_grad")?,
+            storage_to_f64(cos, lc, "rope_with_grad")?,
+            storage_to_f64(sin, ls, "rope_with_grad")?,
+        );
         let half = d / 2;
         let sign = f64::from(self.sign);
         let mut y = vec![0f64; xs.len()];
@@ -124,13 +116,7 @@ impl CustomOp3 for RopeWithGrad {
                 y[row * d + half + i] = x2 * c + x1 * s;
             }
         }
-        let out = match x.dtype() {
-            DType::F64 => CpuStorage::F64(y),
-            DType::BF16 => CpuStorage::BF16(y.into_iter().map(half::bf16::from_f64).collect()),
-            DType::F16 => CpuStorage::F16(y.into_iter().map(half::f16::from_f64).collect()),
-            _ => CpuStorage::F32(y.into_iter().map(|v| v as f32).collect()),
-        };
-        Ok((out, lx.shape().clone()))
+        Ok((storage_from_f64(x.dtype(), y), lx.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -188,14 +174,14 @@ pub fn rope_with_grad(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
 /// fewer than 2^31 rotated pairs, in `cuda` builds, unless `QAT_CUDA_FUSED_ROPE=0`.
 pub fn fused_rope_on(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ON.get_or_init(|| std::env::var("QAT_CUDA_FUSED_ROPE").map_or(true, |v| v != "0"));
-    cfg!(feature = "cuda")
-        && enabled
-        && x.device().is_cuda()
-        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && x.rank() == 4
+    x.rank() == 4
         && x.elem_count() / 2 < (1 << 31)
+        && crate::kernel_switch::cuda_kernel_on(
+            &ON,
+            "QAT_CUDA_FUSED_ROPE",
+            x,
+            &crate::kernel_switch::FLOAT_DTYPES,
+        )
 }
 
 /// The CUDA side: kernels/rope.cu, loaded once per device as a custom PTX module.

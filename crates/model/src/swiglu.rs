@@ -13,8 +13,9 @@
 //! gradient, and the kernels against it (through the CUDA emulation, tests/swiglu_emulated.rs,
 //! and on a GPU).
 
+use crate::cpu_f64::{storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 #[derive(Debug, Clone, Copy)]
 struct SwiGlu;
@@ -23,27 +24,7 @@ struct SwiGlu;
 #[derive(Debug, Clone, Copy)]
 struct SwiGluBackward;
 
-fn to_f64(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("swiglu: operands must be contiguous")
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
-        CpuStorage::F64(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
-        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
-        other => candle_core::bail!("swiglu: dtype {:?}, expected a float type", other.dtype()),
-    })
-}
-
-fn from_f64(dtype: DType, v: Vec<f64>) -> CpuStorage {
-    match dtype {
-        DType::F64 => CpuStorage::F64(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f64).collect()),
-        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f64).collect()),
-        _ => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
-    }
-}
+const OP: &str = "swiglu";
 
 fn sigmoid(g: f64) -> f64 {
     1.0 / (1.0 + (-g).exp())
@@ -61,13 +42,13 @@ impl CustomOp2 for SwiGlu {
         u: &CpuStorage,
         lu: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (gs, us) = (to_f64(g, lg)?, to_f64(u, lu)?);
+        let (gs, us) = (storage_to_f64(g, lg, OP)?, storage_to_f64(u, lu, OP)?);
         let y = gs
             .iter()
             .zip(&us)
             .map(|(g, u)| g * sigmoid(*g) * u)
             .collect();
-        Ok((from_f64(g.dtype(), y), lg.shape().clone()))
+        Ok((storage_from_f64(g.dtype(), y), lg.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -112,7 +93,11 @@ impl CustomOp3 for SwiGluBackward {
         dy: &CpuStorage,
         ldy: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (gs, us, dys) = (to_f64(g, lg)?, to_f64(u, lu)?, to_f64(dy, ldy)?);
+        let (gs, us, dys) = (
+            storage_to_f64(g, lg, OP)?,
+            storage_to_f64(u, lu, OP)?,
+            storage_to_f64(dy, ldy, OP)?,
+        );
         let n = gs.len();
         let mut out = Vec::with_capacity(2 * n);
         out.extend(gs.iter().zip(&us).zip(&dys).map(|((g, u), d)| {
@@ -120,7 +105,7 @@ impl CustomOp3 for SwiGluBackward {
             d * u * s * (1.0 + g * (1.0 - s))
         }));
         out.extend(gs.iter().zip(&dys).map(|(g, d)| d * g * sigmoid(*g)));
-        Ok((from_f64(g.dtype(), out), Shape::from(2 * n)))
+        Ok((storage_from_f64(g.dtype(), out), Shape::from(2 * n)))
     }
 
     #[cfg(feature = "cuda")]
@@ -157,12 +142,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// or f16, in `cuda` builds, unless `QAT_CUDA_FUSED_SWIGLU=0`.
 pub fn fused_swiglu_on(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ON.get_or_init(|| std::env::var("QAT_CUDA_FUSED_SWIGLU").map_or(true, |v| v != "0"));
-    cfg!(feature = "cuda")
-        && enabled
-        && x.device().is_cuda()
-        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    crate::kernel_switch::cuda_kernel_on(
+        &ON,
+        "QAT_CUDA_FUSED_SWIGLU",
+        x,
+        &crate::kernel_switch::FLOAT_DTYPES,
+    )
 }
 
 /// The CUDA side: kernels/swiglu.cu, loaded once per device as a custom PTX module.
@@ -234,7 +219,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
         (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?

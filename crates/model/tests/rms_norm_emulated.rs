@@ -6,7 +6,6 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use qat_model::norm::rms_norm_with_grad;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -20,18 +19,6 @@ fn build_harness(dir: &Path) -> PathBuf {
     )
 }
 
-fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
-
 /// `(y, dx, dw)` of the emulated kernels.
 fn run_emulated(
     exe: &Path,
@@ -41,7 +28,6 @@ fn run_emulated(
     w: &[f32],
     dy: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
     let mut bytes = Vec::new();
     for v in [rows as u32, n as u32, code] {
         bytes.extend(v.to_le_bytes());
@@ -51,18 +37,8 @@ fn run_emulated(
         .chain(w)
         .chain(dy)
         .for_each(|v| bytes.extend(v.to_le_bytes()));
-    std::fs::write(&in_path, bytes).expect("write the harness input");
-    let status = Command::new(exe)
-        .arg(&in_path)
-        .arg(&out_path)
-        .status()
-        .expect("run the harness");
-    assert!(status.success(), "the emulation harness failed ({status})");
-    let all: Vec<f32> = std::fs::read(&out_path)
-        .expect("read the harness output")
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let output = emulation_harness::run_harness(exe, dir, &bytes);
+    let all: Vec<f32> = emulation_harness::f32s(&output);
     let el = rows * n;
     (
         all[..el].to_vec(),
@@ -95,9 +71,15 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
             let exact = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
                 Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
             };
-            let x = exact(random(rows * n, seed, 6.0), &[rows, n])?;
-            let w = exact(random(n, seed + 1, 2.0), &[n])?;
-            let dy = exact(random(rows * n, seed + 2, 2.0), &[rows, n])?;
+            let x = exact(
+                emulation_harness::lcg_values(rows * n, seed, 6.0),
+                &[rows, n],
+            )?;
+            let w = exact(emulation_harness::lcg_values(n, seed + 1, 2.0), &[n])?;
+            let dy = exact(
+                emulation_harness::lcg_values(rows * n, seed + 2, 2.0),
+                &[rows, n],
+            )?;
             let flat = |t: &Tensor| -> Result<Vec<f32>> {
                 t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
             };

@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use qat_model::rope::rope_with_grad;
 use qat_model::RotaryEmbedding;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -33,25 +32,14 @@ fn run_emulated(
     sign: f32,
     data: [&[f32]; 3],
 ) -> Vec<f32> {
-    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
     let mut bytes = Vec::new();
     header.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
     bytes.extend(sign.to_le_bytes());
     data.iter()
         .flat_map(|x| x.iter())
         .for_each(|v| bytes.extend(v.to_le_bytes()));
-    std::fs::write(&in_path, bytes).expect("write the harness input");
-    let status = Command::new(exe)
-        .arg(&in_path)
-        .arg(&out_path)
-        .status()
-        .expect("run the harness");
-    assert!(status.success(), "the emulation harness failed ({status})");
-    std::fs::read(&out_path)
-        .expect("read the harness output")
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    let output = emulation_harness::run_harness(exe, dir, &bytes);
+    emulation_harness::f32s(&output)
 }
 
 #[test]

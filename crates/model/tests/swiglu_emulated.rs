@@ -7,7 +7,6 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use qat_model::swiglu::swiglu;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -21,20 +20,7 @@ fn build_harness(dir: &Path) -> PathBuf {
     )
 }
 
-fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
-
 fn run_emulated(exe: &Path, dir: &Path, code: u32, blocks: u32, inputs: [&[f32]; 3]) -> Vec<f32> {
-    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
     let mut bytes = Vec::new();
     for v in [inputs[0].len() as u32, code, blocks] {
         bytes.extend(v.to_le_bytes());
@@ -43,18 +29,8 @@ fn run_emulated(exe: &Path, dir: &Path, code: u32, blocks: u32, inputs: [&[f32];
         .iter()
         .flat_map(|x| x.iter())
         .for_each(|v| bytes.extend(v.to_le_bytes()));
-    std::fs::write(&in_path, bytes).expect("write the harness input");
-    let status = Command::new(exe)
-        .arg(&in_path)
-        .arg(&out_path)
-        .status()
-        .expect("run the harness");
-    assert!(status.success(), "the emulation harness failed ({status})");
-    std::fs::read(&out_path)
-        .expect("read the harness output")
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    let output = emulation_harness::run_harness(exe, dir, &bytes);
+    emulation_harness::f32s(&output)
 }
 
 #[test]
@@ -71,9 +47,9 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
                 Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(dtype)
             };
             let (g, u, dy) = (
-                exact(random(n, 1, 60.0))?,
-                exact(random(n, 2, 4.0))?,
-                exact(random(n, 3, 2.0))?,
+                exact(emulation_harness::lcg_values(n, 1, 60.0))?,
+                exact(emulation_harness::lcg_values(n, 2, 4.0))?,
+                exact(emulation_harness::lcg_values(n, 3, 2.0))?,
             );
             let flat = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.to_vec1() };
             let got = run_emulated(

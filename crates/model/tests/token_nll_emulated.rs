@@ -6,7 +6,6 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -82,25 +81,14 @@ fn run_emulated(
     vocab: usize,
     dtype: u32,
 ) -> Vec<f32> {
-    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
     let mut bytes = Vec::new();
     for x in [targets.len() as u32, vocab as u32, dtype] {
         bytes.extend(x.to_le_bytes());
     }
     targets.iter().for_each(|t| bytes.extend(t.to_le_bytes()));
     z.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
-    std::fs::write(&in_path, bytes).expect("write the harness input");
-    let status = Command::new(exe)
-        .arg(&in_path)
-        .arg(&out_path)
-        .status()
-        .expect("run the harness");
-    assert!(status.success(), "the emulation harness failed ({status})");
-    std::fs::read(&out_path)
-        .expect("read the harness output")
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    let output = emulation_harness::run_harness(exe, dir, &bytes);
+    emulation_harness::f32s(&output)
 }
 
 #[test]

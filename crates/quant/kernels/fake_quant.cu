@@ -17,12 +17,9 @@
 #include <stdint.h>
 #endif
 
-#define BLOCK 256
+#include "../../model/kernels/float_io.cuh"
 
-__device__ __forceinline__ float load_f(const float *p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load_f(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store_f(float *p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_f(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+#define BLOCK 256
 
 // One block of BLOCK threads per row of `cols` elements; grid = rows. Out may be a narrower type
 // than In (f32 master weights quantized straight into bf16 compute weights): the f32 result is
@@ -35,7 +32,7 @@ __device__ void sym_row_fake_quant(const In *x, Out *out, uint32_t cols, float q
     __shared__ float red[BLOCK];
     float amax = 0.0f;
     for (uint32_t i = threadIdx.x; i < cols; i += BLOCK) {
-        amax = fmaxf(amax, fabsf(load_f(xr, i)));
+        amax = fmaxf(amax, fabsf(fio::load(xr, i)));
     }
     red[threadIdx.x] = amax;
     __syncthreads();
@@ -50,11 +47,11 @@ __device__ void sym_row_fake_quant(const In *x, Out *out, uint32_t cols, float q
     for (uint32_t i = threadIdx.x; i < cols; i += BLOCK) {
         float v = 0.0f;
         if (scale != 0.0f) {
-            float q = rintf(load_f(xr, i) / scale);
+            float q = rintf(fio::load(xr, i) / scale);
             q = fminf(fmaxf(q, -qmax), qmax);
             v = q * scale + 0.0f;
         }
-        store_f(outr, i, v);
+        fio::store(outr, i, v);
     }
 }
 

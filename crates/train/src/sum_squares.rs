@@ -13,6 +13,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+use qat_model::kernel_switch::cuda_kernel_on;
 
 /// Blocks of the first stage at most (the second stage sums their partial sums).
 pub const PARTIALS: usize = 1024;
@@ -123,9 +124,7 @@ pub fn sum_squares_into(out: &Tensor, slot: usize, g: &Tensor) -> Result<()> {
 /// CUDA, in `cuda` builds, unless `QAT_CUDA_FUSED_GRAD_NORM=0`.
 pub fn fused_on(g: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ON.get_or_init(|| std::env::var("QAT_CUDA_FUSED_GRAD_NORM").map_or(true, |v| v != "0"));
-    cfg!(feature = "cuda") && enabled && g.device().is_cuda() && g.dtype() == DType::F32
+    cuda_kernel_on(&ON, "QAT_CUDA_FUSED_GRAD_NORM", g, &[DType::F32])
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use qat_train::loss::bucket_lse::bucket_logsumexp;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../../model/kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -20,18 +19,6 @@ fn build_harness(dir: &Path) -> PathBuf {
         "kernels/emulation/bucket_lse_main.cpp",
         dir,
     )
-}
-
-fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
 }
 
 struct Case {
@@ -51,7 +38,6 @@ fn run_emulated(
     z: &[f32],
     g: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
-    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
     let mut bytes = Vec::new();
     for x in [c.rows, c.vocab, c.k, usize::from(c.tail)] {
         bytes.extend((x as u32).to_le_bytes());
@@ -60,18 +46,8 @@ fn run_emulated(
     z.iter()
         .chain(g)
         .for_each(|x| bytes.extend(x.to_le_bytes()));
-    std::fs::write(&in_path, bytes).expect("write the harness input");
-    let status = Command::new(exe)
-        .arg(&in_path)
-        .arg(&out_path)
-        .status()
-        .expect("run the harness");
-    assert!(status.success(), "the emulation harness failed ({status})");
-    let all: Vec<f32> = std::fs::read(&out_path)
-        .expect("read the harness output")
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let output = emulation_harness::run_harness(exe, dir, &bytes);
+    let all: Vec<f32> = emulation_harness::f32s(&output);
     let n = c.rows * (1 + usize::from(c.tail));
     (all[..n].to_vec(), all[n..].to_vec())
 }
@@ -126,7 +102,7 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
     ];
     for c in &cases {
         let cols = 1 + usize::from(c.tail);
-        let mut z = random(c.rows * c.vocab, c.seed, 16.0);
+        let mut z = emulation_harness::lcg_values(c.rows * c.vocab, c.seed, 16.0);
         z[c.vocab / 2] = f32::NEG_INFINITY; // a masked logit
         let mut ids: Vec<u32> = (0..c.rows * c.k)
             .map(|i| ((i * 7919 + i / c.k * 31) % c.vocab) as u32)
@@ -135,7 +111,7 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
             ids[1] = ids[0]; // a repeated id
             ids[2] = c.vocab as u32 + 5; // out of range: ignored
         }
-        let g = random(c.rows * cols, c.seed + 100, 4.0);
+        let g = emulation_harness::lcg_values(c.rows * cols, c.seed + 100, 4.0);
         let (got, got_dz) = run_emulated(&exe, dir.path(), c, &ids, &z, &g);
 
         let zt = Var::from_tensor(

@@ -7,7 +7,6 @@
 use candle_core::{DType, Device, Result, Tensor};
 use qat_train::sum_squares::sum_squares_into;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../../model/kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -22,22 +21,14 @@ fn build_harness(dir: &Path) -> PathBuf {
 }
 
 fn run_emulated(exe: &Path, dir: &Path, g: &[f32], blocks: u32, slot: u32, slots: u32) -> Vec<f64> {
-    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
     let mut bytes = Vec::new();
     bytes.extend((g.len() as u64).to_le_bytes());
     for v in [blocks, slot, slots] {
         bytes.extend(v.to_le_bytes());
     }
     g.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
-    std::fs::write(&in_path, bytes).expect("write the harness input");
-    let status = Command::new(exe)
-        .arg(&in_path)
-        .arg(&out_path)
-        .status()
-        .expect("run the harness");
-    assert!(status.success(), "the emulation harness failed ({status})");
-    std::fs::read(&out_path)
-        .expect("read the harness output")
+    let output = emulation_harness::run_harness(exe, dir, &bytes);
+    output
         .chunks_exact(8)
         .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
         .collect()

@@ -1,4 +1,4 @@
-//! Compiles a CUDA emulation harness (a `*_main.cpp` that includes a `.cu` kernel file and
+//! Compiles and runs a CUDA emulation harness (a `*_main.cpp` that includes a `.cu` kernel file and
 //! cuda_emulation.h) with the host C++ compiler, for the `*_emulated` tests of qat-model,
 //! qat-quant and qat-train, which include this file with `#[path]`.
 
@@ -43,4 +43,42 @@ pub fn build_harness(crate_root: &Path, main_cpp: &str, dir: &Path) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     exe
+}
+
+/// Runs `exe IN OUT` with `input` as IN (in `dir`) and returns OUT's bytes; panics with the exit
+/// status if the harness fails.
+#[allow(dead_code)] // each test crate includes this file and uses what it needs
+pub fn run_harness(exe: &Path, dir: &Path, input: &[u8]) -> Vec<u8> {
+    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
+    std::fs::write(&in_path, input).expect("write the harness input");
+    let status = Command::new(exe)
+        .arg(&in_path)
+        .arg(&out_path)
+        .status()
+        .expect("run the harness");
+    assert!(status.success(), "the emulation harness failed ({status})");
+    std::fs::read(&out_path).expect("read the harness output")
+}
+
+/// Little-endian f32 values of `bytes`.
+#[allow(dead_code)]
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// `n` pseudo-random values in [−scale/2, scale/2) from a 64-bit LCG started at `seed`.
+#[allow(dead_code)]
+pub fn lcg_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
 }

@@ -17,6 +17,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use qat_model::cpu_f64::{storage_from_f64, storage_to_f64};
+use qat_model::kernel_switch::cuda_kernel_on;
 use rayon::prelude::*;
 
 /// Vocabularies the CUDA kernel's shared-memory bitmask holds (kernels/bucket_lse.cu).
@@ -73,26 +75,6 @@ fn ranges<const N: usize>(layouts: [&Layout; N], op: &str) -> Result<[(usize, us
     Ok(out)
 }
 
-/// The logits as f64 rows (f32 or f64 storage).
-fn rows_f64(storage: &CpuStorage, (a, b): (usize, usize)) -> Result<Vec<f64>> {
-    Ok(match storage {
-        CpuStorage::F32(z) => z[a..b].iter().map(|&x| f64::from(x)).collect(),
-        CpuStorage::F64(z) => z[a..b].to_vec(),
-        other => candle_core::bail!(
-            "bucket_logsumexp: logits dtype {:?}, expected F32 or F64",
-            other.dtype()
-        ),
-    })
-}
-
-/// `values` (f64) in the dtype of `like`.
-fn storage_like(like: &CpuStorage, values: Vec<f64>) -> CpuStorage {
-    match like {
-        CpuStorage::F64(_) => CpuStorage::F64(values),
-        _ => CpuStorage::F32(values.into_iter().map(|x| x as f32).collect()),
-    }
-}
-
 fn u32_ids(storage: &CpuStorage, (a, b): (usize, usize)) -> Result<&[u32]> {
     match storage {
         CpuStorage::U32(ids) => Ok(&ids[a..b]),
@@ -115,9 +97,12 @@ impl CustomOp2 for BucketLse {
         ids: &CpuStorage,
         li: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [rz, ri] = ranges([lz, li], "bucket_logsumexp")?;
+        let [_, ri] = ranges([lz, li], "bucket_logsumexp")?;
         let ((rows, vocab), (_, k)) = (lz.shape().dims2()?, li.shape().dims2()?);
-        let (values, ids) = (rows_f64(z, rz)?, u32_ids(ids, ri)?);
+        let (values, ids) = (
+            storage_to_f64(z, lz, "bucket_logsumexp")?,
+            u32_ids(ids, ri)?,
+        );
         let cols = 1 + usize::from(self.tail);
         let out: Vec<f64> = values
             .par_chunks(vocab.max(1))
@@ -131,7 +116,7 @@ impl CustomOp2 for BucketLse {
                 std::iter::once(all).chain(tail)
             })
             .collect();
-        Ok((storage_like(z, out), Shape::from((rows, cols))))
+        Ok((storage_from_f64(z.dtype(), out), Shape::from((rows, cols))))
     }
 
     #[cfg(feature = "cuda")]
@@ -175,9 +160,14 @@ impl CustomOp3 for BucketLseBackward {
         saved: &CpuStorage,
         ls: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [rz, ri, rs] = ranges([lz, li, ls], "bucket_logsumexp backward")?;
+        const OP: &str = "bucket_logsumexp backward";
+        let [_, ri, _] = ranges([lz, li, ls], OP)?;
         let ((_, vocab), (_, k)) = (lz.shape().dims2()?, li.shape().dims2()?);
-        let (values, ids, saved) = (rows_f64(z, rz)?, u32_ids(ids, ri)?, rows_f64(saved, rs)?);
+        let (values, ids, saved) = (
+            storage_to_f64(z, lz, OP)?,
+            u32_ids(ids, ri)?,
+            storage_to_f64(saved, ls, OP)?,
+        );
         let c = 1 + usize::from(self.tail);
         let dz: Vec<f64> = values
             .par_chunks(vocab.max(1))
@@ -200,7 +190,7 @@ impl CustomOp3 for BucketLseBackward {
                     .collect::<Vec<_>>()
             })
             .collect();
-        Ok((storage_like(z, dz), lz.shape().clone()))
+        Ok((storage_from_f64(z.dtype(), dz), lz.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -241,13 +231,8 @@ pub fn bucket_logsumexp(logits: &Tensor, ids: &Tensor, tail: bool) -> Result<Ten
 /// builds, unless `QAT_CUDA_FUSED_LOSS=0`), with a vocabulary the kernel's bitmask holds.
 pub fn fused_on(logits: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ON.get_or_init(|| std::env::var("QAT_CUDA_FUSED_LOSS").map_or(true, |v| v != "0"));
-    cfg!(feature = "cuda")
-        && enabled
-        && logits.device().is_cuda()
-        && logits.dtype() == DType::F32
-        && logits.dims().last().is_some_and(|&v| v <= MAX_VOCAB)
+    logits.dims().last().is_some_and(|&v| v <= MAX_VOCAB)
+        && cuda_kernel_on(&ON, "QAT_CUDA_FUSED_LOSS", logits, &[DType::F32])
 }
 
 /// The CUDA side: kernels/bucket_lse.cu, loaded once per device as a custom PTX module.

@@ -1,0 +1,30 @@
+//! Float CPU storages as f64 vectors and back: the arithmetic of the CPU paths of qat's custom
+//! training ops ([`crate::norm`], [`crate::swiglu`], [`crate::rope`], and qat-train's bucket
+//! log-sum-exp), which exist as the references their CUDA kernels are tested against.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result};
+
+/// The elements of a contiguous float storage, as f64; `op` names the op in errors.
+pub fn storage_to_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: operands must be contiguous")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
+        CpuStorage::F64(v) => v[a..b].to_vec(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f64()).collect(),
+        other => candle_core::bail!("{op}: dtype {:?}, expected a float type", other.dtype()),
+    })
+}
+
+/// `v` as a storage of `dtype` (rounded to nearest; f32 for any non-float dtype).
+pub fn storage_from_f64(dtype: DType, v: Vec<f64>) -> CpuStorage {
+    match dtype {
+        DType::F64 => CpuStorage::F64(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f64).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f64).collect()),
+        _ => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
+    }
+}
