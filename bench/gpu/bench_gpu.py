@@ -291,7 +291,8 @@ def main():
         j, _, wall, _ = qat_sample(f"distill-{L}", n, L - 2, min(64, n), keep=True)  # BOS + start + L-2
         say(f"shards: {j['generated_tokens']:,} tokens in {wall:.0f} s ({j['tokens_per_s']:,.0f} tokens/s)")
 
-    if any(st in stages for st in ("distill", "distill-teacher", "distill-flash", "profile")):
+    if any(st in stages for st in ("distill", "distill-teacher", "distill-flash", "distill-composed", "profile",
+                                   "kernels")):
         attempt("shards", stage_shards)
 
     def qat_distill(tag, extra, DB, scheme="W4A8KV4", n_steps=None, run_env=None):
@@ -477,11 +478,11 @@ def main():
         b = chosen["batch"]
         runs = []  # cheapest first: ncu serializes every kernel and adds its own time to each
         for tag, run_env, what in (("eval", env, "composed attention"), ("eval-flash", flash_env, "flash attention")):
-            runs.append((tag, f"qat-eval, stream windows of {L}, batch {EB}, {what}", 1, "batch", run_env, 90,
+            runs.append((tag, f"qat-eval, stream windows of {L}, batch {EB}, {what}", 1, "batch", run_env, 60,
                          [bins["qat-eval"], "-m", model, "-c", corpus, "--mode", "stream", "--seq-len", str(L),
                           "--limit", str(EB), "-b", str(EB), "-q"] + dev))
         runs.append(("distill", f"qat-distill W4A8KV4, cached top-64, batch {b} x {L} (2 steps, model load included)",
-                     2, "step", env, 150,
+                     2, "step", env, 90,
                      [bins["qat-distill"], "-m", model, "-s", shards, "-o", fresh(os.path.join(work, "student-ncu")),
                       "--scheme", "W4A8KV4", "-b", str(b), "--steps", "2", "--warmup-steps", "1",
                       "--checkpoint-every", "0", "-q"] + dev))

@@ -3,36 +3,50 @@
 # most valuable first, each part given what is left of a time budget. Run ON the GPU machine from
 # the repo root, with dist/cuda carried (`make build-cuda CUDA_TESTS=1`):
 #
-#   bash bench/gpu/session.sh OUT [BUDGET_S]     # e.g. the device tool's $OUT, 540
+#   bash bench/gpu/session.sh OUT [BUDGET_S]     # e.g. the device tool's $OUT, 560
 #
-#   1. `make bench-gpu RECORD=1`: the kernel tests' CUDA cases, then the speed table against
-#      PyTorch and the profiles (its --deadline-s is about half the budget);
+#   1. `make bench-gpu RECORD=1` without its kernels stage: the kernel tests' CUDA cases, then the
+#      speed table against PyTorch and the profiles (--deadline-s: 45% of the budget);
 #   2. `make pipeline-gpu`: stories260K end to end on cuda, compared with the CPU perplexities
-#      (only with 150 s or more left; stopped 20 s before the budget ends, and resumable);
-#   3. `make sanitize-gpu`: the kernel tests under compute-sanitizer (with 90 s or more left).
-# Logs and results go to OUT (at most 7 files: results.json, table.md, RESULTS.md, bench.log,
-# pipeline.log, compare.txt, sanitize.log). Exit 0 when every part that ran passed.
+#      (with 150 s or more left; stopped 90 s before the budget ends, and resumable);
+#   3. the bench's kernels stage, GPU time by kernel from Nsight Compute (with 90 s or more left;
+#      into OUT/kernels);
+#   4. `make sanitize-gpu`: the kernel tests under compute-sanitizer (with 60 s or more left).
+# Logs and results go to OUT (8 files at most: results.json, table.md, RESULTS.md, bench.log,
+# pipeline.log, sanitize.log, kernels/results.json, kernels/table.md). Exit 0 when every part
+# that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:?usage: session.sh OUT [BUDGET_S]}
-budget=${2:-540}
+budget=${2:-560}
 mkdir -p "$out"
 start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
 rc=0
+stages=sample,distill,distill-teacher,eval,eval-flash,distill-flash,distill-composed,profile
 
-make bench-gpu RECORD=1 BENCH_GPU_FLAGS="--results $out --deadline-s $((budget / 2))" 2>&1 | tee "$out/bench.log" || rc=1
+make bench-gpu RECORD=1 BENCH_GPU_FLAGS="--results $out --deadline-s $((budget * 45 / 100)) --stages $stages" \
+    2>&1 | tee "$out/bench.log" || rc=1
 cp bench/RESULTS.md "$out/" 2>/dev/null
 
 if [ "$(left)" -ge 150 ]; then
     echo "session.sh: pipeline-gpu with $(left) s left" >&2
-    timeout "$(($(left) - 20))" make pipeline-gpu > "$out/pipeline.log" 2>&1 || rc=1
-    tail -n 40 "$out/pipeline.log" | tee "$out/compare.txt"
+    timeout "$(($(left) - 90))" make pipeline-gpu > "$out/pipeline.log" 2>&1 || rc=1
+    tail -n 30 "$out/pipeline.log"
 else
-    echo "session.sh: pipeline-gpu SKIPPED, $(left) s left" | tee "$out/compare.txt" >&2
+    echo "session.sh: pipeline-gpu SKIPPED, $(left) s left" | tee "$out/pipeline.log" >&2
 fi
 
 if [ "$(left)" -ge 90 ]; then
+    echo "session.sh: bench-gpu kernels stage with $(left) s left" >&2
+    BENCH_GPU_SKIP_TESTS=1 timeout "$(($(left) - 30))" make bench-gpu \
+        BENCH_GPU_FLAGS="--results $out/kernels --deadline-s $(($(left) - 60)) --stages kernels" \
+        2>&1 | tail -n 60 || rc=1
+else
+    echo "session.sh: kernels SKIPPED, $(left) s left" >&2
+fi
+
+if [ "$(left)" -ge 60 ]; then
     echo "session.sh: sanitize-gpu with $(left) s left" >&2
     SANITIZE_TIMEOUT=$(($(left) / 8)) make sanitize-gpu > "$out/sanitize.log" 2>&1 || rc=1
     grep -E "ERROR SUMMARY|FAILED|run.sh:" "$out/sanitize.log" | tail -n 20
