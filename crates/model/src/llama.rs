@@ -171,12 +171,12 @@ impl Mlp {
         })
     }
 
-    /// `x: [b, t, hidden]` → `[b, t, hidden]`. Training (not `fused`) on CUDA computes
-    /// `silu(gate) · up` as one op with its own backward ([`crate::swiglu`]).
-    fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks, fused: bool) -> Result<Tensor> {
+    /// `x: [b, t, hidden]` → `[b, t, hidden]`. On CUDA `silu(gate) · up` is one op with its
+    /// own backward ([`crate::swiglu`]), in training and inference alike; the CPU composes it.
+    fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, hooks)?;
         let up = self.up_proj.forward(x, hooks)?;
-        let h = if !fused && crate::swiglu::fused_swiglu_on(&gate) {
+        let h = if crate::swiglu::fused_swiglu_on(&gate) {
             crate::swiglu::swiglu(&gate, &up)?
         } else {
             (gate.silu()? * up)?
@@ -476,7 +476,7 @@ impl Llama {
                 self.cfg.rms_norm_eps,
                 fused,
             )?;
-            x = (x + block.mlp.forward(&h, hooks, fused)?)?;
+            x = (x + block.mlp.forward(&h, hooks)?)?;
         }
         cache.advance(t);
         Ok(x)

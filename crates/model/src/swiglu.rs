@@ -7,7 +7,8 @@
 //! (kernels/swiglu.cu), in f32 arithmetic with one rounding per output:
 //! `y = silu(g) · u`, `dg = dy · u · σ(g) · (1 + g (1 − σ(g)))`, `du = dy · silu(g)`.
 //!
-//! Used by [`crate::Llama`] in training on CUDA only (`QAT_CUDA_FUSED_SWIGLU=0` turns it off);
+//! Used by [`crate::Llama`] on CUDA, in training and in inference, where it also saves the
+//! composed path's intermediate `silu(gate)` tensor (`QAT_CUDA_FUSED_SWIGLU=0` turns it off);
 //! the CPU keeps the composed ops and their exact numerics. The CPU implementation here (f64
 //! arithmetic) exists for the tests, which check it against the composed ops in value and
 //! gradient, and the kernels against it (through the CUDA emulation, tests/swiglu_emulated.rs,
@@ -138,8 +139,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
-/// Whether training runs the MLP's `silu(gate) · up` as [`swiglu`]: CUDA tensors of f32, bf16
-/// or f16, in `cuda` builds, unless `QAT_CUDA_FUSED_SWIGLU=0`.
+/// Whether the MLP runs `silu(gate) · up` as [`swiglu`]: CUDA tensors of f32, bf16 or f16, in
+/// `cuda` builds, unless `QAT_CUDA_FUSED_SWIGLU=0`.
 pub fn fused_swiglu_on(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     crate::kernel_switch::cuda_kernel_on(
