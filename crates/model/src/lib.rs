@@ -7,7 +7,7 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
-pub mod cpu_f64;
+pub mod custom_op;
 pub mod device;
 pub mod error;
 pub mod fastmath;

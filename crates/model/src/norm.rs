@@ -13,7 +13,7 @@
 //! gradient, and the kernels against it (through the CUDA emulation,
 //! tests/rms_norm_emulated.rs, and on a GPU).
 
-use crate::cpu_f64::{storage_from_f64, storage_to_f64};
+use crate::custom_op::{storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -40,11 +40,10 @@ fn round_to(dtype: DType, v: f64) -> f64 {
 
 const OP: &str = "rms_norm_with_grad";
 
-/// The element range of a contiguous layout (the CUDA kernels take contiguous operands).
+/// The element range of a contiguous operand (the CUDA kernels take contiguous operands).
 #[cfg(feature = "cuda")]
 fn contiguous(l: &Layout) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{OP}: operands must be contiguous")))
+    crate::custom_op::contiguous_range(l, OP, "operands")
 }
 
 /// `d = sqrt(mean(x²) + eps)` of one row, in f64.

@@ -4,7 +4,7 @@
 //! on the gradient with the angle negated (kernels/rope.cu, [`rope_with_grad`]); elsewhere the
 //! composition of candle ops, or candle's own kernel (no gradient) in inference.
 
-use crate::cpu_f64::{storage_from_f64, storage_to_f64};
+use crate::custom_op::{storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D};
 
@@ -209,11 +209,8 @@ mod cuda {
             (cos, lc): Operand<'_>,
             (sin, ls): Operand<'_>,
         ) -> Result<CudaStorage> {
-            let range = |l: &Layout| {
-                l.contiguous_offsets().ok_or_else(|| {
-                    candle_core::Error::Msg("rope_with_grad: operands must be contiguous".into())
-                })
-            };
+            let range =
+                |l: &Layout| crate::custom_op::contiguous_range(l, "rope_with_grad", "operands");
             let (b, h, t, d) = lx.shape().dims4()?;
             let ((x0, x1), (c0, c1), (s0, s1)) = (range(lx)?, range(lc)?, range(ls)?);
             if c1 - c0 != b * t * (d / 2) || s1 - s0 != c1 - c0 {

@@ -14,7 +14,7 @@
 //! gradient, and the kernels against it (through the CUDA emulation, tests/swiglu_emulated.rs,
 //! and on a GPU).
 
-use crate::cpu_f64::{storage_from_f64, storage_to_f64};
+use crate::custom_op::{storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -178,9 +178,7 @@ mod cuda {
             let func = dev.get_or_load_custom_func(&name, "qat_swiglu", PTX)?;
             let mut views = Vec::with_capacity(inputs.len());
             for (s, l) in inputs {
-                let Some((a, b)) = l.contiguous_offsets() else {
-                    candle_core::bail!("swiglu: operands must be contiguous")
-                };
+                let (a, b) = crate::custom_op::contiguous_range(l, "swiglu", "operands")?;
                 if b - a != n {
                     candle_core::bail!("swiglu: operands of {} and {n} elements", b - a);
                 }

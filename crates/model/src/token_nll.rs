@@ -12,6 +12,7 @@
 //! CUDA: kernels/token_nll.cu, f32 with a fixed reduction order (checked without a GPU through the CUDA emulation,
 //! tests/token_nll_emulated.rs, and on a GPU by this module's CUDA test).
 
+use crate::custom_op::contiguous_range;
 use crate::fastmath::exp_nonpositive;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
@@ -117,10 +118,11 @@ impl CustomOp2 for TokenNll {
         targets: &CpuStorage,
         lt: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((z1, z2)), Some((t1, t2))) = (ll.contiguous_offsets(), lt.contiguous_offsets())
-        else {
-            candle_core::bail!("token_nll: logits and targets must be contiguous")
-        };
+        let what = "logits and targets";
+        let ((z1, z2), (t1, t2)) = (
+            contiguous_range(ll, "token_nll", what)?,
+            contiguous_range(lt, "token_nll", what)?,
+        );
         let (rows, vocab) = ll.shape().dims2()?;
         let CpuStorage::U32(targets) = targets else {
             candle_core::bail!(
@@ -164,10 +166,11 @@ impl CustomOp2 for TokenNll {
         use candle_core::DType;
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/token_nll.ptx"));
-        let (Some((z1, z2)), Some((t1, t2))) = (ll.contiguous_offsets(), lt.contiguous_offsets())
-        else {
-            candle_core::bail!("token_nll: logits and targets must be contiguous")
-        };
+        let what = "logits and targets";
+        let ((z1, z2), (t1, t2)) = (
+            contiguous_range(ll, "token_nll", what)?,
+            contiguous_range(lt, "token_nll", what)?,
+        );
         let (rows, vocab) = ll.shape().dims2()?;
         let dev = logits.device();
         let targets = targets.as_cuda_slice::<u32>()?.slice(t1..t2);

@@ -106,8 +106,7 @@ impl WeightUpdate {
 
 /// The contiguous element range of `l`, or an error naming `what`.
 fn range(l: &Layout, what: &str) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("adamw: {what} must be contiguous")).bt())
+    qat_model::custom_op::contiguous_range(l, "adamw", what)
 }
 
 impl InplaceOp2 for MomentUpdate {

@@ -13,6 +13,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+use qat_model::custom_op::contiguous_range;
 use qat_model::kernel_switch::cuda_kernel_on;
 
 /// Blocks of the first stage at most (the second stage sums their partial sums).
@@ -36,10 +37,10 @@ impl InplaceOp2 for SumSquaresInto {
         g: &CpuStorage,
         lg: &Layout,
     ) -> Result<()> {
-        let (Some((o0, o1)), Some((g0, g1))) = (lo.contiguous_offsets(), lg.contiguous_offsets())
-        else {
-            candle_core::bail!("sum_squares_into: operands must be contiguous")
-        };
+        let ((o0, o1), (g0, g1)) = (
+            contiguous_range(lo, "sum_squares_into", "operands")?,
+            contiguous_range(lg, "sum_squares_into", "operands")?,
+        );
         let sum: f64 = match g {
             CpuStorage::F32(v) => v[g0..g1].iter().map(|&x| f64::from(x) * f64::from(x)).sum(),
             CpuStorage::F64(v) => v[g0..g1].iter().map(|&x| x * x).sum(),
@@ -71,10 +72,10 @@ impl InplaceOp2 for SumSquaresInto {
         use candle_core::cuda_backend::WrapErr;
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sum_squares.ptx"));
 
-        let (Some((o0, o1)), Some((g0, g1))) = (lo.contiguous_offsets(), lg.contiguous_offsets())
-        else {
-            candle_core::bail!("sum_squares_into: operands must be contiguous")
-        };
+        let ((o0, o1), (g0, g1)) = (
+            contiguous_range(lo, "sum_squares_into", "operands")?,
+            contiguous_range(lg, "sum_squares_into", "operands")?,
+        );
         if self.slot >= o1 - o0 {
             candle_core::bail!(
                 "sum_squares_into: slot {} of a buffer of {} elements",

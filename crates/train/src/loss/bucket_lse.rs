@@ -17,7 +17,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use qat_model::cpu_f64::{storage_from_f64, storage_to_f64};
+use qat_model::custom_op::{contiguous_range, storage_from_f64, storage_to_f64};
 use qat_model::kernel_switch::cuda_kernel_on;
 use rayon::prelude::*;
 
@@ -67,10 +67,7 @@ fn logsumexp(z: &[f64], keep: impl Fn(usize) -> bool) -> f64 {
 fn ranges<const N: usize>(layouts: [&Layout; N], op: &str) -> Result<[(usize, usize); N]> {
     let mut out = [(0, 0); N];
     for (o, l) in out.iter_mut().zip(layouts) {
-        let Some(r) = l.contiguous_offsets() else {
-            candle_core::bail!("{op}: operands must be contiguous")
-        };
-        *o = r;
+        *o = contiguous_range(l, op, "operands")?;
     }
     Ok(out)
 }

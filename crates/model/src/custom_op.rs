@@ -1,15 +1,21 @@
-//! Float CPU storages as f64 vectors and back: the arithmetic of the CPU paths of qat's custom
-//! training ops ([`crate::norm`], [`crate::swiglu`], [`crate::rope`], and qat-train's bucket
-//! log-sum-exp), which exist as the references their CUDA kernels are tested against.
+//! What qat's custom candle ops share: the element ranges of their contiguous operands, and
+//! float CPU storages as f64 vectors and back, the arithmetic of the CPU paths of the training
+//! ops ([`crate::norm`], [`crate::swiglu`], [`crate::rope`], and qat-train's bucket log-sum-exp)
+//! that their CUDA kernels are tested against.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result};
 
+/// The element range of `l`, which the op `op` needs contiguous; else the error
+/// "`op`: `what` must be contiguous".
+pub fn contiguous_range(l: &Layout, op: &str, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")).bt())
+}
+
 /// The elements of a contiguous float storage, as f64; `op` names the op in errors.
 pub fn storage_to_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: operands must be contiguous")
-    };
+    let (a, b) = contiguous_range(l, op, "operands")?;
     Ok(match s {
         CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
         CpuStorage::F64(v) => v[a..b].to_vec(),
