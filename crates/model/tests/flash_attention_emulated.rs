@@ -8,7 +8,6 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use qat_model::causal_attention;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -89,13 +88,10 @@ fn run(exe: &Path, dir: &Path, c: &Case, seed: u64) -> Result<[f64; 4]> {
     for x in q.iter().chain(&kbuf).chain(&vbuf).chain(&dout) {
         input.extend((*x as f32).to_le_bytes());
     }
-    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
-    std::fs::write(&in_path, input)?;
-    let status = Command::new(exe).arg(&in_path).arg(&out_path).status()?;
-    assert!(status.success(), "the emulation harness failed ({status})");
-    let got: Vec<f64> = std::fs::read(&out_path)?
-        .chunks_exact(4)
-        .map(|x| f32::from_le_bytes(x.try_into().unwrap()) as f64)
+    let output = emulation_harness::run_harness(exe, dir, &input);
+    let got: Vec<f64> = emulation_harness::f32s(&output)
+        .into_iter()
+        .map(f64::from)
         .collect();
     let (nq, nk) = (b * nh * t * hd, b * nkv * s * hd);
     assert_eq!(got.len(), 2 * nq + 2 * nk, "output length");

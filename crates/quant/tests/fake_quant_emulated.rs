@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Result, Tensor};
 use qat_quant::fake::{sym_qmax, ScaleRounding};
 use qat_quant::fused::{sym_fake_quant_rows, sym_fake_quant_rows_to};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../../model/kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -62,19 +61,7 @@ fn emulate(
     for v in x {
         input.extend(v.to_le_bytes());
     }
-    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
-    std::fs::write(&in_path, input).expect("write the input");
-    let status = Command::new(exe)
-        .arg(&in_path)
-        .arg(&out_path)
-        .status()
-        .expect("run the harness");
-    assert!(status.success(), "the emulation harness failed ({status})");
-    std::fs::read(&out_path)
-        .expect("read the output")
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
+    emulation_harness::f32s(&emulation_harness::run_harness(exe, dir, &input))
 }
 
 fn bits_of(x: &[f32]) -> Vec<u32> {

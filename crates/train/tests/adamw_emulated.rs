@@ -8,7 +8,6 @@ use candle_core::{Device, Result, Tensor, Var};
 use qat_train::optim::{AdamW, AdamWConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../../model/kernels/emulation/build_harness.rs"]
 mod emulation_harness;
@@ -98,14 +97,8 @@ fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
             input.extend(i32::from(grad_scale.is_some()).to_le_bytes());
             g.iter().for_each(|x| input.extend(x.to_le_bytes()));
         }
-        let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
-        std::fs::write(&in_path, input)?;
-        let status = Command::new(&exe).arg(&in_path).arg(&out_path).status()?;
-        assert!(status.success(), "the emulation harness failed ({status})");
-        let got: Vec<f32> = std::fs::read(&out_path)?
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let got =
+            emulation_harness::f32s(&emulation_harness::run_harness(&exe, dir.path(), &input));
         assert_eq!(got.len(), 3 * n, "output length");
         let state = reference.state_tensors();
         let want_w = var.as_tensor().to_vec1::<f32>()?;
