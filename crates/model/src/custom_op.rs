@@ -1,10 +1,9 @@
-//! What qat's custom candle ops share: the element ranges of their contiguous operands, and
-//! float CPU storages as f64 vectors and back, the arithmetic of the CPU paths of the training
-//! ops ([`crate::norm`], [`crate::swiglu`], [`crate::rope`], and qat-train's bucket log-sum-exp)
-//! that their CUDA kernels are tested against.
+//! What qat's custom candle ops share: the element ranges of their contiguous operands; float
+//! CPU storages as f64 vectors and back, the arithmetic of the CPU paths of the training ops ([`crate::norm`], [`crate::swiglu`], [`crate::rope`], and qat-train's bucket log-sum-exp)
+//! that their CUDA kernels are tested against; and the difference measure of those tests.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Result};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
 /// The element range of `l`, which the op `op` needs contiguous; else the error
 /// "`op`: `what` must be contiguous".
@@ -33,4 +32,14 @@ pub fn storage_from_f64(dtype: DType, v: Vec<f64>) -> CpuStorage {
         DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f64).collect()),
         _ => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
     }
+}
+
+/// The largest `|a − b|` over all elements, in f64: how the ops' tests compare an op with its
+/// reference (composed ops, or the CPU path against a CUDA kernel).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
 }

@@ -338,6 +338,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::custom_op::max_abs_diff;
     use candle_core::{Device, Var, D};
 
     /// The composed RMSNorm of crates/model/src/llama.rs (f32 inside for 16-bit x).
@@ -351,14 +352,6 @@ mod tests {
         x32.broadcast_div(&(mean_sq + eps)?.sqrt()?)?
             .to_dtype(x.dtype())?
             .broadcast_mul(&w)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f64>()
     }
 
     #[test]
@@ -389,19 +382,19 @@ mod tests {
             .affine(0.11, 0.0)?
             .cos()?;
         let (a, b) = (rms_norm_with_grad(&x, &w, eps)?, composed(&x, &w, eps)?);
-        assert!(max_diff(&a, &b)? < 1e-14, "{}", max_diff(&a, &b)?);
+        assert!(max_abs_diff(&a, &b)? < 1e-14, "{}", max_abs_diff(&a, &b)?);
         let ga = (a * &up)?.sum_all()?.backward()?;
         let gb = (b * &up)?.sum_all()?.backward()?;
         for v in [&x, &w] {
             let (p, q) = (ga.get(v).expect("grad"), gb.get(v).expect("grad"));
-            assert!(max_diff(p, q)? < 1e-12, "{}", max_diff(p, q)?);
+            assert!(max_abs_diff(p, q)? < 1e-12, "{}", max_abs_diff(p, q)?);
         }
         // bf16 activations (f32 weight cast to bf16): the composed values, to bf16 rounding.
         let xb = x.as_tensor().to_dtype(DType::BF16)?;
         let wf = w.as_tensor().to_dtype(DType::F32)?;
         let (a, b) = (rms_norm_with_grad(&xb, &wf, eps)?, composed(&xb, &wf, eps)?);
         assert_eq!(a.dtype(), DType::BF16);
-        assert!(max_diff(&a, &b)? < 2e-2, "{}", max_diff(&a, &b)?);
+        assert!(max_abs_diff(&a, &b)? < 2e-2, "{}", max_abs_diff(&a, &b)?);
         Ok(())
     }
 
@@ -446,9 +439,15 @@ mod tests {
             let (y0, dx0, dw0) = run(&Device::Cpu, DType::F64)?;
             let scale =
                 |t: &Tensor| -> Result<f64> { t.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>() };
-            assert!(max_diff(&y, &y0)? <= tol * scale(&y0)?, "{dtype:?} y");
-            assert!(max_diff(&dx, &dx0)? <= tol * scale(&dx0)?, "{dtype:?} dx");
-            assert!(max_diff(&dw, &dw0)? <= tol * scale(&dw0)?, "{dtype:?} dw");
+            assert!(max_abs_diff(&y, &y0)? <= tol * scale(&y0)?, "{dtype:?} y");
+            assert!(
+                max_abs_diff(&dx, &dx0)? <= tol * scale(&dx0)?,
+                "{dtype:?} dx"
+            );
+            assert!(
+                max_abs_diff(&dw, &dw0)? <= tol * scale(&dw0)?,
+                "{dtype:?} dw"
+            );
         }
         Ok(())
     }

@@ -254,15 +254,8 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::custom_op::max_abs_diff;
     use candle_core::Var;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f64>()
-    }
 
     /// Tables for per-row positions (row 1 left-padded by 2), `[b, t, head_dim / 2]`.
     fn tables(dtype: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
@@ -287,17 +280,17 @@ mod tests {
             .cos()?;
         let a = rope_with_grad(&x, &cos, &sin)?;
         let b = RotaryEmbedding::apply(&x, &cos, &sin, false)?;
-        assert!(max_diff(&a, &b)? < 1e-14, "{}", max_diff(&a, &b)?);
+        assert!(max_abs_diff(&a, &b)? < 1e-14, "{}", max_abs_diff(&a, &b)?);
         let ga = (a * &w)?.sum_all()?.backward()?;
         let gb = (b * &w)?.sum_all()?.backward()?;
         let (p, q) = (ga.get(&x).expect("grad"), gb.get(&x).expect("grad"));
-        assert!(max_diff(p, q)? < 1e-14, "{}", max_diff(p, q)?);
+        assert!(max_abs_diff(p, q)? < 1e-14, "{}", max_abs_diff(p, q)?);
         // A rotation keeps each pair's norm (to the f32 tables' cos² + sin² = 1).
         let pair_norms = |t: &Tensor| -> Result<Tensor> {
             t.narrow(3, 0, 8)?.sqr()? + t.narrow(3, 8, 8)?.sqr()?
         };
         let y = rope_with_grad(&x, &cos, &sin)?;
-        assert!(max_diff(&pair_norms(&y)?, &pair_norms(&x)?)? < 1e-5);
+        assert!(max_abs_diff(&pair_norms(&y)?, &pair_norms(&x)?)? < 1e-5);
         Ok(())
     }
 
@@ -328,8 +321,8 @@ mod tests {
                 Ok((back(&y)?, back(g.get(&xv).expect("grad"))?))
             };
             let ((y, g), (y0, g0)) = (run(&gpu, dtype)?, run(&Device::Cpu, DType::F64)?);
-            assert!(max_diff(&y, &y0)? <= tol * 2.0, "{dtype:?} y");
-            assert!(max_diff(&g, &g0)? <= tol * 2.0, "{dtype:?} dx");
+            assert!(max_abs_diff(&y, &y0)? <= tol * 2.0, "{dtype:?} y");
+            assert!(max_abs_diff(&g, &g0)? <= tol * 2.0, "{dtype:?} dx");
         }
         Ok(())
     }

@@ -218,15 +218,8 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::custom_op::max_abs_diff;
     use candle_core::{DType, Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f64>()
-    }
 
     #[test]
     fn value_and_gradients_match_the_composed_ops() -> Result<()> {
@@ -248,12 +241,12 @@ mod tests {
             .affine(0.3, 0.0)?
             .sin()?;
         let (a, b) = (swiglu(&g, &u)?, (g.silu()? * u.as_tensor())?);
-        assert!(max_diff(&a, &b)? < 1e-14, "{}", max_diff(&a, &b)?);
+        assert!(max_abs_diff(&a, &b)? < 1e-14, "{}", max_abs_diff(&a, &b)?);
         let ga = (a * &w)?.sum_all()?.backward()?;
         let gb = (b * &w)?.sum_all()?.backward()?;
         for v in [&g, &u] {
             let (p, q) = (ga.get(v).expect("grad"), gb.get(v).expect("grad"));
-            assert!(max_diff(p, q)? < 1e-13, "{}", max_diff(p, q)?);
+            assert!(max_abs_diff(p, q)? < 1e-13, "{}", max_abs_diff(p, q)?);
         }
         // Hand-worked: silu(0) = 0, silu'(0) = 1/2; at g = 0, u = 3, dy = 1: dg = 1.5, du = 0.
         let g0 = Var::new(&[0f64], &dev)?;
@@ -291,7 +284,7 @@ mod tests {
             let (got, want) = (run(&gpu, dtype)?, run(&Device::Cpu, DType::F64)?);
             for (a, b) in got.iter().zip(&want) {
                 let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-                assert!(max_diff(a, b)? <= tol * scale, "{dtype:?}");
+                assert!(max_abs_diff(a, b)? <= tol * scale, "{dtype:?}");
             }
         }
         Ok(())

@@ -312,15 +312,7 @@ mod cuda {
 mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
-    }
+    use qat_model::custom_op::max_abs_diff;
 
     /// The composed ops this op replaces: log_sum_exp, and log_sum_exp of the logits plus a
     /// mask that is -inf at the ids.
@@ -381,17 +373,17 @@ mod tests {
                 .cos()?;
             let (a, b) = (bucket_logsumexp(&z, &ids, tail)?, composed(&z, &ids, tail)?);
             assert!(
-                max_diff(&a, &b)? < 1e-12,
+                max_abs_diff(&a, &b)? < 1e-12,
                 "tail {tail}: {}",
-                max_diff(&a, &b)?
+                max_abs_diff(&a, &b)?
             );
             let ga = (a * &w)?.sum_all()?.backward()?;
             let gb = (b * &w)?.sum_all()?.backward()?;
             let (ga, gb) = (ga.get(&z).expect("grad"), gb.get(&z).expect("grad"));
             assert!(
-                max_diff(ga, gb)? < 1e-14,
+                max_abs_diff(ga, gb)? < 1e-14,
                 "tail {tail}: {}",
-                max_diff(ga, gb)?
+                max_abs_diff(ga, gb)?
             );
         }
         Ok(())
@@ -428,11 +420,11 @@ mod tests {
             let got = bucket_logsumexp(&zg, &ids.to_device(&gpu)?, tail)?;
             let got_g = (&got * w.to_device(&gpu)?)?.sum_all()?.backward()?;
             let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
-            assert!(max_diff(&got, &want)? < 1e-4, "tail {tail}");
+            assert!(max_abs_diff(&got, &want)? < 1e-4, "tail {tail}");
             let gg = got_g.get(&zg).expect("grad").to_device(&Device::Cpu)?;
             let wg = want_g.get(&zc).expect("grad");
             assert!(
-                max_diff(&gg.to_dtype(DType::F64)?, wg)? < 1e-6,
+                max_abs_diff(&gg.to_dtype(DType::F64)?, wg)? < 1e-6,
                 "tail {tail}"
             );
         }
