@@ -245,11 +245,6 @@ impl InplaceOp3 for StepUpdate {
     }
 }
 
-/// Whether [`StepUpdate`] runs for this weight: on CUDA, where [`supported`] holds.
-pub(crate) fn single_pass(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
-    w.device().is_cuda() && supported(w, g, m, v)
-}
-
 /// Whether the in-place kernels take this weight, its gradient and its moments: all
 /// contiguous, of one shape and dtype, f32 or f64 on the CPU, f32 on CUDA (`cuda` builds,
 /// unless `QAT_CUDA_FUSED_ADAMW=0`).

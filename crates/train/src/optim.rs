@@ -141,7 +141,8 @@ impl AdamW {
                     lr,
                     decay: (c.weight_decay > 0.0).then_some(1.0 - lr * c.weight_decay),
                 };
-                if adamw_kernels::single_pass(w, g, m, v) {
+                // On CUDA the three passes run as one kernel (StepUpdate); the CPU runs them apart.
+                if w.device().is_cuda() {
                     let step = adamw_kernels::StepUpdate {
                         first: moment(c.beta1, false),
                         second: moment(c.beta2, true),
