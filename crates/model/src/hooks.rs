@@ -95,6 +95,12 @@ pub trait QuantHooks: Send + Sync + fmt::Debug {
     fn activation(&self, _id: LinearId, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())
     }
+    /// Whether [`QuantHooks::activation`] gives the same tensor for layers `a` and `b` on every
+    /// input, so that a block may quantize an input that feeds both (q/k/v, gate/up) once. The
+    /// default, false, runs the hook once per layer.
+    fn same_activation(&self, _a: LinearId, _b: LinearId) -> bool {
+        false
+    }
     /// A k_proj or v_proj output `x: [batch, kv_heads, seq, head_dim]`, before RoPE, as the
     /// KV cache will hold it.
     fn kv(&self, _layer: usize, _kind: KvKind, x: &Tensor) -> Result<Tensor> {
@@ -111,4 +117,8 @@ pub trait QuantHooks: Send + Sync + fmt::Debug {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoQuant;
 
-impl QuantHooks for NoQuant {}
+impl QuantHooks for NoQuant {
+    fn same_activation(&self, _a: LinearId, _b: LinearId) -> bool {
+        true
+    }
+}

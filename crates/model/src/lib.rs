@@ -31,7 +31,7 @@ pub use device::{device_name, dtype_name, parse_device, parse_dtype};
 pub use error::{ModelError, Result};
 pub use hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
 pub use hub::{resolve_model, snapshot_source, HubError, HubSource, ResolvedModel};
-pub use linear::QLinear;
+pub use linear::{hooked_inputs, QLinear};
 pub use llama::Llama;
 pub use model_dir::{sha256_files, special_token_ids, ModelDir, COMPANION_FILES};
 pub use profile::{ProfileSummary, StepProfile};

@@ -60,7 +60,12 @@ impl QLinear {
     /// `x: [.., in] -> [.., out]`, computed in `x`'s dtype (the weight, quantized by the hook
     /// in its own dtype, is cast to it: a no-op when they agree).
     pub fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
-        let x = hooks.activation(self.id, x)?;
+        self.forward_hooked_input(&hooks.activation(self.id, x)?, hooks)
+    }
+
+    /// [`Self::forward`] of an input that already went through `hooks.activation` for this
+    /// layer (see [`hooked_inputs`]).
+    pub fn forward_hooked_input(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
         let w = if self.frozen {
             self.weight.to_dtype(x.dtype())?
         } else {
@@ -72,6 +77,28 @@ impl QLinear {
         let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
         y.reshape(out_shape)
     }
+}
+
+/// The input `x: [.., in]` of each of `layers` after `hooks.activation`, computed once per
+/// group of layers that [`QuantHooks::same_activation`] says see the same tensor (e.g. one
+/// fake-quantized input for q_proj, k_proj and v_proj, in value and gradient).
+pub fn hooked_inputs<const N: usize>(
+    x: &Tensor,
+    layers: [&QLinear; N],
+    hooks: &dyn QuantHooks,
+) -> Result<[Tensor; N]> {
+    let mut done: Vec<Tensor> = Vec::with_capacity(N);
+    for (i, layer) in layers.iter().enumerate() {
+        let shared = (0..i).find(|&j| hooks.same_activation(layers[j].id, layer.id));
+        let input = match shared {
+            Some(j) => done[j].clone(),
+            None => hooks.activation(layer.id, x)?,
+        };
+        done.push(input);
+    }
+    Ok(done
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one input per layer")))
 }
 
 impl Module for QLinear {

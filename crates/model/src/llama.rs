@@ -4,7 +4,7 @@ use crate::attention::{causal_attention, fused_attention_supported};
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
-use crate::linear::QLinear;
+use crate::linear::{hooked_inputs, QLinear};
 use crate::rope::RotaryEmbedding;
 use crate::softmax::softmax_last_dim_with_grad;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -98,19 +98,20 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let [xq, xk, xv] = hooked_inputs(x, [&self.q_proj, &self.k_proj, &self.v_proj], hooks)?;
         let q = self
             .q_proj
-            .forward(x, hooks)?
+            .forward_hooked_input(&xq, hooks)?
             .reshape((b, t, nh, hd))?
             .transpose(1, 2)?; // [b, nh, t, hd]
         let k = self
             .k_proj
-            .forward(x, hooks)?
+            .forward_hooked_input(&xk, hooks)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?; // [b, nkv, t, hd]
         let v = self
             .v_proj
-            .forward(x, hooks)?
+            .forward_hooked_input(&xv, hooks)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
         let k = hooks.kv(self.layer, KvKind::Key, &k.contiguous()?)?;
@@ -174,8 +175,9 @@ impl Mlp {
     /// `x: [b, t, hidden]` → `[b, t, hidden]`. On CUDA `silu(gate) · up` is one op with its
     /// own backward ([`crate::swiglu`]), in training and inference alike; the CPU composes it.
     fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, hooks)?;
-        let up = self.up_proj.forward(x, hooks)?;
+        let [x_gate, x_up] = hooked_inputs(x, [&self.gate_proj, &self.up_proj], hooks)?;
+        let gate = self.gate_proj.forward_hooked_input(&x_gate, hooks)?;
+        let up = self.up_proj.forward_hooked_input(&x_up, hooks)?;
         let h = if crate::swiglu::fused_swiglu_on(&gate) {
             crate::swiglu::swiglu(&gate, &up)?
         } else {

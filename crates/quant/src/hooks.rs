@@ -76,6 +76,11 @@ impl QuantHooks for FakeQuant {
         }
     }
 
+    /// Layers with the same activation quantizer (or none) see the same input.
+    fn same_activation(&self, a: LinearId, b: LinearId) -> bool {
+        self.scheme.resolve(a).act == self.scheme.resolve(b).act
+    }
+
     /// `x: [batch, kv_heads, seq, head_dim]` → fake-quantized per token or per token and head, as
     /// the scheme says (keys and values alike).
     fn kv(&self, _layer: usize, _kind: KvKind, x: &Tensor) -> Result<Tensor> {

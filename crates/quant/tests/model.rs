@@ -3,10 +3,10 @@
 //! between. Not an exactness test.
 
 use candle_core::{DType, Device, Tensor};
-use qat_model::{Llama, ModelDir};
-use qat_quant::{FakeQuant, Scheme};
+use qat_model::{KvKind, LinearId, Llama, ModelDir, QuantHooks};
+use qat_quant::{ActQuant, FakeQuant, Override, Scheme};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 fn data_dir() -> PathBuf {
     match std::env::var_os("QAT_DATA") {
@@ -154,5 +154,82 @@ fn quantized_kv_cache_decodes_like_the_full_forward_per_token_and_per_head() {
     assert!(
         d > 1e-3,
         "per-token and per-head KV scales gave the same logits (max diff {d})"
+    );
+}
+
+/// [`FakeQuant`] that counts its activation calls per block; with `share: false` it never lets
+/// layers share a quantized input, so every linear layer quantizes its own.
+#[derive(Debug)]
+struct CountingActivations {
+    inner: FakeQuant,
+    share: bool,
+    calls: Mutex<Vec<usize>>,
+}
+
+impl QuantHooks for CountingActivations {
+    fn weight(&self, id: LinearId, w: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.weight(id, w)
+    }
+    fn activation(&self, id: LinearId, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.calls.lock().unwrap()[id.layer] += 1;
+        self.inner.activation(id, x)
+    }
+    fn same_activation(&self, a: LinearId, b: LinearId) -> bool {
+        self.share && self.inner.same_activation(a, b)
+    }
+    fn kv(&self, layer: usize, kind: KvKind, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.kv(layer, kind, x)
+    }
+}
+
+#[test]
+fn layers_with_one_activation_quantizer_share_one_quantized_input() {
+    // W4A8KV4, but layer 1's q_proj reads A4 and layer 2's up_proj reads FP: those two must
+    // quantize their own input; every other q/k/v and gate/up group quantizes once.
+    let scheme: Scheme = "W4A8KV4".parse().unwrap();
+    let scheme = scheme
+        .with_override(Override {
+            pattern: "layers.1.self_attn.q_proj".into(),
+            weight: None,
+            act: Some(Some(ActQuant { bits: 4 })),
+        })
+        .with_override(Override {
+            pattern: "layers.2.mlp.up_proj".into(),
+            weight: None,
+            act: Some(None),
+        });
+    let (_, mut model) = stories();
+    let layers = model.config().num_layers;
+    let tokens = Tensor::new(&[[1u32, 400, 37, 81, 9, 250, 3, 77]], &Device::Cpu).unwrap();
+    let mut run = |share: bool| {
+        let hooks = Arc::new(CountingActivations {
+            inner: FakeQuant::for_training(scheme.clone()),
+            share,
+            calls: Mutex::new(vec![0; layers]),
+        });
+        model.set_hooks(hooks.clone());
+        let logits = model.forward_full(&tokens).unwrap();
+        let calls = hooks.calls.lock().unwrap().clone();
+        (
+            logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            calls,
+        )
+    };
+    let (separate, calls_separate) = run(false);
+    let (shared, calls_shared) = run(true);
+    assert_eq!(calls_separate, vec![7; layers]);
+    let mut want = vec![4; layers]; // {q,k,v}, o, {gate,up}, down
+    want[1] = 5; // q | {k,v}
+    want[2] = 5; // gate | up
+    assert_eq!(calls_shared, want);
+    assert_eq!(shared, separate, "sharing an input changed the logits");
+    // The overrides matter: without them the logits differ.
+    model.set_hooks(Arc::new(FakeQuant::for_training(
+        "W4A8KV4".parse().unwrap(),
+    )));
+    let plain = model.forward_full(&tokens).unwrap();
+    assert_ne!(
+        plain.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        shared
     );
 }
