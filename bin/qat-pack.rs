@@ -26,6 +26,9 @@ use std::time::Instant;
   # The LLM-QAT W4 student of `make pipeline` for llama.cpp (per-channel scales in Q4_0 blocks)
   qat-pack --format gguf -m out/students/s260k-n4096-L256-K512-e1-lr2e-4-bal64-clipqk/W4 -o w4.gguf
 
+  # The same with the embeddings in F16 (the commonest choice of llama.cpp's conversions)
+  qat-pack --format gguf --gguf-float f16 -m out/students/s260k-n4096-L256-K512-e1-lr2e-4-bal64-clipqk/W4 -o w4-f16.gguf
+
   # A student trained on llama.cpp's Q4_0 grid, exported losslessly as GGUF
   qat-distill -m ../shared/data/models/stories260K -s shards/s260k --scheme pipelines/schemes/stories260K/Q4_0.json -o students/q4_0
   qat-pack --format gguf -m students/q4_0 -o q4_0.gguf
@@ -40,7 +43,8 @@ measured and in theory (b + 16/g, nf3 b + 32/g, asym + 8/g). The output appears 
 as those ggml types, sym_per_channel layers (LLM-QAT's W2..W8) as Q4_0 (up to 4 bits) or Q8_0
 blocks that all carry the row's scale (llama.cpp dequantizes both to the student's fake-quantized
 weights bit for bit; a per-channel layer whose inputs are not a multiple of 32 is stored as F32 of
-those values, with a warning), unquantized layers, embeddings and norms as F32, q/k rows permuted
+those values, with a warning), unquantized layers and embeddings as F32 (or --gguf-float f16 /
+bf16), norms as F32, q/k rows permuted
 to llama.cpp's RoPE order, the vocabulary from tokenizer.model (else tokenizer.json). Refused
 (exit 2, naming the layer): any other weight format, and activation or KV quantization unless
 --drop-act-kv."
@@ -61,6 +65,18 @@ struct Args {
     /// weights without them; the dropped quantizers are listed in the summary and metadata).
     #[arg(long)]
     drop_act_kv: bool,
+    /// GGUF only: the type of the embeddings, the output layer and the linear layers the scheme
+    /// leaves unquantized: `f32` (exact), `f16` or `bf16` (half the bytes, rounded to nearest
+    /// even; the summary lists each tensor rounding changed). Norms stay F32.
+    #[arg(long, value_enum, default_value_t = GgufFloat::F32)]
+    gguf_float: GgufFloat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GgufFloat {
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +100,9 @@ fn main() -> ExitCode {
         if args.drop_act_kv && args.format != Format::Gguf {
             anyhow::bail!("--drop-act-kv applies to --format gguf only");
         }
+        if args.gguf_float != GgufFloat::F32 && args.format != Format::Gguf {
+            anyhow::bail!("--gguf-float applies to --format gguf only");
+        }
         let mut json = match args.format {
             Format::Packed => {
                 serde_json::to_value(qat_pack::pack(&model, &args.out).with_context(context)?)?
@@ -91,6 +110,11 @@ fn main() -> ExitCode {
             Format::Gguf => {
                 let opts = qat_pack::GgufOptions {
                     drop_act_kv: args.drop_act_kv,
+                    float_type: match args.gguf_float {
+                        GgufFloat::F32 => qat_pack::FloatType::F32,
+                        GgufFloat::F16 => qat_pack::FloatType::F16,
+                        GgufFloat::Bf16 => qat_pack::FloatType::Bf16,
+                    },
                 };
                 let s = qat_pack::export_gguf(&model, &args.out, opts).with_context(context)?;
                 for d in &s.dropped {

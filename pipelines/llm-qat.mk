@@ -62,13 +62,17 @@ $(EVAL)/qat-$(RECIPE)-%.json: $(STUDENT_DIR)/%/model.safetensors $(CORPUS_STAMP)
 # tokenizer ignores the tokenizer's remove_extra_whitespaces, formats/gguf.md). Needs the test
 # venv with llama-cpp-python (`make test-deps`).
 GGUF_STUDENTS ?= $(foreach s,$(STUDENTS),$(if $(findstring A,$(s))$(findstring KV,$(s)),,$(s)))
-GGUF_DIR := $(OUT)/gguf/$(RECIPE)
+# GGUF_FLOAT=f16 or bf16 stores the embeddings and unquantized layers in that type
+# (qat-pack --gguf-float), in files and results of their own.
+GGUF_FLOAT ?= f32
+GGUF_TAG := $(RECIPE)$(if $(filter-out f32,$(GGUF_FLOAT)),-$(GGUF_FLOAT))
+GGUF_DIR := $(OUT)/gguf/$(GGUF_TAG)
 LLAMA_CPP_PYTHON ?= .venv/bin/python
 .PHONY: gguf
-gguf: $(foreach s,$(GGUF_STUDENTS),$(EVAL)/llama-cpp-$(RECIPE)-$(s).json)
+gguf: $(foreach s,$(GGUF_STUDENTS),$(EVAL)/llama-cpp-$(GGUF_TAG)-$(s).json)
 	@for s in $(GGUF_STUDENTS); do printf '%s: qat-eval ppl %s, llama.cpp ppl %s (%s)\n' $$s \
 	    "$$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["ppl"], 4))' $(EVAL)/qat-$(RECIPE)-$$s.json)" \
-	    "$$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["ppl"], 4))' $(EVAL)/llama-cpp-$(RECIPE)-$$s.json)" \
+	    "$$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["ppl"], 4))' $(EVAL)/llama-cpp-$(GGUF_TAG)-$$s.json)" \
 	    $(GGUF_DIR)/$$s.gguf; done
 
 # (Kept: not an intermediate file of the perplexity rule below.)
@@ -76,7 +80,7 @@ gguf: $(foreach s,$(GGUF_STUDENTS),$(EVAL)/llama-cpp-$(RECIPE)-$(s).json)
 $(GGUF_DIR)/%.gguf: $(STUDENT_DIR)/%/model.safetensors
 	@mkdir -p $(GGUF_DIR)
 	rm -f $@
-	$(BIN)/qat-pack --format gguf -m $(STUDENT_DIR)/$* -o $@ > $@.json
+	$(BIN)/qat-pack --format gguf --gguf-float $(GGUF_FLOAT) -m $(STUDENT_DIR)/$* -o $@ > $@.json
 
 # The token ids every perplexity of this corpus scores (the same for every model of this
 # tokenizer), from a full-precision qat-eval run.
@@ -84,7 +88,7 @@ $(EVAL)/ids.json: $(MODEL_STAMP) $(CORPUS_STAMP)
 	@mkdir -p $(dir $@)
 	$(BIN)/qat-eval --model $(MODEL) $(EVAL_FLAGS) --scheme FP --ids-out $@ > $@.eval.json
 
-$(EVAL)/llama-cpp-$(RECIPE)-%.json: $(GGUF_DIR)/%.gguf $(EVAL)/ids.json $(EVAL)/qat-$(RECIPE)-%.json
+$(EVAL)/llama-cpp-$(GGUF_TAG)-%.json: $(GGUF_DIR)/%.gguf $(EVAL)/ids.json $(EVAL)/qat-$(RECIPE)-%.json
 	$(LLAMA_CPP_PYTHON) tests/foreign/llama_cpp_nll.py $< $(EVAL_CORPUS) --seq-len $(SEQ_LEN) \
 	    --ids $(EVAL)/ids.json --score-ids > $@.tmp
 	mv $@.tmp $@

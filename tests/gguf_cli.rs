@@ -201,16 +201,16 @@ fn distilled_students_export_to_gguf_bit_for_bit() {
         assert_eq!(r["types"]["F32"], 17);
         assert_eq!(r["vocab"], 512);
         assert_eq!(r["tool"], format!("qat-pack {}", env!("CARGO_PKG_VERSION")));
-        forward_matches_qat_eval(&student, &file, tmp.path());
+        forward_matches_qat_eval(&student, &file, tmp.path(), "fake_quant");
     }
 }
 
 /// The GGUF file run with llama.cpp's conventions (tests/foreign/gguf_forward.py: interleaved
 /// RoPE on the permuted q/k rows, GQA, tied output; float64) predicts the first TinyStories
 /// documents with the NLL `qat-eval` measures on the fake-quantized student (float32), to 1e-5.
-fn forward_matches_qat_eval(student: &Path, file: &Path, tmp: &Path) {
+fn forward_matches_qat_eval(student: &Path, file: &Path, tmp: &Path, quantization: &str) {
     let (e, ids_path) = qat_eval_nll(student, 3, 64, tmp);
-    assert_eq!(e["quantization"], "fake_quant");
+    assert_eq!(e["quantization"], quantization);
     let g = foreign(
         &python(),
         "gguf_forward.py",
@@ -261,39 +261,191 @@ fn llama_cpp_runs_the_exported_files_with_qat_evals_nll() {
         teacher_student(&student, &scheme, vocab);
         let file = tmp.path().join(format!("{name}.gguf"));
         export_gguf(&student, &file);
-        let (limit, seq_len) = (20, 512);
-        let (qat, ids_path) = qat_eval_nll(&student, limit, seq_len, tmp.path());
-        let (limit_s, seq_len_s) = (limit.to_string(), seq_len.to_string());
-        let corpus = tinystories();
-        let args: Vec<&std::ffi::OsStr> = vec![
-            file.as_os_str(),
-            corpus.as_os_str(),
-            "--limit".as_ref(),
-            limit_s.as_ref(),
-            "--seq-len".as_ref(),
-            seq_len_s.as_ref(),
-            "--ids".as_ref(),
-            ids_path.as_os_str(),
-            // An f32 KV cache, so that only the weights and llama.cpp's 8-bit activation blocks
-            // differ (its default f16 cache moves the NLL by up to ±7e-4 on its own).
-            "--kv-cache".as_ref(),
-            "f32".as_ref(),
-        ];
-        let l = foreign(&python_with_llama_cpp(), "llama_cpp_nll.py", &args);
-        let llama = l["nll"].as_f64().unwrap();
-        let relative = (llama - qat["nll"].as_f64().unwrap()) / qat["nll"].as_f64().unwrap();
-        eprintln!(
-            "{name}: llama.cpp {} NLL {llama:.8} vs qat-eval {} ({relative:+.2e}), {} tokens",
-            l["llama_cpp"], qat["nll"], l["tokens"]
-        );
-        assert_eq!(l["tokenization_equal"], true, "{name}");
-        assert_eq!(l["tokens"], qat["tokens"], "{name}");
-        assert!(
-            relative.abs() < tolerance,
-            "{name}: llama.cpp NLL {llama} vs qat-eval {} (relative {relative:e}, allowed {tolerance:e})",
-            qat["nll"]
-        );
+        assert_llama_cpp_nll(name, &file, &student, tmp.path(), tolerance);
     }
+}
+
+/// llama.cpp (llama_cpp_nll.py, an f32 KV cache) on `file` tokenizes the first 20 TinyStories
+/// documents (seq-len 512) as qat does and gives qat-eval's NLL of `student` to `tolerance`
+/// (relative).
+fn assert_llama_cpp_nll(name: &str, file: &Path, student: &Path, tmp: &Path, tolerance: f64) {
+    let (limit, seq_len) = (20, 512);
+    let (qat, ids_path) = qat_eval_nll(student, limit, seq_len, tmp);
+    let (limit_s, seq_len_s) = (limit.to_string(), seq_len.to_string());
+    let corpus = tinystories();
+    let args: Vec<&std::ffi::OsStr> = vec![
+        file.as_os_str(),
+        corpus.as_os_str(),
+        "--limit".as_ref(),
+        limit_s.as_ref(),
+        "--seq-len".as_ref(),
+        seq_len_s.as_ref(),
+        "--ids".as_ref(),
+        ids_path.as_os_str(),
+        // An f32 KV cache, so that only the weights and llama.cpp's 8-bit activation blocks
+        // differ (its default f16 cache moves the NLL by up to ±7e-4 on its own).
+        "--kv-cache".as_ref(),
+        "f32".as_ref(),
+    ];
+    let l = foreign(&python_with_llama_cpp(), "llama_cpp_nll.py", &args);
+    let llama = l["nll"].as_f64().unwrap();
+    let relative = (llama - qat["nll"].as_f64().unwrap()) / qat["nll"].as_f64().unwrap();
+    eprintln!(
+        "{name}: llama.cpp {} NLL {llama:.8} vs qat-eval {} ({relative:+.2e}), {} tokens",
+        l["llama_cpp"], qat["nll"], l["tokens"]
+    );
+    assert_eq!(l["tokenization_equal"], true, "{name}");
+    assert_eq!(l["tokens"], qat["tokens"], "{name}");
+    assert!(
+        relative.abs() < tolerance,
+        "{name}: llama.cpp NLL {llama} vs qat-eval {} (relative {relative:e}, allowed {tolerance:e})",
+        qat["nll"]
+    );
+}
+
+/// A copy of `student` in `dir` whose tensors named in `names` are rounded to `dtype` (and
+/// stored f32 again): the model an F16 / BF16 export holds, for qat-eval to score.
+fn rounded_student(student: &Path, dir: &Path, names: &[String], dtype: DType) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(student).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let file = student.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    for name in names {
+        let t = &tensors[name];
+        let rounded = t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(max_abs_diff(t, &rounded) > 0.0, "{name}: nothing to round");
+        tensors.insert(name.clone(), rounded);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// `--gguf-float f16` / `bf16` store the embeddings and the unquantized linear layers rounded to
+/// nearest even, norms and per-channel layers written as values F32: llama.cpp's own reference
+/// conversion (gguf.quants.quantize, read_gguf.py) gives the same values, an f64 forward pass over
+/// the file gives qat-eval's NLL of the student with those tensors rounded (gguf_forward.py, to
+/// 1e-5), and llama.cpp itself gives it too (to 5e-4, as for the block formats: llama.cpp also
+/// rounds the activations of an F16 / BF16 matmul to that type). The file is smaller.
+#[test]
+fn float_types_store_the_unquantized_tensors_rounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fp = r#"{"format_version": 1, "weight": null}"#.to_string();
+    let linear: Vec<String> = (0..5)
+        .flat_map(|layer| LinearKind::ALL.map(|kind| LinearId { layer, kind }.weight_key()))
+        .collect();
+    let embeddings = "model.embed_tokens.weight".to_string();
+    // W4: 30 layers in Q4_0 blocks, the 5 down_proj (172 inputs) F32 values of the fake
+    // quantization; only the embeddings are a float tensor.
+    for (name, scheme, flag, ty, dtype, float_layers, f32_layers) in [
+        ("FP-f16", fp.clone(), "f16", "F16", DType::F16, 35u64, 0),
+        ("FP-bf16", fp, "bf16", "BF16", DType::BF16, 35, 0),
+        ("W4-f16", sym_per_channel(4), "f16", "F16", DType::F16, 0, 5),
+    ] {
+        let student = tmp.path().join(name);
+        teacher_student(&student, &scheme, SP);
+        let f32_file = tmp.path().join(format!("{name}.f32.gguf"));
+        let f32_bytes = export_gguf(&student, &f32_file)["bytes"].as_u64().unwrap();
+        let file = tmp.path().join(format!("{name}.gguf"));
+        let s = ok_json(&pack_gguf(&student, &file, &["--gguf-float", flag]));
+        assert_documented("qat-pack --format gguf", &s);
+        eprintln!("{name}: {s}");
+        assert_eq!(s["float_type"], ty);
+        assert_eq!(s["float_layers"], float_layers, "{name}");
+        assert_eq!(
+            s["float_tensors"],
+            float_layers + 1,
+            "{name}: and the embeddings"
+        );
+        assert_eq!(s["f32_layers"], f32_layers, "{name}");
+        let rounded = s["rounded"].as_array().unwrap();
+        assert_eq!(
+            rounded.len() as u64,
+            float_layers + 1,
+            "{name}: f32 weights all round"
+        );
+        let line = rounded[0].as_str().unwrap();
+        assert!(
+            line.starts_with("token_embd.weight: ")
+                && line.contains(&format!("values rounded to {ty}")),
+            "{line}"
+        );
+        // Each float tensor shrinks from 4 to 2 bytes per value (alignment padding aside).
+        let per_layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 172 * 64; // q, o; k, v; gate, up, down
+        let values = 512 * 64 + float_layers / 7 * per_layer;
+        let saved = f32_bytes - s["bytes"].as_u64().unwrap();
+        assert!(
+            saved.abs_diff(2 * values) <= 32 * 36,
+            "{name}: saved {saved}, expected ~{}",
+            2 * values
+        );
+
+        let expected = tmp.path().join(format!("{name}.safetensors"));
+        write_expected(&student, &expected);
+        let r = read_gguf(&file, &expected);
+        eprintln!("{name}: {r}");
+        assert_eq!(r["bit_equal"], 47, "{name}");
+        assert_eq!(r["float_rounded"], float_layers + 1, "{name}");
+        assert_eq!(r["types"][ty], float_layers + 1, "{name}");
+
+        let mut names = vec![embeddings.clone()];
+        if float_layers > 0 {
+            names.extend(linear.iter().cloned());
+        }
+        let rounded_dir = tmp.path().join(format!("{name}-rounded"));
+        rounded_student(&student, &rounded_dir, &names, dtype);
+        let quantization = if float_layers > 0 {
+            "none"
+        } else {
+            "fake_quant"
+        };
+        forward_matches_qat_eval(&rounded_dir, &file, tmp.path(), quantization);
+        assert_llama_cpp_nll(name, &file, &rounded_dir, tmp.path(), 5e-4);
+    }
+    // F16 cannot hold 70000: refused, naming the tensor and the place, nothing written.
+    let big = tmp.path().join("big");
+    teacher_student(&big, r#"{"format_version": 1, "weight": null}"#, SP);
+    let path = big.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let w = &tensors["model.layers.1.mlp.up_proj.weight"];
+    let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[3 * 64 + 5] = 70000.0;
+    let w = Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap();
+    tensors.insert("model.layers.1.mlp.up_proj.weight".into(), w);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let file = tmp.path().join("big.gguf");
+    let o = pack_gguf(&big, &file, &["--gguf-float", "f16"]);
+    assert_error(
+        &o,
+        "qat-pack",
+        "blk.1.ffn_up.weight (model.layers.1.mlp.up_proj.weight): value for F16 at row 3, column 5: found 70000",
+    );
+    assert!(!file.exists() && !tmp.path().join("big.gguf.tmp").exists());
+    ok_json(&pack_gguf(&big, &file, &["--gguf-float", "bf16"]));
+    // Packed output has no float type to choose.
+    let o = qat_pack(&[
+        "-m",
+        big.to_str().unwrap(),
+        "-o",
+        tmp.path().join("p").to_str().unwrap(),
+        "--gguf-float",
+        "f16",
+    ]);
+    assert_error(&o, "qat-pack", "--gguf-float applies to --format gguf only");
 }
 
 /// LLM-QAT's weights (symmetric, per output channel, `bits`) on every linear layer.

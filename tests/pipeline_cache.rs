@@ -250,7 +250,7 @@ fn gguf_exports_the_weight_only_students_and_scores_qat_evals_ids() {
     assert_eq!(packs.len(), 2, "{p}");
     for s in ["W4", "W8"] {
         let want = format!(
-            "qat-pack --format gguf -m {out}/students/{recipe}/{s} -o {out}/gguf/{recipe}/{s}.gguf"
+            "qat-pack --format gguf --gguf-float f32 -m {out}/students/{recipe}/{s} -o {out}/gguf/{recipe}/{s}.gguf"
         );
         assert!(p.contains(&want), "missing {want:?} in:\n{p}");
         let want = format!("tests/foreign/llama_cpp_nll.py {out}/gguf/{recipe}/{s}.gguf");
@@ -268,4 +268,19 @@ fn gguf_exports_the_weight_only_students_and_scores_qat_evals_ids() {
         )),
         "{p}"
     );
+    // GGUF_FLOAT=f16: the same students, in files and results of their own.
+    let p = plan(
+        "pipelines/llm-qat.mk",
+        "gguf",
+        tmp.path(),
+        &["STUDENTS=W4", "GGUF_FLOAT=f16"],
+    );
+    let gguf = format!("{out}/gguf/{recipe}-f16/W4.gguf");
+    let want =
+        format!("qat-pack --format gguf --gguf-float f16 -m {out}/students/{recipe}/W4 -o {gguf}");
+    assert!(p.contains(&want), "missing {want:?} in:\n{p}");
+    let want = format!("llama_cpp_nll.py {gguf} ");
+    assert!(p.contains(&want), "missing {want:?} in:\n{p}");
+    let want = format!("> {out}/eval/stories260K/llama-cpp-{recipe}-f16-W4.json.tmp");
+    assert!(p.contains(&want), "missing {want:?} in:\n{p}");
 }

@@ -10,7 +10,9 @@ written by the test from qat's fake quantization, Hugging Face names and row ord
   <hf name>          the value qat trains with (fake-quantized linear weights; others as stored)
   <hf name>.master   (linear layers) the student's f32 master weight
 
-Checks: every tensor bit for bit equal to <hf name>; every quantized tensor's bytes equal to
+Checks: every tensor bit for bit equal to <hf name> (F16 / BF16 tensors: to <hf name> rounded by
+gguf.quants.quantize, llama.cpp's reference conversion; the embeddings in the type that
+qat.provenance's float_type names, the norms F32); every quantized tensor's bytes equal to
 gguf.quants.quantize of the permuted master weight (gguf-py's port of llama.cpp's reference
 quantizer), except for layers whose scheme (qat.provenance) is sym_per_channel: there every block
 of a row must carry the row's scale f16(max|row| / qmax) of the master weight as `d`. Prints a JSON
@@ -141,14 +143,18 @@ def main():
         fail(f"tensor names {sorted(set(names) ^ set(want_names))} differ from llama.cpp's")
 
     summary = {"tensors": len(names), "compared": 0, "weights_compared": 0, "bit_equal": 0,
-               "requantized_equal": 0, "row_scale_equal": 0, "types": {}, "quantized_weights": 0, "quantized_bytes": 0,
+               "requantized_equal": 0, "row_scale_equal": 0, "float_rounded": 0, "types": {}, "quantized_weights": 0, "quantized_bytes": 0,
                "tool": provenance["tool"], "vocab": len(tokens), "alignment": int(r.alignment)}
     for t in r.tensors:
         hf, linear = hf_name(t.name)
         qtype = T(t.tensor_type)
         summary["types"][qtype.name] = summary["types"].get(qtype.name, 0) + 1
-        if qtype not in (T.F32, T.Q4_0, T.Q4_1, T.Q8_0):
+        if qtype not in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q8_0):
             fail(f"{t.name}: type {qtype.name}")
+        if t.name == "token_embd.weight" and qtype.name != provenance.get("float_type", "F32"):
+            fail(f"{t.name}: type {qtype.name}, but qat.provenance says float_type {provenance.get('float_type')}")
+        if "norm" in t.name and qtype != T.F32:
+            fail(f"{t.name}: type {qtype.name}, expected F32 for a norm")
         if t.data_offset % r.alignment:
             fail(f"{t.name}: data offset {t.data_offset} not aligned to {r.alignment}")
         value = dequantize(t.data, qtype)
@@ -160,6 +166,9 @@ def main():
         want = expected[hf]
         if want.shape != value.shape:
             fail(f"{t.name}: shape {value.shape}, expected {want.shape} ({hf})")
+        if qtype in (T.F16, T.BF16):
+            want = dequantize(quantize(want.astype(np.float32), qtype), qtype).reshape(want.shape)
+            summary["float_rounded"] += 1
         eq = value.astype(np.float32).view(np.uint32) == want.astype(np.float32).view(np.uint32)
         summary["compared"] += 1
         summary["weights_compared"] += int(eq.size)
@@ -168,7 +177,7 @@ def main():
             fail(f"{t.name} ({hf}): {int((~eq).sum())} of {eq.size} values differ, first at {tuple(i)}: "
                  f"gguf {value[tuple(i)]!r} vs qat {want[tuple(i)]!r}")
         summary["bit_equal"] += 1
-        if qtype != T.F32:
+        if qtype not in (T.F32, T.F16, T.BF16):
             master = expected[hf + ".master"]
             if n_head is not None:
                 master = permute(master, n_head)

@@ -19,8 +19,10 @@ pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const VERSION: u32 = 3;
 /// `general.alignment` (also GGUF's default).
 pub const ALIGNMENT: usize = 32;
-/// `GGML_TYPE_F32`.
+/// `GGML_TYPE_F32`, `GGML_TYPE_F16`, `GGML_TYPE_BF16`.
 pub const TYPE_F32: u32 = 0;
+pub const TYPE_F16: u32 = 1;
+pub const TYPE_BF16: u32 = 30;
 
 /// A metadata value (only the GGUF value types qat writes).
 #[derive(Debug, Clone, PartialEq)]

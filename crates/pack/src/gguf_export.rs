@@ -9,8 +9,9 @@
 //! order to the interleaved order llama.cpp's RoPE expects ([`permute_rows`]); whole rows move,
 //! so block quantization along the inputs is unchanged.
 
-use crate::error::{PackError, Result};
+use crate::error::{OutOfRange, PackError, Result};
 use crate::gguf::{self, Tensor, TYPE_F32};
+use crate::gguf_float::{encode, FloatType};
 use crate::gguf_meta::metadata;
 use crate::pack::TOOL;
 use crate::vocab::Vocab;
@@ -30,6 +31,10 @@ pub struct GgufOptions {
     /// Export even if the scheme quantizes activations or the KV cache (llama.cpp will not:
     /// the file then runs the weights without them). Off: such a scheme is refused.
     pub drop_act_kv: bool,
+    /// How to store the embeddings, the output layer and the linear layers that the scheme
+    /// leaves unquantized (norms are always F32, as in llama.cpp's conversions, and so are
+    /// per-channel layers written as their fake-quantized values).
+    pub float_type: FloatType,
 }
 
 /// What [`export_gguf`] wrote.
@@ -45,8 +50,17 @@ pub struct GgufSummary {
     pub quantized_bytes: u64,
     /// `8 · quantized_bytes / quantized_weights` (q4_0: 4.5, q4_1: 5, q8_0: 8.5).
     pub bits_per_weight: f64,
-    /// Linear layers stored F32: unquantized by the scheme, or per-channel ones in `dequantized`.
+    /// Linear layers stored F32: unquantized by the scheme (with `float_type` F32), or
+    /// per-channel ones in `dequantized`.
     pub f32_layers: usize,
+    /// The type of the embeddings, the output layer and the unquantized linear layers.
+    pub float_type: FloatType,
+    /// Linear layers the scheme leaves unquantized, stored as `float_type`.
+    pub float_layers: usize,
+    /// Tensors stored as `float_type` (those layers, the embeddings, the output layer).
+    pub float_tensors: usize,
+    /// Tensors whose values `float_type` rounded, one line each (empty for F32).
+    pub rounded: Vec<String>,
     /// Quantized layers per GGUF type, e.g. `{"Q4_0": 30}`.
     pub types: std::collections::BTreeMap<String, usize>,
     pub vocab_source: &'static str,
@@ -169,6 +183,48 @@ fn f32_tensor(name: String, dims: Vec<u64>, v: &[f32]) -> Tensor {
     }
 }
 
+/// `values` of the student's tensor `hf_name` as the GGUF tensor `name` (`dims` with `ne0`, the
+/// row length, first) in `summary.float_type`, counted in `summary`; an error names the value
+/// that F16 cannot hold.
+fn float_tensor(
+    name: String,
+    hf_name: &str,
+    dims: Vec<u64>,
+    values: &[f32],
+    student: &Path,
+    summary: &mut GgufSummary,
+) -> Result<Tensor> {
+    let ty = summary.float_type;
+    let (data, rounding) = encode(values, ty).map_err(|i| {
+        let row_len = dims[0] as usize;
+        PackError::OutOfRange(Box::new(OutOfRange {
+            path: student.to_path_buf(),
+            name: format!("{name} ({hf_name})"),
+            what: "value for F16",
+            row: i / row_len,
+            index_name: "column",
+            index: i % row_len,
+            found: values[i].to_string(),
+            expected: "|x| < 65520, F16's range (export with --gguf-float bf16 or f32)".into(),
+        }))
+    })?;
+    summary.float_tensors += 1;
+    if rounding.changed > 0 {
+        summary.rounded.push(format!(
+            "{name}: {} of {} values rounded to {ty} (largest relative change {:.1e})",
+            rounding.changed,
+            values.len(),
+            rounding.max_relative
+        ));
+    }
+    Ok(Tensor {
+        name,
+        dims,
+        ggml_type: ty.type_id(),
+        data,
+    })
+}
+
 /// Exports the student in `student` as the GGUF file `out` (which must not exist).
 pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<GgufSummary> {
     if out.exists() {
@@ -222,13 +278,17 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
         scheme: scheme.to_string(),
         source_weights_sha256,
         tool: TOOL.to_string(),
+        float_type: opts.float_type,
         ..Default::default()
     };
-    let mut tensors = vec![f32_tensor(
+    let mut tensors = vec![float_tensor(
         "token_embd.weight".into(),
+        "model.embed_tokens.weight",
         vec![h, v],
         &load("model.embed_tokens.weight")?,
-    )];
+        student,
+        &mut summary,
+    )?];
     for layer in 0..cfg.num_layers {
         let norm = |n: &str| format!("model.layers.{layer}.{n}.weight");
         tensors.push(f32_tensor(
@@ -251,6 +311,7 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
                 _ => {}
             }
             let dims = vec![i as u64, o as u64];
+            let mut dequantized = false;
             let blocks = match scheme.resolve(id).weight {
                 Some(wq) => match wq.format {
                     WeightFormat::Ggml(t) => Some((t, t.quantize_rows(&w))),
@@ -267,6 +328,7 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
                                 wq.bits
                             ));
                             w = codes.dequantize(&wq)?;
+                            dequantized = true;
                             None
                         }
                     }
@@ -287,9 +349,24 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
                         data,
                     });
                 }
-                None => {
+                None if dequantized => {
                     summary.f32_layers += 1;
                     tensors.push(f32_tensor(linear_name(id), dims, &w));
+                }
+                None => {
+                    summary.float_layers += 1;
+                    if summary.float_type == FloatType::F32 {
+                        summary.f32_layers += 1;
+                    }
+                    let t = float_tensor(
+                        linear_name(id),
+                        &id.weight_key(),
+                        dims,
+                        &w,
+                        student,
+                        &mut summary,
+                    )?;
+                    tensors.push(t);
                 }
             }
         }
@@ -300,11 +377,15 @@ pub fn export_gguf(student: &Path, out: &Path, opts: GgufOptions) -> Result<Gguf
         &load("model.norm.weight")?,
     ));
     if !cfg.tie_word_embeddings {
-        tensors.push(f32_tensor(
+        let t = float_tensor(
             "output.weight".into(),
+            "lm_head.weight",
             vec![h, v],
             &load("lm_head.weight")?,
-        ));
+            student,
+            &mut summary,
+        )?;
+        tensors.push(t);
     }
     if summary.quantized_weights > 0 {
         summary.bits_per_weight =

@@ -9,7 +9,8 @@ use crate::vocab::{Vocab, TYPE_UNKNOWN};
 use qat_model::{LlamaConfig, ModelDir};
 use qat_quant::Scheme;
 
-/// `general.file_type` (llama.cpp's `llama_ftype`): the type most weights have.
+/// `general.file_type` (llama.cpp's `llama_ftype`): the commonest block type of the quantized
+/// layers, else (none quantized) the float type.
 pub(crate) fn file_type(summary: &GgufSummary) -> u32 {
     let top = summary
         .types
@@ -20,7 +21,7 @@ pub(crate) fn file_type(summary: &GgufSummary) -> u32 {
         Some("Q4_0") => 2,
         Some("Q4_1") => 3,
         Some("Q8_0") => 7,
-        _ => 0, // ALL_F32
+        _ => summary.float_type.file_type(), // ALL_F32, MOSTLY_F16 or MOSTLY_BF16
     }
 }
 
@@ -37,6 +38,7 @@ pub(crate) fn metadata(
         "source_weights_sha256": s.source_weights_sha256,
         "scheme": scheme,
         "dropped": s.dropped,
+        "float_type": s.float_type,
     });
     let name = dir
         .dir
@@ -121,9 +123,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn file_type_is_the_commonest_block_type() {
+    fn file_type_is_the_commonest_block_type_else_the_float_type() {
         let mut s = GgufSummary::default();
         assert_eq!(file_type(&s), 0);
+        s.float_type = crate::FloatType::F16;
+        assert_eq!(file_type(&s), 1);
+        s.float_type = crate::FloatType::Bf16;
+        assert_eq!(file_type(&s), 32);
         s.types.insert("Q4_1".into(), 30);
         s.types.insert("Q8_0".into(), 5);
         assert_eq!(file_type(&s), 3);
