@@ -2,7 +2,8 @@
 //! `q8_0`), symmetric per channel (LLM-QAT's, any bits: `Q4_0` / `Q8_0` blocks that all carry
 //! the row's scale), or unquantized in, one GGUF file that llama.cpp loads unchanged out
 //! (`formats/gguf.md`). The export is lossless: llama.cpp dequantizes every weight to exactly
-//! the student's fake-quantized value.
+//! the student's fake-quantized value (unless [`GgufOptions::float_type`] asks for F16 or BF16
+//! embeddings and unquantized layers, [`crate::gguf_float`], which the summary reports).
 //!
 //! Metadata and tensor names follow llama.cpp's `convert_hf_to_gguf.py` for `LlamaForCausalLM`;
 //! like it, the rows of `q_proj` / `k_proj` are permuted from Hugging Face's rotate-half RoPE
