@@ -71,6 +71,24 @@ fn fan_in_subtraction_broadcast_and_transpose_keep_their_gradients() {
     let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
     assert_eq!(g, [11.0, 22.0, 33.0]);
 
+    // A rule with a few steps between reading the gradient and storing it (SiLU, used by the
+    // CPU's composed SwiGLU): silu'(x) = σ(x)·(1 + x·(1 − σ(x))), 0.5 at 0 and
+    // 0.7310586 · 1.2689414 = 0.9276705 at 1.
+    let s = Var::new(&[0f32, 1.0], &dev).unwrap();
+    let grads = s
+        .as_tensor()
+        .silu()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g: Vec<f32> = grads.get(s.as_tensor()).unwrap().to_vec1().unwrap();
+    assert!(
+        (g[0] - 0.5).abs() < 1e-6 && (g[1] - 0.9276705).abs() < 1e-6,
+        "{g:?}"
+    );
+
     // A transpose's gradient is a strided view: it is stored contiguous, as a sum would be.
     let m = Var::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).unwrap();
     let weights = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &dev).unwrap();
