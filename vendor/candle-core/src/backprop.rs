@@ -665,7 +665,7 @@ impl Tensor {
     }
 }
 
-/// The checks `zeros_like(tensor) + grad` made: the same shape and dtype (no broadcasting).
+/// The checks `zeros_like(tensor) + grad` made: the same shape (no broadcasting), dtype and device.
 fn check_first_grad(tensor: &Tensor, grad: &Tensor) -> Result<()> {
     if tensor.shape() != grad.shape() {
         return Err(crate::Error::ShapeMismatchBinaryOp {
@@ -679,6 +679,14 @@ fn check_first_grad(tensor: &Tensor, grad: &Tensor) -> Result<()> {
         return Err(crate::Error::DTypeMismatchBinaryOp {
             lhs: tensor.dtype(),
             rhs: grad.dtype(),
+            op: "add",
+        }
+        .bt());
+    }
+    if !tensor.device().same_device(grad.device()) {
+        return Err(crate::Error::DeviceMismatchBinaryOp {
+            lhs: tensor.device().location(),
+            rhs: grad.device().location(),
             op: "add",
         }
         .bt());
