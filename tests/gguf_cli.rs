@@ -316,23 +316,11 @@ fn rounded_student(student: &Path, dir: &Path, names: &[String], dtype: DType) {
     for name in names {
         let t = &tensors[name];
         let rounded = t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-        assert!(max_abs_diff(t, &rounded) > 0.0, "{name}: nothing to round");
+        let moved = qat_model::custom_op::max_abs_diff(t, &rounded).unwrap();
+        assert!(moved > 0.0, "{name}: nothing to round");
         tensors.insert(name.clone(), rounded);
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// `--gguf-float f16` / `bf16` store the embeddings and the unquantized linear layers rounded to
