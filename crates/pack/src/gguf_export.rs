@@ -12,7 +12,7 @@
 
 use crate::error::{OutOfRange, PackError, Result};
 use crate::gguf::{self, Tensor, TYPE_F32};
-use crate::gguf_float::{encode, FloatType};
+use crate::gguf_float::{encode, f32_bytes, FloatType};
 use crate::gguf_meta::metadata;
 use crate::pack::TOOL;
 use crate::vocab::Vocab;
@@ -180,7 +180,7 @@ fn f32_tensor(name: String, dims: Vec<u64>, v: &[f32]) -> Tensor {
         name,
         dims,
         ggml_type: TYPE_F32,
-        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        data: f32_bytes(v),
     }
 }
 

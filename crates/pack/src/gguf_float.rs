@@ -61,6 +61,11 @@ pub struct Rounding {
     pub max_relative: f64,
 }
 
+/// `values` as little-endian F32 bytes (exact).
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
 /// `values` as little-endian `ty` bytes and what rounding did to them; `Err(i)` if F16 cannot
 /// hold the finite value at index `i`.
 pub fn encode(values: &[f32], ty: FloatType) -> Result<(Vec<u8>, Rounding), usize> {
@@ -73,7 +78,7 @@ pub fn encode(values: &[f32], ty: FloatType) -> Result<(Vec<u8>, Rounding), usiz
         }
     };
     let bytes = match ty {
-        FloatType::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        FloatType::F32 => f32_bytes(values),
         FloatType::F16 => {
             let mut out = Vec::with_capacity(2 * values.len());
             for (i, &x) in values.iter().enumerate() {
