@@ -162,7 +162,7 @@ impl CustomOp2 for TokenNll {
         lt: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+        use candle_core::cuda_backend::{CudaStorage, WrapErr};
         use candle_core::DType;
 
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/token_nll.ptx"));
@@ -206,10 +206,7 @@ impl CustomOp2 for TokenNll {
             _ => launch!(half::f16),
         }
         Ok((
-            CudaStorage {
-                slice: CudaStorageSlice::F32(out),
-                device: dev.clone(),
-            },
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((rows, 2)),
         ))
     }

@@ -236,8 +236,8 @@ pub fn fused_on(logits: &Tensor) -> bool {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::Result;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bucket_lse.ptx"));
@@ -251,13 +251,6 @@ mod cuda {
     }
 
     type Operand<'a> = (&'a CudaStorage, (usize, usize));
-
-    fn wrap(dev: &candle_core::CudaDevice, slice: CudaSlice<f32>) -> CudaStorage {
-        CudaStorage {
-            slice: CudaStorageSlice::F32(slice),
-            device: dev.clone(),
-        }
-    }
 
     pub(super) fn forward(
         tail: bool,
@@ -278,7 +271,7 @@ mod cuda {
         b.arg(&zs).arg(&is).arg(&out).arg(&vocab).arg(&k).arg(&tail);
         // SAFETY: z holds rows · vocab f32, ids rows · k u32, out rows · (1 + tail) f32.
         unsafe { b.launch(config(rows)) }.w()?;
-        Ok(wrap(&dev, out))
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 
     pub(super) fn backward(
@@ -304,7 +297,7 @@ mod cuda {
         b.arg(&vocab).arg(&k).arg(&tail);
         // SAFETY: z and dz hold rows · vocab f32, ids rows · k u32, saved rows · 2c f32.
         unsafe { b.launch(config(rows)) }.w()?;
-        Ok(wrap(&dev, dz))
+        Ok(CudaStorage::wrap_cuda_slice(dz, dev))
     }
 }
 
