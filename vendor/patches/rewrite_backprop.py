@@ -1,5 +1,6 @@
 """Rewrites candle-core 0.11.1's src/backprop.rs so that the first gradient reaching a node is
-stored as it is instead of being added into a fresh tensor of zeros (later ones are still added)."""
+stored as it is instead of being added into a fresh tensor of zeros (later ones are still added),
+and so that a matmul whose rhs is a transposed view computes that gradient in the view's layout."""
 import re, sys
 
 path = sys.argv[1]
@@ -104,6 +105,63 @@ fn check_first_grad(tensor: &Tensor, grad: &Tensor) -> Result<()> {
 anchor2 = "\n/// A store for gradients, associating"
 assert anchor2 in s, "store doc"
 s = s.replace(anchor2, check, 1)
+# Matmul: when rhs is a transposed view (`x · wᵀ`, the weight of every linear layer; `q · kᵀ`),
+# its gradient is computed transposed, `(gradᵀ · lhs)ᵀ`: the same GEMM with the operands' roles
+# swapped, giving a view in rhs's own layout whose transpose (the Transpose rule) is contiguous,
+# so `w` gets its gradient without the transpose copy that `lhsᵀ · grad` needed.
+matmul_old = """                        let rhs_grad = lhs.t()?.matmul(&grad)?;
+                        grads.accumulate(rhs, &rhs_grad)?;
+"""
+matmul_new = """                        if is_last_two_transpose(rhs) {
+                            // rhs = wᵀ: (gradᵀ · lhs)ᵀ is rhs's gradient in rhs's own layout, so
+                            // the Transpose rule hands w a contiguous gradient with no copy.
+                            let rhs_grad = grad.t()?.matmul(lhs)?.t()?;
+                            grads.accumulate_keep_layout(rhs, &rhs_grad)?;
+                        } else {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
+"""
+assert s.count(matmul_old) == 1, "matmul rule"
+s = s.replace(matmul_old, matmul_new, 1)
+
+keep = '''
+    /// [`Self::accumulate`] for a transposed view's gradient that is itself such a view (see the
+    /// Matmul rule): a first gradient is stored in its own layout, not made contiguous.
+    fn accumulate_keep_layout(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Occupied(mut entry) => {
+                let sum = entry.get().add(grad)?;
+                *entry.get_mut() = sum;
+            }
+            Entry::Vacant(entry) => {
+                check_first_grad(tensor, grad)?;
+                entry.insert(grad.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,'''
+assert anchor in s
+s = s.replace(anchor, keep, 1)
+
+is_t = '''
+/// Whether `t` is a transpose of its last two dimensions (what `x.t()` records).
+fn is_last_two_transpose(t: &Tensor) -> bool {
+    let rank = t.rank();
+    match t.op() {
+        Some(Op::Transpose(_, d1, d2)) if rank >= 2 => {
+            let last_two = (rank - 2, rank - 1);
+            (*d1, *d2) == last_two || (*d2, *d1) == last_two
+        }
+        _ => false,
+    }
+}
+
+/// A store for gradients, associating'''
+s = s.replace(anchor2, is_t, 1)
+
 n1 = s.count("grads.or_insert(")
-print(f"{path}: {n_add} add, {n_sub} sub and {n_multi} multi-line sites rewritten; or_insert calls {n0} -> {n1}", file=sys.stderr)
+print(f"{path}: matmul rhs rule rewritten; {n_add} add, {n_sub} sub and {n_multi} multi-line sites rewritten; or_insert calls {n0} -> {n1}", file=sys.stderr)
 open(path, "w").write(s)

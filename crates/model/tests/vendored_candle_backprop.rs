@@ -1,8 +1,11 @@
 //! The vendored candle-core's backward pass (vendor/README.md): the first gradient to reach a
-//! tensor is stored as it is instead of being added to a fresh tensor of zeros, and gradients
-//! keep their values, shapes and contiguity. Hand-worked cases on the CPU; the signed zero is
-//! what tells the two apart (`0 + (-0) = +0`), so a re-vendored candle without the change fails
-//! here.
+//! tensor is stored as it is instead of being added to a fresh tensor of zeros, a matmul whose
+//! right side is a transposed view (`x · wᵀ`) computes that side's gradient in the view's layout,
+//! and gradients keep their values, shapes and contiguity. Hand-worked cases on the CPU. The
+//! signed zero (`0 + (-0) = +0`) tells the first change from the release, so a re-vendored
+//! candle without it fails here; the second changes no value (the backward pass drops the view's
+//! gradient once used, so its layout cannot be seen from here), and its cases check that the
+//! new path gives the release's gradients.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -132,4 +135,120 @@ fn a_first_gradient_of_the_wrong_dtype_is_an_error_as_before() {
     let y = x.as_tensor().apply_op1(BadGrad).unwrap();
     let err = y.sum_all().unwrap().backward().unwrap_err().to_string();
     assert!(err.contains("dtype mismatch"), "{err}");
+}
+
+/// `[rows, cols]` f32 tensor from row-major values.
+fn matrix(values: &[f32], rows: usize, cols: usize) -> Tensor {
+    Tensor::from_vec(values.to_vec(), (rows, cols), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn a_transposed_right_side_gets_its_gradient_in_its_own_layout() {
+    // y = x · wᵀ (a linear layer), L = Σ y ⊙ c: dL/dx = c · w, dL/dw = cᵀ · x.
+    // x = [[1, 2, 3], [4, 5, 6]], w = [[1, 0, -1], [2, 1, 0]], c = [[1, 2], [3, -1]]:
+    // dL/dw = [[1·1 + 3·4, 1·2 + 3·5, 1·3 + 3·6], [2·1 − 1·4, 2·2 − 1·5, 2·3 − 1·6]]
+    //       = [[13, 17, 21], [-2, -1, 0]],
+    // dL/dx = [[1·1 + 2·2, 1·0 + 2·1, −1 + 0], [3·1 − 2, 0 − 1, −3 − 0]] = [[5, 2, -1], [1, -1, -3]].
+    let x = Var::from_tensor(&matrix(&[1., 2., 3., 4., 5., 6.], 2, 3)).unwrap();
+    let w = Var::from_tensor(&matrix(&[1., 0., -1., 2., 1., 0.], 2, 3)).unwrap();
+    let c = matrix(&[1., 2., 3., -1.], 2, 2);
+    let wt = w.as_tensor().t().unwrap();
+    let y = x.as_tensor().matmul(&wt).unwrap();
+    let grads = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+    let gw = grads.get(w.as_tensor()).unwrap();
+    assert!(gw.is_contiguous());
+    assert_eq!(
+        gw.to_vec2::<f32>().unwrap(),
+        [[13.0, 17.0, 21.0], [-2.0, -1.0, 0.0]]
+    );
+    let gx = grads.get(x.as_tensor()).unwrap();
+    assert_eq!(
+        gx.to_vec2::<f32>().unwrap(),
+        [[5.0, 2.0, -1.0], [1.0, -1.0, -3.0]]
+    );
+    // The same view used by two matmuls: the gradients add. L = Σ (x·wᵀ) + Σ (x·wᵀ ⊙ c):
+    // dL/dw = 1ᵀ·x + cᵀ·x = [[5, 7, 9], [5, 7, 9]] + the above.
+    let y1 = x.as_tensor().matmul(&wt).unwrap();
+    let y2 = (x.as_tensor().matmul(&wt).unwrap() * &c).unwrap();
+    let grads = (y1.sum_all().unwrap() + y2.sum_all().unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        grads.get(w.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
+        [[18.0, 24.0, 30.0], [3.0, 6.0, 9.0]]
+    );
+}
+
+#[test]
+fn batched_and_other_transposes_keep_their_gradients() {
+    let dev = Device::Cpu;
+    // Attention scores q · kᵀ over a batch of 2: dL/dk[b] = c[b]ᵀ · q[b] per batch element, the
+    // same numbers as the unbatched case in each (q = x, k = w, c as above; the second batch
+    // element scaled by 2 in q, so its gradient doubles).
+    let q = Tensor::cat(
+        &[
+            matrix(&[1., 2., 3., 4., 5., 6.], 2, 3)
+                .unsqueeze(0)
+                .unwrap(),
+            matrix(&[2., 4., 6., 8., 10., 12.], 2, 3)
+                .unsqueeze(0)
+                .unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let k = Var::from_tensor(
+        &matrix(&[1., 0., -1., 2., 1., 0.], 2, 3)
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((2, 1, 1))
+            .unwrap(),
+    )
+    .unwrap();
+    let c = matrix(&[1., 2., 3., -1.], 2, 2)
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((2, 1, 1))
+        .unwrap();
+    let scores = q.matmul(&k.as_tensor().t().unwrap()).unwrap();
+    let grads = (scores * &c)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gk = grads.get(k.as_tensor()).unwrap();
+    assert!(gk.is_contiguous());
+    assert_eq!(
+        gk.to_vec3::<f32>().unwrap(),
+        [
+            [[13.0, 17.0, 21.0], [-2.0, -1.0, 0.0]],
+            [[26.0, 34.0, 42.0], [-4.0, -2.0, 0.0]]
+        ]
+    );
+
+    // A transpose of other dimensions than the last two takes the release's path: rhs =
+    // kᵀ over dims 0 and 1 of a [2, 3, 1] tensor ([3, 2, 1]) is not `x.t()`. With a = 1,
+    // L = Σ a · rhs[b] over b = 0..3 (a [1, 2] · [2, 1] product per batch element):
+    // dL/drhs[b] = aᵀ · 1 = [[1], [1]] for every b, so dL/dk = ones.
+    let k3 = Var::from_tensor(
+        &Tensor::arange(0f32, 6.0, &dev)
+            .unwrap()
+            .reshape((2, 3, 1))
+            .unwrap(),
+    )
+    .unwrap();
+    let rhs = k3.as_tensor().transpose(0, 1).unwrap(); // [3, 2, 1]
+    let a = Tensor::ones((3, 1, 2), DType::F32, &dev).unwrap();
+    let grads = a
+        .matmul(&rhs)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads.get(k3.as_tensor()).unwrap();
+    assert!(g.is_contiguous());
+    assert_eq!(g.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [1.0; 6]);
 }

@@ -435,8 +435,15 @@ impl Tensor {
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if is_last_two_transpose(rhs) {
+                            // rhs = wᵀ: (gradᵀ · lhs)ᵀ is rhs's gradient in rhs's own layout, so
+                            // the Transpose rule hands w a contiguous gradient with no copy.
+                            let rhs_grad = grad.t()?.matmul(lhs)?.t()?;
+                            grads.accumulate_keep_layout(rhs, &rhs_grad)?;
+                        } else {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -694,6 +701,18 @@ fn check_first_grad(tensor: &Tensor, grad: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Whether `t` is a transpose of its last two dimensions (what `x.t()` records).
+fn is_last_two_transpose(t: &Tensor) -> bool {
+    let rank = t.rank();
+    match t.op() {
+        Some(Op::Transpose(_, d1, d2)) if rank >= 2 => {
+            let last_two = (rank - 2, rank - 1);
+            (*d1, *d2) == last_two || (*d2, *d1) == last_two
+        }
+        _ => false,
+    }
+}
+
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
@@ -755,6 +774,22 @@ impl GradStore {
             Entry::Vacant(entry) => {
                 check_first_grad(tensor, grad)?;
                 entry.insert(grad.neg()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::accumulate`] for a transposed view's gradient that is itself such a view (see the
+    /// Matmul rule): a first gradient is stored in its own layout, not made contiguous.
+    fn accumulate_keep_layout(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Occupied(mut entry) => {
+                let sum = entry.get().add(grad)?;
+                *entry.get_mut() = sum;
+            }
+            Entry::Vacant(entry) => {
+                check_first_grad(tensor, grad)?;
+                entry.insert(grad.clone());
             }
         }
         Ok(())
