@@ -388,6 +388,14 @@ impl Llama {
         self.forward(tokens, &mut cache)
     }
 
+    /// [`Self::forward_full`] without the LM head: `tokens: [b, t]` → the final normalized
+    /// hidden states `[b, t, hidden]`, for callers that need the logits of some positions only
+    /// ([`Self::logits`] of the rows they select).
+    pub fn forward_hidden_full(&self, tokens: &Tensor) -> Result<Tensor> {
+        let mut cache = KvCache::unpadded(self.cfg.num_layers, tokens.dim(0)?);
+        self.forward_hidden(tokens, &mut cache)
+    }
+
     /// The final normalized hidden states `[b, t, hidden]` (before the LM head).
     pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let x = self.embed(tokens)?;

@@ -129,20 +129,23 @@ fn part_grads(
             grads: None,
         });
     }
-    // [N, V] at the trained positions, from [B, T, V].
-    let at_rows = |logits: Tensor| -> Result<Tensor> {
-        let (b, t, v) = logits.dims3()?;
-        Ok(logits.reshape((b * t, v))?.index_select(&rows, 0)?)
+    // [N, V] logits at the trained positions: the rows of the [B, T, H] hidden states are
+    // selected before the LM head, so no [B, T, V] tensor (and no [B, T, V] gradient of the
+    // selection) exists.
+    let at_rows = |hidden: Tensor| -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        Ok(hidden.reshape((b * t, h))?.index_select(&rows, 0)?)
     };
     let teacher_logp = match models.teacher {
         Some(teacher) => Some(profile.time("teacher_forward", || {
-            let tl = at_rows(teacher.forward_full(&tokens)?)?;
+            let tl = teacher.logits(&at_rows(teacher.forward_hidden_full(&tokens)?)?)?;
             Ok::<_, TrainError>(candle_nn::ops::log_softmax(&tl, candle_core::D::Minus1)?.detach())
         })?),
         None => None,
     };
     let logits = profile.time("student_forward", || {
-        at_rows(models.student.model.forward_full(&tokens)?)
+        let student = &models.student.model;
+        Ok::<_, TrainError>(student.logits(&at_rows(student.forward_hidden_full(&tokens)?)?)?)
     })?;
     let (loss, value) = profile.time("loss", || {
         let mut loss = match &teacher_logp {
