@@ -129,9 +129,9 @@ fn part_grads(
             grads: None,
         });
     }
-    // [N, V] logits at the trained positions: the rows of the [B, T, H] hidden states are
-    // selected before the LM head, so no [B, T, V] tensor (and no [B, T, V] gradient of the
-    // selection) exists.
+    // [N, V] logits at the trained positions (the student's in its compute dtype): the rows of
+    // the [B, T, H] hidden states are selected before the LM head, so no [B, T, V] tensor (and
+    // no [B, T, V] gradient of the selection) exists.
     let at_rows = |hidden: Tensor| -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
         Ok(hidden.reshape((b * t, h))?.index_select(&rows, 0)?)
@@ -145,7 +145,9 @@ fn part_grads(
     };
     let logits = profile.time("student_forward", || {
         let student = &models.student.model;
-        Ok::<_, TrainError>(student.logits(&at_rows(student.forward_hidden_full(&tokens)?)?)?)
+        // In the compute dtype: the loss reads them in f32 (a fused kernel on CUDA).
+        let hidden = at_rows(student.forward_hidden_full(&tokens)?)?;
+        Ok::<_, TrainError>(student.logits_in_dtype(&hidden)?)
     })?;
     let (loss, value) = profile.time("loss", || {
         let mut loss = match &teacher_logp {

@@ -13,7 +13,7 @@ pub mod bucket_lse;
 pub mod divergence;
 
 use crate::error::TrainError;
-use candle_core::{Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use divergence::{TeacherLogProbs, LOG_ZERO};
 use serde::{Deserialize, Serialize};
 
@@ -105,7 +105,8 @@ impl Loss {
         }
     }
 
-    /// The loss per position, `[N]`, from student `logits: [N, V]` over the K + 1 buckets.
+    /// The loss per position, `[N]`, from student `logits: [N, V]` (any float type; the loss is
+    /// computed in f32, or f64 for f64 logits) over the K + 1 buckets.
     pub fn per_position(&self, logits: &Tensor, t: &TopKTargets) -> Result<Tensor> {
         let (lq, log_rq) = student_buckets(logits, t)?;
         match log_rq {
@@ -140,7 +141,8 @@ impl Loss {
     /// Exact loss over the full vocabulary, mean over positions: `logits`, `teacher_logp` are
     /// `[N, V]` (student logits, teacher log-probabilities). Used with an online teacher.
     pub fn full_vocab(&self, logits: &Tensor, teacher_logp: &Tensor) -> Result<Tensor> {
-        let lq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let logits = logits.to_dtype(teacher_logp.dtype())?;
+        let lq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         self.divergence(
             &TeacherLogProbs {
                 exact: teacher_logp,
@@ -220,21 +222,28 @@ impl TopKTargets {
     }
 }
 
-/// Student log-probabilities on the K+1 buckets: `([N, K] log q_i, [N] log r_q or None)`.
-/// On CUDA (f32 logits) both log-sum-exps come from one fused op ([`bucket_lse`]); elsewhere
-/// from composed ops, the tail's through a `[N, V]` mask that is -inf at the K ids.
+/// Student log-probabilities on the K+1 buckets: `([N, K] log q_i, [N] log r_q or None)`, in
+/// f32 (f64 for f64 logits) from `logits: [N, V]` of any float type. On CUDA the log-sum-exps
+/// and the gather come from one fused op that reads the logits in their own type
+/// ([`bucket_lse`]); elsewhere from composed ops on f32 logits, the tail's through a `[N, V]`
+/// mask that is -inf at the K ids.
 pub fn student_buckets(logits: &Tensor, t: &TopKTargets) -> Result<(Tensor, Option<Tensor>)> {
-    let gathered = logits.gather(&t.ids, D::Minus1)?; // [N, K]
     if bucket_lse::fused_on(logits) {
-        let lse = bucket_lse::bucket_logsumexp(logits, &t.ids, t.has_tail)?; // [N, 1 + tail]
-        let logz = lse.narrow(1, 0, 1)?;
-        let lq = gathered.broadcast_sub(&logz)?;
+        let out = bucket_lse::top_k_buckets(logits, &t.ids, t.has_tail)?; // [N, c + K]
+        let c = 1 + usize::from(t.has_tail);
+        let logz = out.narrow(1, 0, 1)?;
+        let lq = out.narrow(1, c, t.k)?.broadcast_sub(&logz)?;
         let log_rq = match t.has_tail {
-            true => Some(lse.narrow(1, 1, 1)?.sub(&logz)?.squeeze(1)?),
+            true => Some(out.narrow(1, 1, 1)?.sub(&logz)?.squeeze(1)?),
             false => None,
         };
         return Ok((lq, log_rq));
     }
+    let logits = &match logits.dtype() {
+        DType::F32 | DType::F64 => logits.clone(),
+        _ => logits.to_dtype(DType::F32)?,
+    };
+    let gathered = logits.gather(&t.ids, D::Minus1)?; // [N, K]
     let logz = logits.log_sum_exp(D::Minus1)?; // [N]
     let lq = gathered.broadcast_sub(&logz.unsqueeze(1)?)?;
     let log_rq = match t.has_tail {
