@@ -381,6 +381,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::{Loss, LossKind, TopKTargets};
     use candle_core::{Device, Var, D};
     use qat_model::custom_op::max_abs_diff;
 
@@ -526,12 +527,12 @@ mod tests {
             .map(|i| -4.0 - (i % k) as f32 * 0.05)
             .collect();
         let z = z32.to_dtype(DType::BF16)?;
-        for kind in super::super::LossKind::ALL {
-            let gamma = (kind == super::super::LossKind::Cakld).then_some(0.3);
-            let loss = super::super::Loss::new(kind, gamma).expect("loss");
+        for kind in LossKind::ALL {
+            let gamma = (kind == LossKind::Cakld).then_some(0.3);
+            let loss = Loss::new(kind, gamma).expect("loss");
             let mut per_device = Vec::new();
             for (dev, fused) in [(&gpu, true), (&Device::Cpu, false)] {
-                let targets = super::super::TopKTargets::new(
+                let targets = TopKTargets::new(
                     ids.flatten_all()?.to_vec1()?,
                     logp.clone(),
                     rows,
