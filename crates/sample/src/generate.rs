@@ -3,7 +3,7 @@
 
 use crate::rng::SequenceRng;
 use crate::sampler::{self, SamplingParams};
-use candle_core::{IndexOp, Result, Tensor};
+use candle_core::{DType, IndexOp, Result, Tensor};
 use qat_model::{Llama, StepProfile};
 use qat_shards::SequenceRecord;
 use rayon::prelude::*;
@@ -37,6 +37,22 @@ pub struct GenerationStats {
     pub generated_tokens: u64,
     /// Sum of the teacher's NLL (full softmax, temperature 1) of the tokens it generated.
     pub teacher_nll_sum: f64,
+}
+
+/// `logits: [rows, vocab]` (any device, any float type) as host rows of f32. 16-bit logits (a
+/// bf16 teacher on CUDA) cross to the host as they are, half the bytes of an f32 copy, and are
+/// widened there (exactly, as a cast on the device would).
+fn rows_to_host(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    fn widen<T: Copy + Send + Sync>(rows: Vec<Vec<T>>, f: fn(T) -> f32) -> Vec<Vec<f32>> {
+        rows.into_par_iter()
+            .map(|row| row.into_iter().map(f).collect())
+            .collect()
+    }
+    match logits.dtype() {
+        DType::BF16 => Ok(widen(logits.to_vec2::<half::bf16>()?, half::bf16::to_f32)),
+        DType::F16 => Ok(widen(logits.to_vec2::<half::f16>()?, half::f16::to_f32)),
+        _ => logits.to_dtype(DType::F32)?.to_vec2(),
+    }
 }
 
 struct RowState {
@@ -156,7 +172,7 @@ pub fn generate_batch(
     for (b, row) in rows.iter_mut().enumerate() {
         // One row's logits at a time bounds memory to width x vocab.
         let logits: Vec<Vec<f32>> = profile.time("logits_to_host", || {
-            model.logits(&hidden.i((b, pads[b]..width))?)?.to_vec2()
+            rows_to_host(&model.logits_in_dtype(&hidden.i((b, pads[b]..width))?)?)
         })?;
         profile.time("log_softmax_topk_sample", || {
             let mut scratch = (Vec::new(), Vec::new());
@@ -179,13 +195,11 @@ pub fn generate_batch(
             .map(|&b| *rows[b].record.tokens.last().expect("non-empty"))
             .collect();
         let logits = profile.time("decode_forward", || {
-            model.forward(
-                &Tensor::from_vec(last, (active.len(), 1), &dev)?,
-                &mut cache,
-            )
+            let tokens = Tensor::from_vec(last, (active.len(), 1), &dev)?;
+            model.logits_in_dtype(&model.forward_hidden(&tokens, &mut cache)?)
         })?;
         let logits: Vec<Vec<f32>> =
-            profile.time("logits_to_host", || logits.squeeze(1)?.to_vec2())?;
+            profile.time("logits_to_host", || rows_to_host(&logits.squeeze(1)?))?;
         let mut stepping: Vec<(&mut RowState, &Vec<f32>)> = Vec::with_capacity(active.len());
         {
             let mut by_index: Vec<Option<&mut RowState>> = rows.iter_mut().map(Some).collect();
