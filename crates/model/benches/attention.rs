@@ -1,5 +1,6 @@
-//! Benchmark: the fused CPU attention op against candle's composed ops (forward + backward),
-//! at stories260K's training shape. Prints both times and their ratio, measured in the same run.
+//! Benchmark: the fused CPU attention op against candle's composed ops (forward, and forward +
+//! backward), at stories260K's training and eval shapes and at head_dim 64, and one decoding
+//! step. Prints both times and their ratio, measured in the same run.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use qat_model::causal_attention;
@@ -71,7 +72,60 @@ fn decode_step(s: usize) -> Result<(f64, f64)> {
     Ok((base, fused))
 }
 
+/// Forward only (inference: qat-eval, qat-sample's prefill) and forward + backward (training)
+/// at `[b, nh/nkv, t, hd]`; returns ((composed, fused) forward, (composed, fused) fwd+bwd) wall
+/// seconds per call.
+type Pair = (f64, f64);
+fn shape(
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    hd: usize,
+    reps: usize,
+) -> Result<(Pair, Pair)> {
+    let dev = Device::Cpu;
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?)?;
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?)?;
+    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?)?;
+    let w = Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?;
+    let (scale, pads) = (1.0 / (hd as f64).sqrt(), vec![0; b]);
+    let (qd, kd, vd) = (
+        q.as_tensor().detach(),
+        k.as_tensor().detach(),
+        v.as_tensor().detach(),
+    );
+    let fwd_fused = time(reps, || {
+        causal_attention(&qd, &kd, &vd, &pads, scale).map(|_| ())
+    })?;
+    let fwd_base = time(reps, || composed(&qd, &kd, &vd, scale).map(|_| ()))?;
+    let fused = time(reps, || {
+        let out = causal_attention(&q, &k, &v, &pads, scale)?;
+        (out * &w)?.sum_all()?.backward().map(|_| ())
+    })?;
+    let base = time(reps, || {
+        let out = composed(&q, &k, &v, scale)?;
+        (out * &w)?.sum_all()?.backward().map(|_| ())
+    })?;
+    Ok(((fwd_base, fwd_fused), (base, fused)))
+}
+
 fn main() -> Result<()> {
+    for (b, nh, nkv, t, hd, what) in [
+        (16, 8, 4, 512, 8, "stories260K, qat-eval's batch"),
+        (4, 8, 4, 256, 64, "head_dim 64"),
+    ] {
+        let ((fb, ff), (b2, f2)) = shape(b, nh, nkv, t, hd, 5)?;
+        println!(
+            "attention [b={b}, heads={nh}/{nkv}, t={t}, head_dim={hd}] ({what}): forward composed {:.1} ms, fused {:.1} ms, speedup {:.2}x; fwd+bwd composed {:.1} ms, fused {:.1} ms, speedup {:.2}x",
+            fb * 1e3,
+            ff * 1e3,
+            fb / ff,
+            b2 * 1e3,
+            f2 * 1e3,
+            b2 / f2
+        );
+    }
     let dev = Device::Cpu;
     let (b, nh, nkv, t, hd) = (16, 8, 4, 256, 8);
     let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?)?;
