@@ -89,6 +89,7 @@ fn shape(
     let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?)?;
     let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?)?;
     let w = Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?;
+    assert_eq!(q.dtype(), DType::F32);
     let (scale, pads) = (1.0 / (hd as f64).sqrt(), vec![0; b]);
     let (qd, kd, vd) = (
         q.as_tensor().detach(),
@@ -111,11 +112,12 @@ fn shape(
 }
 
 fn main() -> Result<()> {
-    for (b, nh, nkv, t, hd, what) in [
-        (16, 8, 4, 512, 8, "stories260K, qat-eval's batch"),
-        (4, 8, 4, 256, 64, "head_dim 64"),
+    for (b, nh, nkv, t, hd, reps, what) in [
+        (16, 8, 4, 256, 8, 10, "stories260K, qat-distill's batch"),
+        (16, 8, 4, 512, 8, 5, "stories260K, qat-eval's batch"),
+        (4, 8, 4, 256, 64, 5, "head_dim 64"),
     ] {
-        let ((fb, ff), (b2, f2)) = shape(b, nh, nkv, t, hd, 5)?;
+        let ((fb, ff), (b2, f2)) = shape(b, nh, nkv, t, hd, reps)?;
         println!(
             "attention [b={b}, heads={nh}/{nkv}, t={t}, head_dim={hd}] ({what}): forward composed {:.1} ms, fused {:.1} ms, speedup {:.2}x; fwd+bwd composed {:.1} ms, fused {:.1} ms, speedup {:.2}x",
             fb * 1e3,
@@ -126,30 +128,7 @@ fn main() -> Result<()> {
             b2 / f2
         );
     }
-    let dev = Device::Cpu;
-    let (b, nh, nkv, t, hd) = (16, 8, 4, 256, 8);
-    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?)?;
-    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?)?;
-    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?)?;
-    let w = Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let pads = vec![0; b];
-    let reps = 10;
-    let fused = time(reps, || {
-        let out = causal_attention(&q, &k, &v, &pads, scale)?;
-        (out * &w)?.sum_all()?.backward().map(|_| ())
-    })?;
-    let base = time(reps, || {
-        let out = composed(&q, &k, &v, scale)?;
-        (out * &w)?.sum_all()?.backward().map(|_| ())
-    })?;
-    assert_eq!(q.dtype(), DType::F32);
-    println!(
-        "attention fwd+bwd [b={b}, heads={nh}/{nkv}, t={t}, head_dim={hd}]: composed {:.1} ms, fused {:.1} ms, speedup {:.2}x",
-        base * 1e3,
-        fused * 1e3,
-        base / fused
-    );
+    let (nh, nkv, hd) = (8, 4, 8);
     for s in [64, 256] {
         let (base, fused) = decode_step(s)?;
         println!(
