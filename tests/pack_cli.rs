@@ -105,15 +105,7 @@ fn check_scheme(label: &str, scheme: &str, theory: f64, quantized_weights: u64) 
             Some(wq) => fake_weight(t.weight(), &wq).unwrap(),
             None => t.weight().clone(),
         };
-        let bits = |x: &candle_core::Tensor| {
-            x.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>()
-        };
+        let bits = |x: &candle_core::Tensor| qat_model::custom_op::f32_bits(x).unwrap();
         assert_eq!(bits(p.weight()), bits(&want), "{label}: {}", p.id());
     }
 

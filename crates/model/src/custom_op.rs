@@ -34,6 +34,16 @@ pub fn storage_from_f64(dtype: DType, v: Vec<f64>) -> CpuStorage {
     }
 }
 
+/// The bit patterns of an f32 tensor's elements (any device, any shape, row-major): how tests
+/// compare two computations bit for bit.
+pub fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|x| x.to_bits())
+        .collect())
+}
+
 /// The largest `|a − b|` over all elements, in f64: how the ops' tests compare an op with its
 /// reference (composed ops, or the CPU path against a CUDA kernel).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {

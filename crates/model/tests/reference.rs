@@ -292,15 +292,7 @@ fn blocks_run_one_at_a_time_give_the_bits_of_one_call() {
             .forward_blocks(step, l..l + 1, &mut model.new_cache(vec![0]))
             .unwrap();
     }
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    };
+    let bits = |t: &Tensor| qat_model::custom_op::f32_bits(t).unwrap();
     assert_eq!(bits(&whole), bits(&step));
     let err = model
         .forward_blocks(step, layers..layers + 1, &mut model.new_cache(vec![0]))

@@ -10,13 +10,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
+    qat_model::custom_op::f32_bits(t).unwrap()
 }
 
 #[test]

@@ -11,13 +11,7 @@ use qat_pack::{load_packed, pack, PackError, PACKED_FILE};
 use qat_quant::{fake_weight, Scheme, NF3_LEVELS, NF4_LEVELS};
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
+    qat_model::custom_op::f32_bits(t).unwrap()
 }
 
 #[test]

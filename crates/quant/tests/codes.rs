@@ -84,8 +84,7 @@ fn quantizers() -> Vec<WeightQuant> {
 }
 
 fn bits_of(t: &Tensor) -> Vec<u32> {
-    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    v.iter().map(|x| x.to_bits()).collect()
+    qat_model::custom_op::f32_bits(t).unwrap()
 }
 
 #[test]

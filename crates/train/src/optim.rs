@@ -457,10 +457,7 @@ mod tests {
                 cuda.apply(&HashMap::from([("w".into(), g.to_device(&gpu)?)]), lr)?;
                 cpu.apply(&HashMap::from([("w".into(), g)]), lr)?;
             }
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                let v = t.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-                Ok(v.iter().map(|x| x.to_bits()).collect())
-            };
+            let bits = |t: &Tensor| qat_model::custom_op::f32_bits(&t.to_device(&Device::Cpu)?);
             let (a, b) = (cuda.vars()[0].1.as_tensor(), cpu.vars()[0].1.as_tensor());
             assert_eq!(bits(a)?, bits(b)?, "w, weight decay {weight_decay}");
             let (sa, sb) = (cuda.state_tensors(), cpu.state_tensors());
