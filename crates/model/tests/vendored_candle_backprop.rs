@@ -13,20 +13,20 @@ fn bits(t: &Tensor) -> Vec<u32> {
     qat_model::custom_op::f32_bits(t).unwrap()
 }
 
+/// The gradient of `Σ y` with respect to `x`.
+fn grad_of_sum(y: candle_core::Result<Tensor>, x: &Var) -> Tensor {
+    let grads = y.unwrap().sum_all().unwrap().backward().unwrap();
+    grads.get(x.as_tensor()).expect("a gradient").clone()
+}
+
 #[test]
 fn the_first_gradient_is_stored_as_it_is() {
     // d/dx sum(x · c) = c; with c = [-0, 2] the gradient's first element is -0, which a sum
     // with zeros would turn into +0.
     let x = Var::new(&[3f32, 4.0], &Device::Cpu).unwrap();
     let c = Tensor::new(&[-0f32, 2.0], &Device::Cpu).unwrap();
-    let grads = (x.as_tensor() * &c)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g = grads.get(x.as_tensor()).unwrap();
-    assert_eq!(bits(g), [(-0f32).to_bits(), 2f32.to_bits()]);
+    let g = grad_of_sum(x.as_tensor() * &c, &x);
+    assert_eq!(bits(&g), [(-0f32).to_bits(), 2f32.to_bits()]);
 }
 
 #[test]
@@ -36,51 +36,29 @@ fn fan_in_subtraction_broadcast_and_transpose_keep_their_gradients() {
     let x = Var::new(&[1f32, 2.0, 3.0], &dev).unwrap();
     let a = Tensor::new(&[0.5f32, -1.0, 4.0], &dev).unwrap();
     let b = Tensor::new(&[2f32, 3.0, -0.25], &dev).unwrap();
-    let y = ((x.as_tensor() * &a).unwrap() + (x.as_tensor() * &b).unwrap()).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
-    let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+    let y = (x.as_tensor() * &a).unwrap() + (x.as_tensor() * &b).unwrap();
+    let g: Vec<f32> = grad_of_sum(y, &x).to_vec1().unwrap();
     assert_eq!(g, [2.5, 2.0, 3.75]);
 
     // The right side of a subtraction gets the negated gradient, first or not: d/dx sum(a − x) =
     // −1, d/dx sum(x − x·2) = 1 − 2 = −1.
-    let grads = (&a - x.as_tensor())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+    let g: Vec<f32> = grad_of_sum(&a - x.as_tensor(), &x).to_vec1().unwrap();
     assert_eq!(g, [-1.0, -1.0, -1.0]);
     let two_x = (x.as_tensor() * 2.0).unwrap();
-    let grads = (x.as_tensor() - &two_x)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+    let g: Vec<f32> = grad_of_sum(x.as_tensor() - &two_x, &x).to_vec1().unwrap();
     assert_eq!(g, [-1.0, -1.0, -1.0]);
 
     // Broadcast [3] → [2, 3]: each element is used twice.
     let w = Tensor::new(&[[1f32, 2.0, 3.0], [10.0, 20.0, 30.0]], &dev).unwrap();
-    let y = x.as_tensor().broadcast_as((2, 3)).unwrap().mul(&w).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
-    let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+    let y = x.as_tensor().broadcast_as((2, 3)).unwrap().mul(&w);
+    let g: Vec<f32> = grad_of_sum(y, &x).to_vec1().unwrap();
     assert_eq!(g, [11.0, 22.0, 33.0]);
 
     // A rule with a few steps between reading the gradient and storing it (SiLU, used by the
     // CPU's composed SwiGLU): silu'(x) = σ(x)·(1 + x·(1 − σ(x))), 0.5 at 0 and
     // 0.7310586 · 1.2689414 = 0.9276705 at 1.
     let s = Var::new(&[0f32, 1.0], &dev).unwrap();
-    let grads = s
-        .as_tensor()
-        .silu()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g: Vec<f32> = grads.get(s.as_tensor()).unwrap().to_vec1().unwrap();
+    let g: Vec<f32> = grad_of_sum(s.as_tensor().silu(), &s).to_vec1().unwrap();
     assert!(
         (g[0] - 0.5).abs() < 1e-6 && (g[1] - 0.9276705).abs() < 1e-6,
         "{g:?}"
@@ -89,9 +67,7 @@ fn fan_in_subtraction_broadcast_and_transpose_keep_their_gradients() {
     // A transpose's gradient is a strided view: it is stored contiguous, as a sum would be.
     let m = Var::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &dev).unwrap();
     let weights = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &dev).unwrap();
-    let y = m.as_tensor().t().unwrap().mul(&weights).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
-    let g = grads.get(m.as_tensor()).unwrap();
+    let g = grad_of_sum(m.as_tensor().t().unwrap().mul(&weights), &m);
     assert!(g.is_contiguous());
     assert_eq!(
         g.to_vec2::<f32>().unwrap(),
@@ -206,13 +182,7 @@ fn batched_and_other_transposes_keep_their_gradients() {
         .repeat((2, 1, 1))
         .unwrap();
     let scores = q.matmul(&k.as_tensor().t().unwrap()).unwrap();
-    let grads = (scores * &c)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let gk = grads.get(k.as_tensor()).unwrap();
+    let gk = grad_of_sum(scores * &c, &k);
     assert!(gk.is_contiguous());
     assert_eq!(
         gk.to_vec3::<f32>().unwrap(),
@@ -235,14 +205,7 @@ fn batched_and_other_transposes_keep_their_gradients() {
     .unwrap();
     let rhs = k3.as_tensor().transpose(0, 1).unwrap(); // [3, 2, 1]
     let a = Tensor::ones((3, 1, 2), DType::F32, &dev).unwrap();
-    let grads = a
-        .matmul(&rhs)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g = grads.get(k3.as_tensor()).unwrap();
+    let g = grad_of_sum(a.matmul(&rhs), &k3);
     assert!(g.is_contiguous());
     assert_eq!(g.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [1.0; 6]);
 }
