@@ -84,11 +84,22 @@ pub fn sample_with_exps(
     if params.temperature <= 0.0 {
         return argmax(logits);
     }
-    let u = rng.next_f64();
+    draw(logits, exps, params, rng.next_f64())
+}
+
+/// Whether `params` cut the distribution of a `vocab`-wide row (top-k below the vocabulary, or
+/// top-p below 1) before the draw.
+pub fn truncates(params: &SamplingParams, vocab: usize) -> bool {
+    params.top_k > 0 && params.top_k < vocab || params.top_p < 1.0
+}
+
+/// The token [`sample_with_exps`] draws for the uniform `u` in [0, 1) (a positive temperature):
+/// inverse CDF in id order over the weights `exp((z - max) / T)`, summed in f64, after the
+/// truncation.
+pub fn draw(logits: &[f32], exps: Option<&[f64]>, params: &SamplingParams, u: f64) -> u32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let weight = |z: f32| ((z as f64 - max) / params.temperature).exp();
-    let truncated = params.top_k > 0 && params.top_k < logits.len() || params.top_p < 1.0;
-    if !truncated {
+    if !truncates(params, logits.len()) {
         // Scan in id order: no sort needed.
         let computed: Vec<f64>;
         let weights = match exps {

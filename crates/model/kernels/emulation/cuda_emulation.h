@@ -1,7 +1,7 @@
 // Just enough of CUDA, in host C++20, to run qat's kernels without a GPU, for tests
 // (crates/model/tests/flash_attention_emulated.rs and token_nll_emulated.rs,
 // crates/quant/tests/fake_quant_emulated.rs, crates/train/tests/adamw_emulated.rs and
-// bucket_lse_emulated.rs): one host
+// bucket_lse_emulated.rs, crates/sample/tests/sample_rows_emulated.rs): one host
 // thread per CUDA thread of a block (blocks run one after another), std::barrier for
 // __syncthreads / __syncwarp, warp shuffles through a per-warp exchange array, bf16 / f16 as
 // 16-bit storage types rounded to nearest even, IEEE intrinsics as plain operations, and the
@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <math.h>  // fabsf, fminf, fmaxf, rintf, expf in the global namespace, as CUDA has them
 #include <cstdint>
@@ -115,6 +116,13 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
 inline unsigned atomicOr(unsigned* address, unsigned value) {
   return std::atomic_ref<unsigned>(*address).fetch_or(value);
 }
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  return std::atomic_ref<unsigned>(*address).fetch_add(value);
+}
+
+// Bit casts between f32 and u32.
+inline uint32_t __float_as_uint(float f) { return std::bit_cast<uint32_t>(f); }
+inline float __uint_as_float(uint32_t u) { return std::bit_cast<float>(u); }
 
 // Runs `kernel` over the grid, one host thread per CUDA thread, one block at a time.
 inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {

@@ -1,0 +1,153 @@
+//! The CUDA kernel of qat-sample's per-position math (kernels/sample_rows.cu) runs on the CPU
+//! through the CUDA emulation in crates/model/kernels/emulation, against the host functions it
+//! replaces on a GPU (`qat_sample::sampler`: log_softmax_exps, top_k_indices, argmax, draw): the
+//! same top-K ids, the same log-probability bits, the same chosen token. f32, bf16 and f16
+//! logits; vocabularies smaller than a block, around it and of Llama-2's size; K from 1 to the
+//! whole vocabulary and the kernel's largest (1024); rows full of ties (integer logits); `-inf`
+//! logits; greedy rows, temperatures 1 and 0.7, uniforms from 0 to just below 1. Needs a C++20
+//! compiler (`CXX`, default `c++`).
+
+use qat_sample::sampler::{self, SamplingParams};
+use std::path::{Path, PathBuf};
+
+#[path = "../../model/kernels/emulation/build_harness.rs"]
+mod emulation_harness;
+
+fn build_harness(dir: &Path) -> PathBuf {
+    emulation_harness::build_harness(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "kernels/emulation/sample_rows_main.cpp",
+        dir,
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Float {
+    F32,
+    Bf16,
+    F16,
+}
+
+struct Case {
+    vocab: usize,
+    k: usize,
+    dtype: Float,
+    temperature: f64,
+    /// Integer logits in [-25, 25): rows full of ties.
+    ties: bool,
+    seed: u64,
+    /// One row per draw (negative: greedy).
+    draws: Vec<f64>,
+}
+
+/// The logits as the kernel sees them: rounded to its input type.
+fn rounded(x: f32, dtype: Float) -> f32 {
+    match dtype {
+        Float::F32 => x,
+        Float::Bf16 => half::bf16::from_f32(x).to_f32(),
+        Float::F16 => half::f16::from_f32(x).to_f32(),
+    }
+}
+
+fn run_emulated(exe: &Path, dir: &Path, c: &Case, z: &[f32]) -> Vec<u32> {
+    let mut bytes = Vec::new();
+    let dtype = match c.dtype {
+        Float::F32 => 0u32,
+        Float::Bf16 => 1,
+        Float::F16 => 2,
+    };
+    for x in [c.draws.len() as u32, c.vocab as u32, c.k as u32, dtype] {
+        bytes.extend(x.to_le_bytes());
+    }
+    bytes.extend(c.temperature.to_le_bytes());
+    c.draws.iter().for_each(|d| bytes.extend(d.to_le_bytes()));
+    z.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+    emulation_harness::run_harness(exe, dir, &bytes)
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// What the host computes for one row: `[K ids, K log-prob bits, chosen, its log-prob bits]`.
+fn host_row(z: &[f32], k: usize, temperature: f64, u: f64) -> Vec<u32> {
+    let (mut lp, mut exps) = (Vec::new(), Vec::new());
+    sampler::log_softmax_exps(z, &mut lp, &mut exps);
+    let ids = sampler::top_k_indices(&lp, k);
+    let params = SamplingParams {
+        temperature,
+        ..Default::default()
+    };
+    let chosen = if u < 0.0 {
+        sampler::argmax(z)
+    } else {
+        sampler::draw(z, Some(&exps), &params, u)
+    };
+    let mut row = ids.clone();
+    row.extend(ids.iter().map(|&i| lp[i as usize].to_bits()));
+    row.extend([chosen, lp[chosen as usize].to_bits()]);
+    row
+}
+
+fn case(vocab: usize, k: usize, dtype: Float, temperature: f64, ties: bool, seed: u64) -> Case {
+    Case {
+        vocab,
+        k,
+        dtype,
+        temperature,
+        ties,
+        seed,
+        draws: vec![-1.0, 0.0, 0.3, 0.999_999_9],
+    }
+}
+
+#[test]
+fn emulated_cuda_kernel_matches_the_host_sampler() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let exe = build_harness(dir.path());
+    let cases = [
+        case(7, 3, Float::F32, 1.0, false, 1),
+        case(300, 17, Float::F32, 1.0, false, 2),
+        case(300, 300, Float::F32, 0.7, false, 3),
+        case(513, 40, Float::F16, 0.7, false, 4),
+        case(1000, 64, Float::F32, 1.0, true, 5),
+        case(32000, 64, Float::F32, 1.0, false, 6),
+        case(32000, 64, Float::Bf16, 1.0, false, 7),
+        case(32000, 1, Float::Bf16, 0.7, true, 8),
+        case(32000, 1024, Float::Bf16, 1.0, true, 9),
+    ];
+    for c in &cases {
+        let mut state = c.seed;
+        let mut z: Vec<f32> = if c.ties {
+            (0..c.draws.len() * c.vocab)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) % 50) as f32 - 25.0
+                })
+                .collect()
+        } else {
+            emulation_harness::lcg_values(c.draws.len() * c.vocab, c.seed, 16.0)
+        };
+        for r in 0..c.draws.len() {
+            z[r * c.vocab + (r * 7 + 3) % c.vocab] = f32::NEG_INFINITY; // a masked logit
+        }
+        // Row 1 draws u = 0 and starts with a zero weight, which the draw must pass over.
+        z[c.vocab] = f32::NEG_INFINITY;
+        z.iter_mut().for_each(|x| *x = rounded(*x, c.dtype));
+        let got = run_emulated(&exe, dir.path(), c, &z);
+        let width = 2 * c.k + 2;
+        assert_eq!(got.len(), c.draws.len() * width);
+        for (r, &u) in c.draws.iter().enumerate() {
+            let want = host_row(&z[r * c.vocab..(r + 1) * c.vocab], c.k, c.temperature, u);
+            let row = &got[r * width..(r + 1) * width];
+            let what = format!(
+                "vocab {} k {} {:?} T {} ties {} row {r} u {u}",
+                c.vocab, c.k, c.dtype, c.temperature, c.ties
+            );
+            assert_eq!(&row[..c.k], &want[..c.k], "top-K ids, {what}");
+            assert_eq!(&row[c.k..2 * c.k], &want[c.k..2 * c.k], "log-probs, {what}");
+            assert_eq!(&row[2 * c.k..], &want[2 * c.k..], "chosen token, {what}");
+        }
+    }
+}
