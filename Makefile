@@ -104,8 +104,8 @@ bench: build
 # `make build-cuda`: the binaries with `--features cuda` into $(CUDA_TARGET_DIR) (a separate target
 # dir, so CPU builds stay valid), then stripped and packed into $(CUDA_DIST)/qat-cuda-bin.tar.xz
 # for carrying to a GPU machine. `make bench-gpu` / `make pipeline-gpu` run ON that machine.
-# CUDA_TESTS=1 also packs the unit tests of qat-model, qat-quant, qat-train and qat-clip (their CUDA cases check
-# kernels and the clipping search against the CPU; they rebuild candle with the test feature set,
+# CUDA_TESTS=1 also packs the unit tests of qat-model, qat-quant, qat-train, qat-sample and qat-clip (their CUDA
+# cases check kernels and the clipping search against the CPU; they rebuild candle with the test feature set,
 # ~20 more minutes on 2 cores); bench/gpu/run.sh runs them.
 CUDA_VENV ?= $(HOME)/.cache/qat/cuda-venv
 CUDA_TARGET_DIR ?= target-cuda
@@ -126,7 +126,7 @@ build-cuda: cuda-toolkit
 ifeq ($(CUDA_TESTS),1)
 	CUDA_HOME=$$(bash scripts/cuda-toolkit.sh $(CUDA_VENV)) && export CUDA_HOME && \
 	PATH="$$CUDA_HOME/bin:$$PATH" CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
-	$(CARGO) test --release --locked --features cuda --target-dir $(CUDA_TARGET_DIR) -p qat-model -p qat-quant -p qat-train -p qat-clip --lib \
+	$(CARGO) test --release --locked --features cuda --target-dir $(CUDA_TARGET_DIR) -p qat-model -p qat-quant -p qat-train -p qat-sample -p qat-clip --lib \
 	    --no-run --message-format=json-render-diagnostics > $(CUDA_TARGET_DIR)/cuda-tests.json
 	python3 scripts/test-executables.py < $(CUDA_TARGET_DIR)/cuda-tests.json > $(CUDA_TARGET_DIR)/cuda-tests.txt
 endif

@@ -2,6 +2,7 @@
 //! from prompts) and its top-K next-token log-probabilities are written as Parquet shards.
 
 pub mod config;
+pub mod device_rows;
 pub mod error;
 pub mod generate;
 pub mod prompts;
