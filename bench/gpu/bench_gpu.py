@@ -6,6 +6,8 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
 `make bench` uses on CPU, here with --device cuda --dtype bf16) on the same shapes:
 
   sample   qat-sample vs HF generate: batch 64, 512 new tokens, T=1, top-64 log-probs kept
+  sample-host  the same with QAT_CUDA_FUSED_SAMPLE=0: log-softmax, top-64 and the draw on the host
+           from each step's copied logits instead of in crates/sample/kernels/sample_rows.cu
   distill  qat-distill W4A8KV4 from cached top-64 shards vs torch_qat.py with an online teacher,
            seq 1024 (shards sampled by qat-sample first), AdamW; steady-state steps only
   distill-teacher  qat-distill --teacher (online teacher, full-vocab FKL), for goal 3
@@ -143,7 +145,7 @@ def main():
     ap.add_argument("--data", required=True, help="QAT_DATA: models/llama2-tokenizer, corpora/tinystories")
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
-    ap.add_argument("--stages", default="sample,distill,distill-teacher,eval,eval-flash,distill-flash,distill-composed,"
+    ap.add_argument("--stages", default="sample,sample-host,distill,distill-teacher,eval,eval-flash,distill-flash,distill-composed,"
                                         "profile,kernels")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
@@ -183,10 +185,11 @@ def main():
     corpus = os.path.abspath(os.path.join(a.data, "corpora/tinystories/TinyStories-valid.first800.txt"))
     fresh = lambda d: (shutil.rmtree(d, ignore_errors=True), shutil.rmtree(d + ".work", ignore_errors=True), d)[2]
 
-    def qat_sample(tag, n, new, batch, keep=False):
+    def qat_sample(tag, n, new, batch, keep=False, run_env=None):
         out = fresh(os.path.join(work, f"shards-{tag}"))
         stdout, mem, wall = run([bins["qat-sample"], "-m", model, "-o", out, "-n", str(n), "--max-len", str(new + 2),
-                                 "-K", "64", "-b", str(batch), "-q"] + dev, env, os.path.join(logs, f"sample-{tag}.log"), gpu)
+                                 "-K", "64", "-b", str(batch), "-q"] + dev, run_env or env,
+                                os.path.join(logs, f"sample-{tag}.log"), gpu)
         j = last_json(stdout)
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -265,20 +268,38 @@ def main():
 
     B, new = c["sample_batch"], c["sample_new"]
 
+    def qat_sample_rate(tag, run_env=None):
+        """qat-sample's steady rate: B and 2B sequences, extra tokens / extra seconds."""
+        j1, m1, _, _ = qat_sample(f"{tag}1", B, new, B, run_env=run_env)
+        j2, m2, _, _ = qat_sample(f"{tag}2", 2 * B, new, B, run_env=run_env)
+        secs = lambda j: j["generated_tokens"] / j["tokens_per_s"]
+        return dict(tps=(j2["generated_tokens"] - j1["generated_tokens"]) / (secs(j2) - secs(j1)), mem=max(m1, m2),
+                    single_run_tps=j2["tokens_per_s"], generated=j2["generated_tokens"] - j1["generated_tokens"])
+
+    def hf_generate():
+        if "sample" in results and results["sample"]["torch"]:
+            return results["sample"]["torch"]
+        return torch_side("hf_generate.py", ["--model", model, "--num-seqs", str(B), "--batch", str(B), "--new-tokens",
+                                             str(new), "-K", "64", "--threads", threads], "sample")
+
     def stage_sample():
         say(f"sample: qat-sample {B} and {2 * B} sequences of {new} new tokens, HF generate {B}")
-        j1, m1, _, _ = qat_sample("t1", B, new, B)
-        j2, m2, _, _ = qat_sample("t2", 2 * B, new, B)
-        secs = lambda j: j["generated_tokens"] / j["tokens_per_s"]
-        q = dict(tps=(j2["generated_tokens"] - j1["generated_tokens"]) / (secs(j2) - secs(j1)), mem=max(m1, m2),
-                 single_run_tps=j2["tokens_per_s"], generated=j2["generated_tokens"] - j1["generated_tokens"])
-        t = torch_side("hf_generate.py", ["--model", model, "--num-seqs", str(B), "--batch", str(B), "--new-tokens", str(new),
-                                          "-K", "64", "--threads", threads], "sample")
-        row("sample", f"sample: batch {B}, {new} new tokens, T=1, top-64 log-probs", q, t, 2 * N,
-            f"qat incl. host top-64 + Parquet; its one-process rate {q['single_run_tps']:,.0f}/s")
+        q = qat_sample_rate("t")
+        where = "GPU" if gpu else "host"  # the sampling kernel runs on CUDA only
+        row("sample", f"sample: batch {B}, {new} new tokens, T=1, top-64 log-probs", q, hf_generate(), 2 * N,
+            f"qat incl. top-64 + draw on the {where} + Parquet; its one-process rate {q['single_run_tps']:,.0f}/s")
+
+    def stage_sample_host():
+        say("sample-host: qat-sample with QAT_CUDA_FUSED_SAMPLE=0 (log-softmax, top-64 and the draw on the host)")
+        q = qat_sample_rate("h", dict(env, QAT_CUDA_FUSED_SAMPLE="0"))
+        base = results.get("sample", {}).get("qat")
+        row("sample-host", "sample as above, qat's top-64 + draw on the host (QAT_CUDA_FUSED_SAMPLE=0)", q,
+            hf_generate(), 2 * N, f"the sample row's qat runs {base['tps'] / q['tps']:.2f}x this" if base else "")
 
     if "sample" in stages:
         attempt("sample", stage_sample)
+    if "sample-host" in stages:
+        attempt("sample-host", stage_sample_host)
 
     L, DB = c["seq_len"], c["distill_batch"]
     steps, warm = c["distill_steps"], c["distill_warmup"]
