@@ -3,14 +3,47 @@
 //! Rows of a batch are left-padded to a common length, so that every row's newest token sits in
 //! the same column. Column `c` of row `b` holds position `c - pad[b]`; padding columns are masked.
 //!
-//! Incremental decoding writes each new column in place into a buffer with spare columns,
-//! stored transposed (`[batch, kv_heads, head_dim, capacity]`, grown by doubling), and hands
-//! out a `[batch, kv_heads, columns, head_dim]` view of the filled columns, instead of
-//! concatenating the whole cache once per token and layer; the fused attention op reads the
-//! transposed blocks directly. A single forward pass (training, evaluation) keeps its keys and
-//! values as they are, gradients included.
+//! Incremental decoding writes each new column in place into a buffer with spare columns (grown
+//! by doubling) and hands out a `[batch, kv_heads, columns, head_dim]` view of the filled
+//! columns, instead of concatenating the whole cache once per token and layer. The buffer's
+//! [`CacheLayout`] is the one its readers take in place: transposed on the CPU (the fused
+//! attention op), row-major on CUDA (cuBLAS's batched GEMMs in the composed attention, and the
+//! flash kernel). A single forward pass (training, evaluation) keeps its keys and values as
+//! they are, gradients included.
 
 use candle_core::{Device, Result, Tensor};
+
+/// How a decoding buffer lays out its columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheLayout {
+    /// `[b, kv_heads, head_dim, capacity]`: each channel's values contiguous over the columns,
+    /// which the CPU's fused attention reads in place (the CPU's layout).
+    Transposed,
+    /// `[b, kv_heads, capacity, head_dim]`: the view's `[columns, head_dim]` blocks row-major at a
+    /// block stride of `capacity · head_dim`, which cuBLAS's strided batched GEMMs (keys
+    /// transposed, values as they are) and the CUDA flash kernel read in place (CUDA's layout:
+    /// decoding copies no key or value).
+    RowMajor,
+}
+
+impl CacheLayout {
+    /// The layout the attention on `dev` reads without a copy.
+    pub fn for_device(dev: &Device) -> Self {
+        if dev.is_cuda() {
+            Self::RowMajor
+        } else {
+            Self::Transposed
+        }
+    }
+
+    /// The buffer dimension that counts columns.
+    fn column_dim(self) -> usize {
+        match self {
+            Self::Transposed => 3,
+            Self::RowMajor => 2,
+        }
+    }
+}
 
 /// Keys and values of every layer for a batch, `[batch, kv_heads, columns, head_dim]` each.
 #[derive(Debug, Clone)]
@@ -19,6 +52,8 @@ pub struct KvCache {
     columns: usize,
     /// Columns to allocate at the first append (0: exactly the first chunk).
     reserve: usize,
+    /// The buffers' layout; `None`: [`CacheLayout::for_device`] of the first chunk.
+    layout: Option<CacheLayout>,
     layers: Vec<Option<Layer>>,
 }
 
@@ -27,8 +62,8 @@ pub struct KvCache {
 enum Layer {
     /// The first chunk as it came, `[b, h, columns, hd]` each (still part of any autograd graph).
     Plain(Tensor, Tensor),
-    /// Buffers `[b, h, hd, capacity]`, once a second chunk came or room was reserved.
-    Buffer(Tensor, Tensor),
+    /// Buffers with spare columns, once a second chunk came or room was reserved.
+    Buffer(Tensor, Tensor, CacheLayout),
 }
 
 impl KvCache {
@@ -38,7 +73,17 @@ impl KvCache {
             pads,
             columns: 0,
             reserve: 0,
+            layout: None,
             layers: vec![None; num_layers],
+        }
+    }
+
+    /// This cache with its buffers in `layout` whatever the device (the default follows the
+    /// device: [`CacheLayout::for_device`]).
+    pub fn with_layout(self, layout: CacheLayout) -> Self {
+        Self {
+            layout: Some(layout),
+            ..self
         }
     }
 
@@ -117,61 +162,82 @@ impl KvCache {
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (start, len) = (self.columns, k.dim(2)?);
         let filled = start + len;
+        let layout = self
+            .layout
+            .unwrap_or_else(|| CacheLayout::for_device(k.device()));
         let (bk, bv) = match self.layers[layer].take() {
             None if self.reserve <= len => {
                 self.layers[layer] = Some(Layer::Plain(k.clone(), v.clone()));
                 return Ok((k.clone(), v.clone()));
             }
             None => (
-                Self::buffer(k, self.reserve, start)?,
-                Self::buffer(v, self.reserve, start)?,
+                Self::buffer(k, self.reserve, start, layout)?,
+                Self::buffer(v, self.reserve, start, layout)?,
             ),
             Some(Layer::Plain(pk, pv)) => {
                 let cap = filled.max(2 * start);
-                let (bk, bv) = (Self::buffer(&pk, cap, 0)?, Self::buffer(&pv, cap, 0)?);
-                Self::write(&bk, k, start)?;
-                Self::write(&bv, v, start)?;
+                let bk = Self::buffer(&pk, cap, 0, layout)?;
+                let bv = Self::buffer(&pv, cap, 0, layout)?;
+                Self::write(&bk, k, start, layout)?;
+                Self::write(&bv, v, start, layout)?;
                 (bk, bv)
             }
-            Some(Layer::Buffer(bk, bv)) => {
-                let (bk, bv) = if bk.dim(3)? < filled {
-                    let cap = filled.max(2 * bk.dim(3)?);
-                    (Self::grown(&bk, cap, start)?, Self::grown(&bv, cap, start)?)
+            Some(Layer::Buffer(bk, bv, layout)) => {
+                let capacity = bk.dim(layout.column_dim())?;
+                let (bk, bv) = if capacity < filled {
+                    let cap = filled.max(2 * capacity);
+                    (
+                        Self::grown(&bk, cap, start, layout)?,
+                        Self::grown(&bv, cap, start, layout)?,
+                    )
                 } else {
                     (bk, bv)
                 };
-                Self::write(&bk, k, start)?;
-                Self::write(&bv, v, start)?;
+                Self::write(&bk, k, start, layout)?;
+                Self::write(&bv, v, start, layout)?;
                 (bk, bv)
             }
         };
-        let out = (Self::view(&bk, filled)?, Self::view(&bv, filled)?);
-        self.layers[layer] = Some(Layer::Buffer(bk, bv));
+        let out = (
+            Self::view(&bk, filled, layout)?,
+            Self::view(&bv, filled, layout)?,
+        );
+        self.layers[layer] = Some(Layer::Buffer(bk, bv, layout));
         Ok(out)
     }
 
-    /// A zeroed buffer `[b, kv_heads, head_dim, cap]` (keys transposed: a head's values of one
-    /// channel are contiguous over columns, which the attention kernels read without a copy)
-    /// with `x: [b, kv_heads, len, head_dim]` written at column `start`.
-    fn buffer(x: &Tensor, cap: usize, start: usize) -> Result<Tensor> {
+    /// A zeroed buffer of `cap` columns in `layout` with `x: [b, kv_heads, len, head_dim]`
+    /// written at column `start`.
+    fn buffer(x: &Tensor, cap: usize, start: usize, layout: CacheLayout) -> Result<Tensor> {
         let (b, h, len, d) = x.dims4()?;
-        let buf = Tensor::zeros((b, h, d, cap.max(start + len)), x.dtype(), x.device())?;
-        Self::write(&buf, x, start)?;
+        let cap = cap.max(start + len);
+        let shape = match layout {
+            CacheLayout::Transposed => (b, h, d, cap),
+            CacheLayout::RowMajor => (b, h, cap, d),
+        };
+        let buf = Tensor::zeros(shape, x.dtype(), x.device())?;
+        Self::write(&buf, x, start, layout)?;
         Ok(buf)
     }
 
-    fn write(buf: &Tensor, x: &Tensor, start: usize) -> Result<()> {
-        buf.slice_set(&x.transpose(2, 3)?.contiguous()?, 3, start)
+    fn write(buf: &Tensor, x: &Tensor, start: usize, layout: CacheLayout) -> Result<()> {
+        match layout {
+            CacheLayout::Transposed => buf.slice_set(&x.transpose(2, 3)?.contiguous()?, 3, start),
+            CacheLayout::RowMajor => buf.slice_set(&x.contiguous()?, 2, start),
+        }
     }
 
     /// The first `filled` columns of a buffer as `[b, kv_heads, filled, head_dim]` (a view).
-    fn view(buf: &Tensor, filled: usize) -> Result<Tensor> {
-        buf.narrow(3, 0, filled)?.transpose(2, 3)
+    fn view(buf: &Tensor, filled: usize, layout: CacheLayout) -> Result<Tensor> {
+        match layout {
+            CacheLayout::Transposed => buf.narrow(3, 0, filled)?.transpose(2, 3),
+            CacheLayout::RowMajor => buf.narrow(2, 0, filled),
+        }
     }
 
     /// A copy of the first `filled` columns of `buf` in a buffer of `cap` columns.
-    fn grown(buf: &Tensor, cap: usize, filled: usize) -> Result<Tensor> {
-        Self::buffer(&Self::view(buf, filled)?, cap, 0)
+    fn grown(buf: &Tensor, cap: usize, filled: usize, layout: CacheLayout) -> Result<Tensor> {
+        Self::buffer(&Self::view(buf, filled, layout)?, cap, 0, layout)
     }
 
     /// Marks `len` new columns as written (called once per forward, after all layers).
@@ -185,7 +251,7 @@ impl KvCache {
             return Ok(());
         }
         let dev = match self.layers.iter().flatten().next() {
-            Some(Layer::Plain(k, _) | Layer::Buffer(k, _)) => k.device().clone(),
+            Some(Layer::Plain(k, _) | Layer::Buffer(k, _, _)) => k.device().clone(),
             None => Device::Cpu,
         };
         let idx = Tensor::from_vec(
@@ -198,8 +264,8 @@ impl KvCache {
                 Layer::Plain(k, v) => {
                     Layer::Plain(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)
                 }
-                Layer::Buffer(k, v) => {
-                    Layer::Buffer(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)
+                Layer::Buffer(k, v, layout) => {
+                    Layer::Buffer(k.index_select(&idx, 0)?, v.index_select(&idx, 0)?, *layout)
                 }
             };
         }
@@ -224,8 +290,11 @@ mod tests {
     /// In-place appends (reserved, grown, after dropping rows) equal plain concatenation.
     #[test]
     fn appends_match_concatenation() -> Result<()> {
-        for reserve in [0, 2, 5, 64] {
-            let mut cache = KvCache::with_capacity(1, vec![0, 0, 0], reserve);
+        for (reserve, layout) in [0, 2, 5, 64]
+            .into_iter()
+            .flat_map(|r| [(r, CacheLayout::Transposed), (r, CacheLayout::RowMajor)])
+        {
+            let mut cache = KvCache::with_capacity(1, vec![0, 0, 0], reserve).with_layout(layout);
             let (mut want_k, mut want_v) = (chunk(3, 4, 0.0)?, chunk(3, 4, 1000.0)?);
             let (k, v) = cache.append(0, &want_k, &want_v)?;
             cache.advance(4);
@@ -257,12 +326,12 @@ mod tests {
                 assert_eq!(
                     k.flatten_all()?.to_vec1::<f32>()?,
                     want_k.flatten_all()?.to_vec1::<f32>()?,
-                    "reserve {reserve} step {step}"
+                    "reserve {reserve} {layout:?} step {step}"
                 );
                 assert_eq!(
                     v.flatten_all()?.to_vec1::<f32>()?,
                     want_v.flatten_all()?.to_vec1::<f32>()?,
-                    "reserve {reserve} step {step}"
+                    "reserve {reserve} {layout:?} step {step}"
                 );
             }
         }

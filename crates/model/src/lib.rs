@@ -25,7 +25,7 @@ pub mod swiglu;
 pub mod token_nll;
 
 pub use attention::{causal_attention, fused_attention_supported};
-pub use cache::KvCache;
+pub use cache::{CacheLayout, KvCache};
 pub use config::{LlamaConfig, LlamaConfigFile};
 pub use device::{device_name, dtype_name, parse_device, parse_dtype};
 pub use error::{ModelError, Result};

@@ -125,7 +125,7 @@ impl Attention {
             let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             return self.o_proj.forward(&out, hooks);
         }
-        let (k, v) = (k.contiguous()?, v.contiguous()?); // a cache view may have spare columns
+        let (k, v) = (matmul_operand(&k)?, matmul_operand(&v)?); // a cache view may have spare columns
         let s = k.dim(2)?;
         let rep = nh / nkv;
         // Grouped-query attention without copying keys: query heads of one KV head are stacked.
@@ -151,6 +151,17 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out, hooks)
+    }
+}
+
+/// `x: [b, h, s, d]` as the composed attention's matmuls take it: `x` itself when its `[s, d]`
+/// blocks are row-major and its two batch dims collapse into one stride (a
+/// [`CacheLayout::RowMajor`](crate::CacheLayout) view: cuBLAS and the CPU's gemm read it in
+/// place, keys through a transposed operand), else a contiguous copy.
+fn matmul_operand(x: &Tensor) -> Result<Tensor> {
+    match (x.dims(), x.stride()) {
+        (&[_, h, _, d], &[sb, sh, ss, 1]) if ss == d && sb == sh * h => Ok(x.clone()),
+        _ => x.contiguous(),
     }
 }
 
@@ -515,5 +526,64 @@ impl Llama {
         let mut out = dims;
         *out.last_mut().expect("hidden has dims") = self.cfg.vocab_size;
         logits.reshape(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CacheLayout, KvCache};
+    use candle_core::Device;
+
+    /// A row-major cache view with spare columns reaches the matmuls as it is (no copy: its
+    /// strides are kept); a transposed one is copied. The products equal those of contiguous
+    /// copies: bit for bit on the CPU, within f32 rounding on a GPU (`--features cuda` builds
+    /// with one; there cuBLAS reads the view through its leading dimension and batch stride).
+    #[test]
+    fn row_major_cache_views_reach_the_matmuls_without_a_copy_on_cpu_and_cuda() -> Result<()> {
+        let (b, h, d) = (2, 3, 4);
+        let mut devices = vec![Device::Cpu];
+        if let Ok(gpu) = Device::new_cuda(0) {
+            devices.push(gpu);
+        }
+        for dev in &devices {
+            let chunk = |len: usize, seed: f32| {
+                let n = b * h * len * d;
+                Tensor::from_vec(
+                    (0..n)
+                        .map(|i| ((i as f32 + seed) * 0.37).sin())
+                        .collect::<Vec<_>>(),
+                    (b, h, len, d),
+                    dev,
+                )
+            };
+            for layout in [CacheLayout::RowMajor, CacheLayout::Transposed] {
+                let mut cache = KvCache::with_capacity(1, vec![0; b], 16).with_layout(layout);
+                let (k, v) = cache.append(0, &chunk(5, 0.0)?, &chunk(5, 100.0)?)?;
+                let (mk, mv) = (matmul_operand(&k)?, matmul_operand(&v)?);
+                let in_place = layout == CacheLayout::RowMajor;
+                assert_eq!(mk.stride() == k.stride(), in_place, "{layout:?}");
+                assert_eq!(mv.stride() == v.stride(), in_place, "{layout:?}");
+                assert!(!k.is_contiguous());
+                let q = chunk(2, 7.0)?;
+                let scores = q.matmul(&mk.t()?)?;
+                let want = q.matmul(&k.contiguous()?.t()?)?;
+                let out = scores.matmul(&mv)?;
+                let want_out = want.matmul(&v.contiguous()?)?;
+                for (x, y) in [(scores, want), (out, want_out)] {
+                    let x = x.flatten_all()?.to_vec1::<f32>()?;
+                    let y = y.flatten_all()?.to_vec1::<f32>()?;
+                    let same = |a: f32, b: f32| {
+                        if dev.is_cpu() {
+                            a.to_bits() == b.to_bits()
+                        } else {
+                            (a - b).abs() <= 1e-5 * b.abs().max(1.0)
+                        }
+                    };
+                    assert!(x.iter().zip(&y).all(|(&a, &b)| same(a, b)), "{layout:?}");
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -235,6 +235,68 @@ fn left_padded_batch_matches_each_row_alone() {
     }
 }
 
+/// A decoding cache laid out row-major (CUDA's layout, whose views the composed attention's
+/// matmuls read in place) gives the bits of the transposed one (the CPU's) with the composed
+/// ops, and the same logits up to rounding with the fused attention: a left-padded batch, a
+/// prefill into reserved room, then decoding steps past that room (the buffers grow) and after
+/// a row has left.
+#[test]
+fn row_major_decode_cache_gives_the_transposed_caches_bits() {
+    use qat_model::CacheLayout;
+    let (_, mut model, r) = stories_in(DType::F32);
+    let all = ids(&r["greedy_from_bos_255_ids"]);
+    let dev = Device::Cpu;
+    let rows: [&[u32]; 3] = [&all[..9], &all[..5], &all[30..37]];
+    let width = 9;
+    let pads: Vec<usize> = rows.iter().map(|r| width - r.len()).collect();
+    let mut padded = Vec::new();
+    for row in rows {
+        padded.extend(std::iter::repeat_n(0u32, width - row.len()));
+        padded.extend(row);
+    }
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    for fused in [false, true] {
+        model.set_fused_attention(fused);
+        let run = |layout: CacheLayout| -> Vec<Vec<u32>> {
+            let mut cache = model
+                .new_decode_cache(pads.clone(), width + 4)
+                .with_layout(layout);
+            let x = Tensor::from_vec(padded.clone(), (3, width), &dev).unwrap();
+            let mut out = vec![bits(&model.forward(&x, &mut cache).unwrap())];
+            for step in 0..8u32 {
+                if step == 5 {
+                    cache.select_rows(&[0, 2]).unwrap();
+                }
+                let b = cache.batch_size();
+                let next: Vec<u32> = (0..b as u32).map(|i| 7 + 31 * i + step).collect();
+                let x = Tensor::from_vec(next, (b, 1), &dev).unwrap();
+                out.push(bits(&model.forward(&x, &mut cache).unwrap()));
+            }
+            out
+        };
+        let (transposed, row_major) = (run(CacheLayout::Transposed), run(CacheLayout::RowMajor));
+        for (step, (a, b)) in transposed.iter().zip(&row_major).enumerate() {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(&x, &y)| (f32::from_bits(x) - f32::from_bits(y)).abs())
+                .fold(0f32, f32::max);
+            if fused {
+                // The CPU kernel's row-major and transposed block readers sum in other orders.
+                assert!(worst < 1e-5 * 17.0, "fused attention, step {step}: {worst}");
+            } else {
+                assert!(
+                    a == b,
+                    "composed attention, step {step}: logits differ by {worst}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn companion_files_are_copied_when_present_and_a_failed_copy_names_both_paths() {
     let md = ModelDir::open(data_dir().join("models/stories260K")).unwrap();
