@@ -165,7 +165,7 @@ impl KvCache {
         let layout = self
             .layout
             .unwrap_or_else(|| CacheLayout::for_device(k.device()));
-        let (bk, bv) = match self.layers[layer].take() {
+        let (bk, bv, layout) = match self.layers[layer].take() {
             None if self.reserve <= len => {
                 self.layers[layer] = Some(Layer::Plain(k.clone(), v.clone()));
                 return Ok((k.clone(), v.clone()));
@@ -173,6 +173,7 @@ impl KvCache {
             None => (
                 Self::buffer(k, self.reserve, start, layout)?,
                 Self::buffer(v, self.reserve, start, layout)?,
+                layout,
             ),
             Some(Layer::Plain(pk, pv)) => {
                 let cap = filled.max(2 * start);
@@ -180,8 +181,9 @@ impl KvCache {
                 let bv = Self::buffer(&pv, cap, 0, layout)?;
                 Self::write(&bk, k, start, layout)?;
                 Self::write(&bv, v, start, layout)?;
-                (bk, bv)
+                (bk, bv, layout)
             }
+            // A buffer keeps the layout it was made with.
             Some(Layer::Buffer(bk, bv, layout)) => {
                 let capacity = bk.dim(layout.column_dim())?;
                 let (bk, bv) = if capacity < filled {
@@ -195,7 +197,7 @@ impl KvCache {
                 };
                 Self::write(&bk, k, start, layout)?;
                 Self::write(&bv, v, start, layout)?;
-                (bk, bv)
+                (bk, bv, layout)
             }
         };
         let out = (

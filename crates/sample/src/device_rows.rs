@@ -49,9 +49,12 @@ pub fn pick_rows(
     temperature: f64,
     k: usize,
 ) -> Result<Vec<PickedRow>> {
-    let (rows, _) = logits.dims2()?;
+    let (rows, vocab) = logits.dims2()?;
     if draws.len() != rows {
         candle_core::bail!("pick_rows: {} draws for {rows} rows", draws.len());
+    }
+    if k > vocab.min(MAX_K) {
+        candle_core::bail!("pick_rows: K {k} above min(vocab {vocab}, {MAX_K})");
     }
     let op = SampleRows {
         draws: draws.to_vec(),
@@ -101,7 +104,7 @@ impl CustomOp1 for SampleRows {
             temperature: self.temperature,
             ..Default::default()
         };
-        let k = self.k.min(vocab);
+        let k = self.k;
         let out: Vec<u32> = z
             .par_chunks(vocab.max(1))
             .zip(&self.draws)
@@ -215,6 +218,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("1 draws for 2 rows"));
+        assert!(pick_rows(&logits, &[0.5, 0.5], 1.0, 301)
+            .unwrap_err()
+            .to_string()
+            .contains("K 301 above min(vocab 300, 1024)"));
         Ok(())
     }
 
