@@ -1,13 +1,15 @@
 //! The CUDA kernel of qat-sample's per-position math (kernels/sample_rows.cu) runs on the CPU
 //! through the CUDA emulation in crates/model/kernels/emulation, against the host functions it
-//! replaces on a GPU (`qat_sample::sampler`: log_softmax_exps, top_k_indices, argmax, draw): the
-//! same top-K ids, the same log-probability bits, the same chosen token. f32, bf16 and f16
+//! replaces on a GPU (`qat_sample::sampler`: log_softmax_exps, top_k_indices, argmax, draw, which
+//! the op runs on the CPU): the same top-K ids, the same log-probability bits, the same chosen
+//! token. f32, bf16 and f16
 //! logits; vocabularies smaller than a block, around it and of Llama-2's size; K from 1 to the
 //! whole vocabulary and the kernel's largest (1024); rows full of ties (integer logits); `-inf`
 //! logits; greedy rows, temperatures 1 and 0.7, uniforms from 0 to just below 1. Needs a C++20
 //! compiler (`CXX`, default `c++`).
 
-use qat_sample::sampler::{self, SamplingParams};
+use candle_core::{Device, Tensor};
+use qat_sample::device_rows::pick_rows;
 use std::path::{Path, PathBuf};
 
 #[path = "../../model/kernels/emulation/build_harness.rs"]
@@ -68,24 +70,22 @@ fn run_emulated(exe: &Path, dir: &Path, c: &Case, z: &[f32]) -> Vec<u32> {
         .collect()
 }
 
-/// What the host computes for one row: `[K ids, K log-prob bits, chosen, its log-prob bits]`.
-fn host_row(z: &[f32], k: usize, temperature: f64, u: f64) -> Vec<u32> {
-    let (mut lp, mut exps) = (Vec::new(), Vec::new());
-    sampler::log_softmax_exps(z, &mut lp, &mut exps);
-    let ids = sampler::top_k_indices(&lp, k);
-    let params = SamplingParams {
-        temperature,
-        ..Default::default()
-    };
-    let chosen = if u < 0.0 {
-        sampler::argmax(z)
-    } else {
-        sampler::draw(z, Some(&exps), &params, u)
-    };
-    let mut row = ids.clone();
-    row.extend(ids.iter().map(|&i| lp[i as usize].to_bits()));
-    row.extend([chosen, lp[chosen as usize].to_bits()]);
-    row
+/// What the host computes (the CPU side of the op: the host functions), as the kernel's rows:
+/// `[K ids, K log-prob bits, chosen, its log-prob bits]`.
+fn host_rows(c: &Case, z: &[f32]) -> Vec<u32> {
+    let logits = Tensor::from_vec(z.to_vec(), (c.draws.len(), c.vocab), &Device::Cpu).unwrap();
+    let picked = pick_rows(&logits, &c.draws, c.temperature, c.k).unwrap();
+    picked
+        .iter()
+        .flat_map(|p| {
+            let bits = p.topk_logprobs.iter().map(|x| x.to_bits());
+            p.topk_ids
+                .iter()
+                .copied()
+                .chain(bits)
+                .chain([p.token, p.logprob.to_bits()])
+        })
+        .collect()
 }
 
 fn case(vocab: usize, k: usize, dtype: Float, temperature: f64, ties: bool, seed: u64) -> Case {
@@ -136,10 +136,11 @@ fn emulated_cuda_kernel_matches_the_host_sampler() {
         z[c.vocab] = f32::NEG_INFINITY;
         z.iter_mut().for_each(|x| *x = rounded(*x, c.dtype));
         let got = run_emulated(&exe, dir.path(), c, &z);
+        let all_want = host_rows(c, &z);
         let width = 2 * c.k + 2;
         assert_eq!(got.len(), c.draws.len() * width);
         for (r, &u) in c.draws.iter().enumerate() {
-            let want = host_row(&z[r * c.vocab..(r + 1) * c.vocab], c.k, c.temperature, u);
+            let want = &all_want[r * width..(r + 1) * width];
             let row = &got[r * width..(r + 1) * width];
             let what = format!(
                 "vocab {} k {} {:?} T {} ties {} row {r} u {u}",
