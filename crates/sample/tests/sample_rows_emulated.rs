@@ -2,11 +2,10 @@
 //! through the CUDA emulation in crates/model/kernels/emulation, against the host functions it
 //! replaces on a GPU (`qat_sample::sampler`: log_softmax_exps, top_k_indices, argmax, draw, which
 //! the op runs on the CPU): the same top-K ids, the same log-probability bits, the same chosen
-//! token. f32, bf16 and f16
-//! logits; vocabularies smaller than a block, around it and of Llama-2's size; K from 1 to the
-//! whole vocabulary and the kernel's largest (1024); rows full of ties (integer logits); `-inf`
-//! logits; greedy rows, temperatures 1 and 0.7, uniforms from 0 to just below 1. Needs a C++20
-//! compiler (`CXX`, default `c++`).
+//! token. f32, bf16 and f16 logits; vocabularies of one id, smaller than a block, around it and
+//! of Llama-2's size; K from 1 to the whole vocabulary and the kernel's largest (1024); rows full
+//! of ties (integer logits) and constant rows; `-inf` logits; greedy rows, temperatures 1 and
+//! 0.7, uniforms from 0 to just below 1. Needs a C++20 compiler (`CXX`, default `c++`).
 
 use candle_core::{Device, Tensor};
 use qat_sample::device_rows::pick_rows;
@@ -24,6 +23,16 @@ fn build_harness(dir: &Path) -> PathBuf {
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
+enum Logits {
+    /// Uniform in [-8, 8).
+    Random,
+    /// Integers in [-25, 25): rows full of ties.
+    Ties,
+    /// All 0: the top-K are the smallest ids, the draw is uniform.
+    Constant,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Float {
     F32,
     Bf16,
@@ -35,8 +44,7 @@ struct Case {
     k: usize,
     dtype: Float,
     temperature: f64,
-    /// Integer logits in [-25, 25): rows full of ties.
-    ties: bool,
+    logits: Logits,
     seed: u64,
     /// One row per draw (negative: greedy).
     draws: Vec<f64>,
@@ -88,13 +96,13 @@ fn host_rows(c: &Case, z: &[f32]) -> Vec<u32> {
         .collect()
 }
 
-fn case(vocab: usize, k: usize, dtype: Float, temperature: f64, ties: bool, seed: u64) -> Case {
+fn case(vocab: usize, k: usize, dtype: Float, temperature: f64, logits: Logits, seed: u64) -> Case {
     Case {
         vocab,
         k,
         dtype,
         temperature,
-        ties,
+        logits,
         seed,
         draws: vec![-1.0, 0.0, 0.3, 0.999_999_9],
     }
@@ -104,36 +112,42 @@ fn case(vocab: usize, k: usize, dtype: Float, temperature: f64, ties: bool, seed
 fn emulated_cuda_kernel_matches_the_host_sampler() {
     let dir = tempfile::tempdir().expect("temp dir");
     let exe = build_harness(dir.path());
+    use Logits::{Constant, Random, Ties};
     let cases = [
-        case(7, 3, Float::F32, 1.0, false, 1),
-        case(300, 17, Float::F32, 1.0, false, 2),
-        case(300, 300, Float::F32, 0.7, false, 3),
-        case(513, 40, Float::F16, 0.7, false, 4),
-        case(1000, 64, Float::F32, 1.0, true, 5),
-        case(32000, 64, Float::F32, 1.0, false, 6),
-        case(32000, 64, Float::Bf16, 1.0, false, 7),
-        case(32000, 1, Float::Bf16, 0.7, true, 8),
-        case(32000, 1024, Float::Bf16, 1.0, true, 9),
+        case(1, 1, Float::F32, 1.0, Random, 10),
+        case(7, 3, Float::F32, 1.0, Random, 1),
+        case(300, 17, Float::F32, 1.0, Random, 2),
+        case(300, 300, Float::F32, 0.7, Random, 3),
+        case(513, 40, Float::F16, 0.7, Random, 4),
+        case(513, 64, Float::Bf16, 1.0, Constant, 11),
+        case(1000, 64, Float::F32, 1.0, Ties, 5),
+        case(32000, 64, Float::F32, 1.0, Random, 6),
+        case(32000, 64, Float::Bf16, 1.0, Random, 7),
+        case(32000, 1, Float::Bf16, 0.7, Ties, 8),
+        case(32000, 1024, Float::Bf16, 1.0, Ties, 9),
     ];
     for c in &cases {
         let mut state = c.seed;
-        let mut z: Vec<f32> = if c.ties {
-            (0..c.draws.len() * c.vocab)
+        let n = c.draws.len() * c.vocab;
+        let mut z: Vec<f32> = match c.logits {
+            Random => emulation_harness::lcg_values(n, c.seed, 16.0),
+            Ties => (0..n)
                 .map(|_| {
                     state = state
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
                     ((state >> 40) % 50) as f32 - 25.0
                 })
-                .collect()
-        } else {
-            emulation_harness::lcg_values(c.draws.len() * c.vocab, c.seed, 16.0)
+                .collect(),
+            Constant => vec![0.0; n],
         };
-        for r in 0..c.draws.len() {
-            z[r * c.vocab + (r * 7 + 3) % c.vocab] = f32::NEG_INFINITY; // a masked logit
+        if c.vocab > 2 {
+            for r in 0..c.draws.len() {
+                z[r * c.vocab + (r * 7 + 3) % c.vocab] = f32::NEG_INFINITY; // a masked logit
+            }
+            // Row 1 draws u = 0 and starts with a zero weight, which the draw must pass over.
+            z[c.vocab] = f32::NEG_INFINITY;
         }
-        // Row 1 draws u = 0 and starts with a zero weight, which the draw must pass over.
-        z[c.vocab] = f32::NEG_INFINITY;
         z.iter_mut().for_each(|x| *x = rounded(*x, c.dtype));
         let got = run_emulated(&exe, dir.path(), c, &z);
         let all_want = host_rows(c, &z);
@@ -143,8 +157,8 @@ fn emulated_cuda_kernel_matches_the_host_sampler() {
             let want = &all_want[r * width..(r + 1) * width];
             let row = &got[r * width..(r + 1) * width];
             let what = format!(
-                "vocab {} k {} {:?} T {} ties {} row {r} u {u}",
-                c.vocab, c.k, c.dtype, c.temperature, c.ties
+                "vocab {} k {} {:?} T {} {:?} row {r} u {u}",
+                c.vocab, c.k, c.dtype, c.temperature, c.logits
             );
             assert_eq!(&row[..c.k], &want[..c.k], "top-K ids, {what}");
             assert_eq!(&row[c.k..2 * c.k], &want[c.k..2 * c.k], "log-probs, {what}");
