@@ -18,7 +18,7 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
   distill-flash  the distill row's qat side with the flash kernels (forward and backward), after
            eval-flash
   distill-composed  the distill row's qat side with the fused training ops off (RMSNorm, SwiGLU,
-           RoPE, the top-K loss and the gradient norm as composed candle ops,
+           RoPE, the masked softmax, the top-K loss and the gradient norm as composed candle ops,
            QAT_CUDA_FUSED_*=0): what they gain, and the loss they must match
   profile  where the time goes (`--profile`: each phase timed with the device synchronized
            around it): qat-distill from cached shards, with the online teacher, and without fake
@@ -367,7 +367,7 @@ def main():
             f"loss qat {q['final_loss']:.3f}" + (f" (composed attention: {base['final_loss']:.3f})" if base else ""))
 
     composed_env = dict(env, QAT_CUDA_FUSED_NORM="0", QAT_CUDA_FUSED_SWIGLU="0", QAT_CUDA_FUSED_ROPE="0",
-                        QAT_CUDA_FUSED_LOSS="0", QAT_CUDA_FUSED_GRAD_NORM="0")
+                        QAT_CUDA_FUSED_LOSS="0", QAT_CUDA_FUSED_GRAD_NORM="0", QAT_CUDA_FUSED_SOFTMAX="0")
 
     def stage_distill_composed():
         b = chosen["batch"]
@@ -375,7 +375,7 @@ def main():
         q = qat_distill("composed", [], b, run_env=composed_env)
         t = results["distill"]["torch"] if "distill" in results else torch_side("torch_qat.py", targs(b), "distill-composed")
         base = results.get("distill", {}).get("qat")
-        row("distill-composed", f"distill W4A8KV4 as above, qat with composed norm/SwiGLU/RoPE/loss, batch {b} x {L}", q, t,
+        row("distill-composed", f"distill W4A8KV4 as above, qat with composed norm/SwiGLU/RoPE/softmax/loss, batch {b} x {L}", q, t,
             6 * N, f"loss qat {q['final_loss']:.3f}" + (f" (fused ops: {base['final_loss']:.3f})" if base else ""))
 
     if "distill" in stages:

@@ -1,7 +1,7 @@
 //! With the `cuda` feature: compiles the flash-attention kernels (kernels/flash_attention.cu,
 //! kernels/flash_attention_backward.cu), the token NLL kernel (kernels/token_nll.cu) and the
-//! training kernels with a backward (kernels/rms_norm.cu, kernels/swiglu.cu, kernels/rope.cu) to PTX
-//! (scripts/nvcc_ptx.rs).
+//! training kernels with a backward (kernels/rms_norm.cu, kernels/swiglu.cu, kernels/rope.cu,
+//! kernels/causal_softmax.cu) to PTX (scripts/nvcc_ptx.rs).
 //! Without the feature: nothing.
 
 #[path = "../../scripts/nvcc_ptx.rs"]
@@ -20,4 +20,5 @@ fn main() {
     nvcc_ptx::compile_ptx("kernels/rms_norm.cu", "rms_norm.ptx");
     nvcc_ptx::compile_ptx("kernels/swiglu.cu", "swiglu.ptx");
     nvcc_ptx::compile_ptx("kernels/rope.cu", "rope.ptx");
+    nvcc_ptx::compile_ptx("kernels/causal_softmax.cu", "causal_softmax.ptx");
 }

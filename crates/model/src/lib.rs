@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod causal_softmax;
 pub mod config;
 pub mod custom_op;
 pub mod device;

@@ -2,6 +2,7 @@
 
 use crate::attention::{causal_attention, fused_attention_supported};
 use crate::cache::KvCache;
+use crate::causal_softmax::{causal_softmax, causal_softmax_on};
 use crate::config::LlamaConfig;
 use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
 use crate::linear::{hooked_inputs, QLinear};
@@ -137,14 +138,18 @@ impl Attention {
         } else {
             (q.matmul(&k.t()?)? * scale)?
         }; // [b, nkv, rep*t, s]
-        let scores = match &ctx.mask {
-            Some(mask) => scores
-                .reshape((b, nkv, rep, t, s))?
-                .broadcast_add(mask)?
-                .reshape((b, nkv, rep * t, s))?,
-            None => scores,
+        let probs = if let Some(pads) = &ctx.softmax_mask_pads {
+            causal_softmax(&scores, pads, t)?
+        } else {
+            let scores = match &ctx.mask {
+                Some(mask) => scores
+                    .reshape((b, nkv, rep, t, s))?
+                    .broadcast_add(mask)?
+                    .reshape((b, nkv, rep * t, s))?,
+                None => scores,
+            };
+            softmax_last(&scores, ctx.fused)?
         };
-        let probs = softmax_last(&scores, ctx.fused)?;
         let out = probs.matmul(&v)?; // [b, nkv, rep*t, hd]
         let out = out
             .reshape((b, nh, t, hd))?
@@ -214,6 +219,9 @@ struct StepContext {
     fused: bool,
     /// Left paddings of the rows when attention runs as the fused CPU op (then `mask` is None).
     fused_attention_pads: Option<Vec<usize>>,
+    /// Left paddings of the rows when the composed attention's softmax masks its scores itself
+    /// ([`causal_softmax`]; then `mask` is None).
+    softmax_mask_pads: Option<Vec<usize>>,
 }
 
 /// A Llama causal language model.
@@ -468,14 +476,15 @@ impl Llama {
         let fused_attention = self.fused_attention
             && fused_attention_supported(dev, self.dtype(), self.cfg.head_dim)
             && (dev.is_cpu() || t > 1);
-        let (mask, fused_attention_pads) = if fused_attention {
-            (None, Some(cache.pads().to_vec()))
+        let (mask, fused_attention_pads, softmax_mask_pads) = if fused_attention {
+            (None, Some(cache.pads().to_vec()), None)
+        } else if causal_softmax_on(dev, self.dtype()) {
+            (None, None, Some(cache.pads().to_vec()))
         } else {
+            let mask = cache.next_mask(t, dev)?;
             (
-                cache
-                    .next_mask(t, dev)?
-                    .map(|m| m.to_dtype(self.dtype()))
-                    .transpose()?,
+                mask.map(|m| m.to_dtype(self.dtype())).transpose()?,
+                None,
                 None,
             )
         };
@@ -485,6 +494,7 @@ impl Llama {
             mask,
             fused,
             fused_attention_pads,
+            softmax_mask_pads,
         };
         let hooks = self.hooks.as_ref();
         let mut x = x;
@@ -532,8 +542,54 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CacheLayout, KvCache};
+    use crate::{CacheLayout, KvCache, ModelDir};
     use candle_core::Device;
+
+    fn stories260k() -> Llama {
+        let data = std::env::var_os("QAT_DATA").map_or_else(
+            || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
+            std::path::PathBuf::from,
+        );
+        ModelDir::open(data.join("models/stories260K"))
+            .expect("open stories260K")
+            .load(&Device::Cpu, DType::F32)
+            .expect("load stories260K")
+    }
+
+    /// The composed attention with its mask inside the softmax ([`causal_softmax`], CUDA's path,
+    /// here through the op's CPU side) gives the logits of the mask add and softmax: a
+    /// full-sequence forward (training's shape), and a left-padded batch's prefill and decoding
+    /// steps through a KV cache.
+    #[test]
+    fn masked_softmax_op_gives_the_mask_adds_logits() -> Result<()> {
+        let mut model = stories260k();
+        model.set_fused_attention(false);
+        let dev = Device::Cpu;
+        let run = |op: bool| -> Result<Vec<Tensor>> {
+            crate::causal_softmax::tests::ON_CPU.set(op);
+            let mut out = Vec::new();
+            let seq: Vec<u32> = (0..24).map(|i| 1 + (i * 37) % 500).collect();
+            out.push(model.forward_full(&Tensor::from_vec(seq.clone(), (2, 12), &dev)?)?);
+            let pads = vec![0, 4, 7];
+            let mut cache = model.new_decode_cache(pads.clone(), 20);
+            out.push(model.forward(
+                &Tensor::from_vec(seq[..27 - 3].to_vec(), (3, 8), &dev)?,
+                &mut cache,
+            )?);
+            for step in 0..4u32 {
+                let next = Tensor::from_vec(vec![5 + step, 70 + step, 300 + step], (3, 1), &dev)?;
+                out.push(model.forward(&next, &mut cache)?);
+            }
+            crate::causal_softmax::tests::ON_CPU.set(false);
+            Ok(out)
+        };
+        let (composed, op) = (run(false)?, run(true)?);
+        for (i, (a, b)) in composed.iter().zip(&op).enumerate() {
+            let diff = crate::custom_op::max_abs_diff(a, b)?;
+            assert!(diff < 1e-4, "output {i}: {diff}");
+        }
+        Ok(())
+    }
 
     /// A row-major cache view with spare columns reaches the matmuls as it is (no copy: its
     /// strides are kept); a transposed one is copied. The products equal those of contiguous

@@ -31,13 +31,15 @@ fn cpu_softmax<T: num_like::Float>(src: &[T], cols: usize) -> Vec<T> {
     out
 }
 
-/// The few float operations the CPU implementation needs (f32 and f64).
-mod num_like {
+/// The few float operations the CPU implementations need (f32 and f64; also
+/// [`crate::causal_softmax`]'s).
+pub(crate) mod num_like {
     pub trait Float:
         Copy
         + PartialOrd
         + std::ops::Add<Output = Self>
         + std::ops::Sub<Output = Self>
+        + std::ops::Mul<Output = Self>
         + std::ops::Div<Output = Self>
     {
         fn zero() -> Self;

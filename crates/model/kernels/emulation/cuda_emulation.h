@@ -1,12 +1,12 @@
 // Just enough of CUDA, in host C++20, to run qat's kernels without a GPU, for tests
-// (crates/model/tests/flash_attention_emulated.rs and token_nll_emulated.rs,
-// crates/quant/tests/fake_quant_emulated.rs, crates/train/tests/adamw_emulated.rs and
-// bucket_lse_emulated.rs, crates/sample/tests/sample_rows_emulated.rs): one host
-// thread per CUDA thread of a block (blocks run one after another), std::barrier for
-// __syncthreads / __syncwarp, warp shuffles through a per-warp exchange array, bf16 / f16 as
-// 16-bit storage types rounded to nearest even, IEEE intrinsics as plain operations, and the
-// WMMA 16x16x16 fragments by their documented semantics (every lane holds the whole tile; each
-// element is written once on store).
+// (crates/model/tests/flash_attention_emulated.rs, token_nll_emulated.rs and
+// causal_softmax_emulated.rs, crates/quant/tests/fake_quant_emulated.rs,
+// crates/train/tests/adamw_emulated.rs and bucket_lse_emulated.rs,
+// crates/sample/tests/sample_rows_emulated.rs): one host thread per CUDA thread of a block
+// (blocks run one after another), std::barrier for __syncthreads / __syncwarp, warp shuffles
+// through a per-warp exchange array, bf16 / f16 as 16-bit storage types rounded to nearest even,
+// IEEE intrinsics as plain operations, and the WMMA 16x16x16 fragments by their documented
+// semantics (every lane holds the whole tile; each element is written once on store).
 // Shared memory (`__shared__`) becomes function-static storage, shared by the block's threads.
 // What it cannot show: timing, races that barriers would hide, the hardware's accumulation order.
 
