@@ -226,12 +226,7 @@ mod cuda {
     }
 
     fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("causal_softmax on cuda: dtype {other:?}"),
-        })
+        crate::kernel_switch::float_kernel_suffix(dtype, "causal_softmax")
     }
 
     fn range(l: &Layout) -> Result<(usize, usize)> {

@@ -26,3 +26,36 @@ pub fn cuda_kernel_on(
 
 /// f32 and the 16-bit float types: what the element-wise and row-wise kernels take.
 pub const FLOAT_DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// The suffix of a kernel's name for elements of `dtype`, one of [`FLOAT_DTYPES`] (`f32`,
+/// `bf16`, `f16`: each kernel file instantiates its kernels so); `op` names the caller in the
+/// error for any other dtype.
+pub fn float_kernel_suffix(dtype: DType, op: &str) -> candle_core::Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => candle_core::bail!("{op} on cuda: dtype {other:?}, expected f32, bf16 or f16"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_suffixes_name_the_float_dtypes() {
+        let names: Vec<&str> = FLOAT_DTYPES
+            .iter()
+            .map(|&d| float_kernel_suffix(d, "op").unwrap())
+            .collect();
+        assert_eq!(names, ["f32", "bf16", "f16"]);
+        let err = float_kernel_suffix(DType::U8, "rms_norm")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rms_norm on cuda: dtype U8, expected f32, bf16 or f16"),
+            "{err}"
+        );
+    }
+}

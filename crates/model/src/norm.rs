@@ -199,12 +199,7 @@ mod cuda {
     type Operand<'a> = (&'a CudaStorage, (usize, usize));
 
     fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("rms_norm_with_grad on cuda: dtype {other:?}"),
-        })
+        crate::kernel_switch::float_kernel_suffix(dtype, "rms_norm_with_grad")
     }
 
     fn rows_grid(rows: usize) -> LaunchConfig {

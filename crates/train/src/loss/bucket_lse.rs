@@ -285,12 +285,7 @@ mod cuda {
 
     /// The kernel `name` + `_f32` / `_bf16` / `_f16` for the logits' dtype.
     fn kernel_name(z: &CudaStorage, name: &str) -> Result<String> {
-        let suffix = match z.dtype() {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("{name}: logits dtype {other:?}, expected f32/bf16/f16"),
-        };
+        let suffix = qat_model::kernel_switch::float_kernel_suffix(z.dtype(), name)?;
         Ok(format!("{name}_{suffix}"))
     }
 
