@@ -12,6 +12,7 @@
 //! The CPU implementation is the reference the kernels are tested against; [`crate::Llama`] uses
 //! the op on CUDA only (`QAT_CUDA_FUSED_SOFTMAX=0` keeps the mask add and the softmax).
 
+use crate::custom_op::contiguous_range;
 use crate::kernel_switch::{switch_on, FLOAT_DTYPES};
 use crate::softmax::num_like;
 use candle_core::backend::BackendStorage;
@@ -92,11 +93,10 @@ fn cpu_forward<F: num_like::Float>(
     y
 }
 
+/// The elements of a contiguous operand (`what` names it in the error).
 fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("causal_softmax: {what} must be contiguous"),
-    }
+    let (a, b) = contiguous_range(l, "causal_softmax", what)?;
+    Ok(&data[a..b])
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -230,8 +230,7 @@ mod cuda {
     }
 
     fn range(l: &Layout) -> Result<(usize, usize)> {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("causal_softmax: not contiguous".into()))
+        crate::custom_op::contiguous_range(l, "causal_softmax", "operands")
     }
 
     pub(super) fn forward(op: &CausalSoftmax, x: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
@@ -336,17 +335,7 @@ pub(crate) mod tests {
     }
 
     fn random(dims: &[usize], seed: u64) -> Result<Tensor> {
-        let n: usize = dims.iter().product();
-        let mut state = seed;
-        let v: Vec<f64> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 8.0
-            })
-            .collect();
-        Tensor::from_vec(v, dims, &Device::Cpu)
+        crate::custom_op::lcg_tensor(dims, seed, -4.0, 4.0)
     }
 
     /// Value and gradient against the composed ops in f64: left padding (real and padding

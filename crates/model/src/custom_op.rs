@@ -44,6 +44,22 @@ pub fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// A CPU f64 tensor of `dims` with values uniform in `[lo, hi)` from a 64-bit LCG started at
+/// `seed` (53-bit draws): the ops' tests' reproducible inputs.
+pub fn lcg_tensor(dims: &[usize], seed: u64, lo: f64, hi: f64) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let mut state = seed;
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (state >> 11) as f64 / (1u64 << 53) as f64 * (hi - lo)
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &candle_core::Device::Cpu)
+}
+
 /// The largest `|a − b|` over all elements, in f64: how the ops' tests compare an op with its
 /// reference (composed ops, or the CPU path against a CUDA kernel).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {

@@ -268,17 +268,7 @@ mod tests {
     }
 
     fn random(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
-        let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let mut state = seed;
-        let data: Vec<f64> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu)
+        crate::custom_op::lcg_tensor(&[shape.0, shape.1, shape.2, shape.3], seed, -2.0, 2.0)
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
