@@ -228,16 +228,23 @@ def main():
     skipped = []
     profile_table = []
 
+    # Fused kernels switched off for the whole run (QAT_CUDA_FUSED_*=0: by hand, or by run.sh
+    # after their CUDA test failed on this GPU); the rows that turn switches off themselves
+    # (sample-host, distill-composed) are on top of these.
+    switches_off = sorted(k for k, v in os.environ.items() if k.startswith("QAT_CUDA_FUSED_") and v == "0")
+    switches_note = ([f"\nFused kernels off for the whole run: {', '.join(switches_off)}."] if switches_off else [])
+
     def save():
         """Writes results.json and table.md as they stand (after every stage, so that a
         run stopped by a device time limit keeps what it measured)."""
         meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=dev_name, params=N, config=c, smoke=a.smoke,
                     seconds=time.time() - started, peak_tflops=peak_flops / 1e12, distill_batch_run=chosen["batch"],
-                    failed=failed, skipped=skipped, stages_done=[r for r in stages if r in results or r in failed])
+                    failed=failed, skipped=skipped, stages_done=[r for r in stages if r in results or r in failed],
+                    switches_off=switches_off)
         with open(os.path.join(results_dir, "results.json"), "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)
         with open(os.path.join(results_dir, "table.md"), "w") as f:
-            f.write("\n".join(head + rows + profile_table) + "\n")
+            f.write("\n".join(head + rows + switches_note + profile_table) + "\n")
         return meta
 
     def past_deadline(what):
@@ -531,7 +538,7 @@ def main():
         else:
             say("kernels: skipped (Nsight Compute needs a GPU)")
 
-    table = "\n".join(head + rows + profile_table)
+    table = "\n".join(head + rows + switches_note + profile_table)
     meta = save()
     print(f"\nbench-gpu {meta['date']} on {dev_name}: {c['config']} ({N:,} parameters), {c['dtype']}, "
           f"{meta['seconds']:.0f} s in all\n")
