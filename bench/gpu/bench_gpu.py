@@ -24,9 +24,10 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            around it): qat-distill from cached shards, with the online teacher, and without fake
            quantization (scheme FP), same batch; qat-sample and qat-eval at the shapes above;
            more tables, seconds per step or batch and shares
-  kernels  GPU time by kernel (Nsight Compute, bench/gpu/ncu_kernels.py): qat-eval (one batch,
-           composed and flash attention) and qat-distill W4A8KV4 (2 steps at the distill row's
-           batch); the 15 largest kernels of each, for the next round of tuning (GPU only)
+  kernels  GPU time by kernel (Nsight Compute, bench/gpu/ncu_kernels.py): qat-sample (16 decode
+           steps at the sample row's batch), qat-eval (one batch, composed and flash attention) and
+           qat-distill W4A8KV4 (2 steps at the distill row's batch); the 15 largest kernels of
+           each, for the next round of tuning (GPU only)
 
 qat's fixed costs (process start, model load, PTX JIT, cuBLAS init) are excluded the way HF's
 warm-up is excluded on the PyTorch side: qat-sample and qat-eval run twice, with N and 2N
@@ -512,6 +513,12 @@ def main():
             raise RuntimeError("ncu (Nsight Compute) not found on PATH, under /opt/nvidia or in /usr/local/cuda*")
         b = chosen["batch"]
         runs = []  # cheapest first: ncu serializes every kernel and adds its own time to each
+        # qat-sample: 16 decode steps of the sample row's batch. Kernel time per step against the
+        # sample row's wall time per step says whether decoding waits on kernel launches.
+        runs.append(("sample", f"qat-sample, batch {B}, 16 new tokens (model load and prefill included)", 16,
+                     "decode step", env, 60,
+                     [bins["qat-sample"], "-m", model, "-o", fresh(os.path.join(work, "shards-ncu")), "-n", str(B),
+                      "--max-len", "18", "-K", "64", "-b", str(B), "-q"] + dev))
         for tag, run_env, what in (("eval", env, "composed attention"), ("eval-flash", flash_env, "flash attention")):
             runs.append((tag, f"qat-eval, stream windows of {L}, batch {EB}, {what}", 1, "batch", run_env, 60,
                          [bins["qat-eval"], "-m", model, "-c", corpus, "--mode", "stream", "--seq-len", str(L),
@@ -531,6 +538,7 @@ def main():
             profile_table.extend(ncu_kernels.table(k, title, per=per, unit=unit))
             save()
         shutil.rmtree(os.path.join(work, "student-ncu"), ignore_errors=True)
+        shutil.rmtree(os.path.join(work, "shards-ncu"), ignore_errors=True)
 
     if "kernels" in stages and "shards" not in failed:
         if gpu:
