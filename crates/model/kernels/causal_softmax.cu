@@ -1,13 +1,14 @@
-// The composed attention's softmax with its mask inside (crates/model/src/causal_softmax.rs), for
-// CUDA: the scores of a chunk of t queries over s key columns, rows [b, heads, t] flattened,
+// The composed attention's softmax with its scale and its mask inside
+// (crates/model/src/causal_softmax.rs), for CUDA: the scores of a chunk of t queries over s key
+// columns, rows [b, heads, t] flattened,
 // each row r of batch row b = r / rows_per_batch and query i = r % t (query column q = s - t + i).
 // The row's visible keys are [pad_b, q] when q >= pad_b, else [0, q] (a padding query, whose output
 // is discarded: causal, so its softmax stays finite), as KvCache::next_mask masks them:
-//   forward   y[j] = exp(x[j] - m) / Σ_visible exp(x[k] - m) on the visible keys, 0 elsewhere
-//             (m = the visible maximum)
-//   backward  dx[j] = y[j] · (g[j] - Σ_k g[k] · y[k])       (0 wherever y is)
-// This replaces the composed ops' mask tensor, its broadcast add (a read and a write of every
-// score), and the backward's five passes (g·y, its row sums, g - dot, the product) with one read
+//   forward   y[j] = exp(c·x[j] - m) / Σ_visible exp(c·x[k] - m) on the visible keys, 0 elsewhere
+//             (c = the scale, m = the visible maximum of c·x)
+//   backward  dx[j] = c · y[j] · (g[j] - Σ_k g[k] · y[k])       (0 wherever y is)
+// This replaces the composed ops' scaling, their mask tensor, its broadcast add (a read and a
+// write of every score), and the backward's five passes (g·y, its row sums, g - dot, the product) with one read
 // and one write forward and two reads and a write backward. f32 arithmetic, T = f32, bf16 or f16
 // storage rounded once per store; one block of CS_BLOCK threads per row, reductions in a fixed
 // tree order (deterministic). Without a GPU, tests/causal_softmax_emulated.rs compiles this file
@@ -65,7 +66,7 @@ __device__ float block_max(float* red, float v) {
 template <typename T>
 __device__ void causal_softmax_row(const T* __restrict__ x, T* __restrict__ y,
                                    const uint32_t* __restrict__ pads, uint32_t rows_per_batch,
-                                   uint32_t t, uint32_t s) {
+                                   uint32_t t, uint32_t s, float scale) {
   __shared__ float red[CS_BLOCK];
   const size_t row = blockIdx.x;
   const T* xr = x + row * s;
@@ -73,20 +74,24 @@ __device__ void causal_softmax_row(const T* __restrict__ x, T* __restrict__ y,
   uint32_t lo, hi;
   visible(static_cast<uint32_t>(row), rows_per_batch, t, s, pads, lo, hi);
   float m = -CUDART_INF_F;
-  for (uint32_t j = lo + threadIdx.x; j < hi; j += CS_BLOCK) m = fmaxf(m, fio::load(xr, j));
+  for (uint32_t j = lo + threadIdx.x; j < hi; j += CS_BLOCK) {
+    m = fmaxf(m, scale * fio::load(xr, j));
+  }
   m = block_max(red, m);
   float sum = 0.0f;
-  for (uint32_t j = lo + threadIdx.x; j < hi; j += CS_BLOCK) sum += expf(fio::load(xr, j) - m);
+  for (uint32_t j = lo + threadIdx.x; j < hi; j += CS_BLOCK) {
+    sum += expf(scale * fio::load(xr, j) - m);
+  }
   const float inv = 1.0f / block_sum(red, sum);
   for (uint32_t j = threadIdx.x; j < s; j += CS_BLOCK) {
-    const float v = j >= lo && j < hi ? expf(fio::load(xr, j) - m) * inv : 0.0f;
+    const float v = j >= lo && j < hi ? expf(scale * fio::load(xr, j) - m) * inv : 0.0f;
     fio::store(yr, j, v);
   }
 }
 
 template <typename T>
 __device__ void softmax_backward_row(const T* __restrict__ y, const T* __restrict__ g,
-                                     T* __restrict__ dx, uint32_t s) {
+                                     T* __restrict__ dx, uint32_t s, float scale) {
   __shared__ float red[CS_BLOCK];
   const size_t row = blockIdx.x;
   const T* yr = y + row * s;
@@ -96,20 +101,21 @@ __device__ void softmax_backward_row(const T* __restrict__ y, const T* __restric
   for (uint32_t j = threadIdx.x; j < s; j += CS_BLOCK) dot += fio::load(gr, j) * fio::load(yr, j);
   dot = block_sum(red, dot);
   for (uint32_t j = threadIdx.x; j < s; j += CS_BLOCK) {
-    fio::store(dr, j, fio::load(yr, j) * (fio::load(gr, j) - dot));
+    fio::store(dr, j, scale * fio::load(yr, j) * (fio::load(gr, j) - dot));
   }
 }
 
 }  // namespace
 
-#define CAUSAL_SOFTMAX_KERNELS(T, NAME)                                                          \
-  extern "C" __global__ void causal_softmax_##NAME(const T* x, T* y, const uint32_t* pads,      \
-                                                   uint32_t rows_per_batch, uint32_t t,          \
-                                                   uint32_t s) {                                 \
-    causal_softmax_row(x, y, pads, rows_per_batch, t, s);                                        \
-  }                                                                                              \
-  extern "C" __global__ void softmax_backward_##NAME(const T* y, const T* g, T* dx, uint32_t s) { \
-    softmax_backward_row(y, g, dx, s);                                                           \
+#define CAUSAL_SOFTMAX_KERNELS(T, NAME)                                                         \
+  extern "C" __global__ void causal_softmax_##NAME(const T* x, T* y, const uint32_t* pads,     \
+                                                   uint32_t rows_per_batch, uint32_t t,         \
+                                                   uint32_t s, float scale) {                   \
+    causal_softmax_row(x, y, pads, rows_per_batch, t, s, scale);                                \
+  }                                                                                             \
+  extern "C" __global__ void softmax_backward_##NAME(const T* y, const T* g, T* dx, uint32_t s, \
+                                                     float scale) {                             \
+    softmax_backward_row(y, g, dx, s, scale);                                                   \
   }
 
 CAUSAL_SOFTMAX_KERNELS(float, f32)

@@ -2,7 +2,7 @@
 
 use crate::attention::{causal_attention, fused_attention_supported};
 use crate::cache::KvCache;
-use crate::causal_softmax::{causal_softmax, causal_softmax_on};
+use crate::causal_softmax::{causal_softmax, causal_softmax_on, pads_tensor};
 use crate::config::LlamaConfig;
 use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
 use crate::linear::{hooked_inputs, QLinear};
@@ -131,17 +131,19 @@ impl Attention {
         let rep = nh / nkv;
         // Grouped-query attention without copying keys: query heads of one KV head are stacked.
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let scores = if q.device().is_cuda() {
-            // On CUDA scale q, not the scores: a pass over [b, nkv, rep*t, hd] instead of a read
-            // and a write of [b, nkv, rep*t, s] (1 GB per layer at eval's 16 x 1024 tokens in
-            // bf16), and in training one scores-sized tensor fewer kept for the backward pass.
-            (q * scale)?.matmul(&k.t()?)?
-        } else {
-            (q.matmul(&k.t()?)? * scale)?
-        }; // [b, nkv, rep*t, s]
         let probs = if let Some(pads) = &ctx.softmax_mask_pads {
-            causal_softmax(&scores, pads, t)?
+            // The op scales and masks the [b, nkv, rep*t, s] scores itself.
+            causal_softmax(&q.matmul(&k.t()?)?, pads, t, scale)?
         } else {
+            let scores = if q.device().is_cuda() {
+                // On CUDA scale q, not the scores: a pass over [b, nkv, rep*t, hd] instead of a
+                // read and a write of [b, nkv, rep*t, s] (1 GB per layer at eval's 16 x 1024
+                // tokens in bf16), and in training one scores-sized tensor fewer kept for the
+                // backward pass.
+                (q * scale)?.matmul(&k.t()?)?
+            } else {
+                (q.matmul(&k.t()?)? * scale)?
+            }; // [b, nkv, rep*t, s]
             let scores = match &ctx.mask {
                 Some(mask) => scores
                     .reshape((b, nkv, rep, t, s))?
@@ -220,9 +222,10 @@ struct StepContext {
     fused: bool,
     /// Left paddings of the rows when attention runs as the fused CPU op (then `mask` is None).
     fused_attention_pads: Option<Vec<usize>>,
-    /// Left paddings of the rows when the composed attention's softmax masks its scores itself
-    /// ([`causal_softmax`]; then `mask` is None).
-    softmax_mask_pads: Option<Vec<usize>>,
+    /// Left paddings of the rows (`[b]` u32, on the device, made once per forward pass) when
+    /// the composed attention's softmax scales and masks its scores itself ([`causal_softmax`];
+    /// then `mask` is None).
+    softmax_mask_pads: Option<Tensor>,
 }
 
 /// A Llama causal language model.
@@ -480,7 +483,7 @@ impl Llama {
         let (mask, fused_attention_pads, softmax_mask_pads) = if fused_attention {
             (None, Some(cache.pads().to_vec()), None)
         } else if causal_softmax_on(dev, self.dtype()) {
-            (None, None, Some(cache.pads().to_vec()))
+            (None, None, Some(pads_tensor(cache.pads(), dev)?))
         } else {
             let mask = cache.next_mask(t, dev)?;
             (

@@ -2,11 +2,11 @@
 //! the CPU through the CUDA emulation in kernels/emulation, against the CPU op
 //! (`qat_model::causal_softmax`, f64 arithmetic) in value and gradient: f32 and bf16, left
 //! padding (real and padding queries), a decode chunk (t = 1) and chunks after cached columns,
-//! rows shorter and longer than a block, `-inf` scores. Needs a C++20 compiler (`CXX`, default
-//! `c++`).
+//! rows shorter and longer than a block, `-inf` scores, scales 1, 1/8 and others. Needs a C++20
+//! compiler (`CXX`, default `c++`).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use qat_model::causal_softmax::causal_softmax;
+use qat_model::causal_softmax::{causal_softmax, pads_tensor};
 use qat_model::custom_op::max_abs_diff;
 use std::path::{Path, PathBuf};
 
@@ -21,20 +21,22 @@ fn build_harness(dir: &Path) -> PathBuf {
     )
 }
 
+/// (pads, heads, t, s, bf16, scale)
+type Case = (&'static [u32], usize, usize, usize, bool, f32);
+
 #[test]
 fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exe = build_harness(dir.path());
-    // (pads, heads, t, s, bf16)
-    let cases: [(&[u32], usize, usize, usize, bool); 6] = [
-        (&[0, 3, 5], 2, 6, 6, false),
-        (&[0, 0], 3, 1, 9, false),
-        (&[2, 0, 4], 2, 3, 300, false),
-        (&[0, 7], 1, 40, 600, false),
-        (&[0, 3, 5], 2, 6, 6, true),
-        (&[1, 0], 2, 24, 520, true),
+    let cases: [Case; 6] = [
+        (&[0, 3, 5], 2, 6, 6, false, 1.0),
+        (&[0, 0], 3, 1, 9, false, 0.125),
+        (&[2, 0, 4], 2, 3, 300, false, 0.3),
+        (&[0, 7], 1, 40, 600, false, 0.125),
+        (&[0, 3, 5], 2, 6, 6, true, 0.7),
+        (&[1, 0], 2, 24, 520, true, 0.125),
     ];
-    for (seed, &(pads, heads, t, s, bf16)) in cases.iter().enumerate() {
+    for (seed, &(pads, heads, t, s, bf16, scale)) in cases.iter().enumerate() {
         let b = pads.len();
         let rows_per_batch = heads * t;
         let n = b * rows_per_batch * s;
@@ -50,6 +52,7 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
         for v in [b, rows_per_batch, t, s, usize::from(bf16)] {
             bytes.extend((v as u32).to_le_bytes());
         }
+        bytes.extend(scale.to_le_bytes());
         pads.iter().for_each(|p| bytes.extend(p.to_le_bytes()));
         x.iter()
             .chain(&g)
@@ -62,7 +65,7 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
         let xv = Var::from_tensor(&Tensor::from_vec(x, dims, &Device::Cpu)?.to_dtype(DType::F64)?)?;
         let gt = Tensor::from_vec(g, dims, &Device::Cpu)?.to_dtype(DType::F64)?;
         let pads: Vec<usize> = pads.iter().map(|&p| p as usize).collect();
-        let want = causal_softmax(&xv, &pads, t)?;
+        let want = causal_softmax(&xv, &pads_tensor(&pads, &Device::Cpu)?, t, scale.into())?;
         let grads = (&want * &gt)?.sum_all()?.backward()?;
         let dwant = grads.get(&xv).expect("gradient");
         let y = Tensor::from_vec(y.to_vec(), dims, &Device::Cpu)?;
