@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/flash_common.cuh");
     println!("cargo:rerun-if-changed=kernels/logsumexp.cuh");
     println!("cargo:rerun-if-changed=kernels/float_io.cuh");
+    println!("cargo:rerun-if-changed=kernels/block_reduce.cuh");
     nvcc_ptx::compile_ptx("kernels/flash_attention.cu", "flash_attention.ptx");
     nvcc_ptx::compile_ptx(
         "kernels/flash_attention_backward.cu",

@@ -6,5 +6,6 @@ mod nvcc_ptx;
 
 fn main() {
     println!("cargo:rerun-if-changed=../model/kernels/float_io.cuh");
+    println!("cargo:rerun-if-changed=../model/kernels/block_reduce.cuh");
     nvcc_ptx::compile_ptx("kernels/fake_quant.cu", "fake_quant.ptx");
 }

@@ -5,5 +5,6 @@ mod nvcc_ptx;
 
 fn main() {
     println!("cargo:rerun-if-changed=../model/kernels/float_io.cuh");
+    println!("cargo:rerun-if-changed=../model/kernels/block_reduce.cuh");
     nvcc_ptx::compile_ptx("kernels/sample_rows.cu", "sample_rows.ptx");
 }

@@ -6,6 +6,8 @@ mod nvcc_ptx;
 
 fn main() {
     println!("cargo:rerun-if-changed=../model/kernels/logsumexp.cuh");
+    println!("cargo:rerun-if-changed=../model/kernels/float_io.cuh");
+    println!("cargo:rerun-if-changed=../model/kernels/block_reduce.cuh");
     nvcc_ptx::compile_ptx("kernels/adamw.cu", "adamw.ptx");
     nvcc_ptx::compile_ptx("kernels/bucket_lse.cu", "bucket_lse.ptx");
     nvcc_ptx::compile_ptx("kernels/sum_squares.cu", "sum_squares.ptx");

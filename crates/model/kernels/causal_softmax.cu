@@ -11,7 +11,7 @@
 // write of every score), and the backward's five passes (g·y, its row sums, g - dot, the product) with one read
 // and one write forward and two reads and a write backward. f32 arithmetic, T = f32, bf16 or f16
 // storage rounded once per store; one block of CS_BLOCK threads per row, reductions in a fixed
-// tree order (deterministic). Without a GPU, tests/causal_softmax_emulated.rs compiles this file
+// tree order (block_reduce.cuh: deterministic). Without a GPU, tests/causal_softmax_emulated.rs compiles this file
 // against kernels/emulation/cuda_emulation.h and checks it against the CPU op.
 //
 //   x, y, g, dx  [rows, s] T, contiguous      pads  [batch] u32
@@ -21,6 +21,7 @@
 #include <stdint.h>
 #endif
 
+#include "block_reduce.cuh"
 #include "float_io.cuh"
 
 namespace {
@@ -37,32 +38,6 @@ __device__ __forceinline__ void visible(uint32_t row, uint32_t rows_per_batch, u
   hi = q + 1;
 }
 
-// Σ of every thread's v over the block (fixed tree order); `red` is CS_BLOCK floats of shared
-// memory. Call with every thread; ends with a barrier.
-__device__ float block_sum(float* red, float v) {
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (unsigned k = CS_BLOCK / 2; k > 0; k >>= 1) {
-    if (threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
-    __syncthreads();
-  }
-  const float total = red[0];
-  __syncthreads();
-  return total;
-}
-
-__device__ float block_max(float* red, float v) {
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (unsigned k = CS_BLOCK / 2; k > 0; k >>= 1) {
-    if (threadIdx.x < k) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + k]);
-    __syncthreads();
-  }
-  const float total = red[0];
-  __syncthreads();
-  return total;
-}
-
 template <typename T>
 __device__ void causal_softmax_row(const T* __restrict__ x, T* __restrict__ y,
                                    const uint32_t* __restrict__ pads, uint32_t rows_per_batch,
@@ -77,12 +52,12 @@ __device__ void causal_softmax_row(const T* __restrict__ x, T* __restrict__ y,
   for (uint32_t j = lo + threadIdx.x; j < hi; j += CS_BLOCK) {
     m = fmaxf(m, scale * fio::load(xr, j));
   }
-  m = block_max(red, m);
+  m = blockred::block_reduce<CS_BLOCK>(red, m, blockred::Max());
   float sum = 0.0f;
   for (uint32_t j = lo + threadIdx.x; j < hi; j += CS_BLOCK) {
     sum += expf(scale * fio::load(xr, j) - m);
   }
-  const float inv = 1.0f / block_sum(red, sum);
+  const float inv = 1.0f / blockred::block_reduce<CS_BLOCK>(red, sum, blockred::Sum());
   for (uint32_t j = threadIdx.x; j < s; j += CS_BLOCK) {
     const float v = j >= lo && j < hi ? expf(scale * fio::load(xr, j) - m) * inv : 0.0f;
     fio::store(yr, j, v);
@@ -99,7 +74,7 @@ __device__ void softmax_backward_row(const T* __restrict__ y, const T* __restric
   T* dr = dx + row * s;
   float dot = 0.0f;
   for (uint32_t j = threadIdx.x; j < s; j += CS_BLOCK) dot += fio::load(gr, j) * fio::load(yr, j);
-  dot = block_sum(red, dot);
+  dot = blockred::block_reduce<CS_BLOCK>(red, dot, blockred::Sum());
   for (uint32_t j = threadIdx.x; j < s; j += CS_BLOCK) {
     fio::store(dr, j, scale * fio::load(yr, j) * (fio::load(gr, j) - dot));
   }

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #endif
 
+#include "block_reduce.cuh"
 #include "float_io.cuh"
 
 namespace {
@@ -31,20 +32,6 @@ namespace {
 constexpr unsigned NORM_BLOCK = 256;
 constexpr unsigned DW_ROWS = 64;     // rows per partial dw sum
 constexpr unsigned DW_COLS = 256;    // columns per dw block (one per thread)
-
-// Σ of every thread's v over the block, in a fixed tree order (red: NORM_BLOCK floats of shared
-// memory). Call with every thread; ends with a barrier.
-__device__ float block_sum(float* red, float v) {
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (unsigned k = NORM_BLOCK / 2; k > 0; k >>= 1) {
-    if (threadIdx.x < k) red[threadIdx.x] = __fadd_rn(red[threadIdx.x], red[threadIdx.x + k]);
-    __syncthreads();
-  }
-  const float sum = red[0];
-  __syncthreads();
-  return sum;
-}
 
 // d = sqrt(mean(x²) + eps) of one row, as the composed ops compute it (sum · (1/n) + eps).
 template <typename T>
@@ -54,7 +41,7 @@ __device__ float row_denominator(const T* xr, uint32_t n, float eps, float* red)
     const float v = fio::load(xr, i);
     sq = __fadd_rn(sq, __fmul_rn(v, v));
   }
-  const float sum = block_sum(red, sq);
+  const float sum = blockred::block_reduce<NORM_BLOCK>(red, sq, blockred::Sum());
   return sqrtf(__fadd_rn(__fmul_rn(sum, 1.0f / static_cast<float>(n)), eps));
 }
 
@@ -85,7 +72,7 @@ __device__ void rms_norm_backward_row(const T* __restrict__ x, const T* __restri
     const float xh = __fdiv_rn(fio::load(xr, i), d);
     dot = __fadd_rn(dot, __fmul_rn(__fmul_rn(fio::load(dyr, i), fio::load(w, i)), xh));
   }
-  const float mean_dot = __fmul_rn(block_sum(red, dot), 1.0f / static_cast<float>(n));
+  const float mean_dot = __fmul_rn(blockred::block_reduce<NORM_BLOCK>(red, dot, blockred::Sum()), 1.0f / static_cast<float>(n));
   for (uint32_t i = threadIdx.x; i < n; i += NORM_BLOCK) {
     const float xh = __fdiv_rn(fio::load(xr, i), d);
     const float g = __fmul_rn(fio::load(dyr, i), fio::load(w, i));

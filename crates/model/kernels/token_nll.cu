@@ -22,6 +22,7 @@
 #include <stdint.h>
 #endif
 
+#include "block_reduce.cuh"
 #include "float_io.cuh"
 #include "logsumexp.cuh"
 
@@ -46,15 +47,11 @@ __device__ void token_nll_row(const T* __restrict__ logits, const uint32_t* __re
     rank += (x > zt || (x == zt && i < t)) ? 1u : 0u;
     lse::fold(m, s, x);
   }
-  red_rank[threadIdx.x] = rank;
-  const float logz = lse::block_logsumexp<NLL_BLOCK>(red_m, red_s, m, s);  // ends with a barrier
-  for (unsigned k = NLL_BLOCK / 2; k > 0; k >>= 1) {
-    if (threadIdx.x < k) red_rank[threadIdx.x] += red_rank[threadIdx.x + k];
-    __syncthreads();
-  }
+  const float logz = lse::block_logsumexp<NLL_BLOCK>(red_m, red_s, m, s);
+  rank = blockred::block_reduce<NLL_BLOCK>(red_rank, rank, blockred::Sum());
   if (threadIdx.x == 0) {
     out[2 * row] = logz - zt;
-    out[2 * row + 1] = static_cast<float>(red_rank[0]);
+    out[2 * row + 1] = static_cast<float>(rank);
   }
 }
 

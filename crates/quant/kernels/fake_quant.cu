@@ -17,6 +17,7 @@
 #include <stdint.h>
 #endif
 
+#include "../../model/kernels/block_reduce.cuh"
 #include "../../model/kernels/float_io.cuh"
 
 #define BLOCK 256
@@ -34,13 +35,7 @@ __device__ void sym_row_fake_quant(const In *x, Out *out, uint32_t cols, float q
     for (uint32_t i = threadIdx.x; i < cols; i += BLOCK) {
         amax = fmaxf(amax, fabsf(fio::load(xr, i)));
     }
-    red[threadIdx.x] = amax;
-    __syncthreads();
-    for (unsigned s = BLOCK / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
-        __syncthreads();
-    }
-    float scale = red[0] / qmax;
+    float scale = blockred::block_reduce<BLOCK>(red, amax, blockred::Max()) / qmax;
     if (f16_scale) {
         scale = __half2float(__float2half_rn(fminf(scale, 65504.0f)));
     }

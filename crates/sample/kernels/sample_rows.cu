@@ -29,6 +29,7 @@
 #include <stdint.h>
 #endif
 
+#include "../../model/kernels/block_reduce.cuh"
 #include "../../model/kernels/float_io.cuh"
 
 namespace {
@@ -222,14 +223,10 @@ __device__ void sample_row(const T* __restrict__ logits, const double* __restric
       acc += temperature != 1.0 ? exp(d / temperature) : exp(d);
       if (acc > target) hit = j;
     }
-    __syncthreads();
-    red_arg[t] = hit;
-    __syncthreads();
-    for (unsigned s = SR_BLOCK / 2; s > 0; s >>= 1) {
-      if (t < s) red_arg[t] = min(red_arg[t], red_arg[t + s]);
-      __syncthreads();
-    }
-    if (red_arg[0] != SR_NONE) chosen = red_arg[0];
+    // The first hit in id order: the smallest. (red_arg's last reads, the argmax, were followed
+    // by the barriers of the log Z scan.)
+    hit = blockred::block_reduce<SR_BLOCK>(red_arg, hit, blockred::Min());
+    if (hit != SR_NONE) chosen = hit;
   }
   if (t == 0) {
     o[2 * k] = chosen;

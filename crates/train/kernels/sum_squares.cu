@@ -12,19 +12,11 @@
 #include <stdint.h>
 #endif
 
+#include "../../model/kernels/block_reduce.cuh"
+
 namespace {
 
 constexpr unsigned SQ_BLOCK = 256;
-
-// Σ of every thread's v over the block, in a fixed tree order; the result in red[0].
-__device__ void block_sum_f64(double* red, double v) {
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (unsigned k = SQ_BLOCK / 2; k > 0; k >>= 1) {
-    if (threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
-    __syncthreads();
-  }
-}
 
 __device__ void sum_squares_partial(const float* __restrict__ g, unsigned long long n,
                                     double* __restrict__ partial) {
@@ -35,8 +27,8 @@ __device__ void sum_squares_partial(const float* __restrict__ g, unsigned long l
     const double x = g[i];
     acc += x * x;
   }
-  block_sum_f64(red, acc);
-  if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
+  const double total = blockred::block_reduce<SQ_BLOCK>(red, acc, blockred::Sum());
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
 __device__ void sum_squares_final(const double* __restrict__ partial, unsigned blocks,
@@ -44,8 +36,8 @@ __device__ void sum_squares_final(const double* __restrict__ partial, unsigned b
   __shared__ double red[SQ_BLOCK];
   double acc = 0.0;
   for (unsigned i = threadIdx.x; i < blocks; i += SQ_BLOCK) acc += partial[i];
-  block_sum_f64(red, acc);
-  if (threadIdx.x == 0) out[slot] = red[0];
+  const double total = blockred::block_reduce<SQ_BLOCK>(red, acc, blockred::Sum());
+  if (threadIdx.x == 0) out[slot] = total;
 }
 
 }  // namespace

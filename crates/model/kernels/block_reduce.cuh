@@ -1,0 +1,49 @@
+// A block-wide reduction in a fixed tree order, for the one-block-per-row (or per-chunk) kernels:
+// causal_softmax.cu, rms_norm.cu and token_nll.cu here, crates/quant/kernels/fake_quant.cu,
+// crates/sample/kernels/sample_rows.cu and crates/train/kernels/sum_squares.cu. The pairs are
+// combined in the same order every run, so results are deterministic. Under QAT_CUDA_EMULATION
+// (tests) the CUDA names come from kernels/emulation/cuda_emulation.h.
+
+#pragma once
+
+#ifndef QAT_CUDA_EMULATION
+#include <stdint.h>
+#endif
+
+namespace blockred {
+
+struct Sum {
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const {
+    return a + b;
+  }
+};
+
+// fmaxf: a NaN operand yields the other one.
+struct Max {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+struct Min {
+  __device__ __forceinline__ uint32_t operator()(uint32_t a, uint32_t b) const {
+    return min(a, b);
+  }
+};
+
+// op over every thread's v, folded from the halves of the block down; `red` is BLOCK values of
+// shared memory, BLOCK = blockDim.x a power of two. Call with every thread of the block; ends
+// with a barrier, so `red` can be reused right after.
+template <unsigned BLOCK, typename V, typename Op>
+__device__ V block_reduce(V* red, V v, Op op) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (unsigned k = BLOCK / 2; k > 0; k >>= 1) {
+    if (threadIdx.x < k) red[threadIdx.x] = op(red[threadIdx.x], red[threadIdx.x + k]);
+    __syncthreads();
+  }
+  const V result = red[0];
+  __syncthreads();
+  return result;
+}
+
+}  // namespace blockred
