@@ -84,17 +84,11 @@ fn visible(row: usize, rows_per_batch: usize, t: usize, s: usize, pads: &[u32]) 
 }
 
 /// The forward on host rows of f32 or f64 (the reference).
-fn cpu_forward<F: num_like::Float>(
-    x: &[F],
-    s: usize,
-    pads: &[u32],
-    op: CausalSoftmax,
-    scale: F,
-) -> Vec<F> {
+fn cpu_forward<F: num_like::Float>(x: &[F], s: usize, pads: &[u32], t: usize, scale: F) -> Vec<F> {
     let rows_per_batch = x.len() / s / pads.len().max(1);
     let mut y = vec![F::zero(); x.len()];
     for (row, (xr, yr)) in x.chunks(s).zip(y.chunks_mut(s)).enumerate() {
-        let (lo, hi) = visible(row, rows_per_batch, op.t, s, pads);
+        let (lo, hi) = visible(row, rows_per_batch, t, s, pads);
         let m = xr[lo..hi]
             .iter()
             .map(|&v| v * scale)
@@ -135,11 +129,11 @@ impl CustomOp2 for CausalSoftmax {
         let out = match storage {
             CpuStorage::F32(x) => {
                 let x = contiguous(x, layout, "scores")?;
-                CpuStorage::F32(cpu_forward(x, s, pads, *self, self.scale))
+                CpuStorage::F32(cpu_forward(x, s, pads, self.t, self.scale))
             }
             CpuStorage::F64(x) => {
                 let x = contiguous(x, layout, "scores")?;
-                CpuStorage::F64(cpu_forward(x, s, pads, *self, f64::from(self.scale)))
+                CpuStorage::F64(cpu_forward(x, s, pads, self.t, f64::from(self.scale)))
             }
             other => candle_core::bail!(
                 "causal_softmax on the CPU: {:?}, expected F32/F64",
