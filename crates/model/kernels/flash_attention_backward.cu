@@ -2,13 +2,17 @@
 // flash-attention backward, recomputing P = exp(scale · Q Kᵀ − lse) tile by tile, so no [t, s]
 // tensor is written. Two kernels, each summing in a fixed order (no atomics, so the same inputs
 // give the same bits):
-//   dkdv  one block per (tile of DKDV_KEYS keys, kv head, batch row), looping over the query heads of
-//         that kv head and their query tiles: dV += Pᵀ dO, dK += dSᵀ Q · scale;
+//   dkdv  one block per (tile of DKDV_KEYS keys, query head, batch row), looping over the query
+//         tiles: dV += Pᵀ dO, dK += dSᵀ Q · scale, for that query head alone; the caller sums the
+//         heads of each kv head (one block per query head, not one per kv head looping over its
+//         heads: heads / kv_heads times the blocks, each that much shorter, which spreads the
+//         causal triangle's uneven work over the GPU);
 //   dq    one block per (tile of DQ_ROWS query rows, head, batch row), looping over key tiles:
 //         dQ += dS K · scale;
 // with dP = dO Vᵀ and dS = P ∘ (dP − delta), delta = rowsum(dO ∘ O) per query row (computed by
 // the caller), lse from the forward kernel. Layouts as in flash_attention.cu; dout, lse and delta
-// like q; dq [b, heads, t, HD], dk and dv [b, kv_heads, s, HD] are contiguous f32 outputs.
+// like q; dq [b, heads, t, HD] and the per-query-head dk and dv [b, heads, s, HD] are contiguous
+// f32 outputs.
 // P and dS are rounded to the input type before their matmuls, as flash-attention does; the
 // softmax, dP and dS are f32.
 
@@ -44,11 +48,11 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
   __shared__ __align__(32) T ds_s[DKDV_WARPS][16][DKDV_QUERIES];
 
   const int k0 = blockIdx.x * DKDV_KEYS;
-  const int kv_head = blockIdx.y;
+  const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int rep = heads / kv_heads;
+  const int kv_head = head / (heads / kv_heads);
   const int pad = static_cast<int>(pads[batch]);
   flash::load_rows<T, HD, DKDV_KEYS>(k_s, k + batch * k_sb + kv_head * k_sh, k0, s);
   flash::load_rows<T, HD, DKDV_KEYS>(v_s, v + batch * v_sb + kv_head * v_sh, k0, s);
@@ -67,56 +71,54 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
   const int first_query = max(0, k0 - (s - t));
   const int q_begin = (first_query / DKDV_QUERIES) * DKDV_QUERIES;
 
-  for (int head = kv_head * rep; head < (kv_head + 1) * rep; ++head) {
-    const long long row_base = (static_cast<long long>(batch) * heads + head) * t;
-    for (int i0 = q_begin; i0 < t; i0 += DKDV_QUERIES) {
-      __syncthreads();  // every warp is done with the previous query tile
-      flash::load_rows<T, HD, DKDV_QUERIES>(q_s, q + row_base * HD, i0, t);
-      flash::load_rows<T, HD, DKDV_QUERIES>(do_s, dout + row_base * HD, i0, t);
-      for (int i = threadIdx.x; i < DKDV_QUERIES; i += blockDim.x) {
-        lse_s[i] = i0 + i < t ? lse[row_base + i0 + i] : 0.f;
-        delta_s[i] = i0 + i < t ? delta[row_base + i0 + i] : 0.f;
-      }
-      __syncthreads();
-
-      // Sᵀ = K_w Qᵀ: [16 keys, DKDV_QUERIES queries].
-      flash::rows_times_tile_t<T, HD, DKDV_QUERIES>(&s_s[warp][0][0], &k_s[warp * 16], q_s);
-      __syncwarp();
-
-      // Pᵀ = exp(scale · Sᵀ − lse) where visible, else 0.
-      float p[DKDV_QUERIES / 2];
-#pragma unroll
-      for (int c = 0; c < DKDV_QUERIES / 2; ++c) {
-        const int col = half * (DKDV_QUERIES / 2) + c;
-        const int query = i0 + col;
-        const bool seen = query < t && flash::visible(key, s - t + query, pad, s);
-        p[c] = seen ? expf(s_s[warp][r][col] * scale - lse_s[col]) : 0.f;
-        p_s[warp][r][col] = from_float<T>(p[c]);
-      }
-      __syncwarp();
-
-      // dV += Pᵀ dO: [16 keys, HD].
-      flash::accumulate_times_tile<T, HD, DKDV_QUERIES>(dv_acc, &p_s[warp][0][0], do_s);
-
-      // dPᵀ = V_w dOᵀ: [16 keys, DKDV_QUERIES queries], into s_s (Sᵀ was read into p above).
-      flash::rows_times_tile_t<T, HD, DKDV_QUERIES>(&s_s[warp][0][0], &v_s[warp * 16], do_s);
-      __syncwarp();
-
-      // dSᵀ = Pᵀ ∘ (dPᵀ − delta).
-#pragma unroll
-      for (int c = 0; c < DKDV_QUERIES / 2; ++c) {
-        const int col = half * (DKDV_QUERIES / 2) + c;
-        ds_s[warp][r][col] = from_float<T>(p[c] * (s_s[warp][r][col] - delta_s[col]));
-      }
-      __syncwarp();
-
-      // dK += dSᵀ Q: [16 keys, HD] (times scale at the end).
-      flash::accumulate_times_tile<T, HD, DKDV_QUERIES>(dk_acc, &ds_s[warp][0][0], q_s);
+  const long long row_base = (static_cast<long long>(batch) * heads + head) * t;
+  for (int i0 = q_begin; i0 < t; i0 += DKDV_QUERIES) {
+    __syncthreads();  // every warp is done with the previous query tile
+    flash::load_rows<T, HD, DKDV_QUERIES>(q_s, q + row_base * HD, i0, t);
+    flash::load_rows<T, HD, DKDV_QUERIES>(do_s, dout + row_base * HD, i0, t);
+    for (int i = threadIdx.x; i < DKDV_QUERIES; i += blockDim.x) {
+      lse_s[i] = i0 + i < t ? lse[row_base + i0 + i] : 0.f;
+      delta_s[i] = i0 + i < t ? delta[row_base + i0 + i] : 0.f;
     }
+    __syncthreads();
+
+    // Sᵀ = K_w Qᵀ: [16 keys, DKDV_QUERIES queries].
+    flash::rows_times_tile_t<T, HD, DKDV_QUERIES>(&s_s[warp][0][0], &k_s[warp * 16], q_s);
+    __syncwarp();
+
+    // Pᵀ = exp(scale · Sᵀ − lse) where visible, else 0.
+    float p[DKDV_QUERIES / 2];
+#pragma unroll
+    for (int c = 0; c < DKDV_QUERIES / 2; ++c) {
+      const int col = half * (DKDV_QUERIES / 2) + c;
+      const int query = i0 + col;
+      const bool seen = query < t && flash::visible(key, s - t + query, pad, s);
+      p[c] = seen ? expf(s_s[warp][r][col] * scale - lse_s[col]) : 0.f;
+      p_s[warp][r][col] = from_float<T>(p[c]);
+    }
+    __syncwarp();
+
+    // dV += Pᵀ dO: [16 keys, HD].
+    flash::accumulate_times_tile<T, HD, DKDV_QUERIES>(dv_acc, &p_s[warp][0][0], do_s);
+
+    // dPᵀ = V_w dOᵀ: [16 keys, DKDV_QUERIES queries], into s_s (Sᵀ was read into p above).
+    flash::rows_times_tile_t<T, HD, DKDV_QUERIES>(&s_s[warp][0][0], &v_s[warp * 16], do_s);
+    __syncwarp();
+
+    // dSᵀ = Pᵀ ∘ (dPᵀ − delta).
+#pragma unroll
+    for (int c = 0; c < DKDV_QUERIES / 2; ++c) {
+      const int col = half * (DKDV_QUERIES / 2) + c;
+      ds_s[warp][r][col] = from_float<T>(p[c] * (s_s[warp][r][col] - delta_s[col]));
+    }
+    __syncwarp();
+
+    // dK += dSᵀ Q: [16 keys, HD] (times scale at the end).
+    flash::accumulate_times_tile<T, HD, DKDV_QUERIES>(dk_acc, &ds_s[warp][0][0], q_s);
   }
 
   // dk, dv rows of this warp's keys (those < s), through s_s as 16 x 16 scratch.
-  const long long out_base = (static_cast<long long>(batch) * kv_heads + kv_head) * s * HD;
+  const long long out_base = (static_cast<long long>(batch) * heads + head) * s * HD;
   const int row0 = k0 + warp * 16;
   flash::store_rows<HD>(dk + out_base, dk_acc, &s_s[warp][0][0], row0, s, scale);
   flash::store_rows<HD>(dv + out_base, dv_acc, &s_s[warp][0][0], row0, s, 1.f);

@@ -56,12 +56,22 @@ void run_head_dim(FILE* in, FILE* out, const long long* h) {
   std::vector<float> delta(b * heads * t, 0.f);
   for (size_t row = 0; row < delta.size(); ++row)
     for (int d = 0; d < HD; ++d) delta[row] += emu_to_float(dout[row * HD + d]) * of[row * HD + d];
-  std::vector<float> dq(q.size()), dk(b * kv_heads * s * HD), dv(dk.size());
-  emu_launch(grid(s, DKDV_KEYS, kv_heads, b), dim3{DKDV_WARPS * 32, 1, 1}, [&] {
+  std::vector<float> dq(q.size()), dk_heads(b * heads * s * HD), dv_heads(dk_heads.size());
+  emu_launch(grid(s, DKDV_KEYS, heads, b), dim3{DKDV_WARPS * 32, 1, 1}, [&] {
     flash_backward_dkdv<T, HD>(q.data(), k.data(), v.data(), dout.data(), lse.data(),
-                               delta.data(), dk.data(), dv.data(), pads.data(), ih, ikv, it, is,
-                               h[8], h[9], h[10], h[11], scale);
+                               delta.data(), dk_heads.data(), dv_heads.data(), pads.data(), ih,
+                               ikv, it, is, h[8], h[9], h[10], h[11], scale);
   });
+  // The per-query-head dk and dv summed over the heads of each kv head, as the Rust caller does.
+  const long long rep = heads / kv_heads, block = s * HD;
+  std::vector<float> dk(b * kv_heads * block, 0.f), dv(dk.size(), 0.f);
+  for (long long bh = 0; bh < b * heads; ++bh) {
+    const long long to = (bh / heads * kv_heads + bh % heads / rep) * block;
+    for (long long i = 0; i < block; ++i) {
+      dk[to + i] += dk_heads[bh * block + i];
+      dv[to + i] += dv_heads[bh * block + i];
+    }
+  }
   emu_launch(grid(t, DQ_ROWS, heads, b), dim3{DQ_WARPS * 32, 1, 1}, [&] {
     flash_backward_dq<T, HD>(q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(),
                              dq.data(), pads.data(), ih, ikv, it, is, h[8], h[9], h[10], h[11],

@@ -21,7 +21,7 @@ const BACKWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attenti
 /// Query rows per forward (and dq) thread block, and its threads.
 const ROWS_PER_BLOCK: usize = 64;
 const THREADS: u32 = 128;
-/// Keys per dkdv thread block, and its threads.
+/// Keys per dkdv thread block (one block per key tile, query head and batch row), and its threads.
 const KEYS_PER_BLOCK: usize = 32;
 const DKDV_THREADS: u32 = 64;
 
@@ -197,6 +197,11 @@ pub(super) fn forward(
     let pads = dev.clone_htod(&op.pads.iter().map(|&p| p as u32).collect::<Vec<_>>())?;
     let el = g.d.b * g.d.nh * g.d.t * g.d.hd;
     let scale = op.scale as f32;
+    // SAFETY: the kernel writes every element of lse (b·heads·t) when given one.
+    let lse = match &op.saved_lse {
+        Some(_) => Some(unsafe { dev.alloc::<f32>(g.d.b * g.d.nh * g.d.t)? }),
+        None => None,
+    };
     macro_rules! run {
         ($variant:ident, $ty:ty) => {{
             // SAFETY: the kernel writes every output element.
@@ -209,7 +214,7 @@ pub(super) fn forward(
                 dtype,
                 (&qv, &kv, &vv),
                 Some(&out),
-                None,
+                lse.as_ref(),
                 &pads,
                 scale,
             )?;
@@ -223,6 +228,9 @@ pub(super) fn forward(
             candle_core::bail!("causal_attention on cuda: dtype {other:?}, expected BF16 or F16")
         }
     };
+    if let (Some(slot), Some(lse)) = (&op.saved_lse, lse) {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+    }
     Ok((
         CudaStorage {
             slice,
@@ -233,9 +241,11 @@ pub(super) fn forward(
 }
 
 /// `(dq, dk, dv)` for the output gradient `dout` of `out = causal_attention(q, k, v)` (the
-/// tensors the op was applied to), in q's dtype: the log-sum-exp of every query row from the
-/// forward kernel, `delta = rowsum(dout ∘ out)` in f32, then the dK/dV and dQ kernels (f32
-/// accumulation, fixed summation order).
+/// tensors the op was applied to), in q's dtype: the log-sum-exp of every query row (the one
+/// the forward pass saved, else from the forward kernel again: the same kernel on the same
+/// inputs, so the same bits), `delta = rowsum(dout ∘ out)` in f32, then the dK/dV kernel (per
+/// query head, summed over each kv head's heads) and the dQ kernel (f32 accumulation, fixed
+/// summation order).
 pub(super) fn backward(
     op: &CausalAttention,
     q: &Tensor,
@@ -276,18 +286,28 @@ pub(super) fn backward(
     };
     let dev = qs.device.clone();
     let pads = dev.clone_htod(&op.pads.iter().map(|&p| p as u32).collect::<Vec<_>>())?;
-    let (rows, q_el, kv_el) = (
+    let (rows, q_el, kv_heads_el) = (
         d.b * d.nh * d.t,
         d.b * d.nh * d.t * d.hd,
-        d.b * d.nkv * d.s * d.hd,
+        d.b * d.nh * d.s * d.hd,
     );
-    // SAFETY: the kernels write every element of lse, dq, dk and dv.
+    let saved_lse = op
+        .saved_lse
+        .as_ref()
+        .and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take())
+        .filter(|lse| lse.len() == rows);
+    let recompute_lse = saved_lse.is_none();
+    // SAFETY: the forward kernel writes every element of a fresh lse, the backward kernels
+    // every element of dq and of the per-query-head dk and dv.
     let (lse, dq, dk, dv) = unsafe {
         (
-            dev.alloc::<f32>(rows)?,
+            match saved_lse {
+                Some(lse) => lse,
+                None => dev.alloc::<f32>(rows)?,
+            },
             dev.alloc::<f32>(q_el)?,
-            dev.alloc::<f32>(kv_el)?,
-            dev.alloc::<f32>(kv_el)?,
+            dev.alloc::<f32>(kv_heads_el)?,
+            dev.alloc::<f32>(kv_heads_el)?,
         )
     };
     let delta_view = des.as_cuda_slice::<f32>()?.slice(de_range.0..de_range.1);
@@ -295,16 +315,18 @@ pub(super) fn backward(
     macro_rules! run {
         ($ty:ty) => {{
             let (qv, kv, vv) = views::<$ty>(&g, qs, ks, vs)?;
-            launch_forward::<$ty>(
-                &g,
-                &dev,
-                dtype,
-                (&qv, &kv, &vv),
-                None,
-                Some(&lse),
-                &pads,
-                scale,
-            )?;
+            if recompute_lse {
+                launch_forward::<$ty>(
+                    &g,
+                    &dev,
+                    dtype,
+                    (&qv, &kv, &vv),
+                    None,
+                    Some(&lse),
+                    &pads,
+                    scale,
+                )?;
+            }
             let dov = dos.as_cuda_slice::<$ty>()?.slice(do_range.0..do_range.1);
             let (heads, kv_heads, t, s) = (d.nh as i32, d.nkv as i32, d.t as i32, d.s as i32);
             for (prefix, outputs, cfg) in [
@@ -313,7 +335,7 @@ pub(super) fn backward(
                     vec![&dk, &dv],
                     LaunchConfig {
                         block_dim: (DKDV_THREADS, 1, 1),
-                        ..g.grid(KEYS_PER_BLOCK, d.s, d.nkv)
+                        ..g.grid(KEYS_PER_BLOCK, d.s, d.nh)
                     },
                 ),
                 (
@@ -344,7 +366,7 @@ pub(super) fn backward(
                 }
                 b.arg(&scale);
                 // SAFETY: inputs checked as for the forward; dout and delta are contiguous with
-                // q's row count; dq holds b·heads·t·hd elements, dk and dv b·kv_heads·s·hd.
+                // q's row count; dq holds b·heads·t·hd elements, dk and dv b·heads·s·hd.
                 unsafe { b.launch(cfg) }.w()?;
             }
         }};
@@ -358,11 +380,19 @@ pub(super) fn backward(
     }
     let tensor = |slice, shape: (usize, usize, usize, usize)| {
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-        Tensor::from_storage(storage, shape, BackpropOp::none(), false).to_dtype(dtype)
+        Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+    };
+    // The query heads of each kv head, summed (f32), for dk and dv.
+    let per_kv_head = |per_head: Tensor| -> Result<Tensor> {
+        let rep = d.nh / d.nkv;
+        if rep == 1 {
+            return Ok(per_head);
+        }
+        per_head.reshape((d.b, d.nkv, rep, d.s, d.hd))?.sum(2)
     };
     Ok((
-        tensor(dq, (d.b, d.nh, d.t, d.hd))?,
-        tensor(dk, (d.b, d.nkv, d.s, d.hd))?,
-        tensor(dv, (d.b, d.nkv, d.s, d.hd))?,
+        tensor(dq, (d.b, d.nh, d.t, d.hd)).to_dtype(dtype)?,
+        per_kv_head(tensor(dk, (d.b, d.nh, d.s, d.hd)))?.to_dtype(dtype)?,
+        per_kv_head(tensor(dv, (d.b, d.nh, d.s, d.hd)))?.to_dtype(dtype)?,
     ))
 }

@@ -25,10 +25,16 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, T
 use kernel::{backward, forward, Dims};
 
 /// The op: per-row left paddings and the score scale (usually `1/√head_dim`).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct CausalAttention {
     pads: Vec<usize>,
     scale: f64,
+    /// On CUDA, when the op's backward pass will run (an input tracks gradients): the forward
+    /// kernel's per-query-row log-sum-exp (`[b, heads, t]` f32), which the backward takes
+    /// instead of running the forward kernel again.
+    #[cfg(feature = "cuda")]
+    saved_lse:
+        Option<std::sync::Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>>,
 }
 
 fn contiguous_slice<'a, T: candle_core::WithDType>(
@@ -205,6 +211,9 @@ pub fn causal_attention(
     let op = CausalAttention {
         pads: pads.to_vec(),
         scale,
+        #[cfg(feature = "cuda")]
+        saved_lse: (q.track_op() || k.track_op() || v.track_op())
+            .then(|| std::sync::Mutex::new(None)),
     };
     if q.device().is_cuda() {
         let q = if q.is_contiguous() && q.layout().start_offset().is_multiple_of(8) {
@@ -410,6 +419,23 @@ mod tests {
                     assert!(
                         diff < grad_tol,
                         "{dtype:?} d{name} {b}x{nh}/{nkv}x{t}/{s}x{hd}: {diff}"
+                    );
+                }
+                // A second backward pass through the same graph finds the forward's saved
+                // log-sum-exp taken and runs the forward kernel for it: the same bits.
+                let g_again = (out.to_dtype(DType::F32)?
+                    * weights.to_dtype(DType::F32)?.to_device(&gpu)?)?
+                .sum_all()?
+                .backward()?;
+                for (name, var) in [("q", &gq), ("k", &gkbuf), ("v", &gvbuf)] {
+                    let (first, again) = (
+                        g_gpu.get(var).expect("grad").to_device(&Device::Cpu)?,
+                        g_again.get(var).expect("grad").to_device(&Device::Cpu)?,
+                    );
+                    assert_eq!(
+                        max_abs_diff(&first.to_dtype(DType::F64)?, &again.to_dtype(DType::F64)?),
+                        0.0,
+                        "{dtype:?} d{name} with the saved and the recomputed lse"
                     );
                 }
             }
