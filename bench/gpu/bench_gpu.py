@@ -375,7 +375,8 @@ def main():
             f"loss qat {q['final_loss']:.3f}" + (f" (composed attention: {base['final_loss']:.3f})" if base else ""))
 
     composed_env = dict(env, QAT_CUDA_FUSED_NORM="0", QAT_CUDA_FUSED_SWIGLU="0", QAT_CUDA_FUSED_ROPE="0",
-                        QAT_CUDA_FUSED_LOSS="0", QAT_CUDA_FUSED_GRAD_NORM="0", QAT_CUDA_FUSED_SOFTMAX="0")
+                        QAT_CUDA_FUSED_LOSS="0", QAT_CUDA_FUSED_GRAD_NORM="0", QAT_CUDA_FUSED_SOFTMAX="0",
+                        QAT_CUDA_FUSED_ADD_NORM="0")
 
     def stage_distill_composed():
         b = chosen["batch"]

@@ -60,6 +60,7 @@ kernels() {
 # rest correctly; bench_gpu.py lists the switches it finds off under its table.
 switch_tests="
 qat-model norm::tests::cuda QAT_CUDA_FUSED_NORM
+qat-model residual_add::tests::cuda QAT_CUDA_FUSED_ADD_NORM
 qat-model swiglu::tests::cuda QAT_CUDA_FUSED_SWIGLU
 qat-model rope::tests::cuda QAT_CUDA_FUSED_ROPE
 qat-model causal_softmax::tests::cuda QAT_CUDA_FUSED_SOFTMAX

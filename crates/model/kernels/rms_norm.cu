@@ -13,6 +13,11 @@
 //   x, dy, y, dx  [rows, n] T, contiguous        w, dw  [n] T        row_d  [rows] f32 (scratch)
 //   partial       [chunks, n] f32 (scratch: dw summed over DW_ROWS rows per chunk)
 //
+//   add_rms_norm (inference, crates/model/src/residual_add.rs): a residual add and the next norm,
+//             sum[r, i] = T(x[r, i] + delta[r, i]) (f32 math),
+//             y[r, i] = T(f32(sum[r, i]) / d_r · f32(w[i])), d_r of the rows of sum;
+//             out [2, rows, n] T: sum, then y (one rounding, as candle's inference RMSNorm).
+//
 // One block of NORM_BLOCK threads per row for the row kernels; dw is summed per chunk of rows,
 // then over the chunks, each in a fixed order: deterministic. Without a GPU,
 // tests/rms_norm_emulated.rs compiles this file against kernels/emulation/cuda_emulation.h and
@@ -109,6 +114,25 @@ __device__ void rms_norm_dw_final(const float* __restrict__ partial, T* __restri
   fio::store(dw, i, acc);
 }
 
+// One row of add_rms_norm: each thread reads back only the sums it wrote itself.
+template <typename T>
+__device__ void add_rms_norm_row(const T* __restrict__ x, const T* __restrict__ delta,
+                                 const T* __restrict__ w, T* __restrict__ out, uint32_t rows,
+                                 uint32_t n, float eps) {
+  __shared__ float red[NORM_BLOCK];
+  const size_t row = blockIdx.x;
+  const size_t at = row * n;
+  T* sum = out + at;
+  T* y = out + static_cast<size_t>(rows) * n + at;
+  for (uint32_t i = threadIdx.x; i < n; i += NORM_BLOCK) {
+    fio::store(sum, i, __fadd_rn(fio::load(x, at + i), fio::load(delta, at + i)));
+  }
+  const float d = row_denominator(static_cast<const T*>(sum), n, eps, red);
+  for (uint32_t i = threadIdx.x; i < n; i += NORM_BLOCK) {
+    fio::store(y, i, __fmul_rn(__fdiv_rn(fio::load(sum, i), d), fio::load(w, i)));
+  }
+}
+
 }  // namespace
 
 #define QAT_RMS_NORM_KERNELS(SUFFIX, T)                                                          \
@@ -128,6 +152,11 @@ __device__ void rms_norm_dw_final(const float* __restrict__ partial, T* __restri
   extern "C" __global__ void rms_norm_dw_final_##SUFFIX(const float* partial, T* dw,             \
                                                         uint32_t chunks, uint32_t n) {          \
     rms_norm_dw_final(partial, dw, chunks, n);                                                   \
+  }                                                                                              \
+  extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, const T* delta, const T* w,       \
+                                                   T* out, uint32_t rows, uint32_t n,           \
+                                                   float eps) {                                 \
+    add_rms_norm_row(x, delta, w, out, rows, n, eps);                                            \
   }
 
 QAT_RMS_NORM_KERNELS(f32, float)

@@ -20,6 +20,7 @@ pub mod llama;
 pub mod model_dir;
 pub mod norm;
 pub mod profile;
+pub mod residual_add;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;

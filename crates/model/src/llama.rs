@@ -501,17 +501,32 @@ impl Llama {
             softmax_mask_pads,
         };
         let hooks = self.hooks.as_ref();
-        let mut x = x;
+        let eps = self.cfg.rms_norm_eps;
+        // In inference on CUDA each residual add and the norm after it are one op
+        // ([`crate::residual_add`]): the MLP output of a block is added by the next block's first norm.
+        let add_norm = fused && crate::residual_add::fused_add_norm_on(&x);
+        let add_then_norm = |x: Tensor, delta: Option<Tensor>, w: &Tensor| match delta {
+            Some(delta) if add_norm => crate::residual_add::add_rms_norm(&x, &delta, w, eps),
+            Some(delta) => {
+                let x = (x + delta)?;
+                let h = rms_norm(&x, w, eps, fused)?;
+                Ok((x, h))
+            }
+            None => {
+                let h = rms_norm(&x, w, eps, fused)?;
+                Ok((x, h))
+            }
+        };
+        let (mut x, mut pending) = (x, None);
         for block in &self.blocks[blocks] {
-            let h = rms_norm(&x, &block.input_layernorm, self.cfg.rms_norm_eps, fused)?;
-            x = (x + block.self_attn.forward(&h, &ctx, cache, hooks)?)?;
-            let h = rms_norm(
-                &x,
-                &block.post_attention_layernorm,
-                self.cfg.rms_norm_eps,
-                fused,
-            )?;
-            x = (x + block.mlp.forward(&h, hooks)?)?;
+            let (sum, h) = add_then_norm(x, pending.take(), &block.input_layernorm)?;
+            let attended = block.self_attn.forward(&h, &ctx, cache, hooks)?;
+            let (sum, h) = add_then_norm(sum, Some(attended), &block.post_attention_layernorm)?;
+            x = sum;
+            pending = Some(block.mlp.forward(&h, hooks)?);
+        }
+        if let Some(delta) = pending {
+            x = (x + delta)?;
         }
         cache.advance(t);
         Ok(x)
@@ -585,6 +600,38 @@ mod tests {
                 out.push(model.forward(&next, &mut cache)?);
             }
             crate::causal_softmax::tests::ON_CPU.set(false);
+            Ok(out)
+        };
+        let (composed, op) = (run(false)?, run(true)?);
+        for (i, (a, b)) in composed.iter().zip(&op).enumerate() {
+            let diff = crate::custom_op::max_abs_diff(a, b)?;
+            assert!(diff < 1e-4, "output {i}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// The residual add + RMSNorm op (run on the CPU through its test switch) in place of the
+    /// composed add and candle's norm: the same logits to f32 rounding, for a full-sequence
+    /// forward and a left-padded prefill with decode steps.
+    #[test]
+    fn residual_add_op_gives_the_composed_logits() -> Result<()> {
+        let model = stories260k();
+        let dev = Device::Cpu;
+        let run = |op: bool| -> Result<Vec<Tensor>> {
+            crate::residual_add::tests::ON_CPU.set(op);
+            let mut out = Vec::new();
+            let seq: Vec<u32> = (0..24).map(|i| 1 + (i * 37) % 500).collect();
+            out.push(model.forward_full(&Tensor::from_vec(seq.clone(), (2, 12), &dev)?)?);
+            let mut cache = model.new_decode_cache(vec![0, 4, 7], 20);
+            out.push(model.forward(
+                &Tensor::from_vec(seq[..24].to_vec(), (3, 8), &dev)?,
+                &mut cache,
+            )?);
+            for step in 0..4u32 {
+                let next = Tensor::from_vec(vec![5 + step, 70 + step, 300 + step], (3, 1), &dev)?;
+                out.push(model.forward(&next, &mut cache)?);
+            }
+            crate::residual_add::tests::ON_CPU.set(false);
             Ok(out)
         };
         let (composed, op) = (run(false)?, run(true)?);

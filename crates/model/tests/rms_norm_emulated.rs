@@ -1,10 +1,12 @@
 //! The CUDA RMSNorm kernels with their backward (kernels/rms_norm.cu) run on the CPU through the
 //! CUDA emulation in kernels/emulation, against the CPU op (`qat_model::norm`, f64 arithmetic)
 //! in value and both gradients: f32, bf16 and f16, rows fewer than and more than a dw chunk,
-//! widths below, at and above a block. Needs a C++20 compiler (`CXX`, default `c++`).
+//! widths below, at and above a block; and the inference kernel add_rms_norm against its CPU op
+//! (`qat_model::residual_add`). Needs a C++20 compiler (`CXX`, default `c++`).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use qat_model::norm::rms_norm_with_grad;
+use qat_model::residual_add::add_rms_norm;
 use std::path::{Path, PathBuf};
 
 #[path = "../kernels/emulation/build_harness.rs"]
@@ -19,15 +21,14 @@ fn build_harness(dir: &Path) -> PathBuf {
     )
 }
 
-/// `(y, dx, dw)` of the emulated kernels.
+/// `(y, dx, dw, sum, normed sum)` of the emulated kernels: the norm and its backward on x, and
+/// add_rms_norm of x and delta.
 fn run_emulated(
     exe: &Path,
     dir: &Path,
     (rows, n, code, eps): (usize, usize, u32, f32),
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    [x, w, dy, delta]: [&[f32]; 4],
+) -> [Vec<f32>; 5] {
     let mut bytes = Vec::new();
     for v in [rows as u32, n as u32, code] {
         bytes.extend(v.to_le_bytes());
@@ -36,15 +37,20 @@ fn run_emulated(
     x.iter()
         .chain(w)
         .chain(dy)
+        .chain(delta)
         .for_each(|v| bytes.extend(v.to_le_bytes()));
     let output = emulation_harness::run_harness(exe, dir, &bytes);
     let all: Vec<f32> = emulation_harness::f32s(&output);
     let el = rows * n;
-    (
-        all[..el].to_vec(),
-        all[el..2 * el].to_vec(),
-        all[2 * el..].to_vec(),
-    )
+    assert_eq!(all.len(), 4 * el + n, "output length");
+    let at = |start: usize, len: usize| all[start..start + len].to_vec();
+    [
+        at(0, el),
+        at(el, el),
+        at(2 * el, n),
+        at(2 * el + n, el),
+        at(3 * el + n, el),
+    ]
 }
 
 /// Largest |a - b| over the largest |b|.
@@ -83,13 +89,15 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
             let flat = |t: &Tensor| -> Result<Vec<f32>> {
                 t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
             };
-            let (y, dx, dw) = run_emulated(
+            let delta = exact(
+                emulation_harness::lcg_values(rows * n, seed + 3, 4.0),
+                &[rows, n],
+            )?;
+            let [y, dx, dw, sum, normed] = run_emulated(
                 &exe,
                 dir.path(),
                 (rows, n, code, eps),
-                &flat(&x)?,
-                &flat(&w)?,
-                &flat(&dy)?,
+                [&flat(&x)?, &flat(&w)?, &flat(&dy)?, &flat(&delta)?],
             );
             // The CPU op in f64 on the same values (with the dtype's rounding of x / d for y).
             let xv = Var::from_tensor(&x.to_dtype(DType::F64)?)?;
@@ -124,6 +132,16 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
             }
             assert!(rel(&dx, &wdx) <= tol, "{case} dx: {}", rel(&dx, &wdx));
             assert!(rel(&dw, &wdw) <= tol, "{case} dw: {}", rel(&dw, &wdw));
+
+            // add_rms_norm: the sum exactly (one rounding of an exact f32 sum; the CPU op rounds
+            // the f64 sum once, and the two agree for inputs of these magnitudes), the norm to
+            // the dtype's rounding.
+            let (want_sum, want_normed) = add_rms_norm(&x, &delta, &w, f64::from(eps))?;
+            let (want_sum, want_normed) = (f64s(&want_sum)?, f64s(&want_normed)?);
+            let sum_diff = rel(&sum, &want_sum);
+            assert_eq!(sum_diff, 0.0, "{case} sum");
+            let normed_diff = rel(&normed, &want_normed);
+            assert!(normed_diff <= tol, "{case} add_rms_norm: {normed_diff}");
         }
     }
     Ok(())

@@ -2,8 +2,9 @@
 // crates/model/tests/rms_norm_emulated.rs.
 //
 // Usage: rms_norm_emulated IN OUT. IN (little-endian): u32 rows, u32 n, u32 dtype (0 f32, 1 bf16,
-// 2 f16), f32 eps, then rows*n f32 x, n f32 w, rows*n f32 dy (each exact in the dtype).
-// OUT: rows*n f32 y, rows*n f32 dx, n f32 dw.
+// 2 f16), f32 eps, then rows*n f32 x, n f32 w, rows*n f32 dy, rows*n f32 delta (each exact in
+// the dtype). OUT: rows*n f32 y, rows*n f32 dx, n f32 dw, then add_rms_norm(x, delta, w):
+// rows*n f32 sum, rows*n f32 normed sum.
 
 #define QAT_CUDA_EMULATION
 #include "cuda_emulation.h"
@@ -19,7 +20,8 @@ void run(FILE* in, FILE* out, uint32_t rows, uint32_t n, float eps, From from) {
   const auto x = read_floats<T>(in, el, from);
   const auto w = read_floats<T>(in, n, from);
   const auto dy = read_floats<T>(in, el, from);
-  std::vector<T> y(el), dx(el), dw(n);
+  const auto delta = read_floats<T>(in, el, from);
+  std::vector<T> y(el), dx(el), dw(n), added(2 * el);
   emu_launch(dim3{rows, 1, 1}, dim3{NORM_BLOCK, 1, 1},
              [&] { rms_norm_forward_row(x.data(), w.data(), y.data(), n, eps); });
   std::vector<float> row_d(rows, -1.0f);
@@ -33,7 +35,10 @@ void run(FILE* in, FILE* out, uint32_t rows, uint32_t n, float eps, From from) {
   });
   emu_launch(dim3{col_blocks, 1, 1}, dim3{DW_COLS, 1, 1},
              [&] { rms_norm_dw_final(partial.data(), dw.data(), chunks, n); });
-  for (const auto* v : {&y, &dx, &dw}) {
+  emu_launch(dim3{rows, 1, 1}, dim3{NORM_BLOCK, 1, 1}, [&] {
+    add_rms_norm_row(x.data(), delta.data(), w.data(), added.data(), rows, n, eps);
+  });
+  for (const auto* v : {&y, &dx, &dw, &added}) {
     std::vector<float> f(v->size());
     for (size_t i = 0; i < f.size(); ++i) f[i] = emu_to_float((*v)[i]);
     write_floats(out, f);
