@@ -1,6 +1,7 @@
 """Rewrites candle-core 0.11.1's src/backprop.rs so that the first gradient reaching a node is
 stored as it is instead of being added into a fresh tensor of zeros (later ones are still added),
-and so that a matmul whose rhs is a transposed view computes that gradient in the view's layout."""
+so that a matmul whose rhs is a transposed view computes that gradient in the view's layout, and
+so that an f32 tensor may hold a bf16 / f16 gradient (cast to f32 before any sum)."""
 import re, sys
 
 path = sys.argv[1]
@@ -39,7 +40,8 @@ helpers = '''
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
+                let (prev, grad) = widened(tensor, entry.get(), grad)?;
+                let sum = prev.add(&grad)?;
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {
@@ -54,7 +56,8 @@ helpers = '''
     fn accumulate_neg(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let diff = entry.get().sub(grad)?;
+                let (prev, grad) = widened(tensor, entry.get(), grad)?;
+                let diff = prev.sub(&grad)?;
                 *entry.get_mut() = diff;
             }
             Entry::Vacant(entry) => {
@@ -72,7 +75,32 @@ assert anchor in s
 s = s.replace(anchor, helpers, 1)
 
 check = '''
-/// The checks `zeros_like(tensor) + grad` made: the same shape (no broadcasting), dtype and device.
+/// Whether `grad` may stand as the gradient of `tensor` although their dtypes differ: a bf16 or
+/// f16 gradient of an f32 tensor, which an op whose forward pass casts f32 to 16 bits may return
+/// (its values are exact in f32; consumers cast it, and [`widened`] does before any sum).
+fn narrower_exact_grad(tensor: &Tensor, grad: &Tensor) -> bool {
+    tensor.dtype() == crate::DType::F32
+        && matches!(grad.dtype(), crate::DType::BF16 | crate::DType::F16)
+}
+
+/// `prev` and `grad`, the stored gradient of `tensor` and one more, as their sum takes them: as
+/// they are, or both cast to `tensor`'s dtype when either is a narrower gradient.
+fn widened(tensor: &Tensor, prev: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    if prev.dtype() == grad.dtype() && prev.dtype() == tensor.dtype() {
+        return Ok((prev.clone(), grad.clone()));
+    }
+    let wide = |g: &Tensor| {
+        if narrower_exact_grad(tensor, g) {
+            g.to_dtype(tensor.dtype())
+        } else {
+            Ok(g.clone())
+        }
+    };
+    Ok((wide(prev)?, wide(grad)?))
+}
+
+/// The checks `zeros_like(tensor) + grad` made: the same shape (no broadcasting), dtype and device
+/// (except for [`narrower_exact_grad`]s).
 fn check_first_grad(tensor: &Tensor, grad: &Tensor) -> Result<()> {
     if tensor.shape() != grad.shape() {
         return Err(crate::Error::ShapeMismatchBinaryOp {
@@ -82,7 +110,7 @@ fn check_first_grad(tensor: &Tensor, grad: &Tensor) -> Result<()> {
         }
         .bt());
     }
-    if tensor.dtype() != grad.dtype() {
+    if tensor.dtype() != grad.dtype() && !narrower_exact_grad(tensor, grad) {
         return Err(crate::Error::DTypeMismatchBinaryOp {
             lhs: tensor.dtype(),
             rhs: grad.dtype(),
@@ -131,7 +159,8 @@ keep = '''
     fn accumulate_keep_layout(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
+                let (prev, grad) = widened(tensor, entry.get(), grad)?;
+                let sum = prev.add(&grad)?;
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {

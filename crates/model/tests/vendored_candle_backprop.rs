@@ -107,6 +107,90 @@ fn a_first_gradient_of_the_wrong_dtype_is_an_error_as_before() {
     assert!(err.contains("dtype mismatch"), "{err}");
 }
 
+/// An op that casts f32 to bf16 and hands back the bf16 gradient as it is (what qat's fake
+/// quantizer of f32 master weights does for bf16 compute).
+#[derive(Debug)]
+struct CastToBf16KeepingItsGradient;
+impl candle_core::CustomOp1 for CastToBf16KeepingItsGradient {
+    fn name(&self) -> &'static str {
+        "cast-to-bf16"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = s else {
+            candle_core::bail!("f32 only")
+        };
+        let (a, b) = l.contiguous_offsets().expect("contiguous");
+        let out = v[a..b].iter().map(|&x| half::bf16::from_f32(x)).collect();
+        Ok((candle_core::CpuStorage::BF16(out), l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}
+
+#[test]
+fn an_f32_tensor_may_hold_a_bf16_gradient_and_sums_in_f32() {
+    let x = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+    let w = Tensor::new(&[0.5f32, 1.0 / 3.0, 3.0], &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    // One use: the bf16 gradient itself.
+    let y = x
+        .as_tensor()
+        .apply_op1(CastToBf16KeepingItsGradient)
+        .unwrap();
+    let grads = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads.get(&x).unwrap();
+    assert_eq!(g.dtype(), DType::BF16);
+    assert_eq!(
+        g.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+        w.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+    );
+    // Two uses (weights w and 2^-9), with and without an f32 one (weight 2^-10): summed in f32,
+    // where every partial sum is exact; in bf16 they would not be (w + 2^-9 + 2^-10 needs more
+    // than bf16's 8 significant bits).
+    let bf16_use = |weights: &Tensor| {
+        (x.as_tensor()
+            .apply_op1(CastToBf16KeepingItsGradient)
+            .unwrap()
+            * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let small = (w.ones_like().unwrap() * 2f64.powi(-9)).unwrap();
+    let w32 = w.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+    for with_f32_use in [false, true] {
+        let mut total = (bf16_use(&w) + bf16_use(&small)).unwrap();
+        if with_f32_use {
+            let f32_use = (x.as_tensor() * 2f64.powi(-10)).unwrap().sum_all().unwrap();
+            total = (total + f32_use).unwrap();
+        }
+        let g = total.backward().unwrap();
+        let g = g.get(&x).unwrap();
+        assert_eq!(g.dtype(), DType::F32);
+        let extra = if with_f32_use { 2f32.powi(-10) } else { 0.0 };
+        let want: Vec<f32> = w32.iter().map(|w| w + 2f32.powi(-9) + extra).collect();
+        assert_eq!(
+            g.to_vec1::<f32>().unwrap(),
+            want,
+            "with an f32 use: {with_f32_use}"
+        );
+    }
+}
+
 /// `[rows, cols]` f32 tensor from row-major values.
 fn matrix(values: &[f32], rows: usize, cols: usize) -> Tensor {
     Tensor::from_vec(values.to_vec(), (rows, cols), &Device::Cpu).unwrap()

@@ -8,6 +8,8 @@
 // Without a GPU, crates/train/tests/adamw_emulated.rs compiles this file as C++ against
 // crates/model/kernels/emulation/cuda_emulation.h and checks its bits against the composed ops.
 #ifndef QAT_CUDA_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 #endif
 
@@ -39,18 +41,30 @@ extern "C" __global__ void adamw_weight_f32(float *w, const float *m, const floa
     }
 }
 
+// A gradient element as f32: itself, or the exact value of a 16-bit one (what its cast to f32
+// gives).
+__device__ __forceinline__ float grad_at(const float *g, unsigned long long i) { return g[i]; }
+__device__ __forceinline__ float grad_at(const __nv_bfloat16 *g, unsigned long long i) {
+    return __bfloat162float(g[i]);
+}
+__device__ __forceinline__ float grad_at(const __half *g, unsigned long long i) {
+    return __half2float(g[i]);
+}
+
 // The three kernels above in one pass, for CUDA training: per element, the first moment, the
 // second moment and then the weight, each with exactly the operations of its own kernel (so the
 // same bits), reading w, m, v and g once and writing w, m and v once (28 bytes per parameter
-// instead of 40).
-extern "C" __global__ void adamw_step_f32(float *w, float *m, float *v, const float *g,
-                                          unsigned long long n, float decay1, float gain1,
-                                          float decay2, float gain2, float grad_scale, int scaled,
-                                          float inv_bc1, float inv_bc2, float eps, float lr,
-                                          float decay, int decayed) {
+// instead of 40; 26 with a 16-bit gradient: the bf16 gradient of a weight whose forward pass
+// casts it to bf16 stays bf16, and its f32 value is exact).
+template <typename G>
+__device__ void adamw_step(float *w, float *m, float *v, const G *g, unsigned long long n,
+                           float decay1, float gain1, float decay2, float gain2, float grad_scale,
+                           int scaled, float inv_bc1, float inv_bc2, float eps, float lr,
+                           float decay, int decayed) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)blockDim.x * gridDim.x) {
-        const float g0 = scaled ? __fadd_rn(__fmul_rn(g[i], grad_scale), 0.0f) : g[i];
+        const float gi = grad_at(g, i);
+        const float g0 = scaled ? __fadd_rn(__fmul_rn(gi, grad_scale), 0.0f) : gi;
         const float m1 = __fadd_rn(__fadd_rn(__fmul_rn(m[i], decay1), 0.0f), __fadd_rn(__fmul_rn(g0, gain1), 0.0f));
         const float g2 = __fmul_rn(g0, g0);
         const float v1 = __fadd_rn(__fadd_rn(__fmul_rn(v[i], decay2), 0.0f), __fadd_rn(__fmul_rn(g2, gain2), 0.0f));
@@ -64,3 +78,16 @@ extern "C" __global__ void adamw_step_f32(float *w, float *m, float *v, const fl
         w[i] = __fsub_rn(kept, __fadd_rn(__fmul_rn(update, lr), 0.0f));
     }
 }
+
+#define ADAMW_STEP(NAME, G)                                                                        \
+    extern "C" __global__ void NAME(float *w, float *m, float *v, const G *g,                      \
+                                    unsigned long long n, float decay1, float gain1, float decay2, \
+                                    float gain2, float grad_scale, int scaled, float inv_bc1,      \
+                                    float inv_bc2, float eps, float lr, float decay, int decayed) { \
+        adamw_step(w, m, v, g, n, decay1, gain1, decay2, gain2, grad_scale, scaled, inv_bc1,       \
+                   inv_bc2, eps, lr, decay, decayed);                                              \
+    }
+
+ADAMW_STEP(adamw_step_f32, float)
+ADAMW_STEP(adamw_step_f32_gbf16, __nv_bfloat16)
+ADAMW_STEP(adamw_step_f32_gf16, __half)

@@ -4,11 +4,14 @@
 //
 //   sum_squares_partial_f32  grid of at most PARTIALS blocks; each thread sums x² of a grid-stride
 //                            slice in f64; each block writes its f64 sum to partial[block]
+//                            (_bf16, _f16: the same over 16-bit gradients)
 //   sum_squares_final        one block: out[slot] = Σ partial[0 .. blocks], in a fixed order
 // Both reductions are fixed trees: deterministic. Without a GPU, tests/sum_squares_emulated.rs
 // compiles this file against crates/model/kernels/emulation/cuda_emulation.h.
 
 #ifndef QAT_CUDA_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 #endif
 
@@ -18,13 +21,23 @@ namespace {
 
 constexpr unsigned SQ_BLOCK = 256;
 
-__device__ void sum_squares_partial(const float* __restrict__ g, unsigned long long n,
+// A gradient element's exact value.
+__device__ __forceinline__ double value(const float* g, unsigned long long i) { return g[i]; }
+__device__ __forceinline__ double value(const __nv_bfloat16* g, unsigned long long i) {
+  return __bfloat162float(g[i]);
+}
+__device__ __forceinline__ double value(const __half* g, unsigned long long i) {
+  return __half2float(g[i]);
+}
+
+template <typename T>
+__device__ void sum_squares_partial(const T* __restrict__ g, unsigned long long n,
                                     double* __restrict__ partial) {
   __shared__ double red[SQ_BLOCK];
   double acc = 0.0;
   for (unsigned long long i = blockIdx.x * (unsigned long long)SQ_BLOCK + threadIdx.x; i < n;
        i += (unsigned long long)SQ_BLOCK * gridDim.x) {
-    const double x = g[i];
+    const double x = value(g, i);
     acc += x * x;
   }
   const double total = blockred::block_reduce<SQ_BLOCK>(red, acc, blockred::Sum());
@@ -43,6 +56,17 @@ __device__ void sum_squares_final(const double* __restrict__ partial, unsigned b
 }  // namespace
 
 extern "C" __global__ void sum_squares_partial_f32(const float* g, unsigned long long n,
+                                                   double* partial) {
+  sum_squares_partial(g, n, partial);
+}
+
+// The same for the bf16 / f16 gradients of f32 weights cast to 16 bits in the forward pass.
+extern "C" __global__ void sum_squares_partial_bf16(const __nv_bfloat16* g, unsigned long long n,
+                                                    double* partial) {
+  sum_squares_partial(g, n, partial);
+}
+
+extern "C" __global__ void sum_squares_partial_f16(const __half* g, unsigned long long n,
                                                    double* partial) {
   sum_squares_partial(g, n, partial);
 }

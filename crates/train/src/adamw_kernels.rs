@@ -247,11 +247,16 @@ impl InplaceOp3 for StepUpdate {
 
 /// Whether the in-place kernels take this weight, its gradient and its moments: all
 /// contiguous, of one shape and dtype, f32 or f64 on the CPU, f32 on CUDA (`cuda` builds,
-/// unless `QAT_CUDA_FUSED_ADAMW=0`).
+/// unless `QAT_CUDA_FUSED_ADAMW=0`), where the gradient may also be bf16 or f16.
 pub(crate) fn supported(w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
-    let same = [g, m, v].iter().all(|x| {
-        x.shape() == w.shape() && x.dtype() == w.dtype() && x.device().same_device(w.device())
-    });
+    // On CUDA the one-pass kernel also reads a bf16 or f16 gradient of an f32 weight.
+    let g_dtype_ok = g.dtype() == w.dtype()
+        || (w.device().is_cuda() && matches!(g.dtype(), DType::BF16 | DType::F16));
+    let same = g_dtype_ok
+        && [g, m, v]
+            .iter()
+            .all(|x| x.shape() == w.shape() && x.device().same_device(w.device()))
+        && [m, v].iter().all(|x| x.dtype() == w.dtype());
     let contiguous = [w, g, m, v].iter().all(|x| x.is_contiguous());
     let dtype_ok = match w.device() {
         candle_core::Device::Cpu => matches!(w.dtype(), DType::F32 | DType::F64),
@@ -273,9 +278,10 @@ fn cuda_kernels_enabled() -> bool {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{MomentUpdate, WeightUpdate};
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::Result;
+    use candle_core::{DType, Result};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 
@@ -343,11 +349,17 @@ mod cuda {
             );
         }
         let dev = w.device.clone();
-        let func = dev.get_or_load_custom_func("adamw_step_f32", "qat_adamw", PTX)?;
+        // An f32 gradient, or the exact bf16 / f16 one of an f32 weight cast in the forward pass.
+        let name = match g.dtype() {
+            DType::F32 => "adamw_step_f32",
+            DType::BF16 => "adamw_step_f32_gbf16",
+            DType::F16 => "adamw_step_f32_gf16",
+            other => candle_core::bail!("adamw on cuda: gradient dtype {other:?}"),
+        };
+        let func = dev.get_or_load_custom_func(name, "qat_adamw", PTX)?;
         // m and v are written by the kernel through these views (see StepUpdate).
         let m = m.as_cuda_slice::<f32>()?.slice(m0..m1);
         let v = v.as_cuda_slice::<f32>()?.slice(v0..v1);
-        let g = g.as_cuda_slice::<f32>()?.slice(g0..g1);
         let mut w = w.as_cuda_slice_mut::<f32>()?.slice_mut(w0..w1);
         let (a, b2, u) = (&op.first, &op.second, &op.weight);
         let f = |x: f64| x as f32;
@@ -363,7 +375,23 @@ mod cuda {
             n as u64,
         );
         let mut b = func.builder();
-        b.arg(&mut w).arg(&m).arg(&v).arg(&g).arg(&len);
+        b.arg(&mut w).arg(&m).arg(&v);
+        let (g32, g_bf16, g_f16);
+        match g.dtype() {
+            DType::BF16 => {
+                g_bf16 = g.as_cuda_slice::<half::bf16>()?.slice(g0..g1);
+                b.arg(&g_bf16)
+            }
+            DType::F16 => {
+                g_f16 = g.as_cuda_slice::<half::f16>()?.slice(g0..g1);
+                b.arg(&g_f16)
+            }
+            _ => {
+                g32 = g.as_cuda_slice::<f32>()?.slice(g0..g1);
+                b.arg(&g32)
+            }
+        };
+        b.arg(&len);
         b.arg(&decay1).arg(&gain1).arg(&decay2).arg(&gain2);
         b.arg(&grad_scale).arg(&scaled);
         b.arg(&inv_bc1)
@@ -372,8 +400,8 @@ mod cuda {
             .arg(&lr)
             .arg(&decay)
             .arg(&decayed);
-        // SAFETY: the four views hold `len` f32 elements; the kernel touches no others. m and v
-        // are written through shared views: nothing else reads or writes them while the update
+        // SAFETY: the four views hold `len` elements (f32, g of its dtype); the kernel touches
+        // no others. m and v are written through shared views: nothing else reads or writes them while the update
         // runs, and the one stream orders the kernels around it.
         unsafe { b.launch(config(n)) }.w()?;
         Ok(())

@@ -124,6 +124,19 @@ impl AdamW {
         for (name, var) in &self.vars {
             let Some(g) = grads.get(name) else { continue };
             let (w, m, v) = (var.as_tensor(), &self.m[name], &self.v[name]);
+            // A 16-bit gradient of an f32 weight (its forward pass cast it, [`accumulate`]) goes
+            // to the CUDA kernel as it is, which reads it as f32; elsewhere it is cast first.
+            // Both see its exact value: the same bits as an f32 gradient of the same values.
+            let on_cuda_kernel = w.device().is_cuda() && self.fused;
+            let upcast;
+            let g = if g.dtype() != w.dtype()
+                && !(on_cuda_kernel && adamw_kernels::supported(w, g, m, v))
+            {
+                upcast = g.to_dtype(w.dtype())?;
+                &upcast
+            } else {
+                g
+            };
             if self.fused && adamw_kernels::supported(w, g, m, v) {
                 // In place: the moments here are this optimizer's own tensors (checkpoints copy
                 // them out before the next step), the weight is the variable's storage, as
@@ -221,7 +234,10 @@ impl AdamW {
 /// Adds this micro-batch's gradients (times `scale`) into `acc`. With `scale` 1 (one
 /// micro-batch in one part, the usual case) the gradients are taken as they are, without a pass
 /// over them: `g · 1 + 0` differs from `g` only in the sign of zeros, which nothing downstream
-/// (clipping, AdamW) can see.
+/// (clipping, AdamW) can see. A weight's gradient may come in a narrower dtype than the weight
+/// (bf16 for f32 master weights whose forward pass casts them to bf16: the fake quantizer's
+/// backward keeps it so, [`qat_quant`]); it is kept so when taken as it is, and cast to the
+/// weight's dtype (exactly) before any scaling or sum, so accumulation runs in f32 as before.
 pub fn accumulate(
     acc: &mut HashMap<String, Tensor>,
     vars: &[(String, Var)],
@@ -230,13 +246,14 @@ pub fn accumulate(
 ) -> Result<()> {
     for (name, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            let g = if scale == 1.0 {
-                g.clone()
+            let g = if g.dtype() != var.dtype() && (scale != 1.0 || acc.contains_key(name)) {
+                g.to_dtype(var.dtype())?
             } else {
-                (g * scale)?
+                g.clone()
             };
+            let g = if scale == 1.0 { g } else { (g * scale)? };
             let sum = match acc.remove(name) {
-                Some(prev) => (prev + g)?,
+                Some(prev) => (prev.to_dtype(var.dtype())? + g)?,
                 None => g,
             };
             acc.insert(name.clone(), sum);
@@ -287,10 +304,15 @@ pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let parts = names
         .iter()
         .map(|name| {
-            grads[*name]
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)
+            let g = &grads[*name];
+            // 16-bit gradients (see [`accumulate`]) squared and summed in f32, as their casts.
+            let g = match g.dtype() {
+                candle_core::DType::BF16 | candle_core::DType::F16 => {
+                    g.to_dtype(candle_core::DType::F32)?
+                }
+                _ => g.clone(),
+            };
+            g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)
         })
         .collect::<Result<Vec<_>>>()?;
     let mut sq = 0f64;
@@ -429,6 +451,77 @@ mod tests {
         Ok(())
     }
 
+    /// bf16 gradients of f32 weights (what the fake quantizer's backward leaves for bf16
+    /// compute) give the bits of their exact f32 casts: accumulated with a scale and a sum
+    /// (which cast first: no bf16 arithmetic), the gradient norm, and AdamW, fused and composed.
+    #[test]
+    fn bf16_gradients_give_their_f32_casts_bits() -> Result<()> {
+        let dev = Device::Cpu;
+        let bf16 = candle_core::DType::BF16;
+        let vars: Vec<(String, Var)> = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let w = Tensor::from_vec(edge_values(300, 1 + i as u64), 300, &dev)?
+                    .to_dtype(candle_core::DType::F32)?;
+                Ok((name.to_string(), Var::from_tensor(&w)?))
+            })
+            .collect::<Result<_>>()?;
+        // Two parts' gradients, as two GradStores: a bf16 one for "a", f32 for "b".
+        let store = |seed: u64, as_bf16: bool| -> Result<GradStore> {
+            let (a, b) = (vars[0].1.as_tensor(), vars[1].1.as_tensor());
+            let mut grads = (a.sum_all()? + b.sum_all()?)?.backward()?;
+            let ga = Tensor::from_vec(edge_values(300, seed), 300, &dev)?.to_dtype(bf16)?;
+            let f32 = candle_core::DType::F32;
+            let ga = if as_bf16 { ga } else { ga.to_dtype(f32)? };
+            grads.insert(a, ga);
+            let gb = Tensor::from_vec(edge_values(300, seed + 1), 300, &dev)?.to_dtype(f32)?;
+            grads.insert(b, gb);
+            Ok(grads)
+        };
+        for fused in [true, false] {
+            let run = |as_bf16: bool| -> Result<(f64, Vec<u64>)> {
+                let mut acc = HashMap::new();
+                accumulate(&mut acc, &vars, &store(10, as_bf16)?, 1.0)?;
+                assert_eq!(
+                    acc["a"].dtype(),
+                    if as_bf16 {
+                        bf16
+                    } else {
+                        candle_core::DType::F32
+                    }
+                );
+                let norm_one = grad_norm(&acc)?;
+                accumulate(&mut acc, &vars, &store(20, as_bf16)?, 0.37)?;
+                assert_eq!(acc["a"].dtype(), candle_core::DType::F32, "summed in f32");
+                let norm = grad_norm(&acc)?;
+                let copies: Vec<(String, Var)> = vars
+                    .iter()
+                    .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
+                    .collect::<Result<_>>()?;
+                let mut opt = AdamW::new(copies.clone(), AdamWConfig::default())?;
+                opt.set_fused_kernels(fused);
+                let mut one = HashMap::new();
+                accumulate(&mut one, &vars, &store(30, as_bf16)?, 1.0)?;
+                opt.apply_scaled(&one, 1e-3, Some(0.5))?;
+                opt.apply_scaled(&acc, 1e-3, None)?;
+                let mut bits = vec![norm_one.to_bits(), norm.to_bits()];
+                for (_, v) in &copies {
+                    bits.extend(
+                        qat_model::custom_op::f32_bits(v.as_tensor())?
+                            .iter()
+                            .map(|&b| u64::from(b)),
+                    );
+                }
+                Ok((norm, bits))
+            };
+            let ((n16, b16), (n32, b32)) = (run(true)?, run(false)?);
+            assert!(n16 > 0.0 && n16 == n32, "norms {n16} {n32}");
+            assert_eq!(b16, b32, "fused {fused}");
+        }
+        Ok(())
+    }
+
     /// The CUDA kernels (f32) against the composed ops on the CPU, bit for bit. Runs only in a
     /// `--features cuda` build on a machine with a GPU (skipped otherwise).
     #[test]
@@ -437,7 +530,14 @@ mod tests {
             eprintln!("no CUDA device (or a CPU-only build): skipped");
             return Ok(());
         };
-        for weight_decay in [0.0, 0.1] {
+        // f32 gradients, and bf16 ones (an f32 weight cast to bf16 in the forward pass): the
+        // CPU gets their exact f32 values.
+        let cases = [
+            (0.0, candle_core::DType::F32),
+            (0.1, candle_core::DType::F32),
+            (0.1, candle_core::DType::BF16),
+        ];
+        for (weight_decay, grad_dtype) in cases {
             let cfg = AdamWConfig {
                 weight_decay,
                 ..AdamWConfig::default()
@@ -452,21 +552,22 @@ mod tests {
             cpu.set_fused_kernels(false);
             for step in 0..4u64 {
                 let g = Tensor::from_vec(edge_values(5000, 10 + step), 5000, &Device::Cpu)?
-                    .to_dtype(candle_core::DType::F32)?;
+                    .to_dtype(grad_dtype)?;
                 let lr = 1e-3 * (step + 1) as f64;
-                cuda.apply(&HashMap::from([("w".into(), g.to_device(&gpu)?)]), lr)?;
-                cpu.apply(&HashMap::from([("w".into(), g)]), lr)?;
+                // Odd steps scale the gradients (clipping).
+                let scale = (step % 2 == 1).then_some(0.61 / (step + 1) as f64);
+                let on_gpu = HashMap::from([("w".into(), g.to_device(&gpu)?)]);
+                cuda.apply_scaled(&on_gpu, lr, scale)?;
+                let g = g.to_dtype(candle_core::DType::F32)?;
+                cpu.apply_scaled(&HashMap::from([("w".into(), g)]), lr, scale)?;
             }
             let bits = |t: &Tensor| qat_model::custom_op::f32_bits(&t.to_device(&Device::Cpu)?);
+            let what = format!("weight decay {weight_decay}, {grad_dtype:?} gradients");
             let (a, b) = (cuda.vars()[0].1.as_tensor(), cpu.vars()[0].1.as_tensor());
-            assert_eq!(bits(a)?, bits(b)?, "w, weight decay {weight_decay}");
+            assert_eq!(bits(a)?, bits(b)?, "w, {what}");
             let (sa, sb) = (cuda.state_tensors(), cpu.state_tensors());
             for key in ["m.w", "v.w"] {
-                assert_eq!(
-                    bits(&sa[key])?,
-                    bits(&sb[key])?,
-                    "{key}, weight decay {weight_decay}"
-                );
+                assert_eq!(bits(&sa[key])?, bits(&sb[key])?, "{key}, {what}");
             }
         }
         Ok(())

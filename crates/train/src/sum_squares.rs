@@ -44,8 +44,10 @@ impl InplaceOp2 for SumSquaresInto {
         let sum: f64 = match g {
             CpuStorage::F32(v) => v[g0..g1].iter().map(|&x| f64::from(x) * f64::from(x)).sum(),
             CpuStorage::F64(v) => v[g0..g1].iter().map(|&x| x * x).sum(),
+            CpuStorage::BF16(v) => v[g0..g1].iter().map(|&x| x.to_f64() * x.to_f64()).sum(),
+            CpuStorage::F16(v) => v[g0..g1].iter().map(|&x| x.to_f64() * x.to_f64()).sum(),
             other => candle_core::bail!(
-                "sum_squares_into: dtype {:?}, expected F32 or F64",
+                "sum_squares_into: dtype {:?}, expected F32, F64, BF16 or F16",
                 other.dtype()
             ),
         };
@@ -86,20 +88,38 @@ impl InplaceOp2 for SumSquaresInto {
         let dev = g.device().clone();
         let n = g1 - g0;
         let blocks = n.div_ceil(256).clamp(1, PARTIALS);
-        let gs = g.as_cuda_slice::<f32>()?.slice(g0..g1);
+        let sfx = qat_model::kernel_switch::float_kernel_suffix(g.dtype(), "sum_squares_into")?;
         // SAFETY: the first kernel writes all `blocks` partial sums.
         let partial = unsafe { dev.alloc::<f64>(blocks)? };
-        let func =
-            dev.get_or_load_custom_func("sum_squares_partial_f32", "qat_sum_squares", PTX)?;
+        let func = dev.get_or_load_custom_func(
+            &format!("sum_squares_partial_{sfx}"),
+            "qat_sum_squares",
+            PTX,
+        )?;
         let n64 = n as u64;
         let mut b = func.builder();
-        b.arg(&gs).arg(&n64).arg(&partial);
+        let (g32, g_bf16, g_f16);
+        match g.dtype() {
+            DType::BF16 => {
+                g_bf16 = g.as_cuda_slice::<half::bf16>()?.slice(g0..g1);
+                b.arg(&g_bf16)
+            }
+            DType::F16 => {
+                g_f16 = g.as_cuda_slice::<half::f16>()?.slice(g0..g1);
+                b.arg(&g_f16)
+            }
+            _ => {
+                g32 = g.as_cuda_slice::<f32>()?.slice(g0..g1);
+                b.arg(&g32)
+            }
+        };
+        b.arg(&n64).arg(&partial);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (256, 1, 1), // SQ_BLOCK
             shared_mem_bytes: 0,
         };
-        // SAFETY: g holds n f32, partial `blocks` f64.
+        // SAFETY: g holds n elements of its dtype, partial `blocks` f64.
         unsafe { b.launch(cfg) }.w()?;
         let func = dev.get_or_load_custom_func("sum_squares_final_f64", "qat_sum_squares", PTX)?;
         let mut os = out.as_cuda_slice_mut::<f64>()?.slice_mut(o0..o1);
@@ -122,10 +142,16 @@ pub fn sum_squares_into(out: &Tensor, slot: usize, g: &Tensor) -> Result<()> {
 }
 
 /// Whether [`crate::optim::grad_norm`] sums squares with [`sum_squares_into`]: f32 gradients on
-/// CUDA, in `cuda` builds, unless `QAT_CUDA_FUSED_GRAD_NORM=0`.
+/// CUDA, and the bf16 / f16 ones of f32 weights cast to 16 bits in the forward pass
+/// ([`crate::optim::accumulate`]), in `cuda` builds, unless `QAT_CUDA_FUSED_GRAD_NORM=0`.
 pub fn fused_on(g: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cuda_kernel_on(&ON, "QAT_CUDA_FUSED_GRAD_NORM", g, &[DType::F32])
+    cuda_kernel_on(
+        &ON,
+        "QAT_CUDA_FUSED_GRAD_NORM",
+        g,
+        &qat_model::kernel_switch::FLOAT_DTYPES,
+    )
 }
 
 #[cfg(test)]

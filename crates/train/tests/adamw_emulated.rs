@@ -4,7 +4,7 @@
 //! weight decay, on values with every rounding case (zeros of both signs, tiny and huge
 //! magnitudes). Needs a C++20 compiler (`CXX`, default `c++`).
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use qat_train::optim::{AdamW, AdamWConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,8 +51,16 @@ fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exe = build_harness(dir.path());
     let (n, steps) = (1000usize, 6u64);
-    // mode 0: the moment and weight kernels one after another; 1: adamw_step_f32, in one pass.
-    for (mode, weight_decay) in [(0u32, 0.0), (0, 0.1), (1, 0.0), (1, 0.1)] {
+    // mode 0: the moment and weight kernels one after another; 1: adamw_step_f32, in one pass;
+    // 2: adamw_step_f32_gbf16, with bf16 gradients (the reference gets them as bf16 tensors).
+    for (mode, weight_decay) in [
+        (0u32, 0.0),
+        (0, 0.1),
+        (1, 0.0),
+        (1, 0.1),
+        (2, 0.0),
+        (2, 0.1),
+    ] {
         let cfg = AdamWConfig {
             weight_decay,
             ..AdamWConfig::default()
@@ -68,12 +76,14 @@ fn emulated_cuda_kernels_give_the_composed_adamw_bits() -> Result<()> {
         input.extend(mode.to_le_bytes());
         w0.iter().for_each(|x| input.extend(x.to_le_bytes()));
         for step in 1..=steps {
-            let g = edge_values(n, 10 + step);
+            let mut g = edge_values(n, 10 + step);
+            let mut grad = Tensor::from_vec(g.clone(), n, &Device::Cpu)?;
+            if mode == 2 {
+                grad = grad.to_dtype(DType::BF16)?;
+                g = grad.to_dtype(DType::F32)?.to_vec1()?;
+            }
             let lr = 1e-3 * step as f64;
-            let grads = HashMap::from([(
-                "w".to_string(),
-                Tensor::from_vec(g.clone(), n, &Device::Cpu)?,
-            )]);
+            let grads = HashMap::from([("w".to_string(), grad)]);
             // With weight decay, every other step also scales the gradients (clipping).
             let grad_scale = (weight_decay > 0.0 && step % 2 == 0).then_some(0.37 / step as f64);
             reference.apply_scaled(&grads, lr, grad_scale)?;

@@ -20,10 +20,18 @@ fn build_harness(dir: &Path) -> PathBuf {
     )
 }
 
-fn run_emulated(exe: &Path, dir: &Path, g: &[f32], blocks: u32, slot: u32, slots: u32) -> Vec<f64> {
+/// The emulated kernels' output buffer; `bf16`: the gradient handed to the kernel in bf16 (the
+/// values of `g` must be exact in it).
+fn run_emulated(
+    exe: &Path,
+    dir: &Path,
+    g: &[f32],
+    (blocks, slot, slots): (u32, u32, u32),
+    bf16: bool,
+) -> Vec<f64> {
     let mut bytes = Vec::new();
     bytes.extend((g.len() as u64).to_le_bytes());
-    for v in [blocks, slot, slots] {
+    for v in [blocks, slot, slots, u32::from(bf16)] {
         bytes.extend(v.to_le_bytes());
     }
     g.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
@@ -39,18 +47,26 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exe = build_harness(dir.path());
     // Hand-worked: 3² + 4² + (−12)² = 169, in slot 1 of 3.
-    let got = run_emulated(&exe, dir.path(), &[3.0, 4.0, -12.0], 1, 1, 3);
-    assert_eq!(got, [-1.0, 169.0, -1.0]);
+    for bf16 in [false, true] {
+        let got = run_emulated(&exe, dir.path(), &[3.0, 4.0, -12.0], (1, 1, 3), bf16);
+        assert_eq!(got, [-1.0, 169.0, -1.0]);
+    }
     for (n, blocks) in [(5usize, 1u32), (10_000, 3), (70_001, 300)] {
         let g: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
-        let out = Tensor::zeros(1, DType::F64, &Device::Cpu)?;
-        sum_squares_into(&out, 0, &Tensor::from_vec(g.clone(), n, &Device::Cpu)?)?;
-        let want = out.to_vec1::<f64>()?[0];
-        let got = run_emulated(&exe, dir.path(), &g, blocks, 0, 1)[0];
-        assert!(
-            (got - want).abs() <= 1e-12 * want,
-            "n {n}, {blocks} blocks: {got} vs {want}"
-        );
+        let g = Tensor::from_vec(g, n, &Device::Cpu)?;
+        // f32, and bf16 (the CPU op given the bf16 tensor, the kernel its exact values).
+        for g in [g.clone(), g.to_dtype(DType::BF16)?] {
+            let bf16 = g.dtype() == DType::BF16;
+            let out = Tensor::zeros(1, DType::F64, &Device::Cpu)?;
+            sum_squares_into(&out, 0, &g)?;
+            let want = out.to_vec1::<f64>()?[0];
+            let values = g.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let got = run_emulated(&exe, dir.path(), &values, (blocks, 0, 1), bf16)[0];
+            assert!(
+                (got - want).abs() <= 1e-12 * want,
+                "n {n}, {blocks} blocks, bf16 {bf16}: {got} vs {want}"
+            );
+        }
     }
     Ok(())
 }
