@@ -1,4 +1,4 @@
-// Fused causal attention forward for CUDA (bf16 / f16, tensor cores through WMMA): the
+// Fused causal attention forward for CUDA (bf16 / f16, tensor cores through mma.sync): the
 // flash-attention recipe, so the [t, s] score matrix is never written to memory.
 //
 // Semantics are those of crates/model/src/attention (the CPU op), which the Rust tests check this
@@ -13,21 +13,49 @@
 // softmax finite). Query head h reads kv head h / (heads / kv_heads).
 //
 // One block of WARPS warps handles BR = 16 * WARPS query rows of one (batch row, head); each warp
-// owns 16 rows. Per tile of BC key columns: S = Q Kᵀ on tensor cores (f32 accumulation) into
-// shared memory, the online softmax in f32 (two lanes per row, running max m and sum l), P
-// rounded to the input type (as flash-attention does), O += P V on tensor cores. Each lane keeps
-// HD / 2 of its row's output accumulators in registers: within every 16-column slice of the
-// output, lane 2r + half owns columns half * 8 .. half * 8 + 8 of row r.
+// owns 16 rows, whose Q fragments it keeps in registers. Per tile of BC key columns (K row-major
+// and V transposed in shared memory, rows padded by 8 elements so the fragment reads of a warp
+// hit distinct banks): S = Q Kᵀ by mma.sync m16n8k16 (f32 accumulation) into registers, the
+// online softmax in f32 on those registers (each row's values are spread over the 4 lanes of a
+// lane group, whose max and sum take two shuffles), P rounded to the input type (as
+// flash-attention does) and packed straight into the A fragments of O += P V, whose f32
+// accumulators stay in registers too (lane 4g + t holds columns 8j + 2t, 8j + 2t + 1 of rows g
+// and g + 8 of its warp's 16, for every j < HD / 8). No score or partial output goes through
+// shared memory.
 
 #include "flash_common.cuh"
 
 namespace {
 
-using flash::from_float;
+using flash::pack2;
+using flash::pair_at;
 
 constexpr int WARPS = 4;
 constexpr int BR = 16 * WARPS;  // query rows per block
-constexpr int BC = 32;          // key columns per tile
+constexpr int BC = 64;          // key columns per tile
+constexpr int PAD = 8;          // elements of padding per shared-memory row
+
+// Rows row0 .. row0 + BC of a row-major [*, HD] matrix at `src` into `dst` as they are (K) or
+// transposed (`dst[d][row]`, V), zeros for rows at or past `limit`; 16-byte global loads.
+template <typename T, int HD, bool TRANSPOSE>
+__device__ __forceinline__ void load_tile(T (*dst)[(TRANSPOSE ? BC : HD) + PAD], const T* src,
+                                          int row0, int limit) {
+  for (int i = threadIdx.x; i < BC * HD / flash::VEC; i += blockDim.x) {
+    const int r = i / (HD / flash::VEC), col = (i % (HD / flash::VEC)) * flash::VEC;
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (row0 + r < limit) {
+      x = *reinterpret_cast<const uint4*>(src + static_cast<long long>(row0 + r) * HD + col);
+    }
+    if (TRANSPOSE) {
+      T v[flash::VEC];
+      __builtin_memcpy(v, &x, sizeof x);
+#pragma unroll
+      for (int c = 0; c < flash::VEC; ++c) dst[col + c][r] = v[c];
+    } else {
+      *reinterpret_cast<uint4*>(&dst[r][col]) = x;
+    }
+  }
+}
 
 template <typename T, int HD>
 __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
@@ -36,117 +64,149 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
                               int heads, int kv_heads, int t, int s, long long k_sb,
                               long long k_sh, long long v_sb, long long v_sh, float scale) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, at most 128");
-  __shared__ __align__(32) T q_s[BR][HD];
-  __shared__ __align__(32) T k_s[BC][HD];
-  __shared__ __align__(32) T v_s[BC][HD];
-  __shared__ __align__(32) float s_s[WARPS][16][BC];  // scores, then P V slices (16 x 16)
-  __shared__ __align__(32) T p_s[WARPS][16][BC];
+  __shared__ __align__(16) T k_s[BC][HD + PAD];   // keys, row-major
+  __shared__ __align__(16) T vt_s[HD][BC + PAD];  // values, transposed
 
   const int q0 = blockIdx.x * BR;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int g = lane / 4, tq = lane % 4;
   const int kv_head = head / (heads / kv_heads);
   const int pad = static_cast<int>(pads[batch]);
   const T* q_block = q + (static_cast<long long>(batch) * heads + head) * t * HD;
   const T* k_block = k + batch * k_sb + kv_head * k_sh;
   const T* v_block = v + batch * v_sb + kv_head * v_sh;
 
-  // This block's query rows into shared memory (zeros past t), then into fragments.
-  flash::load_rows<T, HD, BR>(q_s, q_block, q0, t);
-  __syncthreads();
-  flash::RowsFrag<T> q_frag[HD / 16];
+  // This warp's rows r0 (lane row g) and r0 + 8 (g + 8), as query indices and key columns.
+  const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+  const int col0 = s - t + r0, col1 = s - t + r1;
+
+  // Q fragments straight from global memory (zeros for rows past t), one per 16 head dims.
+  uint32_t q_frag[HD / 16][4];
+  {
+    const T* row0 = q_block + static_cast<long long>(r0) * HD;
+    const T* row1 = q_block + static_cast<long long>(r1) * HD;
 #pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk) {
-    wmma::load_matrix_sync(q_frag[kk], &q_s[warp * 16][kk * 16], HD);
+    for (int c = 0; c < HD / 16; ++c) {
+      const int d = c * 16 + 2 * tq;
+      q_frag[c][0] = r0 < t ? pair_at(row0 + d) : 0u;
+      q_frag[c][1] = r1 < t ? pair_at(row1 + d) : 0u;
+      q_frag[c][2] = r0 < t ? pair_at(row0 + d + 8) : 0u;
+      q_frag[c][3] = r1 < t ? pair_at(row1 + d + 8) : 0u;
+    }
   }
 
-  const int row = lane / 2, half = lane % 2;
-  const int query_col = s - t + q0 + warp * 16 + row;  // this lane's row as a key column
-  float m = -CUDART_INF_F, l = 0.f;
-  float acc[HD / 2];
+  float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
+  float o[HD / 8][4];
 #pragma unroll
-  for (int i = 0; i < HD / 2; ++i) acc[i] = 0.f;
+  for (int j = 0; j < HD / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
   const flash::KeyRange keys = flash::key_range(s, t, q0, BR, pad, BC);
   for (int k0 = keys.begin; k0 < keys.end; k0 += BC) {
     __syncthreads();  // every warp is done with the previous tile
-    flash::load_rows<T, HD, BC>(k_s, k_block, k0, s);
-    flash::load_rows<T, HD, BC>(v_s, v_block, k0, s);
+    load_tile<T, HD, false>(k_s, k_block, k0, s);
+    load_tile<T, HD, true>(vt_s, v_block, k0, s);
     __syncthreads();
 
-    // S = Q Kᵀ for this warp's 16 rows.
-    flash::rows_times_tile_t<T, HD, BC>(&s_s[warp][0][0], q_frag, k_s);
-    __syncwarp();
-
-    // Online softmax: this lane takes columns half * BC/2 .. of its row.
-    float x[BC / 2];
-    float tile_max = -CUDART_INF_F;
+    // S = Q Kᵀ: BC / 8 tiles of 16 x 8, accumulated over the head dims.
+    float sc[BC / 8][4];
 #pragma unroll
-    for (int c = 0; c < BC / 2; ++c) {
-      const int col = half * (BC / 2) + c;
-      const int key = k0 + col;
-      x[c] = flash::visible(key, query_col, pad, s) ? s_s[warp][row][col] * scale : -CUDART_INF_F;
-      tile_max = fmaxf(tile_max, x[c]);
+    for (int j = 0; j < BC / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < HD / 16; ++c) {
+      uint32_t b[BC / 8][2];
+#pragma unroll
+      for (int j = 0; j < BC / 8; ++j) {
+        b[j][0] = pair_at(&k_s[j * 8 + g][c * 16 + 2 * tq]);
+        b[j][1] = pair_at(&k_s[j * 8 + g][c * 16 + 8 + 2 * tq]);
+      }
+      flash::warp_mma_row<T, BC / 8>(sc, q_frag[c], b);
     }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    const float m_new = fmaxf(m, tile_max);
-    // Nothing visible yet (m_new = -inf): keep everything as it is (all p are 0).
-    const float alpha = m_new == -CUDART_INF_F ? 1.f : expf(m - m_new);
-    float tile_sum = 0.f;
-#pragma unroll
-    for (int c = 0; c < BC / 2; ++c) {
-      const float p = x[c] == -CUDART_INF_F ? 0.f : expf(x[c] - m_new);
-      tile_sum += p;
-      p_s[warp][row][half * (BC / 2) + c] = from_float<T>(p);
-    }
-    tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
-    l = l * alpha + tile_sum;
-    m = m_new;
-#pragma unroll
-    for (int i = 0; i < HD / 2; ++i) acc[i] *= alpha;
-    __syncwarp();
 
-    // O += P V, one 16-column slice of the output at a time, through s_s as scratch.
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> p_frag[BC / 16];
+    // Online softmax of rows r0 (elements 0, 1 of each tile) and r1 (elements 2, 3).
+    float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
+#pragma unroll
+    for (int j = 0; j < BC / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + j * 8 + 2 * tq + (e & 1);
+        const bool seen = flash::visible(key, e < 2 ? col0 : col1, pad, s);
+        sc[j][e] = seen ? sc[j][e] * scale : -CUDART_INF_F;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], sc[j][e]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+      const float m_new = fmaxf(m[h], tile_max[h]);
+      // Nothing visible yet (m_new = -inf): keep everything as it is (all p are 0).
+      alpha[h] = m_new == -CUDART_INF_F ? 1.f : expf(m[h] - m_new);
+      m[h] = m_new;
+    }
+    float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < BC / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = sc[j][e] == -CUDART_INF_F ? 0.f : expf(sc[j][e] - m[e / 2]);
+        tile_sum[e / 2] += p;
+        sc[j][e] = p;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_sum[h] += __shfl_xor_sync(0xffffffffu, tile_sum[h], 1);
+      tile_sum[h] += __shfl_xor_sync(0xffffffffu, tile_sum[h], 2);
+      l[h] = l[h] * alpha[h] + tile_sum[h];
+    }
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      o[j][0] *= alpha[0];
+      o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1];
+      o[j][3] *= alpha[1];
+    }
+
+    // O += P V: P's A fragment for keys 16kk .. 16kk + 16 is score tiles 2kk and 2kk + 1.
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
-      wmma::load_matrix_sync(p_frag[kk], &p_s[warp][0][kk * 16], BC);
-    }
-    float* scratch = &s_s[warp][0][0];
+      const uint32_t p_frag[4] = {
+          pack2<T>(sc[2 * kk][0], sc[2 * kk][1]),
+          pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+          pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+          pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]),
+      };
+      uint32_t b[HD / 8][2];
 #pragma unroll
-    for (int j = 0; j < HD / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
-      wmma::fill_fragment(o_frag, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < BC / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v_frag;
-        wmma::load_matrix_sync(v_frag, &v_s[kk * 16][j * 16], HD);
-        wmma::mma_sync(o_frag, p_frag[kk], v_frag, o_frag);
+      for (int j = 0; j < HD / 8; ++j) {
+        b[j][0] = pair_at(&vt_s[j * 8 + g][kk * 16 + 2 * tq]);
+        b[j][1] = pair_at(&vt_s[j * 8 + g][kk * 16 + 8 + 2 * tq]);
       }
-      wmma::store_matrix_sync(scratch, o_frag, 16, wmma::mem_row_major);
-      __syncwarp();
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[j * 8 + c] += scratch[row * 16 + half * 8 + c];
-      __syncwarp();
+      flash::warp_mma_row<T, HD / 8>(o, p_frag, b);
     }
   }
 
-  const int query = q0 + warp * 16 + row;
-  if (lse != nullptr && query < t && half == 0) {
-    // The log of the softmax denominator, in units of the scaled scores (for the backward pass).
-    lse[(static_cast<long long>(batch) * heads + head) * t + query] = m + logf(l);
-  }
-  if (out != nullptr && query < t) {
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* out_row = out + ((static_cast<long long>(batch) * heads + head) * t + query) * HD;
+  const long long row_base = (static_cast<long long>(batch) * heads + head) * t;
 #pragma unroll
-    for (int j = 0; j < HD / 16; ++j) {
-      __align__(16) T y[8];
+  for (int h = 0; h < 2; ++h) {
+    const int query = h == 0 ? r0 : r1;
+    if (query >= t) continue;
+    if (lse != nullptr && tq == 0) {
+      // The log of the softmax denominator, in units of the scaled scores (for the backward pass).
+      lse[row_base + query] = m[h] + logf(l[h]);
+    }
+    if (out != nullptr) {
+      const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+      T* out_row = out + (row_base + query) * HD;
 #pragma unroll
-      for (int c = 0; c < 8; ++c) y[c] = from_float<T>(acc[j * 8 + c] * inv);
-      *reinterpret_cast<uint4*>(out_row + j * 16 + half * 8) = *reinterpret_cast<const uint4*>(y);
+      for (int j = 0; j < HD / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(out_row + j * 8 + 2 * tq) =
+            pack2<T>(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
+      }
     }
   }
 }

@@ -74,6 +74,69 @@ __device__ __forceinline__ void store_slice(float* dst, const float* scratch, in
   }
 }
 
+// --- mma.sync m16n8k16 with register fragments (the forward kernel) ---
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"; g = lane / 4, t = lane % 4):
+//   A 16x16  a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+//            a3 = A[g+8][2t+8, 2t+9] (two 16-bit elements per register, the first in the low half)
+//   B 16x8   b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]
+//   C/D 16x8 c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1]
+// so an accumulator tile of scores, rounded and packed in pairs, is an A fragment of P with no
+// trip through shared memory.
+
+// Two elements as one 32-bit register, `lo` in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T v[2] = {from_float<T>(lo), from_float<T>(hi)};
+  uint32_t r;
+  __builtin_memcpy(&r, v, sizeof r);
+  return r;
+}
+
+// The 32-bit register at `p` (two consecutive 16-bit elements; p 4-byte aligned).
+template <typename T>
+__device__ __forceinline__ uint32_t pair_at(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+#ifndef QAT_CUDA_EMULATION
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
+// d[j] += A · B_j for the N tiles B_j (16 x 8 each) of one row of tiles: the warp's A fragment
+// times N B fragments (b[j] = {b0, b1}).
+template <typename T, int N>
+__device__ __forceinline__ void warp_mma_row(float (&d)[N][4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[N][2]) {
+#ifdef QAT_CUDA_EMULATION
+  emu_warp_mma_row<T, N>(d, a, b);
+#else
+#pragma unroll
+  for (int j = 0; j < N; ++j) mma_16816<T>(d[j], a, b[j][0], b[j][1]);
+#endif
+}
+
+// --- WMMA 16x16x16 fragments (the backward kernels) ---
+
 template <typename T>
 using RowsFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
 using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;

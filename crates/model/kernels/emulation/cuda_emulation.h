@@ -5,8 +5,9 @@
 // crates/sample/tests/sample_rows_emulated.rs): one host thread per CUDA thread of a block
 // (blocks run one after another), std::barrier for __syncthreads / __syncwarp, warp shuffles
 // through a per-warp exchange array, bf16 / f16 as 16-bit storage types rounded to nearest even,
-// IEEE intrinsics as plain operations, and the WMMA 16x16x16 fragments by their documented
-// semantics (every lane holds the whole tile; each element is written once on store).
+// IEEE intrinsics as plain operations, the WMMA 16x16x16 fragments by their documented
+// semantics (every lane holds the whole tile; each element is written once on store), and
+// mma.sync m16n8k16 by the PTX ISA's register fragment layouts (emu_warp_mma_row).
 // Shared memory (`__shared__`) becomes function-static storage, shared by the block's threads.
 // What it cannot show: timing, races that barriers would hide, the hardware's accumulation order.
 
@@ -85,10 +86,15 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 
+// 32-bit registers per lane that one emulated warp-wide mma exchanges (see emu_warp_mma_row).
+constexpr int EMU_MMA_REGS = 4 + 2 * 16;
+
 // The running thread's coordinates and its block's synchronization state.
 struct EmuBlock {
   explicit EmuBlock(unsigned threads)
-      : block(threads), exchange((threads + 31) / 32 * 32) {
+      : block(threads),
+        exchange((threads + 31) / 32 * 32),
+        mma_regs((threads + 31) / 32 * 32 * EMU_MMA_REGS) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
       warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
     }
@@ -96,6 +102,7 @@ struct EmuBlock {
   std::barrier<> block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> exchange;
+  std::vector<uint32_t> mma_regs;
 };
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
@@ -144,6 +151,61 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kerne
         }
         for (auto& th : pool) th.join();
       }
+}
+
+// A 16-bit float from its bits.
+template <typename T>
+inline float emu_bits_to_float(uint16_t bits);
+template <>
+inline float emu_bits_to_float<__nv_bfloat16>(uint16_t bits) {
+  return __bfloat162float(__nv_bfloat16{bits});
+}
+template <>
+inline float emu_bits_to_float<__half>(uint16_t bits) {
+  return static_cast<float>(std::bit_cast<_Float16>(bits));
+}
+
+// N warp-wide `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32` with one A fragment:
+// d[j] += A · B_j for j < N, by the PTX ISA's fragment layouts (g = lane / 4, t = lane % 4):
+//   A 16x16  a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+//            a3 = A[g+8][2t+8, 2t+9] (two 16-bit elements per register, the first in the low half)
+//   B 16x8   b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]
+//   C/D 16x8 d0 = D[g][2t], d1 = D[g][2t+1], d2 = D[g+8][2t], d3 = D[g+8][2t+1]
+// The lanes' registers meet in the block's exchange array between two warp barriers; each lane
+// then computes its own four elements per tile (f32 sums in k order, from d).
+template <typename T, int N>
+inline void emu_warp_mma_row(float (&d)[N][4], const uint32_t (&a)[4], const uint32_t (&b)[N][2]) {
+  static_assert(4 + 2 * N <= EMU_MMA_REGS, "too many tiles for the exchange");
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint32_t* mine = &emu_block->mma_regs[(warp * 32 + lane) * EMU_MMA_REGS];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  for (int j = 0; j < N; ++j) {
+    mine[4 + 2 * j] = b[j][0];
+    mine[5 + 2 * j] = b[j][1];
+  }
+  __syncwarp();
+  const uint32_t* regs = &emu_block->mma_regs[warp * 32 * EMU_MMA_REGS];
+  const auto element = [&](int src_lane, int reg, int high) {
+    const uint32_t r = regs[src_lane * EMU_MMA_REGS + reg];
+    return emu_bits_to_float<T>(static_cast<uint16_t>(high ? r >> 16 : r & 0xffffu));
+  };
+  const auto a_at = [&](int row, int k) {
+    return element((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2);
+  };
+  const auto b_at = [&](int j, int k, int n) {
+    return element(n * 4 + (k % 8) / 2, 4 + 2 * j + (k >= 8 ? 1 : 0), k % 2);
+  };
+  const int g = static_cast<int>(lane / 4), t = static_cast<int>(lane % 4);
+  float out[N][4];
+  for (int j = 0; j < N; ++j)
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+      float sum = d[j][i];
+      for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(j, k, col);
+      out[j][i] = sum;
+    }
+  __syncwarp();
+  std::memcpy(d, out, sizeof out);
 }
 
 namespace nvcuda {
