@@ -28,34 +28,10 @@
 namespace {
 
 using flash::pack2;
-using flash::pair_at;
 
 constexpr int WARPS = 4;
 constexpr int BR = 16 * WARPS;  // query rows per block
 constexpr int BC = 64;          // key columns per tile
-constexpr int PAD = 8;          // elements of padding per shared-memory row
-
-// Rows row0 .. row0 + BC of a row-major [*, HD] matrix at `src` into `dst` as they are (K) or
-// transposed (`dst[d][row]`, V), zeros for rows at or past `limit`; 16-byte global loads.
-template <typename T, int HD, bool TRANSPOSE>
-__device__ __forceinline__ void load_tile(T (*dst)[(TRANSPOSE ? BC : HD) + PAD], const T* src,
-                                          int row0, int limit) {
-  for (int i = threadIdx.x; i < BC * HD / flash::VEC; i += blockDim.x) {
-    const int r = i / (HD / flash::VEC), col = (i % (HD / flash::VEC)) * flash::VEC;
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (row0 + r < limit) {
-      x = *reinterpret_cast<const uint4*>(src + static_cast<long long>(row0 + r) * HD + col);
-    }
-    if (TRANSPOSE) {
-      T v[flash::VEC];
-      __builtin_memcpy(v, &x, sizeof x);
-#pragma unroll
-      for (int c = 0; c < flash::VEC; ++c) dst[col + c][r] = v[c];
-    } else {
-      *reinterpret_cast<uint4*>(&dst[r][col]) = x;
-    }
-  }
-}
 
 template <typename T, int HD>
 __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
@@ -64,8 +40,8 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
                               int heads, int kv_heads, int t, int s, long long k_sb,
                               long long k_sh, long long v_sb, long long v_sh, float scale) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, at most 128");
-  __shared__ __align__(16) T k_s[BC][HD + PAD];   // keys, row-major
-  __shared__ __align__(16) T vt_s[HD][BC + PAD];  // values, transposed
+  __shared__ __align__(16) T k_s[BC][HD + flash::PAD];   // keys, row-major
+  __shared__ __align__(16) T vt_s[HD][BC + flash::PAD];  // values, transposed
 
   const int q0 = blockIdx.x * BR;
   const int head = blockIdx.y;
@@ -85,43 +61,26 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
 
   // Q fragments straight from global memory (zeros for rows past t), one per 16 head dims.
   uint32_t q_frag[HD / 16][4];
-  {
-    const T* row0 = q_block + static_cast<long long>(r0) * HD;
-    const T* row1 = q_block + static_cast<long long>(r1) * HD;
-#pragma unroll
-    for (int c = 0; c < HD / 16; ++c) {
-      const int d = c * 16 + 2 * tq;
-      q_frag[c][0] = r0 < t ? pair_at(row0 + d) : 0u;
-      q_frag[c][1] = r1 < t ? pair_at(row1 + d) : 0u;
-      q_frag[c][2] = r0 < t ? pair_at(row0 + d + 8) : 0u;
-      q_frag[c][3] = r1 < t ? pair_at(row1 + d + 8) : 0u;
-    }
-  }
+  flash::load_row_frags<T, HD>(q_frag, q_block, q0 + warp * 16, t);
 
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
   float o[HD / 8][4];
-#pragma unroll
-  for (int j = 0; j < HD / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  flash::zero_acc(o);
 
   const flash::KeyRange keys = flash::key_range(s, t, q0, BR, pad, BC);
   for (int k0 = keys.begin; k0 < keys.end; k0 += BC) {
     __syncthreads();  // every warp is done with the previous tile
-    load_tile<T, HD, false>(k_s, k_block, k0, s);
-    load_tile<T, HD, true>(vt_s, v_block, k0, s);
+    flash::load_tile<T, HD, BC, false>(k_s, k_block, k0, s);
+    flash::load_tile<T, HD, BC, true>(vt_s, v_block, k0, s);
     __syncthreads();
 
     // S = Q Kᵀ: BC / 8 tiles of 16 x 8, accumulated over the head dims.
     float sc[BC / 8][4];
-#pragma unroll
-    for (int j = 0; j < BC / 8; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+    flash::zero_acc(sc);
 #pragma unroll
     for (int c = 0; c < HD / 16; ++c) {
       uint32_t b[BC / 8][2];
-#pragma unroll
-      for (int j = 0; j < BC / 8; ++j) {
-        b[j][0] = pair_at(&k_s[j * 8 + g][c * 16 + 2 * tq]);
-        b[j][1] = pair_at(&k_s[j * 8 + g][c * 16 + 8 + 2 * tq]);
-      }
+      flash::b_frags(b, k_s, c * 16);
       flash::warp_mma_row<T, BC / 8>(sc, q_frag[c], b);
     }
 
@@ -174,18 +133,10 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
     // O += P V: P's A fragment for keys 16kk .. 16kk + 16 is score tiles 2kk and 2kk + 1.
 #pragma unroll
     for (int kk = 0; kk < BC / 16; ++kk) {
-      const uint32_t p_frag[4] = {
-          pack2<T>(sc[2 * kk][0], sc[2 * kk][1]),
-          pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
-          pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-          pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]),
-      };
+      uint32_t p_frag[4];
+      flash::a_frag_of<T>(p_frag, sc, kk);
       uint32_t b[HD / 8][2];
-#pragma unroll
-      for (int j = 0; j < HD / 8; ++j) {
-        b[j][0] = pair_at(&vt_s[j * 8 + g][kk * 16 + 2 * tq]);
-        b[j][1] = pair_at(&vt_s[j * 8 + g][kk * 16 + 8 + 2 * tq]);
-      }
+      flash::b_frags(b, vt_s, kk * 16);
       flash::warp_mma_row<T, HD / 8>(o, p_frag, b);
     }
   }

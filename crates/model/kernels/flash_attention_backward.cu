@@ -1,4 +1,4 @@
-// Fused causal attention backward for CUDA (bf16 / f16, tensor cores through WMMA): the
+// Fused causal attention backward for CUDA (bf16 / f16, tensor cores through mma.sync): the
 // flash-attention backward, recomputing P = exp(scale · Q Kᵀ − lse) tile by tile, so no [t, s]
 // tensor is written. Two kernels, each summing in a fixed order (no atomics, so the same inputs
 // give the same bits):
@@ -15,19 +15,31 @@
 // f32 outputs.
 // P and dS are rounded to the input type before their matmuls, as flash-attention does; the
 // softmax, dP and dS are f32.
+//
+// As in the forward kernel, every product is mma.sync m16n8k16 on register fragments (the
+// fragment layouts are in flash_common.cuh): each warp keeps its 16 rows of the operand it owns
+// (K and V in dkdv, Q and dO in dq) as A fragments, the score-shaped tiles (S, P, dP, dS) as
+// accumulators in registers, and its output rows (dK and dV, or dQ) as f32 accumulators; the
+// other operands come from shared memory tiles, row-major where the product's reduction runs
+// over the head dims and transposed where it runs over keys or queries.
 
 #include "flash_common.cuh"
 
 namespace {
 
-using flash::from_float;
-
-constexpr int DKDV_WARPS = 2;
+constexpr int DKDV_WARPS = 4;
 constexpr int DKDV_KEYS = 16 * DKDV_WARPS;  // keys per dkdv block: 16 per warp
-constexpr int DKDV_QUERIES = 32;               // query rows per dkdv step
 constexpr int DQ_WARPS = 4;
-constexpr int DQ_ROWS = 16 * DQ_WARPS;    // query rows per dq block: 16 per warp
-constexpr int DQ_COLS = 32;               // key columns per dq step
+constexpr int DQ_ROWS = 16 * DQ_WARPS;  // query rows per dq block: 16 per warp
+
+// Key columns per dq step: fewer for wide heads (three tiles of them must fit the 48 KB of static
+// shared memory).
+template <int HD>
+constexpr int DQ_COLS = HD <= 64 ? 64 : 32;
+
+// Query rows per dkdv step: fewer for wide heads, whose shared tiles and registers are larger.
+template <int HD>
+constexpr int DKDV_QUERIES = HD <= 64 ? 64 : 32;
 
 template <typename T, int HD>
 __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict__ k,
@@ -38,90 +50,112 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
                                     int heads, int kv_heads, int t, int s, long long k_sb,
                                     long long k_sh, long long v_sb, long long v_sh, float scale) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, at most 128");
-  __shared__ __align__(32) T k_s[DKDV_KEYS][HD];
-  __shared__ __align__(32) T v_s[DKDV_KEYS][HD];
-  __shared__ __align__(32) T q_s[DKDV_QUERIES][HD];
-  __shared__ __align__(32) T do_s[DKDV_QUERIES][HD];
-  __shared__ float lse_s[DKDV_QUERIES], delta_s[DKDV_QUERIES];
-  __shared__ __align__(32) float s_s[DKDV_WARPS][16][DKDV_QUERIES];  // Sᵀ, then dPᵀ, then output slices
-  __shared__ __align__(32) T p_s[DKDV_WARPS][16][DKDV_QUERIES];
-  __shared__ __align__(32) T ds_s[DKDV_WARPS][16][DKDV_QUERIES];
+  constexpr int BQ = DKDV_QUERIES<HD>;
+  constexpr int PAD = flash::PAD;
+  __shared__ __align__(16) T q_s[BQ][HD + PAD];    // Q rows (Sᵀ = K Qᵀ)
+  __shared__ __align__(16) T qt_s[HD][BQ + PAD];   // Q transposed (dK += dSᵀ Q)
+  __shared__ __align__(16) T do_s[BQ][HD + PAD];   // dO rows (dPᵀ = V dOᵀ)
+  __shared__ __align__(16) T dot_s[HD][BQ + PAD];  // dO transposed (dV += Pᵀ dO)
+  __shared__ float lse_s[BQ], delta_s[BQ];
 
   const int k0 = blockIdx.x * DKDV_KEYS;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int g = lane / 4, tq = lane % 4;
   const int kv_head = head / (heads / kv_heads);
   const int pad = static_cast<int>(pads[batch]);
-  flash::load_rows<T, HD, DKDV_KEYS>(k_s, k + batch * k_sb + kv_head * k_sh, k0, s);
-  flash::load_rows<T, HD, DKDV_KEYS>(v_s, v + batch * v_sb + kv_head * v_sh, k0, s);
 
-  flash::AccFrag dk_acc[HD / 16], dv_acc[HD / 16];
-#pragma unroll
-  for (int j = 0; j < HD / 16; ++j) {
-    wmma::fill_fragment(dk_acc[j], 0.f);
-    wmma::fill_fragment(dv_acc[j], 0.f);
-  }
+  // This warp's keys (rows g and g + 8 of its 16) as A fragments of K and V.
+  const int key0 = k0 + warp * 16;
+  uint32_t k_frag[HD / 16][4], v_frag[HD / 16][4];
+  flash::load_row_frags<T, HD>(k_frag, k + batch * k_sb + kv_head * k_sh, key0, s);
+  flash::load_row_frags<T, HD>(v_frag, v + batch * v_sb + kv_head * v_sh, key0, s);
+  const int keys[2] = {key0 + g, key0 + g + 8};
 
-  // This lane's key (row r of the warp's 16) and its half of the DKDV_QUERIES query columns.
-  const int r = lane / 2, half = lane % 2;
-  const int key = k0 + warp * 16 + r;
+  float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
+  flash::zero_acc(dk_acc);
+  flash::zero_acc(dv_acc);
+
   // Queries before the first one whose column reaches k0 see none of these keys.
   const int first_query = max(0, k0 - (s - t));
-  const int q_begin = (first_query / DKDV_QUERIES) * DKDV_QUERIES;
-
+  const int q_begin = (first_query / BQ) * BQ;
   const long long row_base = (static_cast<long long>(batch) * heads + head) * t;
-  for (int i0 = q_begin; i0 < t; i0 += DKDV_QUERIES) {
+  const T* q_rows = q + row_base * HD;
+  const T* do_rows = dout + row_base * HD;
+  for (int i0 = q_begin; i0 < t; i0 += BQ) {
     __syncthreads();  // every warp is done with the previous query tile
-    flash::load_rows<T, HD, DKDV_QUERIES>(q_s, q + row_base * HD, i0, t);
-    flash::load_rows<T, HD, DKDV_QUERIES>(do_s, dout + row_base * HD, i0, t);
-    for (int i = threadIdx.x; i < DKDV_QUERIES; i += blockDim.x) {
+    flash::load_tile<T, HD, BQ, false>(q_s, q_rows, i0, t);
+    flash::load_tile<T, HD, BQ, true>(qt_s, q_rows, i0, t);
+    flash::load_tile<T, HD, BQ, false>(do_s, do_rows, i0, t);
+    flash::load_tile<T, HD, BQ, true>(dot_s, do_rows, i0, t);
+    for (int i = threadIdx.x; i < BQ; i += blockDim.x) {
       lse_s[i] = i0 + i < t ? lse[row_base + i0 + i] : 0.f;
       delta_s[i] = i0 + i < t ? delta[row_base + i0 + i] : 0.f;
     }
     __syncthreads();
 
-    // Sᵀ = K_w Qᵀ: [16 keys, DKDV_QUERIES queries].
-    flash::rows_times_tile_t<T, HD, DKDV_QUERIES>(&s_s[warp][0][0], &k_s[warp * 16], q_s);
-    __syncwarp();
-
-    // Pᵀ = exp(scale · Sᵀ − lse) where visible, else 0.
-    float p[DKDV_QUERIES / 2];
+    // Sᵀ = K Qᵀ: [16 keys, BQ queries], then Pᵀ = exp(scale · Sᵀ − lse) where visible, else 0.
+    float p[BQ / 8][4];
+    flash::zero_acc(p);
 #pragma unroll
-    for (int c = 0; c < DKDV_QUERIES / 2; ++c) {
-      const int col = half * (DKDV_QUERIES / 2) + c;
-      const int query = i0 + col;
-      const bool seen = query < t && flash::visible(key, s - t + query, pad, s);
-      p[c] = seen ? expf(s_s[warp][r][col] * scale - lse_s[col]) : 0.f;
-      p_s[warp][r][col] = from_float<T>(p[c]);
+    for (int c = 0; c < HD / 16; ++c) {
+      uint32_t b[BQ / 8][2];
+      flash::b_frags(b, q_s, c * 16);
+      flash::warp_mma_row<T, BQ / 8>(p, k_frag[c], b);
     }
-    __syncwarp();
-
-    // dV += Pᵀ dO: [16 keys, HD].
-    flash::accumulate_times_tile<T, HD, DKDV_QUERIES>(dv_acc, &p_s[warp][0][0], do_s);
-
-    // dPᵀ = V_w dOᵀ: [16 keys, DKDV_QUERIES queries], into s_s (Sᵀ was read into p above).
-    flash::rows_times_tile_t<T, HD, DKDV_QUERIES>(&s_s[warp][0][0], &v_s[warp * 16], do_s);
-    __syncwarp();
-
-    // dSᵀ = Pᵀ ∘ (dPᵀ − delta).
 #pragma unroll
-    for (int c = 0; c < DKDV_QUERIES / 2; ++c) {
-      const int col = half * (DKDV_QUERIES / 2) + c;
-      ds_s[warp][r][col] = from_float<T>(p[c] * (s_s[warp][r][col] - delta_s[col]));
+    for (int j = 0; j < BQ / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * tq + (e & 1);
+        const int query = i0 + col;
+        const bool seen = query < t && flash::visible(keys[e / 2], s - t + query, pad, s);
+        p[j][e] = seen ? expf(p[j][e] * scale - lse_s[col]) : 0.f;
+      }
     }
-    __syncwarp();
+
+    // dV += Pᵀ dO: [16 keys, HD], reducing over the queries.
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t a[4];
+      flash::a_frag_of<T>(a, p, kk);
+      uint32_t b[HD / 8][2];
+      flash::b_frags(b, dot_s, kk * 16);
+      flash::warp_mma_row<T, HD / 8>(dv_acc, a, b);
+    }
+
+    // dPᵀ = V dOᵀ: [16 keys, BQ queries]; dSᵀ = Pᵀ ∘ (dPᵀ − delta), in place of P.
+    float dp[BQ / 8][4];
+    flash::zero_acc(dp);
+#pragma unroll
+    for (int c = 0; c < HD / 16; ++c) {
+      uint32_t b[BQ / 8][2];
+      flash::b_frags(b, do_s, c * 16);
+      flash::warp_mma_row<T, BQ / 8>(dp, v_frag[c], b);
+    }
+#pragma unroll
+    for (int j = 0; j < BQ / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - delta_s[j * 8 + 2 * tq + (e & 1)];
+    }
 
     // dK += dSᵀ Q: [16 keys, HD] (times scale at the end).
-    flash::accumulate_times_tile<T, HD, DKDV_QUERIES>(dk_acc, &ds_s[warp][0][0], q_s);
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t a[4];
+      flash::a_frag_of<T>(a, p, kk);
+      uint32_t b[HD / 8][2];
+      flash::b_frags(b, qt_s, kk * 16);
+      flash::warp_mma_row<T, HD / 8>(dk_acc, a, b);
+    }
   }
 
-  // dk, dv rows of this warp's keys (those < s), through s_s as 16 x 16 scratch.
+  // dk, dv rows of this warp's keys (those < s) of this query head.
   const long long out_base = (static_cast<long long>(batch) * heads + head) * s * HD;
-  const int row0 = k0 + warp * 16;
-  flash::store_rows<HD>(dk + out_base, dk_acc, &s_s[warp][0][0], row0, s, scale);
-  flash::store_rows<HD>(dv + out_base, dv_acc, &s_s[warp][0][0], row0, s, 1.f);
+  flash::store_acc_rows<HD>(dk + out_base, dk_acc, key0, s, scale);
+  flash::store_acc_rows<HD>(dv + out_base, dv_acc, key0, s, 1.f);
 }
 
 template <typename T, int HD>
@@ -132,81 +166,95 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
                                   int heads, int kv_heads, int t, int s, long long k_sb,
                                   long long k_sh, long long v_sb, long long v_sh, float scale) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, at most 128");
-  __shared__ __align__(32) T stage[DQ_ROWS][HD];  // Q, then dO, on their way into fragments
-  __shared__ __align__(32) T k_s[DQ_COLS][HD];
-  __shared__ __align__(32) T v_s[DQ_COLS][HD];
-  __shared__ float lse_s[DQ_ROWS], delta_s[DQ_ROWS];
-  __shared__ __align__(32) float s_s[DQ_WARPS][16][DQ_COLS];  // S, then dP, then output slices
-  __shared__ __align__(32) T ds_s[DQ_WARPS][16][DQ_COLS];
+  constexpr int PAD = flash::PAD;
+  constexpr int BC = DQ_COLS<HD>;
+  __shared__ __align__(16) T k_s[BC][HD + PAD];   // keys, row-major (S = Q Kᵀ)
+  __shared__ __align__(16) T kt_s[HD][BC + PAD];  // keys, transposed (dQ += dS K)
+  __shared__ __align__(16) T v_s[BC][HD + PAD];   // values, row-major (dP = dO Vᵀ)
 
   const int q0 = blockIdx.x * DQ_ROWS;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int g = lane / 4, tq = lane % 4;
   const int kv_head = head / (heads / kv_heads);
   const int pad = static_cast<int>(pads[batch]);
   const long long row_base = (static_cast<long long>(batch) * heads + head) * t;
   const T* k_block = k + batch * k_sb + kv_head * k_sh;
   const T* v_block = v + batch * v_sb + kv_head * v_sh;
 
-  flash::RowsFrag<T> q_frag[HD / 16], do_frag[HD / 16];
-  flash::load_rows<T, HD, DQ_ROWS>(stage, q + row_base * HD, q0, t);
-  for (int i = threadIdx.x; i < DQ_ROWS; i += blockDim.x) {
-    lse_s[i] = q0 + i < t ? lse[row_base + q0 + i] : 0.f;
-    delta_s[i] = q0 + i < t ? delta[row_base + q0 + i] : 0.f;
+  // This warp's query rows (g and g + 8 of its 16) as A fragments of Q and dO.
+  const int row0 = q0 + warp * 16;
+  uint32_t q_frag[HD / 16][4], do_frag[HD / 16][4];
+  flash::load_row_frags<T, HD>(q_frag, q + row_base * HD, row0, t);
+  flash::load_row_frags<T, HD>(do_frag, dout + row_base * HD, row0, t);
+  const int rows[2] = {row0 + g, row0 + g + 8};
+  float row_lse[2], row_delta[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_lse[h] = rows[h] < t ? lse[row_base + rows[h]] : 0.f;
+    row_delta[h] = rows[h] < t ? delta[row_base + rows[h]] : 0.f;
   }
-  __syncthreads();
-#pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(q_frag[kk], &stage[warp * 16][kk * 16], HD);
-  __syncthreads();
-  flash::load_rows<T, HD, DQ_ROWS>(stage, dout + row_base * HD, q0, t);
-  __syncthreads();
-#pragma unroll
-  for (int kk = 0; kk < HD / 16; ++kk) wmma::load_matrix_sync(do_frag[kk], &stage[warp * 16][kk * 16], HD);
 
-  flash::AccFrag dq_acc[HD / 16];
-#pragma unroll
-  for (int j = 0; j < HD / 16; ++j) wmma::fill_fragment(dq_acc[j], 0.f);
+  float dq_acc[HD / 8][4];
+  flash::zero_acc(dq_acc);
 
-  const int r = lane / 2, half = lane % 2;
-  const int row = warp * 16 + r;  // within the block
-  const int query_col = s - t + q0 + row;
-  const float row_lse = lse_s[row], row_delta = delta_s[row];
-  const flash::KeyRange keys = flash::key_range(s, t, q0, DQ_ROWS, pad, DQ_COLS);
-  for (int k0 = keys.begin; k0 < keys.end; k0 += DQ_COLS) {
+  const flash::KeyRange keys = flash::key_range(s, t, q0, DQ_ROWS, pad, BC);
+  for (int k0 = keys.begin; k0 < keys.end; k0 += BC) {
     __syncthreads();  // every warp is done with the previous key tile
-    flash::load_rows<T, HD, DQ_COLS>(k_s, k_block, k0, s);
-    flash::load_rows<T, HD, DQ_COLS>(v_s, v_block, k0, s);
+    flash::load_tile<T, HD, BC, false>(k_s, k_block, k0, s);
+    flash::load_tile<T, HD, BC, true>(kt_s, k_block, k0, s);
+    flash::load_tile<T, HD, BC, false>(v_s, v_block, k0, s);
     __syncthreads();
 
-    // S = Q Kᵀ: [16 queries, DQ_COLS keys].
-    flash::rows_times_tile_t<T, HD, DQ_COLS>(&s_s[warp][0][0], q_frag, k_s);
-    __syncwarp();
-    float p[DQ_COLS / 2];
+    // S = Q Kᵀ, then P = exp(scale · S − lse) where visible, else 0.
+    float p[BC / 8][4];
+    flash::zero_acc(p);
 #pragma unroll
-    for (int c = 0; c < DQ_COLS / 2; ++c) {
-      const int col = half * (DQ_COLS / 2) + c;
-      const bool seen = q0 + row < t && flash::visible(k0 + col, query_col, pad, s);
-      p[c] = seen ? expf(s_s[warp][r][col] * scale - row_lse) : 0.f;
+    for (int c = 0; c < HD / 16; ++c) {
+      uint32_t b[BC / 8][2];
+      flash::b_frags(b, k_s, c * 16);
+      flash::warp_mma_row<T, BC / 8>(p, q_frag[c], b);
     }
-    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < BC / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2;
+        const int key = k0 + j * 8 + 2 * tq + (e & 1);
+        const bool seen = rows[h] < t && flash::visible(key, s - t + rows[h], pad, s);
+        p[j][e] = seen ? expf(p[j][e] * scale - row_lse[h]) : 0.f;
+      }
+    }
 
-    // dP = dO Vᵀ: [16 queries, DQ_COLS keys], into s_s.
-    flash::rows_times_tile_t<T, HD, DQ_COLS>(&s_s[warp][0][0], do_frag, v_s);
-    __syncwarp();
+    // dP = dO Vᵀ; dS = P ∘ (dP − delta), in place of P.
+    float dp[BC / 8][4];
+    flash::zero_acc(dp);
 #pragma unroll
-    for (int c = 0; c < DQ_COLS / 2; ++c) {
-      const int col = half * (DQ_COLS / 2) + c;
-      ds_s[warp][r][col] = from_float<T>(p[c] * (s_s[warp][r][col] - row_delta));
+    for (int c = 0; c < HD / 16; ++c) {
+      uint32_t b[BC / 8][2];
+      flash::b_frags(b, v_s, c * 16);
+      flash::warp_mma_row<T, BC / 8>(dp, do_frag[c], b);
     }
-    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < BC / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[j][e] *= dp[j][e] - row_delta[e / 2];
+    }
 
     // dQ += dS K: [16 queries, HD] (times scale at the end).
-    flash::accumulate_times_tile<T, HD, DQ_COLS>(dq_acc, &ds_s[warp][0][0], k_s);
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t a[4];
+      flash::a_frag_of<T>(a, p, kk);
+      uint32_t b[HD / 8][2];
+      flash::b_frags(b, kt_s, kk * 16);
+      flash::warp_mma_row<T, HD / 8>(dq_acc, a, b);
+    }
   }
 
-  flash::store_rows<HD>(dq + row_base * HD, dq_acc, &s_s[warp][0][0], q0 + warp * 16, t, scale);
+  flash::store_acc_rows<HD>(dq + row_base * HD, dq_acc, row0, t, scale);
 }
 
 }  // namespace

@@ -1,9 +1,10 @@
 // Shared by flash_attention.cu (forward) and flash_attention_backward.cu: includes, 16-bit
-// conversions, the visibility rule and the tile loads. See flash_attention.cu for the layouts.
+// conversions, the visibility rule, the tile loads and the mma.sync fragments. See
+// flash_attention.cu for the layouts.
 //
 // Without a GPU, tests compile the kernels as C++ against kernels/emulation/cuda_emulation.h (one
-// host thread per CUDA thread, WMMA by its documented semantics) and compare them with the CPU
-// op: crates/model/tests/flash_attention_emulated.rs.
+// host thread per CUDA thread, mma.sync by the PTX ISA's fragment layouts) and compare them with
+// the CPU op: crates/model/tests/flash_attention_emulated.rs.
 
 #pragma once
 
@@ -11,11 +12,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math_constants.h>
-#include <mma.h>
 #include <stdint.h>
 #endif
-
-using namespace nvcuda;
 
 namespace flash {
 
@@ -44,34 +42,6 @@ struct KeyRange {
 __device__ __forceinline__ KeyRange key_range(int s, int t, int q0, int rows, int pad, int cols) {
   const int first_col = s - t + q0;
   return {first_col >= pad ? (pad / cols) * cols : 0, s - t + min(q0 + rows, t)};
-}
-
-// Rows row0 .. row0 + ROWS of a row-major [*, HD] matrix at `src` into `dst` (shared memory),
-// zeros for rows at or past `limit`, with 16-byte loads by all the block's threads.
-template <typename T, int HD, int ROWS>
-__device__ __forceinline__ void load_rows(T (*dst)[HD], const T* src, int row0, int limit) {
-  for (int i = threadIdx.x; i < ROWS * HD / VEC; i += blockDim.x) {
-    const int r = i / (HD / VEC), col = (i % (HD / VEC)) * VEC;
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (row0 + r < limit) {
-      x = *reinterpret_cast<const uint4*>(src + static_cast<long long>(row0 + r) * HD + col);
-    }
-    *reinterpret_cast<uint4*>(&dst[r][col]) = x;
-  }
-}
-
-// Writes `scale` times the f32 rows of a warp's 16 x 16 slice (`scratch`, row-major) into the
-// row-major [*, HD] f32 matrix `dst` at rows row0.., columns col0..; rows at or past `limit` are
-// skipped. Lane 2r + h writes row r, columns h * 8 .. h * 8 + 8.
-template <int HD>
-__device__ __forceinline__ void store_slice(float* dst, const float* scratch, int row0, int col0,
-                                            int limit, float scale) {
-  const int lane = threadIdx.x % 32, r = lane / 2, h = lane % 2;
-  if (row0 + r < limit) {
-    float* out = dst + static_cast<long long>(row0 + r) * HD + col0 + h * 8;
-#pragma unroll
-    for (int c = 0; c < 8; ++c) out[c] = scratch[r * 16 + h * 8 + c] * scale;
-  }
 }
 
 // --- mma.sync m16n8k16 with register fragments (the forward kernel) ---
@@ -135,76 +105,98 @@ __device__ __forceinline__ void warp_mma_row(float (&d)[N][4], const uint32_t (&
 #endif
 }
 
-// --- WMMA 16x16x16 fragments (the backward kernels) ---
+// Elements of padding per shared-memory tile row, so that the fragment reads of a warp (8 rows
+// by 4 consecutive 32-bit words) hit 32 distinct banks.
+constexpr int PAD = 8;
 
-template <typename T>
-using RowsFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// Column block kk of a warp's 16 rows of HD values: held as HD / 16 fragments, or read from
-// shared memory ([16][HD] row-major) into `tmp`.
-template <typename T, int HD>
-__device__ __forceinline__ const RowsFrag<T>& rows_block(const RowsFrag<T> (&rows)[HD / 16], int kk,
-                                                         RowsFrag<T>&) {
-  return rows[kk];
-}
-template <typename T, int HD>
-__device__ __forceinline__ const RowsFrag<T>& rows_block(const T (*rows)[HD], int kk,
-                                                         RowsFrag<T>& tmp) {
-  wmma::load_matrix_sync(tmp, &rows[0][kk * 16], HD);
-  return tmp;
-}
-
-// dst = A tileᵀ, f32 [16][COLS] row-major: A a warp's 16 rows of HD values (see rows_block),
-// tile [COLS][HD] in shared memory, read column-major so that B[d][n] = tile[n][d].
-template <typename T, int HD, int COLS, typename Rows>
-__device__ __forceinline__ void rows_times_tile_t(float* dst, const Rows& a, const T (*tile)[HD]) {
-#pragma unroll
-  for (int j = 0; j < COLS / 16; ++j) {
-    AccFrag acc;
-    wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      RowsFrag<T> tmp;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-      wmma::load_matrix_sync(b, &tile[j * 16][kk * 16], HD);
-      wmma::mma_sync(acc, rows_block<T, HD>(a, kk, tmp), b, acc);
+// Rows row0 .. row0 + ROWS of a row-major [*, HD] matrix at `src` into shared memory as they are
+// (`dst[row][d]`) or transposed (`dst[d][row]`), zeros for rows at or past `limit`; 16-byte
+// global loads by all the block's threads.
+template <typename T, int HD, int ROWS, bool TRANSPOSE>
+__device__ __forceinline__ void load_tile(T (*dst)[(TRANSPOSE ? ROWS : HD) + PAD], const T* src,
+                                          int row0, int limit) {
+  for (int i = threadIdx.x; i < ROWS * HD / VEC; i += blockDim.x) {
+    const int r = i / (HD / VEC), col = (i % (HD / VEC)) * VEC;
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (row0 + r < limit) {
+      x = *reinterpret_cast<const uint4*>(src + static_cast<long long>(row0 + r) * HD + col);
     }
-    wmma::store_matrix_sync(dst + j * 16, acc, COLS, wmma::mem_row_major);
-  }
-}
-
-// acc[j] += A tile[:, 16j .. 16j + 16] for every j < HD / 16: A a warp's [16][K] in shared
-// memory (row-major, leading dimension K), tile [K][HD] in shared memory.
-template <typename T, int HD, int K>
-__device__ __forceinline__ void accumulate_times_tile(AccFrag (&acc)[HD / 16], const T* a,
-                                                      const T (*tile)[HD]) {
+    if (TRANSPOSE) {
+      T v[VEC];
+      __builtin_memcpy(v, &x, sizeof x);
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    RowsFrag<T> a_frag;
-    wmma::load_matrix_sync(a_frag, a + kk * 16, K);
-#pragma unroll
-    for (int j = 0; j < HD / 16; ++j) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-      wmma::load_matrix_sync(b, &tile[kk * 16][j * 16], HD);
-      wmma::mma_sync(acc[j], a_frag, b, acc[j]);
+      for (int c = 0; c < VEC; ++c) dst[col + c][r] = v[c];
+    } else {
+      *reinterpret_cast<uint4*>(&dst[r][col]) = x;
     }
   }
 }
 
-// Writes `scale` times a warp's 16 rows of HD accumulators into the row-major [*, HD] f32 matrix
-// `dst` at rows row0.. (those below `limit`), through `scratch` (16 x 16 f32 of the warp's own).
+// A fragments (one per 16 of the HD columns) of a warp's rows r0 + g and r0 + g + 8 of a
+// row-major [*, HD] matrix in global memory (`r0` the warp's first row; zeros at or past limit).
+template <typename T, int HD>
+__device__ __forceinline__ void load_row_frags(uint32_t (&f)[HD / 16][4], const T* base, int r0,
+                                               int limit) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int ra = r0 + g, rb = ra + 8;
+  const T* row_a = base + static_cast<long long>(ra) * HD;
+  const T* row_b = base + static_cast<long long>(rb) * HD;
+#pragma unroll
+  for (int c = 0; c < HD / 16; ++c) {
+    const int d = c * 16 + 2 * t;
+    f[c][0] = ra < limit ? pair_at(row_a + d) : 0u;
+    f[c][1] = rb < limit ? pair_at(row_b + d) : 0u;
+    f[c][2] = ra < limit ? pair_at(row_a + d + 8) : 0u;
+    f[c][3] = rb < limit ? pair_at(row_b + d + 8) : 0u;
+  }
+}
+
+// B fragments of N 8-column tiles from a shared-memory tile whose rows are B's columns:
+// B_j[k][n] = tile[8j + n][k0 + k] for k < 16.
+template <typename T, int N, int LD>
+__device__ __forceinline__ void b_frags(uint32_t (&b)[N][2], const T (*tile)[LD], int k0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    b[j][0] = pair_at(&tile[j * 8 + g][k0 + 2 * t]);
+    b[j][1] = pair_at(&tile[j * 8 + g][k0 + 8 + 2 * t]);
+  }
+}
+
+// The A fragment (rounded to T) of columns 16kk .. 16kk + 16 of accumulator tiles: tiles 2kk and
+// 2kk + 1 (the C layout of two 16 x 8 tiles is the A layout of one 16 x 16 block).
+template <typename T, int N>
+__device__ __forceinline__ void a_frag_of(uint32_t (&a)[4], const float (&acc)[N][4], int kk) {
+  a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+// Zeroes N accumulator tiles.
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// `scale` times a warp's accumulator rows r0 + g and r0 + g + 8 (HD / 8 tiles of 16 x 8) into the
+// row-major [*, HD] f32 matrix `dst`, rows at or past `limit` skipped.
 template <int HD>
-__device__ __forceinline__ void store_rows(float* dst, const AccFrag (&acc)[HD / 16],
-                                           float* scratch, int row0, int limit, float scale) {
+__device__ __forceinline__ void store_acc_rows(float* dst, const float (&acc)[HD / 8][4], int r0,
+                                               int limit, float scale) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-  for (int j = 0; j < HD / 16; ++j) {
-    __syncwarp();
-    wmma::store_matrix_sync(scratch, acc[j], 16, wmma::mem_row_major);
-    __syncwarp();
-    store_slice<HD>(dst, scratch, row0, j * 16, limit, scale);
+  for (int h = 0; h < 2; ++h) {
+    const int row = r0 + g + 8 * h;
+    if (row >= limit) continue;
+    float* out = dst + static_cast<long long>(row) * HD + 2 * t;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      out[j * 8] = acc[j][2 * h] * scale;
+      out[j * 8 + 1] = acc[j][2 * h + 1] * scale;
+    }
   }
-  __syncwarp();
 }
 
 }  // namespace flash

@@ -1,6 +1,6 @@
 //! The CUDA flash-attention kernels (kernels/flash_attention.cu, kernels/flash_attention_backward.cu)
 //! run on the CPU through the CUDA emulation in kernels/emulation (host threads for CUDA threads,
-//! WMMA and mma.sync by their documented fragment layouts), against qat's CPU attention op in f64 on the same inputs,
+//! mma.sync by the PTX ISA fragment layouts), against qat's CPU attention op in f64 on the same inputs,
 //! in value and gradient: their indexing, masking, softmax and synchronization, without a GPU.
 //! Needs a C++20 compiler (`CXX`, default `c++`); the kernels' speed and their hardware numerics
 //! are for the CUDA test on a GPU.

@@ -5,9 +5,8 @@
 // crates/sample/tests/sample_rows_emulated.rs): one host thread per CUDA thread of a block
 // (blocks run one after another), std::barrier for __syncthreads / __syncwarp, warp shuffles
 // through a per-warp exchange array, bf16 / f16 as 16-bit storage types rounded to nearest even,
-// IEEE intrinsics as plain operations, the WMMA 16x16x16 fragments by their documented
-// semantics (every lane holds the whole tile; each element is written once on store), and
-// mma.sync m16n8k16 by the PTX ISA's register fragment layouts (emu_warp_mma_row).
+// IEEE intrinsics as plain operations, and mma.sync m16n8k16 by the PTX ISA's register fragment
+// layouts (emu_warp_mma_row).
 // Shared memory (`__shared__`) becomes function-static storage, shared by the block's threads.
 // What it cannot show: timing, races that barriers would hide, the hardware's accumulation order.
 
@@ -208,59 +207,3 @@ inline void emu_warp_mma_row(float (&d)[N][4], const uint32_t (&a)[4], const uin
   std::memcpy(d, out, sizeof out);
 }
 
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-// Element [r][c] of the tile: for matrix_a r indexes M and c K, for matrix_b r indexes K and c N,
-// for the accumulator r indexes M and c N.
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulation has the 16x16x16 shape only");
-  float x[16][16];
-};
-
-template <typename Use, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c)
-      f.x[r][c] = emu_to_float(std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r]);
-}
-
-template <typename T>
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T value) {
-  for (auto& row : f.x)
-    for (auto& e : row) e = value;
-}
-
-template <typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-  float out[16][16];
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) {
-      float sum = c.x[i][j];
-      for (int k = 0; k < 16; ++k) sum += a.x[i][k] * b.x[k][j];
-      out[i][j] = sum;
-    }
-  std::memcpy(d.x, out, sizeof out);
-}
-
-// Each element is written by one lane (the hardware writes each once, too).
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ldm, layout_t layout) {
-  const unsigned lane = threadIdx.x % 32;
-  for (unsigned e = lane; e < 256; e += 32) {
-    const unsigned r = e / 16, c = e % 16;
-    p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[r][c];
-  }
-}
-}  // namespace wmma
-}  // namespace nvcuda

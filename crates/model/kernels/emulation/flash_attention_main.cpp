@@ -21,7 +21,7 @@ namespace {
 
 template <typename T>
 std::vector<T> read_as(FILE* f, size_t n) {
-  return read_floats<T>(f, n, from_float<T>);
+  return read_floats<T>(f, n, flash::from_float<T>);
 }
 
 template <typename T, int HD>

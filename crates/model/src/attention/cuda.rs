@@ -22,8 +22,8 @@ const BACKWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attenti
 const ROWS_PER_BLOCK: usize = 64;
 const THREADS: u32 = 128;
 /// Keys per dkdv thread block (one block per key tile, query head and batch row), and its threads.
-const KEYS_PER_BLOCK: usize = 32;
-const DKDV_THREADS: u32 = 64;
+const KEYS_PER_BLOCK: usize = 64;
+const DKDV_THREADS: u32 = 128;
 
 /// `[batch, heads, seq, head_dim]` strides of `l` in elements, if every `[seq, head_dim]` block
 /// is row-major and every block start is 16-byte aligned (the kernel's vector loads), given in
