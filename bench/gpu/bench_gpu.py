@@ -17,6 +17,9 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            equal the eval row's within bf16 rounding
   distill-flash  the distill row's qat side with the flash kernels (forward and backward), after
            eval-flash
+  sample-flash  the sample row's qat side with QAT_CUDA_FLASH_ATTENTION=1: prefill and every
+           decoding step through the flash kernel (one block per kv head's query heads) instead of
+           two matmuls and the masked softmax
   distill-composed  the distill row's qat side with the fused training ops off (RMSNorm, SwiGLU,
            RoPE, the masked softmax, the top-K loss and the gradient norm as composed candle ops,
            QAT_CUDA_FUSED_*=0): what they gain, and the loss they must match
@@ -146,7 +149,7 @@ def main():
     ap.add_argument("--data", required=True, help="QAT_DATA: models/llama2-tokenizer, corpora/tinystories")
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
-    ap.add_argument("--stages", default="sample,sample-host,distill,distill-teacher,eval,eval-flash,distill-flash,distill-composed,"
+    ap.add_argument("--stages", default="sample,sample-host,distill,distill-teacher,eval,eval-flash,distill-flash,sample-flash,distill-composed,"
                                         "profile,kernels")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
@@ -503,6 +506,15 @@ def main():
         attempt("eval-flash", stage_eval_flash)
     if "distill-flash" in stages and "shards" not in failed:
         attempt("distill-flash", stage_distill_flash)
+    def stage_sample_flash():
+        say("sample-flash: qat-sample with QAT_CUDA_FLASH_ATTENTION=1 (prefill and decoding through the flash kernel)")
+        q = qat_sample_rate("f", flash_env)
+        base = results.get("sample", {}).get("qat")
+        row("sample-flash", "sample as above, qat with the flash-attention kernel in prefill and decoding", q,
+            hf_generate(), 2 * N, f"{q['tps'] / base['tps']:.2f}x the sample row's qat" if base else "")
+
+    if "sample-flash" in stages:
+        attempt("sample-flash", stage_sample_flash)
     if "distill-composed" in stages and "shards" not in failed:
         attempt("distill-composed", stage_distill_composed)
     if "profile" in stages and "shards" not in failed:

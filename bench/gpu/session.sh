@@ -23,7 +23,7 @@ mkdir -p "$out"
 start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
 rc=0
-stages=sample,sample-host,distill,distill-teacher,eval,eval-flash,distill-flash,distill-composed,profile
+stages=sample,sample-host,distill,distill-teacher,eval,eval-flash,distill-flash,sample-flash,distill-composed,profile
 
 make bench-gpu RECORD=1 BENCH_GPU_FLAGS="--results $out --deadline-s $((budget * 45 / 100)) --stages $stages" \
     2>&1 | tee "$out/bench.log" || rc=1

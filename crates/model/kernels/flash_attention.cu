@@ -12,8 +12,13 @@
 // itself a padding column (c < pads[b]; its output is discarded by callers, this keeps the
 // softmax finite). Query head h reads kv head h / (heads / kv_heads).
 //
-// One block of WARPS warps handles BR = 16 * WARPS query rows of one (batch row, head); each warp
-// owns 16 rows, whose Q fragments it keeps in registers. Per tile of BC key columns (K row-major
+// The query rows of the heads that share a kv head are packed head-major (row r is query r % t
+// of head kv_head · rep + r / t, where rep = heads / kv_heads: consecutive in q's layout), and one
+// block of WARPS warps handles BR = 16 * WARPS packed rows of one (batch row, kv head). With long
+// chunks that is 64 queries of one head, as usual; in decoding (t = 1) it is all rep query heads
+// of a kv head in one block, which reads the cached keys and values once for them, not once per
+// query head. Each warp owns 16 rows (a warp without any skips the arithmetic), whose Q fragments
+// it keeps in registers. Per tile of BC key columns (K row-major
 // and V transposed in shared memory, rows padded by 8 elements so the fragment reads of a warp
 // hit distinct banks): S = Q Kᵀ by mma.sync m16n8k16 (f32 accumulation) into registers, the
 // online softmax in f32 on those registers (each row's values are spread over the 4 lanes of a
@@ -43,36 +48,44 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
   __shared__ __align__(16) T k_s[BC][HD + flash::PAD];   // keys, row-major
   __shared__ __align__(16) T vt_s[HD][BC + flash::PAD];  // values, transposed
 
-  const int q0 = blockIdx.x * BR;
-  const int head = blockIdx.y;
+  const int row_block = blockIdx.x * BR;  // this block's first packed row
+  const int kv_head = blockIdx.y;
   const int batch = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4, tq = lane % 4;
-  const int kv_head = head / (heads / kv_heads);
+  const int rows = heads / kv_heads * t;  // packed rows of this kv head
   const int pad = static_cast<int>(pads[batch]);
-  const T* q_block = q + (static_cast<long long>(batch) * heads + head) * t * HD;
+  const long long row_base = (static_cast<long long>(batch) * heads + kv_head * (heads / kv_heads)) * t;
+  const T* q_block = q + row_base * HD;
   const T* k_block = k + batch * k_sb + kv_head * k_sh;
   const T* v_block = v + batch * v_sb + kv_head * v_sh;
 
-  // This warp's rows r0 (lane row g) and r0 + 8 (g + 8), as query indices and key columns.
-  const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
-  const int col0 = s - t + r0, col1 = s - t + r1;
+  // This warp's rows r0 (lane row g) and r1 = r0 + 8 (g + 8), packed, and their key columns.
+  const int warp_row = row_block + warp * 16;
+  const bool warp_has_rows = warp_row < rows;
+  const int r0 = warp_row + g, r1 = r0 + 8;
+  const int col0 = s - t + r0 % t, col1 = s - t + r1 % t;
 
-  // Q fragments straight from global memory (zeros for rows past t), one per 16 head dims.
+  // Q fragments straight from global memory (zeros for rows past the last), one per 16 head dims.
   uint32_t q_frag[HD / 16][4];
-  flash::load_row_frags<T, HD>(q_frag, q_block, q0 + warp * 16, t);
+  flash::load_row_frags<T, HD>(q_frag, q_block, warp_row, rows);
 
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
   float o[HD / 8][4];
   flash::zero_acc(o);
 
-  const flash::KeyRange keys = flash::key_range(s, t, q0, BR, pad, BC);
+  // The block's queries: one run of one head's, or (rows of two or more heads) all of them.
+  const int last_row = min(row_block + BR, rows) - 1;
+  const bool one_head = row_block / t == last_row / t;
+  const flash::KeyRange keys = flash::key_range(s, t, one_head ? row_block % t : 0,
+                                                one_head ? last_row % t : t - 1, pad, BC);
   for (int k0 = keys.begin; k0 < keys.end; k0 += BC) {
     __syncthreads();  // every warp is done with the previous tile
     flash::load_tile<T, HD, BC, false>(k_s, k_block, k0, s);
     flash::load_tile<T, HD, BC, true>(vt_s, v_block, k0, s);
     __syncthreads();
+    if (!warp_has_rows) continue;  // the whole warp: it still meets the block's barriers
 
     // S = Q Kᵀ: BC / 8 tiles of 16 x 8, accumulated over the head dims.
     float sc[BC / 8][4];
@@ -141,11 +154,10 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
     }
   }
 
-  const long long row_base = (static_cast<long long>(batch) * heads + head) * t;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int query = h == 0 ? r0 : r1;
-    if (query >= t) continue;
+    const int query = h == 0 ? r0 : r1;  // packed row: the layout's row index past row_base
+    if (query >= rows) continue;
     if (lse != nullptr && tq == 0) {
       // The log of the softmax denominator, in units of the scaled scores (for the backward pass).
       lse[row_base + query] = m[h] + logf(l[h]);

@@ -200,7 +200,7 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
   float dq_acc[HD / 8][4];
   flash::zero_acc(dq_acc);
 
-  const flash::KeyRange keys = flash::key_range(s, t, q0, DQ_ROWS, pad, BC);
+  const flash::KeyRange keys = flash::key_range(s, t, q0, min(q0 + DQ_ROWS, t) - 1, pad, BC);
   for (int k0 = keys.begin; k0 < keys.end; k0 += BC) {
     __syncthreads();  // every warp is done with the previous key tile
     flash::load_tile<T, HD, BC, false>(k_s, k_block, k0, s);

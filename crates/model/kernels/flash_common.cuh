@@ -33,15 +33,16 @@ __device__ __forceinline__ bool visible(int key, int query_col, int pad, int s) 
   return key < s && key <= query_col && (key >= pad || query_col < pad);
 }
 
-// The key columns [begin, end) that query rows q0 .. q0 + rows (of t) can see, begin a multiple
-// of `cols`: from the first non-padding column (unless a row is itself a padding column: those
-// see column 0) through the last row's column.
+// The key columns [begin, end) that queries q_first ..= q_last (of t) can see, begin a multiple
+// of `cols`: from the first non-padding column (unless a query is itself a padding column: those
+// see column 0) through the last query's column.
 struct KeyRange {
   int begin, end;
 };
-__device__ __forceinline__ KeyRange key_range(int s, int t, int q0, int rows, int pad, int cols) {
-  const int first_col = s - t + q0;
-  return {first_col >= pad ? (pad / cols) * cols : 0, s - t + min(q0 + rows, t)};
+__device__ __forceinline__ KeyRange key_range(int s, int t, int q_first, int q_last, int pad,
+                                              int cols) {
+  const int first_col = s - t + q_first;
+  return {first_col >= pad ? (pad / cols) * cols : 0, s - t + q_last + 1};
 }
 
 // --- mma.sync m16n8k16 with register fragments (the forward kernel) ---

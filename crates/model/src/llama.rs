@@ -474,12 +474,10 @@ impl Llama {
         let (cos, sin) = self.rope.tables(&positions)?;
         let (cos, sin) = (cos.to_dtype(dt)?, sin.to_dtype(dt)?);
         let fused = self.fused_ops();
-        // On CUDA, decoding (one query row per sequence) stays with the composed ops: the
-        // kernel's thread blocks are 64 query rows of one head and would read every cached key
-        // once per query head.
-        let fused_attention = self.fused_attention
-            && fused_attention_supported(dev, self.dtype(), self.cfg.head_dim)
-            && (dev.is_cpu() || t > 1);
+        // On CUDA this includes decoding: the kernel packs the query rows of a kv head's query
+        // heads into one thread block, so the cached keys and values are read once per kv head.
+        let fused_attention =
+            self.fused_attention && fused_attention_supported(dev, self.dtype(), self.cfg.head_dim);
         let (mask, fused_attention_pads, softmax_mask_pads) = if fused_attention {
             (None, Some(cache.pads().to_vec()), None)
         } else if causal_softmax_on(dev, self.dtype()) {
@@ -638,6 +636,74 @@ mod tests {
         for (i, (a, b)) in composed.iter().zip(&op).enumerate() {
             let diff = crate::custom_op::max_abs_diff(a, b)?;
             assert!(diff < 1e-4, "output {i}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// A random bf16 model with TinyLlama's head dim and grouped heads (2 layers, 4 heads on 2
+    /// kv heads) on the GPU: a left-padded prefill and decoding steps through the flash kernels
+    /// (turned on by the test switch) give the composed attention's logits, to bf16 rounding.
+    /// Runs only in a `--features cuda` build on a machine with a GPU (skipped otherwise).
+    #[test]
+    fn flash_prefill_and_decoding_match_the_composed_attention_on_cuda() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            return Ok(());
+        };
+        let cfg = LlamaConfig {
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+            vocab_size: 96,
+            max_position_embeddings: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        };
+        let tensors = cfg
+            .expected_tensors()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let (lo, hi) = if name.ends_with("norm.weight") {
+                    (0.8, 1.2)
+                } else {
+                    (-0.08, 0.08)
+                };
+                let t = crate::custom_op::lcg_tensor(&shape, 7 + i as u64, lo, hi)?;
+                Ok((name, t.to_dtype(DType::BF16)?.to_device(&gpu)?))
+            })
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::BF16, &gpu);
+        let mut model = Llama::load(vb, &cfg)?;
+        let run = |model: &Llama, flash: bool| -> Result<Vec<Tensor>> {
+            crate::attention::tests::FLASH_ON.set(flash);
+            let mut out = Vec::new();
+            let prompt: Vec<u32> = (0..16).map(|i| 3 + (i * 37) % 90).collect();
+            let mut cache = model.new_decode_cache(vec![0, 3], 12);
+            out.push(model.forward(&Tensor::from_vec(prompt, (2, 8), &gpu)?, &mut cache)?);
+            for step in 0..4u32 {
+                let next = Tensor::from_vec(vec![5 + step, 40 + step], (2, 1), &gpu)?;
+                out.push(model.forward(&next, &mut cache)?);
+            }
+            crate::attention::tests::FLASH_ON.set(false);
+            out.iter().map(|t| t.to_device(&Device::Cpu)).collect()
+        };
+        let flash = run(&model, true)?;
+        model.set_fused_attention(false);
+        let composed = run(&model, false)?;
+        for (i, (a, b)) in flash.iter().zip(&composed).enumerate() {
+            let diff = crate::custom_op::max_abs_diff(a, b)?;
+            let size = f64::from(b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);
+            assert!(
+                diff <= 0.05 * size.max(1.0),
+                "output {i}: {diff} (logits up to {size})"
+            );
         }
         Ok(())
     }

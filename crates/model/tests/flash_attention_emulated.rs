@@ -148,6 +148,10 @@ fn emulated_cuda_kernels_match_the_cpu_op_in_value_and_gradient() -> Result<()> 
         case(bf16, 2, 4, 1, 40, 100, 128, &[3, 37]),
         // Decoding one token; a row whose only real column is the newest.
         case(f16, 2, 2, 2, 1, 45, 32, &[0, 44]),
+        // Decoding with grouped heads: one block holds the four query heads of a kv head.
+        case(bf16, 2, 8, 2, 1, 45, 64, &[0, 44]),
+        // A short chunk after cached columns: packed rows of four heads in one block.
+        case(f16, 2, 8, 2, 3, 70, 64, &[5, 0]),
         // Blocks whose first query is past the padding start their keys at pad / 32 * 32.
         case(bf16, 1, 2, 1, 130, 130, 96, &[70]),
         case(f16, 1, 4, 4, 67, 67, 128, &[33]),

@@ -180,9 +180,12 @@ fn launch_forward<T: CudaDType + DeviceRepr>(
         b.arg(x);
     }
     b.arg(&scale);
+    // Blocks of ROWS_PER_BLOCK packed query rows (the rows of a kv head's query heads,
+    // head-major) per (kv head, batch row).
+    let packed_rows = d.nh / d.nkv * d.t;
     // SAFETY: shapes, strides and extents were checked against the storages (Geometry, views);
     // out holds b·heads·t·hd elements and lse b·heads·t.
-    unsafe { b.launch(g.grid(ROWS_PER_BLOCK, d.t, d.nh)) }.w()?;
+    unsafe { b.launch(g.grid(ROWS_PER_BLOCK, packed_rows, d.nkv)) }.w()?;
     Ok(())
 }
 

@@ -191,6 +191,10 @@ pub fn fused_attention_supported(dev: &Device, dtype: DType, head_dim: usize) ->
 /// `QAT_CUDA_FLASH_ATTENTION=1` turns the CUDA kernel on, read once.
 fn cuda_flash_attention_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    #[cfg(test)]
+    if tests::FLASH_ON.get() {
+        return true;
+    }
     *ON.get_or_init(|| std::env::var("QAT_CUDA_FLASH_ATTENTION").is_ok_and(|v| v == "1"))
 }
 
@@ -246,9 +250,15 @@ fn blocks_contiguous(x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::kernel::*;
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Unit tests of the model's wiring can turn the CUDA kernels on without the variable.
+        pub(crate) static FLASH_ON: Cell<bool> = const { Cell::new(false) };
+    }
 
     /// Independent reference: the composed candle ops with an explicit additive mask.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[usize], scale: f64) -> Result<Tensor> {
@@ -346,6 +356,7 @@ mod tests {
             (2, 4, 2, 70, 70, 64, vec![0, 5]),
             (2, 4, 1, 40, 100, 128, vec![3, 37]),
             (2, 2, 2, 1, 45, 32, vec![0, 44]),
+            (2, 8, 2, 1, 45, 64, vec![0, 44]),
             (1, 2, 1, 130, 130, 96, vec![70]),
             (1, 32, 4, 300, 300, 64, vec![0]),
         ];
