@@ -235,7 +235,8 @@ def main():
     # Fused kernels switched off for the whole run (QAT_CUDA_FUSED_*=0: by hand, or by run.sh
     # after their CUDA test failed on this GPU); the rows that turn switches off themselves
     # (sample-host, distill-composed) are on top of these.
-    switches_off = sorted(k for k, v in os.environ.items() if k.startswith("QAT_CUDA_FUSED_") and v == "0")
+    switches_off = sorted(k for k, v in os.environ.items()
+                          if (k.startswith("QAT_CUDA_FUSED_") or k == "QAT_CUDA_FLASH_ATTENTION") and v == "0")
     switches_note = ([f"\nFused kernels off for the whole run: {', '.join(switches_off)}."] if switches_off else [])
 
     def save():
@@ -264,6 +265,9 @@ def main():
     def attempt(stage, fn):
         """Runs one stage; a failure is reported in the table instead of ending the run."""
         why = past_deadline(stage)
+        if stage.endswith("-flash") and os.environ.get("QAT_CUDA_FLASH_ATTENTION") == "0":
+            # run.sh found the flash kernels' CUDA test failing: their timings would mean nothing.
+            why = "QAT_CUDA_FLASH_ATTENTION=0 (the flash kernels' CUDA test failed)"
         if why:
             skipped.append(stage)
             rows.append(f"| {stage} | skipped | | | | | not started: {why} |")
