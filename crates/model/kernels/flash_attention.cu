@@ -89,13 +89,7 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
 
     // S = Q Kᵀ: BC / 8 tiles of 16 x 8, accumulated over the head dims.
     float sc[BC / 8][4];
-    flash::zero_acc(sc);
-#pragma unroll
-    for (int c = 0; c < HD / 16; ++c) {
-      uint32_t b[BC / 8][2];
-      flash::b_frags(b, k_s, c * 16);
-      flash::warp_mma_row<T, BC / 8>(sc, q_frag[c], b);
-    }
+    flash::rows_times_tile_t<T, HD>(sc, q_frag, k_s);
 
     // Online softmax of rows r0 (elements 0, 1 of each tile) and r1 (elements 2, 3).
     float tile_max[2] = {-CUDART_INF_F, -CUDART_INF_F};
@@ -144,14 +138,7 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
     }
 
     // O += P V: P's A fragment for keys 16kk .. 16kk + 16 is score tiles 2kk and 2kk + 1.
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t p_frag[4];
-      flash::a_frag_of<T>(p_frag, sc, kk);
-      uint32_t b[HD / 8][2];
-      flash::b_frags(b, vt_s, kk * 16);
-      flash::warp_mma_row<T, HD / 8>(o, p_frag, b);
-    }
+    flash::accumulate_times_tile<T, BC>(o, sc, vt_s);
   }
 
 #pragma unroll

@@ -98,13 +98,7 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
 
     // Sᵀ = K Qᵀ: [16 keys, BQ queries], then Pᵀ = exp(scale · Sᵀ − lse) where visible, else 0.
     float p[BQ / 8][4];
-    flash::zero_acc(p);
-#pragma unroll
-    for (int c = 0; c < HD / 16; ++c) {
-      uint32_t b[BQ / 8][2];
-      flash::b_frags(b, q_s, c * 16);
-      flash::warp_mma_row<T, BQ / 8>(p, k_frag[c], b);
-    }
+    flash::rows_times_tile_t<T, HD>(p, k_frag, q_s);
 #pragma unroll
     for (int j = 0; j < BQ / 8; ++j) {
 #pragma unroll
@@ -117,24 +111,11 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
     }
 
     // dV += Pᵀ dO: [16 keys, HD], reducing over the queries.
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) {
-      uint32_t a[4];
-      flash::a_frag_of<T>(a, p, kk);
-      uint32_t b[HD / 8][2];
-      flash::b_frags(b, dot_s, kk * 16);
-      flash::warp_mma_row<T, HD / 8>(dv_acc, a, b);
-    }
+    flash::accumulate_times_tile<T, BQ>(dv_acc, p, dot_s);
 
     // dPᵀ = V dOᵀ: [16 keys, BQ queries]; dSᵀ = Pᵀ ∘ (dPᵀ − delta), in place of P.
     float dp[BQ / 8][4];
-    flash::zero_acc(dp);
-#pragma unroll
-    for (int c = 0; c < HD / 16; ++c) {
-      uint32_t b[BQ / 8][2];
-      flash::b_frags(b, do_s, c * 16);
-      flash::warp_mma_row<T, BQ / 8>(dp, v_frag[c], b);
-    }
+    flash::rows_times_tile_t<T, HD>(dp, v_frag, do_s);
 #pragma unroll
     for (int j = 0; j < BQ / 8; ++j) {
 #pragma unroll
@@ -142,14 +123,7 @@ __device__ void flash_backward_dkdv(const T* __restrict__ q, const T* __restrict
     }
 
     // dK += dSᵀ Q: [16 keys, HD] (times scale at the end).
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) {
-      uint32_t a[4];
-      flash::a_frag_of<T>(a, p, kk);
-      uint32_t b[HD / 8][2];
-      flash::b_frags(b, qt_s, kk * 16);
-      flash::warp_mma_row<T, HD / 8>(dk_acc, a, b);
-    }
+    flash::accumulate_times_tile<T, BQ>(dk_acc, p, qt_s);
   }
 
   // dk, dv rows of this warp's keys (those < s) of this query head.
@@ -210,13 +184,7 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
 
     // S = Q Kᵀ, then P = exp(scale · S − lse) where visible, else 0.
     float p[BC / 8][4];
-    flash::zero_acc(p);
-#pragma unroll
-    for (int c = 0; c < HD / 16; ++c) {
-      uint32_t b[BC / 8][2];
-      flash::b_frags(b, k_s, c * 16);
-      flash::warp_mma_row<T, BC / 8>(p, q_frag[c], b);
-    }
+    flash::rows_times_tile_t<T, HD>(p, q_frag, k_s);
 #pragma unroll
     for (int j = 0; j < BC / 8; ++j) {
 #pragma unroll
@@ -230,13 +198,7 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
 
     // dP = dO Vᵀ; dS = P ∘ (dP − delta), in place of P.
     float dp[BC / 8][4];
-    flash::zero_acc(dp);
-#pragma unroll
-    for (int c = 0; c < HD / 16; ++c) {
-      uint32_t b[BC / 8][2];
-      flash::b_frags(b, v_s, c * 16);
-      flash::warp_mma_row<T, BC / 8>(dp, do_frag[c], b);
-    }
+    flash::rows_times_tile_t<T, HD>(dp, do_frag, v_s);
 #pragma unroll
     for (int j = 0; j < BC / 8; ++j) {
 #pragma unroll
@@ -244,14 +206,7 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
     }
 
     // dQ += dS K: [16 queries, HD] (times scale at the end).
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t a[4];
-      flash::a_frag_of<T>(a, p, kk);
-      uint32_t b[HD / 8][2];
-      flash::b_frags(b, kt_s, kk * 16);
-      flash::warp_mma_row<T, HD / 8>(dq_acc, a, b);
-    }
+    flash::accumulate_times_tile<T, BC>(dq_acc, p, kt_s);
   }
 
   flash::store_acc_rows<HD>(dq + row_base * HD, dq_acc, row0, t, scale);

@@ -181,6 +181,37 @@ __device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
   for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 }
 
+// acc = A Bᵀ for a warp's 16 rows: A its HD / 16 fragments of HD columns, B the shared tile
+// (rows: acc's N * 8 columns, each of HD elements, row-major with leading dimension LD).
+template <typename T, int HD, int N, int LD>
+__device__ __forceinline__ void rows_times_tile_t(float (&acc)[N][4],
+                                                  const uint32_t (&a)[HD / 16][4],
+                                                  const T (*tile)[LD]) {
+  zero_acc(acc);
+#pragma unroll
+  for (int c = 0; c < HD / 16; ++c) {
+    uint32_t b[N][2];
+    b_frags(b, tile, c * 16);
+    warp_mma_row<T, N>(acc, a[c], b);
+  }
+}
+
+// acc += A B for a warp's 16 rows: A the accumulator tiles `x` (K columns, rounded to T), B the
+// shared tile stored transposed (rows: acc's N * 8 columns, each of K elements).
+template <typename T, int K, int N, int LD>
+__device__ __forceinline__ void accumulate_times_tile(float (&acc)[N][4], const float (&x)[K / 8][4],
+                                                      const T (*tile_t)[LD]) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    a_frag_of<T>(a, x, kk);
+    uint32_t b[N][2];
+    b_frags(b, tile_t, kk * 16);
+    warp_mma_row<T, N>(acc, a, b);
+  }
+}
+
+
 // `scale` times a warp's accumulator rows r0 + g and r0 + g + 8 (HD / 8 tiles of 16 x 8) into the
 // row-major [*, HD] f32 matrix `dst`, rows at or past `limit` skipped.
 template <int HD>

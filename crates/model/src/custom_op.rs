@@ -1,6 +1,7 @@
 //! What qat's custom candle ops share: the element ranges of their contiguous operands; float
 //! CPU storages as f64 vectors and back, the arithmetic of the CPU paths of the training ops ([`crate::norm`], [`crate::swiglu`], [`crate::rope`], and qat-train's bucket log-sum-exp)
-//! that their CUDA kernels are tested against; and the difference measure of those tests.
+//! that their CUDA kernels are tested against; the float views their CUDA launchers pass; and
+//! the difference measure of those tests.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
@@ -31,6 +32,45 @@ pub fn storage_from_f64(dtype: DType, v: Vec<f64>) -> CpuStorage {
         DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f64).collect()),
         DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f64).collect()),
         _ => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
+    }
+}
+
+/// The elements `start..end` of a CUDA storage of f32, bf16 or f16, as one kernel argument of
+/// its own element type (for kernels built for each of the three).
+#[cfg(feature = "cuda")]
+pub enum FloatView<'a> {
+    F32(candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>),
+    BF16(candle_core::cuda_backend::cudarc::driver::CudaView<'a, half::bf16>),
+    F16(candle_core::cuda_backend::cudarc::driver::CudaView<'a, half::f16>),
+}
+
+#[cfg(feature = "cuda")]
+impl<'a> FloatView<'a> {
+    /// `storage[start..end]`; `op` names the caller in the error for another dtype.
+    pub fn of(
+        storage: &'a candle_core::CudaStorage,
+        (start, end): (usize, usize),
+        op: &str,
+    ) -> Result<Self> {
+        Ok(match storage.dtype() {
+            DType::F32 => Self::F32(storage.as_cuda_slice::<f32>()?.slice(start..end)),
+            DType::BF16 => Self::BF16(storage.as_cuda_slice::<half::bf16>()?.slice(start..end)),
+            DType::F16 => Self::F16(storage.as_cuda_slice::<half::f16>()?.slice(start..end)),
+            other => candle_core::bail!("{op} on cuda: dtype {other:?}, expected f32, bf16 or f16"),
+        })
+    }
+
+    /// Pushes the view as the next argument of a kernel launch.
+    pub fn push<'b>(
+        &'b self,
+        args: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'b>,
+    ) {
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        match self {
+            Self::F32(v) => args.arg(v),
+            Self::BF16(v) => args.arg(v),
+            Self::F16(v) => args.arg(v),
+        };
     }
 }
 

@@ -581,31 +581,13 @@ mod tests {
     fn masked_softmax_op_gives_the_mask_adds_logits() -> Result<()> {
         let mut model = stories260k();
         model.set_fused_attention(false);
-        let dev = Device::Cpu;
         let run = |op: bool| -> Result<Vec<Tensor>> {
             crate::causal_softmax::tests::ON_CPU.set(op);
-            let mut out = Vec::new();
-            let seq: Vec<u32> = (0..24).map(|i| 1 + (i * 37) % 500).collect();
-            out.push(model.forward_full(&Tensor::from_vec(seq.clone(), (2, 12), &dev)?)?);
-            let pads = vec![0, 4, 7];
-            let mut cache = model.new_decode_cache(pads.clone(), 20);
-            out.push(model.forward(
-                &Tensor::from_vec(seq[..27 - 3].to_vec(), (3, 8), &dev)?,
-                &mut cache,
-            )?);
-            for step in 0..4u32 {
-                let next = Tensor::from_vec(vec![5 + step, 70 + step, 300 + step], (3, 1), &dev)?;
-                out.push(model.forward(&next, &mut cache)?);
-            }
+            let out = full_and_padded_decode_logits(&model);
             crate::causal_softmax::tests::ON_CPU.set(false);
-            Ok(out)
+            out
         };
-        let (composed, op) = (run(false)?, run(true)?);
-        for (i, (a, b)) in composed.iter().zip(&op).enumerate() {
-            let diff = crate::custom_op::max_abs_diff(a, b)?;
-            assert!(diff < 1e-4, "output {i}: {diff}");
-        }
-        Ok(())
+        assert_same_logits(&run(false)?, &run(true)?, 1e-4)
     }
 
     /// The residual add + RMSNorm op (run on the CPU through its test switch) in place of the
@@ -614,28 +596,37 @@ mod tests {
     #[test]
     fn residual_add_op_gives_the_composed_logits() -> Result<()> {
         let model = stories260k();
-        let dev = Device::Cpu;
         let run = |op: bool| -> Result<Vec<Tensor>> {
             crate::residual_add::tests::ON_CPU.set(op);
-            let mut out = Vec::new();
-            let seq: Vec<u32> = (0..24).map(|i| 1 + (i * 37) % 500).collect();
-            out.push(model.forward_full(&Tensor::from_vec(seq.clone(), (2, 12), &dev)?)?);
-            let mut cache = model.new_decode_cache(vec![0, 4, 7], 20);
-            out.push(model.forward(
-                &Tensor::from_vec(seq[..24].to_vec(), (3, 8), &dev)?,
-                &mut cache,
-            )?);
-            for step in 0..4u32 {
-                let next = Tensor::from_vec(vec![5 + step, 70 + step, 300 + step], (3, 1), &dev)?;
-                out.push(model.forward(&next, &mut cache)?);
-            }
+            let out = full_and_padded_decode_logits(&model);
             crate::residual_add::tests::ON_CPU.set(false);
-            Ok(out)
+            out
         };
-        let (composed, op) = (run(false)?, run(true)?);
-        for (i, (a, b)) in composed.iter().zip(&op).enumerate() {
+        assert_same_logits(&run(false)?, &run(true)?, 1e-4)
+    }
+
+    /// Logits of stories260K-sized vocabularies for a full-sequence forward (2 x 12 tokens) and a
+    /// left-padded prefill (pads 0, 4, 7; 8 columns) followed by 4 decoding steps, on the CPU.
+    fn full_and_padded_decode_logits(model: &Llama) -> Result<Vec<Tensor>> {
+        let dev = Device::Cpu;
+        let mut out = Vec::new();
+        let seq: Vec<u32> = (0..24).map(|i| 1 + (i * 37) % 500).collect();
+        out.push(model.forward_full(&Tensor::from_vec(seq.clone(), (2, 12), &dev)?)?);
+        let mut cache = model.new_decode_cache(vec![0, 4, 7], 20);
+        out.push(model.forward(&Tensor::from_vec(seq, (3, 8), &dev)?, &mut cache)?);
+        for step in 0..4u32 {
+            let next = Tensor::from_vec(vec![5 + step, 70 + step, 300 + step], (3, 1), &dev)?;
+            out.push(model.forward(&next, &mut cache)?);
+        }
+        Ok(out)
+    }
+
+    /// Each pair of logits within `tol` of each other.
+    fn assert_same_logits(want: &[Tensor], got: &[Tensor], tol: f64) -> Result<()> {
+        assert_eq!(want.len(), got.len());
+        for (i, (a, b)) in want.iter().zip(got).enumerate() {
             let diff = crate::custom_op::max_abs_diff(a, b)?;
-            assert!(diff < 1e-4, "output {i}: {diff}");
+            assert!(diff < tol, "output {i}: {diff}");
         }
         Ok(())
     }

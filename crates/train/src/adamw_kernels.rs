@@ -374,23 +374,10 @@ mod cuda {
             i32::from(u.decay.is_some()),
             n as u64,
         );
+        let g = qat_model::custom_op::FloatView::of(g, (g0, g1), "adamw")?;
         let mut b = func.builder();
         b.arg(&mut w).arg(&m).arg(&v);
-        let (g32, g_bf16, g_f16);
-        match g.dtype() {
-            DType::BF16 => {
-                g_bf16 = g.as_cuda_slice::<half::bf16>()?.slice(g0..g1);
-                b.arg(&g_bf16)
-            }
-            DType::F16 => {
-                g_f16 = g.as_cuda_slice::<half::f16>()?.slice(g0..g1);
-                b.arg(&g_f16)
-            }
-            _ => {
-                g32 = g.as_cuda_slice::<f32>()?.slice(g0..g1);
-                b.arg(&g32)
-            }
-        };
+        g.push(&mut b);
         b.arg(&len);
         b.arg(&decay1).arg(&gain1).arg(&decay2).arg(&gain2);
         b.arg(&grad_scale).arg(&scaled);

@@ -12,7 +12,7 @@
 //! emulation (tests/sum_squares_emulated.rs) and on a GPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 use qat_model::custom_op::contiguous_range;
 use qat_model::kernel_switch::cuda_kernel_on;
 
@@ -97,22 +97,9 @@ impl InplaceOp2 for SumSquaresInto {
             PTX,
         )?;
         let n64 = n as u64;
+        let gs = qat_model::custom_op::FloatView::of(g, (g0, g1), "sum_squares_into")?;
         let mut b = func.builder();
-        let (g32, g_bf16, g_f16);
-        match g.dtype() {
-            DType::BF16 => {
-                g_bf16 = g.as_cuda_slice::<half::bf16>()?.slice(g0..g1);
-                b.arg(&g_bf16)
-            }
-            DType::F16 => {
-                g_f16 = g.as_cuda_slice::<half::f16>()?.slice(g0..g1);
-                b.arg(&g_f16)
-            }
-            _ => {
-                g32 = g.as_cuda_slice::<f32>()?.slice(g0..g1);
-                b.arg(&g32)
-            }
-        };
+        gs.push(&mut b);
         b.arg(&n64).arg(&partial);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -157,7 +144,7 @@ pub fn fused_on(g: &Tensor) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn slots_hold_each_tensors_sum_of_squares() -> Result<()> {
