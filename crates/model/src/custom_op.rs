@@ -25,6 +25,18 @@ pub fn storage_to_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64>> 
     })
 }
 
+/// `v` rounded to `dtype` (nearest, ties to even) and back: what a cast to a narrower float
+/// dtype does to a value the CPU reference ops compute in f64 (the identity for f64 and any
+/// non-float dtype).
+pub fn round_to(dtype: DType, v: f64) -> f64 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f64(v).to_f64(),
+        DType::F16 => half::f16::from_f64(v).to_f64(),
+        DType::F32 => f64::from(v as f32),
+        _ => v,
+    }
+}
+
 /// `v` as a storage of `dtype` (rounded to nearest; f32 for any non-float dtype).
 pub fn storage_from_f64(dtype: DType, v: Vec<f64>) -> CpuStorage {
     match dtype {

@@ -13,9 +13,9 @@
 //! gradient, and the kernels against it (through the CUDA emulation,
 //! tests/rms_norm_emulated.rs, and on a GPU).
 
-use crate::custom_op::{storage_from_f64, storage_to_f64};
+use crate::custom_op::{round_to, storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 #[derive(Debug, Clone, Copy)]
 struct RmsNormWithGrad {
@@ -28,16 +28,6 @@ struct RmsNormBackward {
     eps: f64,
 }
 
-/// Rounds `v` to the storage dtype and back (the composed path's cast to the compute dtype).
-fn round_to(dtype: DType, v: f64) -> f64 {
-    match dtype {
-        DType::BF16 => half::bf16::from_f64(v).to_f64(),
-        DType::F16 => half::f16::from_f64(v).to_f64(),
-        DType::F32 => f64::from(v as f32),
-        _ => v,
-    }
-}
-
 const OP: &str = "rms_norm_with_grad";
 
 /// The element range of a contiguous operand (the CUDA kernels take contiguous operands).
@@ -47,7 +37,7 @@ fn contiguous(l: &Layout) -> Result<(usize, usize)> {
 }
 
 /// `d = sqrt(mean(x²) + eps)` of one row, in f64.
-fn denominator(row: &[f64], eps: f64) -> f64 {
+pub(crate) fn denominator(row: &[f64], eps: f64) -> f64 {
     (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + eps).sqrt()
 }
 
@@ -334,7 +324,7 @@ mod cuda {
 mod tests {
     use super::*;
     use crate::custom_op::max_abs_diff;
-    use candle_core::{Device, Var, D};
+    use candle_core::{DType, Device, Var, D};
 
     /// The composed RMSNorm of crates/model/src/llama.rs (f32 inside for 16-bit x).
     fn composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

@@ -15,9 +15,9 @@
 //! composed ops, the kernel against it (through the CUDA emulation, tests/rms_norm_emulated.rs,
 //! and on a GPU), and the model's wiring through it.
 
-use crate::custom_op::{storage_from_f64, storage_to_f64};
+use crate::custom_op::{round_to, storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 #[derive(Debug, Clone, Copy)]
 struct AddRmsNorm {
@@ -25,16 +25,6 @@ struct AddRmsNorm {
 }
 
 const OP: &str = "add_rms_norm";
-
-/// Rounds `v` to the storage dtype and back.
-fn round_to(dtype: DType, v: f64) -> f64 {
-    match dtype {
-        DType::BF16 => half::bf16::from_f64(v).to_f64(),
-        DType::F16 => half::f16::from_f64(v).to_f64(),
-        DType::F32 => f64::from(v as f32),
-        _ => v,
-    }
-}
 
 /// `[2, ..]`: the shape of the op's output for an operand of shape `shape`.
 fn stacked(shape: &Shape) -> Shape {
@@ -71,7 +61,7 @@ impl CustomOp3 for AddRmsNorm {
             .collect();
         let mut out = sums.clone();
         for row in sums.chunks(n) {
-            let d = (row.iter().map(|v| v * v).sum::<f64>() / n as f64 + self.eps).sqrt();
+            let d = crate::norm::denominator(row, self.eps);
             out.extend(row.iter().zip(&ws).map(|(v, w)| round_to(dtype, v / d * w)));
         }
         Ok((storage_from_f64(dtype, out), stacked(lx.shape())))
@@ -211,7 +201,7 @@ mod cuda {
 pub(crate) mod tests {
     use super::*;
     use crate::custom_op::max_abs_diff;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use std::cell::Cell;
 
     thread_local! {
