@@ -1,6 +1,6 @@
 // Loads and stores of f32, bf16 and f16 elements as f32, for the element-wise and row-wise
-// kernels (token_nll.cu, rms_norm.cu, swiglu.cu, rope.cu here, and
-// crates/quant/kernels/fake_quant.cu): arithmetic in f32, one rounding to the storage type
+// kernels (token_nll.cu, rms_norm.cu, swiglu.cu, rope.cu here, crates/quant/kernels/fake_quant.cu,
+// and the gradient reads of crates/train/kernels/adamw.cu and sum_squares.cu): arithmetic in f32, one rounding to the storage type
 // (nearest, ties to even) per store. Under QAT_CUDA_EMULATION (tests) the types come from
 // kernels/emulation/cuda_emulation.h.
 

@@ -8,10 +8,10 @@
 // Without a GPU, crates/train/tests/adamw_emulated.rs compiles this file as C++ against
 // crates/model/kernels/emulation/cuda_emulation.h and checks its bits against the composed ops.
 #ifndef QAT_CUDA_EMULATION
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
 #endif
+
+#include "../../model/kernels/float_io.cuh"
 
 // m <- (m * decay + 0) + (g * gain + 0), with g * g for g when `square` (the second moment);
 // with `scaled`, g is first g * grad_scale + 0 (gradient clipping's scaling, folded in).
@@ -41,16 +41,6 @@ extern "C" __global__ void adamw_weight_f32(float *w, const float *m, const floa
     }
 }
 
-// A gradient element as f32: itself, or the exact value of a 16-bit one (what its cast to f32
-// gives).
-__device__ __forceinline__ float grad_at(const float *g, unsigned long long i) { return g[i]; }
-__device__ __forceinline__ float grad_at(const __nv_bfloat16 *g, unsigned long long i) {
-    return __bfloat162float(g[i]);
-}
-__device__ __forceinline__ float grad_at(const __half *g, unsigned long long i) {
-    return __half2float(g[i]);
-}
-
 // The three kernels above in one pass, for CUDA training: per element, the first moment, the
 // second moment and then the weight, each with exactly the operations of its own kernel (so the
 // same bits), reading w, m, v and g once and writing w, m and v once (28 bytes per parameter
@@ -63,7 +53,7 @@ __device__ void adamw_step(float *w, float *m, float *v, const G *g, unsigned lo
                            float decay, int decayed) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)blockDim.x * gridDim.x) {
-        const float gi = grad_at(g, i);
+        const float gi = fio::load(g, i);  // a 16-bit gradient's exact value
         const float g0 = scaled ? __fadd_rn(__fmul_rn(gi, grad_scale), 0.0f) : gi;
         const float m1 = __fadd_rn(__fadd_rn(__fmul_rn(m[i], decay1), 0.0f), __fadd_rn(__fmul_rn(g0, gain1), 0.0f));
         const float g2 = __fmul_rn(g0, g0);

@@ -10,25 +10,15 @@
 // compiles this file against crates/model/kernels/emulation/cuda_emulation.h.
 
 #ifndef QAT_CUDA_EMULATION
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <stdint.h>
 #endif
 
 #include "../../model/kernels/block_reduce.cuh"
+#include "../../model/kernels/float_io.cuh"
 
 namespace {
 
 constexpr unsigned SQ_BLOCK = 256;
-
-// A gradient element's exact value.
-__device__ __forceinline__ double value(const float* g, unsigned long long i) { return g[i]; }
-__device__ __forceinline__ double value(const __nv_bfloat16* g, unsigned long long i) {
-  return __bfloat162float(g[i]);
-}
-__device__ __forceinline__ double value(const __half* g, unsigned long long i) {
-  return __half2float(g[i]);
-}
 
 template <typename T>
 __device__ void sum_squares_partial(const T* __restrict__ g, unsigned long long n,
@@ -37,7 +27,7 @@ __device__ void sum_squares_partial(const T* __restrict__ g, unsigned long long 
   double acc = 0.0;
   for (unsigned long long i = blockIdx.x * (unsigned long long)SQ_BLOCK + threadIdx.x; i < n;
        i += (unsigned long long)SQ_BLOCK * gridDim.x) {
-    const double x = value(g, i);
+    const double x = fio::load(g, i);  // exact for f32, bf16 and f16
     acc += x * x;
   }
   const double total = blockred::block_reduce<SQ_BLOCK>(red, acc, blockred::Sum());
