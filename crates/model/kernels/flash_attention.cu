@@ -6,7 +6,10 @@
 //   q   [b, heads, t, HD]      contiguous
 //   k,v [b, kv_heads, s, HD]   each (batch, kv head) block row-major [s, HD], blocks at strides
 //                              (k_sb, k_sh) / (v_sb, v_sh) elements; 16-byte aligned
-//   out [b, heads, t, HD]      contiguous (may be null: not written)
+//   out [b, heads, t, HD]      element (batch, head, i, d) at batch · o_sb + head · o_sh + i · o_st
+//                              + d (callers write it token-major, [b, t, heads, HD], which the
+//                              output projection reads without a transpose copy); strides even,
+//                              may be null: not written
 //   lse [b, heads, t] f32      log Σ exp(scaled scores) per query row (may be null: not written)
 // Query row i is key column c = s - t + i. It sees key columns pads[b]..=c, or 0..=c when c is
 // itself a padding column (c < pads[b]; its output is discarded by callers, this keeps the
@@ -43,7 +46,8 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
                               const T* __restrict__ v, T* __restrict__ out,
                               float* __restrict__ lse, const uint32_t* __restrict__ pads,
                               int heads, int kv_heads, int t, int s, long long k_sb,
-                              long long k_sh, long long v_sb, long long v_sh, float scale) {
+                              long long k_sh, long long v_sb, long long v_sh, long long o_sb,
+                              long long o_sh, long long o_st, float scale) {
   static_assert(HD % 16 == 0 && HD <= 128, "head_dim must be a multiple of 16, at most 128");
   __shared__ __align__(16) T k_s[BC][HD + flash::PAD];   // keys, row-major
   __shared__ __align__(16) T vt_s[HD][BC + flash::PAD];  // values, transposed
@@ -69,7 +73,7 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
 
   // Q fragments straight from global memory (zeros for rows past the last), one per 16 head dims.
   uint32_t q_frag[HD / 16][4];
-  flash::load_row_frags<T, HD>(q_frag, q_block, warp_row, rows);
+  flash::load_row_frags<T, HD>(q_frag, q_block, HD, warp_row, rows);
 
   float m[2] = {-CUDART_INF_F, -CUDART_INF_F}, l[2] = {0.f, 0.f};
   float o[HD / 8][4];
@@ -82,8 +86,8 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
                                                 one_head ? last_row % t : t - 1, pad, BC);
   for (int k0 = keys.begin; k0 < keys.end; k0 += BC) {
     __syncthreads();  // every warp is done with the previous tile
-    flash::load_tile<T, HD, BC, false>(k_s, k_block, k0, s);
-    flash::load_tile<T, HD, BC, true>(vt_s, v_block, k0, s);
+    flash::load_tile<T, HD, BC, false>(k_s, k_block, HD, k0, s);
+    flash::load_tile<T, HD, BC, true>(vt_s, v_block, HD, k0, s);
     __syncthreads();
     if (!warp_has_rows) continue;  // the whole warp: it still meets the block's barriers
 
@@ -151,7 +155,8 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
     }
     if (out != nullptr) {
       const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
-      T* out_row = out + (row_base + query) * HD;
+      const int head = kv_head * (heads / kv_heads) + query / t;
+      T* out_row = out + batch * o_sb + head * o_sh + (query % t) * o_st;
 #pragma unroll
       for (int j = 0; j < HD / 8; ++j) {
         *reinterpret_cast<uint32_t*>(out_row + j * 8 + 2 * tq) =
@@ -167,9 +172,10 @@ __device__ void flash_forward(const T* __restrict__ q, const T* __restrict__ k,
   extern "C" __global__ void __launch_bounds__(WARPS * 32)                                     \
       NAME(const T* q, const T* k, const T* v, T* out, float* lse, const uint32_t* pads,       \
            int heads, int kv_heads, int t, int s, long long k_sb, long long k_sh,              \
-           long long v_sb, long long v_sh, float scale) {                                      \
+           long long v_sb, long long v_sh, long long o_sb, long long o_sh, long long o_st,     \
+           float scale) {                                                                      \
     flash_forward<T, HD>(q, k, v, out, lse, pads, heads, kv_heads, t, s, k_sb, k_sh, v_sb,     \
-                         v_sh, scale);                                                         \
+                         v_sh, o_sb, o_sh, o_st, scale);                                       \
   }
 
 FLASH_FORWARD(flash_attention_fwd_bf16_hd32, __nv_bfloat16, 32)

@@ -110,17 +110,18 @@ __device__ __forceinline__ void warp_mma_row(float (&d)[N][4], const uint32_t (&
 // by 4 consecutive 32-bit words) hit 32 distinct banks.
 constexpr int PAD = 8;
 
-// Rows row0 .. row0 + ROWS of a row-major [*, HD] matrix at `src` into shared memory as they are
-// (`dst[row][d]`) or transposed (`dst[d][row]`), zeros for rows at or past `limit`; 16-byte
-// global loads by all the block's threads.
+// Rows row0 .. row0 + ROWS of a [*, HD] matrix at `src` (rows `stride` elements apart, each row
+// contiguous; stride and src 16-byte aligned) into shared memory as they are (`dst[row][d]`) or
+// transposed (`dst[d][row]`), zeros for rows at or past `limit`; 16-byte global loads by all the
+// block's threads.
 template <typename T, int HD, int ROWS, bool TRANSPOSE>
 __device__ __forceinline__ void load_tile(T (*dst)[(TRANSPOSE ? ROWS : HD) + PAD], const T* src,
-                                          int row0, int limit) {
+                                          long long stride, int row0, int limit) {
   for (int i = threadIdx.x; i < ROWS * HD / VEC; i += blockDim.x) {
     const int r = i / (HD / VEC), col = (i % (HD / VEC)) * VEC;
     uint4 x = make_uint4(0, 0, 0, 0);
     if (row0 + r < limit) {
-      x = *reinterpret_cast<const uint4*>(src + static_cast<long long>(row0 + r) * HD + col);
+      x = *reinterpret_cast<const uint4*>(src + (row0 + r) * stride + col);
     }
     if (TRANSPOSE) {
       T v[VEC];
@@ -134,14 +135,15 @@ __device__ __forceinline__ void load_tile(T (*dst)[(TRANSPOSE ? ROWS : HD) + PAD
 }
 
 // A fragments (one per 16 of the HD columns) of a warp's rows r0 + g and r0 + g + 8 of a
-// row-major [*, HD] matrix in global memory (`r0` the warp's first row; zeros at or past limit).
+// [*, HD] matrix in global memory (rows `stride` elements apart, each row contiguous; `r0` the
+// warp's first row; zeros at or past limit).
 template <typename T, int HD>
-__device__ __forceinline__ void load_row_frags(uint32_t (&f)[HD / 16][4], const T* base, int r0,
-                                               int limit) {
+__device__ __forceinline__ void load_row_frags(uint32_t (&f)[HD / 16][4], const T* base,
+                                               long long stride, int r0, int limit) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int ra = r0 + g, rb = ra + 8;
-  const T* row_a = base + static_cast<long long>(ra) * HD;
-  const T* row_b = base + static_cast<long long>(rb) * HD;
+  const T* row_a = base + ra * stride;
+  const T* row_b = base + rb * stride;
 #pragma unroll
   for (int c = 0; c < HD / 16; ++c) {
     const int d = c * 16 + 2 * t;
@@ -227,6 +229,26 @@ __device__ __forceinline__ void store_acc_rows(float* dst, const float (&acc)[HD
     for (int j = 0; j < HD / 8; ++j) {
       out[j * 8] = acc[j][2 * h] * scale;
       out[j * 8 + 1] = acc[j][2 * h + 1] * scale;
+    }
+  }
+}
+
+// `scale` times a warp's accumulator rows r0 + g and r0 + g + 8 into the row-major [*, HD]
+// matrix `dst` of T (each value rounded once, as a cast of the f32 value would), rows at or past
+// `limit` skipped.
+template <typename T, int HD>
+__device__ __forceinline__ void store_acc_rows_rounded(T* dst, const float (&acc)[HD / 8][4],
+                                                       int r0, int limit, float scale) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = r0 + g + 8 * h;
+    if (row >= limit) continue;
+    T* out = dst + static_cast<long long>(row) * HD + 2 * t;
+#pragma unroll
+    for (int j = 0; j < HD / 8; ++j) {
+      *reinterpret_cast<uint32_t*>(out + j * 8) =
+          pack2<T>(acc[j][2 * h] * scale, acc[j][2 * h + 1] * scale);
     }
   }
 }

@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::CudaDevice;
-use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
 const FORWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 const BACKWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_backward.ptx"));
@@ -24,6 +24,8 @@ const THREADS: u32 = 128;
 /// Keys per dkdv thread block (one block per key tile, query head and batch row), and its threads.
 const KEYS_PER_BLOCK: usize = 64;
 const DKDV_THREADS: u32 = 128;
+/// Threads per block of the delta kernel (one per query row).
+const DELTA_THREADS: u32 = 256;
 
 /// `[batch, heads, seq, head_dim]` strides of `l` in elements, if every `[seq, head_dim]` block
 /// is row-major and every block start is 16-byte aligned (the kernel's vector loads), given in
@@ -103,6 +105,55 @@ fn aligned_contiguous(l: &Layout) -> Option<(usize, usize)> {
         .filter(|(start, _)| start.is_multiple_of(8))
 }
 
+/// `(sb, sh, st)` element strides of batch row, head and query row of a `[b, t, heads, head_dim]`
+/// layout (the op's output, token-major) whose rows are contiguous and whose strides and start
+/// are 16-byte aligned (the kernels' vector loads, 16-bit elements).
+pub(super) fn token_major_strides(l: &Layout) -> Option<[i64; 3]> {
+    let (&[_, _, _, hd], &[sb, st, sh, sc]) = (l.dims(), l.stride()) else {
+        return None;
+    };
+    let aligned = [l.start_offset(), sb, st, sh]
+        .iter()
+        .all(|x| x.is_multiple_of(8));
+    ((sc == 1 || hd <= 1) && aligned).then_some([sb as i64, sh as i64, st as i64])
+}
+
+/// The token-major strides (for a fresh `[b, t, heads, head_dim]` output of these dims).
+fn fresh_token_major(d: &Dims) -> [i64; 3] {
+    let st = d.nh * d.hd;
+    [(d.t * st) as i64, d.hd as i64, st as i64]
+}
+
+/// A `[b, t, heads, head_dim]` operand (dout or the output) as a typed view from its layout's
+/// start and its strides, checked against its storage.
+fn token_major_view<'a, T: CudaDType>(
+    x: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<(CudaView<'a, T>, [i64; 3])> {
+    let Some(strides) = token_major_strides(l) else {
+        candle_core::bail!(
+            "causal_attention backward on cuda: {what} must have contiguous, 16-byte aligned rows              (strides {:?})",
+            l.stride()
+        );
+    };
+    let xs = x.as_cuda_slice::<T>()?;
+    let (b, t, h, hd) = l.shape().dims4()?;
+    let extent = [(b, strides[0]), (h, strides[1]), (t, strides[2])]
+        .iter()
+        .map(|&(n, st)| (n.max(1) - 1) * st as usize)
+        .sum::<usize>()
+        + hd;
+    if xs.len() < l.start_offset() + extent {
+        candle_core::bail!(
+            "causal_attention backward on cuda: {what} reaches past its storage ({} elements of {})",
+            l.start_offset() + extent,
+            xs.len()
+        );
+    }
+    Ok((xs.slice(l.start_offset()..), strides))
+}
+
 /// q, k and v as typed views at their layouts' starts, checked against their storages.
 #[allow(clippy::type_complexity)]
 fn views<'a, T: CudaDType>(
@@ -136,19 +187,24 @@ fn views<'a, T: CudaDType>(
     ))
 }
 
-/// The kernels' names end in the dtype and the head dim.
-fn kernel_name(prefix: &str, dtype: DType, hd: usize) -> Result<String> {
-    let ty = match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
+/// The kernels' dtype suffix.
+fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
         other => {
             candle_core::bail!("causal_attention on cuda: dtype {other:?}, expected BF16 or F16")
         }
-    };
-    Ok(format!("{prefix}_{ty}_hd{hd}"))
+    }
 }
 
-/// Launches the forward kernel: writes `out` and/or `lse` (a null pointer where `None`).
+/// The kernels' names end in the dtype and the head dim.
+fn kernel_name(prefix: &str, dtype: DType, hd: usize) -> Result<String> {
+    Ok(format!("{prefix}_{}_hd{hd}", dtype_suffix(dtype)?))
+}
+
+/// Launches the forward kernel: writes `out` (token-major, [b, t, heads, head_dim]) and/or `lse`
+/// (a null pointer where `None`).
 #[allow(clippy::too_many_arguments)]
 fn launch_forward<T: CudaDType + DeviceRepr>(
     g: &Geometry,
@@ -179,6 +235,10 @@ fn launch_forward<T: CudaDType + DeviceRepr>(
     for x in &g.strides {
         b.arg(x);
     }
+    let out_strides = fresh_token_major(d);
+    for x in &out_strides {
+        b.arg(x);
+    }
     b.arg(&scale);
     // Blocks of ROWS_PER_BLOCK packed query rows (the rows of a kv head's query heads,
     // head-major) per (kv head, batch row).
@@ -189,6 +249,9 @@ fn launch_forward<T: CudaDType + DeviceRepr>(
     Ok(())
 }
 
+/// The op's forward on CUDA: the output token-major, `[b, t, heads, head_dim]`, which
+/// [`super::causal_attention`] hands out as a `[b, heads, t, head_dim]` view (and which the output
+/// projection reads without a transpose copy).
 pub(super) fn forward(
     op: &CausalAttention,
     (q, lq): (&CudaStorage, &Layout),
@@ -239,16 +302,17 @@ pub(super) fn forward(
             slice,
             device: dev.clone(),
         },
-        lq.shape().clone(),
+        Shape::from((g.d.b, g.d.t, g.d.nh, g.d.hd)),
     ))
 }
 
 /// `(dq, dk, dv)` for the output gradient `dout` of `out = causal_attention(q, k, v)` (the
-/// tensors the op was applied to), in q's dtype: the log-sum-exp of every query row (the one
-/// the forward pass saved, else from the forward kernel again: the same kernel on the same
-/// inputs, so the same bits), `delta = rowsum(dout ∘ out)` in f32, then the dK/dV kernel (per
-/// query head, summed over each kv head's heads) and the dQ kernel (f32 accumulation, fixed
-/// summation order).
+/// tensors the op was applied to; `out` and `dout` token-major, `[b, t, heads, head_dim]`), in q's
+/// dtype: the log-sum-exp of every query row (the one the forward pass saved, else from the
+/// forward kernel again: the same kernel on the same inputs, so the same bits),
+/// `delta = rowsum(dout ∘ out)` in f32 (the delta kernel), then the dK/dV kernel (per query head,
+/// summed over each kv head's heads) and the dQ kernel (f32 accumulation, fixed summation order,
+/// written in q's dtype).
 pub(super) fn backward(
     op: &CausalAttention,
     q: &Tensor,
@@ -258,133 +322,84 @@ pub(super) fn backward(
     dout: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dtype = q.dtype();
-    let dout = dout.to_dtype(dtype)?;
-    let dout = match aligned_contiguous(dout.layout()) {
-        Some(_) => dout,
-        None => dout.force_contiguous()?,
+    let token_major = |x: Tensor| -> Result<Tensor> {
+        match token_major_strides(x.layout()) {
+            Some(_) => Ok(x),
+            None => x.force_contiguous(),
+        }
     };
-    let delta = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?
-        .sum_keepdim(D::Minus1)?
-        .contiguous()?;
+    let (dout, out) = (
+        token_major(dout.to_dtype(dtype)?)?,
+        token_major(out.clone())?,
+    );
     let (qs, lq) = q.storage_and_layout();
     let (ks, lk) = k.storage_and_layout();
     let (vs, lv) = v.storage_and_layout();
     let (dos, ldo) = dout.storage_and_layout();
-    let (des, lde) = delta.storage_and_layout();
+    let (os, lo) = out.storage_and_layout();
     let (
         Storage::Cuda(qs),
         Storage::Cuda(ks),
         Storage::Cuda(vs),
         Storage::Cuda(dos),
-        Storage::Cuda(des),
-    ) = (&*qs, &*ks, &*vs, &*dos, &*des)
+        Storage::Cuda(os),
+    ) = (&*qs, &*ks, &*vs, &*dos, &*os)
     else {
         candle_core::bail!("causal_attention backward on cuda: every input must be on the GPU")
     };
     let g = Geometry::of(op, lq, lk, lv)?;
     let d = &g.d;
-    let (Some(do_range), Some(de_range)) = (aligned_contiguous(ldo), lde.contiguous_offsets())
-    else {
-        candle_core::bail!("causal_attention backward on cuda: dout and delta must be contiguous")
-    };
+    let want = [d.b, d.t, d.nh, d.hd];
+    if ldo.dims() != want || lo.dims() != want {
+        candle_core::bail!(
+            "causal_attention backward on cuda: dout {:?} and out {:?}, expected {want:?}",
+            ldo.dims(),
+            lo.dims()
+        );
+    }
     let dev = qs.device.clone();
     let pads = dev.clone_htod(&op.pads.iter().map(|&p| p as u32).collect::<Vec<_>>())?;
-    let (rows, q_el, kv_heads_el) = (
-        d.b * d.nh * d.t,
-        d.b * d.nh * d.t * d.hd,
-        d.b * d.nh * d.s * d.hd,
-    );
+    let (rows, kv_heads_el) = (d.b * d.nh * d.t, d.b * d.nh * d.s * d.hd);
     let saved_lse = op
         .saved_lse
         .as_ref()
         .and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take())
         .filter(|lse| lse.len() == rows);
     let recompute_lse = saved_lse.is_none();
-    // SAFETY: the forward kernel writes every element of a fresh lse, the backward kernels
-    // every element of dq and of the per-query-head dk and dv.
-    let (lse, dq, dk, dv) = unsafe {
+    // SAFETY: the forward kernel writes every element of a fresh lse, the delta kernel every
+    // element of delta, the dK/dV kernel every element of the per-query-head dk and dv.
+    let (lse, delta, dk, dv) = unsafe {
         (
             match saved_lse {
                 Some(lse) => lse,
                 None => dev.alloc::<f32>(rows)?,
             },
-            dev.alloc::<f32>(q_el)?,
+            dev.alloc::<f32>(rows)?,
             dev.alloc::<f32>(kv_heads_el)?,
             dev.alloc::<f32>(kv_heads_el)?,
         )
     };
-    let delta_view = des.as_cuda_slice::<f32>()?.slice(de_range.0..de_range.1);
-    let scale = op.scale as f32;
-    macro_rules! run {
-        ($ty:ty) => {{
-            let (qv, kv, vv) = views::<$ty>(&g, qs, ks, vs)?;
-            if recompute_lse {
-                launch_forward::<$ty>(
-                    &g,
-                    &dev,
-                    dtype,
-                    (&qv, &kv, &vv),
-                    None,
-                    Some(&lse),
-                    &pads,
-                    scale,
-                )?;
-            }
-            let dov = dos.as_cuda_slice::<$ty>()?.slice(do_range.0..do_range.1);
-            let (heads, kv_heads, t, s) = (d.nh as i32, d.nkv as i32, d.t as i32, d.s as i32);
-            for (prefix, outputs, cfg) in [
-                (
-                    "flash_attention_bwd_dkdv",
-                    vec![&dk, &dv],
-                    LaunchConfig {
-                        block_dim: (DKDV_THREADS, 1, 1),
-                        ..g.grid(KEYS_PER_BLOCK, d.s, d.nh)
-                    },
-                ),
-                (
-                    "flash_attention_bwd_dq",
-                    vec![&dq],
-                    g.grid(ROWS_PER_BLOCK, d.t, d.nh),
-                ),
-            ] {
-                let name = kernel_name(prefix, dtype, d.hd)?;
-                let func = dev.get_or_load_custom_func(
-                    &name,
-                    "qat_flash_attention_backward",
-                    BACKWARD_PTX,
-                )?;
-                let mut b = func.builder();
-                b.arg(&qv)
-                    .arg(&kv)
-                    .arg(&vv)
-                    .arg(&dov)
-                    .arg(&lse)
-                    .arg(&delta_view);
-                for o in outputs {
-                    b.arg(o);
-                }
-                b.arg(&pads).arg(&heads).arg(&kv_heads).arg(&t).arg(&s);
-                for x in &g.strides {
-                    b.arg(x);
-                }
-                b.arg(&scale);
-                // SAFETY: inputs checked as for the forward; dout and delta are contiguous with
-                // q's row count; dq holds b·heads·t·hd elements, dk and dv b·heads·s·hd.
-                unsafe { b.launch(cfg) }.w()?;
-            }
-        }};
-    }
-    match dtype {
-        DType::BF16 => run!(half::bf16),
-        DType::F16 => run!(half::f16),
+    let inputs = BackwardInputs {
+        g: &g,
+        dev: &dev,
+        dtype,
+        storages: [qs, ks, vs, dos, os],
+        layouts: [ldo, lo],
+        pads: &pads,
+        scale: op.scale as f32,
+    };
+    let outputs = (&lse, &delta, &dk, &dv);
+    let dq = match dtype {
+        DType::BF16 => CudaStorageSlice::BF16(inputs.launch::<half::bf16>(recompute_lse, outputs)?),
+        DType::F16 => CudaStorageSlice::F16(inputs.launch::<half::f16>(recompute_lse, outputs)?),
         other => candle_core::bail!(
             "causal_attention backward on cuda: dtype {other:?}, expected BF16 or F16"
         ),
-    }
-    let tensor = |slice, shape: (usize, usize, usize, usize)| {
-        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-        Tensor::from_storage(storage, shape, BackpropOp::none(), false)
     };
+    let tensor = |storage: CudaStorage, shape: (usize, usize, usize, usize)| {
+        Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+    };
+    let f32_tensor = |slice| CudaStorage::wrap_cuda_slice(slice, dev.clone());
     // The query heads of each kv head, summed (f32), for dk and dv.
     let per_kv_head = |per_head: Tensor| -> Result<Tensor> {
         let rep = d.nh / d.nkv;
@@ -393,9 +408,122 @@ pub(super) fn backward(
         }
         per_head.reshape((d.b, d.nkv, rep, d.s, d.hd))?.sum(2)
     };
+    let dq = CudaStorage {
+        slice: dq,
+        device: dev.clone(),
+    };
     Ok((
-        tensor(dq, (d.b, d.nh, d.t, d.hd)).to_dtype(dtype)?,
-        per_kv_head(tensor(dk, (d.b, d.nh, d.s, d.hd)))?.to_dtype(dtype)?,
-        per_kv_head(tensor(dv, (d.b, d.nh, d.s, d.hd)))?.to_dtype(dtype)?,
+        tensor(dq, (d.b, d.nh, d.t, d.hd)),
+        per_kv_head(tensor(f32_tensor(dk), (d.b, d.nh, d.s, d.hd)))?.to_dtype(dtype)?,
+        per_kv_head(tensor(f32_tensor(dv), (d.b, d.nh, d.s, d.hd)))?.to_dtype(dtype)?,
     ))
+}
+
+/// What the backward kernels read: q, k, v, dout and out (storages; dout's and out's layouts).
+struct BackwardInputs<'a> {
+    g: &'a Geometry,
+    dev: &'a CudaDevice,
+    dtype: DType,
+    storages: [&'a CudaStorage; 5],
+    layouts: [&'a Layout; 2],
+    pads: &'a CudaSlice<u32>,
+    scale: f32,
+}
+
+impl BackwardInputs<'_> {
+    /// Runs the forward kernel for lse (if `recompute_lse`), then the delta, dK/dV and dQ
+    /// kernels into `(lse, delta, dk, dv)`; returns dq.
+    fn launch<T: CudaDType + DeviceRepr>(
+        &self,
+        recompute_lse: bool,
+        (lse, delta, dk, dv): (
+            &CudaSlice<f32>,
+            &CudaSlice<f32>,
+            &CudaSlice<f32>,
+            &CudaSlice<f32>,
+        ),
+    ) -> Result<CudaSlice<T>> {
+        let (g, dev, dtype) = (self.g, self.dev, self.dtype);
+        let d = &g.d;
+        let [qs, ks, vs, dos, os] = self.storages;
+        let (qv, kv, vv) = views::<T>(g, qs, ks, vs)?;
+        if recompute_lse {
+            launch_forward::<T>(
+                g,
+                dev,
+                dtype,
+                (&qv, &kv, &vv),
+                None,
+                Some(lse),
+                self.pads,
+                self.scale,
+            )?;
+        }
+        let (dov, do_strides) = token_major_view::<T>(dos, self.layouts[0], "dout")?;
+        let (ov, o_strides) = token_major_view::<T>(os, self.layouts[1], "out")?;
+        let rows = d.b * d.nh * d.t;
+        let (heads, kv_heads, t, s) = (d.nh as i32, d.nkv as i32, d.t as i32, d.s as i32);
+        let load = |name: &str| {
+            dev.get_or_load_custom_func(name, "qat_flash_attention_backward", BACKWARD_PTX)
+        };
+
+        let delta_name = format!("flash_attention_bwd_delta_{}", dtype_suffix(dtype)?);
+        let func = load(&delta_name)?;
+        let (hd, rows32) = (d.hd as i32, rows as i32);
+        let mut b = func.builder();
+        b.arg(&dov).arg(&ov).arg(delta);
+        b.arg(&heads).arg(&t).arg(&hd);
+        for x in do_strides.iter().chain(&o_strides) {
+            b.arg(x);
+        }
+        b.arg(&rows32);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                rows.div_ceil(DELTA_THREADS as usize).clamp(1, 1 << 16) as u32,
+                1,
+                1,
+            ),
+            block_dim: (DELTA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: dout and out were checked against their storages (token_major_view); delta
+        // holds one f32 per query row.
+        unsafe { b.launch(cfg) }.w()?;
+
+        // SAFETY: the dQ kernel writes every element of dq.
+        let dq = unsafe { dev.alloc::<T>(rows * d.hd)? };
+        // The dK/dV and dQ kernels share their arguments but the outputs.
+        macro_rules! launch_backward {
+            ($prefix:literal, $cfg:expr, $($output:expr),+) => {{
+                let func = load(&kernel_name($prefix, dtype, d.hd)?)?;
+                let mut b = func.builder();
+                b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(lse).arg(delta);
+                $(b.arg($output);)+
+                b.arg(self.pads).arg(&heads).arg(&kv_heads).arg(&t).arg(&s);
+                for x in g.strides.iter().chain(&do_strides) {
+                    b.arg(x);
+                }
+                b.arg(&self.scale);
+                // SAFETY: q, k, v checked as for the forward, dout against its storage; lse and
+                // delta hold one f32 per query row; dq holds b·heads·t·hd elements, dk and dv
+                // b·heads·s·hd.
+                unsafe { b.launch($cfg) }.w()?;
+            }};
+        }
+        launch_backward!(
+            "flash_attention_bwd_dkdv",
+            LaunchConfig {
+                block_dim: (DKDV_THREADS, 1, 1),
+                ..g.grid(KEYS_PER_BLOCK, d.s, d.nh)
+            },
+            dk,
+            dv
+        );
+        launch_backward!(
+            "flash_attention_bwd_dq",
+            g.grid(ROWS_PER_BLOCK, d.t, d.nh),
+            &dq
+        );
+        Ok(dq)
+    }
 }

@@ -24,7 +24,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use kernel::{backward, forward, Dims};
 
-/// The op: per-row left paddings and the score scale (usually `1/√head_dim`).
+/// The op: per-row left paddings and the score scale (usually `1/√head_dim`). Its output is
+/// `[b, heads, t, head_dim]` on the CPU and token-major `[b, t, heads, head_dim]` on CUDA;
+/// [`causal_attention`] hides the difference.
 #[derive(Debug)]
 struct CausalAttention {
     pads: Vec<usize>,
@@ -204,7 +206,8 @@ fn cuda_flash_attention_enabled() -> bool {
 /// Query head `h` attends kv head `h / (heads / kv_heads)`. Differentiable in q, k and v.
 /// Runs where [`fused_attention_supported`] says. On the CPU, k and v may be views whose
 /// `[s, head_dim]` blocks are contiguous or transposed (as [`crate::KvCache`] hands out); on
-/// CUDA, views with row-major, 16-byte aligned blocks; anything else is copied first.
+/// CUDA, views with row-major, 16-byte aligned blocks; anything else is copied first. On CUDA
+/// the result is a transposed view of a token-major `[b, t, heads, head_dim]` tensor.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -225,7 +228,12 @@ pub fn causal_attention(
         } else {
             q.force_contiguous()?
         };
-        return q.apply_op3(&cuda_ready(k)?, &cuda_ready(v)?, op);
+        // The CUDA op writes its output token-major, [b, t, heads, head_dim]: as a transposed
+        // view it is the [b, heads, t, head_dim] result, whose transpose back (what the model
+        // does before the output projection) costs no copy.
+        return q
+            .apply_op3(&cuda_ready(k)?, &cuda_ready(v)?, op)?
+            .transpose(1, 2);
     }
     q.contiguous()?
         .apply_op3(&blocks_contiguous(k)?, &blocks_contiguous(v)?, op)
