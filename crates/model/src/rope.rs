@@ -1,8 +1,10 @@
 //! Rotary position embeddings (the Hugging Face "rotate half" layout) with per-row positions.
 //!
-//! Training on CUDA rotates q and k with one kernel per tensor whose backward is the same kernel
-//! on the gradient with the angle negated (kernels/rope.cu, [`rope_with_grad`]); elsewhere the
-//! composition of candle ops, or candle's own kernel (no gradient) in inference.
+//! On CUDA q and k are rotated by one kernel per tensor whose backward is the same kernel on the
+//! gradient with the angle negated (kernels/rope.cu, [`rope_with_grad`]); it reads the queries as
+//! a transposed view of their projection and writes their gradient back in that layout, so
+//! neither direction copies a transpose. Elsewhere the composition of candle ops, or candle's own
+//! kernel (no gradient) in inference.
 
 use crate::custom_op::{storage_from_f64, storage_to_f64};
 use candle_core::backend::BackendStorage;
@@ -56,15 +58,17 @@ impl RotaryEmbedding {
         Ok((cos, sin))
     }
 
-    /// Rotates `x: [batch, heads, seq, head_dim]` with tables from [`Self::tables`].
-    /// `fused` uses candle's single kernel (no gradient); otherwise a differentiable composition,
-    /// which training on CUDA runs as one op with its own backward ([`rope_with_grad`]).
+    /// Rotates `x: [batch, heads, seq, head_dim]` (any layout) with tables from
+    /// [`Self::tables`] → contiguous `[batch, heads, seq, head_dim]`. On CUDA one op with its own
+    /// backward ([`rope_with_grad`], unless `QAT_CUDA_FUSED_ROPE=0`); elsewhere `fused` uses
+    /// candle's single kernel (no gradient), and otherwise a differentiable composition.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> Result<Tensor> {
-        if fused {
-            return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
-        }
         if fused_rope_on(x) {
             return rope_with_grad(x, cos, sin);
+        }
+        let x = &x.contiguous()?;
+        if fused {
+            return candle_nn::rotary_emb::rope(x, cos, sin);
         }
         let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?; // [b, 1, seq, head_dim]
         let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
@@ -77,10 +81,12 @@ impl RotaryEmbedding {
 }
 
 /// The rotation as a custom op: `sign` +1 rotates by the table's angles, −1 by their negation
-/// (the backward of the +1 rotation).
+/// (the backward of the +1 rotation). The output is `[b, heads, t, d]`, or with `token_major`
+/// (CUDA only) `[b, t, heads, d]`.
 #[derive(Debug, Clone, Copy)]
 struct RopeWithGrad {
     sign: f32,
+    token_major: bool,
 }
 
 impl CustomOp3 for RopeWithGrad {
@@ -97,6 +103,9 @@ impl CustomOp3 for RopeWithGrad {
         sin: &CpuStorage,
         ls: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.token_major {
+            candle_core::bail!("rope_with_grad: a token-major output is for CUDA only");
+        }
         let (b, h, t, d) = lx.shape().dims4()?;
         let (xs, cs, ss) = (
             storage_to_f64(x, lx, "rope_with_grad")?,
@@ -129,21 +138,44 @@ impl CustomOp3 for RopeWithGrad {
         sin: &candle_core::CudaStorage,
         ls: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = cuda::rope(self.sign, (x, lx), (cos, lc), (sin, ls))?;
-        Ok((y, lx.shape().clone()))
+        let y = cuda::rope(self.sign, self.token_major, (x, lx), (cos, lc), (sin, ls))?;
+        let (b, h, t, d) = lx.shape().dims4()?;
+        let shape = if self.token_major {
+            Shape::from((b, t, h, d))
+        } else {
+            Shape::from((b, h, t, d))
+        };
+        Ok((y, shape))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.to_dtype(cos.dtype())?.contiguous()?;
-        let dx = dy.apply_op3_no_bwd(cos, sin, &RopeWithGrad { sign: -self.sign })?;
+        let dy = operand(&dy.to_dtype(cos.dtype())?)?;
+        // dx in x's own layout when x is a transposed view of a [b, t, heads, d] tensor (the
+        // queries): the gradient then reaches the projection without a transpose copy.
+        let token_major = x.device().is_cuda() && x.transpose(1, 2)?.is_contiguous();
+        let back = RopeWithGrad {
+            sign: -self.sign,
+            token_major,
+        };
+        let dx = dy.apply_op3_no_bwd(cos, sin, &back)?;
+        let dx = if token_major { dx.transpose(1, 2)? } else { dx };
         Ok((Some(dx), None, None))
+    }
+}
+
+/// `x` as the op reads it: on CUDA any layout whose rows (the last dim) are contiguous, on the
+/// CPU a contiguous copy.
+fn operand(x: &Tensor) -> Result<Tensor> {
+    match x.stride().last() {
+        Some(1) if x.device().is_cuda() => Ok(x.clone()),
+        _ => x.contiguous(),
     }
 }
 
@@ -163,11 +195,11 @@ pub fn rope_with_grad(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
         );
     }
     let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-    x.contiguous()?.apply_op3(
-        &cos.contiguous()?,
-        &sin.contiguous()?,
-        RopeWithGrad { sign: 1.0 },
-    )
+    let forward = RopeWithGrad {
+        sign: 1.0,
+        token_major: false,
+    };
+    operand(x)?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, forward)
 }
 
 /// Whether training rotates with [`rope_with_grad`]: CUDA tensors of f32, bf16 or f16 with
@@ -196,23 +228,26 @@ mod cuda {
 
     type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
+    /// The rotation of `x: [b, h, t, d]` (rows contiguous, any strides otherwise) into a fresh
+    /// `[b, h, t, d]` tensor, or `[b, t, h, d]` with `token_major`.
     pub(super) fn rope(
         sign: f32,
+        token_major: bool,
         x: Operand<'_>,
         cos: Operand<'_>,
         sin: Operand<'_>,
     ) -> Result<CudaStorage> {
         fn run<T: CudaDType + DeviceRepr>(
             name: &str,
-            sign: f32,
+            (sign, token_major): (f32, bool),
             (x, lx): Operand<'_>,
             (cos, lc): Operand<'_>,
             (sin, ls): Operand<'_>,
         ) -> Result<CudaStorage> {
             let range =
-                |l: &Layout| crate::custom_op::contiguous_range(l, "rope_with_grad", "operands");
+                |l: &Layout| crate::custom_op::contiguous_range(l, "rope_with_grad", "tables");
             let (b, h, t, d) = lx.shape().dims4()?;
-            let ((x0, x1), (c0, c1), (s0, s1)) = (range(lx)?, range(lc)?, range(ls)?);
+            let ((c0, c1), (s0, s1)) = (range(lc)?, range(ls)?);
             if c1 - c0 != b * t * (d / 2) || s1 - s0 != c1 - c0 {
                 candle_core::bail!(
                     "rope_with_grad: tables of {} and {} elements for x {:?}",
@@ -221,31 +256,64 @@ mod cuda {
                     lx.dims()
                 );
             }
+            let &[x_sb, x_sh, x_st, x_sc] = lx.stride() else {
+                candle_core::bail!("rope_with_grad: x must be 4-d, got {:?}", lx.dims());
+            };
+            let xs = x.as_cuda_slice::<T>()?;
+            let extent = [(b, x_sb), (h, x_sh), (t, x_st)]
+                .iter()
+                .map(|&(n, st)| (n.max(1) - 1) * st)
+                .sum::<usize>()
+                + d;
+            if (x_sc != 1 && d > 1) || xs.len() < lx.start_offset() + extent {
+                candle_core::bail!(
+                    "rope_with_grad: x strides {:?} from {}: rows must be contiguous and within \
+                     the storage's {} elements",
+                    lx.stride(),
+                    lx.start_offset(),
+                    xs.len()
+                );
+            }
             let dev = x.device().clone();
             let func = dev.get_or_load_custom_func(name, "qat_rope", PTX)?;
-            let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
+            let xs = xs.slice(lx.start_offset()..);
             let cs = cos.as_cuda_slice::<T>()?.slice(c0..c1);
             let ss = sin.as_cuda_slice::<T>()?.slice(s0..s1);
             // SAFETY: every element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(x1 - x0)? };
+            let y = unsafe { dev.alloc::<T>(b * h * t * d)? };
+            let y_strides = if token_major {
+                [t * h * d, d, h * d]
+            } else {
+                [h * t * d, t * d, d]
+            };
             let pairs = (b * h * t * (d / 2)) as u32;
             let (h32, t32, half32) = (h as u32, t as u32, (d / 2) as u32);
             let mut bld = func.builder();
             bld.arg(&xs).arg(&cs).arg(&ss).arg(&y);
             bld.arg(&h32).arg(&t32).arg(&half32).arg(&pairs).arg(&sign);
+            let strides = [x_sb, x_sh, x_st]
+                .into_iter()
+                .chain(y_strides)
+                .map(|st| st as i64)
+                .collect::<Vec<_>>();
+            for st in &strides {
+                bld.arg(st);
+            }
             let cfg = LaunchConfig {
                 grid_dim: (pairs.div_ceil(256).clamp(1, 1 << 20), 1, 1),
                 block_dim: (256, 1, 1), // ROPE_BLOCK
                 shared_mem_bytes: 0,
             };
-            // SAFETY: x and y hold b · h · t · d elements, the tables b · t · d/2 (checked).
+            // SAFETY: x's rows lie within its storage at its strides (checked), y holds
+            // b · h · t · d elements, the tables b · t · d/2 (checked).
             unsafe { bld.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev))
         }
+        let how = (sign, token_major);
         match x.0.dtype() {
-            DType::F32 => run::<f32>("rope_f32", sign, x, cos, sin),
-            DType::BF16 => run::<half::bf16>("rope_bf16", sign, x, cos, sin),
-            DType::F16 => run::<half::f16>("rope_f16", sign, x, cos, sin),
+            DType::F32 => run::<f32>("rope_f32", how, x, cos, sin),
+            DType::BF16 => run::<half::bf16>("rope_bf16", how, x, cos, sin),
+            DType::F16 => run::<half::f16>("rope_f16", how, x, cos, sin),
             other => candle_core::bail!("rope_with_grad on cuda: dtype {other:?}"),
         }
     }
@@ -294,8 +362,10 @@ mod tests {
         Ok(())
     }
 
-    /// The CUDA kernel against the CPU op (f64), value and gradient, f32 / bf16 / f16. Runs only
-    /// in a `--features cuda` build on a machine with a GPU.
+    /// The CUDA kernel against the CPU op (f64), value and gradient, f32 / bf16 / f16, with x
+    /// contiguous and as a transposed view of a `[b, t, heads, d]` variable (the queries' case:
+    /// read in place, the gradient written back token-major). Runs only in a `--features cuda`
+    /// build on a machine with a GPU.
     #[test]
     fn cuda_matches_the_cpu_op() -> Result<()> {
         let Ok(gpu) = Device::new_cuda(0) else {
@@ -311,18 +381,39 @@ mod tests {
             .reshape((2, 3, 5, 16))?
             .cos()?;
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
-            let run = |dev: &Device, fdtype: DType| -> Result<(Tensor, Tensor)> {
+            let run = |dev: &Device, fdtype: DType, view: bool| -> Result<(Tensor, Tensor)> {
                 let (cos, sin) = tables(dtype, &Device::Cpu)?;
                 let cast = |t: &Tensor| t.to_dtype(dtype)?.to_dtype(fdtype)?.to_device(dev);
+                let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+                if view {
+                    let xv = Var::from_tensor(&cast(&x)?.transpose(1, 2)?.contiguous()?)?;
+                    let y = rope_with_grad(&xv.transpose(1, 2)?, &cast(&cos)?, &cast(&sin)?)?;
+                    assert!(y.is_contiguous());
+                    let g = (&y * cast(&w)?)?.sum_all()?.backward()?;
+                    let dx = g.get(&xv).expect("grad");
+                    assert!(
+                        dx.is_contiguous(),
+                        "the gradient of the view is token-major"
+                    );
+                    return Ok((back(&y)?, back(&dx.transpose(1, 2)?)?));
+                }
                 let xv = Var::from_tensor(&cast(&x)?)?;
                 let y = rope_with_grad(&xv, &cast(&cos)?, &cast(&sin)?)?;
                 let g = (&y * cast(&w)?)?.sum_all()?.backward()?;
-                let back = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
                 Ok((back(&y)?, back(g.get(&xv).expect("grad"))?))
             };
-            let ((y, g), (y0, g0)) = (run(&gpu, dtype)?, run(&Device::Cpu, DType::F64)?);
-            assert!(max_abs_diff(&y, &y0)? <= tol * 2.0, "{dtype:?} y");
-            assert!(max_abs_diff(&g, &g0)? <= tol * 2.0, "{dtype:?} dx");
+            let (y0, g0) = run(&Device::Cpu, DType::F64, false)?;
+            for view in [false, true] {
+                let (y, g) = run(&gpu, dtype, view)?;
+                assert!(
+                    max_abs_diff(&y, &y0)? <= tol * 2.0,
+                    "{dtype:?} y (view {view})"
+                );
+                assert!(
+                    max_abs_diff(&g, &g0)? <= tol * 2.0,
+                    "{dtype:?} dx (view {view})"
+                );
+            }
         }
         Ok(())
     }

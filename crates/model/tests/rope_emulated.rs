@@ -28,7 +28,7 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 fn run_emulated(
     exe: &Path,
     dir: &Path,
-    header: [u32; 6],
+    header: [u32; 7],
     sign: f32,
     data: [&[f32]; 3],
 ) -> Vec<f32> {
@@ -74,8 +74,12 @@ fn emulated_cuda_kernel_matches_the_cpu_op() -> Result<()> {
         let grads = (&y * dy.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
         let want_y: Vec<f64> = y.flatten_all()?.to_vec1()?;
         let want_dx: Vec<f64> = grads.get(&xv).expect("dx").flatten_all()?.to_vec1()?;
-        for blocks in [1u32, 50] {
-            let header = [b as u32, h as u32, t as u32, d as u32, code, blocks];
+        // Layouts: head-major in and out; a token-major input (a transposed query view); a
+        // token-major output (the backward's dx for such a view). The same values each time.
+        for (blocks, layouts) in [(1u32, 0u32), (50, 0), (1, 1), (50, 2)] {
+            let header = [
+                b as u32, h as u32, t as u32, d as u32, code, blocks, layouts,
+            ];
             let tables = [flat(&cos)?, flat(&sin)?];
             let got_y = run_emulated(
                 &exe,
@@ -95,7 +99,7 @@ fn emulated_cuda_kernel_matches_the_cpu_op() -> Result<()> {
                 for (i, (&a, &w)) in got.iter().zip(want.iter()).enumerate() {
                     assert!(
                         (f64::from(a) - w).abs() <= tol * w.abs().max(1.0),
-                        "{dtype:?} {blocks} blocks {name}[{i}]: kernel {a}, cpu {w}"
+                        "{dtype:?} {blocks} blocks, layouts {layouts} {name}[{i}]: kernel {a}, cpu {w}"
                     );
                 }
             }
