@@ -117,7 +117,8 @@ impl Attention {
             .transpose(1, 2)?;
         let k = hooks.kv(self.layer, KvKind::Key, &k.contiguous()?)?;
         let v = hooks.kv(self.layer, KvKind::Value, &v.contiguous()?)?;
-        let q = RotaryEmbedding::apply(&q, &ctx.cos, &ctx.sin, ctx.fused)?; // a transposed view: on CUDA read in place
+        // q is a transposed view of the projection: on CUDA the rotation reads it in place.
+        let q = RotaryEmbedding::apply(&q, &ctx.cos, &ctx.sin, ctx.fused)?;
         let k = RotaryEmbedding::apply(&k, &ctx.cos, &ctx.sin, ctx.fused)?;
         let (k, v) = cache.append(self.layer, &k.contiguous()?, &v.contiguous()?)?; // [b, nkv, s, hd]
         let scale = 1.0 / (hd as f64).sqrt();
