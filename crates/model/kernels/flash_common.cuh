@@ -113,12 +113,31 @@ constexpr int PAD = 8;
 // Rows row0 .. row0 + ROWS of a [*, HD] matrix at `src` (rows `stride` elements apart, each row
 // contiguous; stride and src 16-byte aligned) into shared memory as they are (`dst[row][d]`) or
 // transposed (`dst[d][row]`), zeros for rows at or past `limit`; 16-byte global loads by all the
-// block's threads.
+// block's threads (blockDim.x a multiple of 32; ROWS and HD multiples of 16).
+//
+// As they are: thread i loads chunk i % (HD / 8) of row i / (HD / 8) and stores it whole (a
+// quarter warp writes one 128-byte row: no bank conflict). Transposed, each of a chunk's 8
+// elements goes to another tile row, whose starts are (ROWS + PAD) / 2 words apart, a multiple
+// of 4 banks: with that mapping the 8 chunks of a warp's row would hit one bank (8-way conflicts
+// for HD 64, 16-way for 128). Instead a warp takes 16 rows by 2 adjacent chunks (one 32-byte
+// sector per row in global memory), and its second half stores the chunk's elements in the order
+// 4..7, 0..3: at each store the two halves are 16 banks apart and the 16 rows of a half span 8
+// consecutive banks (two 16-bit elements per word), so every store is one wavefront.
 template <typename T, int HD, int ROWS, bool TRANSPOSE>
 __device__ __forceinline__ void load_tile(T (*dst)[(TRANSPOSE ? ROWS : HD) + PAD], const T* src,
                                           long long stride, int row0, int limit) {
+  static_assert(ROWS % 16 == 0 && HD % 16 == 0, "tiles of 16 rows by 16 columns");
   for (int i = threadIdx.x; i < ROWS * HD / VEC; i += blockDim.x) {
-    const int r = i / (HD / VEC), col = (i % (HD / VEC)) * VEC;
+    int r, col, half = 0;
+    if (TRANSPOSE) {
+      const int unit = i / 32, lane = i % 32;  // a warp's unit: 16 rows by 2 chunks
+      half = lane / 16;
+      r = (unit % (ROWS / 16)) * 16 + lane % 16;
+      col = ((unit / (ROWS / 16)) * 2 + half) * VEC;
+    } else {
+      r = i / (HD / VEC);
+      col = (i % (HD / VEC)) * VEC;
+    }
     uint4 x = make_uint4(0, 0, 0, 0);
     if (row0 + r < limit) {
       x = *reinterpret_cast<const uint4*>(src + (row0 + r) * stride + col);
@@ -127,7 +146,7 @@ __device__ __forceinline__ void load_tile(T (*dst)[(TRANSPOSE ? ROWS : HD) + PAD
       T v[VEC];
       __builtin_memcpy(v, &x, sizeof x);
 #pragma unroll
-      for (int c = 0; c < VEC; ++c) dst[col + c][r] = v[c];
+      for (int c = 0; c < VEC; ++c) dst[col + (c ^ (half * 4))][r] = half ? v[c ^ 4] : v[c];
     } else {
       *reinterpret_cast<uint4*>(&dst[r][col]) = x;
     }
