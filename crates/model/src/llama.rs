@@ -5,7 +5,7 @@ use crate::cache::KvCache;
 use crate::causal_softmax::{causal_softmax, causal_softmax_on, pads_tensor};
 use crate::config::LlamaConfig;
 use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
-use crate::linear::{hooked_inputs, QLinear};
+use crate::linear::{forward_joined, fuse_frozen, fused_qkv_on, hooked_inputs, QLinear};
 use crate::rope::RotaryEmbedding;
 use crate::softmax::softmax_last_dim_with_grad;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -63,6 +63,9 @@ struct Attention {
     k_proj: QLinear,
     v_proj: QLinear,
     o_proj: QLinear,
+    /// q, k and v's frozen weights joined, `[q + 2 kv, hidden]` (inference on CUDA: see
+    /// [`fused_qkv_on`]); their own weights are then row views of it.
+    qkv: Option<Tensor>,
     layer: usize,
     num_heads: usize,
     num_kv_heads: usize,
@@ -82,6 +85,7 @@ impl Attention {
             k_proj: QLinear::load(vb.pp("k_proj"), h, kv, id(LinearKind::K))?,
             v_proj: QLinear::load(vb.pp("v_proj"), h, kv, id(LinearKind::V))?,
             o_proj: QLinear::load(vb.pp("o_proj"), q, h, id(LinearKind::O))?,
+            qkv: None,
             layer,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
@@ -99,22 +103,33 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [xq, xk, xv] = hooked_inputs(x, [&self.q_proj, &self.k_proj, &self.v_proj], hooks)?;
-        let q = self
-            .q_proj
-            .forward_hooked_input(&xq, hooks)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?; // [b, nh, t, hd]
-        let k = self
-            .k_proj
-            .forward_hooked_input(&xk, hooks)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?; // [b, nkv, t, hd]
-        let v = self
-            .v_proj
-            .forward_hooked_input(&xv, hooks)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
+        let (q, k, v) = match &self.qkv {
+            // One GEMM; its [b, t, nh + 2 nkv, hd] output's head ranges are q, k and v (views).
+            Some(joined) => {
+                let x = hooks.activation(self.q_proj.id(), x)?;
+                let y = forward_joined(&x, joined)?.reshape((b, t, nh + 2 * nkv, hd))?;
+                (
+                    y.narrow(2, 0, nh)?,
+                    y.narrow(2, nh, nkv)?,
+                    y.narrow(2, nh + nkv, nkv)?,
+                )
+            }
+            None => {
+                let [xq, xk, xv] =
+                    hooked_inputs(x, [&self.q_proj, &self.k_proj, &self.v_proj], hooks)?;
+                let project = |lin: &QLinear, x: &Tensor, heads: usize| {
+                    lin.forward_hooked_input(x, hooks)?
+                        .reshape((b, t, heads, hd))
+                };
+                (
+                    project(&self.q_proj, &xq, nh)?,
+                    project(&self.k_proj, &xk, nkv)?,
+                    project(&self.v_proj, &xv, nkv)?,
+                )
+            }
+        };
+        // [b, heads, t, hd] views.
+        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         let k = hooks.kv(self.layer, KvKind::Key, &k.contiguous()?)?;
         let v = hooks.kv(self.layer, KvKind::Value, &v.contiguous()?)?;
         // q is a transposed view of the projection: on CUDA the rotation reads it in place.
@@ -320,8 +335,10 @@ impl Llama {
     /// For inference with fixed weights: applies the quantization hook of every linear weight
     /// once (when [`QuantHooks::weight_is_static`]) and casts all weights to the compute dtype,
     /// so forward passes neither re-quantize nor cast. Values are identical to running without
-    /// it. Call after [`Self::set_hooks`] and [`Self::set_compute_dtype`]; hooks set later
-    /// still apply to activations and the KV cache, but not to the frozen weights.
+    /// it, except on CUDA, where each layer's q, k and v weights are also joined into one matrix
+    /// (one GEMM instead of three, see [`fused_qkv_on`]; equal to the GEMMs' rounding). Call
+    /// after [`Self::set_hooks`] and [`Self::set_compute_dtype`]; hooks set later still apply to
+    /// activations and the KV cache, but not to the frozen weights.
     pub fn freeze_weights(&mut self) -> Result<()> {
         let dt = self.compute_dtype;
         let hooks = self.hooks.clone();
@@ -340,6 +357,14 @@ impl Llama {
                 &mut m.down_proj,
             ] {
                 lin.freeze(hooks.as_ref(), static_weights, dt)?;
+            }
+            let (q, k, v) = (a.q_proj.id(), a.k_proj.id(), a.v_proj.id());
+            if a.qkv.is_none()
+                && fused_qkv_on(a.q_proj.weight())
+                && hooks.same_activation(q, k)
+                && hooks.same_activation(q, v)
+            {
+                a.qkv = fuse_frozen([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
             }
         }
         self.embed_tokens = self.embed_tokens.to_dtype(dt)?;
@@ -633,15 +658,8 @@ mod tests {
     }
 
     /// A random bf16 model with TinyLlama's head dim and grouped heads (2 layers, 4 heads on 2
-    /// kv heads) on the GPU: a left-padded prefill and decoding steps through the flash kernels
-    /// (turned on by the test switch) give the composed attention's logits, to bf16 rounding.
-    /// Runs only in a `--features cuda` build on a machine with a GPU (skipped otherwise).
-    #[test]
-    fn flash_prefill_and_decoding_match_the_composed_attention_on_cuda() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
-            return Ok(());
-        };
+    /// kv heads) on `dev`.
+    fn random_bf16_model(dev: &Device) -> Result<Llama> {
         let cfg = LlamaConfig {
             hidden_size: 256,
             intermediate_size: 512,
@@ -668,36 +686,90 @@ mod tests {
                     (-0.08, 0.08)
                 };
                 let t = crate::custom_op::lcg_tensor(&shape, 7 + i as u64, lo, hi)?;
-                Ok((name, t.to_dtype(DType::BF16)?.to_device(&gpu)?))
+                Ok((name, t.to_dtype(DType::BF16)?.to_device(dev)?))
             })
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        let vb = VarBuilder::from_tensors(tensors, DType::BF16, &gpu);
-        let mut model = Llama::load(vb, &cfg)?;
-        let run = |model: &Llama, flash: bool| -> Result<Vec<Tensor>> {
-            crate::attention::tests::FLASH_ON.set(flash);
-            let mut out = Vec::new();
-            let prompt: Vec<u32> = (0..16).map(|i| 3 + (i * 37) % 90).collect();
-            let mut cache = model.new_decode_cache(vec![0, 3], 12);
-            out.push(model.forward(&Tensor::from_vec(prompt, (2, 8), &gpu)?, &mut cache)?);
-            for step in 0..4u32 {
-                let next = Tensor::from_vec(vec![5 + step, 40 + step], (2, 1), &gpu)?;
-                out.push(model.forward(&next, &mut cache)?);
-            }
-            crate::attention::tests::FLASH_ON.set(false);
-            out.iter().map(|t| t.to_device(&Device::Cpu)).collect()
-        };
-        let flash = run(&model, true)?;
-        model.set_fused_attention(false);
-        let composed = run(&model, false)?;
-        for (i, (a, b)) in flash.iter().zip(&composed).enumerate() {
+        Llama::load(VarBuilder::from_tensors(tensors, DType::BF16, dev), &cfg)
+    }
+
+    /// The logits (on the host) of a left-padded prefill (2 rows, pads 0 and 3, 8 columns) and 4
+    /// decoding steps.
+    fn prefill_and_decode(model: &Llama, dev: &Device) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        let prompt: Vec<u32> = (0..16).map(|i| 3 + (i * 37) % 90).collect();
+        let mut cache = model.new_decode_cache(vec![0, 3], 12);
+        out.push(model.forward(&Tensor::from_vec(prompt, (2, 8), dev)?, &mut cache)?);
+        for step in 0..4u32 {
+            let next = Tensor::from_vec(vec![5 + step, 40 + step], (2, 1), dev)?;
+            out.push(model.forward(&next, &mut cache)?);
+        }
+        out.iter().map(|t| t.to_device(&Device::Cpu)).collect()
+    }
+
+    /// Each pair of bf16 logits within `rel` of the larger magnitude of `want` (at least 1).
+    fn assert_close_logits(got: &[Tensor], want: &[Tensor], rel: f64) -> Result<()> {
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
             let diff = crate::custom_op::max_abs_diff(a, b)?;
             let size = f64::from(b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);
             assert!(
-                diff <= 0.05 * size.max(1.0),
+                diff <= rel * size.max(1.0),
                 "output {i}: {diff} (logits up to {size})"
             );
         }
         Ok(())
+    }
+
+    /// A random bf16 model with TinyLlama's head dim and grouped heads on the GPU: a left-padded
+    /// prefill and decoding steps through the flash kernels (turned on by the test switch) give
+    /// the composed attention's logits, to bf16 rounding. Runs only in a `--features cuda` build
+    /// on a machine with a GPU (skipped otherwise).
+    #[test]
+    fn flash_prefill_and_decoding_match_the_composed_attention_on_cuda() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            return Ok(());
+        };
+        let mut model = random_bf16_model(&gpu)?;
+        crate::attention::tests::FLASH_ON.set(true);
+        let flash = prefill_and_decode(&model, &gpu);
+        crate::attention::tests::FLASH_ON.set(false);
+        model.set_fused_attention(false);
+        let composed = prefill_and_decode(&model, &gpu)?;
+        assert_close_logits(&flash?, &composed, 0.05)
+    }
+
+    /// On the GPU, a frozen model's joined q/k/v projection (one GEMM per layer) gives the logits
+    /// of the three separate projections, to bf16 rounding. Runs only in a `--features cuda`
+    /// build on a machine with a GPU (skipped otherwise).
+    #[test]
+    fn joined_qkv_on_cuda_gives_the_separate_projections_logits() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            return Ok(());
+        };
+        let separate = prefill_and_decode(&random_bf16_model(&gpu)?, &gpu)?;
+        let mut model = random_bf16_model(&gpu)?;
+        model.freeze_weights()?;
+        assert!(model.blocks.iter().all(|b| b.self_attn.qkv.is_some()));
+        assert_close_logits(&prefill_and_decode(&model, &gpu)?, &separate, 0.02)
+    }
+
+    /// The joined q/k/v projection (run on the CPU through its test switch) gives the logits of
+    /// the three separate ones, to f32 rounding: a full-sequence forward and a left-padded
+    /// prefill with decoding steps of stories260K.
+    #[test]
+    fn joined_qkv_gives_the_separate_projections_logits() -> Result<()> {
+        let run = |join: bool| -> Result<Vec<Tensor>> {
+            let mut model = stories260k();
+            crate::linear::tests::FUSE_ON_CPU.set(join);
+            let frozen = model.freeze_weights();
+            crate::linear::tests::FUSE_ON_CPU.set(false);
+            frozen?;
+            assert_eq!(model.blocks[0].self_attn.qkv.is_some(), join);
+            full_and_padded_decode_logits(&model)
+        };
+        assert_same_logits(&run(false)?, &run(true)?, 1e-4)
     }
 
     /// A row-major cache view with spare columns reaches the matmuls as it is (no copy: its
