@@ -102,7 +102,8 @@ pub trait QuantHooks: Send + Sync + fmt::Debug {
         false
     }
     /// A k_proj or v_proj output `x: [batch, kv_heads, seq, head_dim]`, before RoPE, as the
-    /// KV cache will hold it.
+    /// KV cache will hold it. On CUDA `x` may be a strided view (the transposed projection
+    /// output); the CPU passes it contiguous.
     fn kv(&self, _layer: usize, _kind: KvKind, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())
     }

@@ -130,8 +130,18 @@ impl Attention {
         };
         // [b, heads, t, hd] views.
         let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
-        let k = hooks.kv(self.layer, KvKind::Key, &k.contiguous()?)?;
-        let v = hooks.kv(self.layer, KvKind::Value, &v.contiguous()?)?;
+        // On CUDA the KV hook takes k and v as the views they are (the per-token quantizer wants
+        // them token-major, which the projection's output already is) and the rotation reads k
+        // in place; the CPU copies them first, as it always did.
+        let kv_input = |x: Tensor| {
+            if x.device().is_cuda() {
+                Ok(x)
+            } else {
+                x.contiguous()
+            }
+        };
+        let k = hooks.kv(self.layer, KvKind::Key, &kv_input(k)?)?;
+        let v = hooks.kv(self.layer, KvKind::Value, &kv_input(v)?)?;
         // q is a transposed view of the projection: on CUDA the rotation reads it in place.
         let q = RotaryEmbedding::apply(&q, &ctx.cos, &ctx.sin, ctx.fused)?;
         let k = RotaryEmbedding::apply(&k, &ctx.cos, &ctx.sin, ctx.fused)?;
