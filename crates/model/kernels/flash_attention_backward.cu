@@ -218,7 +218,7 @@ __device__ void flash_backward_dq(const T* __restrict__ q, const T* __restrict__
     flash::accumulate_times_tile<T, BC>(dq_acc, p, kt_s);
   }
 
-  flash::store_acc_rows_rounded<T, HD>(dq + row_base * HD, dq_acc, row0, t, scale);
+  flash::store_acc_rows<HD>(dq + row_base * HD, dq_acc, row0, t, scale);
 }
 
 // delta[row] = Σ_d dout[row, d] · out[row, d] in f32 for the rows = b · heads · t query rows

@@ -233,41 +233,31 @@ __device__ __forceinline__ void accumulate_times_tile(float (&acc)[N][4], const 
 }
 
 
+// Two consecutive outputs: f32 as they are, 16-bit types rounded once (what a cast of the f32
+// values would give) and stored as one 32-bit word.
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+  p[0] = a;
+  p[1] = b;
+}
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, float a, float b) {
+  *reinterpret_cast<uint32_t*>(p) = pack2<T>(a, b);
+}
+
 // `scale` times a warp's accumulator rows r0 + g and r0 + g + 8 (HD / 8 tiles of 16 x 8) into the
-// row-major [*, HD] f32 matrix `dst`, rows at or past `limit` skipped.
-template <int HD>
-__device__ __forceinline__ void store_acc_rows(float* dst, const float (&acc)[HD / 8][4], int r0,
+// row-major [*, HD] matrix `dst` (f32, or the input type), rows at or past `limit` skipped.
+template <int HD, typename OUT>
+__device__ __forceinline__ void store_acc_rows(OUT* dst, const float (&acc)[HD / 8][4], int r0,
                                                int limit, float scale) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = r0 + g + 8 * h;
     if (row >= limit) continue;
-    float* out = dst + static_cast<long long>(row) * HD + 2 * t;
+    OUT* out = dst + static_cast<long long>(row) * HD + 2 * t;
 #pragma unroll
     for (int j = 0; j < HD / 8; ++j) {
-      out[j * 8] = acc[j][2 * h] * scale;
-      out[j * 8 + 1] = acc[j][2 * h + 1] * scale;
-    }
-  }
-}
-
-// `scale` times a warp's accumulator rows r0 + g and r0 + g + 8 into the row-major [*, HD]
-// matrix `dst` of T (each value rounded once, as a cast of the f32 value would), rows at or past
-// `limit` skipped.
-template <typename T, int HD>
-__device__ __forceinline__ void store_acc_rows_rounded(T* dst, const float (&acc)[HD / 8][4],
-                                                       int r0, int limit, float scale) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = r0 + g + 8 * h;
-    if (row >= limit) continue;
-    T* out = dst + static_cast<long long>(row) * HD + 2 * t;
-#pragma unroll
-    for (int j = 0; j < HD / 8; ++j) {
-      *reinterpret_cast<uint32_t*>(out + j * 8) =
-          pack2<T>(acc[j][2 * h] * scale, acc[j][2 * h + 1] * scale);
+      store_pair(out + j * 8, acc[j][2 * h] * scale, acc[j][2 * h + 1] * scale);
     }
   }
 }
