@@ -94,3 +94,113 @@ impl QuantHooks for FakeQuant {
         !self.training
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor, Var};
+    use qat_model::{Llama, LlamaConfig};
+    use std::sync::Arc;
+
+    /// A random model with TinyLlama's head dim and grouped heads (2 layers, 4 heads on 2 kv
+    /// heads), its weights as variables on `dev` (the same values on every device).
+    fn random_model(dev: &Device) -> Result<(Llama, Vec<(String, Var)>)> {
+        let cfg = LlamaConfig {
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+            vocab_size: 96,
+            max_position_embeddings: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        };
+        // As qat-train's student: the model reads its weights from a VarMap's variables.
+        let varmap = candle_nn::VarMap::new();
+        let model = Llama::load(
+            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev),
+            &cfg,
+        )?;
+        let mut varmap = varmap;
+        for (i, (name, shape)) in cfg.expected_tensors().into_iter().enumerate() {
+            let (lo, hi) = if name.ends_with("norm.weight") {
+                (0.8, 1.2)
+            } else {
+                (-0.08, 0.08)
+            };
+            let t = qat_model::custom_op::lcg_tensor(&shape, 7 + i as u64, lo, hi)?;
+            varmap.set_one(&name, &t.to_dtype(DType::F32)?.to_device(dev)?)?;
+        }
+        let mut vars: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((model, vars))
+    }
+
+    /// A W4A8KV4 training forward and backward pass in f32 on the GPU against the same on the
+    /// CPU: the loss and every weight's gradient agree to the devices' rounding (plus the rare
+    /// quantization step that rounding moves across a boundary). The GPU side runs the fused
+    /// ops and their wiring (RoPE reading the query view and writing its gradient back
+    /// token-major, the KV quantizer on the projection's views, the masked softmax, RMSNorm,
+    /// SwiGLU and fake quantization kernels), which the per-op tests check one at a time. Runs
+    /// only in a `--features cuda` build on a machine with a GPU (skipped otherwise).
+    #[test]
+    fn training_step_on_cuda_matches_the_cpu() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            return Ok(());
+        };
+        let run = |dev: &Device| -> Result<(f64, Vec<(String, Tensor)>)> {
+            let (mut model, vars) = random_model(dev)?;
+            model.set_fused_kernels(false); // training's ops, with gradients
+            let scheme: Scheme = "W4A8KV4".parse().expect("scheme");
+            model.set_hooks(Arc::new(FakeQuant::for_training(scheme)));
+            let tokens: Vec<u32> = (0..48).map(|i| 3 + (i * 37) % 90).collect();
+            let tokens = Tensor::from_vec(tokens, (2, 24), dev)?;
+            let logits = model.forward_full(&tokens)?; // [2, 24, 96]
+            let weights = qat_model::custom_op::lcg_tensor(&[2, 24, 96], 99, -1.0, 1.0)?
+                .to_dtype(DType::F32)?
+                .to_device(dev)?;
+            let loss = (logits.to_dtype(DType::F32)? * weights)?.sum_all()?;
+            let grads = loss.backward()?;
+            let host = |t: &Tensor| t.to_device(&Device::Cpu);
+            // Every linear layer's weight in the blocks (what QAT trains).
+            let grads = vars
+                .iter()
+                .filter(|(name, _)| name.ends_with("_proj.weight"))
+                .map(|(name, var)| {
+                    let g = grads
+                        .get(var)
+                        .unwrap_or_else(|| panic!("no gradient for {name}"));
+                    Ok((name.clone(), host(g)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((f64::from(host(&loss)?.to_scalar::<f32>()?), grads))
+        };
+        let ((loss_gpu, grads_gpu), (loss_cpu, grads_cpu)) = (run(&gpu)?, run(&Device::Cpu)?);
+        assert_eq!(grads_cpu.len(), 2 * 7, "7 linear layers per block");
+        assert!(
+            (loss_gpu - loss_cpu).abs() <= 1e-2 * loss_cpu.abs().max(1.0),
+            "loss {loss_gpu} on cuda, {loss_cpu} on the cpu"
+        );
+        for ((name, g), (_, want)) in grads_gpu.iter().zip(&grads_cpu) {
+            let max = |t: &Tensor| -> Result<f32> { t.abs()?.flatten_all()?.max(0)?.to_scalar() };
+            let (diff, size) = (max(&(g - want)?)?, max(want)?);
+            assert!(
+                diff <= 5e-2 * size.max(1e-6),
+                "d{name}: differs by {diff}, largest {size}"
+            );
+        }
+        Ok(())
+    }
+}
