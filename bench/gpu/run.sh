@@ -71,6 +71,7 @@ qat-train sum_squares::tests::cuda QAT_CUDA_FUSED_GRAD_NORM
 qat-train bucket_lse::tests::cuda QAT_CUDA_FUSED_LOSS
 qat-sample device_rows::tests::cuda QAT_CUDA_FUSED_SAMPLE
 qat-model attention::tests::cuda QAT_CUDA_FLASH_ATTENTION
+qat-model llama::tests::flash QAT_CUDA_FLASH_ATTENTION
 "
 switch_off_failed_kernels() {
     local crate filter var t

@@ -667,10 +667,9 @@ mod tests {
         Ok(())
     }
 
-    /// A random bf16 model with TinyLlama's head dim and grouped heads (2 layers, 4 heads on 2
-    /// kv heads) on `dev`.
-    fn random_bf16_model(dev: &Device) -> Result<Llama> {
-        let cfg = LlamaConfig {
+    /// TinyLlama's head dim with grouped heads, small: 2 layers, 4 heads on 2 kv heads.
+    fn small_gqa_config() -> LlamaConfig {
+        LlamaConfig {
             hidden_size: 256,
             intermediate_size: 512,
             num_layers: 2,
@@ -684,9 +683,12 @@ mod tests {
             tie_word_embeddings: false,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
-        };
-        let tensors = cfg
-            .expected_tensors()
+        }
+    }
+
+    /// Random weights for `cfg` on the CPU (f64; norms near 1, the rest within ±0.08).
+    fn random_weights(cfg: &LlamaConfig) -> Result<Vec<(String, Tensor)>> {
+        cfg.expected_tensors()
             .into_iter()
             .enumerate()
             .map(|(i, (name, shape))| {
@@ -695,9 +697,20 @@ mod tests {
                 } else {
                     (-0.08, 0.08)
                 };
-                let t = crate::custom_op::lcg_tensor(&shape, 7 + i as u64, lo, hi)?;
-                Ok((name, t.to_dtype(DType::BF16)?.to_device(dev)?))
+                Ok((
+                    name,
+                    crate::custom_op::lcg_tensor(&shape, 7 + i as u64, lo, hi)?,
+                ))
             })
+            .collect()
+    }
+
+    /// A random bf16 model of [`small_gqa_config`] on `dev`.
+    fn random_bf16_model(dev: &Device) -> Result<Llama> {
+        let cfg = small_gqa_config();
+        let tensors = random_weights(&cfg)?
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.to_dtype(DType::BF16)?.to_device(dev)?)))
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
         Llama::load(VarBuilder::from_tensors(tensors, DType::BF16, dev), &cfg)
     }
@@ -747,6 +760,69 @@ mod tests {
         model.set_fused_attention(false);
         let composed = prefill_and_decode(&model, &gpu)?;
         assert_close_logits(&flash?, &composed, 0.05)
+    }
+
+    /// Training on the GPU in bf16 (f32 master weights, as qat-distill): a full-sequence forward
+    /// and backward pass with the flash kernels (the test switch) gives the composed attention's
+    /// loss and linear weight gradients, to bf16 rounding. Covers the flash op's wiring in
+    /// training: its token-major output into o_proj, the gradient arriving in that layout, dq in
+    /// bf16 into RoPE's backward on the query view. Runs only in a `--features cuda` build on a
+    /// machine with a GPU (skipped otherwise).
+    #[test]
+    fn flash_training_gradients_match_the_composed_attention_on_cuda() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            return Ok(());
+        };
+        let cfg = small_gqa_config();
+        let run = |flash: bool| -> Result<(f32, Vec<Tensor>)> {
+            let varmap = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &gpu);
+            let mut model = Llama::load(vb, &cfg)?;
+            let mut varmap = varmap;
+            for (name, t) in random_weights(&cfg)? {
+                varmap.set_one(&name, &t.to_dtype(DType::F32)?.to_device(&gpu)?)?;
+            }
+            model.set_fused_kernels(false);
+            model.set_compute_dtype(DType::BF16);
+            model.set_fused_attention(flash);
+            let tokens: Vec<u32> = (0..80).map(|i| 3 + (i * 37) % 90).collect();
+            let tokens = Tensor::from_vec(tokens, (2, 40), &gpu)?;
+            crate::attention::tests::FLASH_ON.set(flash);
+            let logits = model.forward_full(&tokens);
+            crate::attention::tests::FLASH_ON.set(false);
+            let weights = crate::custom_op::lcg_tensor(&[2, 40, 96], 5, -1.0, 1.0)?
+                .to_dtype(DType::F32)?
+                .to_device(&gpu)?;
+            let loss = (logits?.to_dtype(DType::F32)? * weights)?.sum_all()?;
+            let grads = loss.backward()?;
+            let mut vars: Vec<(String, candle_core::Var)> = varmap
+                .data()
+                .lock()
+                .expect("varmap lock")
+                .iter()
+                .filter(|(name, _)| name.ends_with("_proj.weight"))
+                .map(|(name, var)| (name.clone(), var.clone()))
+                .collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            let grads = vars
+                .iter()
+                .map(|(name, var)| {
+                    let g = grads
+                        .get(var)
+                        .unwrap_or_else(|| panic!("no gradient for {name}"));
+                    g.to_dtype(DType::F32)?.to_device(&Device::Cpu)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, grads))
+        };
+        let ((loss_flash, flash), (loss_composed, composed)) = (run(true)?, run(false)?);
+        assert_eq!(flash.len(), 2 * 7);
+        assert!(
+            (loss_flash - loss_composed).abs() <= 0.02 * loss_composed.abs().max(1.0),
+            "loss {loss_flash} with flash, {loss_composed} composed"
+        );
+        assert_close_logits(&flash, &composed, 0.05)
     }
 
     /// On the GPU, a frozen model's joined q/k/v projection (one GEMM per layer) gives the logits
