@@ -133,7 +133,8 @@ fn token_major_view<'a, T: CudaDType>(
 ) -> Result<(CudaView<'a, T>, [i64; 3])> {
     let Some(strides) = token_major_strides(l) else {
         candle_core::bail!(
-            "causal_attention backward on cuda: {what} must have contiguous, 16-byte aligned rows              (strides {:?})",
+            "causal_attention backward on cuda: {what} must have contiguous, 16-byte aligned rows \
+             (strides {:?})",
             l.stride()
         );
     };
