@@ -24,6 +24,7 @@ pub mod residual_add;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
+pub mod testing;
 pub mod token_nll;
 
 pub use attention::{causal_attention, fused_attention_supported};

@@ -595,6 +595,7 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{random_weights, small_gqa_config, trainable_random_model};
     use crate::{CacheLayout, KvCache, ModelDir};
     use candle_core::Device;
 
@@ -665,44 +666,6 @@ mod tests {
             assert!(diff < tol, "output {i}: {diff}");
         }
         Ok(())
-    }
-
-    /// TinyLlama's head dim with grouped heads, small: 2 layers, 4 heads on 2 kv heads.
-    fn small_gqa_config() -> LlamaConfig {
-        LlamaConfig {
-            hidden_size: 256,
-            intermediate_size: 512,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 64,
-            vocab_size: 96,
-            max_position_embeddings: 64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            tie_word_embeddings: false,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-        }
-    }
-
-    /// Random weights for `cfg` on the CPU (f64; norms near 1, the rest within ±0.08).
-    fn random_weights(cfg: &LlamaConfig) -> Result<Vec<(String, Tensor)>> {
-        cfg.expected_tensors()
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, shape))| {
-                let (lo, hi) = if name.ends_with("norm.weight") {
-                    (0.8, 1.2)
-                } else {
-                    (-0.08, 0.08)
-                };
-                Ok((
-                    name,
-                    crate::custom_op::lcg_tensor(&shape, 7 + i as u64, lo, hi)?,
-                ))
-            })
-            .collect()
     }
 
     /// A random bf16 model of [`small_gqa_config`] on `dev`.
@@ -776,13 +739,7 @@ mod tests {
         };
         let cfg = small_gqa_config();
         let run = |flash: bool| -> Result<(f32, Vec<Tensor>)> {
-            let varmap = candle_nn::VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &gpu);
-            let mut model = Llama::load(vb, &cfg)?;
-            let mut varmap = varmap;
-            for (name, t) in random_weights(&cfg)? {
-                varmap.set_one(&name, &t.to_dtype(DType::F32)?.to_device(&gpu)?)?;
-            }
+            let (mut model, vars) = trainable_random_model(&cfg, &gpu)?;
             model.set_fused_kernels(false);
             model.set_compute_dtype(DType::BF16);
             model.set_fused_attention(flash);
@@ -796,17 +753,9 @@ mod tests {
                 .to_device(&gpu)?;
             let loss = (logits?.to_dtype(DType::F32)? * weights)?.sum_all()?;
             let grads = loss.backward()?;
-            let mut vars: Vec<(String, candle_core::Var)> = varmap
-                .data()
-                .lock()
-                .expect("varmap lock")
-                .iter()
-                .filter(|(name, _)| name.ends_with("_proj.weight"))
-                .map(|(name, var)| (name.clone(), var.clone()))
-                .collect();
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
             let grads = vars
                 .iter()
+                .filter(|(name, _)| name.ends_with("_proj.weight"))
                 .map(|(name, var)| {
                     let g = grads
                         .get(var)

@@ -98,54 +98,8 @@ impl QuantHooks for FakeQuant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Tensor, Var};
-    use qat_model::{Llama, LlamaConfig};
+    use candle_core::{DType, Device, Tensor};
     use std::sync::Arc;
-
-    /// A random model with TinyLlama's head dim and grouped heads (2 layers, 4 heads on 2 kv
-    /// heads), its weights as variables on `dev` (the same values on every device).
-    fn random_model(dev: &Device) -> Result<(Llama, Vec<(String, Var)>)> {
-        let cfg = LlamaConfig {
-            hidden_size: 256,
-            intermediate_size: 512,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 64,
-            vocab_size: 96,
-            max_position_embeddings: 64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            tie_word_embeddings: false,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-        };
-        // As qat-train's student: the model reads its weights from a VarMap's variables.
-        let varmap = candle_nn::VarMap::new();
-        let model = Llama::load(
-            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev),
-            &cfg,
-        )?;
-        let mut varmap = varmap;
-        for (i, (name, shape)) in cfg.expected_tensors().into_iter().enumerate() {
-            let (lo, hi) = if name.ends_with("norm.weight") {
-                (0.8, 1.2)
-            } else {
-                (-0.08, 0.08)
-            };
-            let t = qat_model::custom_op::lcg_tensor(&shape, 7 + i as u64, lo, hi)?;
-            varmap.set_one(&name, &t.to_dtype(DType::F32)?.to_device(dev)?)?;
-        }
-        let mut vars: Vec<(String, Var)> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(name, var)| (name.clone(), var.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok((model, vars))
-    }
 
     /// A W4A8KV4 training forward and backward pass in f32 on the GPU against the same on the
     /// CPU: the loss and every weight's gradient agree to the devices' rounding (plus the rare
@@ -161,7 +115,8 @@ mod tests {
             return Ok(());
         };
         let run = |dev: &Device| -> Result<(f64, Vec<(String, Tensor)>)> {
-            let (mut model, vars) = random_model(dev)?;
+            let cfg = qat_model::testing::small_gqa_config();
+            let (mut model, vars) = qat_model::testing::trainable_random_model(&cfg, dev)?;
             model.set_fused_kernels(false); // training's ops, with gradients
             let scheme: Scheme = "W4A8KV4".parse().expect("scheme");
             model.set_hooks(Arc::new(FakeQuant::for_training(scheme)));
