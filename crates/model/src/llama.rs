@@ -595,7 +595,9 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{random_weights, small_gqa_config, trainable_random_model};
+    use crate::testing::{
+        loss_and_linear_gradients, random_weights, small_gqa_config, trainable_random_model,
+    };
     use crate::{CacheLayout, KvCache, ModelDir};
     use candle_core::Device;
 
@@ -746,24 +748,9 @@ mod tests {
             let tokens: Vec<u32> = (0..80).map(|i| 3 + (i * 37) % 90).collect();
             let tokens = Tensor::from_vec(tokens, (2, 40), &gpu)?;
             crate::attention::tests::FLASH_ON.set(flash);
-            let logits = model.forward_full(&tokens);
+            let out = loss_and_linear_gradients(&model, &vars, &tokens, 5);
             crate::attention::tests::FLASH_ON.set(false);
-            let weights = crate::custom_op::lcg_tensor(&[2, 40, 96], 5, -1.0, 1.0)?
-                .to_dtype(DType::F32)?
-                .to_device(&gpu)?;
-            let loss = (logits?.to_dtype(DType::F32)? * weights)?.sum_all()?;
-            let grads = loss.backward()?;
-            let grads = vars
-                .iter()
-                .filter(|(name, _)| name.ends_with("_proj.weight"))
-                .map(|(name, var)| {
-                    let g = grads
-                        .get(var)
-                        .unwrap_or_else(|| panic!("no gradient for {name}"));
-                    g.to_dtype(DType::F32)?.to_device(&Device::Cpu)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, grads))
+            out
         };
         let ((loss_flash, flash), (loss_composed, composed)) = (run(true)?, run(false)?);
         assert_eq!(flash.len(), 2 * 7);

@@ -66,3 +66,31 @@ pub fn trainable_random_model(
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((model, vars))
 }
+
+/// A training pass of `model` over `tokens: [b, t]`: the loss `Σ logits · w` (`w` fixed random
+/// weights in `[-1, 1)`, seeded by `seed`), and the gradients of every block's linear weights
+/// among `vars` (what QAT trains), by name order, on the host in f32.
+pub fn loss_and_linear_gradients(
+    model: &Llama,
+    vars: &[(String, Var)],
+    tokens: &Tensor,
+    seed: u64,
+) -> Result<(f32, Vec<Tensor>)> {
+    let logits = model.forward_full(tokens)?; // [b, t, vocab]
+    let w = lcg_tensor(logits.dims(), seed, -1.0, 1.0)?
+        .to_dtype(DType::F32)?
+        .to_device(tokens.device())?;
+    let loss = (logits.to_dtype(DType::F32)? * w)?.sum_all()?;
+    let grads = loss.backward()?;
+    let linear = vars
+        .iter()
+        .filter(|(name, _)| name.ends_with("_proj.weight"))
+        .map(|(name, var)| {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            g.to_dtype(DType::F32)?.to_device(&Device::Cpu)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, linear))
+}
