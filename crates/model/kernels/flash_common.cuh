@@ -233,6 +233,47 @@ __device__ __forceinline__ void accumulate_times_tile(float (&acc)[N][4], const 
 }
 
 
+// The products above for a warp that owns MT row tiles of 16 (A operands a[mt], accumulators
+// acc[mt]): each B fragment is read from shared memory once and used for all MT tiles, which
+// divides the shared-memory reads per mma by MT. Row tiles with `live[mt]` false (past the last
+// row; the same for the whole warp) are skipped.
+template <typename T, int HD, int N, int LD, int MT>
+__device__ __forceinline__ void rows_times_tile_t_multi(float (&acc)[MT][N][4],
+                                                        const uint32_t (&a)[MT][HD / 16][4],
+                                                        const T (*tile)[LD],
+                                                        const bool (&live)[MT]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) zero_acc(acc[mt]);
+#pragma unroll
+  for (int c = 0; c < HD / 16; ++c) {
+    uint32_t b[N][2];
+    b_frags(b, tile, c * 16);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (live[mt]) warp_mma_row<T, N>(acc[mt], a[mt][c], b);
+    }
+  }
+}
+
+template <typename T, int K, int N, int LD, int MT>
+__device__ __forceinline__ void accumulate_times_tile_multi(float (&acc)[MT][N][4],
+                                                            const float (&x)[MT][K / 8][4],
+                                                            const T (*tile_t)[LD],
+                                                            const bool (&live)[MT]) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t b[N][2];
+    b_frags(b, tile_t, kk * 16);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (!live[mt]) continue;
+      uint32_t a[4];
+      a_frag_of<T>(a, x[mt], kk);
+      warp_mma_row<T, N>(acc[mt], a, b);
+    }
+  }
+}
+
 // Two consecutive outputs: f32 as they are, 16-bit types rounded once (what a cast of the f32
 // values would give) and stored as one 32-bit word.
 __device__ __forceinline__ void store_pair(float* p, float a, float b) {

@@ -46,7 +46,7 @@ void run_head_dim(FILE* in, FILE* out, const long long* h) {
     return dim3{static_cast<unsigned>((n + per_block - 1) / per_block), static_cast<unsigned>(y),
                 static_cast<unsigned>(z)};
   };
-  emu_launch(grid(heads / kv_heads * t, BR, kv_heads, b), dim3{WARPS * 32, 1, 1}, [&] {
+  emu_launch(grid(heads / kv_heads * t, BR<HD>, kv_heads, b), dim3{WARPS * 32, 1, 1}, [&] {
     flash_forward<T, HD>(q.data(), k.data(), v.data(), o.data(), lse.data(), pads.data(), ih,
                          ikv, it, is, h[8], h[9], h[10], h[11], o_sb, o_sh, o_st, scale);
   });

@@ -18,8 +18,17 @@ use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
 const FORWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 const BACKWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_backward.ptx"));
-/// Query rows per forward (and dq) thread block, and its threads.
-const ROWS_PER_BLOCK: usize = 64;
+/// Packed query rows per forward thread block for a head dim (kernels/flash_attention.cu: BR, 4
+/// warps of ROW_TILES row tiles of 16: two up to head dim 64, else one).
+fn forward_rows_per_block(hd: usize) -> usize {
+    if hd <= 64 {
+        128
+    } else {
+        64
+    }
+}
+/// Query rows per dq block (DQ_ROWS), and the threads of the forward and dq blocks.
+const DQ_ROWS_PER_BLOCK: usize = 64;
 const THREADS: u32 = 128;
 /// Keys per dkdv thread block (one block per key tile, query head and batch row), and its threads.
 const KEYS_PER_BLOCK: usize = 64;
@@ -241,12 +250,12 @@ fn launch_forward<T: CudaDType + DeviceRepr>(
         b.arg(x);
     }
     b.arg(&scale);
-    // Blocks of ROWS_PER_BLOCK packed query rows (the rows of a kv head's query heads,
+    // Blocks of forward_rows_per_block packed query rows (the rows of a kv head's query heads,
     // head-major) per (kv head, batch row).
     let packed_rows = d.nh / d.nkv * d.t;
     // SAFETY: shapes, strides and extents were checked against the storages (Geometry, views);
     // out holds b·heads·t·hd elements and lse b·heads·t.
-    unsafe { b.launch(g.grid(ROWS_PER_BLOCK, packed_rows, d.nkv)) }.w()?;
+    unsafe { b.launch(g.grid(forward_rows_per_block(d.hd), packed_rows, d.nkv)) }.w()?;
     Ok(())
 }
 
@@ -522,7 +531,7 @@ impl BackwardInputs<'_> {
         );
         launch_backward!(
             "flash_attention_bwd_dq",
-            g.grid(ROWS_PER_BLOCK, d.t, d.nh),
+            g.grid(DQ_ROWS_PER_BLOCK, d.t, d.nh),
             &dq
         );
         Ok(dq)
