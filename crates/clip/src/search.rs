@@ -403,8 +403,7 @@ mod tests {
     #[test]
     fn cuda_search_picks_the_clipping_of_the_cpu() -> Result<()> {
         use qat_quant::{WeightFormat, WeightGrad, WeightQuant};
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: skipped");
+        let Some(gpu) = qat_model::testing::cuda_or_skip() else {
             return Ok(());
         };
         let (out, inp, n) = (48, 128, 40);

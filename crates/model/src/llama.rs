@@ -714,8 +714,7 @@ mod tests {
     /// on a machine with a GPU (skipped otherwise).
     #[test]
     fn flash_prefill_and_decoding_match_the_composed_attention_on_cuda() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let mut model = random_bf16_model(&gpu)?;
@@ -735,8 +734,7 @@ mod tests {
     /// machine with a GPU (skipped otherwise).
     #[test]
     fn flash_training_gradients_match_the_composed_attention_on_cuda() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let cfg = small_gqa_config();
@@ -766,8 +764,7 @@ mod tests {
     /// build on a machine with a GPU (skipped otherwise).
     #[test]
     fn joined_qkv_on_cuda_gives_the_separate_projections_logits() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let separate = prefill_and_decode(&random_bf16_model(&gpu)?, &gpu)?;

@@ -388,8 +388,7 @@ mod tests {
     /// a machine with a GPU.
     #[test]
     fn cuda_matches_the_cpu_op() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let (rows, n, eps) = (300, 2048, 1e-5);

@@ -273,8 +273,7 @@ pub(crate) mod tests {
     /// Runs only in a `--features cuda` build on a machine with a GPU.
     #[test]
     fn cuda_matches_the_cpu_op() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let cpu = Device::Cpu;

@@ -368,8 +368,7 @@ mod tests {
     /// build on a machine with a GPU.
     #[test]
     fn cuda_matches_the_cpu_op() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let x = (Tensor::arange(0f32, 480.0, &Device::Cpu)?

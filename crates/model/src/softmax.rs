@@ -193,8 +193,7 @@ mod tests {
     /// Runs only in a `--features cuda` build on a machine with a GPU (skipped otherwise).
     #[test]
     fn cuda_matches_the_composed_softmax() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let x = (Tensor::arange(0f64, 3000.0, &Device::Cpu)?

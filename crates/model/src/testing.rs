@@ -94,3 +94,15 @@ pub fn loss_and_linear_gradients(
         .collect::<Result<Vec<_>>>()?;
     Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, linear))
 }
+
+/// The first CUDA device, for the tests that compare a kernel on the GPU with the CPU; `None`,
+/// after saying the test is skipped, on a machine without one or in a CPU-only build.
+pub fn cuda_or_skip() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(gpu) => Some(gpu),
+        Err(_) => {
+            eprintln!("no CUDA device (or a CPU-only build): skipped");
+            None
+        }
+    }
+}

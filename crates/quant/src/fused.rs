@@ -418,8 +418,7 @@ mod tests {
     /// bf16. Runs only in a `--features cuda` build on a machine with a GPU (skipped otherwise).
     #[test]
     fn cuda_kernel_equals_the_cpu_kernel() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = qat_model::testing::cuda_or_skip() else {
             return Ok(());
         };
         let (rows, cols) = (37, 1000);

@@ -110,8 +110,7 @@ mod tests {
     /// only in a `--features cuda` build on a machine with a GPU (skipped otherwise).
     #[test]
     fn training_step_on_cuda_matches_the_cpu() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = qat_model::testing::cuda_or_skip() else {
             return Ok(());
         };
         let run = |dev: &Device| -> Result<(f64, Vec<Tensor>)> {

@@ -254,7 +254,7 @@ mod tests {
     /// greedy and drawn rows.
     #[test]
     fn cuda_matches_the_host_sampler() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
+        let Some(gpu) = qat_model::testing::cuda_or_skip() else {
             return Ok(());
         };
         let (rows, vocab, k) = (6, 32000, 64);

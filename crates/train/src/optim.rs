@@ -526,8 +526,7 @@ mod tests {
     /// `--features cuda` build on a machine with a GPU (skipped otherwise).
     #[test]
     fn cuda_kernels_give_the_composed_ops_bits() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = qat_model::testing::cuda_or_skip() else {
             return Ok(());
         };
         // f32 gradients, and bf16 ones (an f32 weight cast to bf16 in the forward pass): the

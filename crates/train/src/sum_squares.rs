@@ -165,8 +165,7 @@ mod tests {
     /// machine with a GPU.
     #[test]
     fn cuda_matches_the_cpu_op() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device (or a CPU-only build): skipped");
+        let Some(gpu) = qat_model::testing::cuda_or_skip() else {
             return Ok(());
         };
         let long = (Tensor::arange(0f32, 600_001.0, &Device::Cpu)?

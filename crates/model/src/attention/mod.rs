@@ -356,8 +356,7 @@ pub(crate) mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_kernel_matches_the_cpu_op() -> Result<()> {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: skipped");
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let cases = [
