@@ -10,17 +10,12 @@ pub fn switch_on(cell: &'static OnceLock<bool>, var: &str) -> bool {
     *cell.get_or_init(|| std::env::var(var).map_or(true, |v| v != "0"))
 }
 
-/// Whether `x` can go to a CUDA training kernel behind the switch `var` (with its `cell`): a
-/// `cuda` build, the switch on, and `x` a CUDA tensor of one of `dtypes`.
-pub fn cuda_kernel_on(
-    cell: &'static OnceLock<bool>,
-    var: &str,
-    x: &Tensor,
-    dtypes: &[DType],
-) -> bool {
+/// Whether `x` can go to a CUDA kernel behind the switch `var` (with its `cell`): a `cuda` build,
+/// the switch on, and `x` a CUDA tensor of one of [`FLOAT_DTYPES`] (what every kernel takes).
+pub fn cuda_kernel_on(cell: &'static OnceLock<bool>, var: &str, x: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && x.device().is_cuda()
-        && dtypes.contains(&x.dtype())
+        && FLOAT_DTYPES.contains(&x.dtype())
         && switch_on(cell, var)
 }
 

@@ -111,12 +111,7 @@ pub fn fused_qkv_on(weight: &Tensor) -> bool {
     if tests::FUSE_ON_CPU.get() {
         return true;
     }
-    crate::kernel_switch::cuda_kernel_on(
-        &ON,
-        "QAT_CUDA_FUSED_QKV",
-        weight,
-        &crate::kernel_switch::FLOAT_DTYPES,
-    )
+    crate::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_QKV", weight)
 }
 
 /// Joins the weights of frozen `layers` (which take the same input: see [`hooked_inputs`]) into

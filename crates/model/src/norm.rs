@@ -166,12 +166,7 @@ pub fn rms_norm_with_grad(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// kernels take (f32, bf16, f16), in `cuda` builds, unless `QAT_CUDA_FUSED_NORM=0`.
 pub fn fused_norm_on(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::kernel_switch::cuda_kernel_on(
-        &ON,
-        "QAT_CUDA_FUSED_NORM",
-        x,
-        &crate::kernel_switch::FLOAT_DTYPES,
-    )
+    crate::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_NORM", x)
 }
 
 /// The CUDA side: kernels/rms_norm.cu, loaded once per device as a custom PTX module.

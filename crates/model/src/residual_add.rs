@@ -120,12 +120,7 @@ pub fn fused_add_norm_on(x: &Tensor) -> bool {
     if tests::ON_CPU.get() {
         return true;
     }
-    crate::kernel_switch::cuda_kernel_on(
-        &ON,
-        "QAT_CUDA_FUSED_ADD_NORM",
-        x,
-        &crate::kernel_switch::FLOAT_DTYPES,
-    )
+    crate::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_ADD_NORM", x)
 }
 
 /// The CUDA side: `add_rms_norm_*` of kernels/rms_norm.cu.

@@ -208,12 +208,7 @@ pub fn fused_rope_on(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     x.rank() == 4
         && x.elem_count() / 2 < (1 << 31)
-        && crate::kernel_switch::cuda_kernel_on(
-            &ON,
-            "QAT_CUDA_FUSED_ROPE",
-            x,
-            &crate::kernel_switch::FLOAT_DTYPES,
-        )
+        && crate::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_ROPE", x)
 }
 
 /// The CUDA side: kernels/rope.cu, loaded once per device as a custom PTX module.

@@ -143,12 +143,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `cuda` builds, unless `QAT_CUDA_FUSED_SWIGLU=0`.
 pub fn fused_swiglu_on(x: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::kernel_switch::cuda_kernel_on(
-        &ON,
-        "QAT_CUDA_FUSED_SWIGLU",
-        x,
-        &crate::kernel_switch::FLOAT_DTYPES,
-    )
+    crate::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_SWIGLU", x)
 }
 
 /// The CUDA side: kernels/swiglu.cu, loaded once per device as a custom PTX module.

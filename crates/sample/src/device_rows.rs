@@ -4,7 +4,7 @@
 
 use crate::sampler::{self, SamplingParams};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use qat_model::kernel_switch::{cuda_kernel_on, FLOAT_DTYPES};
+use qat_model::kernel_switch::cuda_kernel_on;
 
 /// The largest K the kernel keeps (its shared-memory sort); larger K run on the host.
 pub const MAX_K: usize = 1024;
@@ -25,7 +25,7 @@ pub struct PickedRow {
 /// without truncation (top-k / top-p stay on the host), and `QAT_CUDA_FUSED_SAMPLE` not `0`.
 pub fn available(logits: &Tensor, k: usize, sampling: &SamplingParams) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    fits(logits, k, sampling) && cuda_kernel_on(&ON, "QAT_CUDA_FUSED_SAMPLE", logits, &FLOAT_DTYPES)
+    fits(logits, k, sampling) && cuda_kernel_on(&ON, "QAT_CUDA_FUSED_SAMPLE", logits)
 }
 
 /// [`available`] but for the device and the switch: K and the sampling settings are the op's.

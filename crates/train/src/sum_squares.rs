@@ -133,12 +133,7 @@ pub fn sum_squares_into(out: &Tensor, slot: usize, g: &Tensor) -> Result<()> {
 /// ([`crate::optim::accumulate`]), in `cuda` builds, unless `QAT_CUDA_FUSED_GRAD_NORM=0`.
 pub fn fused_on(g: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cuda_kernel_on(
-        &ON,
-        "QAT_CUDA_FUSED_GRAD_NORM",
-        g,
-        &qat_model::kernel_switch::FLOAT_DTYPES,
-    )
+    cuda_kernel_on(&ON, "QAT_CUDA_FUSED_GRAD_NORM", g)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use qat_model::custom_op::{contiguous_range, storage_from_f64, storage_to_f64};
-use qat_model::kernel_switch::{cuda_kernel_on, FLOAT_DTYPES};
+use qat_model::kernel_switch::cuda_kernel_on;
 use rayon::prelude::*;
 
 /// Vocabularies the CUDA kernel's shared-memory bitmask holds (kernels/bucket_lse.cu).
@@ -260,7 +260,7 @@ pub fn top_k_buckets(logits: &Tensor, ids: &Tensor, tail: bool) -> Result<Tensor
 pub fn fused_on(logits: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     logits.dims().last().is_some_and(|&v| v <= MAX_VOCAB)
-        && cuda_kernel_on(&ON, "QAT_CUDA_FUSED_LOSS", logits, &FLOAT_DTYPES)
+        && cuda_kernel_on(&ON, "QAT_CUDA_FUSED_LOSS", logits)
 }
 
 /// The CUDA side: kernels/bucket_lse.cu, loaded once per device as a custom PTX module.
