@@ -71,12 +71,18 @@ impl QLinear {
         } else {
             hooks.weight_in(self.id, &self.weight, x.dtype())?
         };
-        let (rows, in_dim) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, w.dim(1)?);
-        let mut out_shape = x.dims().to_vec();
-        *out_shape.last_mut().expect("x has at least one dim") = w.dim(0)?;
-        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
-        y.reshape(out_shape)
+        times_transposed(x, &w)
     }
+}
+
+/// `x: [.., in] · wᵀ` for `w: [out, in]` → `[.., out]`: one GEMM over all leading dims.
+fn times_transposed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (rows, in_dim) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, w.dim(1)?);
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("x has at least one dim") = w.dim(0)?;
+    x.reshape((rows, in_dim))?
+        .matmul(&w.t()?)?
+        .reshape(out_shape)
 }
 
 /// The input `x: [.., in]` of each of `layers` after `hooks.activation`, computed once per
@@ -103,8 +109,9 @@ pub fn hooked_inputs<const N: usize>(
 
 /// Where [`Llama::freeze_weights`](crate::Llama::freeze_weights) joins the frozen q, k and v
 /// weights of each layer into one matrix ([`fuse_frozen`]): CUDA models in a `cuda` build, unless
-/// `QAT_CUDA_FUSED_QKV=0`. One GEMM per layer instead of three, two launches fewer per decoding
-/// step and layer; the CPU keeps three (its results stay bit for bit as they were).
+/// `QAT_CUDA_FUSED_QKV=0`. One GEMM per layer instead of three (in decoding, where v then needs
+/// a copy for the cache, one launch fewer per layer and step); the CPU keeps three (its results
+/// stay bit for bit as they were).
 pub fn fused_qkv_on(weight: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     #[cfg(test)]
@@ -140,13 +147,7 @@ pub fn fuse_frozen<const N: usize>(layers: [&mut QLinear; N]) -> Result<Option<T
 /// `x: [.., in]` (already through the layers' activation hook) times the joined weight
 /// `[Σ out, in]` of [`fuse_frozen`] → `[.., Σ out]`, in `x`'s dtype.
 pub fn forward_joined(x: &Tensor, joined: &Tensor) -> Result<Tensor> {
-    let w = joined.to_dtype(x.dtype())?;
-    let (rows, in_dim) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, w.dim(1)?);
-    let mut out_shape = x.dims().to_vec();
-    *out_shape.last_mut().expect("x has at least one dim") = w.dim(0)?;
-    x.reshape((rows, in_dim))?
-        .matmul(&w.t()?)?
-        .reshape(out_shape)
+    times_transposed(x, &joined.to_dtype(x.dtype())?)
 }
 
 impl Module for QLinear {
