@@ -13,6 +13,21 @@ pub fn contiguous_range(l: &Layout, op: &str, what: &str) -> Result<(usize, usiz
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")).bt())
 }
 
+/// How far a layout reaches into its storage from its start offset: one past its last element
+/// (0 when it has none), whatever its strides. What a kernel reading the layout in place must
+/// find in the storage.
+pub fn span(l: &Layout) -> usize {
+    if l.shape().elem_count() == 0 {
+        return 0;
+    }
+    1 + l
+        .dims()
+        .iter()
+        .zip(l.stride())
+        .map(|(&n, &st)| (n - 1) * st)
+        .sum::<usize>()
+}
+
 /// The elements of a contiguous float storage, as f64; `op` names the op in errors.
 pub fn storage_to_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64>> {
     let (a, b) = contiguous_range(l, op, "operands")?;
@@ -120,4 +135,24 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
         .flatten_all()?
         .max(0)?
         .to_scalar::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Hand-worked spans: a contiguous tensor, a narrowed cache view with spare columns, a
+    /// transposed view, and an empty one.
+    #[test]
+    fn span_reaches_one_past_the_last_element() -> Result<()> {
+        let buf = Tensor::zeros((2, 3, 10, 4), DType::F32, &Device::Cpu)?;
+        assert_eq!(span(buf.layout()), 240);
+        // Columns 0..6 of 10: the last element is (1, 2, 5, 3) = 120 + 80 + 20 + 3.
+        assert_eq!(span(buf.narrow(2, 0, 6)?.layout()), 224);
+        // A transpose reaches as far as the tensor it views.
+        assert_eq!(span(buf.transpose(1, 2)?.layout()), 240);
+        assert_eq!(span(buf.narrow(2, 0, 0)?.layout()), 0);
+        Ok(())
+    }
 }

@@ -255,11 +255,7 @@ mod cuda {
                 candle_core::bail!("rope_with_grad: x must be 4-d, got {:?}", lx.dims());
             };
             let xs = x.as_cuda_slice::<T>()?;
-            let extent = [(b, x_sb), (h, x_sh), (t, x_st)]
-                .iter()
-                .map(|&(n, st)| (n.max(1) - 1) * st)
-                .sum::<usize>()
-                + d;
+            let extent = crate::custom_op::span(lx);
             if (x_sc != 1 && d > 1) || xs.len() < lx.start_offset() + extent {
                 candle_core::bail!(
                     "rope_with_grad: x strides {:?} from {}: rows must be contiguous and within \

@@ -7,6 +7,7 @@
 
 use super::kernel::Dims;
 use super::CausalAttention;
+use crate::custom_op::span;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -55,8 +56,9 @@ pub(super) fn kernel_strides(l: &Layout) -> Option<(usize, usize)> {
 struct Geometry {
     d: Dims,
     q_range: (usize, usize),
-    k_start: usize,
-    v_start: usize,
+    /// The element ranges of k and v the kernels read.
+    k_range: (usize, usize),
+    v_range: (usize, usize),
     strides: [i64; 4], // k_sb, k_sh, v_sb, v_sh
 }
 
@@ -87,16 +89,10 @@ impl Geometry {
         Ok(Self {
             d,
             q_range,
-            k_start: lk.start_offset(),
-            v_start: lv.start_offset(),
+            k_range: (lk.start_offset(), lk.start_offset() + span(lk)),
+            v_range: (lv.start_offset(), lv.start_offset() + span(lv)),
             strides: [k_sb as i64, k_sh as i64, v_sb as i64, v_sh as i64],
         })
-    }
-
-    /// One past the last element of k (or v) the kernels read, from the block start.
-    fn kv_extent(&self, sb: i64, sh: i64) -> usize {
-        let d = &self.d;
-        (d.b.max(1) - 1) * sb as usize + (d.nkv.max(1) - 1) * sh as usize + d.s * d.hd
     }
 
     fn grid(&self, per_block: usize, over: usize, y: usize) -> LaunchConfig {
@@ -148,12 +144,7 @@ fn token_major_view<'a, T: CudaDType>(
         );
     };
     let xs = x.as_cuda_slice::<T>()?;
-    let (b, t, h, hd) = l.shape().dims4()?;
-    let extent = [(b, strides[0]), (h, strides[1]), (t, strides[2])]
-        .iter()
-        .map(|&(n, st)| (n.max(1) - 1) * st as usize)
-        .sum::<usize>()
-        + hd;
+    let extent = span(l);
     if xs.len() < l.start_offset() + extent {
         candle_core::bail!(
             "causal_attention backward on cuda: {what} reaches past its storage ({} elements of {})",
@@ -177,11 +168,7 @@ fn views<'a, T: CudaDType>(
         k.as_cuda_slice::<T>()?,
         v.as_cuda_slice::<T>()?,
     );
-    let [k_sb, k_sh, v_sb, v_sh] = g.strides;
-    let (k_end, v_end) = (
-        g.k_start + g.kv_extent(k_sb, k_sh),
-        g.v_start + g.kv_extent(v_sb, v_sh),
-    );
+    let (k_end, v_end) = (g.k_range.1, g.v_range.1);
     if ks.len() < k_end || vs.len() < v_end {
         candle_core::bail!(
             "causal_attention on cuda: k or v reaches past its storage ({k_end}, {v_end} \
@@ -192,8 +179,8 @@ fn views<'a, T: CudaDType>(
     }
     Ok((
         qs.slice(g.q_range.0..g.q_range.1),
-        ks.slice(g.k_start..),
-        vs.slice(g.v_start..),
+        ks.slice(g.k_range.0..),
+        vs.slice(g.v_range.0..),
     ))
 }
 
