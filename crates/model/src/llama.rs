@@ -1,6 +1,6 @@
 //! The Llama decoder (RMSNorm, SwiGLU MLP, GQA attention with RoPE) over quantization hooks.
 
-use crate::attention::{causal_attention, fused_attention_supported};
+use crate::attention::{causal_attention_with_device_pads, fused_attention_supported};
 use crate::cache::KvCache;
 use crate::causal_softmax::{causal_softmax, causal_softmax_on, pads_tensor};
 use crate::config::LlamaConfig;
@@ -147,8 +147,9 @@ impl Attention {
         let k = RotaryEmbedding::apply(&k, &ctx.cos, &ctx.sin, ctx.fused)?;
         let (k, v) = cache.append(self.layer, &k.contiguous()?, &v.contiguous()?)?; // [b, nkv, s, hd]
         let scale = 1.0 / (hd as f64).sqrt();
-        if let Some(pads) = &ctx.fused_attention_pads {
-            let out = causal_attention(&q, &k, &v, pads, scale)?; // [b, nh, t, hd]
+        if let Some((pads, device_pads)) = &ctx.fused_attention_pads {
+            let out =
+                causal_attention_with_device_pads(&q, &k, &v, pads, device_pads.as_ref(), scale)?; // [b, nh, t, hd]
             let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             return self.o_proj.forward(&out, hooks);
         }
@@ -246,8 +247,9 @@ struct StepContext {
     sin: Tensor,
     mask: Option<Tensor>,
     fused: bool,
-    /// Left paddings of the rows when attention runs as the fused CPU op (then `mask` is None).
-    fused_attention_pads: Option<Vec<usize>>,
+    /// Left paddings of the rows when attention runs as the fused op (then `mask` is None), and
+    /// on CUDA the same as a device tensor (`[b]` u32, made once per forward pass).
+    fused_attention_pads: Option<(Vec<usize>, Option<Tensor>)>,
     /// Left paddings of the rows (`[b]` u32, on the device, made once per forward pass) when
     /// the composed attention's softmax scales and masks its scores itself ([`causal_softmax`];
     /// then `mask` is None).
@@ -515,7 +517,12 @@ impl Llama {
         let fused_attention =
             self.fused_attention && fused_attention_supported(dev, self.dtype(), self.cfg.head_dim);
         let (mask, fused_attention_pads, softmax_mask_pads) = if fused_attention {
-            (None, Some(cache.pads().to_vec()), None)
+            // On CUDA the paddings go to the GPU once per forward pass, not in every layer.
+            let device_pads = dev
+                .is_cuda()
+                .then(|| pads_tensor(cache.pads(), dev))
+                .transpose()?;
+            (None, Some((cache.pads().to_vec(), device_pads)), None)
         } else if causal_softmax_on(dev, self.dtype()) {
             (None, None, Some(pads_tensor(cache.pads(), dev)?))
         } else {

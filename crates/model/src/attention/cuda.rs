@@ -184,6 +184,44 @@ fn views<'a, T: CudaDType>(
     ))
 }
 
+/// The row paddings as the kernels read them: a view of the op's device tensor, or of a fresh
+/// upload of its host paddings.
+enum RowPads<'a> {
+    Given(candle_core::StorageRef<'a>, usize),
+    Uploaded(CudaSlice<u32>),
+}
+
+impl<'a> RowPads<'a> {
+    fn of(op: &'a CausalAttention, dev: &CudaDevice) -> Result<Self> {
+        let Some(t) = &op.device_pads else {
+            let host: Vec<u32> = op.pads.iter().map(|&p| p as u32).collect();
+            return Ok(Self::Uploaded(dev.clone_htod(&host)?));
+        };
+        let (storage, layout) = t.storage_and_layout();
+        match (layout.contiguous_offsets(), t.dtype()) {
+            (Some((start, end)), DType::U32) if end - start == op.pads.len() => {
+                Ok(Self::Given(storage, start))
+            }
+            _ => candle_core::bail!(
+                "causal_attention on cuda: device pads must be {} contiguous u32, got {:?} {:?}",
+                op.pads.len(),
+                t.dtype(),
+                t.dims()
+            ),
+        }
+    }
+
+    fn view(&self) -> Result<CudaView<'_, u32>> {
+        match self {
+            Self::Uploaded(slice) => Ok(slice.slice(0..)),
+            Self::Given(storage, start) => match &**storage {
+                Storage::Cuda(s) => Ok(s.as_cuda_slice::<u32>()?.slice(*start..)),
+                _ => candle_core::bail!("causal_attention on cuda: device pads not on the GPU"),
+            },
+        }
+    }
+}
+
 /// The kernels' dtype suffix.
 fn dtype_suffix(dtype: DType) -> Result<&'static str> {
     match dtype {
@@ -210,7 +248,7 @@ fn launch_forward<T: CudaDType + DeviceRepr>(
     (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
     out: Option<&CudaSlice<T>>,
     lse: Option<&CudaSlice<f32>>,
-    pads: &CudaSlice<u32>,
+    pads: &CudaView<'_, u32>,
     scale: f32,
 ) -> Result<()> {
     let d = &g.d;
@@ -257,7 +295,8 @@ pub(super) fn forward(
 ) -> Result<(CudaStorage, Shape)> {
     let g = Geometry::of(op, lq, lk, lv)?;
     let dev = &q.device;
-    let pads = dev.clone_htod(&op.pads.iter().map(|&p| p as u32).collect::<Vec<_>>())?;
+    let pads = RowPads::of(op, dev)?;
+    let pads = pads.view()?;
     let el = g.d.b * g.d.nh * g.d.t * g.d.hd;
     let scale = op.scale as f32;
     // SAFETY: the kernel writes every element of lse (b·heads·t) when given one.
@@ -355,7 +394,8 @@ pub(super) fn backward(
         );
     }
     let dev = qs.device.clone();
-    let pads = dev.clone_htod(&op.pads.iter().map(|&p| p as u32).collect::<Vec<_>>())?;
+    let pads = RowPads::of(op, &dev)?;
+    let pads = pads.view()?;
     let (rows, kv_heads_el) = (d.b * d.nh * d.t, d.b * d.nh * d.s * d.hd);
     let saved_lse = op
         .saved_lse
@@ -423,7 +463,7 @@ struct BackwardInputs<'a> {
     dtype: DType,
     storages: [&'a CudaStorage; 5],
     layouts: [&'a Layout; 2],
-    pads: &'a CudaSlice<u32>,
+    pads: &'a CudaView<'a, u32>,
     scale: f32,
 }
 

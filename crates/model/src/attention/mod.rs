@@ -37,6 +37,10 @@ struct CausalAttention {
     #[cfg(feature = "cuda")]
     saved_lse:
         Option<std::sync::Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>>,
+    /// `pads` already on the GPU (u32 `[b]`), for the CUDA kernels to read instead of an upload
+    /// in every forward and backward call.
+    #[cfg(feature = "cuda")]
+    device_pads: Option<Tensor>,
 }
 
 fn contiguous_slice<'a, T: candle_core::WithDType>(
@@ -215,8 +219,27 @@ pub fn causal_attention(
     pads: &[usize],
     scale: f64,
 ) -> Result<Tensor> {
+    causal_attention_with_device_pads(q, k, v, pads, None, scale)
+}
+
+/// [`causal_attention`] with `pads` also on q's device as `device_pads` (u32 `[b]`, as
+/// [`crate::causal_softmax::pads_tensor`] makes them once per forward pass): the CUDA kernels
+/// read them there instead of uploading them in every call (two uploads per layer and training
+/// step, one per layer and decoding step).
+pub fn causal_attention_with_device_pads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pads: &[usize],
+    device_pads: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    #[cfg(not(feature = "cuda"))]
+    let _ = device_pads; // only the CUDA kernels read them
     let op = CausalAttention {
         pads: pads.to_vec(),
+        #[cfg(feature = "cuda")]
+        device_pads: device_pads.cloned(),
         scale,
         #[cfg(feature = "cuda")]
         saved_lse: (q.track_op() || k.track_op() || v.track_op())
