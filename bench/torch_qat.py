@@ -31,6 +31,9 @@ qat-distill does, and the last position's logits are unused). The shards are dec
 memory before timing (qat-distill streams them from Parquet inside its steps).
 Timing: each step (batch assembly, forward, loss, backward, clip, AdamW) with perf_counter;
 --warmup steps are not counted; tokens/s = timed steps x batch x 256 / their seconds.
+--grad-accum N: N micro-batches of --batch sequences per optimizer step (each one's mean loss / N
+backpropagated, gradients summed by autograd), then one clip and one AdamW step, as
+`qat-distill --grad-accum N`; tokens/s counts all micro-batches.
 Prints one JSON line on stdout.
 """
 
@@ -163,6 +166,7 @@ def main():
     ap.add_argument("--a-bits", type=int, default=8)
     ap.add_argument("--kv-bits", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--online-teacher", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -193,36 +197,40 @@ def main():
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        idx = order[(torch.arange(a.batch) + step * a.batch) % S]
-        T = int(length[idx].max())  # right-padded to the longest row of the batch, as qat-distill
-        x = tokens[idx, :T].to(dev, non_blocking=True)  # [B, T]
-        trained = (pos[None, : T - 1] >= (prompt_len[idx][:, None] - 1)) & (pos[None, : T - 1] < length[idx][:, None] - 1)
-        trained = trained.to(dev, non_blocking=True)  # [B, T-1]
-        with autocast:
-            logits = student(input_ids=x).logits[:, : T - 1][trained].float()  # [N, V]
-            if teacher is None:
-                ids = top_ids[idx, : T - 1].to(dev, non_blocking=True)[trained]
-                lps = top_lps[idx, : T - 1].to(dev, non_blocking=True)[trained]
-                loss = fkl_topk(logits, ids, lps)
-            else:
-                with torch.no_grad():
-                    tl = torch.log_softmax(teacher(input_ids=x).logits[:, : T - 1][trained].float(), -1)
-                loss = fkl_full(logits, tl)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss, step_tokens = 0.0, 0  # (the loss stays on the device until after opt.step)
+        for micro in range(a.grad_accum):
+            idx = order[(torch.arange(a.batch) + (step * a.grad_accum + micro) * a.batch) % S]
+            T = int(length[idx].max())  # right-padded to the longest row of the batch, as qat-distill
+            x = tokens[idx, :T].to(dev, non_blocking=True)  # [B, T]
+            trained = (pos[None, : T - 1] >= (prompt_len[idx][:, None] - 1)) & (pos[None, : T - 1] < length[idx][:, None] - 1)
+            trained = trained.to(dev, non_blocking=True)  # [B, T-1]
+            with autocast:
+                logits = student(input_ids=x).logits[:, : T - 1][trained].float()  # [N, V]
+                if teacher is None:
+                    ids = top_ids[idx, : T - 1].to(dev, non_blocking=True)[trained]
+                    lps = top_lps[idx, : T - 1].to(dev, non_blocking=True)[trained]
+                    loss = fkl_topk(logits, ids, lps)
+                else:
+                    with torch.no_grad():
+                        tl = torch.log_softmax(teacher(input_ids=x).logits[:, : T - 1][trained].float(), -1)
+                    loss = fkl_full(logits, tl)
+            (loss / a.grad_accum).backward()
+            step_loss = step_loss + loss.detach() / a.grad_accum
+            step_tokens += int(length[idx].sum())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.lr, 10, total)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(step_loss))
         if cuda:
             torch.cuda.synchronize()
         if step >= a.warmup:
             times.append(time.perf_counter() - t0)
-            tokens_timed += int(length[idx].sum())
+            tokens_timed += step_tokens
 
     print(json.dumps({"side": "torch", "stage": "distill", "online_teacher": a.online_teacher,
-                      "scheme": f"W{a.w_bits}A{a.a_bits}KV{a.kv_bits}", "batch": a.batch, "seq_len": L,
+                      "scheme": f"W{a.w_bits}A{a.a_bits}KV{a.kv_bits}", "batch": a.batch, "grad_accum": a.grad_accum, "seq_len": L,
                       "timed_steps": a.steps, "warmup_steps": a.warmup, "seconds": sum(times),
                       "tokens_per_s": tokens_timed / sum(times), "median_step_s": float(np.median(times)),
                       "first_loss": losses[0], "last_loss": losses[-1],

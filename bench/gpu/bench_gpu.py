@@ -20,6 +20,9 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
   sample-flash  the sample row's qat side with QAT_CUDA_FLASH_ATTENTION=1: prefill and every
            decoding step through the flash kernel (one block per kv head's query heads) instead of
            two matmuls and the masked softmax
+  distill-accum  the distill row with gradient accumulation on both sides (--grad-accum 4: four
+           micro-batches of the distill row's batch per optimizer step): the per-step costs
+           (AdamW, the gradient norm) spread over 4x the tokens, and qat's in-place gradient sums
   distill-composed  the distill row's qat side with the fused training ops off (RMSNorm, SwiGLU,
            RoPE, the masked softmax, the top-K loss and the gradient norm as composed candle ops,
            QAT_CUDA_FUSED_*=0): what they gain, and the loss they must match
@@ -69,11 +72,11 @@ BENCH = os.path.dirname(HERE)
 PY = sys.executable
 
 FULL = dict(config="tinyllama", device="cuda", dtype="bf16", sample_batch=64, sample_new=512, seq_len=1024,
-            distill_batch=4, distill_steps=10, distill_warmup=3, shard_seqs=64, eval_windows=48, eval_batch=16,
-            profile_steps=3)
+            distill_batch=4, distill_steps=10, distill_warmup=3, distill_accum=4, shard_seqs=64, eval_windows=48,
+            eval_batch=16, profile_steps=3)
 SMOKE = dict(config="tiny", device="cpu", dtype="f32", sample_batch=8, sample_new=32, seq_len=128,
-             distill_batch=2, distill_steps=3, distill_warmup=2, shard_seqs=16, eval_windows=8, eval_batch=4,
-             profile_steps=2)
+             distill_batch=2, distill_steps=3, distill_warmup=2, distill_accum=2, shard_seqs=16, eval_windows=8,
+             eval_batch=4, profile_steps=2)
 
 
 class MemPoll:
@@ -151,7 +154,7 @@ def main():
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
     ap.add_argument("--stages", default="sample,sample-host,distill,distill-teacher,eval,eval-flash,distill-flash,sample-flash,distill-composed,"
-                                        "profile,kernels")
+                                        "distill-accum,profile,kernels")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
                     help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
@@ -165,7 +168,7 @@ def main():
     a = ap.parse_args()
     stages = a.stages.split(",")
     known = {"sample", "sample-host", "distill", "distill-teacher", "eval", "eval-flash", "distill-flash",
-             "sample-flash", "distill-composed", "profile", "kernels"}
+             "sample-flash", "distill-composed", "distill-accum", "profile", "kernels"}
     if set(stages) - known:
         sys.exit(f"bench_gpu.py: unknown stages {sorted(set(stages) - known)}; known: {sorted(known)}")
     if a.deadline_s is None:
@@ -361,6 +364,14 @@ def main():
         row("distill", f"distill W4A8KV4: qat cached top-64 vs PyTorch online teacher, batch {b} x {L}", q, t, 6 * N,
             f"loss qat {q['final_loss']:.3f}, torch {t['last_loss']:.3f}; torch peak allocated {t.get('peak_gpu_mib') or 0:,.0f} MiB")
 
+    def stage_distill_accum():
+        b, A = chosen["batch"], c["distill_accum"]
+        say(f"distill-accum: qat-distill (cached top-64) vs torch_qat.py (online teacher), {A} x {b} x {L} per step")
+        q = qat_distill("accum", ["--grad-accum", str(A)], b)
+        t = torch_side("torch_qat.py", targs(b) + ["--grad-accum", str(A)], "distill-accum")
+        row("distill-accum", f"distill W4A8KV4 as the distill row, {A} micro-batches of {b} x {L} per optimizer step (both sides)",
+            q, t, 6 * N, f"loss qat {q['final_loss']:.3f}, torch {t['last_loss']:.3f}")
+
     def stage_distill_teacher():
         b = chosen["batch"]
         say(f"distill-teacher: qat-distill --teacher vs torch_qat.py (online teacher), {b} x {L}")
@@ -546,9 +557,10 @@ def main():
     registry = {"sample": stage_sample, "sample-host": stage_sample_host, "distill": stage_distill,
                 "distill-teacher": stage_distill_teacher, "eval": stage_eval, "eval-flash": stage_eval_flash,
                 "distill-flash": stage_distill_flash, "sample-flash": stage_sample_flash,
-                "distill-composed": stage_distill_composed, "profile": stage_profile, "kernels": stage_kernels}
+                "distill-composed": stage_distill_composed, "distill-accum": stage_distill_accum, "profile": stage_profile, "kernels": stage_kernels}
     tried = set()
-    with_shards = {"distill", "distill-teacher", "distill-flash", "distill-composed", "profile", "kernels"}
+    with_shards = {"distill", "distill-teacher", "distill-flash", "distill-composed", "distill-accum", "profile",
+                   "kernels"}
     for stage in stages:
         if stage in with_shards:
             if "shards" not in tried:

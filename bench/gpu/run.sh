@@ -69,6 +69,7 @@ qat-quant fused::tests::cuda QAT_CUDA_FUSED_QUANT
 qat-train optim::tests::cuda QAT_CUDA_FUSED_ADAMW
 qat-train sum_squares::tests::cuda QAT_CUDA_FUSED_GRAD_NORM
 qat-train bucket_lse::tests::cuda QAT_CUDA_FUSED_LOSS
+qat-train grad_sum::tests::cuda QAT_CUDA_FUSED_GRAD_SUM
 qat-sample device_rows::tests::cuda QAT_CUDA_FUSED_SAMPLE
 qat-model attention::tests::cuda QAT_CUDA_FLASH_ATTENTION
 qat-model llama::tests::flash QAT_CUDA_FLASH_ATTENTION

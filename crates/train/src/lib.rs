@@ -6,6 +6,7 @@ pub mod data;
 pub mod distill;
 pub mod error;
 pub mod gamma;
+pub mod grad_sum;
 pub mod loss;
 pub mod optim;
 pub mod parallel;

@@ -2,7 +2,7 @@
 //! gradient-norm clipping. The optimizer state is plain tensors so checkpoints can hold it.
 
 use crate::adamw_kernels;
-use candle_core::{backprop::GradStore, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -124,7 +124,7 @@ impl AdamW {
         for (name, var) in &self.vars {
             let Some(g) = grads.get(name) else { continue };
             let (w, m, v) = (var.as_tensor(), &self.m[name], &self.v[name]);
-            // A 16-bit gradient of an f32 weight (its forward pass cast it, [`accumulate`]) goes
+            // A 16-bit gradient of an f32 weight (its forward pass cast it, [`crate::grad_sum::GradSum`]) goes
             // to the CUDA kernel as it is, which reads it as f32; elsewhere it is cast first.
             // Both see its exact value: the same bits as an f32 gradient of the same values.
             let on_cuda_kernel = w.device().is_cuda() && self.fused;
@@ -231,37 +231,6 @@ impl AdamW {
     }
 }
 
-/// Adds this micro-batch's gradients (times `scale`) into `acc`. With `scale` 1 (one
-/// micro-batch in one part, the usual case) the gradients are taken as they are, without a pass
-/// over them: `g · 1 + 0` differs from `g` only in the sign of zeros, which nothing downstream
-/// (clipping, AdamW) can see. A weight's gradient may come in a narrower dtype than the weight
-/// (bf16 for f32 master weights whose forward pass casts them to bf16: the fake quantizer's
-/// backward keeps it so, [`qat_quant`]); it is kept so when taken as it is, and cast to the
-/// weight's dtype (exactly) before any scaling or sum, so accumulation runs in f32 as before.
-pub fn accumulate(
-    acc: &mut HashMap<String, Tensor>,
-    vars: &[(String, Var)],
-    grads: &GradStore,
-    scale: f64,
-) -> Result<()> {
-    for (name, var) in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            let g = if g.dtype() != var.dtype() && (scale != 1.0 || acc.contains_key(name)) {
-                g.to_dtype(var.dtype())?
-            } else {
-                g.clone()
-            };
-            let g = if scale == 1.0 { g } else { (g * scale)? };
-            let sum = match acc.remove(name) {
-                Some(prev) => (prev.to_dtype(var.dtype())? + g)?,
-                None => g,
-            };
-            acc.insert(name.clone(), sum);
-        }
-    }
-    Ok(())
-}
-
 /// Scales all gradients so that their global L2 norm is at most `max_norm`; returns the norm
 /// before clipping. (Training folds the scaling into AdamW instead: [`grad_norm`],
 /// [`clip_scale`], [`AdamW::apply_scaled`].)
@@ -305,7 +274,7 @@ pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
         .iter()
         .map(|name| {
             let g = &grads[*name];
-            // 16-bit gradients (see [`accumulate`]) squared and summed in f32, as their casts.
+            // 16-bit gradients (see [`crate::grad_sum::GradSum`]) squared and summed in f32, as their casts.
             let g = match g.dtype() {
                 candle_core::DType::BF16 | candle_core::DType::F16 => {
                     g.to_dtype(candle_core::DType::F32)?
@@ -327,6 +296,8 @@ pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grad_sum::GradSum;
+    use candle_core::backprop::GradStore;
     use candle_core::Device;
 
     /// One AdamW step from w = 1 with g = 0.5, lr 0.1: m̂ = g, v̂ = g², update = g/(|g|+eps) ≈ 1,
@@ -479,32 +450,44 @@ mod tests {
             grads.insert(b, gb);
             Ok(grads)
         };
-        for fused in [true, false] {
+        // AdamW fused and composed; the gradient sums in place and composed.
+        for (fused, in_place) in [(true, true), (false, true), (true, false)] {
+            let new_sum = || {
+                if in_place {
+                    GradSum::new()
+                } else {
+                    GradSum::composed()
+                }
+            };
             let run = |as_bf16: bool| -> Result<(f64, Vec<u64>)> {
-                let mut acc = HashMap::new();
-                accumulate(&mut acc, &vars, &store(10, as_bf16)?, 1.0)?;
+                let mut sum = new_sum();
+                sum.add(&vars, &store(10, as_bf16)?, 1.0)?;
                 assert_eq!(
-                    acc["a"].dtype(),
+                    sum.sums()["a"].dtype(),
                     if as_bf16 {
                         bf16
                     } else {
                         candle_core::DType::F32
                     }
                 );
-                let norm_one = grad_norm(&acc)?;
-                accumulate(&mut acc, &vars, &store(20, as_bf16)?, 0.37)?;
-                assert_eq!(acc["a"].dtype(), candle_core::DType::F32, "summed in f32");
-                let norm = grad_norm(&acc)?;
+                let norm_one = grad_norm(sum.sums())?;
+                sum.add(&vars, &store(20, as_bf16)?, 0.37)?;
+                assert_eq!(
+                    sum.sums()["a"].dtype(),
+                    candle_core::DType::F32,
+                    "summed in f32"
+                );
+                let norm = grad_norm(sum.sums())?;
                 let copies: Vec<(String, Var)> = vars
                     .iter()
                     .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
                     .collect::<Result<_>>()?;
                 let mut opt = AdamW::new(copies.clone(), AdamWConfig::default())?;
                 opt.set_fused_kernels(fused);
-                let mut one = HashMap::new();
-                accumulate(&mut one, &vars, &store(30, as_bf16)?, 1.0)?;
-                opt.apply_scaled(&one, 1e-3, Some(0.5))?;
-                opt.apply_scaled(&acc, 1e-3, None)?;
+                let mut one = new_sum();
+                one.add(&vars, &store(30, as_bf16)?, 1.0)?;
+                opt.apply_scaled(one.sums(), 1e-3, Some(0.5))?;
+                opt.apply_scaled(sum.sums(), 1e-3, None)?;
                 let mut bits = vec![norm_one.to_bits(), norm.to_bits()];
                 for (_, v) in &copies {
                     bits.extend(
@@ -517,7 +500,7 @@ mod tests {
             };
             let ((n16, b16), (n32, b32)) = (run(true)?, run(false)?);
             assert!(n16 > 0.0 && n16 == n32, "norms {n16} {n32}");
-            assert_eq!(b16, b32, "fused {fused}");
+            assert_eq!(b16, b32, "fused {fused}, in place {in_place}");
         }
         Ok(())
     }

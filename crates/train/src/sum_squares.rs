@@ -130,7 +130,7 @@ pub fn sum_squares_into(out: &Tensor, slot: usize, g: &Tensor) -> Result<()> {
 
 /// Whether [`crate::optim::grad_norm`] sums squares with [`sum_squares_into`]: f32 gradients on
 /// CUDA, and the bf16 / f16 ones of f32 weights cast to 16 bits in the forward pass
-/// ([`crate::optim::accumulate`]), in `cuda` builds, unless `QAT_CUDA_FUSED_GRAD_NORM=0`.
+/// ([`crate::grad_sum::GradSum`]), in `cuda` builds, unless `QAT_CUDA_FUSED_GRAD_NORM=0`.
 pub fn fused_on(g: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     cuda_kernel_on(&ON, "QAT_CUDA_FUSED_GRAD_NORM", g)

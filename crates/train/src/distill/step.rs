@@ -4,8 +4,8 @@
 
 use crate::data::Prefetch;
 use crate::error::{Result, TrainError};
+use crate::grad_sum::GradSum;
 use crate::loss::{Loss, TopKTargets};
-use crate::optim::accumulate;
 use crate::parallel::{split_even, PartPools};
 use crate::student::Student;
 use candle_core::{Device, Tensor, Var};
@@ -81,11 +81,7 @@ pub(super) fn step_grads(
     vars: &[(String, Var)],
     plan: &StepPlan,
 ) -> Result<StepGrads> {
-    let mut out = StepGrads {
-        grads: HashMap::new(),
-        loss: 0.0,
-        tokens: 0,
-    };
+    let (mut sum, mut loss, mut tokens) = (GradSum::new(), 0.0f32, 0u64);
     let profile = models.profile;
     for _ in 0..plan.grad_accum {
         let recs = profile.time("data", || data.next_batch())?;
@@ -97,17 +93,21 @@ pub(super) fn step_grads(
         let positions: usize = outs.iter().map(|o| o.positions).sum();
         profile.time("accumulate", || {
             for o in outs {
-                out.tokens += o.real;
+                tokens += o.real;
                 if let Some(g) = o.grads {
                     let w = o.positions as f64 / positions as f64 / plan.grad_accum as f64;
-                    out.loss += (o.loss as f64 * w) as f32;
-                    accumulate(&mut out.grads, vars, &g, w)?;
+                    loss += (o.loss as f64 * w) as f32;
+                    sum.add(vars, &g, w)?;
                 }
             }
             Ok::<_, TrainError>(())
         })?;
     }
-    Ok(out)
+    Ok(StepGrads {
+        grads: sum.into_sums(),
+        loss,
+        tokens,
+    })
 }
 
 /// Forward and backward pass of one part of a micro-batch.
