@@ -11,7 +11,9 @@ What it does (the PyTorch side of the "eval" row of `make bench`), mirroring `qa
     log-softmax over the vocabulary at the real (non-padding) positions and the NLL of each next
     token.
 Timing: wall clock over tokenization + all forward passes (model loading and imports excluded;
-qat-eval's own "seconds", which the harness reports, also includes its model load).
+qat-eval's own "seconds", which the harness reports, also includes its model load); also
+`forward_tokens_per_s`, over the batches alone (tokenization excluded), the rate bench/gpu
+compares with qat-eval's rate of extra windows, from which tokenization cancels out.
 `--mode stream` mirrors `qat-eval --mode stream`: the whole file tokenized once (BOS first), cut
 into non-overlapping --seq-len windows, every token of a window but its first predicted.
 GPU (`--device cuda --dtype bf16`, bench/gpu): the model in bf16, log-softmax in f32, the GPU
@@ -60,6 +62,7 @@ def main():
             ids = tok(text)["input_ids"]  # BOS first, as qat-eval
             seqs = [ids[i : i + a.seq_len] for i in range(0, len(ids), a.seq_len)][: a.limit]
         seqs = sorted((s for s in seqs if len(s) >= 2), key=len, reverse=True)
+        t_forward = time.perf_counter()  # tokenized: the forward passes' own clock starts
         nll, count = 0.0, 0
         for b0 in range(0, len(seqs), a.batch):
             batch = seqs[b0 : b0 + a.batch]
@@ -80,10 +83,12 @@ def main():
             count += int(real.sum())
         if cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        end = time.perf_counter()
+        seconds, forward_seconds = end - t0, end - t_forward
 
     print(json.dumps({"side": "hf", "stage": "eval", "sequences": len(seqs), "tokens": count, "nll": nll / count,
                       "seconds": seconds, "tokens_per_s": count / seconds,
+                      "forward_seconds": forward_seconds, "forward_tokens_per_s": count / forward_seconds,
                       "device": a.device, "dtype": a.dtype,
                       "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))

@@ -37,7 +37,8 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
 
 qat's fixed costs (process start, model load, PTX JIT, cuBLAS init) are excluded the way HF's
 warm-up is excluded on the PyTorch side: qat-sample and qat-eval run twice, with N and 2N
-sequences, and tokens/s is the difference (extra tokens / extra seconds); qat-distill's rate comes
+sequences, and tokens/s is the difference (extra tokens / extra seconds; tokenizing the corpus
+cancels out too, so HF forward's rate is over its batches alone); qat-distill's rate comes
 from its steps after the warm-up ones (train_log.jsonl). A qat-sample run of 8 tokens first
 JIT-compiles candle's PTX for the GPU (cached by the driver for later processes).
 Peak GPU memory: nvidia-smi's used memory, polled every 0.1 s while a process runs, minus what
@@ -492,16 +493,20 @@ def main():
         return dict(tps=(j2["tokens"] - j1["tokens"]) / (j2["seconds"] - j1["seconds"]), mem=max(m1, m2), nll=j2["nll"],
                     single_run_tps=j2["tokens_per_s"])
 
-    hf_eval = lambda tag: torch_side("hf_forward.py", ["--model", model, "--corpus", corpus, "--mode", "stream",
-                                                       "--seq-len", str(L), "--limit", str(2 * W), "--batch", str(EB),
-                                                       "--threads", threads], tag)
+    def hf_eval(tag):
+        """HF forward over 2W windows; its rate over the batches alone: qat's rate of extra windows
+        excludes tokenizing the corpus (the same in both of its runs), so HF's must too."""
+        t = torch_side("hf_forward.py", ["--model", model, "--corpus", corpus, "--mode", "stream", "--seq-len", str(L),
+                                         "--limit", str(2 * W), "--batch", str(EB), "--threads", threads], tag)
+        return dict(t, tps=t["forward_tokens_per_s"])
 
     def stage_eval():
         say(f"eval: qat-eval {W} and {2 * W} windows of {L} tokens vs HF forward {2 * W}")
         q = qat_eval_rate("e", env)
         t = hf_eval("eval")
         row("eval", f"eval: perplexity, stream windows of {L}, batch {EB}", q, t, 2 * N,
-            f"NLL qat {q['nll']:.5f}, HF {t['nll']:.5f}; qat one-process rate {q['single_run_tps']:,.0f}/s")
+            f"NLL qat {q['nll']:.5f}, HF {t['nll']:.5f}; one-process rates (fixed costs included) qat "
+            f"{q['single_run_tps']:,.0f}/s, HF with tokenization {t['tokens_per_s']:,.0f}/s")
 
     def stage_eval_flash():
         say(f"eval-flash: qat-eval with QAT_CUDA_FLASH_ATTENTION=1, {W} and {2 * W} windows of {L} tokens")
