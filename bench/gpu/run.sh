@@ -61,7 +61,9 @@ kernels() {
 switch_tests="
 qat-model norm::tests::cuda QAT_CUDA_FUSED_NORM
 qat-model residual_add::tests::cuda QAT_CUDA_FUSED_ADD_NORM
-qat-model llama::tests::joined_qkv_on_cuda QAT_CUDA_FUSED_QKV
+qat-model llama::tests::joined_projections_on_cuda QAT_CUDA_FUSED_QKV
+qat-model llama::tests::joined_projections_on_cuda QAT_CUDA_FUSED_GATE_UP
+qat-model swiglu::tests::cuda_joined QAT_CUDA_FUSED_GATE_UP
 qat-model swiglu::tests::cuda QAT_CUDA_FUSED_SWIGLU
 qat-model rope::tests::cuda QAT_CUDA_FUSED_ROPE
 qat-model causal_softmax::tests::cuda QAT_CUDA_FUSED_SOFTMAX

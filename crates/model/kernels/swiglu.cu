@@ -6,6 +6,7 @@
 //   backward  dg = T(dy · u · σ(g) · (1 + g · (1 - σ(g)))),  du = T(dy · silu(g))
 //
 //   g, u, dy, y  [n] T (contiguous; f32, bf16 or f16)     out  [2n] T: dg, then du
+//   joined       y = T(silu(g) · u) from gu [rows, 2 inter] (gate columns, then up; inference)
 // f32 arithmetic inside, one rounding to T per output. Without a GPU,
 // tests/swiglu_emulated.rs compiles this file against kernels/emulation/cuda_emulation.h and
 // checks it against the CPU op.
@@ -47,6 +48,22 @@ __device__ void swiglu_backward(const T* __restrict__ g, const T* __restrict__ u
   }
 }
 
+// The forward over a joined gate/up projection's output gu: [rows, 2 inter], each row's gate
+// columns then its up columns (inference, crates/model/src/linear.rs `fuse_frozen`); y: [rows,
+// inter]. The same arithmetic as swiglu_forward, so the same bits for the same gate and up.
+template <typename T>
+__device__ void swiglu_joined_forward(const T* __restrict__ gu, T* __restrict__ y, size_t rows,
+                                      size_t inter) {
+  const size_t n = rows * inter;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * SWIGLU_BLOCK + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * SWIGLU_BLOCK) {
+    const size_t r = i / inter, c = i - r * inter;
+    const T* row = gu + r * 2 * inter;
+    const float gv = fio::load(row, c);
+    fio::store(y, i, gv * sigmoid(gv) * fio::load(row, inter + c));
+  }
+}
+
 }  // namespace
 
 #define QAT_SWIGLU_KERNELS(SUFFIX, T)                                                             \
@@ -56,6 +73,10 @@ __device__ void swiglu_backward(const T* __restrict__ g, const T* __restrict__ u
   extern "C" __global__ void swiglu_bwd_##SUFFIX(const T* g, const T* u, const T* dy, T* out,    \
                                                  size_t n) {                                     \
     swiglu_backward(g, u, dy, out, n);                                                            \
+  }                                                                                               \
+  extern "C" __global__ void swiglu_joined_fwd_##SUFFIX(const T* gu, T* y, size_t rows,          \
+                                                        size_t inter) {                          \
+    swiglu_joined_forward(gu, y, rows, inter);                                                    \
   }
 
 QAT_SWIGLU_KERNELS(f32, float)

@@ -121,6 +121,20 @@ pub fn fused_qkv_on(weight: &Tensor) -> bool {
     crate::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_QKV", weight)
 }
 
+/// Where [`Llama::freeze_weights`](crate::Llama::freeze_weights) joins the frozen gate and up
+/// weights of each MLP into one `[2 intermediate, hidden]` matrix ([`fuse_frozen`]): CUDA models
+/// in a `cuda` build, unless `QAT_CUDA_FUSED_GATE_UP=0`. One GEMM per layer instead of two, whose
+/// output [`crate::swiglu::swiglu_joined`] reads as it is (in decoding, one launch fewer per
+/// layer and step); the CPU keeps two (its results stay bit for bit as they were).
+pub fn fused_gate_up_on(weight: &Tensor) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    #[cfg(test)]
+    if tests::FUSE_ON_CPU.get() {
+        return true;
+    }
+    crate::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_GATE_UP", weight)
+}
+
 /// Joins the weights of frozen `layers` (which take the same input: see [`hooked_inputs`]) into
 /// one `[Σ out, in]` matrix, and makes each layer's weight a row range of it (a contiguous view,
 /// no copy kept): `x · Wᵀ` of the joined matrix holds the layers' outputs side by side. `None`
@@ -164,7 +178,7 @@ pub(crate) mod tests {
     use std::cell::Cell;
 
     thread_local! {
-        /// The model's wiring tests can join q, k and v on the CPU.
+        /// The model's wiring tests can join q, k and v (and gate and up) on the CPU.
         pub(crate) static FUSE_ON_CPU: Cell<bool> = const { Cell::new(false) };
     }
 

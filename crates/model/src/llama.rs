@@ -5,7 +5,9 @@ use crate::cache::KvCache;
 use crate::causal_softmax::{causal_softmax, causal_softmax_on, pads_tensor};
 use crate::config::LlamaConfig;
 use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
-use crate::linear::{forward_joined, fuse_frozen, fused_qkv_on, hooked_inputs, QLinear};
+use crate::linear::{
+    forward_joined, fuse_frozen, fused_gate_up_on, fused_qkv_on, hooked_inputs, QLinear,
+};
 use crate::rope::RotaryEmbedding;
 use crate::softmax::softmax_last_dim_with_grad;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -205,6 +207,9 @@ struct Mlp {
     gate_proj: QLinear,
     up_proj: QLinear,
     down_proj: QLinear,
+    /// gate's and up's frozen weights joined, `[2 intermediate, hidden]` (inference on CUDA: see
+    /// [`fused_gate_up_on`]); their own weights are then row views of it.
+    gate_up: Option<Tensor>,
 }
 
 impl Mlp {
@@ -215,12 +220,26 @@ impl Mlp {
             gate_proj: QLinear::load(vb.pp("gate_proj"), h, i, id(LinearKind::Gate))?,
             up_proj: QLinear::load(vb.pp("up_proj"), h, i, id(LinearKind::Up))?,
             down_proj: QLinear::load(vb.pp("down_proj"), i, h, id(LinearKind::Down))?,
+            gate_up: None,
         })
     }
 
     /// `x: [b, t, hidden]` → `[b, t, hidden]`. On CUDA `silu(gate) · up` is one op with its
     /// own backward ([`crate::swiglu`]), in training and inference alike; the CPU composes it.
     fn forward(&self, x: &Tensor, hooks: &dyn QuantHooks) -> Result<Tensor> {
+        if let Some(joined) = &self.gate_up {
+            // One GEMM; its [.., 2 intermediate] output holds gate, then up, per row.
+            let x = hooks.activation(self.gate_proj.id(), x)?;
+            let gate_up = forward_joined(&x, joined)?;
+            let h = if crate::swiglu::fused_swiglu_on(&gate_up) {
+                crate::swiglu::swiglu_joined(&gate_up)?
+            } else {
+                let inter = gate_up.dim(D::Minus1)? / 2;
+                let gate = gate_up.narrow(D::Minus1, 0, inter)?;
+                (gate.silu()? * gate_up.narrow(D::Minus1, inter, inter)?)?
+            };
+            return self.down_proj.forward(&h, hooks);
+        }
         let [x_gate, x_up] = hooked_inputs(x, [&self.gate_proj, &self.up_proj], hooks)?;
         let gate = self.gate_proj.forward_hooked_input(&x_gate, hooks)?;
         let up = self.up_proj.forward_hooked_input(&x_up, hooks)?;
@@ -348,7 +367,8 @@ impl Llama {
     /// once (when [`QuantHooks::weight_is_static`]) and casts all weights to the compute dtype,
     /// so forward passes neither re-quantize nor cast. Values are identical to running without
     /// it, except on CUDA, where each layer's q, k and v weights are also joined into one matrix
-    /// (one GEMM instead of three, see [`fused_qkv_on`]; equal to the GEMMs' rounding). Call
+    /// (one GEMM instead of three, see [`fused_qkv_on`]), and its gate and up weights into
+    /// another (one GEMM instead of two, [`fused_gate_up_on`]); equal to the GEMMs' rounding. Call
     /// after [`Self::set_hooks`] and [`Self::set_compute_dtype`]; hooks set later still apply to
     /// activations and the KV cache, but not to the frozen weights.
     pub fn freeze_weights(&mut self) -> Result<()> {
@@ -377,6 +397,12 @@ impl Llama {
                 && hooks.same_activation(q, v)
             {
                 a.qkv = fuse_frozen([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            }
+            if m.gate_up.is_none()
+                && fused_gate_up_on(m.gate_proj.weight())
+                && hooks.same_activation(m.gate_proj.id(), m.up_proj.id())
+            {
+                m.gate_up = fuse_frozen([&mut m.gate_proj, &mut m.up_proj])?;
             }
         }
         self.embed_tokens = self.embed_tokens.to_dtype(dt)?;
@@ -766,26 +792,29 @@ mod tests {
         assert_close_logits(&flash, &composed, 0.05)
     }
 
-    /// On the GPU, a frozen model's joined q/k/v projection (one GEMM per layer) gives the logits
-    /// of the three separate projections, to bf16 rounding. Runs only in a `--features cuda`
-    /// build on a machine with a GPU (skipped otherwise).
+    /// On the GPU, a frozen model's joined projections (q/k/v and gate/up, one GEMM each per
+    /// layer) give the logits of the separate projections, to bf16 rounding. Runs only in a
+    /// `--features cuda` build on a machine with a GPU (skipped otherwise).
     #[test]
-    fn joined_qkv_on_cuda_gives_the_separate_projections_logits() -> Result<()> {
+    fn joined_projections_on_cuda_give_the_separate_projections_logits() -> Result<()> {
         let Some(gpu) = crate::testing::cuda_or_skip() else {
             return Ok(());
         };
         let separate = prefill_and_decode(&random_bf16_model(&gpu)?, &gpu)?;
         let mut model = random_bf16_model(&gpu)?;
         model.freeze_weights()?;
-        assert!(model.blocks.iter().all(|b| b.self_attn.qkv.is_some()));
+        assert!(model
+            .blocks
+            .iter()
+            .all(|b| b.self_attn.qkv.is_some() && b.mlp.gate_up.is_some()));
         assert_close_logits(&prefill_and_decode(&model, &gpu)?, &separate, 0.02)
     }
 
-    /// The joined q/k/v projection (run on the CPU through its test switch) gives the logits of
-    /// the three separate ones, to f32 rounding: a full-sequence forward and a left-padded
-    /// prefill with decoding steps of stories260K.
+    /// The joined q/k/v and gate/up projections (run on the CPU through their test switch) give
+    /// the logits of the separate ones, to f32 rounding: a full-sequence forward and a
+    /// left-padded prefill with decoding steps of stories260K.
     #[test]
-    fn joined_qkv_gives_the_separate_projections_logits() -> Result<()> {
+    fn joined_projections_give_the_separate_projections_logits() -> Result<()> {
         let run = |join: bool| -> Result<Vec<Tensor>> {
             let mut model = stories260k();
             crate::linear::tests::FUSE_ON_CPU.set(join);
@@ -793,6 +822,7 @@ mod tests {
             crate::linear::tests::FUSE_ON_CPU.set(false);
             frozen?;
             assert_eq!(model.blocks[0].self_attn.qkv.is_some(), join);
+            assert_eq!(model.blocks[0].mlp.gate_up.is_some(), join);
             full_and_padded_decode_logits(&model)
         };
         assert_same_logits(&run(false)?, &run(true)?, 1e-4)

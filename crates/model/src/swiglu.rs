@@ -139,6 +139,62 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// `silu(gate) · up` from a joined gate/up projection's output `gate_up: [.., 2 inter]` (each
+/// row's `inter` gate columns, then its up columns: [`crate::linear::fuse_frozen`] of gate_proj
+/// and up_proj) → `[.., inter]`, in one pass and without the two column views' copies. For
+/// inference (no gradient); on CUDA the separate op's arithmetic, so its bits.
+pub fn swiglu_joined(gate_up: &Tensor) -> Result<Tensor> {
+    let two_inter = gate_up.dim(candle_core::D::Minus1)?;
+    if two_inter % 2 != 0 {
+        candle_core::bail!(
+            "swiglu_joined: last dim {two_inter} of {:?} is odd",
+            gate_up.dims()
+        );
+    }
+    gate_up.contiguous()?.apply_op1_no_bwd(&SwiGluJoined)
+}
+
+/// [`swiglu_joined`]'s op.
+#[derive(Debug, Clone, Copy)]
+struct SwiGluJoined;
+
+/// `[.., 2 inter]` → (rows, inter, the output shape `[.., inter]`).
+fn joined_dims(l: &Layout) -> Result<(usize, usize, Shape)> {
+    let mut dims = l.dims().to_vec();
+    let inter = dims.last().copied().unwrap_or(0) / 2;
+    *dims.last_mut().expect("swiglu_joined checks the last dim") = inter;
+    let shape = Shape::from(dims);
+    let rows = shape.elem_count().checked_div(inter).unwrap_or(0);
+    Ok((rows, inter, shape))
+}
+
+impl candle_core::CustomOp1 for SwiGluJoined {
+    fn name(&self) -> &'static str {
+        "swiglu-joined"
+    }
+
+    fn cpu_fwd(&self, gu: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, inter, shape) = joined_dims(l)?;
+        let v = storage_to_f64(gu, l, OP)?;
+        let mut y = Vec::with_capacity(rows * inter);
+        for row in v.chunks_exact(2 * inter.max(1)).take(rows) {
+            let (g, u) = row.split_at(inter);
+            y.extend(g.iter().zip(u).map(|(g, u)| g * sigmoid(*g) * u));
+        }
+        Ok((storage_from_f64(gu.dtype(), y), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gu: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, inter, shape) = joined_dims(l)?;
+        Ok((cuda::joined(gu, l, rows, inter)?, shape))
+    }
+}
+
 /// Whether the MLP runs `silu(gate) · up` as [`swiglu`]: CUDA tensors of f32, bf16 or f16, in
 /// `cuda` builds, unless `QAT_CUDA_FUSED_SWIGLU=0`.
 pub fn fused_swiglu_on(x: &Tensor) -> bool {
@@ -208,6 +264,55 @@ mod cuda {
             other => candle_core::bail!("swiglu on cuda: dtype {other:?}"),
         }
     }
+
+    /// Launches `swiglu_joined_fwd_{dtype}` over the contiguous `gu: [rows, 2 inter]`, writing a
+    /// fresh `[rows, inter]` buffer.
+    pub(super) fn joined(
+        gu: &CudaStorage,
+        l: &Layout,
+        rows: usize,
+        inter: usize,
+    ) -> Result<CudaStorage> {
+        fn run<T: CudaDType + DeviceRepr>(
+            name: &str,
+            gu: &CudaStorage,
+            l: &Layout,
+            rows: usize,
+            inter: usize,
+        ) -> Result<CudaStorage> {
+            let dev = gu.device().clone();
+            let (a, b) = crate::custom_op::contiguous_range(l, "swiglu_joined", "gate_up")?;
+            if b - a != 2 * rows * inter {
+                candle_core::bail!(
+                    "swiglu_joined: {} elements for {rows} rows of 2 x {inter}",
+                    b - a
+                );
+            }
+            let func = dev.get_or_load_custom_func(name, "qat_swiglu", PTX)?;
+            let view = gu.as_cuda_slice::<T>()?.slice(a..b);
+            // SAFETY: the kernel writes every output element.
+            let out = unsafe { dev.alloc::<T>(rows * inter)? };
+            let (rows64, inter64) = (rows as u64, inter as u64);
+            let mut builder = func.builder();
+            builder.arg(&view).arg(&out).arg(&rows64).arg(&inter64);
+            let n = rows * inter;
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1),
+                block_dim: (256, 1, 1), // SWIGLU_BLOCK
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: gu holds 2 rows inter elements, out rows inter; the kernel strides over the
+            // grid.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        match gu.dtype() {
+            DType::F32 => run::<f32>("swiglu_joined_fwd_f32", gu, l, rows, inter),
+            DType::BF16 => run::<half::bf16>("swiglu_joined_fwd_bf16", gu, l, rows, inter),
+            DType::F16 => run::<half::f16>("swiglu_joined_fwd_f16", gu, l, rows, inter),
+            other => candle_core::bail!("swiglu_joined on cuda: dtype {other:?}"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +354,53 @@ mod tests {
         let grads = swiglu(&g0, &u0)?.sum_all()?.backward()?;
         assert_eq!(grads.get(&g0).expect("dg").to_vec1::<f64>()?, [1.5]);
         assert_eq!(grads.get(&u0).expect("du").to_vec1::<f64>()?, [0.0]);
+        Ok(())
+    }
+
+    /// The joined op equals the separate one on the same gate and up (the same f64 arithmetic);
+    /// an odd last dim is an error.
+    #[test]
+    fn joined_gate_up_gives_the_separate_ops_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, inter) = (6, 50);
+        let g = (Tensor::arange(0f64, (rows * inter) as f64, &dev)?
+            .reshape((2, 3, inter))?
+            .affine(0.37, 0.0)?
+            .sin()?
+            * 8.0)?;
+        let u = Tensor::arange(0f64, (rows * inter) as f64, &dev)?
+            .reshape((2, 3, inter))?
+            .cos()?;
+        let joined = swiglu_joined(&Tensor::cat(&[&g, &u], 2)?)?;
+        assert_eq!(joined.dims(), [2, 3, inter]);
+        assert_eq!(max_abs_diff(&joined, &swiglu(&g, &u)?)?, 0.0);
+        let err = swiglu_joined(&Tensor::zeros((2, 5), DType::F32, &dev)?).unwrap_err();
+        assert!(err.to_string().contains("odd"), "{err}");
+        Ok(())
+    }
+
+    /// On the GPU the joined kernel gives the separate kernel's bits (f32, bf16, f16). Runs only
+    /// in a `--features cuda` build on a machine with a GPU.
+    #[test]
+    fn cuda_joined_gives_the_separate_kernels_bits() -> Result<()> {
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
+            return Ok(());
+        };
+        let (rows, inter) = (37, 5632);
+        let base =
+            Tensor::arange(0f32, (rows * inter) as f32, &Device::Cpu)?.reshape((rows, inter))?;
+        let g = (base.affine(0.37, 0.0)?.sin()? * 8.0)?;
+        let u = base.cos()?;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let (g, u) = (
+                g.to_dtype(dtype)?.to_device(&gpu)?,
+                u.to_dtype(dtype)?.to_device(&gpu)?,
+            );
+            let joined = swiglu_joined(&Tensor::cat(&[&g, &u], 1)?)?;
+            let separate = swiglu(&g, &u)?;
+            let bits = |t: &Tensor| crate::custom_op::f32_bits(&t.to_dtype(DType::F32)?);
+            assert_eq!(bits(&joined)?, bits(&separate)?, "{dtype:?}");
+        }
         Ok(())
     }
 

@@ -1,8 +1,9 @@
 //! The CUDA SwiGLU kernels with their backward (kernels/swiglu.cu) run on the CPU through the
 //! CUDA emulation in kernels/emulation, against the CPU op (`qat_model::swiglu`, f64
 //! arithmetic) in value and both gradients: f32, bf16 and f16, grids smaller than the data (the
-//! kernels' grid stride) and larger, gates from −30 to 30. Needs a C++20 compiler (`CXX`,
-//! default `c++`).
+//! kernels' grid stride) and larger, gates from −30 to 30; and the inference kernel over a joined
+//! gate/up output (`swiglu_joined`), which must give the separate inputs' bits. Needs a C++20
+//! compiler (`CXX`, default `c++`).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use qat_model::swiglu::swiglu;
@@ -20,9 +21,14 @@ fn build_harness(dir: &Path) -> PathBuf {
     )
 }
 
-fn run_emulated(exe: &Path, dir: &Path, code: u32, blocks: u32, inputs: [&[f32]; 3]) -> Vec<f32> {
+fn run_emulated(
+    exe: &Path,
+    dir: &Path,
+    (code, blocks, inter): (u32, u32, u32),
+    inputs: [&[f32]; 3],
+) -> Vec<f32> {
     let mut bytes = Vec::new();
-    for v in [inputs[0].len() as u32, code, blocks] {
+    for v in [inputs[0].len() as u32, code, blocks, inter] {
         bytes.extend(v.to_le_bytes());
     }
     inputs
@@ -37,7 +43,7 @@ fn run_emulated(exe: &Path, dir: &Path, code: u32, blocks: u32, inputs: [&[f32];
 fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let exe = build_harness(dir.path());
-    for (n, blocks) in [(1000usize, 2u32), (700, 5)] {
+    for (n, blocks, inter) in [(1000usize, 2u32, 100usize), (700, 5, 70)] {
         for (code, dtype, tol) in [
             (0u32, DType::F32, 1e-6),
             (1, DType::BF16, 8e-3),
@@ -55,8 +61,7 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
             let got = run_emulated(
                 &exe,
                 dir.path(),
-                code,
-                blocks,
+                (code, blocks, inter as u32),
                 [&flat(&g)?, &flat(&u)?, &flat(&dy)?],
             );
             let gv = Var::from_tensor(&g.to_dtype(DType::F64)?)?;
@@ -68,7 +73,14 @@ fn emulated_cuda_kernels_match_the_cpu_op() -> Result<()> {
                 .map(|t| t.to_vec1::<f64>())
                 .collect::<Result<Vec<_>>>()?
                 .concat();
-            assert_eq!(got.len(), want.len());
+            assert_eq!(got.len(), want.len() + n);
+            // The joined kernel: the separate kernel's bits.
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got[3 * n..]),
+                bits(&got[..n]),
+                "joined, n {n} {dtype:?}"
+            );
             for (part, name) in ["y", "d gate", "d up"].iter().enumerate() {
                 let (a, b) = (
                     &got[part * n..(part + 1) * n],
