@@ -64,7 +64,7 @@ qat-model residual_add::tests::cuda QAT_CUDA_FUSED_ADD_NORM
 qat-model llama::tests::joined_projections_on_cuda QAT_CUDA_FUSED_QKV
 qat-model llama::tests::joined_projections_on_cuda QAT_CUDA_FUSED_GATE_UP
 qat-model swiglu::tests::cuda_joined QAT_CUDA_FUSED_GATE_UP
-qat-model swiglu::tests::cuda QAT_CUDA_FUSED_SWIGLU
+qat-model swiglu::tests::cuda_matches QAT_CUDA_FUSED_SWIGLU
 qat-model rope::tests::cuda QAT_CUDA_FUSED_ROPE
 qat-model causal_softmax::tests::cuda QAT_CUDA_FUSED_SOFTMAX
 qat-quant fused::tests::cuda QAT_CUDA_FUSED_QUANT
