@@ -19,9 +19,10 @@
 //! out   = q · scale
 //! ```
 
-use crate::asym::fake_asym;
+use crate::asym::{asym_max_int, fake_asym};
 use crate::error::QuantError;
 use crate::fused;
+use crate::fused_asym;
 use crate::ggml::fake_ggml;
 use crate::nf::{fake_nf, NfGrid};
 use crate::scheme::{KvGranularity, KvQuant, WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
@@ -191,6 +192,10 @@ pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
             // `+ 0.0` turns -0 into +0, as the packed model (integer codes) has it.
             (sym_quant_dequant(&x, wq.bits, &[1], ScaleRounding::F16)? + 0.0)?
         }
+        WeightFormat::AsymGroup { .. } if fused_asym::supported(w) => {
+            // One CUDA pass each way, the composed path's values.
+            return fused_asym::fake_asym_group(w, asym_max_int(wq.bits)?, group, wq.grad, false);
+        }
         WeightFormat::AsymGroup { .. } => return fake_asym(w, wq.bits, group, wq.grad),
         WeightFormat::Nf3 { .. } => fake_nf(&x, NfGrid::Nf3, group)?,
         WeightFormat::Nf4 { .. } => fake_nf(&x, NfGrid::Nf4, group)?,
@@ -202,7 +207,8 @@ pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
 /// [`fake_weight`] in the compute dtype `dtype` (the layer's input dtype). Symmetric
 /// per-channel weights go from f32 master weights to bf16 in one fused pass where
 /// [`fused::supported_to`] holds, with the bits of quantizing and then casting (and the cast's
-/// gradient); anything else is `fake_weight(w, wq)?.to_dtype(dtype)`.
+/// gradient), and so do `asym_group` weights on CUDA ([`fused_asym::supported`]); anything else
+/// is `fake_weight(w, wq)?.to_dtype(dtype)`.
 pub fn fake_weight_in(w: &Tensor, wq: &WeightQuant, dtype: DType) -> Result<Tensor> {
     let fused_cast = matches!(wq.format, WeightFormat::SymPerChannel)
         && w.dtype() != dtype
@@ -211,6 +217,21 @@ pub fn fake_weight_in(w: &Tensor, wq: &WeightQuant, dtype: DType) -> Result<Tens
     if fused_cast {
         wq.check("")?;
         return fused::sym_fake_quant_rows_to(w, sym_qmax(wq.bits)?, ScaleRounding::F16, dtype);
+    }
+    if matches!(wq.format, WeightFormat::AsymGroup { .. })
+        && dtype == DType::BF16
+        && fused_asym::supported(w)
+    {
+        wq.check("")?;
+        let (out, inp) = w.dims2()?;
+        let group = wq
+            .format
+            .group_len(inp)
+            .map_err(|what| QuantError::BadTensor {
+                op: "fake_weight",
+                what: format!("weight [{out}, {inp}] with format {}: {what}", wq.format),
+            })?;
+        return fused_asym::fake_asym_group(w, asym_max_int(wq.bits)?, group, wq.grad, true);
     }
     fake_weight(w, wq)?.to_dtype(dtype)
 }

@@ -113,30 +113,43 @@ mod tests {
         let Some(gpu) = qat_model::testing::cuda_or_skip() else {
             return Ok(());
         };
-        let run = |dev: &Device| -> Result<(f64, Vec<Tensor>)> {
-            let cfg = qat_model::testing::small_gqa_config();
-            let (mut model, vars) = qat_model::testing::trainable_random_model(&cfg, dev)?;
-            model.set_fused_kernels(false); // training's ops, with gradients
-            let scheme: Scheme = "W4A8KV4".parse().expect("scheme");
-            model.set_hooks(Arc::new(FakeQuant::for_training(scheme)));
-            let tokens: Vec<u32> = (0..48).map(|i| 3 + (i * 37) % 90).collect();
-            let tokens = Tensor::from_vec(tokens, (2, 24), dev)?;
-            let (loss, grads) =
-                qat_model::testing::loss_and_linear_gradients(&model, &vars, &tokens, 99)?;
-            Ok((f64::from(loss), grads))
-        };
-        let ((loss_gpu, grads_gpu), (loss_cpu, grads_cpu)) = (run(&gpu)?, run(&Device::Cpu)?);
+        // LLM-QAT's scheme, and BitDistiller's 2-bit groups of 32 with their min/max gradient
+        // (kernels/asym_group.cu on the GPU, the composed ops on the CPU).
+        for name in ["W4A8KV4", "W2G32"] {
+            let run = |dev: &Device| -> Result<(f64, Vec<Tensor>)> {
+                let cfg = qat_model::testing::small_gqa_config();
+                let (mut model, vars) = qat_model::testing::trainable_random_model(&cfg, dev)?;
+                model.set_fused_kernels(false); // training's ops, with gradients
+                let scheme: Scheme = name.parse().expect("scheme");
+                model.set_hooks(Arc::new(FakeQuant::for_training(scheme)));
+                let tokens: Vec<u32> = (0..48).map(|i| 3 + (i * 37) % 90).collect();
+                let tokens = Tensor::from_vec(tokens, (2, 24), dev)?;
+                let (loss, grads) =
+                    qat_model::testing::loss_and_linear_gradients(&model, &vars, &tokens, 99)?;
+                Ok((f64::from(loss), grads))
+            };
+            compare_step(name, run(&gpu)?, run(&Device::Cpu)?)?;
+        }
+        Ok(())
+    }
+
+    /// The GPU's loss and linear gradients against the CPU's (`scheme` names the case).
+    fn compare_step(
+        scheme: &str,
+        (loss_gpu, grads_gpu): (f64, Vec<Tensor>),
+        (loss_cpu, grads_cpu): (f64, Vec<Tensor>),
+    ) -> Result<()> {
         assert_eq!(grads_cpu.len(), 2 * 7, "7 linear layers per block");
         assert!(
             (loss_gpu - loss_cpu).abs() <= 1e-2 * loss_cpu.abs().max(1.0),
-            "loss {loss_gpu} on cuda, {loss_cpu} on the cpu"
+            "{scheme}: loss {loss_gpu} on cuda, {loss_cpu} on the cpu"
         );
         for (i, (g, want)) in grads_gpu.iter().zip(&grads_cpu).enumerate() {
             let max = |t: &Tensor| -> Result<f32> { t.abs()?.flatten_all()?.max(0)?.to_scalar() };
             let (diff, size) = (max(&(g - want)?)?, max(want)?);
             assert!(
                 diff <= 5e-2 * size.max(1e-6),
-                "linear weight {i} (by name): differs by {diff}, largest {size}"
+                "{scheme}: linear weight {i} (by name): differs by {diff}, largest {size}"
             );
         }
         Ok(())

@@ -13,6 +13,7 @@ pub mod error;
 pub mod fake;
 pub mod file;
 pub mod fused;
+pub mod fused_asym;
 pub mod ggml;
 pub mod glob;
 pub mod hooks;
