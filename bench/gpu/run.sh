@@ -69,6 +69,7 @@ qat-model rope::tests::cuda QAT_CUDA_FUSED_ROPE
 qat-model causal_softmax::tests::cuda QAT_CUDA_FUSED_SOFTMAX
 qat-quant fused::tests::cuda QAT_CUDA_FUSED_QUANT
 qat-quant fused_asym::tests::cuda QAT_CUDA_FUSED_ASYM
+qat-quant fused_nf::tests::cuda QAT_CUDA_FUSED_NF
 qat-train optim::tests::cuda QAT_CUDA_FUSED_ADAMW
 qat-train sum_squares::tests::cuda QAT_CUDA_FUSED_GRAD_NORM
 qat-train bucket_lse::tests::cuda QAT_CUDA_FUSED_LOSS

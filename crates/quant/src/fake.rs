@@ -23,6 +23,7 @@ use crate::asym::{asym_max_int, fake_asym};
 use crate::error::QuantError;
 use crate::fused;
 use crate::fused_asym;
+use crate::fused_nf;
 use crate::ggml::fake_ggml;
 use crate::nf::{fake_nf, NfGrid};
 use crate::scheme::{KvGranularity, KvQuant, WeightFormat, WeightQuant, MAX_BITS, MIN_BITS};
@@ -197,6 +198,10 @@ pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
             return fused_asym::fake_asym_group(w, asym_max_int(wq.bits)?, group, wq.grad, false);
         }
         WeightFormat::AsymGroup { .. } => return fake_asym(w, wq.bits, group, wq.grad),
+        WeightFormat::Nf3 { .. } | WeightFormat::Nf4 { .. } if fused_nf::supported(w) => {
+            // One CUDA pass, the composed path's values, identity gradient.
+            return fused_nf::fake_nf_group(w, nf_grid(&wq.format), group, false);
+        }
         WeightFormat::Nf3 { .. } => fake_nf(&x, NfGrid::Nf3, group)?,
         WeightFormat::Nf4 { .. } => fake_nf(&x, NfGrid::Nf4, group)?,
         WeightFormat::Ggml(ty) => return fake_ggml(w, ty),
@@ -207,8 +212,8 @@ pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
 /// [`fake_weight`] in the compute dtype `dtype` (the layer's input dtype). Symmetric
 /// per-channel weights go from f32 master weights to bf16 in one fused pass where
 /// [`fused::supported_to`] holds, with the bits of quantizing and then casting (and the cast's
-/// gradient), and so do `asym_group` weights on CUDA ([`fused_asym::supported`]); anything else
-/// is `fake_weight(w, wq)?.to_dtype(dtype)`.
+/// gradient), and so do `asym_group` and NF3/NF4 weights on CUDA ([`fused_asym::supported`],
+/// [`fused_nf::supported`]); anything else is `fake_weight(w, wq)?.to_dtype(dtype)`.
 pub fn fake_weight_in(w: &Tensor, wq: &WeightQuant, dtype: DType) -> Result<Tensor> {
     let fused_cast = matches!(wq.format, WeightFormat::SymPerChannel)
         && w.dtype() != dtype
@@ -218,10 +223,12 @@ pub fn fake_weight_in(w: &Tensor, wq: &WeightQuant, dtype: DType) -> Result<Tens
         wq.check("")?;
         return fused::sym_fake_quant_rows_to(w, sym_qmax(wq.bits)?, ScaleRounding::F16, dtype);
     }
-    if matches!(wq.format, WeightFormat::AsymGroup { .. })
-        && dtype == DType::BF16
-        && fused_asym::supported(w)
-    {
+    let group_kernel = match wq.format {
+        WeightFormat::AsymGroup { .. } => fused_asym::supported(w),
+        WeightFormat::Nf3 { .. } | WeightFormat::Nf4 { .. } => fused_nf::supported(w),
+        _ => false,
+    };
+    if group_kernel && dtype == DType::BF16 {
         wq.check("")?;
         let (out, inp) = w.dims2()?;
         let group = wq
@@ -231,9 +238,22 @@ pub fn fake_weight_in(w: &Tensor, wq: &WeightQuant, dtype: DType) -> Result<Tens
                 op: "fake_weight",
                 what: format!("weight [{out}, {inp}] with format {}: {what}", wq.format),
             })?;
-        return fused_asym::fake_asym_group(w, asym_max_int(wq.bits)?, group, wq.grad, true);
+        return match wq.format {
+            WeightFormat::AsymGroup { .. } => {
+                fused_asym::fake_asym_group(w, asym_max_int(wq.bits)?, group, wq.grad, true)
+            }
+            _ => fused_nf::fake_nf_group(w, nf_grid(&wq.format), group, true),
+        };
     }
     fake_weight(w, wq)?.to_dtype(dtype)
+}
+
+/// The grid of an NF format (NF3 for anything but NF4: callers pass NF formats only).
+fn nf_grid(format: &WeightFormat) -> NfGrid {
+    match format {
+        WeightFormat::Nf4 { .. } => NfGrid::Nf4,
+        _ => NfGrid::Nf3,
+    }
 }
 
 /// One row's symmetric codes on the host, in f32 exactly as [`sym_quantize`] computes them for

@@ -114,8 +114,9 @@ mod tests {
             return Ok(());
         };
         // LLM-QAT's scheme, and BitDistiller's 2-bit groups of 32 with their min/max gradient
-        // (kernels/asym_group.cu on the GPU, the composed ops on the CPU).
-        for name in ["W4A8KV4", "W2G32"] {
+        // (kernels/asym_group.cu on the GPU, the composed ops on the CPU), and its NF3 groups
+        // (kernels/nf_group.cu).
+        for name in ["W4A8KV4", "W2G32", "NF3G32"] {
             let run = |dev: &Device| -> Result<(f64, Vec<Tensor>)> {
                 let cfg = qat_model::testing::small_gqa_config();
                 let (mut model, vars) = qat_model::testing::trainable_random_model(&cfg, dev)?;

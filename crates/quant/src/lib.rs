@@ -14,6 +14,7 @@ pub mod fake;
 pub mod file;
 pub mod fused;
 pub mod fused_asym;
+pub mod fused_nf;
 pub mod ggml;
 pub mod glob;
 pub mod hooks;
