@@ -23,6 +23,10 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
   distill-accum  the distill row with gradient accumulation on both sides (--grad-accum 4: four
            micro-batches of the distill row's batch per optimizer step): the per-step costs
            (AdamW, the gradient norm) spread over 4x the tokens, and qat's in-place gradient sums
+  distill-bitdistiller  qat-distill with BitDistiller's quantizer and loss (W2G64: 2-bit asymmetric
+           groups of 64 with the min/max gradient, CAKLD; W2CH, per channel, in the smoke test), its group kernels (kernels/
+           asym_group.cu) against the composed ops (QAT_CUDA_FUSED_ASYM=0); qat only (the PyTorch
+           reference implements LLM-QAT's quantizers)
   distill-composed  the distill row's qat side with the fused training ops off (RMSNorm, SwiGLU,
            RoPE, the masked softmax, the top-K loss and the gradient norm as composed candle ops,
            QAT_CUDA_FUSED_*=0): what they gain, and the loss they must match
@@ -74,10 +78,10 @@ PY = sys.executable
 
 FULL = dict(config="tinyllama", device="cuda", dtype="bf16", sample_batch=64, sample_new=512, seq_len=1024,
             distill_batch=4, distill_steps=10, distill_warmup=3, distill_accum=4, shard_seqs=64, eval_windows=48,
-            eval_batch=16, profile_steps=3)
+            eval_batch=16, profile_steps=3, bitdistiller_scheme="W2G64")
 SMOKE = dict(config="tiny", device="cpu", dtype="f32", sample_batch=8, sample_new=32, seq_len=128,
              distill_batch=2, distill_steps=3, distill_warmup=2, distill_accum=2, shard_seqs=16, eval_windows=8,
-             eval_batch=4, profile_steps=2)
+             eval_batch=4, profile_steps=2, bitdistiller_scheme="W2CH")
 
 
 class MemPoll:
@@ -155,7 +159,7 @@ def main():
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
     ap.add_argument("--stages", default="sample,sample-host,distill,distill-teacher,eval,eval-flash,distill-flash,sample-flash,distill-composed,"
-                                        "distill-accum,profile,kernels")
+                                        "distill-accum,distill-bitdistiller,profile,kernels")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
                     help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
@@ -169,7 +173,7 @@ def main():
     a = ap.parse_args()
     stages = a.stages.split(",")
     known = {"sample", "sample-host", "distill", "distill-teacher", "eval", "eval-flash", "distill-flash",
-             "sample-flash", "distill-composed", "distill-accum", "profile", "kernels"}
+             "sample-flash", "distill-composed", "distill-accum", "distill-bitdistiller", "profile", "kernels"}
     if set(stages) - known:
         sys.exit(f"bench_gpu.py: unknown stages {sorted(set(stages) - known)}; known: {sorted(known)}")
     if a.deadline_s is None:
@@ -373,6 +377,17 @@ def main():
         row("distill-accum", f"distill W4A8KV4 as the distill row, {A} micro-batches of {b} x {L} per optimizer step (both sides)",
             q, t, 6 * N, f"loss qat {q['final_loss']:.3f}, torch {t['last_loss']:.3f}")
 
+    def stage_distill_bitdistiller():
+        b, scheme = chosen["batch"], c["bitdistiller_scheme"]
+        say(f"distill-bitdistiller: qat-distill {scheme} --loss cakld, group kernels and composed ops, {b} x {L}")
+        extra = ["--loss", "cakld", "--cakld-gamma", "0.5"]
+        q = qat_distill("bitdistiller", extra, b, scheme=scheme)
+        c_ = qat_distill("bitdistiller-composed", extra, b, scheme=scheme,
+                         run_env=dict(env, QAT_CUDA_FUSED_ASYM="0"))
+        row("distill-bitdistiller", f"distill {scheme} (BitDistiller: asym groups, min/max gradient, CAKLD), qat only, batch {b} x {L}",
+            q, None, 6 * N, f"loss {q['final_loss']:.3f}; with the composed group quantizer {c_['tps']:,.0f} tokens/s "
+            f"(the kernels run {q['tps'] / c_['tps']:.2f}x that), loss {c_['final_loss']:.3f}")
+
     def stage_distill_teacher():
         b = chosen["batch"]
         say(f"distill-teacher: qat-distill --teacher vs torch_qat.py (online teacher), {b} x {L}")
@@ -562,10 +577,11 @@ def main():
     registry = {"sample": stage_sample, "sample-host": stage_sample_host, "distill": stage_distill,
                 "distill-teacher": stage_distill_teacher, "eval": stage_eval, "eval-flash": stage_eval_flash,
                 "distill-flash": stage_distill_flash, "sample-flash": stage_sample_flash,
-                "distill-composed": stage_distill_composed, "distill-accum": stage_distill_accum, "profile": stage_profile, "kernels": stage_kernels}
+                "distill-composed": stage_distill_composed, "distill-accum": stage_distill_accum,
+                "distill-bitdistiller": stage_distill_bitdistiller, "profile": stage_profile, "kernels": stage_kernels}
     tried = set()
-    with_shards = {"distill", "distill-teacher", "distill-flash", "distill-composed", "distill-accum", "profile",
-                   "kernels"}
+    with_shards = {"distill", "distill-teacher", "distill-flash", "distill-composed", "distill-accum",
+                   "distill-bitdistiller", "profile", "kernels"}
     for stage in stages:
         if stage in with_shards:
             if "shards" not in tried:

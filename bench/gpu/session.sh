@@ -26,8 +26,8 @@ rc=0
 # Most valuable first (bench_gpu.py runs them in this order, and its deadline skips the rest): the
 # four goals' rows, with the flash kernels' right after the default ones they may replace, then
 # goal 3's online-teacher reading, then the rows that say what each fused part gains, the profile,
-# and gradient accumulation (distill-accum).
-stages=sample,distill,eval,eval-flash,distill-flash,distill-teacher,sample-flash,sample-host,distill-composed,profile,distill-accum
+# gradient accumulation (distill-accum) and BitDistiller's quantizer (distill-bitdistiller).
+stages=sample,distill,eval,eval-flash,distill-flash,distill-teacher,sample-flash,sample-host,distill-composed,profile,distill-accum,distill-bitdistiller
 
 make bench-gpu RECORD=1 BENCH_GPU_FLAGS="--results $out --deadline-s $((budget * 45 / 100)) --stages $stages" \
     2>&1 | tee "$out/bench.log" || rc=1
