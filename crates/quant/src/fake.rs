@@ -174,15 +174,7 @@ pub fn ste(x: &Tensor, q: &Tensor) -> Result<Tensor> {
 /// group size does
 /// not divide `in`.
 pub fn fake_weight(w: &Tensor, wq: &WeightQuant) -> Result<Tensor> {
-    wq.check("")?;
-    let (out, inp) = w.dims2()?;
-    let group = wq
-        .format
-        .group_len(inp)
-        .map_err(|what| QuantError::BadTensor {
-            op: "fake_weight",
-            what: format!("weight [{out}, {inp}] with format {}: {what}", wq.format),
-        })?;
+    let group = checked_group(w, wq)?;
     let x = w.detach();
     let q = match wq.format {
         WeightFormat::SymPerChannel if fused::supported(w) => {
@@ -229,15 +221,7 @@ pub fn fake_weight_in(w: &Tensor, wq: &WeightQuant, dtype: DType) -> Result<Tens
         _ => false,
     };
     if group_kernel && dtype == DType::BF16 {
-        wq.check("")?;
-        let (out, inp) = w.dims2()?;
-        let group = wq
-            .format
-            .group_len(inp)
-            .map_err(|what| QuantError::BadTensor {
-                op: "fake_weight",
-                what: format!("weight [{out}, {inp}] with format {}: {what}", wq.format),
-            })?;
+        let group = checked_group(w, wq)?;
         return match wq.format {
             WeightFormat::AsymGroup { .. } => {
                 fused_asym::fake_asym_group(w, asym_max_int(wq.bits)?, group, wq.grad, true)
@@ -246,6 +230,20 @@ pub fn fake_weight_in(w: &Tensor, wq: &WeightQuant, dtype: DType) -> Result<Tens
         };
     }
     fake_weight(w, wq)?.to_dtype(dtype)
+}
+
+/// The group length of `wq` for the weight `w: [out, in]`, after [`WeightQuant::check`]; an
+/// error names the shape and format where the group does not fit.
+fn checked_group(w: &Tensor, wq: &WeightQuant) -> Result<usize> {
+    wq.check("")?;
+    let (out, inp) = w.dims2()?;
+    Ok(wq
+        .format
+        .group_len(inp)
+        .map_err(|what| QuantError::BadTensor {
+            op: "fake_weight",
+            what: format!("weight [{out}, {inp}] with format {}: {what}", wq.format),
+        })?)
 }
 
 /// The grid of an NF format (NF3 for anything but NF4: callers pass NF formats only).

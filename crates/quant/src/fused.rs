@@ -334,7 +334,12 @@ pub fn sym_fake_quant_rows_to(
     sym_fake_quant_rows(x, qmax, rounding)?.to_dtype(dtype)
 }
 
-fn apply(x: &Tensor, op: SymRowFakeQuant) -> Result<Tensor> {
+/// `op` on `x` made contiguous, with its backward only where `x` is tracked (the fused
+/// fake-quantization ops of this module, [`crate::fused_asym`] and [`crate::fused_nf`]).
+pub(crate) fn apply<C: CustomOp1 + Clone + Send + Sync + 'static>(
+    x: &Tensor,
+    op: C,
+) -> Result<Tensor> {
     if x.track_op() {
         x.contiguous()?.apply_op1(op)
     } else {

@@ -263,11 +263,7 @@ pub fn fake_asym_group(
         grad,
         to_bf16,
     };
-    if w.track_op() {
-        w.contiguous()?.apply_op1(op)
-    } else {
-        w.contiguous()?.apply_op1_no_bwd(&op)
-    }
+    crate::fused::apply(w, op)
 }
 
 /// Whether [`crate::fake::fake_weight`] runs `asym_group` weights through [`fake_asym_group`]:

@@ -106,11 +106,7 @@ pub fn fake_nf_group(w: &Tensor, grid: NfGrid, group: usize, to_bf16: bool) -> R
         group,
         to_bf16,
     };
-    if w.track_op() {
-        w.contiguous()?.apply_op1(op)
-    } else {
-        w.contiguous()?.apply_op1_no_bwd(&op)
-    }
+    crate::fused::apply(w, op)
 }
 
 /// Whether [`crate::fake::fake_weight`] runs NF3/NF4 weights through [`fake_nf_group`]: f32
