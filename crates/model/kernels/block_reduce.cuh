@@ -1,7 +1,8 @@
 // A block-wide reduction in a fixed tree order, for the one-block-per-row (or per-chunk) kernels:
 // causal_softmax.cu, rms_norm.cu and token_nll.cu here, crates/quant/kernels/fake_quant.cu,
-// crates/sample/kernels/sample_rows.cu and crates/train/kernels/sum_squares.cu. The pairs are
-// combined in the same order every run, so results are deterministic. Under QAT_CUDA_EMULATION
+// crates/sample/kernels/sample_rows.cu and crates/train/kernels/sum_squares.cu; and a warp-wide
+// one for the one-warp-per-group kernels (crates/quant/kernels/asym_group.cu, nf_group.cu). The
+// pairs are combined in the same order every run, so results are deterministic. Under QAT_CUDA_EMULATION
 // (tests) the CUDA names come from kernels/emulation/cuda_emulation.h.
 
 #pragma once
@@ -30,6 +31,11 @@ struct Min {
   }
 };
 
+// fminf: a NaN operand yields the other one.
+struct MinF {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+
 // op over every thread's v, folded from the halves of the block down; `red` is BLOCK values of
 // shared memory, BLOCK = blockDim.x a power of two. Call with every thread of the block; ends
 // with a barrier, so `red` can be reused right after.
@@ -44,6 +50,14 @@ __device__ V block_reduce(V* red, V v, Op op) {
   const V result = red[0];
   __syncthreads();
   return result;
+}
+
+// op over the 32 lanes of a warp by a fixed xor tree; every lane gets the result. Call with
+// every lane of the warp.
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
+  for (int m = 16; m > 0; m >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
 }
 
 }  // namespace blockred

@@ -22,25 +22,13 @@
 #include <stdint.h>
 #endif
 
+#include "../../model/kernels/block_reduce.cuh"
 #include "../../model/kernels/float_io.cuh"
 
 namespace {
 
 constexpr unsigned ASYM_BLOCK = 256;  // 8 warps, one group each
 constexpr unsigned ASYM_GROUPS_PER_BLOCK = ASYM_BLOCK / 32;
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
-  return v;
-}
-__device__ __forceinline__ float warp_min(float v) {
-  for (int m = 16; m > 0; m >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, m));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int m = 16; m > 0; m >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, m));
-  return v;
-}
 
 // candle's maximum / minimum (clamp is maximum, then minimum): the first operand unless the
 // second is strictly larger / smaller.
@@ -58,8 +46,8 @@ __device__ __forceinline__ AsymGroup asym_group_params(const float* x, unsigned 
     mx = fmaxf(mx, x[i]);
     mn = fminf(mn, x[i]);
   }
-  mx = warp_max(mx);
-  mn = warp_min(mn);
+  mx = blockred::warp_reduce(mx, blockred::Max());
+  mn = blockred::warp_reduce(mn, blockred::MinF());
   const float range = __fsub_rn(mx, mn);
   const float scale = __half2float(__float2half_rn(cmin(__fdiv_rn(cmax(range, 1e-5f), m), 65504.0f)));
   const float zero = cmin(cmax(-rintf(__fdiv_rn(mn, scale)), 0.0f), m);
@@ -107,9 +95,9 @@ __device__ void asym_group_minmax_grad(const float* __restrict__ x, const G* __r
     n_max = __fadd_rn(n_max, xi == q.mx ? 1.0f : 0.0f);
     n_min = __fadd_rn(n_min, xi == q.mn ? 1.0f : 0.0f);
   }
-  s = warp_sum(s);
-  n_max = warp_sum(n_max);
-  n_min = warp_sum(n_min);
+  s = blockred::warp_reduce(s, blockred::Sum());
+  n_max = blockred::warp_reduce(n_max, blockred::Sum());
+  n_min = blockred::warp_reduce(n_min, blockred::Sum());
   const float live = __fsub_rn(q.mx, q.mn) >= 1e-5f ? 1.0f : 0.0f;
   for (unsigned i = lane; i < group; i += 32) {
     const float xi = xg[i], v = unclamped_code(xi, q);

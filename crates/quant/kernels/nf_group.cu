@@ -15,6 +15,7 @@
 #include <stdint.h>
 #endif
 
+#include "../../model/kernels/block_reduce.cuh"
 #include "../../model/kernels/float_io.cuh"
 
 namespace {
@@ -84,15 +85,6 @@ __device__ __forceinline__ int nf4_index(float u) {
          (u > 0.8614784f);
 }
 
-__device__ __forceinline__ float nf_warp_max(float v) {
-  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
-  return v;
-}
-__device__ __forceinline__ float nf_warp_min(float v) {
-  for (int m = 16; m > 0; m >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, m));
-  return v;
-}
-
 // A scale as the packed model stores it: f16, saturating at 65504.
 __device__ __forceinline__ float nf_f16_scale(float a) {
   return __half2float(__float2half_rn(a > 65504.0f ? 65504.0f : a));
@@ -111,8 +103,8 @@ __device__ void nf_group_fq(const float* __restrict__ x, Out* __restrict__ out, 
     mx = fmaxf(mx, xg[i]);
     mn = fminf(mn, xg[i]);
   }
-  mx = nf_warp_max(mx);
-  mn = nf_warp_min(mn);
+  mx = blockred::warp_reduce(mx, blockred::Max());
+  mn = blockred::warp_reduce(mn, blockred::MinF());
   const float s_pos = nf_f16_scale(nf3 ? fabsf(mx) : fmaxf(fabsf(mx), fabsf(mn)));
   const float s_neg = nf3 ? nf_f16_scale(fabsf(mn)) : s_pos;
   for (unsigned i = lane; i < group; i += 32) {
