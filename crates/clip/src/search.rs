@@ -397,8 +397,9 @@ mod tests {
     }
 
     /// The search on a GPU picks the clipping the CPU picks, with the quantizer training uses
-    /// (asymmetric 2-bit groups, composed ops) and the fused symmetric per-channel one (the
-    /// CUDA kernel), by either error model. Runs only in a `--features cuda` build on a machine
+    /// (asymmetric 2-bit groups: crates/quant/kernels/asym_group.cu on the GPU, the composed ops
+    /// on the CPU, the same values) and the symmetric per-channel one (its CUDA kernel), by
+    /// either error model. Runs only in a `--features cuda` build on a machine
     /// with a GPU (`make pipeline-gpu` runs it first); skipped otherwise.
     #[test]
     fn cuda_search_picks_the_clipping_of_the_cpu() -> Result<()> {
