@@ -66,6 +66,7 @@ qat-model llama::tests::joined_projections_on_cuda QAT_CUDA_FUSED_GATE_UP
 qat-model swiglu::tests::cuda_joined QAT_CUDA_FUSED_GATE_UP
 qat-model swiglu::tests::cuda_matches QAT_CUDA_FUSED_SWIGLU
 qat-model rope::tests::cuda QAT_CUDA_FUSED_ROPE
+qat-model llama::tests::kv_written_into_the_cache_on_cuda QAT_CUDA_FUSED_KV_WRITE
 qat-model causal_softmax::tests::cuda QAT_CUDA_FUSED_SOFTMAX
 qat-quant fused::tests::cuda QAT_CUDA_FUSED_QUANT
 qat-quant fused_asym::tests::cuda QAT_CUDA_FUSED_ASYM

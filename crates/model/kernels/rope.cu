@@ -54,6 +54,19 @@ __device__ void rope_rows(const T* __restrict__ x, const T* __restrict__ cos_t,
   }
 }
 
+// x copied as it is into y (the values of a decoding step, written straight into the KV cache's
+// new columns: crates/model/src/rope.rs `rope_into`): one thread per element, grid-stride over
+// b · heads · t · d elements (fewer than 2^32; the caller checks), strides as rope_rows.
+template <typename T>
+__device__ void copy_rows(const T* __restrict__ x, T* __restrict__ y, uint32_t heads, uint32_t t,
+                          uint32_t d, uint32_t elems, RowStrides xs, RowStrides ys) {
+  for (uint32_t e = blockIdx.x * ROPE_BLOCK + threadIdx.x; e < elems; e += gridDim.x * ROPE_BLOCK) {
+    const uint32_t i = e % d, row = e / d;
+    const uint32_t pos = row % t, head = row / t % heads, batch = row / (heads * t);
+    y[ys.at(batch, head, pos) + i] = x[xs.at(batch, head, pos) + i];
+  }
+}
+
 }  // namespace
 
 #define QAT_ROPE_KERNEL(SUFFIX, T)                                                             \
@@ -62,6 +75,12 @@ __device__ void rope_rows(const T* __restrict__ x, const T* __restrict__ cos_t,
       uint32_t half, uint32_t pairs, float sign, long long x_sb, long long x_sh,              \
       long long x_st, long long y_sb, long long y_sh, long long y_st) {                       \
     rope_rows(x, cos_t, sin_t, y, heads, t, half, pairs, sign, RowStrides{x_sb, x_sh, x_st},  \
+              RowStrides{y_sb, y_sh, y_st});                                                   \
+  }                                                                                            \
+  extern "C" __global__ void rope_copy_##SUFFIX(                                               \
+      const T* x, T* y, uint32_t heads, uint32_t t, uint32_t d, uint32_t elems, long long x_sb, \
+      long long x_sh, long long x_st, long long y_sb, long long y_sh, long long y_st) {         \
+    copy_rows(x, y, heads, t, d, elems, RowStrides{x_sb, x_sh, x_st},                         \
               RowStrides{y_sb, y_sh, y_st});                                                   \
   }
 

@@ -208,6 +208,55 @@ impl KvCache {
         Ok(out)
     }
 
+    /// [`Self::append`] for a caller that writes the chunk into the cache itself: `write` gets
+    /// `[batch, kv_heads, len, head_dim]` views of the new columns of the key and value buffers
+    /// (`like` gives the chunk's shape, dtype and device) and fills them, e.g. with the rotated
+    /// keys, so that no chunk tensor is made and copied. Only for row-major buffers with room
+    /// reserved ([`Self::with_capacity`]: decoding); otherwise nothing happens and it returns
+    /// `None` (the caller appends as usual). Returns what [`Self::append`] returns.
+    pub fn append_in_place(
+        &mut self,
+        layer: usize,
+        like: &Tensor,
+        write: impl FnOnce(&Tensor, &Tensor) -> Result<()>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let (b, h, len, d) = like.dims4()?;
+        let (start, filled) = (self.columns, self.columns + len);
+        let layout = self
+            .layout
+            .unwrap_or_else(|| CacheLayout::for_device(like.device()));
+        if layout != CacheLayout::RowMajor {
+            return Ok(None);
+        }
+        let (bk, bv) = match self.layers[layer].take() {
+            None if self.reserve > len => {
+                let shape = (b, h, self.reserve.max(filled), d);
+                (
+                    Tensor::zeros(shape, like.dtype(), like.device())?,
+                    Tensor::zeros(shape, like.dtype(), like.device())?,
+                )
+            }
+            Some(Layer::Buffer(bk, bv, CacheLayout::RowMajor)) => {
+                let capacity = bk.dim(2)?;
+                if capacity < filled {
+                    let cap = filled.max(2 * capacity);
+                    let grown = |x: &Tensor| Self::grown(x, cap, start, CacheLayout::RowMajor);
+                    (grown(&bk)?, grown(&bv)?)
+                } else {
+                    (bk, bv)
+                }
+            }
+            other => {
+                self.layers[layer] = other;
+                return Ok(None);
+            }
+        };
+        let written = write(&bk.narrow(2, start, len)?, &bv.narrow(2, start, len)?);
+        let out = (bk.narrow(2, 0, filled)?, bv.narrow(2, 0, filled)?);
+        self.layers[layer] = Some(Layer::Buffer(bk, bv, CacheLayout::RowMajor));
+        written.map(|()| Some(out))
+    }
+
     /// A zeroed buffer of `cap` columns in `layout` with `x: [b, kv_heads, len, head_dim]`
     /// written at column `start`.
     fn buffer(x: &Tensor, cap: usize, start: usize, layout: CacheLayout) -> Result<Tensor> {

@@ -28,6 +28,19 @@ pub fn span(l: &Layout) -> usize {
         .sum::<usize>()
 }
 
+/// The storage index of every element of `l`, in row-major order of its dims, whatever its
+/// strides: how the CPU sides of in-place ops read and write strided views.
+pub fn element_offsets(l: &Layout) -> Vec<usize> {
+    let mut out = vec![l.start_offset()];
+    for (&n, &st) in l.dims().iter().zip(l.stride()) {
+        out = out
+            .iter()
+            .flat_map(|&base| (0..n).map(move |i| base + i * st))
+            .collect();
+    }
+    out
+}
+
 /// The elements of a contiguous float storage, as f64; `op` names the op in errors.
 pub fn storage_to_f64(s: &CpuStorage, l: &Layout, op: &str) -> Result<Vec<f64>> {
     let (a, b) = contiguous_range(l, op, "operands")?;
@@ -153,6 +166,16 @@ mod tests {
         // A transpose reaches as far as the tensor it views.
         assert_eq!(span(buf.transpose(1, 2)?.layout()), 240);
         assert_eq!(span(buf.narrow(2, 0, 0)?.layout()), 0);
+        Ok(())
+    }
+
+    /// Hand-worked offsets of a transposed, narrowed view.
+    #[test]
+    fn element_offsets_follow_the_strides() -> Result<()> {
+        let buf = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+        assert_eq!(element_offsets(buf.layout()), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(element_offsets(buf.t()?.layout()), [0, 3, 1, 4, 2, 5]);
+        assert_eq!(element_offsets(buf.narrow(1, 1, 2)?.layout()), [1, 2, 4, 5]);
         Ok(())
     }
 }

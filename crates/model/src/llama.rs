@@ -8,7 +8,7 @@ use crate::hooks::{KvKind, LinearId, LinearKind, NoQuant, QuantHooks};
 use crate::linear::{
     forward_joined, fuse_frozen, fused_gate_up_on, fused_qkv_on, hooked_inputs, QLinear,
 };
-use crate::rope::RotaryEmbedding;
+use crate::rope::{rope_into, rope_into_on, RotaryEmbedding};
 use crate::softmax::softmax_last_dim_with_grad;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -146,8 +146,22 @@ impl Attention {
         let v = hooks.kv(self.layer, KvKind::Value, &kv_input(v)?)?;
         // q is a transposed view of the projection: on CUDA the rotation reads it in place.
         let q = RotaryEmbedding::apply(&q, &ctx.cos, &ctx.sin, ctx.fused)?;
-        let k = RotaryEmbedding::apply(&k, &ctx.cos, &ctx.sin, ctx.fused)?;
-        let (k, v) = cache.append(self.layer, &k.contiguous()?, &v.contiguous()?)?; // [b, nkv, s, hd]
+        // Decoding on CUDA: the keys rotated and the values copied straight into the cache's new
+        // columns (no rotated-keys tensor, no copy of v, no appends).
+        let written = match !k.track_op() && rope_into_on(&k) {
+            true => cache.append_in_place(self.layer, &k, |cache_k, cache_v| {
+                rope_into(&k, Some((&ctx.cos, &ctx.sin)), cache_k)?;
+                rope_into(&v, None, cache_v)
+            })?,
+            false => None,
+        };
+        let (k, v) = match written {
+            Some(kv) => kv,
+            None => {
+                let k = RotaryEmbedding::apply(&k, &ctx.cos, &ctx.sin, ctx.fused)?;
+                cache.append(self.layer, &k.contiguous()?, &v.contiguous()?)? // [b, nkv, s, hd]
+            }
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         if let Some((pads, device_pads)) = &ctx.fused_attention_pads {
             let out =
@@ -826,6 +840,63 @@ mod tests {
             full_and_padded_decode_logits(&model)
         };
         assert_same_logits(&run(false)?, &run(true)?, 1e-4)
+    }
+
+    /// Prefill and decoding steps (across a buffer growth) with `rope_into_on` forced to
+    /// `forced` and a row-major cache.
+    fn decode_with_kv_written(
+        model: &Llama,
+        dev: &Device,
+        forced: Option<bool>,
+    ) -> Result<Vec<Tensor>> {
+        crate::rope::tests::INTO_FORCED.set(forced);
+        let run = || -> Result<Vec<Tensor>> {
+            // Token ids below 96: the small random model's vocabulary.
+            let seq: Vec<u32> = (0..24).map(|i| 1 + (i * 37) % 90).collect();
+            let mut cache = model
+                .new_decode_cache(vec![0, 4, 7], 10)
+                .with_layout(crate::CacheLayout::RowMajor);
+            let mut out = vec![model.forward(&Tensor::from_vec(seq, (3, 8), dev)?, &mut cache)?];
+            for step in 0..4u32 {
+                let next = Tensor::from_vec(vec![5 + step, 40 + step, 80 + step], (3, 1), dev)?;
+                out.push(model.forward(&next, &mut cache)?);
+            }
+            out.iter().map(|t| t.to_device(&Device::Cpu)).collect()
+        };
+        let out = run();
+        crate::rope::tests::INTO_FORCED.set(None);
+        out
+    }
+
+    /// Decoding that writes its rotated keys and its values straight into a row-major cache
+    /// (`rope_into`, on the CPU through its test switch) gives the logits of rotating and
+    /// appending, to f32 rounding (the CPU op rotates in f64), across a buffer growth.
+    #[test]
+    fn keys_and_values_written_into_the_cache_give_the_appended_logits() -> Result<()> {
+        let model = stories260k();
+        let appended = decode_with_kv_written(&model, &Device::Cpu, Some(false))?;
+        let written = decode_with_kv_written(&model, &Device::Cpu, Some(true))?;
+        assert_same_logits(&appended, &written, 1e-4)
+    }
+
+    /// On the GPU the keys and values written into the cache give the appended path's logits
+    /// bit for bit (the same rotation kernel). Runs only in a `--features cuda` build on a
+    /// machine with a GPU.
+    #[test]
+    fn kv_written_into_the_cache_on_cuda_gives_the_appended_logits() -> Result<()> {
+        let Some(gpu) = crate::testing::cuda_or_skip() else {
+            return Ok(());
+        };
+        let model = random_bf16_model(&gpu)?;
+        let appended = decode_with_kv_written(&model, &gpu, Some(false))?;
+        let written = decode_with_kv_written(&model, &gpu, None)?;
+        for (a, w) in appended.iter().zip(&written) {
+            assert_eq!(
+                crate::custom_op::f32_bits(a)?,
+                crate::custom_op::f32_bits(w)?
+            );
+        }
+        Ok(())
     }
 
     /// A row-major cache view with spare columns reaches the matmuls as it is (no copy: its

@@ -202,6 +202,142 @@ pub fn rope_with_grad(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
     operand(x)?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, forward)
 }
 
+/// `x: [batch, heads, seq, head_dim]` rotated by `tables` (`cos`, `sin`: `[batch, seq,
+/// head_dim / 2]`, as [`rope_with_grad`] takes them) or, with `None`, as it is, written in place
+/// into `dst`, a `[batch, heads, seq, head_dim]` view of another tensor's storage (the new
+/// columns of a decoding KV cache: [`crate::KvCache::append_in_place`]). `x` and `dst` may have
+/// any strides with contiguous rows on CUDA (kernels/rope.cu `rope_*`, `rope_copy_*`); the CPU
+/// computes in f64 (the values of [`rope_with_grad`]). No gradient (inference).
+pub fn rope_into(x: &Tensor, tables: Option<(&Tensor, &Tensor)>, dst: &Tensor) -> Result<()> {
+    let (b, _, t, d) = x.dims4()?;
+    if dst.dims() != x.dims() || dst.dtype() != x.dtype() || d % 2 != 0 {
+        candle_core::bail!(
+            "rope_into: x {:?} {:?} into {:?} {:?}",
+            x.dims(),
+            x.dtype(),
+            dst.dims(),
+            dst.dtype()
+        );
+    }
+    let tables = match tables {
+        Some((cos, sin)) => {
+            let want = [b, t, d / 2];
+            if cos.dims() != want || sin.dims() != want {
+                candle_core::bail!(
+                    "rope_into: x {:?}, cos {:?}, sin {:?}",
+                    x.dims(),
+                    cos.dims(),
+                    sin.dims()
+                );
+            }
+            let cast = |t: &Tensor| t.to_dtype(x.dtype())?.contiguous();
+            Some((cast(cos)?, cast(sin)?))
+        }
+        None => None,
+    };
+    dst.inplace_op2(&operand(x)?, &RopeInto { tables })
+}
+
+/// Whether decoding writes its rotated keys and its values straight into the KV cache with
+/// [`rope_into`] ([`crate::KvCache::append_in_place`]): where [`fused_rope_on`] holds (the same
+/// rotation kernel, so the same bits as rotating and then appending), unless
+/// `QAT_CUDA_FUSED_KV_WRITE=0`. Per layer and decoding step that is three launches fewer: the
+/// rotated keys' tensor, the values' contiguous copy, and the two appends become two kernels.
+pub fn rope_into_on(x: &Tensor) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    #[cfg(test)]
+    if let Some(forced) = tests::INTO_FORCED.get() {
+        return forced;
+    }
+    fused_rope_on(x) && crate::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_KV_WRITE", x)
+}
+
+/// [`rope_into`]'s op: `dst ← rotate(x)` (or `x`), `dst` the in-place op's destination.
+#[derive(Debug, Clone)]
+struct RopeInto {
+    tables: Option<(Tensor, Tensor)>,
+}
+
+impl candle_core::InplaceOp2 for RopeInto {
+    fn name(&self) -> &'static str {
+        "rope-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        ld: &Layout,
+        x: &CpuStorage,
+        lx: &Layout,
+    ) -> Result<()> {
+        let (b, h, t, d) = lx.shape().dims4()?;
+        let get = |i: usize| -> Result<f64> {
+            Ok(match x {
+                CpuStorage::F32(v) => f64::from(v[i]),
+                CpuStorage::F64(v) => v[i],
+                CpuStorage::BF16(v) => v[i].to_f64(),
+                CpuStorage::F16(v) => v[i].to_f64(),
+                other => candle_core::bail!("rope_into: dtype {:?}", other.dtype()),
+            })
+        };
+        let xs: Vec<f64> = crate::custom_op::element_offsets(lx)
+            .into_iter()
+            .map(get)
+            .collect::<Result<_>>()?;
+        let ys = match &self.tables {
+            None => xs,
+            Some((cos, sin)) => {
+                let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
+                let (cs, ss) = (flat(cos)?, flat(sin)?);
+                let half = d / 2;
+                let mut y = vec![0f64; xs.len()];
+                for row in 0..b * h * t {
+                    let (batch, pos) = (row / (h * t), row % t);
+                    for i in 0..half {
+                        let table = (batch * t + pos) * half + i;
+                        let (c, s) = (cs[table], ss[table]);
+                        let (x1, x2) = (xs[row * d + i], xs[row * d + half + i]);
+                        y[row * d + i] = x1 * c - x2 * s;
+                        y[row * d + half + i] = x2 * c + x1 * s;
+                    }
+                }
+                y
+            }
+        };
+        let to = crate::custom_op::element_offsets(ld).into_iter().zip(ys);
+        match dst {
+            CpuStorage::F32(v) => to.for_each(|(i, y)| v[i] = y as f32),
+            CpuStorage::F64(v) => to.for_each(|(i, y)| v[i] = y),
+            CpuStorage::BF16(v) => to.for_each(|(i, y)| v[i] = half::bf16::from_f64(y)),
+            CpuStorage::F16(v) => to.for_each(|(i, y)| v[i] = half::f16::from_f64(y)),
+            other => candle_core::bail!("rope_into: dtype {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        ld: &Layout,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+    ) -> Result<()> {
+        match &self.tables {
+            None => cuda::into(None, (dst, ld), (x, lx)),
+            Some((cos, sin)) => {
+                let (cs, lc) = cos.storage_and_layout();
+                let (ss, ls) = sin.storage_and_layout();
+                let (candle_core::Storage::Cuda(cs), candle_core::Storage::Cuda(ss)) = (&*cs, &*ss)
+                else {
+                    candle_core::bail!("rope_into: the tables are not on the GPU")
+                };
+                cuda::into(Some(((cs, lc), (ss, ls))), (dst, ld), (x, lx))
+            }
+        }
+    }
+}
+
 /// Whether training rotates with [`rope_with_grad`]: CUDA tensors of f32, bf16 or f16 with
 /// fewer than 2^31 rotated pairs, in `cuda` builds, unless `QAT_CUDA_FUSED_ROPE=0`.
 pub fn fused_rope_on(x: &Tensor) -> bool {
@@ -222,6 +358,118 @@ mod cuda {
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
 
     type Operand<'a> = (&'a CudaStorage, &'a Layout);
+
+    /// Batch, head and position strides of a 4-d layout whose rows are contiguous and lie within
+    /// a storage of `len` elements from its start offset; `what` names it in the error.
+    fn row_strides(l: &Layout, len: usize, what: &str) -> Result<[i64; 3]> {
+        let &[sb, sh, st, sc] = l.stride() else {
+            candle_core::bail!("rope: {what} must be 4-d, got {:?}", l.dims());
+        };
+        if (sc != 1 && l.dims()[3] > 1) || len < l.start_offset() + crate::custom_op::span(l) {
+            candle_core::bail!(
+                "rope: {what} strides {:?} from {}: rows must be contiguous and within the \
+                 storage's {len} elements",
+                l.stride(),
+                l.start_offset()
+            );
+        }
+        Ok([sb as i64, sh as i64, st as i64])
+    }
+
+    /// [`super::rope_into`] on CUDA: `x` rotated by the tables (`rope_{dtype}`) or copied
+    /// (`rope_copy_{dtype}`) into the view `dst` of a storage, in place.
+    pub(super) fn into(
+        tables: Option<(Operand<'_>, Operand<'_>)>,
+        (dst, ld): (&mut CudaStorage, &Layout),
+        (x, lx): Operand<'_>,
+    ) -> Result<()> {
+        fn run<T: CudaDType + DeviceRepr>(
+            sfx: &str,
+            tables: Option<(Operand<'_>, Operand<'_>)>,
+            (dst, ld): (&mut CudaStorage, &Layout),
+            (x, lx): Operand<'_>,
+        ) -> Result<()> {
+            let (b, h, t, d) = lx.shape().dims4()?;
+            let n = b * h * t * d;
+            if n >= 1 << 32 {
+                candle_core::bail!("rope_into: {n} elements, more than the kernel's 2^32");
+            }
+            let xs = x.as_cuda_slice::<T>()?;
+            let x_strides = row_strides(lx, xs.len(), "x")?;
+            let xs = xs.slice(lx.start_offset()..);
+            let dev = x.device().clone();
+            let ys = dst.as_cuda_slice_mut::<T>()?;
+            let y_strides = row_strides(ld, ys.len(), "the destination")?;
+            let mut ys = ys.slice_mut(ld.start_offset()..);
+            let (h32, t32) = (h as u32, t as u32);
+            let strides: Vec<i64> = x_strides.into_iter().chain(y_strides).collect();
+            let (func, work) = match tables {
+                Some(((cos, lc), (sin, ls))) => {
+                    let range =
+                        |l: &Layout| crate::custom_op::contiguous_range(l, "rope_into", "tables");
+                    let ((c0, c1), (s0, s1)) = (range(lc)?, range(ls)?);
+                    if c1 - c0 != b * t * (d / 2) || s1 - s0 != c1 - c0 {
+                        candle_core::bail!(
+                            "rope_into: tables of {} and {} elements for x {:?}",
+                            c1 - c0,
+                            s1 - s0,
+                            lx.dims()
+                        );
+                    }
+                    let func =
+                        dev.get_or_load_custom_func(&format!("rope_{sfx}"), "qat_rope", PTX)?;
+                    let cs = cos.as_cuda_slice::<T>()?.slice(c0..c1);
+                    let ss = sin.as_cuda_slice::<T>()?.slice(s0..s1);
+                    let pairs = (n / 2) as u32;
+                    let (half32, sign) = ((d / 2) as u32, 1f32);
+                    let mut bld = func.builder();
+                    bld.arg(&xs).arg(&cs).arg(&ss).arg(&mut ys);
+                    bld.arg(&h32).arg(&t32).arg(&half32).arg(&pairs).arg(&sign);
+                    for st in &strides {
+                        bld.arg(st);
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (pairs.div_ceil(256).clamp(1, 1 << 20), 1, 1),
+                        block_dim: (256, 1, 1), // ROPE_BLOCK
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: x's and dst's rows lie within their storages at their strides
+                    // (checked), the tables hold b · t · d/2 elements (checked).
+                    unsafe { bld.launch(cfg) }.w()?;
+                    return Ok(());
+                }
+                None => (
+                    dev.get_or_load_custom_func(&format!("rope_copy_{sfx}"), "qat_rope", PTX)?,
+                    n as u32,
+                ),
+            };
+            let d32 = d as u32;
+            let mut bld = func.builder();
+            bld.arg(&xs)
+                .arg(&mut ys)
+                .arg(&h32)
+                .arg(&t32)
+                .arg(&d32)
+                .arg(&work);
+            for st in &strides {
+                bld.arg(st);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (work.div_ceil(256).clamp(1, 1 << 20), 1, 1),
+                block_dim: (256, 1, 1), // ROPE_BLOCK
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: x's and dst's rows lie within their storages at their strides (checked).
+            unsafe { bld.launch(cfg) }.w()?;
+            Ok(())
+        }
+        match x.dtype() {
+            DType::F32 => run::<f32>("f32", tables, (dst, ld), (x, lx)),
+            DType::BF16 => run::<half::bf16>("bf16", tables, (dst, ld), (x, lx)),
+            DType::F16 => run::<half::f16>("f16", tables, (dst, ld), (x, lx)),
+            other => candle_core::bail!("rope_into on cuda: dtype {other:?}"),
+        }
+    }
 
     /// The rotation of `x: [b, h, t, d]` (rows contiguous, any strides otherwise) into a fresh
     /// `[b, h, t, d]` tensor, or `[b, t, h, d]` with `token_major`.
@@ -311,8 +559,15 @@ mod cuda {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// The model's wiring tests force [`rope_into_on`]: on, on the CPU (with a row-major
+        /// cache), or off, on CUDA (the path it replaces).
+        pub(crate) static INTO_FORCED: std::cell::Cell<Option<bool>> =
+            const { std::cell::Cell::new(None) };
+    }
     use crate::custom_op::max_abs_diff;
     use candle_core::Var;
 

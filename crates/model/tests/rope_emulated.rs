@@ -1,7 +1,9 @@
 //! The CUDA RoPE kernel (kernels/rope.cu) run on the CPU through the CUDA emulation in
 //! kernels/emulation, forward (sign +1) and as its own backward (sign −1), against the CPU op
 //! (`qat_model::rope::rope_with_grad`, f64 arithmetic) in value and gradient: f32, bf16 and f16,
-//! per-row positions (left padding), grids smaller than the data (the grid stride) and larger.
+//! per-row positions (left padding), grids smaller than the data (the grid stride) and larger;
+//! and the copy kernel of decoding's values into the cache (`rope_into` without tables), bit
+//! for bit.
 //! Needs a C++20 compiler (`CXX`, default `c++`).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -95,7 +97,15 @@ fn emulated_cuda_kernel_matches_the_cpu_op() -> Result<()> {
                 -1.0,
                 [&flat(&dy)?, &tables[0], &tables[1]],
             );
-            for (name, got, want) in [("y", &got_y, &want_y), ("dx", &got_dx, &want_dx)] {
+            // The copy kernel (decoding's values into the cache) copies x bit for bit.
+            let n = want_y.len();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got_y[n..]),
+                bits(&flat(&x)?),
+                "{dtype:?} copy, layouts {layouts}"
+            );
+            for (name, got, want) in [("y", &got_y[..n], &want_y), ("dx", &got_dx[..n], &want_dx)] {
                 for (i, (&a, &w)) in got.iter().zip(want.iter()).enumerate() {
                     assert!(
                         (f64::from(a) - w).abs() <= tol * w.abs().max(1.0),

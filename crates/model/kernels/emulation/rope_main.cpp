@@ -5,7 +5,7 @@
 // t, d]; 1: x token-major, [b, t, heads, d], y head-major, as the forward reads a transposed
 // query view; 2: x head-major, y token-major, as the backward writes dx for such a view), f32
 // sign, then b*heads*t*d f32 x and b*t*d/2 f32 cos and sin (each exact in the dtype), head-major.
-// OUT: b*heads*t*d f32 y, head-major.
+// OUT: b*heads*t*d f32 y, head-major; then as many of copy_rows' copy of x (same layouts).
 
 #define QAT_CUDA_EMULATION
 #include "cuda_emulation.h"
@@ -41,6 +41,13 @@ void run(FILE* in, FILE* out, const uint32_t* dims, uint32_t blocks, uint32_t la
   });
   std::vector<float> f(el);
   for (size_t i = 0; i < el; ++i) f[i] = emu_to_float(y[place(i, ys)]);
+  write_floats(out, f);
+  std::vector<T> copy(el);
+  emu_launch(dim3{blocks, 1, 1}, dim3{ROPE_BLOCK, 1, 1}, [&] {
+    copy_rows(x.data(), copy.data(), static_cast<uint32_t>(heads), static_cast<uint32_t>(t),
+              static_cast<uint32_t>(d), static_cast<uint32_t>(el), xs, ys);
+  });
+  for (size_t i = 0; i < el; ++i) f[i] = emu_to_float(copy[place(i, ys)]);
   write_floats(out, f);
 }
 
