@@ -11,6 +11,11 @@ gate, up, down) replaced by `QuantLinear`, as LLM-QAT patches HF's Llama
     [b, t, kv_heads*head_dim] projection output), before RoPE, KV bits;
   * straight-through gradients: x + (q - x).detach() (formats/scheme.md, LLM-QAT);
   * embeddings, RMSNorm weights and the (tied) LM head stay full precision; all parameters train.
+With --w-group G (bench/gpu's distill-bitdistiller row): BitDistiller's weights instead,
+`pseudo_quantize_tensor` per group of G inputs (0: per output channel) with `round_ste`, so the
+min/max gradient of qat's `asym_group` (formats/scheme.md; f16 scales straight-through, the clamp
+passing gradient on [0, M] inclusive); and with --cakld-gamma, BitDistiller's CAKLD over the
+same buckets (gamma · reverse KL with the teacher tail floored at 1e-6 + (1 - gamma) · forward KL).
 Loss (formats/distill-loss.md, `--loss fkl`): forward KL over the K+1 buckets {teacher top-K ids,
 tail}, teacher top-K log-probs read from the qat-sample shards, student tail from a logsumexp with
 the K ids masked to -inf; mean over trained positions (i >= prompt_len - 1). AdamW (0.9, 0.999,
@@ -71,19 +76,47 @@ def sym_qdq(x, bits, f16_scale=False):
         return (q * scale).to(dtype)
 
 
+def round_ste(x):
+    """torch.round with a straight-through gradient (BitDistiller's `round_ste`)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def asym_group_qdq(w, bits, group):
+    """BitDistiller's `pseudo_quantize_tensor` (asymmetric MinMax per group of `group` inputs),
+    differentiable as BitDistiller trains it: round straight-through, the zero point constant
+    (torch.round has no gradient), the clamp passing no gradient outside [0, M], and the scale
+    carrying gradient to each group's max and min. As qat (formats/scheme.md `asym_group`), the
+    scale is rounded to f16 (the packed model stores f16), straight-through; in f32."""
+    group = group or w.shape[-1]  # 0: one group per output channel (qat's `W<b>CH`)
+    shape, dtype, w = w.shape, w.dtype, w.float().reshape(-1, group)
+    max_int = 2 ** bits - 1
+    mx, mn = w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True)
+    scale = (mx - mn).clamp(min=1e-5) / max_int
+    scale = scale + (scale.clamp(max=65504.0).half().float() - scale).detach()
+    zero = (-torch.round(mn / scale)).clamp(0, max_int)
+    v = round_ste(w / scale) + zero
+    # The clamp with gradient on [0, M] inclusive, as torch 2.0's (BitDistiller's) clamp and qat
+    # have it; newer torch passes none at exactly a bound.
+    code = torch.where((v >= 0) & (v <= max_int), v, v.clamp(0, max_int).detach())
+    q = (code - zero) * scale
+    return q.reshape(shape).to(dtype)
+
+
 class QuantLinear(nn.Module):
     """nn.Linear (no bias) with W/A fake quantization and, for k_proj/v_proj, KV fake quantization."""
 
-    def __init__(self, lin, w_bits, a_bits, out_bits=None):
+    def __init__(self, lin, w_bits, a_bits, out_bits=None, w_group=None):
         super().__init__()
         self.weight = lin.weight  # same Parameter: the master weights
-        self.w_bits, self.a_bits, self.out_bits = w_bits, a_bits, out_bits
+        self.w_bits, self.a_bits, self.out_bits, self.w_group = w_bits, a_bits, out_bits, w_group
 
     def forward(self, x):
         if self.a_bits:
             x = ste(x, sym_qdq(x, self.a_bits))  # per token
         w = self.weight
-        if self.w_bits:
+        if self.w_bits and self.w_group is not None:
+            w = asym_group_qdq(w, self.w_bits, self.w_group)  # BitDistiller: per group, min/max gradient
+        elif self.w_bits:
             w = ste(w, sym_qdq(w, self.w_bits, f16_scale=True))  # per output channel
         y = F.linear(x, w)
         if self.out_bits:
@@ -91,16 +124,13 @@ class QuantLinear(nn.Module):
         return y
 
 
-def quantize_model(model, w_bits, a_bits, kv_bits):
+def quantize_model(model, w_bits, a_bits, kv_bits, w_group=None):
+    q = lambda lin, out_bits=None: QuantLinear(lin, w_bits, a_bits, out_bits, w_group)
     for layer in model.model.layers:
         at, mlp = layer.self_attn, layer.mlp
-        at.q_proj = QuantLinear(at.q_proj, w_bits, a_bits)
-        at.k_proj = QuantLinear(at.k_proj, w_bits, a_bits, kv_bits)
-        at.v_proj = QuantLinear(at.v_proj, w_bits, a_bits, kv_bits)
-        at.o_proj = QuantLinear(at.o_proj, w_bits, a_bits)
-        mlp.gate_proj = QuantLinear(mlp.gate_proj, w_bits, a_bits)
-        mlp.up_proj = QuantLinear(mlp.up_proj, w_bits, a_bits)
-        mlp.down_proj = QuantLinear(mlp.down_proj, w_bits, a_bits)
+        at.q_proj, at.k_proj, at.v_proj = q(at.q_proj), q(at.k_proj, kv_bits), q(at.v_proj, kv_bits)
+        at.o_proj = q(at.o_proj)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = q(mlp.gate_proj), q(mlp.up_proj), q(mlp.down_proj)
     return model
 
 
@@ -113,6 +143,20 @@ def fkl_topk(logits, ids, lp):
     r_p = (1.0 - p.double().sum(-1)).clamp(min=0.0).float()
     tail = torch.where(r_p > 0, r_p * (torch.log(r_p.clamp(min=1e-30)) - lr_q), torch.zeros_like(r_p))
     return ((p * (lp - lq)).sum(-1) + tail).mean()
+
+
+def cakld_topk(logits, ids, lp, gamma):
+    """BitDistiller's confidence-aware KL over {top-K, tail} buckets (formats/distill-loss.md):
+    gamma * RKL + (1 - gamma) * FKL, RKL with the teacher tail floored at 1e-6; mean over rows."""
+    logz = torch.logsumexp(logits, -1)
+    lq = logits.gather(1, ids) - logz[:, None]
+    lr_q = torch.logsumexp(logits.scatter(1, ids, float("-inf")), -1) - logz
+    p = lp.exp()
+    r_p = (1.0 - p.double().sum(-1)).clamp(min=0.0).float()
+    fkl = (p * (lp - lq)).sum(-1) + torch.where(r_p > 0, r_p * (torch.log(r_p.clamp(min=1e-30)) - lr_q),
+                                                 torch.zeros_like(r_p))
+    rkl = (lq.exp() * (lq - lp)).sum(-1) + lr_q.exp() * (lr_q - torch.log(r_p.clamp(min=1e-6)))
+    return (gamma * rkl + (1.0 - gamma) * fkl).mean()
 
 
 def fkl_full(logits, teacher_logprobs):
@@ -165,6 +209,11 @@ def main():
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", type=int, default=8)
     ap.add_argument("--kv-bits", type=int, default=4)
+    ap.add_argument("--w-group", type=int, default=None,
+                    help="BitDistiller's asymmetric weights per group of this many inputs (0: per output "
+                         "channel), min/max gradient, instead of LLM-QAT's symmetric per channel")
+    ap.add_argument("--cakld-gamma", type=float, default=None,
+                    help="BitDistiller's CAKLD with this gamma over the top-K buckets instead of the forward KL")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--online-teacher", action="store_true")
@@ -182,7 +231,8 @@ def main():
 
     tokens, prompt_len, length, top_ids, top_lps = load_shards(a.shards)
     S, L = tokens.shape
-    student = quantize_model(LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32), a.w_bits, a.a_bits, a.kv_bits)
+    student = quantize_model(LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32), a.w_bits, a.a_bits,
+                             a.kv_bits, a.w_group)
     student = student.to(dev).train()
     teacher = LlamaForCausalLM.from_pretrained(a.model, dtype=compute).to(dev).eval() if a.online_teacher else None
     params = [p for p in student.parameters() if p.requires_grad]
@@ -210,7 +260,7 @@ def main():
                 if teacher is None:
                     ids = top_ids[idx, : T - 1].to(dev, non_blocking=True)[trained]
                     lps = top_lps[idx, : T - 1].to(dev, non_blocking=True)[trained]
-                    loss = fkl_topk(logits, ids, lps)
+                    loss = fkl_topk(logits, ids, lps) if a.cakld_gamma is None else cakld_topk(logits, ids, lps, a.cakld_gamma)
                 else:
                     with torch.no_grad():
                         tl = torch.log_softmax(teacher(input_ids=x).logits[:, : T - 1][trained].float(), -1)
@@ -230,7 +280,9 @@ def main():
             tokens_timed += step_tokens
 
     print(json.dumps({"side": "torch", "stage": "distill", "online_teacher": a.online_teacher,
-                      "scheme": f"W{a.w_bits}A{a.a_bits}KV{a.kv_bits}", "batch": a.batch, "grad_accum": a.grad_accum, "seq_len": L,
+                      "scheme": f"W{a.w_bits}" + ("" if a.w_group is None else f"G{a.w_group}" if a.w_group else "CH")
+                                + f"A{a.a_bits}KV{a.kv_bits}",
+                      "loss": "fkl" if a.cakld_gamma is None else f"cakld {a.cakld_gamma}", "batch": a.batch, "grad_accum": a.grad_accum, "seq_len": L,
                       "timed_steps": a.steps, "warmup_steps": a.warmup, "seconds": sum(times),
                       "tokens_per_s": tokens_timed / sum(times), "median_step_s": float(np.median(times)),
                       "first_loss": losses[0], "last_loss": losses[-1],

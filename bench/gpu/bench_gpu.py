@@ -24,9 +24,9 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            micro-batches of the distill row's batch per optimizer step): the per-step costs
            (AdamW, the gradient norm) spread over 4x the tokens, and qat's in-place gradient sums
   distill-bitdistiller  qat-distill with BitDistiller's quantizer and loss (W2G64: 2-bit asymmetric
-           groups of 64 with the min/max gradient, CAKLD; W2CH, per channel, in the smoke test), its group kernels (kernels/
-           asym_group.cu) against the composed ops (QAT_CUDA_FUSED_ASYM=0); qat only (the PyTorch
-           reference implements LLM-QAT's quantizers)
+           groups of 64 with the min/max gradient, CAKLD; W2CH, per channel, in the smoke test),
+           its group kernels (kernels/asym_group.cu) and the composed ops (QAT_CUDA_FUSED_ASYM=0),
+           vs torch_qat.py with BitDistiller's quantizer and CAKLD, both from the cached shards
   distill-composed  the distill row's qat side with the fused training ops off (RMSNorm, SwiGLU,
            RoPE, the masked softmax, the top-K loss and the gradient norm as composed candle ops,
            QAT_CUDA_FUSED_*=0): what they gain, and the loss they must match
@@ -384,9 +384,16 @@ def main():
         q = qat_distill("bitdistiller", extra, b, scheme=scheme)
         c_ = qat_distill("bitdistiller-composed", extra, b, scheme=scheme,
                          run_env=dict(env, QAT_CUDA_FUSED_ASYM="0"))
-        row("distill-bitdistiller", f"distill {scheme} (BitDistiller: asym groups, min/max gradient, CAKLD), qat only, batch {b} x {L}",
-            q, None, 6 * N, f"loss {q['final_loss']:.3f}; with the composed group quantizer {c_['tps']:,.0f} tokens/s "
-            f"(the kernels run {q['tps'] / c_['tps']:.2f}x that), loss {c_['final_loss']:.3f}")
+        # torch_qat.py with the same quantizer (BitDistiller's pseudo_quantize_tensor, round_ste)
+        # and loss (bucketed CAKLD) from the same cached shards: W<b>G<n> or W<b>CH.
+        bits, group = scheme[1:].replace("CH", "G0").split("G")
+        t = torch_side("torch_qat.py", ["--model", model, "--shards", shards, "--batch", str(b), "--steps", str(steps),
+                                        "--warmup", str(warm), "--threads", threads, "--w-bits", bits, "--w-group", group,
+                                        "--a-bits", "0", "--kv-bits", "0", "--cakld-gamma", "0.5"], "distill-bitdistiller")
+        row("distill-bitdistiller", f"distill {scheme} (BitDistiller: asym groups, min/max gradient, CAKLD 0.5), both from "
+            f"cached top-64, batch {b} x {L}", q, t, 6 * N,
+            f"loss qat {q['final_loss']:.3f}, torch {t['last_loss']:.3f}; qat with the composed group quantizer "
+            f"{c_['tps']:,.0f} tokens/s (the kernels run {q['tps'] / c_['tps']:.2f}x that), loss {c_['final_loss']:.3f}")
 
     def stage_distill_teacher():
         b = chosen["batch"]
