@@ -14,7 +14,7 @@ gate, up, down) replaced by `QuantLinear`, as LLM-QAT patches HF's Llama
 With --w-group G (bench/gpu's distill-bitdistiller row): BitDistiller's weights instead,
 `pseudo_quantize_tensor` per group of G inputs (0: per output channel) with `round_ste`, so the
 min/max gradient of qat's `asym_group` (formats/scheme.md; f16 scales straight-through, the clamp
-passing gradient on [0, M] inclusive); and with --cakld-gamma, BitDistiller's CAKLD over the
+passing gradient on [0, M] inclusive, see below); and with --cakld-gamma, BitDistiller's CAKLD over the
 same buckets (gamma · reverse KL with the teacher tail floored at 1e-6 + (1 - gamma) · forward KL).
 Loss (formats/distill-loss.md, `--loss fkl`): forward KL over the K+1 buckets {teacher top-K ids,
 tail}, teacher top-K log-probs read from the qat-sample shards, student tail from a logsumexp with
@@ -95,8 +95,8 @@ def asym_group_qdq(w, bits, group):
     scale = scale + (scale.clamp(max=65504.0).half().float() - scale).detach()
     zero = (-torch.round(mn / scale)).clamp(0, max_int)
     v = round_ste(w / scale) + zero
-    # The clamp with gradient on [0, M] inclusive, as torch 2.0's (BitDistiller's) clamp and qat
-    # have it; newer torch passes none at exactly a bound.
+    # The clamp with gradient on [0, M] inclusive (PyTorch's documented subgradient 1 at the
+    # bounds, as qat has it); this venv's torch 2.15 clamp passes none at exactly a bound.
     code = torch.where((v >= 0) & (v <= max_int), v, v.clamp(0, max_int).detach())
     q = (code - zero) * scale
     return q.reshape(shape).to(dtype)
