@@ -351,7 +351,9 @@ pub fn fused_rope_on(x: &Tensor) -> bool {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result};
 
@@ -360,14 +362,14 @@ mod cuda {
     type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
     /// Batch, head and position strides of a 4-d layout whose rows are contiguous and lie within
-    /// a storage of `len` elements from its start offset; `what` names it in the error.
-    fn row_strides(l: &Layout, len: usize, what: &str) -> Result<[i64; 3]> {
+    /// a storage of `len` elements from its start offset; `op` and `what` name it in the error.
+    fn row_strides(l: &Layout, len: usize, op: &str, what: &str) -> Result<[i64; 3]> {
         let &[sb, sh, st, sc] = l.stride() else {
-            candle_core::bail!("rope: {what} must be 4-d, got {:?}", l.dims());
+            candle_core::bail!("{op}: {what} must be 4-d, got {:?}", l.dims());
         };
         if (sc != 1 && l.dims()[3] > 1) || len < l.start_offset() + crate::custom_op::span(l) {
             candle_core::bail!(
-                "rope: {what} strides {:?} from {}: rows must be contiguous and within the \
+                "{op}: {what} strides {:?} from {}: rows must be contiguous and within the \
                  storage's {len} elements",
                 l.stride(),
                 l.start_offset()
@@ -376,97 +378,102 @@ mod cuda {
         Ok([sb as i64, sh as i64, st as i64])
     }
 
-    /// [`super::rope_into`] on CUDA: `x` rotated by the tables (`rope_{dtype}`) or copied
-    /// (`rope_copy_{dtype}`) into the view `dst` of a storage, in place.
+    /// One launch over `x: [b, h, t, d]` (rows contiguous, any strides otherwise) into `y` at
+    /// `y_strides`: with `tables` (cos, sin: `[b, t, d/2]`, contiguous) the rotation by `sign`
+    /// (`rope_{T}`), without them a copy (`rope_copy_{T}`). `op` names the caller in errors.
+    fn launch<T: CudaDType + DeviceRepr>(
+        op: &str,
+        sign: f32,
+        (x, lx): Operand<'_>,
+        tables: Option<(Operand<'_>, Operand<'_>)>,
+        y: &mut CudaViewMut<'_, T>,
+        y_strides: [i64; 3],
+    ) -> Result<()> {
+        let (b, h, t, d) = lx.shape().dims4()?;
+        let n = b * h * t * d;
+        if n >= 1 << 32 {
+            candle_core::bail!("{op}: {n} elements, more than the kernel's 2^32");
+        }
+        let xs = x.as_cuda_slice::<T>()?;
+        let x_strides = row_strides(lx, xs.len(), op, "x")?;
+        let xs = xs.slice(lx.start_offset()..);
+        let strides: Vec<i64> = x_strides.into_iter().chain(y_strides).collect();
+        let dev = x.device();
+        let sfx = crate::kernel_switch::float_kernel_suffix(x.dtype(), op)?;
+        let (h32, t32) = (h as u32, t as u32);
+        let (cs, ss, half32, pairs, d32, elems);
+        let name = match tables {
+            Some(_) => format!("rope_{sfx}"),
+            None => format!("rope_copy_{sfx}"),
+        };
+        let func = dev.get_or_load_custom_func(&name, "qat_rope", PTX)?;
+        let mut bld = func.builder();
+        let work = match tables {
+            Some(((cos, lc), (sin, ls))) => {
+                let range = |l: &Layout| crate::custom_op::contiguous_range(l, op, "tables");
+                let ((c0, c1), (s0, s1)) = (range(lc)?, range(ls)?);
+                if c1 - c0 != b * t * (d / 2) || s1 - s0 != c1 - c0 {
+                    candle_core::bail!(
+                        "{op}: tables of {} and {} elements for x {:?}",
+                        c1 - c0,
+                        s1 - s0,
+                        lx.dims()
+                    );
+                }
+                cs = cos.as_cuda_slice::<T>()?.slice(c0..c1);
+                ss = sin.as_cuda_slice::<T>()?.slice(s0..s1);
+                (half32, pairs) = ((d / 2) as u32, (n / 2) as u32);
+                bld.arg(&xs).arg(&cs).arg(&ss).arg(y);
+                bld.arg(&h32).arg(&t32).arg(&half32).arg(&pairs).arg(&sign);
+                pairs
+            }
+            None => {
+                (d32, elems) = (d as u32, n as u32);
+                bld.arg(&xs)
+                    .arg(y)
+                    .arg(&h32)
+                    .arg(&t32)
+                    .arg(&d32)
+                    .arg(&elems);
+                elems
+            }
+        };
+        for st in &strides {
+            bld.arg(st);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (work.div_ceil(256).clamp(1, 1 << 20), 1, 1),
+            block_dim: (256, 1, 1), // ROPE_BLOCK
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x's rows lie within its storage at its strides (checked), the tables hold
+        // b · t · d/2 elements (checked); y's rows at `y_strides` lie within it (the callers'
+        // check).
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// [`super::rope_into`] on CUDA: `x` rotated by the tables or copied into the view `dst` of
+    /// a storage, in place.
     pub(super) fn into(
         tables: Option<(Operand<'_>, Operand<'_>)>,
         (dst, ld): (&mut CudaStorage, &Layout),
-        (x, lx): Operand<'_>,
+        x: Operand<'_>,
     ) -> Result<()> {
         fn run<T: CudaDType + DeviceRepr>(
-            sfx: &str,
             tables: Option<(Operand<'_>, Operand<'_>)>,
             (dst, ld): (&mut CudaStorage, &Layout),
-            (x, lx): Operand<'_>,
+            x: Operand<'_>,
         ) -> Result<()> {
-            let (b, h, t, d) = lx.shape().dims4()?;
-            let n = b * h * t * d;
-            if n >= 1 << 32 {
-                candle_core::bail!("rope_into: {n} elements, more than the kernel's 2^32");
-            }
-            let xs = x.as_cuda_slice::<T>()?;
-            let x_strides = row_strides(lx, xs.len(), "x")?;
-            let xs = xs.slice(lx.start_offset()..);
-            let dev = x.device().clone();
             let ys = dst.as_cuda_slice_mut::<T>()?;
-            let y_strides = row_strides(ld, ys.len(), "the destination")?;
+            let y_strides = row_strides(ld, ys.len(), "rope_into", "the destination")?;
             let mut ys = ys.slice_mut(ld.start_offset()..);
-            let (h32, t32) = (h as u32, t as u32);
-            let strides: Vec<i64> = x_strides.into_iter().chain(y_strides).collect();
-            let (func, work) = match tables {
-                Some(((cos, lc), (sin, ls))) => {
-                    let range =
-                        |l: &Layout| crate::custom_op::contiguous_range(l, "rope_into", "tables");
-                    let ((c0, c1), (s0, s1)) = (range(lc)?, range(ls)?);
-                    if c1 - c0 != b * t * (d / 2) || s1 - s0 != c1 - c0 {
-                        candle_core::bail!(
-                            "rope_into: tables of {} and {} elements for x {:?}",
-                            c1 - c0,
-                            s1 - s0,
-                            lx.dims()
-                        );
-                    }
-                    let func =
-                        dev.get_or_load_custom_func(&format!("rope_{sfx}"), "qat_rope", PTX)?;
-                    let cs = cos.as_cuda_slice::<T>()?.slice(c0..c1);
-                    let ss = sin.as_cuda_slice::<T>()?.slice(s0..s1);
-                    let pairs = (n / 2) as u32;
-                    let (half32, sign) = ((d / 2) as u32, 1f32);
-                    let mut bld = func.builder();
-                    bld.arg(&xs).arg(&cs).arg(&ss).arg(&mut ys);
-                    bld.arg(&h32).arg(&t32).arg(&half32).arg(&pairs).arg(&sign);
-                    for st in &strides {
-                        bld.arg(st);
-                    }
-                    let cfg = LaunchConfig {
-                        grid_dim: (pairs.div_ceil(256).clamp(1, 1 << 20), 1, 1),
-                        block_dim: (256, 1, 1), // ROPE_BLOCK
-                        shared_mem_bytes: 0,
-                    };
-                    // SAFETY: x's and dst's rows lie within their storages at their strides
-                    // (checked), the tables hold b · t · d/2 elements (checked).
-                    unsafe { bld.launch(cfg) }.w()?;
-                    return Ok(());
-                }
-                None => (
-                    dev.get_or_load_custom_func(&format!("rope_copy_{sfx}"), "qat_rope", PTX)?,
-                    n as u32,
-                ),
-            };
-            let d32 = d as u32;
-            let mut bld = func.builder();
-            bld.arg(&xs)
-                .arg(&mut ys)
-                .arg(&h32)
-                .arg(&t32)
-                .arg(&d32)
-                .arg(&work);
-            for st in &strides {
-                bld.arg(st);
-            }
-            let cfg = LaunchConfig {
-                grid_dim: (work.div_ceil(256).clamp(1, 1 << 20), 1, 1),
-                block_dim: (256, 1, 1), // ROPE_BLOCK
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: x's and dst's rows lie within their storages at their strides (checked).
-            unsafe { bld.launch(cfg) }.w()?;
-            Ok(())
+            launch("rope_into", 1.0, x, tables, &mut ys, y_strides)
         }
-        match x.dtype() {
-            DType::F32 => run::<f32>("f32", tables, (dst, ld), (x, lx)),
-            DType::BF16 => run::<half::bf16>("bf16", tables, (dst, ld), (x, lx)),
-            DType::F16 => run::<half::f16>("f16", tables, (dst, ld), (x, lx)),
+        match x.0.dtype() {
+            DType::F32 => run::<f32>(tables, (dst, ld), x),
+            DType::BF16 => run::<half::bf16>(tables, (dst, ld), x),
+            DType::F16 => run::<half::f16>(tables, (dst, ld), x),
             other => candle_core::bail!("rope_into on cuda: dtype {other:?}"),
         }
     }
@@ -481,78 +488,36 @@ mod cuda {
         sin: Operand<'_>,
     ) -> Result<CudaStorage> {
         fn run<T: CudaDType + DeviceRepr>(
-            name: &str,
             (sign, token_major): (f32, bool),
-            (x, lx): Operand<'_>,
-            (cos, lc): Operand<'_>,
-            (sin, ls): Operand<'_>,
+            x: Operand<'_>,
+            cos: Operand<'_>,
+            sin: Operand<'_>,
         ) -> Result<CudaStorage> {
-            let range =
-                |l: &Layout| crate::custom_op::contiguous_range(l, "rope_with_grad", "tables");
-            let (b, h, t, d) = lx.shape().dims4()?;
-            let ((c0, c1), (s0, s1)) = (range(lc)?, range(ls)?);
-            if c1 - c0 != b * t * (d / 2) || s1 - s0 != c1 - c0 {
-                candle_core::bail!(
-                    "rope_with_grad: tables of {} and {} elements for x {:?}",
-                    c1 - c0,
-                    s1 - s0,
-                    lx.dims()
-                );
-            }
-            let &[x_sb, x_sh, x_st, x_sc] = lx.stride() else {
-                candle_core::bail!("rope_with_grad: x must be 4-d, got {:?}", lx.dims());
-            };
-            let xs = x.as_cuda_slice::<T>()?;
-            let extent = crate::custom_op::span(lx);
-            if (x_sc != 1 && d > 1) || xs.len() < lx.start_offset() + extent {
-                candle_core::bail!(
-                    "rope_with_grad: x strides {:?} from {}: rows must be contiguous and within \
-                     the storage's {} elements",
-                    lx.stride(),
-                    lx.start_offset(),
-                    xs.len()
-                );
-            }
-            let dev = x.device().clone();
-            let func = dev.get_or_load_custom_func(name, "qat_rope", PTX)?;
-            let xs = xs.slice(lx.start_offset()..);
-            let cs = cos.as_cuda_slice::<T>()?.slice(c0..c1);
-            let ss = sin.as_cuda_slice::<T>()?.slice(s0..s1);
+            let (b, h, t, d) = x.1.shape().dims4()?;
+            let dev = x.0.device().clone();
             // SAFETY: every element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(b * h * t * d)? };
+            let mut y = unsafe { dev.alloc::<T>(b * h * t * d)? };
             let y_strides = if token_major {
                 [t * h * d, d, h * d]
             } else {
                 [h * t * d, t * d, d]
             };
-            let pairs = (b * h * t * (d / 2)) as u32;
-            let (h32, t32, half32) = (h as u32, t as u32, (d / 2) as u32);
-            let mut bld = func.builder();
-            bld.arg(&xs).arg(&cs).arg(&ss).arg(&y);
-            bld.arg(&h32).arg(&t32).arg(&half32).arg(&pairs).arg(&sign);
-            let strides = [x_sb, x_sh, x_st]
-                .into_iter()
-                .chain(y_strides)
-                .map(|st| st as i64)
-                .collect::<Vec<_>>();
-            for st in &strides {
-                bld.arg(st);
-            }
-            let cfg = LaunchConfig {
-                grid_dim: (pairs.div_ceil(256).clamp(1, 1 << 20), 1, 1),
-                block_dim: (256, 1, 1), // ROPE_BLOCK
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: x's rows lie within its storage at its strides (checked), y holds
-            // b · h · t · d elements, the tables b · t · d/2 (checked).
-            unsafe { bld.launch(cfg) }.w()?;
+            let y_strides = y_strides.map(|st| st as i64);
+            launch(
+                "rope_with_grad",
+                sign,
+                x,
+                Some((cos, sin)),
+                &mut y.slice_mut(..),
+                y_strides,
+            )?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev))
         }
         let how = (sign, token_major);
         match x.0.dtype() {
-            DType::F32 => run::<f32>("rope_f32", how, x, cos, sin),
-            DType::BF16 => run::<half::bf16>("rope_bf16", how, x, cos, sin),
-            DType::F16 => run::<half::f16>("rope_f16", how, x, cos, sin),
+            DType::F32 => run::<f32>(how, x, cos, sin),
+            DType::BF16 => run::<half::bf16>(how, x, cos, sin),
+            DType::F16 => run::<half::f16>(how, x, cos, sin),
             other => candle_core::bail!("rope_with_grad on cuda: dtype {other:?}"),
         }
     }
