@@ -249,14 +249,7 @@ pub fn fake_asym_group(
     grad: WeightGrad,
     to_bf16: bool,
 ) -> Result<Tensor> {
-    let (_, inp) = w.dims2()?;
-    if group == 0 || inp % group != 0 || w.dtype() != DType::F32 {
-        candle_core::bail!(
-            "asym_group: weight {:?} {:?} with groups of {group}: expected f32 and a group dividing {inp}",
-            w.dims(),
-            w.dtype()
-        );
-    }
+    crate::group_kernel::check_weight(w, group, "asym_group")?;
     let op = AsymGroupFakeQuant {
         max_int,
         group,
@@ -281,64 +274,29 @@ pub fn supported(w: &Tensor) -> bool {
 mod cuda {
     use super::{AsymGroupFakeQuant, AsymGroupMinMaxGrad};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result};
     use qat_model::custom_op::contiguous_range;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/asym_group.ptx"));
 
-    /// 8 groups (warps) per block of 256 threads (ASYM_BLOCK).
-    fn config(groups: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (groups.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
     pub(super) fn forward(
         op: &AsymGroupFakeQuant,
         s: &CudaStorage,
         l: &Layout,
     ) -> Result<CudaStorage> {
-        let (a, b) = contiguous_range(l, "asym_group", "weight")?;
-        let dev = s.device().clone();
-        let x = s.as_cuda_slice::<f32>()?.slice(a..b);
-        let n = b - a;
-        let (groups, group, m) = (
-            (n / op.group) as u64,
-            op.group as u32,
-            f32::from(op.max_int),
-        );
-        let name = if op.to_bf16 {
-            "asym_group_fq_f32_bf16"
-        } else {
-            "asym_group_fq_f32"
-        };
-        let func = dev.get_or_load_custom_func(name, "qat_asym_group", PTX)?;
-        let mut builder = func.builder();
-        builder.arg(&x);
-        // SAFETY (both allocations): the kernel writes every element.
-        let (out_bf16, out_f32) = if op.to_bf16 {
-            (Some(unsafe { dev.alloc::<half::bf16>(n)? }), None)
-        } else {
-            (None, Some(unsafe { dev.alloc::<f32>(n)? }))
-        };
-        if let Some(out) = &out_bf16 {
-            builder.arg(out);
-        }
-        if let Some(out) = &out_f32 {
-            builder.arg(out);
-        }
-        builder.arg(&groups).arg(&group).arg(&m);
-        // SAFETY: x and the output hold n = groups · group elements; the kernel touches no others.
-        unsafe { builder.launch(config(groups as usize)) }.w()?;
-        Ok(match (out_bf16, out_f32) {
-            (Some(out), _) => CudaStorage::wrap_cuda_slice(out, dev),
-            (_, Some(out)) => CudaStorage::wrap_cuda_slice(out, dev),
-            _ => unreachable!("one output"),
-        })
+        let m = f32::from(op.max_int);
+        let module = ("qat_asym_group", PTX);
+        crate::group_kernel::cuda::forward(
+            "asym_group",
+            module,
+            "asym_group_fq",
+            (s, l),
+            op.group,
+            op.to_bf16,
+            m,
+        )
     }
 
     pub(super) fn minmax_grad(
@@ -379,7 +337,7 @@ mod cuda {
         g.push(&mut builder);
         builder.arg(&dx).arg(&groups).arg(&group).arg(&m);
         // SAFETY: x, g and dx hold n = groups · group elements; the kernel touches no others.
-        unsafe { builder.launch(config(groups as usize)) }.w()?;
+        unsafe { builder.launch(crate::group_kernel::cuda::config(groups as usize)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev))
     }
 }

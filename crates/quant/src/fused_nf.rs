@@ -93,14 +93,7 @@ impl CustomOp1 for NfGroupFakeQuant {
 /// [`crate::nf`] does, in one pass; `to_bf16`: the values rounded to bf16 in the same pass (the
 /// bits of the f32 values' cast). Gradient: the identity. `group` divides `in`.
 pub fn fake_nf_group(w: &Tensor, grid: NfGrid, group: usize, to_bf16: bool) -> Result<Tensor> {
-    let (_, inp) = w.dims2()?;
-    if group == 0 || inp % group != 0 || w.dtype() != DType::F32 {
-        candle_core::bail!(
-            "nf_group: weight {:?} {:?} with groups of {group}: expected f32 and a group dividing {inp}",
-            w.dims(),
-            w.dtype()
-        );
-    }
+    crate::group_kernel::check_weight(w, group, "nf_group")?;
     let op = NfGroupFakeQuant {
         grid,
         group,
@@ -124,9 +117,7 @@ pub fn supported(w: &Tensor) -> bool {
 mod cuda {
     use super::NfGroupFakeQuant;
     use crate::nf::NfGrid;
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::cuda_backend::CudaStorage;
     use candle_core::{Layout, Result};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf_group.ptx"));
@@ -136,48 +127,17 @@ mod cuda {
         s: &CudaStorage,
         l: &Layout,
     ) -> Result<CudaStorage> {
-        let (a, b) = qat_model::custom_op::contiguous_range(l, "nf_group", "weight")?;
-        let dev = s.device().clone();
-        let x = s.as_cuda_slice::<f32>()?.slice(a..b);
-        let n = b - a;
-        let (groups, group, nf3) = (
-            (n / op.group) as u64,
-            op.group as u32,
-            i32::from(op.grid == NfGrid::Nf3),
-        );
-        let name = if op.to_bf16 {
-            "nf_group_fq_f32_bf16"
-        } else {
-            "nf_group_fq_f32"
-        };
-        let func = dev.get_or_load_custom_func(name, "qat_nf_group", PTX)?;
-        // SAFETY (both allocations): the kernel writes every element.
-        let (out_bf16, out_f32) = if op.to_bf16 {
-            (Some(unsafe { dev.alloc::<half::bf16>(n)? }), None)
-        } else {
-            (None, Some(unsafe { dev.alloc::<f32>(n)? }))
-        };
-        let mut builder = func.builder();
-        builder.arg(&x);
-        if let Some(out) = &out_bf16 {
-            builder.arg(out);
-        }
-        if let Some(out) = &out_f32 {
-            builder.arg(out);
-        }
-        builder.arg(&groups).arg(&group).arg(&nf3);
-        let cfg = LaunchConfig {
-            grid_dim: ((groups as usize).div_ceil(8) as u32, 1, 1), // NF_GROUPS_PER_BLOCK
-            block_dim: (256, 1, 1),                                 // NF_BLOCK
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: x and the output hold n = groups · group elements; the kernel touches no others.
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok(match (out_bf16, out_f32) {
-            (Some(out), _) => CudaStorage::wrap_cuda_slice(out, dev),
-            (_, Some(out)) => CudaStorage::wrap_cuda_slice(out, dev),
-            _ => unreachable!("one output"),
-        })
+        let nf3 = i32::from(op.grid == NfGrid::Nf3);
+        let module = ("qat_nf_group", PTX);
+        crate::group_kernel::cuda::forward(
+            "nf_group",
+            module,
+            "nf_group_fq",
+            (s, l),
+            op.group,
+            op.to_bf16,
+            nf3,
+        )
     }
 }
 

@@ -17,6 +17,7 @@ pub mod fused_asym;
 pub mod fused_nf;
 pub mod ggml;
 pub mod glob;
+mod group_kernel;
 pub mod hooks;
 pub mod name;
 pub mod nf;
