@@ -321,7 +321,7 @@ mod tests {
     use crate::custom_op::max_abs_diff;
     use candle_core::{DType, Device, Var, D};
 
-    /// The composed RMSNorm of crates/model/src/llama.rs (f32 inside for 16-bit x).
+    /// The composed RMSNorm of crates/model/src/llama/mod.rs (f32 inside for 16-bit x).
     fn composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         let w = w.to_dtype(x.dtype())?;
         let x32 = match x.dtype() {
