@@ -86,7 +86,21 @@ pub(super) fn step_grads(
     for _ in 0..plan.grad_accum {
         let recs = profile.time("data", || data.next_batch())?;
         let parts = split_even(&recs, plan.data_parallel);
-        let outs = pools.run(&parts, |part| part_grads(models, part, plan));
+        // Several parts run on their own threads, and on CUDA each thread queues its work on its
+        // own stream (candle's per-thread stream), unordered with the others: the parts start
+        // after this thread's queued work (the last optimizer step), and each part's work is done
+        // before this thread sums its gradients.
+        let threaded = parts.len() > 1 && models.dev.is_cuda();
+        if threaded {
+            models.dev.synchronize()?;
+        }
+        let outs = pools.run(&parts, |part| {
+            let out = part_grads(models, part, plan)?;
+            if threaded {
+                models.dev.synchronize()?;
+            }
+            Ok(out)
+        });
         let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
         // The batch's loss is the mean over all its trained positions: each part's mean weighs
         // by its share of them.
