@@ -27,6 +27,11 @@ PyTorch reference (bench/hf_generate.py, bench/torch_qat.py, bench/hf_forward.py
            groups of 64 with the min/max gradient, CAKLD; W2CH, per channel, in the smoke test),
            its group kernels (kernels/asym_group.cu) and the composed ops (QAT_CUDA_FUSED_ASYM=0),
            vs torch_qat.py with BitDistiller's quantizer and CAKLD, both from the cached shards
+  sample-alloc  the sample row's qat side with cudarc's and CUDA's allocation defaults
+           (QAT_CUDA_SKIP_ALLOC_EVENTS=0 QAT_CUDA_KEEP_FREED_MEMORY=0: two CUDA events made and
+           destroyed per buffer, and the memory pool handing freed memory back to the driver at
+           every synchronization), what qat_model::tune_cuda_allocations gains where decoding
+           waits on the host
   distill-composed  the distill row's qat side with the fused training ops off (RMSNorm, SwiGLU,
            RoPE, the masked softmax, the top-K loss and the gradient norm as composed candle ops,
            QAT_CUDA_FUSED_*=0): what they gain, and the loss they must match
@@ -75,6 +80,8 @@ sys.path.insert(0, HERE)
 import ncu_kernels  # noqa: E402 - bench/gpu/ncu_kernels.py, beside this file
 BENCH = os.path.dirname(HERE)
 PY = sys.executable
+# qat_model::tune_cuda_allocations' switches (README.md, CUDA): `=0` restores cudarc's and CUDA's defaults.
+ALLOC_SWITCHES = ("QAT_CUDA_SKIP_ALLOC_EVENTS", "QAT_CUDA_KEEP_FREED_MEMORY")
 
 FULL = dict(config="tinyllama", device="cuda", dtype="bf16", sample_batch=64, sample_new=512, seq_len=1024,
             distill_batch=4, distill_steps=10, distill_warmup=3, distill_accum=4, shard_seqs=64, eval_windows=48,
@@ -159,7 +166,7 @@ def main():
     ap.add_argument("--work", default=os.path.join(BENCH, "work-gpu"))
     ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_GPU_SMOKE", "") not in ("", "0"))
     ap.add_argument("--stages", default="sample,sample-host,distill,distill-teacher,eval,eval-flash,distill-flash,sample-flash,distill-composed,"
-                                        "distill-accum,distill-bitdistiller,profile,kernels")
+                                        "distill-accum,distill-bitdistiller,sample-alloc,profile,kernels")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--results", default=None,
                     help="dir for results.json and table.md, rewritten after every stage (default: WORK); "
@@ -173,7 +180,8 @@ def main():
     a = ap.parse_args()
     stages = a.stages.split(",")
     known = {"sample", "sample-host", "distill", "distill-teacher", "eval", "eval-flash", "distill-flash",
-             "sample-flash", "distill-composed", "distill-accum", "distill-bitdistiller", "profile", "kernels"}
+             "sample-flash", "distill-composed", "distill-accum", "distill-bitdistiller", "sample-alloc", "profile",
+             "kernels"}
     if set(stages) - known:
         sys.exit(f"bench_gpu.py: unknown stages {sorted(set(stages) - known)}; known: {sorted(known)}")
     if a.deadline_s is None:
@@ -249,7 +257,8 @@ def main():
     # after their CUDA test failed on this GPU); the rows that turn switches off themselves
     # (sample-host, distill-composed) are on top of these.
     switches_off = sorted(k for k, v in os.environ.items()
-                          if (k.startswith("QAT_CUDA_FUSED_") or k == "QAT_CUDA_FLASH_ATTENTION") and v == "0")
+                          if (k.startswith("QAT_CUDA_FUSED_") or k in ALLOC_SWITCHES or k == "QAT_CUDA_FLASH_ATTENTION")
+                          and v == "0")
     switches_note = ([f"\nFused kernels off for the whole run: {', '.join(switches_off)}."] if switches_off else [])
 
     def save():
@@ -316,6 +325,14 @@ def main():
         where = "GPU" if gpu else "host"  # the sampling kernel runs on CUDA only
         row("sample", f"sample: batch {B}, {new} new tokens, T=1, top-64 log-probs", q, hf_generate(), 2 * N,
             f"qat incl. top-64 + draw on the {where} + Parquet; its one-process rate {q['single_run_tps']:,.0f}/s")
+
+    def stage_sample_alloc():
+        say("sample-alloc: qat-sample with " + " ".join(f"{k}=0" for k in ALLOC_SWITCHES)
+            + " (cudarc's per-buffer events, CUDA's pool trimmed at every synchronization)")
+        q = qat_sample_rate("a", dict(env, **{k: "0" for k in ALLOC_SWITCHES}))
+        base = results.get("sample", {}).get("qat")
+        row("sample-alloc", "sample as above, qat with the allocation defaults (" + ", ".join(f"{k}=0" for k in ALLOC_SWITCHES)
+            + ")", q, hf_generate(), 2 * N, f"the sample row's qat runs {base['tps'] / q['tps']:.2f}x this" if base else "")
 
     def stage_sample_host():
         say("sample-host: qat-sample with QAT_CUDA_FUSED_SAMPLE=0 (log-softmax, top-64 and the draw on the host)")
@@ -585,7 +602,8 @@ def main():
                 "distill-teacher": stage_distill_teacher, "eval": stage_eval, "eval-flash": stage_eval_flash,
                 "distill-flash": stage_distill_flash, "sample-flash": stage_sample_flash,
                 "distill-composed": stage_distill_composed, "distill-accum": stage_distill_accum,
-                "distill-bitdistiller": stage_distill_bitdistiller, "profile": stage_profile, "kernels": stage_kernels}
+                "distill-bitdistiller": stage_distill_bitdistiller, "sample-alloc": stage_sample_alloc,
+                "profile": stage_profile, "kernels": stage_kernels}
     tried = set()
     with_shards = {"distill", "distill-teacher", "distill-flash", "distill-composed", "distill-accum",
                    "distill-bitdistiller", "profile", "kernels"}

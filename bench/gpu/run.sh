@@ -54,7 +54,8 @@ kernels() {
     return $rc
 }
 
-# Each fused kernel's CUDA test (binary, name filter) and the switch that turns the kernel off
+# Each fused kernel's CUDA test (binary, name filter) and the switch that turns the kernel off (or
+# the allocation settings of qat_model::tune_cuda_allocations back to the defaults)
 # (README.md, CUDA). After a failed kernel test run, every kernel whose own test fails is switched
 # off for the rest of the run (exported), so that the bench and the pipeline still measure the
 # rest correctly; bench_gpu.py lists the switches it finds off under its table.
@@ -68,6 +69,8 @@ qat-model swiglu::tests::cuda_matches QAT_CUDA_FUSED_SWIGLU
 qat-model rope::tests::cuda QAT_CUDA_FUSED_ROPE
 qat-model llama::tests::kv_written_into_the_cache_on_cuda QAT_CUDA_FUSED_KV_WRITE
 qat-model causal_softmax::tests::cuda QAT_CUDA_FUSED_SOFTMAX
+qat-model device::tests::cuda QAT_CUDA_SKIP_ALLOC_EVENTS
+qat-model device::tests::cuda QAT_CUDA_KEEP_FREED_MEMORY
 qat-quant fused::tests::cuda QAT_CUDA_FUSED_QUANT
 qat-quant fused_asym::tests::cuda QAT_CUDA_FUSED_ASYM
 qat-quant fused_nf::tests::cuda QAT_CUDA_FUSED_NF

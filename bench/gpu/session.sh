@@ -26,8 +26,9 @@ rc=0
 # Most valuable first (bench_gpu.py runs them in this order, and its deadline skips the rest): the
 # four goals' rows, with the flash kernels' right after the default ones they may replace, then
 # goal 3's online-teacher reading, then the rows that say what each fused part gains, the profile,
-# gradient accumulation (distill-accum) and BitDistiller's quantizer (distill-bitdistiller).
-stages=sample,distill,eval,eval-flash,distill-flash,distill-teacher,sample-flash,sample-host,distill-composed,profile,distill-accum,distill-bitdistiller
+# gradient accumulation (distill-accum), BitDistiller's quantizer (distill-bitdistiller) and the
+# allocation settings (sample-alloc).
+stages=sample,distill,eval,eval-flash,distill-flash,distill-teacher,sample-flash,sample-host,distill-composed,profile,distill-accum,distill-bitdistiller,sample-alloc
 
 make bench-gpu RECORD=1 BENCH_GPU_FLAGS="--results $out --deadline-s $((budget * 45 / 100)) --stages $stages" \
     2>&1 | tee "$out/bench.log" || rc=1

@@ -95,10 +95,11 @@ pub fn loss_and_linear_gradients(
     Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, linear))
 }
 
-/// The first CUDA device, for the tests that compare a kernel on the GPU with the CPU; `None`,
+/// The first CUDA device, opened as the tools open it ([`crate::parse_device`], with its
+/// allocation settings), for the tests that compare a kernel on the GPU with the CPU; `None`,
 /// after saying the test is skipped, on a machine without one or in a CPU-only build.
 pub fn cuda_or_skip() -> Option<Device> {
-    match Device::new_cuda(0) {
+    match crate::parse_device("cuda:0") {
         Ok(gpu) => Some(gpu),
         Err(_) => {
             eprintln!("no CUDA device (or a CPU-only build): skipped");
