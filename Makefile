@@ -17,12 +17,18 @@ GGUF_VERSION := 0.19.0
 # llama.cpp itself (as vendored by llama-cpp-python 0.3.36: ggml 0.25.3), built from the PyPI source archive
 # (~4 min on 2 cores, once): tests/gguf_cli.rs runs the exported GGUF files in it.
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
+# llama-cpp-python's own dependencies are among PY_DEPS; it is installed on its own (below).
 PY_DEPS := pyarrow==$(PYARROW_VERSION) safetensors==$(SAFETENSORS_VERSION) numpy==$(NUMPY_VERSION) gguf==$(GGUF_VERSION) \
-	llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION) diskcache==5.6.3 jinja2==3.1.6 MarkupSafe==3.0.4 typing-extensions==4.16.0
-# Only the library: no llava, examples, tests or curl; for this machine's CPU.
-LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DGGML_OPENMP=OFF
-# The stamp names every pinned version, so changing one reinstalls.
-PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)-gguf-$(GGUF_VERSION)-llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)
+	diskcache==5.6.3 jinja2==3.1.6 MarkupSafe==3.0.4 typing-extensions==4.16.0
+# Only the library: no llava, examples, tests or curl; ggml's portable x86-64 kernels (SSE4.2, AVX,
+# AVX2, BMI2, FMA, F16C: its defaults without GGML_NATIVE), not -march=native, which on a VM whose
+# CPU advertises AMX that its kernel does not grant compiled tile instructions that trapped
+# (tileloadd: invalid opcode, in the Q4_0 tests of tests/gguf_cli.rs).
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF
+# The stamp names every pinned version and the llama.cpp build's CPU target, so changing one
+# reinstalls; llama-cpp-python is then rebuilt even where installed (--force-reinstall) and
+# without pip's wheel cache, which keys a source build by the archive, not by CMAKE_ARGS.
+PY_STAMP := $(VENV)/.deps-pyarrow-$(PYARROW_VERSION)-safetensors-$(SAFETENSORS_VERSION)-numpy-$(NUMPY_VERSION)-gguf-$(GGUF_VERSION)-llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)-ggml-portable
 OUT ?= out
 
 .PHONY: all setup build test test-deps lint pipeline pipeline-gguf pipeline-bitdistiller plots fuzz clean help
@@ -53,8 +59,10 @@ build:
 test-deps: $(PY_STAMP)
 $(PY_STAMP):
 	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --disable-pip-version-check $(PY_DEPS)
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PYTHON) -m pip install -q --disable-pip-version-check $(PY_DEPS)
+		$(PYTHON) -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps --force-reinstall \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 	touch $@
 
 test: test-deps
