@@ -60,4 +60,18 @@ __device__ __forceinline__ float warp_reduce(float v, Op op) {
   return v;
 }
 
+// The largest and the smallest of x[0 .. n) into every lane of the warp, each lane reading
+// elements lane, lane + 32, ... (call with the whole warp).
+__device__ __forceinline__ void warp_max_min(const float* x, unsigned n, unsigned lane, float& mx,
+                                             float& mn) {
+  mx = -INFINITY;
+  mn = INFINITY;
+  for (unsigned i = lane; i < n; i += 32) {
+    mx = fmaxf(mx, x[i]);
+    mn = fminf(mn, x[i]);
+  }
+  mx = warp_reduce(mx, Max());
+  mn = warp_reduce(mn, MinF());
+}
+
 }  // namespace blockred

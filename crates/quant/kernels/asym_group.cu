@@ -41,13 +41,8 @@ struct AsymGroup {
 };
 
 __device__ __forceinline__ AsymGroup asym_group_params(const float* x, unsigned group, unsigned lane, float m) {
-  float mx = -INFINITY, mn = INFINITY;
-  for (unsigned i = lane; i < group; i += 32) {
-    mx = fmaxf(mx, x[i]);
-    mn = fminf(mn, x[i]);
-  }
-  mx = blockred::warp_reduce(mx, blockred::Max());
-  mn = blockred::warp_reduce(mn, blockred::MinF());
+  float mx, mn;
+  blockred::warp_max_min(x, group, lane, mx, mn);
   const float range = __fsub_rn(mx, mn);
   const float scale = __half2float(__float2half_rn(cmin(__fdiv_rn(cmax(range, 1e-5f), m), 65504.0f)));
   const float zero = cmin(cmax(-rintf(__fdiv_rn(mn, scale)), 0.0f), m);

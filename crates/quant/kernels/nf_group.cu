@@ -98,13 +98,8 @@ __device__ void nf_group_fq(const float* __restrict__ x, Out* __restrict__ out, 
   const unsigned lane = threadIdx.x % 32;
   const float* xg = x + gi * group;
   Out* og = out + gi * group;
-  float mx = -INFINITY, mn = INFINITY;
-  for (unsigned i = lane; i < group; i += 32) {
-    mx = fmaxf(mx, xg[i]);
-    mn = fminf(mn, xg[i]);
-  }
-  mx = blockred::warp_reduce(mx, blockred::Max());
-  mn = blockred::warp_reduce(mn, blockred::MinF());
+  float mx, mn;
+  blockred::warp_max_min(xg, group, lane, mx, mn);
   const float s_pos = nf_f16_scale(nf3 ? fabsf(mx) : fmaxf(fabsf(mx), fabsf(mn)));
   const float s_neg = nf3 ? nf_f16_scale(fabsf(mn)) : s_pos;
   for (unsigned i = lane; i < group; i += 32) {
