@@ -177,16 +177,21 @@ impl CustomOp1 for SymRowFakeQuant {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        // Straight-through estimator. With a bf16 output (an f32 master weight quantized for
-        // bf16 compute) the gradient stays bf16: its f32 cast would be exact, so the optimizer
-        // reads it as it is (qat_train's AdamW and gradient norm upcast or read it as f32,
-        // and accumulation casts it before any sum), which saves a cast pass and half the
-        // gradient's memory traffic.
-        if self.to_bf16 && grad_res.dtype() == DType::BF16 {
-            return Ok(Some(grad_res.clone()));
-        }
-        Ok(Some(grad_res.to_dtype(arg.dtype())?))
+        ste_grad(arg, grad_res, self.to_bf16).map(Some)
     }
+}
+
+/// The straight-through gradient of a fake-quantization op's input `arg` (this module's, and
+/// [`crate::fused_asym`]'s and [`crate::fused_nf`]'s): `grad` in `arg`'s dtype. With a bf16
+/// output (`to_bf16`: an f32 master weight quantized for bf16 compute) a bf16 gradient stays
+/// bf16: its f32 cast would be exact, so the optimizer reads it as it is (qat_train's AdamW and
+/// gradient norm upcast or read it as f32, and accumulation casts it before any sum), which
+/// saves a cast pass and half the gradient's memory traffic.
+pub(crate) fn ste_grad(arg: &Tensor, grad: &Tensor, to_bf16: bool) -> Result<Tensor> {
+    if to_bf16 && grad.dtype() == DType::BF16 {
+        return Ok(grad.clone());
+    }
+    grad.to_dtype(arg.dtype())
 }
 
 /// The CUDA side: kernels/fake_quant.cu, loaded once per device as a custom PTX module.

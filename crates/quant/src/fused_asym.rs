@@ -122,36 +122,23 @@ struct AsymGroupMinMaxGrad {
     group: usize,
 }
 
-fn f32_range<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (a, b) = qat_model::custom_op::contiguous_range(l, "asym_group", what)?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        other => candle_core::bail!(
-            "asym_group: {what} of dtype {:?}, expected F32",
-            other.dtype()
-        ),
-    }
-}
-
 impl CustomOp1 for AsymGroupFakeQuant {
     fn name(&self) -> &'static str {
         "asym-group-fake-quant"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_range(s, l, "weight")?;
         let m = f32::from(self.max_int);
-        let mut out = Vec::with_capacity(x.len());
-        for xs in x.chunks(self.group) {
-            let q = GroupQuant::of(xs, m);
-            out.extend(xs.iter().map(|&v| q.value(v)));
-        }
-        let out = if self.to_bf16 {
-            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-        } else {
-            CpuStorage::F32(out)
-        };
-        Ok((out, l.shape().clone()))
+        crate::group_kernel::cpu_forward(
+            (s, l),
+            "asym_group",
+            self.group,
+            self.to_bf16,
+            |xs, out| {
+                let q = GroupQuant::of(xs, m);
+                out.extend(xs.iter().map(|&v| q.value(v)));
+            },
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -166,11 +153,7 @@ impl CustomOp1 for AsymGroupFakeQuant {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         match self.grad {
-            // As the symmetric op: a bf16 gradient of a bf16 output stays bf16 (exact in f32).
-            WeightGrad::Ste if self.to_bf16 && grad.dtype() == DType::BF16 => {
-                Ok(Some(grad.clone()))
-            }
-            WeightGrad::Ste => Ok(Some(grad.to_dtype(arg.dtype())?)),
+            WeightGrad::Ste => crate::fused::ste_grad(arg, grad, self.to_bf16).map(Some),
             WeightGrad::MinMax => {
                 let g = match grad.dtype() {
                     DType::BF16 | DType::F32 => grad.contiguous()?,
@@ -198,7 +181,7 @@ impl CustomOp2 for AsymGroupMinMaxGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_range(ws, wl, "weight")?;
+        let x = crate::group_kernel::cpu_f32(ws, wl, "asym_group", "weight")?;
         let (g0, g1) = qat_model::custom_op::contiguous_range(gl, "asym_group", "gradient")?;
         if g1 - g0 != x.len() {
             candle_core::bail!(
@@ -264,9 +247,7 @@ pub fn fake_asym_group(
 /// composed ops).
 pub fn supported(w: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    w.dtype() == DType::F32
-        && w.rank() == 2
-        && qat_model::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_ASYM", w)
+    crate::group_kernel::kernel_on(&ON, "QAT_CUDA_FUSED_ASYM", w)
 }
 
 /// The CUDA side: kernels/asym_group.cu, loaded once per device as a custom PTX module.

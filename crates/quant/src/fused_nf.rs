@@ -14,8 +14,7 @@
 //! composed ops.
 
 use crate::nf::NfGrid;
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 #[derive(Debug, Clone, Copy)]
 struct NfGroupFakeQuant {
@@ -55,20 +54,9 @@ impl CustomOp1 for NfGroupFakeQuant {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = qat_model::custom_op::contiguous_range(l, "nf_group", "weight")?;
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("nf_group: weight of dtype {:?}, expected F32", s.dtype());
-        };
-        let mut out = Vec::with_capacity(b - a);
-        for xs in x[a..b].chunks(self.group) {
-            group_values(self.grid, xs, &mut out);
-        }
-        let out = if self.to_bf16 {
-            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-        } else {
-            CpuStorage::F32(out)
-        };
-        Ok((out, l.shape().clone()))
+        crate::group_kernel::cpu_forward((s, l), "nf_group", self.group, self.to_bf16, |xs, out| {
+            group_values(self.grid, xs, out)
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -81,11 +69,7 @@ impl CustomOp1 for NfGroupFakeQuant {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // Straight-through; a bf16 gradient of a bf16 output stays bf16 (exact in f32).
-        if self.to_bf16 && grad.dtype() == DType::BF16 {
-            return Ok(Some(grad.clone()));
-        }
-        Ok(Some(grad.to_dtype(arg.dtype())?))
+        crate::fused::ste_grad(arg, grad, self.to_bf16).map(Some)
     }
 }
 
@@ -107,9 +91,7 @@ pub fn fake_nf_group(w: &Tensor, grid: NfGrid, group: usize, to_bf16: bool) -> R
 /// ops).
 pub fn supported(w: &Tensor) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    w.dtype() == DType::F32
-        && w.rank() == 2
-        && qat_model::kernel_switch::cuda_kernel_on(&ON, "QAT_CUDA_FUSED_NF", w)
+    crate::group_kernel::kernel_on(&ON, "QAT_CUDA_FUSED_NF", w)
 }
 
 /// The CUDA side: kernels/nf_group.cu, loaded once per device as a custom PTX module.
@@ -145,7 +127,7 @@ mod cuda {
 mod tests {
     use super::*;
     use crate::nf::fake_nf;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// `[rows, cols]` weights of several magnitudes per row, with values exactly at thresholds
     /// (times a scale of 1), zeros of both signs, an all-positive and an all-zero group.

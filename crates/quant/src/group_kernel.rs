@@ -1,8 +1,11 @@
 //! What the one-warp-per-group fake-quantization ops share ([`crate::fused_asym`],
-//! [`crate::fused_nf`]): their weight check and, on CUDA, their forward launch (8 groups, one
-//! per warp, per block of 256 threads; an f32 or bf16 output written in full).
+//! [`crate::fused_nf`]): their weight check, their switch, their CPU forward's input and output
+//! and, on CUDA, their forward launch (8 groups, one per warp, per block of 256 threads; an f32
+//! or bf16 output written in full).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use std::sync::OnceLock;
 
 /// `w` must be an f32 `[out, in]` weight whose rows split into groups of `group` inputs; else an
 /// error naming `op`, the weight and the group.
@@ -16,6 +19,51 @@ pub(crate) fn check_weight(w: &Tensor, group: usize, op: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether a group op's kernel runs for `w`: an f32 `[out, in]` weight on CUDA in a `cuda`
+/// build, with the switch `var` (read once into `cell`) not `0`; the CPU keeps the composed ops.
+pub(crate) fn kernel_on(cell: &'static OnceLock<bool>, var: &str, w: &Tensor) -> bool {
+    w.dtype() == DType::F32
+        && w.rank() == 2
+        && qat_model::kernel_switch::cuda_kernel_on(cell, var, w)
+}
+
+/// The f32 elements of the contiguous CPU operand `what` of `op`; else an error naming both.
+pub(crate) fn cpu_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let (a, b) = qat_model::custom_op::contiguous_range(l, op, what)?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        other => candle_core::bail!("{op}: {what} of dtype {:?}, expected F32", other.dtype()),
+    }
+}
+
+/// A group op's CPU forward over the weight `(s, l)` (f32, contiguous): `values(group, out)`
+/// appends each group's fake-quantized values to `out`; the result in f32, or rounded to bf16
+/// with `to_bf16` (the bits of the f32 values' cast).
+pub(crate) fn cpu_forward(
+    (s, l): (&CpuStorage, &Layout),
+    op: &str,
+    group: usize,
+    to_bf16: bool,
+    mut values: impl FnMut(&[f32], &mut Vec<f32>),
+) -> Result<(CpuStorage, Shape)> {
+    let x = cpu_f32(s, l, op, "weight")?;
+    let mut out = Vec::with_capacity(x.len());
+    for xs in x.chunks(group) {
+        values(xs, &mut out);
+    }
+    let out = if to_bf16 {
+        CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
+    } else {
+        CpuStorage::F32(out)
+    };
+    Ok((out, l.shape().clone()))
 }
 
 #[cfg(feature = "cuda")]
